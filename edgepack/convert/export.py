@@ -1,0 +1,264 @@
+"""Export a Hugging Face model to ONNX with optimum-onnx, then prove the export against PyTorch.
+
+One entry point, `convert_model(model, out, config) -> ExportedModel`. The output folder is built in a
+temporary sibling and renamed into place only when complete, so a failure or a kill never leaves a
+half-written export at `out`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from edgepack.errors import BadInputError, OutputExistsError, UnsupportedModelError, UsageError
+from edgepack.runtime.model_dir import CONVERT_REPORT, FEATURE_EXTRACTION, MODEL_FILE, TEXT_GENERATION
+from edgepack.sources import ModelSource, resolve_source
+
+TASKS = ("auto", TEXT_GENERATION, FEATURE_EXTRACTION)
+# optimum's task name for each of ours: decoders always carry their KV cache.
+_OPTIMUM_TASK = {TEXT_GENERATION: "text-generation-with-past", FEATURE_EXTRACTION: "feature-extraction"}
+REPORT_SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ConvertConfig:
+    task: str = "auto"
+    opset: int | None = None
+    verify: bool = True
+    force: bool = False
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+    # Parity gate: fp32 ONNX against fp32 PyTorch on the same tokens.
+    atol: float = 1e-3
+    greedy_tokens: int = 32
+    decode_steps: int = 8
+
+
+@dataclass
+class ExportedModel:
+    out: Path
+    task: str
+    model_type: str
+    architecture: str
+    num_parameters: int
+    files: dict[str, int]
+    source: dict
+    versions: dict[str, str]
+    seconds: dict[str, float]
+    opset: int
+    parity: dict | None = None
+    config: dict = field(default_factory=dict)
+
+    @property
+    def parity_passed(self) -> bool | None:
+        return None if self.parity is None else bool(self.parity["passed"])
+
+    def to_json(self) -> dict:
+        return {
+            "schema_version": REPORT_SCHEMA_VERSION,
+            "kind": "edgepack.convert",
+            "task": self.task,
+            "model_type": self.model_type,
+            "architecture": self.architecture,
+            "num_parameters": self.num_parameters,
+            "opset": self.opset,
+            "files": self.files,
+            "total_bytes": sum(self.files.values()),
+            "source": self.source,
+            "config": self.config,
+            "parity": self.parity,
+            "versions": self.versions,
+            "seconds": self.seconds,
+        }
+
+
+def tool_versions() -> dict[str, str]:
+    """Versions of everything that shapes an export, read from package metadata (no imports)."""
+    import platform
+    from importlib import metadata
+
+    versions = {"python": platform.python_version()}
+    for dist in ("edgepack", "torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "numpy", "tokenizers"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = "not installed"
+    return versions
+
+
+def prepare_output(out: Path, force: bool) -> None:
+    """Refuse to clobber: `out` may not exist, may be empty, or may be replaced with --force."""
+    if out.exists():
+        if not out.is_dir():
+            raise OutputExistsError(f"output {out} exists and is a file; choose another -o")
+        if any(out.iterdir()) and not force:
+            raise OutputExistsError(f"output {out} exists and is not empty; pass --force to replace it")
+    if not out.parent.exists():
+        raise UsageError(f"cannot write {out}: its parent folder {out.parent} does not exist")
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Move the finished `tmp` to `out`, replacing an old `out` only after the new one is complete."""
+    if out.exists():
+        trash = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.rename(out, trash)
+        os.rename(tmp, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(tmp, out)
+
+
+def resolve_task(source: ModelSource, requested: str) -> str:
+    """Our task for this model, checked against what optimum-onnx can export for its model_type."""
+    if requested not in TASKS:
+        raise UsageError(f"unknown task {requested!r}; choose one of {', '.join(TASKS)}")
+    import optimum.exporters.onnx.model_configs  # noqa: F401  (fills optimum's task registry)
+    from optimum.exporters.tasks import TasksManager
+
+    model_type = source.model_type
+    if source.config.get("is_encoder_decoder"):
+        raise UnsupportedModelError(
+            f"model_type {source.model_type!r} is an encoder-decoder model; edgepack exports decoder-only LLMs and encoders"
+        )
+    try:
+        supported = TasksManager.get_supported_tasks_for_model_type(model_type, "onnx", library_name="transformers")
+    except KeyError:
+        decoders = _decoder_only_types(TasksManager)
+        encoders = sorted(set(TasksManager.get_supported_model_type_for_task("feature-extraction", exporter="onnx")) - set(decoders))
+        raise UnsupportedModelError(
+            f"unknown model_type {source.model_type!r}: optimum-onnx cannot export it. Supported decoders: "
+            f"{', '.join(decoders)}; supported encoders: {', '.join(encoders)}"
+        ) from None
+    if requested == "auto":
+        requested = TEXT_GENERATION if _OPTIMUM_TASK[TEXT_GENERATION] in supported else FEATURE_EXTRACTION
+    if _OPTIMUM_TASK[requested] not in supported:
+        raise UnsupportedModelError(
+            f"model_type {source.model_type!r} cannot be exported for {requested}; it supports: {', '.join(supported)}"
+        )
+    return requested
+
+
+def _decoder_only_types(tasks_manager) -> list[str]:
+    from transformers import CONFIG_MAPPING
+
+    names = []
+    for name in tasks_manager.get_supported_model_type_for_task("text-generation-with-past", exporter="onnx"):
+        config_cls = CONFIG_MAPPING.get(name) or CONFIG_MAPPING.get(name.replace("-", "_"))
+        if config_cls is not None and not getattr(config_cls(), "is_encoder_decoder", False):
+            names.append(name)
+    return sorted(names)
+
+
+def convert_model(model: str, out: Path | str, config: ConvertConfig = ConvertConfig(), on_status=None) -> ExportedModel:
+    """Export MODEL to `out/model.onnx` (+ tokenizer, configs, convert.json) and check parity unless disabled."""
+    out = Path(out)
+    status = on_status or (lambda message: None)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    prepare_output(out, config.force)
+    source = resolve_source(
+        model, allow_pickle=config.allow_pickle, trust_remote_code=config.trust_remote_code, on_status=status
+    )
+    timings["resolve_source"] = time.perf_counter() - start
+
+    from edgepack._quiet import quiet_libraries
+
+    quiet_libraries()
+    status("checking the architecture against optimum-onnx")
+    task = resolve_task(source, config.task)
+
+    status(f"loading {source.model_type} weights with transformers")
+    t0 = time.perf_counter()
+    torch_model, tokenizer = load_torch_model(source, task, trust_remote_code=config.trust_remote_code)
+    timings["load"] = time.perf_counter() - t0
+
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        status(f"exporting to ONNX ({_OPTIMUM_TASK[task]}) with optimum-onnx")
+        t0 = time.perf_counter()
+        opset = export_onnx(torch_model, tmp, task, config.opset)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        timings["export"] = time.perf_counter() - t0
+
+        parity = None
+        if config.verify:
+            from edgepack.convert.parity import check_parity
+
+            status("checking parity against PyTorch")
+            t0 = time.perf_counter()
+            parity = check_parity(torch_model, tokenizer, tmp / MODEL_FILE, task, config)
+            timings["parity"] = time.perf_counter() - t0
+        timings["total"] = time.perf_counter() - start
+
+        result = ExportedModel(
+            out=out,
+            task=task,
+            model_type=source.model_type,
+            architecture=(source.config.get("architectures") or [type(torch_model).__name__])[0],
+            num_parameters=int(sum(p.numel() for p in torch_model.parameters())),
+            files={},
+            source=source.describe(),
+            versions=tool_versions(),
+            seconds={k: round(v, 3) for k, v in timings.items()},
+            opset=opset,
+            parity=parity,
+            config={k: v for k, v in asdict(config).items() if k != "force"},
+        )
+        # The report lists the artifacts beside it (not itself).
+        result.files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+        (tmp / CONVERT_REPORT).write_text(json.dumps(result.to_json(), indent=2) + "\n")
+        replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return result
+
+
+def load_torch_model(source: ModelSource, task: str, *, trust_remote_code: bool):
+    import torch
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    model_cls = AutoModelForCausalLM if task == TEXT_GENERATION else AutoModel
+    use_safetensors = any(name.endswith(".safetensors") for name in source.weight_files) or not source.weight_files
+    try:
+        model = model_cls.from_pretrained(
+            str(source.hf_dir),
+            torch_dtype=torch.float32,
+            use_safetensors=use_safetensors,
+            trust_remote_code=trust_remote_code,
+            local_files_only=True,
+        )
+    except Exception as exc:  # transformers raises many types for bad folders; all are bad input to us
+        raise BadInputError(f"transformers cannot load {source.hf_dir}: {type(exc).__name__}: {exc}") from exc
+    model.eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(source.hf_dir), local_files_only=True, trust_remote_code=trust_remote_code)
+    except Exception:
+        tokenizer = None  # an export without a tokenizer is still useful; parity then uses fixed token ids
+    return model, tokenizer
+
+
+def export_onnx(torch_model, out: Path, task: str, opset: int | None) -> int:
+    import onnx
+    from optimum.exporters.onnx import onnx_export_from_model
+
+    try:
+        onnx_export_from_model(
+            torch_model,
+            str(out),
+            task=_OPTIMUM_TASK[task],
+            opset=opset,
+            do_validation=False,  # our own parity check below is stricter and uses real token sequences
+        )
+    except ValueError as exc:  # e.g. an opset below the architecture's minimum
+        raise UsageError(f"optimum-onnx refused the export: {exc}") from exc
+    model_path = out / MODEL_FILE
+    if not model_path.is_file():
+        raise UnsupportedModelError(f"optimum-onnx did not produce {MODEL_FILE} for this model (files: {sorted(p.name for p in out.iterdir())})")
+    proto = onnx.load(str(model_path), load_external_data=False)
+    return max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)

@@ -1,0 +1,1 @@
+"""Device database, measurement, energy and budgets (issue #7)."""

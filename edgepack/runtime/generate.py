@@ -1,0 +1,202 @@
+"""edgepack's own decoding loop over an ONNX decoder with its KV cache as explicit inputs/outputs.
+
+Written here rather than taken from optimum's ORTModelForCausalLM because later stages (quantized
+graphs, static-shape NPU graphs, profiling) need the loop's timing and cache handling in our hands,
+and because it must run with onnxruntime alone, without torch.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+_PAST_NAME = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+_ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """temperature 0 means greedy. top_k 0 and top_p 1.0 mean no truncation."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+@dataclass
+class GenerationResult:
+    prompt_tokens: list[int]
+    tokens: list[int]
+    stop_reason: str  # "eos" | "length"
+    time_to_first_token_s: float
+    decode_seconds: float  # time for all tokens after the first
+    step_seconds: list[float] = field(default_factory=list)
+
+    @property
+    def decode_ms_per_token(self) -> float | None:
+        n = len(self.tokens) - 1
+        return 1000.0 * self.decode_seconds / n if n > 0 else None
+
+
+class DecoderSession:
+    """Wraps an InferenceSession of a decoder exported with past key/values; carries the cache between calls."""
+
+    def __init__(self, session, config: dict | None = None):
+        self.session = session
+        config = config or {}
+        self.input_names = {i.name for i in session.get_inputs()}
+        self.output_names = [o.name for o in session.get_outputs()]
+        if "input_ids" not in self.input_names or "logits" not in self.output_names:
+            raise ValueError("not a decoder graph: needs an input_ids input and a logits output")
+        self.past_inputs: list[tuple[str, list]] = []
+        for inp in session.get_inputs():
+            if _PAST_NAME.match(inp.name):
+                self.past_inputs.append((inp.name, list(inp.shape), _ORT_TO_NUMPY.get(inp.type, np.float32)))
+        self.past_inputs.sort(key=lambda item: (int(_PAST_NAME.match(item[0]).group(1)), item[0]))
+        self._config = config
+
+    @property
+    def has_cache(self) -> bool:
+        return bool(self.past_inputs)
+
+    def empty_cache(self) -> dict[str, np.ndarray]:
+        cache = {}
+        for name, shape, dtype in self.past_inputs:
+            # [batch, kv_heads, past_len, head_dim]: the static dims come from the graph, else from the config.
+            heads = shape[1] if isinstance(shape[1], int) else self._kv_heads()
+            head_dim = shape[3] if isinstance(shape[3], int) else self._head_dim()
+            cache[name] = np.zeros((1, heads, 0, head_dim), dtype=dtype)
+        return cache
+
+    def _kv_heads(self) -> int:
+        return int(self._config.get("num_key_value_heads") or self._config.get("num_attention_heads") or self._config["n_head"])
+
+    def _head_dim(self) -> int:
+        if self._config.get("head_dim"):
+            return int(self._config["head_dim"])
+        hidden = self._config.get("hidden_size") or self._config["n_embd"]
+        heads = self._config.get("num_attention_heads") or self._config["n_head"]
+        return int(hidden) // int(heads)
+
+    def forward(self, token_ids, cache: dict[str, np.ndarray], past_length: int):
+        """Run `token_ids` (a sequence) after `past_length` cached positions; return (logits [n, vocab], new cache)."""
+        ids = np.asarray(token_ids, dtype=np.int64).reshape(1, -1)
+        n = ids.shape[1]
+        feeds = {"input_ids": ids}
+        if "attention_mask" in self.input_names:
+            feeds["attention_mask"] = np.ones((1, past_length + n), dtype=np.int64)
+        if "position_ids" in self.input_names:
+            feeds["position_ids"] = np.arange(past_length, past_length + n, dtype=np.int64).reshape(1, n)
+        feeds.update(cache)
+        outputs = self.session.run(None, feeds)
+        named = dict(zip(self.output_names, outputs))
+        new_cache = {}
+        for name, _shape, _dtype in self.past_inputs:
+            new_cache[name] = named[name.replace("past_key_values", "present")]
+        return named["logits"][0], new_cache
+
+
+def sample_next(logits: np.ndarray, sampling: SamplingConfig, rng: np.random.Generator) -> int:
+    if sampling.greedy:
+        return int(np.argmax(logits))
+    scores = logits.astype(np.float64) / sampling.temperature
+    if sampling.top_k and sampling.top_k < scores.shape[-1]:
+        kth = np.partition(scores, -sampling.top_k)[-sampling.top_k]
+        scores = np.where(scores < kth, -np.inf, scores)
+    probs = np.exp(scores - np.max(scores))
+    probs /= probs.sum()
+    if sampling.top_p < 1.0:
+        order = np.argsort(-probs)
+        cumulative = np.cumsum(probs[order])
+        # keep the smallest prefix whose mass reaches top_p (always at least one token)
+        keep = order[: int(np.searchsorted(cumulative, sampling.top_p) + 1)]
+        mask = np.zeros_like(probs)
+        mask[keep] = probs[keep]
+        probs = mask / mask.sum()
+    return int(rng.choice(probs.shape[-1], p=probs))
+
+
+def generate(
+    decoder: DecoderSession,
+    prompt_tokens: list[int],
+    *,
+    max_new_tokens: int,
+    sampling: SamplingConfig = SamplingConfig(),
+    eos_token_ids: set[int] | frozenset = frozenset(),
+    on_token=None,
+) -> GenerationResult:
+    """Prefill the prompt, then decode one token at a time with the KV cache until EOS or `max_new_tokens`."""
+    if not prompt_tokens:
+        raise ValueError("the prompt encodes to zero tokens")
+    rng = np.random.default_rng(sampling.seed)
+    cache = decoder.empty_cache()
+    tokens: list[int] = []
+    step_seconds: list[float] = []
+    stop_reason = "length"
+    start = time.perf_counter()
+    pending = list(prompt_tokens)
+    past_length = 0
+    ttft = 0.0
+    while len(tokens) < max_new_tokens:
+        step_start = time.perf_counter()
+        if decoder.has_cache:
+            logits, cache = decoder.forward(pending, cache, past_length)
+            past_length += len(pending)
+        else:  # a graph without a cache recomputes the whole sequence each step
+            logits, _ = decoder.forward(list(prompt_tokens) + tokens, {}, 0)
+        token = sample_next(logits[-1], sampling, rng)
+        now = time.perf_counter()
+        step_seconds.append(now - step_start)
+        if not tokens:
+            ttft = now - start
+        tokens.append(token)
+        if on_token is not None:
+            on_token(token)
+        if token in eos_token_ids:
+            stop_reason = "eos"
+            break
+        pending = [token]
+    total = time.perf_counter() - start
+    return GenerationResult(
+        prompt_tokens=list(prompt_tokens),
+        tokens=tokens,
+        stop_reason=stop_reason,
+        time_to_first_token_s=ttft,
+        decode_seconds=total - ttft,
+        step_seconds=step_seconds,
+    )
+
+
+class TextStreamer:
+    """Turns a stream of token ids into text deltas, holding back incomplete UTF-8 sequences."""
+
+    def __init__(self, tokenizer, write, skip_ids: set[int] | frozenset = frozenset()):
+        self.tokenizer = tokenizer
+        self.write = write
+        self.skip_ids = skip_ids
+        self.tokens: list[int] = []
+        self.printed = 0
+
+    def __call__(self, token: int) -> None:
+        if token in self.skip_ids:
+            return
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return
+        self.write(text[self.printed :])
+        self.printed = len(text)
+
+    def finish(self) -> None:
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if len(text) > self.printed:
+            self.write(text[self.printed :])
+            self.printed = len(text)

@@ -1,0 +1,83 @@
+"""An exported model folder: model.onnx plus tokenizer, config and generation config beside it."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgepack.errors import BadInputError
+
+MODEL_FILE = "model.onnx"
+CONVERT_REPORT = "convert.json"
+TEXT_GENERATION = "text-generation"
+FEATURE_EXTRACTION = "feature-extraction"
+
+
+@dataclass
+class ExportedModelDir:
+    folder: Path
+    onnx_path: Path
+    config: dict
+    generation_config: dict = field(default_factory=dict)
+    task: str = TEXT_GENERATION
+
+    def eos_token_ids(self, tokenizer=None) -> set[int]:
+        ids: set[int] = set()
+        for source in (self.generation_config.get("eos_token_id"), self.config.get("eos_token_id")):
+            if isinstance(source, int):
+                ids.add(source)
+            elif isinstance(source, list):
+                ids.update(int(i) for i in source)
+        if tokenizer is not None and tokenizer.eos_token_id is not None:
+            ids.add(int(tokenizer.eos_token_id))
+        return ids
+
+    def load_tokenizer(self):
+        from edgepack._quiet import quiet_libraries
+
+        quiet_libraries()
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(str(self.folder))
+        except Exception as exc:  # missing or broken tokenizer files
+            raise BadInputError(f"{self.folder} has no usable tokenizer: {exc}") from exc
+
+
+def load_model_dir(folder: Path | str) -> ExportedModelDir:
+    """Open an edgepack export (or any folder with model.onnx + config.json); one-line errors otherwise."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise BadInputError(f"{folder} does not exist")
+    if not folder.is_dir():
+        raise BadInputError(f"{folder} is not a folder: pass the output folder of `edgepack convert`")
+    onnx_path = folder / MODEL_FILE
+    if not onnx_path.is_file():
+        raise BadInputError(f"no model in {folder}: expected {MODEL_FILE} (made by `edgepack convert MODEL -o {folder}`)")
+    config = _read_json(folder / "config.json") or {}
+    generation_config = _read_json(folder / "generation_config.json") or {}
+    report = _read_json(folder / CONVERT_REPORT) or {}
+    task = report.get("task") or _infer_task(onnx_path)
+    return ExportedModelDir(folder, onnx_path, config, generation_config, task)
+
+
+def _read_json(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadInputError(f"{path} is not valid JSON: {exc}") from exc
+    return data if isinstance(data, dict) else None
+
+
+def _infer_task(onnx_path: Path) -> str:
+    import onnx
+
+    try:
+        model = onnx.load(str(onnx_path), load_external_data=False)
+    except Exception as exc:
+        raise BadInputError(f"{onnx_path} is not a readable ONNX model: {exc}") from exc
+    outputs = {o.name for o in model.graph.output}
+    return TEXT_GENERATION if "logits" in outputs else FEATURE_EXTRACTION

