@@ -47,8 +47,7 @@ class _Status:
         return self
 
     def __call__(self, message: str) -> None:
-        if not self.console.is_terminal:  # CI logs get each stage as a line
-            self.console.print(f"[dim]... {message}[/dim]")
+        # On a terminal the spinner shows the stage; elsewhere (CI logs, pipes) stderr stays for errors.
         self.status.update(message)
 
     def __exit__(self, *exc):

