@@ -27,6 +27,15 @@ Exit codes:
 """
 
 
+def _stdout_console():
+    from rich.console import Console
+
+    console = Console(highlight=False)
+    if not console.is_terminal:  # logs and pipes: do not squeeze tables into 80 columns
+        console = Console(highlight=False, width=160)
+    return console
+
+
 def _stderr_console():
     from rich.console import Console
 
@@ -114,7 +123,6 @@ def convert(model, out, task, opset, no_verify, atol, force, allow_pickle, trust
 
 
 def _print_convert_summary(result) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"edgepack convert -> {result.out}", show_header=False, title_justify="left")
@@ -135,7 +143,7 @@ def _print_convert_summary(result) -> None:
             f"(atol {parity['atol']:g}); min cosine {parity['min_cosine']:.6f}"
         ))
     table.add_row("seconds", f"{result.seconds.get('total', 0):.1f}")
-    Console(highlight=False).print(table)
+    _stdout_console().print(table)
 
 
 def _parity_failure(parity: dict) -> str:
@@ -144,6 +152,108 @@ def _parity_failure(parity: dict) -> str:
     if parity.get("max_abs_logit_diff") is not None:
         return f"parity failed: max |logit diff| {parity['max_abs_logit_diff']:.3g} > atol {parity['atol']:g}; see convert.json"
     return f"parity failed: max |embedding diff| {parity['max_abs_embedding_diff']:.3g}, min cosine {parity['min_cosine']:.6f}; see convert.json"
+
+
+SCHEME_HELP = "int8-weight (default), int8-dynamic, int8-static, int4, fp16, gguf, auto"
+
+
+@cli.command()
+@click.argument("directory", metavar="DIR", type=click.Path(path_type=Path))
+@click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="Output folder (a runnable export plus quantize.json).")
+@click.option("--scheme", default="int8-weight", show_default=True, help=SCHEME_HELP)
+@click.option("--block-size", type=int, default=None, help="int4/int8-weight block size: 16, 32 (default), 64 or 128.")
+@click.option("--symmetric/--asymmetric", default=None, help="int4/int8-weight: symmetric blocks, or with zero points (int4 default: asymmetric).")
+@click.option("--algorithm", type=click.Choice(["rtn", "hqq", "gptq", "k-quant"]), default=None, help="int4 algorithm (default hqq: float zero points, no calibration).")
+@click.option("--accuracy-level", type=click.IntRange(0, 4), default=None, help="MatMulNBits accuracy_level (default 4: int8 compute).")
+@click.option("--embeddings", type=click.Choice(["int4", "int8", "fp32"]), default=None, help="Embedding table precision (default int8).")
+@click.option("--lm-head", type=click.Choice(["int4", "int8", "fp32"]), default=None, help="int4: lm_head precision, tied or not (default int8).")
+@click.option("--keep-8bit", multiple=True, metavar="REGEX", help="int4: nodes whose name matches stay 8-bit (repeatable), e.g. 'layers\\.0/'.")
+@click.option("--activations", type=click.Choice(["uint8", "uint16"]), default=None, help="int8-static activation type (default uint16).")
+@click.option("--weights", type=click.Choice(["int8", "uint8"]), default=None, help="int8-static weight type (default int8).")
+@click.option("--per-channel/--per-tensor", default=None, help="int8-dynamic/int8-static weight granularity (default per channel).")
+@click.option("--calibration-text", type=click.Path(path_type=Path), default=None, help="UTF-8 text for int8-static/GPTQ calibration (default: bundled English text).")
+@click.option("--calibration-samples", type=click.IntRange(min=1), default=None, help="Calibration windows (default 16 static, 8 GPTQ).")
+@click.option("--allow-requantize", is_flag=True, help="gguf: re-quantize tensor types that cannot be imported losslessly instead of failing.")
+@click.option("--eval-text", type=click.Path(path_type=Path), default=None, help="UTF-8 text for the quality report (default: bundled English text).")
+@click.option("--eval-tokens", type=click.IntRange(min=16), default=512, show_default=True, help="Token positions scored for quality.")
+@click.option("--no-eval", is_flag=True, help="Skip the quality report (no gate possible).")
+@click.option("--max-kl", type=click.FloatRange(min=0), default=None, help="Gate: mean KL(fp32 || quantized) at most X.")
+@click.option("--min-top1", type=click.FloatRange(0, 1), default=None, help="Gate: top-1 agreement with fp32 at least Y.")
+@click.option("--max-ppl-ratio", type=click.FloatRange(min=0), default=None, help="Gate: perplexity / fp32 perplexity at most Z.")
+@click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
+def quantize(directory, out, scheme, block_size, symmetric, algorithm, accuracy_level, embeddings, lm_head, keep_8bit,
+             activations, weights, per_channel, calibration_text, calibration_samples, allow_requantize, eval_text,
+             eval_tokens, no_eval, max_kl, min_top1, max_ppl_ratio, force):
+    """Quantize an fp32 export and report its price against fp32.
+
+    Writes OUT/model.onnx (runnable with `edgepack run`), the tokenizer and
+    configs, and OUT/quantize.json: the scheme as a value, sizes, and quality
+    (perplexity, top-1 agreement, mean and p99 KL against fp32; schema:
+    docs/quantize-json.md). With a gate (--max-kl, --min-top1,
+    --max-ppl-ratio) a broken limit exits 1; the model and figures are still
+    written. `auto` tries schemes smallest first and keeps the first that
+    meets the gate.
+
+    \b
+    Example:
+      edgepack quantize build/smollm2 -o build/smollm2-int8 --scheme int8-weight
+      edgepack quantize build/smollm2 -o build/smollm2-q4 --scheme gguf
+      edgepack quantize build/smollm2 -o build/smollm2-int4 --scheme int4 --block-size 32 --keep-8bit 'layers\\.0/'
+      edgepack quantize build/smollm2 -o build/smollm2-auto --scheme auto --max-kl 0.05
+    """
+    from edgepack.quantize import QualityConfig, QualityGate, QuantizeConfig, quantize_model
+    from edgepack.quantize.schemes import SCHEME_NAMES
+
+    if scheme not in SCHEME_NAMES:
+        raise UsageError(f"unknown scheme {scheme!r}; choose one of: {', '.join(SCHEME_NAMES)}")
+    options = dict(
+        block_size=block_size, symmetric=symmetric, algorithm=algorithm, accuracy_level=accuracy_level,
+        embeddings=embeddings, lm_head=lm_head, keep_8bit=tuple(keep_8bit) or None, activations=activations,
+        weights=weights, per_channel=per_channel, calibration_samples=calibration_samples,
+        allow_requantize=allow_requantize or None,
+    )
+    config = QuantizeConfig(
+        scheme=scheme, scheme_options={k: v for k, v in options.items() if v is not None},
+        gate=QualityGate(max_kl=max_kl, min_top1=min_top1, max_ppl_ratio=max_ppl_ratio),
+        quality=QualityConfig(eval_text=eval_text, eval_tokens=eval_tokens),
+        calibration_text=calibration_text, evaluate=not no_eval, force=force,
+    )
+    with _Status(f"quantizing {directory}") as status:
+        result = quantize_model(directory, out, config, on_status=status)
+    _print_quantize_summary(result)
+    if result.gate_failures:
+        raise GateFailedError(f"quality gate failed ({result.report['scheme_label']}): " + "; ".join(result.gate_failures))
+
+
+def _print_quantize_summary(result) -> None:
+    from rich.table import Table
+
+    report = result.report
+    candidates = (report.get("auto") or {}).get("candidates") or [
+        {"label": report["scheme_label"], "size_bytes": report["size_bytes"], "size_ratio": report["size_ratio"],
+         "quality": report["quality"], "gate_failures": report["gate"]["failures"]}
+    ]
+    table = Table(title=f"edgepack quantize -> {result.out}", title_justify="left")
+    for column in ("scheme", "MB", "ratio", "ppl (fp32)", "top-1", "mean KL", "p99 KL", "gate"):
+        table.add_column(column)
+    for entry in candidates:
+        if "skipped" in entry:
+            table.add_row(entry["label"], "", "", "", "", "", "", f"skipped: {entry['skipped']}")
+            continue
+        q = entry.get("quality") or {}
+        fmt = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
+        ppl = f"{fmt(q.get('ppl'), '.2f')} ({fmt(q.get('ppl_reference'), '.2f')})" if q.get("ppl") is not None else ""
+        if q.get("cosine_mean") is not None:
+            ppl = f"cosine {q['cosine_mean']:.5f}"
+        table.add_row(
+            entry["label"], f"{entry['size_bytes'] / 1e6:.1f}", f"{entry['size_ratio']:.3f}", ppl,
+            fmt(q.get("top1_agreement"), ".3f"), fmt(q.get("kl_mean"), ".4f"), fmt(q.get("kl_p99"), ".4f"),
+            "PASS" if not entry["gate_failures"] else "FAIL",
+        )
+    _stdout_console().print(table)
+    if report.get("auto"):
+        picked = report["auto"]["picked"]
+        _stdout_console().print(f"auto picked: {picked}" if picked else "auto: no candidate met the budget")
 
 
 @cli.command()

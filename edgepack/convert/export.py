@@ -8,13 +8,12 @@ half-written export at `out`.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from edgepack.errors import BadInputError, OutputExistsError, UnsupportedModelError, UsageError
+from edgepack.errors import BadInputError, UnsupportedModelError, UsageError
+from edgepack.outputs import prepare_output, replace_dir, staging_dir
 from edgepack.runtime.model_dir import CONVERT_REPORT, FEATURE_EXTRACTION, MODEL_FILE, TEXT_GENERATION
 from edgepack.sources import ModelSource, resolve_source
 
@@ -90,28 +89,6 @@ def tool_versions() -> dict[str, str]:
     return versions
 
 
-def prepare_output(out: Path, force: bool) -> None:
-    """Refuse to clobber: `out` may not exist, may be empty, or may be replaced with --force."""
-    if out.exists():
-        if not out.is_dir():
-            raise OutputExistsError(f"output {out} exists and is a file; choose another -o")
-        if any(out.iterdir()) and not force:
-            raise OutputExistsError(f"output {out} exists and is not empty; pass --force to replace it")
-    if not out.parent.exists():
-        raise UsageError(f"cannot write {out}: its parent folder {out.parent} does not exist")
-
-
-def replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished `tmp` to `out`, replacing an old `out` only after the new one is complete."""
-    if out.exists():
-        trash = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.rename(out, trash)
-        os.rename(tmp, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
-
-
 def resolve_task(source: ModelSource, requested: str) -> str:
     """Our task for this model, checked against what optimum-onnx can export for its model_type."""
     if requested not in TASKS:
@@ -176,9 +153,7 @@ def convert_model(model: str, out: Path | str, config: ConvertConfig = ConvertCo
     torch_model, tokenizer = load_torch_model(source, task, trust_remote_code=config.trust_remote_code)
     timings["load"] = time.perf_counter() - t0
 
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with staging_dir(out) as tmp:
         status(f"exporting to ONNX ({_OPTIMUM_TASK[task]}) with optimum-onnx")
         t0 = time.perf_counter()
         opset = export_onnx(torch_model, tmp, task, config.opset)
@@ -214,8 +189,6 @@ def convert_model(model: str, out: Path | str, config: ConvertConfig = ConvertCo
         result.files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
         (tmp / CONVERT_REPORT).write_text(json.dumps(result.to_json(), indent=2) + "\n")
         replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return result
 
 

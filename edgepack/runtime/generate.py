@@ -86,8 +86,7 @@ class DecoderSession:
         heads = self._config.get("num_attention_heads") or self._config["n_head"]
         return int(hidden) // int(heads)
 
-    def forward(self, token_ids, cache: dict[str, np.ndarray], past_length: int):
-        """Run `token_ids` (a sequence) after `past_length` cached positions; return (logits [n, vocab], new cache)."""
+    def make_feeds(self, token_ids, cache: dict[str, np.ndarray], past_length: int) -> dict[str, np.ndarray]:
         ids = np.asarray(token_ids, dtype=np.int64).reshape(1, -1)
         n = ids.shape[1]
         feeds = {"input_ids": ids}
@@ -96,7 +95,11 @@ class DecoderSession:
         if "position_ids" in self.input_names:
             feeds["position_ids"] = np.arange(past_length, past_length + n, dtype=np.int64).reshape(1, n)
         feeds.update(cache)
-        outputs = self.session.run(None, feeds)
+        return feeds
+
+    def forward(self, token_ids, cache: dict[str, np.ndarray], past_length: int):
+        """Run `token_ids` (a sequence) after `past_length` cached positions; return (logits [n, vocab], new cache)."""
+        outputs = self.session.run(None, self.make_feeds(token_ids, cache, past_length))
         named = dict(zip(self.output_names, outputs))
         new_cache = {}
         for name, _shape, _dtype in self.past_inputs:

@@ -1,0 +1,56 @@
+"""Schemes that quantize activations too (int8-dynamic, int8-static QDQ) and fp16, via onnxruntime's own tools."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edgepack.quantize.graph import save_model, untie_lm_head
+from edgepack.quantize.schemes import Fp16, Int8Dynamic, Int8Static
+
+
+def quantize_int8_dynamic(model, scheme: Int8Dynamic, work_dir: Path):
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    untied = untie_lm_head(model)
+    src, dst = work_dir / "dynamic_in.onnx", work_dir / "dynamic_out.onnx"
+    save_model(model, src)
+    quantize_dynamic(
+        str(src), str(dst), per_channel=scheme.per_channel, weight_type=QuantType.QInt8,
+        extra_options={"MatMulConstBOnly": True},
+    )
+    return onnx.load(str(dst)), {"lm_head": {"untied_from_embedding": untied is not None}}
+
+
+def quantize_int8_static(model, scheme: Int8Static, calibration_reader, work_dir: Path):
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    untied = untie_lm_head(model)
+    src, dst = work_dir / "static_in.onnx", work_dir / "static_out.onnx"
+    save_model(model, src)
+    activation_type = {"uint8": QuantType.QUInt8, "uint16": QuantType.QUInt16}[scheme.activations]
+    weight_type = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}[scheme.weights]
+    method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile}[scheme.method]
+    quantize_static(
+        str(src), str(dst), calibration_reader,
+        quant_format=QuantFormat.QDQ,
+        activation_type=activation_type,
+        weight_type=weight_type,
+        per_channel=scheme.per_channel,
+        calibrate_method=method,
+        op_types_to_quantize=["MatMul", "Gather", "Gemm"],
+        # 16-bit Q/DQ needs the com.microsoft Q/DQ ops below opset 21.
+        extra_options={"UseQDQContribOps": scheme.activations == "uint16"},
+        calibration_providers=["CPUExecutionProvider"],
+        use_external_data_format=model.ByteSize() > 1_900_000_000,
+    )
+    return onnx.load(str(dst)), {"lm_head": {"untied_from_embedding": untied is not None},
+                                 "calibration_feeds": len(calibration_reader)}
+
+
+def convert_fp16(model, scheme: Fp16):
+    # onnxruntime's converter (used by Olive too): regularly updated op block list for CPU kernels.
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    return convert_float_to_float16(model, keep_io_types=scheme.keep_io_types, disable_shape_infer=True), {}

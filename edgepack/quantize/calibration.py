@@ -1,0 +1,99 @@
+"""Calibration data: real text, tokenized, fed through the fp32 decoder including its KV-cache inputs.
+
+Each sample is a prefill feed (empty cache) followed by decode feeds whose past key/values are the
+fp32 model's real cache for that text, so static quantization sees the activation ranges of both
+phases of generation, not just of a cache-less forward pass.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from edgepack.errors import BadInputError
+
+DEFAULT_CALIBRATION_TEXT = "calib_en.txt"
+DEFAULT_EVAL_TEXT = "eval_en.txt"
+# Both texts were written for edgepack and ship under its licence (Apache-2.0).
+BUNDLED_TEXT_ORIGIN = "written for edgepack, shipped in edgepack/quantize/data/ (Apache-2.0)"
+
+
+def read_text(path: Path | None, default_name: str) -> tuple[str, str]:
+    """(text, origin) from a user file or the bundled default; empty files are refused."""
+    if path is None:
+        text = resources.files("edgepack.quantize").joinpath("data", default_name).read_text(encoding="utf-8")
+        return text, f"edgepack/quantize/data/{default_name}: {BUNDLED_TEXT_ORIGIN}"
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError(f"text file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadInputError(f"{path} is not UTF-8 text: {exc}") from exc
+    if not text.strip():
+        raise BadInputError(f"{path} is empty: calibration and evaluation need real text")
+    return text, str(path)
+
+
+class DecoderCalibrationReader:
+    """onnxruntime CalibrationDataReader over (prefill, decode...) feeds of real text."""
+
+    def __init__(self, feeds: list[dict[str, np.ndarray]]):
+        self.feeds = feeds
+        self._iter = iter(self.feeds)
+
+    def get_next(self):
+        return next(self._iter, None)
+
+    def rewind(self):
+        self._iter = iter(self.feeds)
+
+    def __len__(self):
+        return len(self.feeds)
+
+    def __iter__(self):  # GPTQ's dataloader iterates the reader
+        return iter(self.feeds)
+
+    def __deepcopy__(self, memo):
+        return DecoderCalibrationReader(self.feeds)
+
+
+def decoder_calibration_feeds(onnx_path: Path, token_ids: list[int], config: dict, *, samples: int,
+                              prefill_len: int = 48, decode_steps: int = 2) -> list[dict[str, np.ndarray]]:
+    from edgepack.runtime.generate import DecoderSession
+    from edgepack.runtime.session import create_session
+
+    if len(token_ids) < prefill_len + decode_steps + 1:
+        raise BadInputError(f"calibration text is too short: {len(token_ids)} tokens, need at least {prefill_len + decode_steps + 1}")
+    decoder = DecoderSession(create_session(onnx_path), config)
+    stride = max(1, (len(token_ids) - prefill_len - decode_steps) // max(1, samples))
+    feeds = []
+    for sample in range(samples):
+        start = sample * stride
+        window = token_ids[start : start + prefill_len + decode_steps]
+        if len(window) < prefill_len + decode_steps:
+            break
+        cache, past = decoder.empty_cache(), 0
+        chunks = [window[:prefill_len]] + [[t] for t in window[prefill_len:]]
+        for chunk in chunks:
+            feed = decoder.make_feeds(chunk, cache, past)
+            feeds.append(feed)
+            _, cache = decoder.forward(chunk, cache, past)
+            past += len(chunk)
+    return feeds
+
+
+def encoder_calibration_feeds(input_names: set[str], token_ids: list[int], *, samples: int, length: int = 64):
+    feeds = []
+    stride = max(1, (len(token_ids) - length) // max(1, samples))
+    for sample in range(samples):
+        window = token_ids[sample * stride : sample * stride + length]
+        if not window:
+            break
+        ids = np.array([window], dtype=np.int64)
+        feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids),
+                "position_ids": np.arange(ids.shape[1], dtype=np.int64)[None]}
+        feeds.append({k: v for k, v in feed.items() if k in input_names})
+    return feeds

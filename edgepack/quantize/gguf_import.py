@@ -1,0 +1,781 @@
+"""Lossless GGUF import: put a GGUF file's own quantized blocks into an ONNX decoder exported from it.
+
+`edgepack convert model.gguf` dequantizes the GGUF to fp32 (transformers, `gguf_file=`) and exports that
+with optimum-onnx. Quantizing the fp32 export again would quantize twice: the GGUF blocks are already
+the quantized weights. `import_gguf_weights` instead finds, for every MatMul weight of the export (and
+the Gather embedding, and the tied lm_head that optimum writes as `Transpose(embed_tokens)`), the GGUF
+tensor it came from, and replaces the float weight by the GGUF blocks re-expressed in onnxruntime's
+`com.microsoft` `MatMulNBits` / `GatherBlockQuantized` layout. Only the bit order changes; every weight
+the new graph computes with equals the GGUF dequantization.
+
+Why by hand: no library does this. onnxruntime-genai's model builder reads GGUF only to dequantize it
+and then quantizes again with its own RTN/k-quant code; onnxruntime's MatMulNBitsQuantizer quantizes
+float weights. Nothing maps GGML block formats onto MatMulNBits, so the block parsing below mirrors
+`gguf.quants` (whose dequantizers we use as the reference and to match tensors) and stops before the
+final multiply, keeping the integer codes.
+
+How a GGUF tensor is found: by value, never by ONNX initializer name (TorchScript names them
+`onnx::MatMul_1234`). transformers reverse-permutes the q/k rows of llama GGUFs, so a tensor is matched
+as a multiset of rows (hash of each row's fp32 bytes) and the row permutation is recovered; the ONNX
+MatMul weight is the transpose [K, N] of the GGUF/PyTorch [N, K] matrix.
+
+Block formats (w = one weight; see `_decompose`):
+  Q4_0  w = d*(q-8)            -> bits 4, block 32, default zero point 8
+  Q4_1  w = d*q + m            -> bits 4, block 32, float zero point -m/d
+  Q5_0  w = d*(q-16)           -> bits 8, block 32, codes q+112, default zero point 128
+  Q5_1  w = d*q + m            -> bits 8, block 32, codes q+128 and a per-block offset term (see below)
+  Q8_0  w = d*q (q int8)       -> bits 8, block 32, codes q+128, default zero point 128
+  Q2_K  w = d*sc*q - dmin*mn   -> bits 4, block 16, float zero point
+  Q3_K  w = d*(sc-32)*q        -> bits 4, block 16, codes q+8 (q in [-4, 3]), default zero point 8
+  Q4_K  w = d*sc*q - dmin*mn   -> bits 4, block 32, float zero point
+  Q5_K  w = d*sc*q - dmin*mn   -> bits 8, block 32, codes q+128 and a per-block offset term
+  Q6_K  w = d*sc*(q-32)        -> bits 8, block 16, codes q+96, default zero point 128
+  F32/F16/BF16                 -> stay float MatMul / Gather
+MatMulNBits on CPU rejects 8-bit weights with float zero points (onnxruntime 1.32, measured), so the
+8-bit formats with a block minimum (Q5_1, Q5_K) use MatMulNBits for d*q and add the offset exactly as
+sum_blocks(sum_{k in block} A[k]) * offset[block, n]: ReduceSum over each block of the input, then a
+small float MatMul with the [k_blocks, N] offsets.
+
+Storage: scales and offsets that are exact in fp16 (the GGUF's own fp16 d and m for Q4_0/Q4_1/Q8_0...)
+are stored as fp16 and Cast to fp32 in the graph; float zero points are computed in the graph as
+(-m)/d from the stored fp16 values. onnxruntime constant-folds these at session creation, so
+MatMulNBits still sees constant scales. This keeps the file the size of the GGUF (SmolLM2: fp32 scale
+and zero point per block would add ~15 MB and miss the 100 MB budget).
+
+Embedding and tied lm_head are stored once: the lm_head MatMulNBits B tensor [V, k_blocks, blob] is
+also the `data` of GatherBlockQuantized (gather_axis 0, quantize_axis 2, scales reshaped to
+[V, k_blocks, 1]); both read the same scale tensor. This is onnxruntime-genai's tied-embedding scheme
+(GatherBlockQuantized sharing the lm_head's MatMulNBits weight) without its Reshape of the big tensor,
+which onnxruntime would constant-fold into a second copy. Formats with a block minimum gather the
+offsets too and add them (GatherBlockQuantized has no float zero points).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgepack.errors import BadInputError
+
+_TWO_GB = 2**31
+_MS_DOMAIN = "com.microsoft"
+
+# What each supported GGML type becomes: (bits, block_size). Codes are unsigned, one per weight.
+_FORMATS = {
+    "Q4_0": (4, 32),
+    "Q4_1": (4, 32),
+    "Q5_0": (8, 32),
+    "Q5_1": (8, 32),
+    "Q8_0": (8, 32),
+    "Q2_K": (4, 16),
+    "Q3_K": (4, 16),
+    "Q4_K": (4, 32),
+    "Q5_K": (8, 32),
+    "Q6_K": (8, 16),
+}
+_FLOAT_TYPES = ("F32", "F16", "BF16")
+SUPPORTED_GGUF_TYPES = tuple(_FORMATS) + _FLOAT_TYPES
+# Requantization of types that cannot be expressed exactly (allow_requantize): onnxruntime RTN.
+_REQUANT_BITS, _REQUANT_BLOCK = 4, 32
+
+
+@dataclass
+class GgufImportResult:
+    onnx_in: Path
+    gguf_file: Path
+    onnx_out: Path
+    gguf_types: dict[str, int] = field(default_factory=dict)  # GGUF tensors used in the graph, per type
+    matmuls_replaced: int = 0  # MatMul nodes now MatMulNBits (lm_head included)
+    matmuls_kept_float: list[str] = field(default_factory=list)  # from F32/F16/BF16 GGUF tensors
+    unmatched: list[str] = field(default_factory=list)  # float weights with no GGUF counterpart (left as is)
+    requantized: list[dict] = field(default_factory=list)
+    embedding: dict = field(default_factory=dict)
+    lm_head: dict = field(default_factory=dict)
+    bytes: int = 0  # size of onnx_out (+ external data, if any)
+    bytes_in: int = 0
+    seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        for key in ("onnx_in", "gguf_file", "onnx_out"):
+            data[key] = str(data[key])
+        data["kind"] = "edgepack.gguf_import"
+        data["size_ratio"] = round(self.bytes / self.bytes_in, 4) if self.bytes_in else None
+        data["seconds"] = round(self.seconds, 3)
+        return data
+
+
+def source_gguf(export_dir: Path) -> Path | None:
+    """The GGUF an `edgepack convert` output folder was made from (convert.json `source.gguf_file`), if any."""
+    import json
+
+    report = Path(export_dir) / "convert.json"
+    if not report.is_file():
+        return None
+    gguf_file = (json.loads(report.read_text()).get("source") or {}).get("gguf_file")
+    return Path(gguf_file) if gguf_file else None
+
+
+# ----------------------------------------------------------------------------------------------
+# GGML blocks -> (codes, scales, zero points / offsets)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Blocks:
+    """A [rows, cols] weight as w = scale * (code - zero) + offset, blockwise along cols.
+
+    zero is the MatMulNBits default 2**(bits-1) unless `zero` (uint8 per block) is set; `offset` is None
+    for symmetric formats. For 4-bit formats with an offset the codes are used with zero = 0.
+    """
+
+    gguf_type: str
+    bits: int
+    block: int
+    codes: np.ndarray  # uint8 [rows, cols], one code per weight
+    scale: np.ndarray  # float32 [rows, n_blocks]
+    offset: np.ndarray | None = None  # float32 [rows, n_blocks]
+    zero: np.ndarray | None = None  # uint8 [rows, n_blocks] (requantized tensors only)
+
+    @property
+    def rows(self) -> int:
+        return self.codes.shape[0]
+
+    @property
+    def cols(self) -> int:
+        return self.codes.shape[1]
+
+    def dequantize(self) -> np.ndarray:
+        """fp32 weights, computed in the same order as gguf.quants so the result is bit-identical."""
+        rows, nb = self.scale.shape
+        codes = self.codes.reshape(rows, nb, self.block).astype(np.float32)
+        if self.offset is not None and self.bits == 4:
+            w = self.scale[..., None] * codes + self.offset[..., None]
+        else:
+            zero = self.zero[..., None].astype(np.float32) if self.zero is not None else np.float32(2 ** (self.bits - 1))
+            w = self.scale[..., None] * (codes - zero)
+            if self.offset is not None:
+                w = w + self.offset[..., None]
+        return w.reshape(rows, self.cols)
+
+    def take_rows(self, perm: np.ndarray) -> "_Blocks":
+        pick = lambda a: None if a is None else a[perm]  # noqa: E731
+        return _Blocks(self.gguf_type, self.bits, self.block, self.codes[perm], self.scale[perm], pick(self.offset), pick(self.zero))
+
+    def fix_zero_scales(self) -> None:
+        """4-bit blocks with an offset get float zero point -offset/scale: make scale 0 blocks well defined.
+
+        A block with d == 0 holds the constant `offset` (Q4_1: w = m). Rewrite it as codes 0, scale 1,
+        so MatMulNBits computes 1 * (0 - (-offset)) = offset exactly, and the embedding path 1*0 + offset.
+        """
+        if self.offset is None or self.bits != 4:
+            return
+        dead = self.scale == 0
+        if dead.any():
+            rows, nb = self.scale.shape
+            codes = self.codes.reshape(rows, nb, self.block)
+            codes[dead] = 0
+            self.scale = np.where(dead, np.float32(1), self.scale).astype(np.float32)
+
+
+def _f16(raw: np.ndarray) -> np.ndarray:
+    """fp16 bytes (last axis of 2) -> float32, shape without the last axis."""
+    return np.ascontiguousarray(raw).view(np.float16)[..., 0].astype(np.float32)
+
+
+def _split(blocks: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
+    return np.hsplit(blocks, np.cumsum(sizes)[:-1].tolist())
+
+
+def _nibbles32(qs: np.ndarray) -> np.ndarray:
+    """GGML 32-element nibble layout: byte j holds element j (low) and element j+16 (high)."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+
+
+def _high_bits32(qh: np.ndarray) -> np.ndarray:
+    """Q5_0/Q5_1: bit j of the little-endian uint32 qh is the 5th bit of element j."""
+    return np.unpackbits(np.ascontiguousarray(qh), axis=-1, bitorder="little")
+
+
+def _decompose(gguf_type: str, raw: np.ndarray, cols: int) -> _Blocks:
+    """Parse GGML blocks (raw uint8 [rows, bytes_per_row]) into integer codes and per-block scales.
+
+    Mirrors gguf.quants.<TYPE>.dequantize_blocks, keeping the integer part apart from the scale.
+    """
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    qk, type_size = GGML_QUANT_SIZES[GGMLQuantizationType[gguf_type]]
+    rows = raw.shape[0]
+    b = np.ascontiguousarray(raw).reshape(-1, type_size)  # one GGML block per row
+    n = b.shape[0]
+    bits, block = _FORMATS[gguf_type]
+    offset = None
+    if gguf_type == "Q4_0":
+        d, qs = _split(b, [2, 16])
+        codes, scale = _nibbles32(qs), _f16(d)
+    elif gguf_type == "Q4_1":
+        d, m, qs = _split(b, [2, 2, 16])
+        codes, scale, offset = _nibbles32(qs), _f16(d), _f16(m)
+    elif gguf_type in ("Q5_0", "Q5_1"):
+        if gguf_type == "Q5_0":
+            d, qh, qs = _split(b, [2, 4, 16])
+        else:
+            d, m, qh, qs = _split(b, [2, 2, 4, 16])
+            offset = _f16(m)
+        q = _nibbles32(qs) | (_high_bits32(qh) << 4)  # 0..31
+        # Q5_0: w = d*(q-16) = d*((q+112) - 128); Q5_1: w = d*q + m = d*((q+128) - 128) + m.
+        codes, scale = q + (112 if gguf_type == "Q5_0" else 128), _f16(d)
+    elif gguf_type == "Q8_0":
+        d, qs = _split(b, [2, 32])
+        codes, scale = qs ^ 0x80, _f16(d)  # int8 q -> uint8 q + 128
+    elif gguf_type == "Q2_K":
+        sc, qs, d, dmin = _split(b, [16, 64, 2, 2])
+        scale = _f16(d)[:, None] * (sc & 0x0F).astype(np.float32)
+        offset = -(_f16(dmin)[:, None] * (sc >> 4).astype(np.float32))
+        shift = np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)
+        codes = ((qs.reshape(n, -1, 1, 32) >> shift) & 3).reshape(n, 256)
+    elif gguf_type == "Q3_K":
+        hmask, qs, sc, d = _split(b, [32, 64, 12, 2])
+        lsc, hsc = np.hsplit(sc, [8])
+        lsc = (lsc.reshape(n, 1, 8) >> np.array([0, 4], dtype=np.uint8).reshape(1, 2, 1)).reshape(n, 16)
+        hsc = (hsc.reshape(n, 1, 4) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 4, 1)).reshape(n, 16)
+        sc6 = (lsc & 0x0F) | ((hsc & 0x03) << 4)
+        scale = _f16(d)[:, None] * (sc6.astype(np.int8) - np.int8(32)).astype(np.float32)
+        ql = qs.reshape(n, -1, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)
+        qh = hmask.reshape(n, -1, 1, 32) >> np.array(range(8), dtype=np.uint8).reshape(1, 1, 8, 1)
+        ql = ql.reshape(n, 16, 16) & 3
+        qh = (qh.reshape(n, 16, 16) & 1) ^ 1  # the -4 offset applies when the mask bit is 0
+        q = ql.astype(np.int8) - (qh << 2).astype(np.int8)  # -4..3
+        codes = (q + 8).astype(np.uint8).reshape(n, 256)
+    elif gguf_type in ("Q4_K", "Q5_K"):
+        from gguf.quants import Q4_K
+
+        if gguf_type == "Q4_K":
+            d, dmin, sc, qs = _split(b, [2, 2, 12, 128])
+        else:
+            d, dmin, sc, qh, qs = _split(b, [2, 2, 12, 32, 128])
+        sc6, mn6 = Q4_K.get_scale_min(np.ascontiguousarray(sc))
+        scale = _f16(d)[:, None] * sc6.astype(np.float32)
+        offset = -(_f16(dmin)[:, None] * mn6.astype(np.float32))
+        q = (qs.reshape(n, -1, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)) & 0x0F
+        q = q.reshape(n, 8, 32)
+        if gguf_type == "Q5_K":
+            h = (qh.reshape(n, -1, 1, 32) >> np.array(range(8), dtype=np.uint8).reshape(1, 1, 8, 1)) & 1
+            q = (q | (h.reshape(n, 8, 32) << 4)) + 128  # w = s*((q+128) - 128) + offset
+        codes = q.reshape(n, 256)
+    elif gguf_type == "Q6_K":
+        ql, qh, sc, d = _split(b, [128, 64, 16, 2])
+        scale = _f16(d)[:, None] * sc.view(np.int8).astype(np.float32)
+        ql = (ql.reshape(n, -1, 1, 64) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)) & 0x0F
+        qh = (qh.reshape(n, -1, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)) & 3
+        q = ql.reshape(n, -1, 32) | (qh.reshape(n, -1, 32) << 4)  # 0..63, w = s*(q-32)
+        codes = (q + 96).reshape(n, 256)  # (q+96) - 128 = q - 32
+    else:  # pragma: no cover - guarded by _FORMATS
+        raise AssertionError(gguf_type)
+    nb_row = cols // block
+    return _Blocks(
+        gguf_type,
+        bits,
+        block,
+        codes.astype(np.uint8).reshape(rows, cols),
+        scale.astype(np.float32).reshape(rows, nb_row),
+        None if offset is None else offset.astype(np.float32).reshape(rows, nb_row),
+    )
+
+
+def _requantize(values: np.ndarray, gguf_type: str) -> _Blocks:
+    """onnxruntime's RTN block quantizer (what MatMulNBitsQuantizer runs by default), 4-bit asymmetric."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, DefaultWeightOnlyQuantizer
+
+    rows, cols = values.shape
+    quantizer = DefaultWeightOnlyQuantizer(
+        DefaultWeightOnlyQuantConfig(block_size=_REQUANT_BLOCK, is_symmetric=False, bits=_REQUANT_BITS)
+    )
+    packed, scales, zero = quantizer.qbits_block_quant(np.ascontiguousarray(values.T))  # expects [K, N]
+    nb = scales.shape[1]
+    codes = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(rows, -1)[:, :cols]
+    zero = np.stack([zero & 0x0F, zero >> 4], axis=-1).reshape(rows, -1)[:, :nb]
+    if cols % _REQUANT_BLOCK:
+        raise BadInputError(f"cannot requantize a weight of {cols} columns (not a multiple of {_REQUANT_BLOCK})")
+    return _Blocks(f"{gguf_type}->RTN{_REQUANT_BITS}", _REQUANT_BITS, _REQUANT_BLOCK, codes, scales.astype(np.float32), None, zero)
+
+
+# ----------------------------------------------------------------------------------------------
+# Matching ONNX weights to GGUF tensors by value
+# ----------------------------------------------------------------------------------------------
+
+
+def _row_hashes(matrix: np.ndarray) -> list[int]:
+    rows = np.ascontiguousarray(matrix, dtype=np.float32) + np.float32(0)  # -0.0 -> +0.0
+    view = rows.view(np.uint8).reshape(rows.shape[0], -1)
+    return [hash(r.tobytes()) for r in view]
+
+
+def _signature(hashes: list[int]) -> int:
+    return hash(tuple(sorted(hashes)))
+
+
+@dataclass
+class _GgufTensor:
+    name: str
+    gguf_type: str
+    shape: tuple[int, int]  # (rows, cols) as PyTorch sees it: [out_features, in_features]
+    raw: np.ndarray  # GGUFReader memmap: uint8 blocks or float values, [rows, ...]
+    row_index: dict[int, list[int]]
+
+
+def _index_gguf(reader, status) -> dict[int, list[_GgufTensor]]:
+    """Dequantize every 2-D GGUF tensor once, only to hash its rows; keep the raw blocks."""
+    from gguf.quants import dequantize
+
+    by_signature: dict[int, list[_GgufTensor]] = defaultdict(list)
+    for tensor in reader.tensors:
+        if len(tensor.shape) != 2:
+            continue
+        gguf_type = tensor.tensor_type.name
+        cols, rows = (int(x) for x in tensor.shape)  # GGUF lists ne0 (the row length) first
+        try:
+            values = dequantize(tensor.data, tensor.tensor_type).reshape(rows, cols)
+        except NotImplementedError:
+            status(f"gguf cannot dequantize {tensor.name} ({gguf_type}); it cannot be matched")
+            continue
+        hashes = _row_hashes(values)
+        index: dict[int, list[int]] = defaultdict(list)
+        for i, h in enumerate(hashes):
+            index[h].append(i)
+        by_signature[_signature(hashes)].append(
+            _GgufTensor(tensor.name, gguf_type, (rows, cols), tensor.data, dict(index))
+        )
+    return by_signature
+
+
+def _find(by_signature, weight_rows: np.ndarray) -> tuple[_GgufTensor, np.ndarray] | None:
+    """The GGUF tensor whose rows are a permutation of `weight_rows`, and that permutation."""
+    hashes = _row_hashes(weight_rows)
+    for candidate in by_signature.get(_signature(hashes), []):
+        if candidate.shape != weight_rows.shape:
+            continue
+        used: dict[int, int] = Counter()
+        perm = np.empty(len(hashes), dtype=np.int64)
+        for i, h in enumerate(hashes):
+            rows = candidate.row_index[h]
+            perm[i] = rows[used[h]]  # equal rows are interchangeable: take them in order
+            used[h] += 1
+        return candidate, perm
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Graph surgery
+# ----------------------------------------------------------------------------------------------
+
+
+class _Graph:
+    def __init__(self, model):
+        from onnx import numpy_helper
+
+        self.model = model
+        self.graph = model.graph
+        self.np = numpy_helper
+        self.inits = {i.name: i for i in self.graph.initializer}
+        self.producer = {o: n for n in self.graph.node for o in n.output}
+        self.consumers: dict[str, list] = defaultdict(list)
+        for node in self.graph.node:
+            for name in node.input:
+                self.consumers[name].append(node)
+        self.prefix_nodes: list = []  # nodes on initializers only (Cast, Div...), placed first
+        self.replacements: dict[int, list] = {}  # id(original node) -> nodes replacing it
+        self.new_inits: list = []
+        self.names: set[str] = set(self.inits) | {o for n in self.graph.node for o in n.output}
+        self.names |= {i.name for i in self.graph.input}
+
+    def unique(self, base: str) -> str:
+        name, k = base, 1
+        while name in self.names:
+            name, k = f"{base}_{k}", k + 1
+        self.names.add(name)
+        return name
+
+    def add_init(self, array: np.ndarray, base: str) -> str:
+        name = self.unique(base)
+        self.new_inits.append(self.np.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def float_init(self, values: np.ndarray, base: str) -> tuple[str, int]:
+        """Store fp32 values as fp16 + Cast when that is exact (GGUF scales are fp16); return (fp32 name, bytes)."""
+        from onnx import TensorProto, helper
+
+        half = values.astype(np.float16)
+        if np.isfinite(half).all() and np.array_equal(half.astype(np.float32), values):
+            stored = self.add_init(half, base + "_f16")
+            name = self.unique(base)
+            self.prefix_nodes.append(helper.make_node("Cast", [stored], [name], name=self.unique(f"Cast_{base}"), to=TensorProto.FLOAT))
+            return name, half.nbytes
+        return self.add_init(values.astype(np.float32), base), values.nbytes
+
+    def const_i64(self, values, base: str) -> str:
+        return self.add_init(np.array(values, dtype=np.int64), base)
+
+    def finish(self, removed_inits: set[str]) -> None:
+        from onnx import helper
+
+        nodes = list(self.prefix_nodes)
+        for node in self.graph.node:
+            nodes.extend(self.replacements.get(id(node), [node]))
+        # Drop nodes whose outputs nobody reads any more (the lm_head's Transpose of the embedding).
+        while True:
+            used = {i for n in nodes for i in n.input} | {o.name for o in self.graph.output}
+            dead = [n for n in nodes if n.op_type == "Transpose" and not any(o in used for o in n.output)]
+            if not dead:
+                break
+            nodes = [n for n in nodes if n not in dead]
+        used = {i for n in nodes for i in n.input} | {o.name for o in self.graph.output}
+        keep = [i for i in self.graph.initializer if not (i.name in removed_inits and i.name not in used)]
+        del self.graph.node[:]
+        self.graph.node.extend(nodes)
+        del self.graph.initializer[:]
+        self.graph.initializer.extend(keep + self.new_inits)
+        # Graph inputs that only named an initializer (old IR style) must go with it.
+        stale = [i for i in self.graph.input if i.name in removed_inits and i.name not in used]
+        for item in stale:
+            self.graph.input.remove(item)
+        if not any(o.domain == _MS_DOMAIN for o in self.model.opset_import):
+            self.model.opset_import.append(helper.make_opsetid(_MS_DOMAIN, 1))
+
+
+@dataclass
+class _Packed:
+    """Initializers written once per GGUF tensor (and row order), shared by every node that uses them."""
+
+    blocks: _Blocks
+    b: str  # uint8 [N, k_blocks, blob]
+    scales: str  # fp32 [N, k_blocks] (maybe via Cast)
+    mm_zero: str | None  # MatMulNBits zero_points input
+    neg_offset: str | None  # fp32 [N, k_blocks]: -offset, for the embedding path
+    offset_t: str | None  # fp32 [k_blocks, N]: offsets for the 8-bit ReduceSum correction
+    bytes: int
+
+
+def _pack(g: _Graph, blocks: _Blocks, base: str) -> _Packed:
+    """Write B / scales / zero points for MatMulNBits from decomposed blocks."""
+    from onnx import helper
+
+    blocks.fix_zero_scales()
+    rows, cols = blocks.codes.shape
+    nb = cols // blocks.block
+    codes = blocks.codes.reshape(rows, nb, blocks.block)
+    if blocks.bits == 4:
+        # MatMulNBits packs along K with element 2i in the low nibble and 2i+1 in the high nibble
+        # (checked against onnxruntime's quantize_matmul_4bits; GGML puts element j and j+16 in one byte).
+        packed = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+    else:
+        packed = codes.astype(np.uint8)
+    b = g.add_init(packed, base + "_B")
+    nbytes = packed.nbytes
+    scales, n = g.float_init(blocks.scale, base + "_scales")
+    nbytes += n
+    mm_zero = neg_offset = offset_t = None
+    if blocks.zero is not None:  # integer zero points (requantized tensors): packed like B
+        z = blocks.zero
+        if blocks.bits == 4:
+            z = np.pad(z, ((0, 0), (0, nb % 2)))
+            z = (z[:, 0::2] | (z[:, 1::2] << 4)).astype(np.uint8)
+        mm_zero = g.add_init(z.astype(np.uint8), base + "_zero_points")
+        nbytes += z.nbytes
+    if blocks.offset is not None:
+        neg_offset, n = g.float_init(-blocks.offset, base + "_neg_offset")
+        nbytes += n
+        if blocks.bits == 4:
+            # Float zero point: w = s*q + m = s*(q - zp) with zp = (-m)/s, folded at session creation.
+            mm_zero = g.unique(base + "_zero_points")
+            g.prefix_nodes.append(helper.make_node("Div", [neg_offset, scales], [mm_zero], name=g.unique(f"Div_{base}")))
+        else:
+            offset_t = g.add_init(np.ascontiguousarray(blocks.offset.T), base + "_offset_t")
+            nbytes += blocks.offset.nbytes
+    return _Packed(blocks, b, scales, mm_zero, neg_offset, offset_t, nbytes)
+
+
+def _matmul_nbits(g: _Graph, node, packed: _Packed, accuracy_level: int | None) -> list:
+    from onnx import helper
+
+    blocks = packed.blocks
+    a, y = node.input[0], node.output[0]
+    attrs = dict(K=blocks.cols, N=blocks.rows, bits=blocks.bits, block_size=blocks.block)
+    if accuracy_level is not None:
+        attrs["accuracy_level"] = int(accuracy_level)
+    inputs = [a, packed.b, packed.scales] + ([packed.mm_zero] if packed.mm_zero else [])
+    base = node.name or y
+    if packed.offset_t is None:
+        return [helper.make_node("MatMulNBits", inputs, [y], name=g.unique(base + "_Q"), domain=_MS_DOMAIN, **attrs)]
+    # 8-bit with a block minimum: y = A @ (s*q) + blocksum(A) @ offset  (MatMulNBits has no 8-bit float zero point on CPU).
+    nb = blocks.cols // blocks.block
+    part, shape, lead, grouped, sums, corr = (g.unique(f"{base}_{s}") for s in ("q", "shape", "lead", "blocks", "blocksum", "offset"))
+    return [
+        helper.make_node("MatMulNBits", inputs, [part], name=g.unique(base + "_Q"), domain=_MS_DOMAIN, **attrs),
+        helper.make_node("Shape", [a], [shape], name=g.unique(base + "_Shape"), end=-1),
+        helper.make_node("Concat", [shape, g.const_i64([nb, blocks.block], base + "_blockshape")], [lead], name=g.unique(base + "_Concat"), axis=0),
+        helper.make_node("Reshape", [a, lead], [grouped], name=g.unique(base + "_Reshape")),
+        helper.make_node("ReduceSum", [grouped, g.const_i64([-1], base + "_axis")], [sums], name=g.unique(base + "_ReduceSum"), keepdims=0),
+        helper.make_node("MatMul", [sums, packed.offset_t], [corr], name=g.unique(base + "_OffsetMatMul")),
+        helper.make_node("Add", [part, corr], [y], name=g.unique(base + "_Add")),
+    ]
+
+
+def _gather_block_quantized(g: _Graph, node, packed: _Packed) -> list:
+    """Embedding lookup on the MatMulNBits B tensor itself: data [V, k_blocks, blob], quantize_axis 2."""
+    from onnx import helper
+
+    blocks = packed.blocks
+    rows, cols = blocks.codes.shape
+    nb = cols // blocks.block
+    ids, y = node.input[1], node.output[0]
+    base = node.name or y
+    scales3 = g.unique(base + "_scales3")
+    nodes = [helper.make_node("Reshape", [packed.scales, g.const_i64([rows, nb, 1], base + "_s3shape")], [scales3], name=g.unique(base + "_ReshapeScales"))]
+    inputs = [packed.b, ids, scales3]
+    if blocks.zero is not None:
+        inputs.append(g.add_init(blocks.zero.reshape(rows, nb, 1).astype(np.uint8), base + "_zero3"))
+    elif blocks.offset is not None and blocks.bits == 4:
+        # 4-bit codes are used with zero point 0 and the offset is added below (no float zero points here).
+        inputs.append(g.add_init(np.zeros((rows, nb, 1), np.uint8), base + "_zero3"))
+    gathered = g.unique(base + "_blocks")
+    nodes.append(
+        helper.make_node(
+            "GatherBlockQuantized", inputs, [gathered], name=g.unique(base + "_GBQ"), domain=_MS_DOMAIN,
+            bits=blocks.bits, block_size=blocks.block, gather_axis=0, quantize_axis=2,
+        )
+    )  # fmt: skip
+    if blocks.offset is not None:  # w = s*q - (-offset): same rounding as gguf's d*q + m
+        off, off3, shifted = (g.unique(f"{base}_{s}") for s in ("offset", "offset3", "shifted"))
+        nodes += [
+            helper.make_node("Gather", [packed.neg_offset, ids], [off], name=g.unique(base + "_GatherOffset"), axis=0),
+            helper.make_node("Unsqueeze", [off, g.const_i64([-1], base + "_last")], [off3], name=g.unique(base + "_Unsqueeze")),
+            helper.make_node("Sub", [gathered, off3], [shifted], name=g.unique(base + "_Sub")),
+        ]
+        gathered = shifted
+    ids_shape, out_shape = g.unique(base + "_ids_shape"), g.unique(base + "_out_shape")
+    nodes += [
+        helper.make_node("Shape", [ids], [ids_shape], name=g.unique(base + "_Shape")),
+        helper.make_node("Concat", [ids_shape, g.const_i64([cols], base + "_hidden")], [out_shape], name=g.unique(base + "_Concat"), axis=0),
+        helper.make_node("Reshape", [gathered, out_shape], [y], name=g.unique(base + "_Reshape")),
+    ]
+    return nodes
+
+
+def _weight_sites(g: _Graph):
+    """(kind, node, initializer name, rows-as-[N, K] loader) for every float weight we may replace."""
+    from onnx import TensorProto, helper
+
+    def is_float_2d(name):
+        init = g.inits.get(name)
+        return init is not None and init.data_type == TensorProto.FLOAT and len(init.dims) == 2
+
+    for node in g.graph.node:
+        if node.op_type == "MatMul" and len(node.input) == 2:
+            w = node.input[1]
+            if is_float_2d(w):
+                yield "matmul", node, w, True  # [K, N]: rows are columns
+            elif w in g.producer and g.producer[w].op_type == "Transpose":
+                t = g.producer[w]
+                perm = next((list(a.ints) for a in t.attribute if a.name == "perm"), [1, 0])
+                if is_float_2d(t.input[0]) and perm == [1, 0]:
+                    yield "lm_head", node, t.input[0], False  # Transpose(E): E's rows are the output rows
+        elif node.op_type == "Gather" and is_float_2d(node.input[0]):
+            axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
+            if axis == 0:
+                yield "embedding", node, node.input[0], False
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry point
+# ----------------------------------------------------------------------------------------------
+
+
+def import_gguf_weights(
+    onnx_in: Path,
+    gguf_path: Path,
+    onnx_out: Path,
+    *,
+    allow_requantize: bool = False,
+    accuracy_level: int | None = None,
+    on_status=None,
+) -> GgufImportResult:
+    """Replace the float weights of an ONNX decoder exported from `gguf_path` by that GGUF's quantized blocks.
+
+    MatMul -> com.microsoft MatMulNBits, embedding Gather -> GatherBlockQuantized sharing the tied lm_head's
+    blocks. Raises BadInputError for a GGUF type that has no exact MatMulNBits form, unless
+    `allow_requantize` (then onnxruntime's RTN 4-bit quantizer is used for it and it is listed in the result).
+    """
+    import onnx
+
+    status = on_status or (lambda message: None)
+    onnx_in, gguf_path, onnx_out = Path(onnx_in), Path(gguf_path), Path(onnx_out)
+    start = time.perf_counter()
+    if not onnx_in.is_file():
+        raise BadInputError(f"{onnx_in} does not exist")
+    if not gguf_path.is_file():
+        raise BadInputError(f"{gguf_path} does not exist")
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(gguf_path))
+    except Exception as exc:
+        raise BadInputError(f"{gguf_path} is not a readable GGUF file: {exc}") from exc
+    result = GgufImportResult(onnx_in, gguf_path, onnx_out, bytes_in=_model_bytes(onnx_in))
+
+    status(f"indexing {len(reader.tensors)} GGUF tensors by value")
+    by_signature = _index_gguf(reader, status)
+    status(f"loading {onnx_in}")
+    model = onnx.load(str(onnx_in))
+    g = _Graph(model)
+
+    sites = list(_weight_sites(g))
+    matched: list[tuple[str, object, str, _GgufTensor, np.ndarray]] = []
+    for kind, node, init_name, transposed in sites:
+        weight = g.np.to_array(g.inits[init_name])
+        rows = weight.T if transposed else weight
+        found = _find(by_signature, rows)
+        if found is None:
+            result.unmatched.append(f"{kind}:{node.name or init_name}")
+            continue
+        tensor, perm = found
+        matched.append((kind, node, init_name, tensor, perm))
+    if not matched:
+        raise BadInputError(
+            f"no weight of {onnx_in} matches a tensor of {gguf_path}: the ONNX model was not exported from this GGUF"
+        )
+
+    # Refuse before writing anything if a type cannot be imported exactly.
+    unsupported = sorted({(t.name, t.gguf_type) for _, _, _, t, _ in matched if t.gguf_type not in SUPPORTED_GGUF_TYPES})
+    if unsupported and not allow_requantize:
+        listed = ", ".join(f"{name} ({kind})" for name, kind in unsupported)
+        raise BadInputError(
+            f"{gguf_path} has tensors whose GGUF type has no exact MatMulNBits form: {listed}; "
+            f"supported: {', '.join(SUPPORTED_GGUF_TYPES)} (pass allow_requantize to requantize them with onnxruntime's RTN)"
+        )
+
+    status(f"writing {len(matched)} GGUF tensors into the graph")
+    cache: dict[tuple[str, bytes], _Packed] = {}
+    decomposed: dict[str, _Blocks] = {}
+    removed: set[str] = set()
+    used_tensors: dict[str, str] = {}
+    for kind, node, init_name, tensor, perm in matched:
+        used_tensors[tensor.name] = tensor.gguf_type
+        label = node.name or node.output[0]
+        if tensor.gguf_type in _FLOAT_TYPES:
+            if kind != "embedding":
+                result.matmuls_kept_float.append(label)
+            _describe(result, kind, tensor, None, shared=False)
+            continue
+        key = (tensor.name, perm.tobytes() if not _is_identity(perm) else b"")
+        packed = cache.get(key)
+        if packed is None:
+            blocks = decomposed.get(tensor.name)
+            if blocks is None:
+                rows, cols = tensor.shape
+                if tensor.gguf_type in _FORMATS:
+                    blocks = _decompose(tensor.gguf_type, np.asarray(tensor.raw), cols)
+                else:
+                    from gguf.quants import dequantize
+
+                    values = dequantize(np.asarray(tensor.raw), tensor.tensor_type if hasattr(tensor, "tensor_type") else gguf.GGMLQuantizationType[tensor.gguf_type]).reshape(rows, cols)
+                    blocks = _requantize(values, tensor.gguf_type)
+                    result.requantized.append(
+                        {"tensor": tensor.name, "gguf_type": tensor.gguf_type, "bits": _REQUANT_BITS, "block_size": _REQUANT_BLOCK, "method": "onnxruntime RTN (asymmetric)"}
+                    )
+                decomposed[tensor.name] = blocks
+            blocks = blocks if _is_identity(perm) else blocks.take_rows(perm)
+            if blocks.zero is None:
+                # Exactness check: our codes and scales must give back the very weights in the ONNX graph.
+                weight = g.np.to_array(g.inits[init_name])
+                expected = weight.T if kind == "matmul" else weight
+                if not np.array_equal(blocks.dequantize(), expected):
+                    raise AssertionError(f"GGUF tensor {tensor.name} ({tensor.gguf_type}) does not reproduce {init_name} exactly")
+            packed = _pack(g, blocks, _safe(tensor.name) + ("" if _is_identity(perm) else "_rowperm"))
+            cache[key] = packed
+            shared = False
+        else:
+            shared = True
+        if kind == "embedding":
+            g.replacements[id(node)] = _gather_block_quantized(g, node, packed)
+        else:
+            g.replacements[id(node)] = _matmul_nbits(g, node, packed, accuracy_level)
+            result.matmuls_replaced += 1
+        removed.add(init_name)
+        _describe(result, kind, tensor, packed, shared=shared)
+
+    result.gguf_types = dict(Counter(used_tensors.values()))
+    g.finish(removed)
+    status(f"saving {onnx_out}")
+    _save(model, onnx_out)
+    try:
+        onnx.checker.check_model(str(onnx_out))
+    except onnx.checker.ValidationError as exc:  # a bug here, not the user's input
+        raise AssertionError(f"the imported model fails onnx.checker: {exc}") from exc
+    result.bytes = _model_bytes(onnx_out)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _describe(result: GgufImportResult, kind: str, tensor: _GgufTensor, packed: _Packed | None, *, shared: bool) -> None:
+    if kind not in ("embedding", "lm_head"):
+        return
+    info = {"gguf_tensor": tensor.name, "gguf_type": tensor.gguf_type}
+    if packed is None:
+        info["op"] = "Gather (float)" if kind == "embedding" else "MatMul (float)"
+    else:
+        info.update(
+            op="GatherBlockQuantized" if kind == "embedding" else "MatMulNBits",
+            bits=packed.blocks.bits,
+            block_size=packed.blocks.block,
+            weight_initializer=packed.b,
+            shares_initializer_with="lm_head" if (shared and kind == "embedding") else ("embedding" if shared else None),
+            bytes=None if shared else packed.bytes,
+        )
+    setattr(result, kind, info)
+    other = result.lm_head if kind == "embedding" else result.embedding
+    if shared and other:
+        other["shares_initializer_with"] = kind
+
+
+def _is_identity(perm: np.ndarray) -> bool:
+    return bool(np.array_equal(perm, np.arange(len(perm))))
+
+
+def _safe(name: str) -> str:
+    return "gguf." + name
+
+
+def _model_bytes(path: Path) -> int:
+    """model.onnx plus external data files it references (same folder)."""
+    import onnx
+
+    total = path.stat().st_size
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return total
+    locations = set()
+    for init in model.graph.initializer:
+        for entry in init.external_data:
+            if entry.key == "location":
+                locations.add(entry.value)
+    for location in locations:
+        data = path.parent / location
+        if data.is_file():
+            total += data.stat().st_size
+    return total
+
+
+def _save(model, out: Path) -> None:
+    import onnx
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if model.ByteSize() < _TWO_GB - (64 << 20):
+        onnx.save_model(model, str(out))
+    else:
+        onnx.save_model(model, str(out), save_as_external_data=True, all_tensors_to_one_file=True, location=out.name + ".data")

@@ -1,0 +1,314 @@
+"""`edgepack quantize`: apply a scheme to an fp32 export, measure its price, gate on it.
+
+One entry point, `quantize_model(directory, out, config) -> QuantizedModel`. The output folder is a
+complete, runnable export (model.onnx + tokenizer + configs) plus `quantize.json`; it is built in a
+temporary sibling and renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgepack.errors import BadInputError, UsageError
+from edgepack.outputs import prepare_output, replace_dir, staging_dir
+from edgepack.quantize.quality import QualityConfig
+from edgepack.quantize.schemes import Fp16, Gguf, Int4, Int8Dynamic, Int8Static, Int8Weight, Scheme, auto_candidates, scheme_from_options
+from edgepack.runtime.model_dir import CONVERT_REPORT, MODEL_FILE, TEXT_GENERATION, load_model_dir
+
+QUANTIZE_REPORT = "quantize.json"
+REPORT_SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class QualityGate:
+    max_kl: float | None = None
+    min_top1: float | None = None
+    max_ppl_ratio: float | None = None
+
+    @property
+    def active(self) -> bool:
+        return any(v is not None for v in (self.max_kl, self.min_top1, self.max_ppl_ratio))
+
+    def failures(self, quality: dict | None) -> list[str]:
+        """One readable reason per broken limit, naming the figure and the limit."""
+        if not self.active:
+            return []
+        if quality is None:
+            return ["quality was not evaluated (--no-eval) but a quality gate was set"]
+        reasons = []
+        checks = (
+            ("kl_mean", self.max_kl, lambda v, lim: v <= lim, ">", "--max-kl"),
+            ("top1_agreement", self.min_top1, lambda v, lim: v >= lim, "<", "--min-top1"),
+            ("ppl_ratio", self.max_ppl_ratio, lambda v, lim: v <= lim, ">", "--max-ppl-ratio"),
+        )
+        for key, limit, ok, sign, option in checks:
+            if limit is None:
+                continue
+            value = quality.get(key)
+            if value is None:
+                reasons.append(f"{key} is not measured for this model ({option} {limit:g})")
+            elif not ok(value, limit):
+                reasons.append(f"{key} {value:.4g} {sign} {option} {limit:g}")
+        return reasons
+
+    def to_json(self) -> dict:
+        return {"max_kl": self.max_kl, "min_top1": self.min_top1, "max_ppl_ratio": self.max_ppl_ratio}
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    scheme: str = "int8-weight"
+    scheme_options: dict = field(default_factory=dict)
+    gate: QualityGate = QualityGate()
+    quality: QualityConfig = QualityConfig()
+    calibration_text: Path | None = None
+    evaluate: bool = True
+    force: bool = False
+
+
+@dataclass
+class QuantizedModel:
+    out: Path
+    scheme: Scheme
+    size_bytes: int
+    reference_size_bytes: int
+    quality: dict | None
+    gate_failures: list[str]
+    report: dict
+
+    @property
+    def gate_passed(self) -> bool:
+        return not self.gate_failures
+
+
+def _model_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and p.name.startswith(MODEL_FILE))
+
+
+def check_quantizable(model_dir) -> None:
+    if (model_dir.folder / QUANTIZE_REPORT).is_file():
+        scheme = json.loads((model_dir.folder / QUANTIZE_REPORT).read_text()).get("scheme", {}).get("name", "?")
+        raise BadInputError(f"{model_dir.folder} is already quantized ({scheme}); quantize the fp32 export from `edgepack convert`")
+    import onnx
+
+    graph = onnx.load(str(model_dir.onnx_path), load_external_data=False).graph
+    inputs, outputs = {i.name for i in graph.input}, {o.name for o in graph.output}
+    if model_dir.task == TEXT_GENERATION:
+        missing = [n for n in ("input_ids", "attention_mask") if n not in inputs] + (["logits"] if "logits" not in outputs else [])
+        if not any(n.startswith("past_key_values.") for n in inputs):
+            missing.append("past_key_values.*")
+    else:
+        missing = [n for n in ("input_ids",) if n not in inputs]
+    if missing:
+        raise BadInputError(
+            f"{model_dir.onnx_path} lacks the inputs/outputs edgepack expects of a {model_dir.task} export: {', '.join(missing)}"
+        )
+
+
+def apply_scheme(scheme: Scheme, model_dir, tokenizer, out_onnx: Path, work_dir: Path, calibration_text: Path | None) -> dict:
+    """Write `out_onnx` quantized with `scheme`; return facts about what was done."""
+    import onnx
+
+    from edgepack.quantize.graph import save_model
+
+    if isinstance(scheme, Gguf):
+        from edgepack.quantize.gguf_import import import_gguf_weights
+
+        gguf_file = gguf_source(model_dir)
+        result = import_gguf_weights(model_dir.onnx_path, gguf_file, out_onnx, allow_requantize=scheme.allow_requantize,
+                                     accuracy_level=scheme.accuracy_level)
+        return result.to_json()
+
+    model = onnx.load(str(model_dir.onnx_path))
+    if isinstance(scheme, (Int4, Int8Weight)):
+        from edgepack.quantize.weight_only import quantize_weight_only
+
+        reader = None
+        if isinstance(scheme, Int4) and scheme.algorithm == "gptq":
+            reader = calibration_reader(model_dir, tokenizer, calibration_text, scheme.calibration_samples)
+        model, facts = quantize_weight_only(model, scheme, calibration_reader=reader)
+    elif isinstance(scheme, Int8Dynamic):
+        from edgepack.quantize.activation import quantize_int8_dynamic
+
+        model, facts = quantize_int8_dynamic(model, scheme, work_dir)
+    elif isinstance(scheme, Int8Static):
+        from edgepack.quantize.activation import quantize_int8_static
+
+        reader = calibration_reader(model_dir, tokenizer, calibration_text, scheme.calibration_samples)
+        model, facts = quantize_int8_static(model, scheme, reader, work_dir)
+    elif isinstance(scheme, Fp16):
+        from edgepack.quantize.activation import convert_fp16
+
+        model, facts = convert_fp16(model, scheme)
+    else:  # pragma: no cover - the registry and this table move together
+        raise UsageError(f"scheme {scheme.name} has no implementation")
+    save_model(model, out_onnx)
+    return facts
+
+
+def gguf_source(model_dir) -> Path:
+    report_path = model_dir.folder / CONVERT_REPORT
+    source = json.loads(report_path.read_text()).get("source", {}) if report_path.is_file() else {}
+    gguf_file = source.get("gguf_file")
+    if not gguf_file:
+        raise UsageError(
+            f"--scheme gguf needs an export made from a .gguf file (or the demo); {model_dir.folder} came from "
+            f"{source.get('kind', 'an unknown source')}"
+        )
+    if not Path(gguf_file).is_file():
+        raise BadInputError(f"the GGUF source of this export is gone: {gguf_file}")
+    return Path(gguf_file)
+
+
+def calibration_reader(model_dir, tokenizer, calibration_text: Path | None, samples: int):
+    from edgepack.quantize.calibration import (
+        DEFAULT_CALIBRATION_TEXT,
+        DecoderCalibrationReader,
+        decoder_calibration_feeds,
+        encoder_calibration_feeds,
+        read_text,
+    )
+
+    text, _origin = read_text(calibration_text, DEFAULT_CALIBRATION_TEXT)
+    ids = list(tokenizer(text)["input_ids"])
+    if model_dir.task == TEXT_GENERATION:
+        feeds = decoder_calibration_feeds(model_dir.onnx_path, ids, model_dir.config, samples=samples)
+    else:
+        import onnx
+
+        names = {i.name for i in onnx.load(str(model_dir.onnx_path), load_external_data=False).graph.input}
+        feeds = encoder_calibration_feeds(names, ids, samples=samples)
+    if not feeds:
+        raise BadInputError("the calibration text produced no samples")
+    return DecoderCalibrationReader(feeds)
+
+
+def quantize_model(directory: Path | str, out: Path | str, config: QuantizeConfig = QuantizeConfig(), on_status=None) -> QuantizedModel:
+    from edgepack._quiet import quiet_libraries
+    from edgepack.convert.export import tool_versions
+
+    status = on_status or (lambda message: None)
+    out, start = Path(out), time.perf_counter()
+    prepare_output(out, config.force)
+    if config.scheme == "auto":
+        if not config.gate.active:
+            raise UsageError("--scheme auto needs a quality budget: set --max-kl, --min-top1 and/or --max-ppl-ratio")
+        if not config.evaluate:
+            raise UsageError("--scheme auto picks by measured quality; it cannot be combined with --no-eval")
+    model_dir = load_model_dir(directory)
+    check_quantizable(model_dir)
+    quiet_libraries()
+    tokenizer = model_dir.load_tokenizer()
+
+    if config.scheme == "auto":
+        has_gguf = bool(_convert_source(model_dir).get("gguf_file"))
+        candidates = auto_candidates(has_gguf)
+    else:
+        candidates = [scheme_from_options(config.scheme, **config.scheme_options)]
+
+    evaluator = None
+    if config.evaluate:
+        from edgepack.quantize.quality import QualityEvaluator
+
+        status("measuring the fp32 reference on the evaluation text")
+        evaluator = QualityEvaluator(model_dir.onnx_path, model_dir, tokenizer, config.quality)
+
+    reference_bytes = _model_bytes(model_dir.folder)
+    with staging_dir(out) as tmp:
+        tried, chosen = [], None
+        for index, scheme in enumerate(candidates):
+            work = tmp / f".candidate-{index}"
+            work.mkdir()
+            status(f"quantizing: {scheme.label()}")
+            t0 = time.perf_counter()
+            try:
+                facts = apply_scheme(scheme, model_dir, tokenizer, work / MODEL_FILE, work, config.calibration_text)
+            except (BadInputError, UsageError) as exc:
+                if config.scheme != "auto":
+                    raise
+                tried.append({"scheme": scheme.to_json(), "label": scheme.label(), "skipped": str(exc)})
+                shutil.rmtree(work)
+                continue
+            quantize_seconds = time.perf_counter() - t0
+            quality, eval_seconds = None, 0.0
+            if evaluator is not None:
+                status(f"measuring quality: {scheme.label()}")
+                t0 = time.perf_counter()
+                quality = evaluator.evaluate(work / MODEL_FILE)
+                eval_seconds = time.perf_counter() - t0
+            size = _model_bytes(work)
+            failures = config.gate.failures(quality)
+            entry = {
+                "scheme": scheme.to_json(), "label": scheme.label(), "size_bytes": size,
+                "size_ratio": size / reference_bytes, "quality": quality, "gate_failures": failures,
+                "facts": facts, "seconds": {"quantize": round(quantize_seconds, 3), "evaluate": round(eval_seconds, 3)},
+            }
+            tried.append(entry)
+            if chosen is None or not failures or _better(entry, chosen):
+                if chosen is not None:
+                    shutil.rmtree(chosen["_work"], ignore_errors=True)
+                chosen = {**entry, "_work": work}
+            else:
+                shutil.rmtree(work, ignore_errors=True)
+            if not failures:
+                break
+        if chosen is None:
+            raise BadInputError("no quantization scheme could be applied: " + "; ".join(t.get("skipped", "") for t in tried))
+
+        work = chosen.pop("_work")
+        for item in model_dir.folder.iterdir():  # tokenizer, configs, convert.json: everything but the graph
+            if item.is_file() and not item.name.startswith(MODEL_FILE):
+                shutil.copy2(item, tmp / item.name)
+        for item in work.iterdir():
+            item.rename(tmp / item.name)
+        shutil.rmtree(work)
+        for leftover in tmp.glob(".candidate-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+        from edgepack.quantize.graph import op_counts
+        import onnx
+
+        scheme = next(c for c in candidates if c.to_json() == chosen["scheme"])
+        report = {
+            "schema_version": REPORT_SCHEMA_VERSION,
+            "kind": "edgepack.quantize",
+            "scheme": chosen["scheme"],
+            "scheme_label": chosen["label"],
+            "scheme_summary": scheme.summary,
+            "requested_scheme": config.scheme,
+            "task": model_dir.task,
+            "source_dir": str(Path(directory).resolve()),
+            "source": _convert_source(model_dir),
+            "size_bytes": chosen["size_bytes"],
+            "reference_size_bytes": reference_bytes,
+            "size_ratio": chosen["size_ratio"],
+            "quality": chosen["quality"],
+            "gate": {**config.gate.to_json(), "passed": not chosen["gate_failures"], "failures": chosen["gate_failures"]},
+            "auto": ({"picked": chosen["label"] if not chosen["gate_failures"] else None, "candidates": tried}
+                     if config.scheme == "auto" else None),
+            "facts": chosen["facts"],
+            "ops": op_counts(onnx.load(str(tmp / MODEL_FILE), load_external_data=False)),
+            "versions": tool_versions(),
+            "seconds": {**chosen["seconds"], "total": round(time.perf_counter() - start, 3)},
+        }
+        (tmp / QUANTIZE_REPORT).write_text(json.dumps(report, indent=2) + "\n")
+        replace_dir(tmp, out)
+    return QuantizedModel(out, scheme, report["size_bytes"], reference_bytes, report["quality"], chosen["gate_failures"], report)
+
+
+def _better(entry: dict, chosen: dict) -> bool:
+    """When no candidate meets the budget, keep the one with the fewest broken limits, then lowest KL."""
+    def key(e):
+        kl = (e.get("quality") or {}).get("kl_mean")
+        return (len(e["gate_failures"]), kl if kl is not None else float("inf"))
+
+    return key(entry) < key(chosen)
+
+
+def _convert_source(model_dir) -> dict:
+    path = model_dir.folder / CONVERT_REPORT
+    return json.loads(path.read_text()).get("source", {}) if path.is_file() else {}

@@ -1,0 +1,146 @@
+"""Quantization schemes as values: a name plus typed parameters, printed, saved and compared.
+
+A scheme is written verbatim into `quantize.json` (and later into the bundle manifest), so two
+artifacts made with the same scheme value are made the same way.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import ClassVar
+
+from edgepack.errors import UsageError
+
+INT4_ALGORITHMS = ("rtn", "hqq", "gptq", "k-quant")
+EMBEDDING_PRECISIONS = ("int4", "int8", "fp32")
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+
+
+def check_block_size(block_size: int) -> int:
+    if block_size < 16 or block_size & (block_size - 1):
+        raise UsageError(f"block size {block_size} is not a power of two >= 16 (use 16, 32, 64 or 128)")
+    return block_size
+
+
+def check_regexes(patterns: tuple[str, ...]) -> tuple[str, ...]:
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise UsageError(f"--keep-8bit {pattern!r} is not a valid regular expression: {exc}") from None
+    return tuple(patterns)
+
+
+@dataclass(frozen=True)
+class Scheme:
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+
+    def to_json(self) -> dict:
+        return {"name": self.name, **{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}}
+
+    def label(self) -> str:
+        params = ",".join(f"{k}={v}" for k, v in self.to_json().items() if k != "name" and v not in ((), [], None))
+        return f"{self.name}({params})" if params else self.name
+
+
+@dataclass(frozen=True)
+class Int8Dynamic(Scheme):
+    """onnxruntime quantize_dynamic: int8 weights, activations quantized per tensor at run time."""
+
+    name: ClassVar[str] = "int8-dynamic"
+    summary: ClassVar[str] = "onnxruntime quantize_dynamic (QOperator), weights int8, uint8 activations per tensor at run time"
+    per_channel: bool = True
+
+
+@dataclass(frozen=True)
+class Int8Weight(Scheme):
+    """Weight-only 8-bit: MatMulNBits bits=8, activations stay float."""
+
+    name: ClassVar[str] = "int8-weight"
+    summary: ClassVar[str] = "weight-only 8-bit blocks (MatMulNBits bits=8); float activations"
+    block_size: int = 32
+    symmetric: bool = True
+    accuracy_level: int = 4
+    embeddings: str = "int8"
+
+
+@dataclass(frozen=True)
+class Int8Static(Scheme):
+    """QDQ with calibration over real token sequences (KV-cache inputs included)."""
+
+    name: ClassVar[str] = "int8-static"
+    summary: ClassVar[str] = "QDQ static quantization, calibrated on real text through the KV-cache graph"
+    activations: str = "uint16"
+    weights: str = "int8"
+    per_channel: bool = True
+    calibration_samples: int = 16
+    method: str = "minmax"
+
+
+@dataclass(frozen=True)
+class Int4(Scheme):
+    """Block-wise weight-only 4-bit (MatMulNBits)."""
+
+    name: ClassVar[str] = "int4"
+    summary: ClassVar[str] = "block-wise weight-only 4-bit (MatMulNBits); float activations"
+    block_size: int = 32
+    symmetric: bool = False
+    algorithm: str = "hqq"
+    accuracy_level: int = 4
+    embeddings: str = "int8"
+    lm_head: str = "int8"
+    keep_8bit: tuple[str, ...] = field(default_factory=tuple)
+    calibration_samples: int = 8
+
+
+@dataclass(frozen=True)
+class Fp16(Scheme):
+    name: ClassVar[str] = "fp16"
+    summary: ClassVar[str] = "float16 weights and activations (onnxruntime float16 converter), fp32 inputs/outputs"
+    keep_io_types: bool = True
+
+
+@dataclass(frozen=True)
+class Gguf(Scheme):
+    """The GGUF source's own blocks as MatMulNBits weights: no second quantization."""
+
+    name: ClassVar[str] = "gguf"
+    summary: ClassVar[str] = "the GGUF source's own quantized blocks written as MatMulNBits (lossless import)"
+    accuracy_level: int = 4
+    allow_requantize: bool = False
+
+
+SCHEMES: dict[str, type[Scheme]] = {cls.name: cls for cls in (Int8Dynamic, Int8Weight, Int8Static, Int4, Fp16, Gguf)}
+SCHEME_NAMES = (*SCHEMES, "auto")
+
+
+def scheme_from_options(name: str, **options) -> Scheme:
+    """Build a scheme from CLI-style options; options that do not apply to `name` are ignored unless set."""
+    if name not in SCHEMES:
+        raise UsageError(f"unknown scheme {name!r}; choose one of: {', '.join(SCHEME_NAMES)}")
+    cls = SCHEMES[name]
+    fields = {f for f in cls.__dataclass_fields__}
+    values = {k: v for k, v in options.items() if k in fields and v is not None}
+    if "block_size" in values:
+        check_block_size(values["block_size"])
+    if "keep_8bit" in values:
+        values["keep_8bit"] = check_regexes(tuple(values["keep_8bit"]))
+    if values.get("algorithm") not in (None, *INT4_ALGORITHMS):
+        raise UsageError(f"unknown int4 algorithm {values['algorithm']!r}; choose one of {', '.join(INT4_ALGORITHMS)}")
+    for key in ("embeddings", "lm_head"):
+        if values.get(key) not in (None, *EMBEDDING_PRECISIONS):
+            raise UsageError(f"--{key.replace('_', '-')} must be one of {', '.join(EMBEDDING_PRECISIONS)}")
+    if values.get("accuracy_level") not in (None, *ACCURACY_LEVELS):
+        raise UsageError("--accuracy-level must be 0, 1, 2, 3 or 4")
+    return cls(**values)
+
+
+def auto_candidates(has_gguf_source: bool) -> list[Scheme]:
+    """Candidates for `auto`, smallest first; the first that meets the quality budget wins."""
+    candidates: list[Scheme] = []
+    if has_gguf_source:
+        candidates.append(Gguf())
+    candidates += [Int4(algorithm="hqq", lm_head="int4"), Int4(algorithm="hqq"), Int8Weight(), Fp16()]
+    return candidates
