@@ -16,6 +16,11 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    import logging
+
+    # onnxruntime's quantizers log every node at INFO through the root handler.
+    for name in ("onnxruntime", "onnxruntime.quantization", "optimum", "transformers", "neural_compressor"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     try:
         import torch.jit
 

@@ -19,35 +19,38 @@ How a GGUF tensor is found: by value, never by ONNX initializer name (TorchScrip
 as a multiset of rows (hash of each row's fp32 bytes) and the row permutation is recovered; the ONNX
 MatMul weight is the transpose [K, N] of the GGUF/PyTorch [N, K] matrix.
 
-Block formats (w = one weight; see `_decompose`):
-  Q4_0  w = d*(q-8)            -> bits 4, block 32, default zero point 8
-  Q4_1  w = d*q + m            -> bits 4, block 32, float zero point -m/d
-  Q5_0  w = d*(q-16)           -> bits 8, block 32, codes q+112, default zero point 128
-  Q5_1  w = d*q + m            -> bits 8, block 32, codes q+128 and a per-block offset term (see below)
-  Q8_0  w = d*q (q int8)       -> bits 8, block 32, codes q+128, default zero point 128
-  Q2_K  w = d*sc*q - dmin*mn   -> bits 4, block 16, float zero point
-  Q3_K  w = d*(sc-32)*q        -> bits 4, block 16, codes q+8 (q in [-4, 3]), default zero point 8
-  Q4_K  w = d*sc*q - dmin*mn   -> bits 4, block 32, float zero point
-  Q5_K  w = d*sc*q - dmin*mn   -> bits 8, block 32, codes q+128 and a per-block offset term
-  Q6_K  w = d*sc*(q-32)        -> bits 8, block 16, codes q+96, default zero point 128
+Block formats (w = one weight; see `_decompose`), as integer codes u with per-block scale s:
+  Q4_0  w = d*(q-8)            -> 4-bit u = q, block 32, w = s*(u-8)
+  Q4_1  w = d*q + m            -> 4-bit u = q, block 32, w = s*u + m
+  Q5_0  w = d*(q-16)           -> 8-bit u = q+112, block 32, w = s*(u-128)
+  Q5_1  w = d*q + m            -> 8-bit u = q+128, block 32, w = s*(u-128) + m
+  Q8_0  w = d*q (q int8)       -> 8-bit u = q+128, block 32
+  Q2_K  w = d*sc*q - dmin*mn   -> 4-bit, block 16, with a minimum
+  Q3_K  w = d*(sc-32)*q        -> 4-bit u = q+8 (q in [-4, 3]), block 16
+  Q4_K  w = d*sc*q - dmin*mn   -> 4-bit, block 32, with a minimum
+  Q5_K  w = d*sc*q - dmin*mn   -> 8-bit u = q+128, block 32, with a minimum
+  Q6_K  w = d*sc*(q-32)        -> 8-bit u = q+96, block 16
   F32/F16/BF16                 -> stay float MatMul / Gather
-MatMulNBits on CPU rejects 8-bit weights with float zero points (onnxruntime 1.32, measured), so the
-8-bit formats with a block minimum (Q5_1, Q5_K) use MatMulNBits for d*q and add the offset exactly as
-sum_blocks(sum_{k in block} A[k]) * offset[block, n]: ReduceSum over each block of the input, then a
-small float MatMul with the [k_blocks, N] offsets.
+How they reach MatMulNBits (see `_pack`): onnxruntime 1.32's CPU MatMulNBits is fast only for 4-bit
+weights with integer or default zero points; float zero points (the textbook form of Q4_1:
+zp = -m/d) and 8-bit weights at accuracy_level 0 run 10-25x slower, slower than the fp32 MatMul
+(measured). So 8-bit codes are split into two exact 4-bit planes (lo with scale s, hi with scale 16*s)
+and a block minimum m is added as blocksum(A) @ m: ReduceSum over each block of the activations and a
+small float MatMul with the [k_blocks, N] minimums. Every weight value stays exactly the GGUF's.
 
-Storage: scales and offsets that are exact in fp16 (the GGUF's own fp16 d and m for Q4_0/Q4_1/Q8_0...)
-are stored as fp16 and Cast to fp32 in the graph; float zero points are computed in the graph as
-(-m)/d from the stored fp16 values. onnxruntime constant-folds these at session creation, so
-MatMulNBits still sees constant scales. This keeps the file the size of the GGUF (SmolLM2: fp32 scale
-and zero point per block would add ~15 MB and miss the 100 MB budget).
+Storage: scales and minimums that are exact in fp16 (the GGUF's own fp16 d and m for Q4_0/Q4_1/Q8_0...)
+are stored as fp16 and Cast to fp32 in the graph; zero-point tensors of 0 are ConstantOfShape.
+onnxruntime constant-folds these at session creation, so MatMulNBits still sees constant inputs. This
+keeps the file the size of the GGUF (SmolLM2: fp32 scales and minimums would add ~15 MB and miss the
+100 MB budget).
 
 Embedding and tied lm_head are stored once: the lm_head MatMulNBits B tensor [V, k_blocks, blob] is
 also the `data` of GatherBlockQuantized (gather_axis 0, quantize_axis 2, scales reshaped to
-[V, k_blocks, 1]); both read the same scale tensor. This is onnxruntime-genai's tied-embedding scheme
-(GatherBlockQuantized sharing the lm_head's MatMulNBits weight) without its Reshape of the big tensor,
-which onnxruntime would constant-fold into a second copy. Formats with a block minimum gather the
-offsets too and add them (GatherBlockQuantized has no float zero points).
+[V, k_blocks, 1]); both read the same scale tensor (one GatherBlockQuantized per plane, summed). This
+is onnxruntime-genai's tied-embedding scheme (GatherBlockQuantized sharing the lm_head's MatMulNBits
+weight) without its Reshape of the big tensor, which onnxruntime would constant-fold into a second
+copy. Formats with a block minimum gather the minimums too and add them (GatherBlockQuantized has no
+float zero points).
 """
 
 from __future__ import annotations
@@ -165,21 +168,6 @@ class _Blocks:
     def take_rows(self, perm: np.ndarray) -> "_Blocks":
         pick = lambda a: None if a is None else a[perm]  # noqa: E731
         return _Blocks(self.gguf_type, self.bits, self.block, self.codes[perm], self.scale[perm], pick(self.offset), pick(self.zero))
-
-    def fix_zero_scales(self) -> None:
-        """4-bit blocks with an offset get float zero point -offset/scale: make scale 0 blocks well defined.
-
-        A block with d == 0 holds the constant `offset` (Q4_1: w = m). Rewrite it as codes 0, scale 1,
-        so MatMulNBits computes 1 * (0 - (-offset)) = offset exactly, and the embedding path 1*0 + offset.
-        """
-        if self.offset is None or self.bits != 4:
-            return
-        dead = self.scale == 0
-        if dead.any():
-            rows, nb = self.scale.shape
-            codes = self.codes.reshape(rows, nb, self.block)
-            codes[dead] = 0
-            self.scale = np.where(dead, np.float32(1), self.scale).astype(np.float32)
 
 
 def _f16(raw: np.ndarray) -> np.ndarray:
@@ -448,81 +436,160 @@ class _Graph:
 
 
 @dataclass
+class _Plane:
+    """One MatMulNBits weight: 4-bit (or 8-bit) codes with their scales; zero point default, 0, or given."""
+
+    b: str  # uint8 [N, k_blocks, blob]
+    scales: str  # fp32 [N, k_blocks] (maybe via Cast / Mul, folded by onnxruntime)
+    bits: int
+    zero: str | None  # None: MatMulNBits default 2**(bits-1)
+    gather_zero: str | None  # the same zero points shaped [N, k_blocks, 1] for GatherBlockQuantized
+
+
+@dataclass
 class _Packed:
     """Initializers written once per GGUF tensor (and row order), shared by every node that uses them."""
 
     blocks: _Blocks
-    b: str  # uint8 [N, k_blocks, blob]
-    scales: str  # fp32 [N, k_blocks] (maybe via Cast)
-    mm_zero: str | None  # MatMulNBits zero_points input
+    planes: list[_Plane]
     neg_offset: str | None  # fp32 [N, k_blocks]: -offset, for the embedding path
-    offset_t: str | None  # fp32 [k_blocks, N]: offsets for the 8-bit ReduceSum correction
+    offset_t: str | None  # fp32 [k_blocks, N]: offsets, for the blocksum correction of MatMul
     bytes: int
 
 
-def _pack(g: _Graph, blocks: _Blocks, base: str) -> _Packed:
-    """Write B / scales / zero points for MatMulNBits from decomposed blocks."""
+def _pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """[N, k_blocks, block] codes -> MatMulNBits B [N, k_blocks, block*bits/8].
+
+    4 bits: element 2i in the low nibble, 2i+1 in the high nibble of byte i (checked against
+    onnxruntime's quantize_matmul_4bits; GGML instead stores element j and j+16 in one byte).
+    """
+    if bits == 4:
+        return (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+    return codes.astype(np.uint8)
+
+
+def _zero_points(g: _Graph, rows: int, nb: int, base: str) -> tuple[str, str]:
+    """All-zero uint8 zero points, made by ConstantOfShape (folded at session creation, nothing stored)."""
+    from onnx import TensorProto, helper
+
+    names = []
+    for shape, tag in (([rows, (nb + 1) // 2], "zero_points"), ([rows, nb, 1], "zero_points3")):
+        name = g.unique(f"{base}_{tag}")
+        g.prefix_nodes.append(
+            helper.make_node(
+                "ConstantOfShape", [g.const_i64(shape, f"{base}_{tag}_shape")], [name], name=g.unique(f"ConstantOfShape_{base}_{tag}"),
+                value=helper.make_tensor("zero", TensorProto.UINT8, [1], [0]),
+            )
+        )  # fmt: skip
+        names.append(name)
+    return names[0], names[1]
+
+
+def _pack(g: _Graph, blocks: _Blocks, base: str, *, single_8bit: bool) -> _Packed:
+    """Write B / scales / zero points for MatMulNBits from decomposed blocks.
+
+    onnxruntime's CPU MatMulNBits is fast only for 4-bit weights with integer (or default) zero points:
+    float zero points and 8-bit weights at accuracy_level 0 take a slow dequantizing path, 10-25x slower
+    than the 4-bit kernel and slower than fp32 MatMul (measured, onnxruntime 1.32). So every format is
+    written as 4-bit planes, exactly:
+      * w = s*(u - 8) (4-bit symmetric): one plane, default zero point;
+      * w = s*u + m (4-bit with a minimum): one plane with zero point 0, m added by the caller;
+      * w = s*(u - 128) (8-bit codes u = lo + 16*hi): planes lo (scale s, zero point 0) and hi
+        (scale 16*s, default zero point 8): s*lo + 16*s*(hi - 8) = s*(u - 128), each term exact in fp32.
+    With `single_8bit` (accuracy_level 4: int8 activations, where the 8-bit kernel is fast) 8-bit
+    codes stay one plane.
+    """
     from onnx import helper
 
-    blocks.fix_zero_scales()
     rows, cols = blocks.codes.shape
     nb = cols // blocks.block
     codes = blocks.codes.reshape(rows, nb, blocks.block)
-    if blocks.bits == 4:
-        # MatMulNBits packs along K with element 2i in the low nibble and 2i+1 in the high nibble
-        # (checked against onnxruntime's quantize_matmul_4bits; GGML puts element j and j+16 in one byte).
-        packed = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
-    else:
-        packed = codes.astype(np.uint8)
-    b = g.add_init(packed, base + "_B")
-    nbytes = packed.nbytes
-    scales, n = g.float_init(blocks.scale, base + "_scales")
-    nbytes += n
-    mm_zero = neg_offset = offset_t = None
-    if blocks.zero is not None:  # integer zero points (requantized tensors): packed like B
+    scales, nbytes = g.float_init(blocks.scale, base + "_scales")
+    planes: list[_Plane] = []
+    zero = gather_zero = None
+    if blocks.zero is not None:  # integer zero points (requantized tensors)
         z = blocks.zero
         if blocks.bits == 4:
             z = np.pad(z, ((0, 0), (0, nb % 2)))
             z = (z[:, 0::2] | (z[:, 1::2] << 4)).astype(np.uint8)
-        mm_zero = g.add_init(z.astype(np.uint8), base + "_zero_points")
-        nbytes += z.nbytes
+        zero = g.add_init(z.astype(np.uint8), base + "_zero_points")
+        gather_zero = g.add_init(blocks.zero.reshape(rows, nb, 1).astype(np.uint8), base + "_zero_points3")
+        nbytes += z.nbytes + blocks.zero.nbytes
+    elif blocks.offset is not None and blocks.bits == 4:
+        zero, gather_zero = _zero_points(g, rows, nb, base)
+    if blocks.bits == 4 or single_8bit:
+        packed = _pack_codes(codes, blocks.bits)
+        planes.append(_Plane(g.add_init(packed, base + "_B"), scales, blocks.bits, zero, gather_zero))
+        nbytes += packed.nbytes
+    else:
+        assert blocks.zero is None
+        lo, hi = _pack_codes(codes & 0x0F, 4), _pack_codes(codes >> 4, 4)
+        zero, gather_zero = _zero_points(g, rows, nb, base)
+        scales16 = g.unique(base + "_scales_x16")
+        g.prefix_nodes.append(
+            helper.make_node("Mul", [scales, g.add_init(np.array(16, np.float32), base + "_16")], [scales16], name=g.unique(f"Mul_{base}"))
+        )
+        planes.append(_Plane(g.add_init(lo, base + "_Blo"), scales, 4, zero, gather_zero))
+        planes.append(_Plane(g.add_init(hi, base + "_Bhi"), scales16, 4, None, None))
+        nbytes += lo.nbytes + hi.nbytes
+    neg_offset = offset_t = None
     if blocks.offset is not None:
         neg_offset, n = g.float_init(-blocks.offset, base + "_neg_offset")
+        offset_t = g.unique(base + "_offset_t")
+        g.prefix_nodes.append(helper.make_node("Neg", [neg_offset], [g.unique(base + "_offset")], name=g.unique(f"Neg_{base}")))
+        g.prefix_nodes.append(
+            helper.make_node("Transpose", [g.prefix_nodes[-1].output[0]], [offset_t], name=g.unique(f"Transpose_{base}"), perm=[1, 0])
+        )
         nbytes += n
-        if blocks.bits == 4:
-            # Float zero point: w = s*q + m = s*(q - zp) with zp = (-m)/s, folded at session creation.
-            mm_zero = g.unique(base + "_zero_points")
-            g.prefix_nodes.append(helper.make_node("Div", [neg_offset, scales], [mm_zero], name=g.unique(f"Div_{base}")))
-        else:
-            offset_t = g.add_init(np.ascontiguousarray(blocks.offset.T), base + "_offset_t")
-            nbytes += blocks.offset.nbytes
-    return _Packed(blocks, b, scales, mm_zero, neg_offset, offset_t, nbytes)
+    return _Packed(blocks, planes, neg_offset, offset_t, nbytes)
 
 
 def _matmul_nbits(g: _Graph, node, packed: _Packed, accuracy_level: int | None) -> list:
+    """MatMul(A, W) -> sum of MatMulNBits planes, plus blocksum(A) @ offsets for formats with a minimum.
+
+    The offset term is exact algebra: sum_k A[k] * (s*q + m)[k, n] = sum_k A[k]*s*q + sum_blocks m[b, n] *
+    sum_{k in b} A[k]. MatMulNBits has no fast form for a float per-block minimum (see `_pack`).
+    """
     from onnx import helper
 
     blocks = packed.blocks
     a, y = node.input[0], node.output[0]
-    attrs = dict(K=blocks.cols, N=blocks.rows, bits=blocks.bits, block_size=blocks.block)
+    base = node.name or y
+    attrs = dict(K=blocks.cols, N=blocks.rows, block_size=blocks.block)
     if accuracy_level is not None:
         attrs["accuracy_level"] = int(accuracy_level)
-    inputs = [a, packed.b, packed.scales] + ([packed.mm_zero] if packed.mm_zero else [])
-    base = node.name or y
-    if packed.offset_t is None:
-        return [helper.make_node("MatMulNBits", inputs, [y], name=g.unique(base + "_Q"), domain=_MS_DOMAIN, **attrs)]
-    # 8-bit with a block minimum: y = A @ (s*q) + blocksum(A) @ offset  (MatMulNBits has no 8-bit float zero point on CPU).
-    nb = blocks.cols // blocks.block
-    part, shape, lead, grouped, sums, corr = (g.unique(f"{base}_{s}") for s in ("q", "shape", "lead", "blocks", "blocksum", "offset"))
-    return [
-        helper.make_node("MatMulNBits", inputs, [part], name=g.unique(base + "_Q"), domain=_MS_DOMAIN, **attrs),
-        helper.make_node("Shape", [a], [shape], name=g.unique(base + "_Shape"), end=-1),
-        helper.make_node("Concat", [shape, g.const_i64([nb, blocks.block], base + "_blockshape")], [lead], name=g.unique(base + "_Concat"), axis=0),
-        helper.make_node("Reshape", [a, lead], [grouped], name=g.unique(base + "_Reshape")),
-        helper.make_node("ReduceSum", [grouped, g.const_i64([-1], base + "_axis")], [sums], name=g.unique(base + "_ReduceSum"), keepdims=0),
-        helper.make_node("MatMul", [sums, packed.offset_t], [corr], name=g.unique(base + "_OffsetMatMul")),
-        helper.make_node("Add", [part, corr], [y], name=g.unique(base + "_Add")),
-    ]
+    nodes, terms = [], []
+    for i, plane in enumerate(packed.planes):
+        inputs = [a, plane.b, plane.scales] + ([plane.zero] if plane.zero else [])
+        out = g.unique(f"{base}_q{i}")
+        nodes.append(helper.make_node("MatMulNBits", inputs, [out], name=g.unique(base + "_Q"), domain=_MS_DOMAIN, bits=plane.bits, **attrs))
+        terms.append(out)
+    if packed.offset_t is not None:
+        nb = blocks.cols // blocks.block
+        shape, lead, grouped, sums, corr = (g.unique(f"{base}_{s}") for s in ("shape", "blockshape", "blocks", "blocksum", "offset"))
+        nodes += [
+            helper.make_node("Shape", [a], [shape], name=g.unique(base + "_Shape"), end=-1),
+            helper.make_node("Concat", [shape, g.const_i64([nb, blocks.block], base + "_block_dims")], [lead], name=g.unique(base + "_Concat"), axis=0),
+            helper.make_node("Reshape", [a, lead], [grouped], name=g.unique(base + "_Reshape")),
+            helper.make_node("ReduceSum", [grouped, g.const_i64([-1], base + "_axis")], [sums], name=g.unique(base + "_ReduceSum"), keepdims=0),
+            helper.make_node("MatMul", [sums, packed.offset_t], [corr], name=g.unique(base + "_OffsetMatMul")),
+        ]
+        terms.append(corr)
+    _sum_into(g, nodes, terms, y, base)
+    return nodes
+
+
+def _sum_into(g: _Graph, nodes: list, terms: list[str], y: str, base: str) -> None:
+    from onnx import helper
+
+    if len(terms) == 1:  # rename the single producer's output to y
+        nodes[-1].output[0] = y
+        return
+    acc = terms[0]
+    for i, term in enumerate(terms[1:], 1):
+        out = y if i == len(terms) - 1 else g.unique(f"{base}_sum{i}")
+        nodes.append(helper.make_node("Add", [acc, term], [out], name=g.unique(base + "_Add")))
+        acc = out
 
 
 def _gather_block_quantized(g: _Graph, node, packed: _Packed) -> list:
@@ -534,34 +601,35 @@ def _gather_block_quantized(g: _Graph, node, packed: _Packed) -> list:
     nb = cols // blocks.block
     ids, y = node.input[1], node.output[0]
     base = node.name or y
-    scales3 = g.unique(base + "_scales3")
-    nodes = [helper.make_node("Reshape", [packed.scales, g.const_i64([rows, nb, 1], base + "_s3shape")], [scales3], name=g.unique(base + "_ReshapeScales"))]
-    inputs = [packed.b, ids, scales3]
-    if blocks.zero is not None:
-        inputs.append(g.add_init(blocks.zero.reshape(rows, nb, 1).astype(np.uint8), base + "_zero3"))
-    elif blocks.offset is not None and blocks.bits == 4:
-        # 4-bit codes are used with zero point 0 and the offset is added below (no float zero points here).
-        inputs.append(g.add_init(np.zeros((rows, nb, 1), np.uint8), base + "_zero3"))
-    gathered = g.unique(base + "_blocks")
-    nodes.append(
-        helper.make_node(
-            "GatherBlockQuantized", inputs, [gathered], name=g.unique(base + "_GBQ"), domain=_MS_DOMAIN,
-            bits=blocks.bits, block_size=blocks.block, gather_axis=0, quantize_axis=2,
+    nodes, terms = [], []
+    for i, plane in enumerate(packed.planes):
+        scales3, gathered = g.unique(f"{base}_scales3_{i}"), g.unique(f"{base}_blocks{i}")
+        nodes.append(
+            helper.make_node("Reshape", [plane.scales, g.const_i64([rows, nb, 1], base + "_s3shape")], [scales3], name=g.unique(base + "_ReshapeScales"))
         )
-    )  # fmt: skip
-    if blocks.offset is not None:  # w = s*q - (-offset): same rounding as gguf's d*q + m
+        inputs = [plane.b, ids, scales3] + ([plane.gather_zero] if plane.gather_zero else [])
+        nodes.append(
+            helper.make_node(
+                "GatherBlockQuantized", inputs, [gathered], name=g.unique(base + "_GBQ"), domain=_MS_DOMAIN,
+                bits=plane.bits, block_size=blocks.block, gather_axis=0, quantize_axis=2,
+            )
+        )  # fmt: skip
+        terms.append(gathered)
+    summed = g.unique(base + "_summed")
+    _sum_into(g, nodes, terms, summed, base)
+    if packed.neg_offset is not None:  # w = s*q - (-m): the same single rounding as gguf's d*q + m
         off, off3, shifted = (g.unique(f"{base}_{s}") for s in ("offset", "offset3", "shifted"))
         nodes += [
             helper.make_node("Gather", [packed.neg_offset, ids], [off], name=g.unique(base + "_GatherOffset"), axis=0),
             helper.make_node("Unsqueeze", [off, g.const_i64([-1], base + "_last")], [off3], name=g.unique(base + "_Unsqueeze")),
-            helper.make_node("Sub", [gathered, off3], [shifted], name=g.unique(base + "_Sub")),
+            helper.make_node("Sub", [summed, off3], [shifted], name=g.unique(base + "_Sub")),
         ]
-        gathered = shifted
+        summed = shifted
     ids_shape, out_shape = g.unique(base + "_ids_shape"), g.unique(base + "_out_shape")
     nodes += [
         helper.make_node("Shape", [ids], [ids_shape], name=g.unique(base + "_Shape")),
         helper.make_node("Concat", [ids_shape, g.const_i64([cols], base + "_hidden")], [out_shape], name=g.unique(base + "_Concat"), axis=0),
-        helper.make_node("Reshape", [gathered, out_shape], [y], name=g.unique(base + "_Reshape")),
+        helper.make_node("Reshape", [summed, out_shape], [y], name=g.unique(base + "_Reshape")),
     ]
     return nodes
 
@@ -682,7 +750,8 @@ def import_gguf_weights(
                 else:
                     from gguf.quants import dequantize
 
-                    values = dequantize(np.asarray(tensor.raw), tensor.tensor_type if hasattr(tensor, "tensor_type") else gguf.GGMLQuantizationType[tensor.gguf_type]).reshape(rows, cols)
+                    qtype = gguf.GGMLQuantizationType[tensor.gguf_type]
+                    values = dequantize(np.asarray(tensor.raw), qtype).reshape(rows, cols)
                     blocks = _requantize(values, tensor.gguf_type)
                     result.requantized.append(
                         {"tensor": tensor.name, "gguf_type": tensor.gguf_type, "bits": _REQUANT_BITS, "block_size": _REQUANT_BLOCK, "method": "onnxruntime RTN (asymmetric)"}
@@ -695,7 +764,7 @@ def import_gguf_weights(
                 expected = weight.T if kind == "matmul" else weight
                 if not np.array_equal(blocks.dequantize(), expected):
                     raise AssertionError(f"GGUF tensor {tensor.name} ({tensor.gguf_type}) does not reproduce {init_name} exactly")
-            packed = _pack(g, blocks, _safe(tensor.name) + ("" if _is_identity(perm) else "_rowperm"))
+            packed = _pack(g, blocks, _safe(tensor.name) + ("" if _is_identity(perm) else "_rowperm"), single_8bit=accuracy_level == 4)
             cache[key] = packed
             shared = False
         else:
@@ -732,14 +801,18 @@ def _describe(result: GgufImportResult, kind: str, tensor: _GgufTensor, packed: 
             op="GatherBlockQuantized" if kind == "embedding" else "MatMulNBits",
             bits=packed.blocks.bits,
             block_size=packed.blocks.block,
-            weight_initializer=packed.b,
-            shares_initializer_with="lm_head" if (shared and kind == "embedding") else ("embedding" if shared else None),
-            bytes=None if shared else packed.bytes,
+            weight_initializers=[p.b for p in packed.planes],
+            planes=len(packed.planes),
+            shares_weights_with=None,
+            bytes=packed.bytes,  # B + scales (+ zero points/offsets) as stored
         )
+        other = result.lm_head if kind == "embedding" else result.embedding
+        if shared and other.get("weight_initializers") == [p.b for p in packed.planes]:
+            # Stored once: the second user adds no bytes.
+            info["shares_weights_with"] = "lm_head" if kind == "embedding" else "embedding"
+            other["shares_weights_with"] = kind
+            info["bytes"] = 0
     setattr(result, kind, info)
-    other = result.lm_head if kind == "embedding" else result.embedding
-    if shared and other:
-        other["shares_initializer_with"] = kind
 
 
 def _is_identity(perm: np.ndarray) -> bool:

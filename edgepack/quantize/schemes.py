@@ -62,7 +62,9 @@ class Int8Weight(Scheme):
     summary: ClassVar[str] = "weight-only 8-bit blocks (MatMulNBits bits=8); float activations"
     block_size: int = 32
     symmetric: bool = True
-    accuracy_level: int = 4
+    # 0 = float compute. Level 4 also quantizes activations to int8 per block inside MatMulNBits, which
+    # on SmolLM2 costs top-1 0.972 -> 0.947 and mean KL 0.0015 -> 0.0043 for little speed at 8 bits.
+    accuracy_level: int = 0
     embeddings: str = "int8"
 
 

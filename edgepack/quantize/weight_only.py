@@ -22,7 +22,11 @@ from edgepack.quantize.schemes import Int4, Int8Weight
 def _run_quantizer(model, *, bits: int, block_size: int, symmetric: bool, accuracy_level: int, algorithm: str,
                    include: set[str], calibration_reader=None, op_types=("MatMul",)):
     """Quantize exactly the MatMul nodes named in `include` with onnxruntime's quantizer; return the new model."""
+    import logging
+
     from onnxruntime.quantization import matmul_nbits_quantizer as mnq
+
+    logging.getLogger(mnq.__name__).setLevel(logging.WARNING)  # it logs every node at INFO
 
     exclude = [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gather") and n.name not in include]
     if algorithm == "hqq":
