@@ -64,7 +64,47 @@ class _Status:
         return False
 
 
+class LazyGroup(click.Group):
+    """Commands that live in other modules are imported only when invoked (keeps `--help` fast)."""
+
+    lazy_commands: dict[str, tuple[str, str, str]] = {
+        # name -> (module, attribute, one-line help shown without importing)
+        "target": ("edgepack.targets.cli", "target", "Emit a deployable target (ort, ort-mobile, coreml, qnn)."),
+        "devices": ("edgepack.profiles.cli", "devices", "List, show and calibrate device profiles."),
+        "profile": ("edgepack.profiles.cli", "profile", "Measure latency/energy here and project it onto devices."),
+        "check": ("edgepack.profiles.cli", "check", "Check a profile against budgets; exit 1 if any fails."),
+    }
+
+    def list_commands(self, ctx):
+        return sorted(set(super().list_commands(ctx)) | set(self._available()))
+
+    def _available(self) -> dict:
+        import importlib.util
+
+        return {name: spec for name, spec in self.lazy_commands.items() if importlib.util.find_spec(spec[0]) is not None}
+
+    def get_command(self, ctx, name):
+        command = super().get_command(ctx, name)
+        if command is not None or name not in self._available():
+            return command
+        import importlib
+
+        module, attribute, _ = self.lazy_commands[name]
+        return getattr(importlib.import_module(module), attribute)
+
+    def format_commands(self, ctx, formatter):
+        rows = []
+        for name in self.list_commands(ctx):
+            if name in self.commands:
+                rows.append((name, self.commands[name].get_short_help_str(limit=formatter.width - 20)))
+            else:
+                rows.append((name, self.lazy_commands[name][2]))
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
 @click.group(
+    cls=LazyGroup,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
     epilog=EXIT_CODES_HELP,
 )

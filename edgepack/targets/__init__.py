@@ -1,1 +1,29 @@
-"""Deployable targets, one module per target registered in one table (issues #4-#6: ort, ort-mobile, coreml, qnn)."""
+"""Deployable targets. One file per target, registered in the table below.
+
+A target module (imported only when its target is used) provides:
+  * `SUMMARY`: one line for `edgepack target --help`;
+  * `command`: a click command named after the target (its options are the target's options);
+  * an entry function `build(directory, out, config, on_status=None) -> TargetArtifact`.
+Third-party targets register the same way through the `edgepack.targets` entry-point group
+(name -> "package.module").
+"""
+
+from __future__ import annotations
+
+# name -> module path. Adding a target = one new file + one line here.
+TARGETS: dict[str, str] = {
+    "ort": "edgepack.targets.ort",
+    "ort-mobile": "edgepack.targets.ort_mobile",
+    "coreml": "edgepack.targets.coreml",
+    "qnn": "edgepack.targets.qnn",
+}
+
+
+def registered_targets() -> dict[str, str]:
+    """Built-in targets plus those that installed packages register as `edgepack.targets` entry points."""
+    from importlib.metadata import entry_points
+
+    targets = dict(TARGETS)
+    for entry in entry_points(group="edgepack.targets"):
+        targets.setdefault(entry.name, entry.value)
+    return targets
