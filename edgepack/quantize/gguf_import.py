@@ -378,6 +378,7 @@ class _Graph:
         self.prefix_nodes: list = []  # nodes on initializers only (Cast, Div...), placed first
         self.replacements: dict[int, list] = {}  # id(original node) -> nodes replacing it
         self.new_inits: list = []
+        self.scalars: dict[tuple, str] = {}
         self.names: set[str] = set(self.inits) | {o for n in self.graph.node for o in n.output}
         self.names |= {i.name for i in self.graph.input}
 
@@ -404,6 +405,13 @@ class _Graph:
             self.prefix_nodes.append(helper.make_node("Cast", [stored], [name], name=self.unique(f"Cast_{base}"), to=TensorProto.FLOAT))
             return name, half.nbytes
         return self.add_init(values.astype(np.float32), base), values.nbytes
+
+    def scalar_f32(self, value: float) -> str:
+        """One shared fp32 scalar initializer per value."""
+        key = ("f32", float(value))
+        if key not in self.scalars:
+            self.scalars[key] = self.add_init(np.array(value, np.float32), f"gguf_import.const_{value:g}")
+        return self.scalars[key]
 
     def const_i64(self, values, base: str) -> str:
         return self.add_init(np.array(values, dtype=np.int64), base)
@@ -517,6 +525,11 @@ def _pack(g: _Graph, blocks: _Blocks, base: str, *, single_8bit: bool) -> _Packe
         nbytes += z.nbytes + blocks.zero.nbytes
     elif blocks.offset is not None and blocks.bits == 4:
         zero, gather_zero = _zero_points(g, rows, nb, base)
+        if single_8bit:
+            # accuracy_level 4 quantizes the activations to int8 inside MatMulNBits; with codes 0..15 against
+            # zero point 0 that error no longer cancels against the exact fp32 minimum term (SmolLM2 logits
+            # off by 3). Centre the codes instead: s*u + m = s*(u - 8) + (m + 8*s), one fp32 rounding of m + 8*s.
+            zero = None
     if blocks.bits == 4 or single_8bit:
         packed = _pack_codes(codes, blocks.bits)
         planes.append(_Plane(g.add_init(packed, base + "_B"), scales, blocks.bits, zero, gather_zero))
@@ -527,7 +540,7 @@ def _pack(g: _Graph, blocks: _Blocks, base: str, *, single_8bit: bool) -> _Packe
         zero, gather_zero = _zero_points(g, rows, nb, base)
         scales16 = g.unique(base + "_scales_x16")
         g.prefix_nodes.append(
-            helper.make_node("Mul", [scales, g.add_init(np.array(16, np.float32), base + "_16")], [scales16], name=g.unique(f"Mul_{base}"))
+            helper.make_node("Mul", [scales, g.scalar_f32(16.0)], [scales16], name=g.unique(f"Mul_{base}"))
         )
         planes.append(_Plane(g.add_init(lo, base + "_Blo"), scales, 4, zero, gather_zero))
         planes.append(_Plane(g.add_init(hi, base + "_Bhi"), scales16, 4, None, None))
@@ -535,11 +548,14 @@ def _pack(g: _Graph, blocks: _Blocks, base: str, *, single_8bit: bool) -> _Packe
     neg_offset = offset_t = None
     if blocks.offset is not None:
         neg_offset, n = g.float_init(-blocks.offset, base + "_neg_offset")
-        offset_t = g.unique(base + "_offset_t")
-        g.prefix_nodes.append(helper.make_node("Neg", [neg_offset], [g.unique(base + "_offset")], name=g.unique(f"Neg_{base}")))
-        g.prefix_nodes.append(
-            helper.make_node("Transpose", [g.prefix_nodes[-1].output[0]], [offset_t], name=g.unique(f"Transpose_{base}"), perm=[1, 0])
-        )
+        offset_t, offset = g.unique(base + "_offset_t"), g.unique(base + "_offset")
+        g.prefix_nodes.append(helper.make_node("Neg", [neg_offset], [offset], name=g.unique(f"Neg_{base}")))
+        if blocks.bits == 4 and blocks.zero is None and planes[0].zero is None:  # centred codes (see above)
+            centred, eight_s = g.unique(base + "_offset_centred"), g.unique(base + "_scales_x8")
+            g.prefix_nodes.append(helper.make_node("Mul", [scales, g.scalar_f32(8.0)], [eight_s], name=g.unique(f"Mul_{base}")))
+            g.prefix_nodes.append(helper.make_node("Add", [offset, eight_s], [centred], name=g.unique(f"Add_{base}")))
+            offset = centred
+        g.prefix_nodes.append(helper.make_node("Transpose", [offset], [offset_t], name=g.unique(f"Transpose_{base}"), perm=[1, 0]))
         nbytes += n
     return _Packed(blocks, planes, neg_offset, offset_t, nbytes)
 
