@@ -120,7 +120,7 @@ def apply_scheme(scheme: Scheme, model_dir, tokenizer, out_onnx: Path, work_dir:
 
         gguf_file = gguf_source(model_dir)
         result = import_gguf_weights(model_dir.onnx_path, gguf_file, out_onnx, allow_requantize=scheme.allow_requantize,
-                                     accuracy_level=scheme.accuracy_level)
+                                     accuracy_level=scheme.accuracy_level or None)
         return result.to_json()
 
     model = onnx.load(str(model_dir.onnx_path))
