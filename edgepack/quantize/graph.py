@@ -98,3 +98,14 @@ def save_model(model, path) -> None:
         onnx.save_model(model, str(path))
     else:
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=f"{path.name}.data")
+
+
+def validate_with_onnxruntime(path) -> None:
+    """Load the model in onnxruntime: the validator that matters (onnx.checker rejects graphs that use
+    onnxruntime's ops in the default domain, e.g. SimplifiedLayerNormalization from onnxruntime-genai's builder)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

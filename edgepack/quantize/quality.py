@@ -83,6 +83,7 @@ class QualityEvaluator:
         if self.task != TEXT_GENERATION:
             return self._encoder_figures(candidate)
         kls, agree, nll_ref, nll_q = [], [], [], []
+        max_abs = max(float(np.max(np.abs(r.astype(np.float64) - c))) for r, c in zip(self.reference, candidate))
         for window, ref, cand in zip(self.windows, self.reference, candidate):
             lp_ref, lp_q = _log_softmax(ref[:-1]), _log_softmax(cand[:-1])
             targets = np.array(window[1:])
@@ -107,6 +108,7 @@ class QualityEvaluator:
             "kl_mean": float(kl.mean()),
             "kl_p99": float(np.percentile(kl, 99)),
             "kl_max": float(kl.max()),
+            "max_abs_logit_diff": max_abs,
         }
 
     def _encoder_figures(self, candidate) -> dict:

@@ -1,0 +1,94 @@
+"""`edgepack target ort` on tiny models: both graph routes, genai_config, onnxruntime-genai parity, quantized source."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from edgepack.targets.genai_builder import builder_python
+from tests.conftest import read_json
+
+needs_builder = pytest.mark.skipif(builder_python() is None, reason="onnxruntime-genai builder env not set up (scripts/setup.sh)")
+
+
+def _check_bundle(out, route):
+    report = read_json(out / "target.json")
+    assert report["kind"] == "edgepack.target" and report["target"] == "ort"
+    assert report["facts"]["graph_route"] == route
+    for name in ("model.onnx", "genai_config.json", "tokenizer.json", "config.json"):
+        assert (out / name).is_file(), name
+        assert report["files"][name] == (out / name).stat().st_size
+    checks = report["checks"]
+    assert checks["onnxruntime_genai"]["greedy_tokens_identical"] is True
+    assert len(checks["onnxruntime_genai"]["genai_tokens"]) >= 1
+    assert report["passed"] is True
+    return report
+
+
+@needs_builder
+def test_builder_route_fuses_attention_and_matches(exported_tiny_factory, tmp_path, cli):
+    out = tmp_path / "ort"
+    result = cli("target", "ort", exported_tiny_factory("llama"), "-o", out, "--max-context", "128")
+    assert result.exit_code == 0, result.stderr
+    report = _check_bundle(out, "builder")
+    ops = report["facts"]["ops"]
+    assert ops.get("com.microsoft.GroupQueryAttention") == 2  # one per layer
+    assert report["checks"]["parity_vs_source"]["max_abs_logit_diff"] < 1e-3
+    assert report["checks"]["parity_vs_source"]["top1_agreement"] == 1.0
+    genai = json.loads((out / "genai_config.json").read_text())
+    assert genai["model"]["context_length"] == 128 and genai["search"]["max_length"] == 128
+    # 2 layers x (K + V) x 2 kv heads x head_dim 16 x fp32
+    assert report["facts"]["kv_bytes_per_token"] == 2 * 2 * 2 * 16 * 4
+    assert report["facts"]["kv_bytes_at_max_context"] == 128 * report["facts"]["kv_bytes_per_token"]
+    # The bundle is a runnable export for edgepack too.
+    run = cli("run", out, "-p", "The capital of France is", "-n", "6", "--no-stats")
+    assert run.exit_code == 0, run.stderr
+
+
+def test_max_context_is_capped_by_the_model(exported_tiny_factory, tmp_path, cli):
+    out = tmp_path / "capped"
+    result = cli("target", "ort", exported_tiny_factory("qwen2"), "-o", out, "--graph", "optimum")
+    assert result.exit_code == 0, result.stderr
+    report = _check_bundle(out, "optimum")
+    assert report["facts"]["max_context_requested"] == 2048
+    assert report["facts"]["max_context"] == 256  # tiny models have 256 positions
+
+
+def test_optimum_route_writes_a_genai_config_that_genai_runs(exported_tiny_factory, tmp_path, cli):
+    out = tmp_path / "gpt2"
+    result = cli("target", "ort", exported_tiny_factory("gpt2"), "-o", out)
+    assert result.exit_code == 0, result.stderr
+    report = _check_bundle(out, "optimum")  # auto falls back: the builder does not take gpt2
+    genai = json.loads((out / "genai_config.json").read_text())
+    inputs = genai["model"]["decoder"]["inputs"]
+    import onnx
+
+    graph_inputs = {i.name for i in onnx.load(str(out / "model.onnx")).graph.input}
+    for name in ("input_ids", "attention_mask", "position_ids"):
+        if name in graph_inputs:
+            assert inputs[name] == name
+    assert genai["model"]["decoder"]["num_hidden_layers"] == 2
+    assert report["checks"]["parity_vs_source"]["max_abs_logit_diff"] < 1e-3
+
+
+@needs_builder
+def test_quantized_source_keeps_its_scheme_and_quality(exported_tiny_factory, tmp_path, cli):
+    quantized = tmp_path / "q"
+    assert cli("quantize", exported_tiny_factory("llama"), "-o", quantized, "--scheme", "int4", "--algorithm", "rtn",
+               "--eval-tokens", "128").exit_code == 0
+    out = tmp_path / "ort-q"
+    result = cli("target", "ort", quantized, "-o", out)
+    assert result.exit_code == 0, result.stderr
+    report = _check_bundle(out, "builder")
+    assert report["facts"]["scheme"]["name"] == "int4"
+    assert report["facts"]["ops"].get("com.microsoft.MatMulNBits", 0) >= 14
+    assert report["checks"]["quality_vs_fp32"]["passed"] is True
+
+
+def test_bad_input(tmp_path, cli):
+    (tmp_path / "empty").mkdir()
+    result = cli("target", "ort", tmp_path / "empty", "-o", tmp_path / "out")
+    assert result.exit_code == 3 and len(result.stderr_lines) == 1
+    result = cli("target", "nope", tmp_path, "-o", tmp_path / "out")
+    assert result.exit_code == 2 and "nope" in result.stderr
