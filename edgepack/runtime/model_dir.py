@@ -9,6 +9,7 @@ from pathlib import Path
 from edgepack.errors import BadInputError
 
 MODEL_FILE = "model.onnx"
+ORT_MODEL_FILE = "model.ort"
 CONVERT_REPORT = "convert.json"
 TEXT_GENERATION = "text-generation"
 FEATURE_EXTRACTION = "feature-extraction"
@@ -53,6 +54,8 @@ def load_model_dir(folder: Path | str) -> ExportedModelDir:
     if not folder.is_dir():
         raise BadInputError(f"{folder} is not a folder: pass the output folder of `edgepack convert`")
     onnx_path = folder / MODEL_FILE
+    if not onnx_path.is_file() and (folder / ORT_MODEL_FILE).is_file():
+        onnx_path = folder / ORT_MODEL_FILE  # an `edgepack target ort-mobile` bundle
     if not onnx_path.is_file():
         raise BadInputError(f"no model in {folder}: expected {MODEL_FILE} (made by `edgepack convert MODEL -o {folder}`)")
     config = _read_json(folder / "config.json") or {}
@@ -74,6 +77,12 @@ def _read_json(path: Path) -> dict | None:
 
 def _infer_task(onnx_path: Path) -> str:
     import onnx
+
+    if onnx_path.suffix == ".ort":
+        from edgepack.runtime.session import create_session
+
+        outputs = {o.name for o in create_session(onnx_path).get_outputs()}
+        return TEXT_GENERATION if "logits" in outputs else FEATURE_EXTRACTION
 
     try:
         model = onnx.load(str(onnx_path), load_external_data=False)

@@ -1,0 +1,252 @@
+"""`edgepack target ort-mobile`: ORT format (.ort) for onnxruntime's mobile packages and minimal builds.
+
+Uses onnxruntime's own tools: `convert_onnx_models_to_ort` (optimizations saved in the file, plus the
+reduced-operator config for a minimal build) and the mobile usability checker, whose log is turned into
+JSON per execution provider. Before conversion the batch dimension is fixed to 1 (mobile EPs partition
+only fixed-size tensors), and a tied lm_head (`MatMul(x, Transpose(embedding))`) is rewritten to
+`FusedMatMul(x, embedding, transB=1)` so that constant folding cannot write the table a second time
+(the plain export's .ort was 653 MB against 539 MB for the .onnx).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import click
+
+from edgepack.errors import BadInputError
+from edgepack.runtime.model_dir import MODEL_FILE, TEXT_GENERATION, load_model_dir
+from edgepack.targets.base import TargetArtifact, write_target_json
+
+SUMMARY = "ORT format (.ort) for onnxruntime mobile / minimal builds, with a reduced-operator config and usability report"
+ORT_FILE = "model.ort"
+OPS_CONFIG = "required_operators.config"
+USABILITY_FILE = "mobile_usability.json"
+COPY_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "config.json",
+              "generation_config.json", "convert.json", "quantize.json")
+
+
+@dataclass(frozen=True)
+class OrtMobileConfig:
+    batch_size: int = 1
+    verify: bool = True
+    force: bool = False
+    atol: float = 1e-4
+
+
+def tie_lm_head_without_copy(model) -> int:
+    """MatMul(x, Transpose(W)) with W an initializer -> FusedMatMul(x, W, transB=1); return how many."""
+    from onnx import helper
+
+    inits = {i.name for i in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    rewritten = 0
+    for index, node in enumerate(list(model.graph.node)):
+        source = producers.get(node.input[1]) if node.op_type == "MatMul" else None
+        if source is None or source.op_type != "Transpose" or source.input[0] not in inits:
+            continue
+        perm = next((list(a.ints) for a in source.attribute if a.name == "perm"), [1, 0])
+        if perm != [1, 0]:
+            continue
+        fused = helper.make_node("FusedMatMul", [node.input[0], source.input[0]], list(node.output),
+                                 name=f"{node.name}_transB", domain="com.microsoft", transB=1, alpha=1.0)
+        position = list(model.graph.node).index(node)
+        model.graph.node.remove(node)
+        model.graph.node.insert(position, fused)
+        if not any(source.output[0] in n.input for n in model.graph.node):
+            model.graph.node.remove(source)
+        rewritten += 1
+    if rewritten and not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return rewritten
+
+
+def fix_batch_dimension(model, batch_size: int) -> list[str]:
+    from onnxruntime.tools.onnx_model_utils import make_dim_param_fixed
+
+    params = sorted({d.dim_param for v in list(model.graph.input) + list(model.graph.output)
+                     for d in v.type.tensor_type.shape.dim if d.dim_param and "batch" in d.dim_param})
+    for param in params:
+        make_dim_param_fixed(model.graph, param, batch_size)
+    return params
+
+
+def usability_report(onnx_path: Path) -> dict:
+    """onnxruntime's mobile usability checker, per execution provider, as data instead of a log."""
+    import logging
+
+    from onnxruntime.tools.mobile_helpers import usability_checker as uc
+    from onnxruntime.tools.onnx_model_utils import ModelProtoWithShapeInfo
+
+    model = ModelProtoWithShapeInfo(onnx_path).model_with_shape_info
+    dynamic_inputs, dynamic_values = uc.check_shapes(model.graph, logging.getLogger("edgepack.quiet"))
+    checkers = {
+        "NNAPI": lambda m, fixed: uc.check_nnapi_partitions(m, fixed),
+        "CoreML NeuralNetwork": lambda m, fixed: uc.check_coreml_partitions(m, fixed, "coreml_supported_neuralnetwork_ops.md"),
+        "CoreML MLProgram": lambda m, fixed: uc.check_coreml_partitions(m, fixed, "coreml_supported_mlprogram_ops.md"),
+    }
+    providers = {}
+    for name, check in checkers.items():
+        info = check(model, True)
+        entry = _partition_json(info)
+        if dynamic_inputs:
+            fixed = _partition_json(check(model, False))
+            entry["if_shapes_fixed"] = fixed
+            entry["recommendation"] = max(entry["suitability"], fixed["suitability"], key=["NO", "MAYBE", "YES"].index)
+        else:
+            entry["recommendation"] = entry["suitability"]
+        providers[name] = entry
+    return {
+        "tool": "onnxruntime.tools.mobile_helpers.usability_checker",
+        "dynamic_inputs": [i.name for i in dynamic_inputs] if dynamic_inputs else [],
+        "values_with_dynamic_shape": int(dynamic_values),
+        "providers": providers,
+    }
+
+
+def _partition_json(info) -> dict:
+    return {
+        "nodes_total": int(info.num_nodes),
+        "nodes_supported": int(info.num_supported_nodes),
+        "partitions": int(info.num_partitions),
+        "unsupported_ops": sorted(info.unsupported_ops),
+        "nodes_unsupported_due_to_dynamic_shape": int(info.nodes_unsupported_due_to_dynamic_input),
+        "suitability": info.suitability().name,
+    }
+
+
+def _compare_logits(onnx_path: Path, ort_path: Path, model_dir) -> dict:
+    """Prefill + 2 cached decode steps through both files; max abs difference of every output."""
+    import numpy as np
+
+    from edgepack.runtime.generate import DecoderSession
+    from edgepack.runtime.session import create_session
+
+    tokens = [int(t) for t in np.random.default_rng(0).integers(3, int(model_dir.config.get("vocab_size", 100)), 12)]
+    diffs = []
+    if model_dir.task == TEXT_GENERATION:
+        a = DecoderSession(create_session(onnx_path), model_dir.config)
+        b = DecoderSession(create_session(ort_path), model_dir.config)
+        cache_a, cache_b, past = a.empty_cache(), b.empty_cache(), 0
+        for chunk in (tokens[:10], tokens[10:11], tokens[11:12]):
+            la, cache_a = a.forward(chunk, cache_a, past)
+            lb, cache_b = b.forward(chunk, cache_b, past)
+            past += len(chunk)
+            diffs.append(float(np.max(np.abs(la - lb))))
+    else:
+        sa, sb = create_session(onnx_path), create_session(ort_path)
+        ids = np.array([tokens], dtype=np.int64)
+        feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+        names = {i.name for i in sa.get_inputs()}
+        feeds = {k: v for k, v in feeds.items() if k in names}
+        diffs.append(float(np.max(np.abs(sa.run(None, feeds)[0] - sb.run(None, feeds)[0]))))
+    return {"max_abs_diff": max(diffs), "per_step": diffs}
+
+
+def build(directory: Path | str, out: Path | str, config: OrtMobileConfig = OrtMobileConfig(), on_status=None) -> TargetArtifact:
+    import onnx
+    from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
+
+    from edgepack._quiet import quiet_libraries
+    from edgepack.convert.export import tool_versions
+    from edgepack.outputs import prepare_output, replace_dir, staging_dir
+    from edgepack.quantize.graph import save_model
+
+    status = on_status or (lambda message: None)
+    start = time.perf_counter()
+    out = Path(out)
+    prepare_output(out, config.force)
+    model_dir = load_model_dir(directory)
+    if model_dir.onnx_path.suffix != ".onnx":
+        raise BadInputError(f"{directory} holds no model.onnx to convert")
+    quiet_libraries()
+    with staging_dir(out) as tmp:
+        work = tmp / ".work"
+        work.mkdir()
+        status("preparing the graph for mobile (fixed batch, tied weights kept single)")
+        model = onnx.load(str(model_dir.onnx_path))
+        fixed = fix_batch_dimension(model, config.batch_size)
+        tied = tie_lm_head_without_copy(model)
+        save_model(model, work / MODEL_FILE)
+        del model
+        status("converting to ORT format with onnxruntime's converter")
+        import contextlib
+        import io
+        import logging
+
+        logging.getLogger("ort_format_model").setLevel(logging.WARNING)
+        with contextlib.redirect_stdout(io.StringIO()):  # the converter prints progress lines
+            convert_onnx_models_to_ort(work / MODEL_FILE, output_dir=work, optimization_styles=[OptimizationStyle.Fixed],
+                                       enable_type_reduction=True)
+        produced = sorted(work.glob("*.ort"))
+        if not produced:
+            raise BadInputError(f"onnxruntime's converter produced no .ort file for {model_dir.onnx_path}")
+        shutil.move(str(produced[0]), tmp / ORT_FILE)
+        configs = sorted(work.glob("*.config"))
+        if configs:
+            shutil.move(str(configs[0]), tmp / OPS_CONFIG)
+        status("checking mobile execution-provider coverage")
+        usability = usability_report(work / MODEL_FILE)
+        (tmp / USABILITY_FILE).write_text(json.dumps(usability, indent=2) + "\n")
+        for name in COPY_FILES:
+            if (model_dir.folder / name).is_file():
+                shutil.copy2(model_dir.folder / name, tmp / name)
+        if (model_dir.folder / "genai_config.json").is_file():
+            genai = json.loads((model_dir.folder / "genai_config.json").read_text())
+            genai["model"]["decoder"]["filename"] = ORT_FILE
+            (tmp / "genai_config.json").write_text(json.dumps(genai, indent=4) + "\n")
+        onnx_bytes = sum(p.stat().st_size for p in model_dir.folder.glob(MODEL_FILE + "*"))
+        ort_bytes = (tmp / ORT_FILE).stat().st_size
+        # Within 5%, or within the format's fixed overhead (which dominates for tiny test models).
+        checks = {"size_vs_onnx": {"onnx_bytes": onnx_bytes, "ort_bytes": ort_bytes, "ratio": ort_bytes / onnx_bytes,
+                                   "max_ratio": 1.05, "allowed_overhead_bytes": 262144,
+                                   "passed": ort_bytes <= max(1.05 * onnx_bytes, onnx_bytes + 262144)}}
+        if config.verify:
+            status("comparing .ort and .onnx outputs")
+            parity = _compare_logits(model_dir.onnx_path, tmp / ORT_FILE, model_dir)
+            checks["parity_vs_onnx"] = {**parity, "atol": config.atol, "passed": parity["max_abs_diff"] <= config.atol}
+        shutil.rmtree(work)
+        facts = {
+            "format": "ort",
+            "optimization_style": "Fixed",
+            "fixed_dims": {param: config.batch_size for param in fixed},
+            "tied_lm_head_rewritten": tied,
+            "reduced_operator_config": OPS_CONFIG if configs else None,
+            "usability": {name: {k: v for k, v in p.items() if k in ("nodes_supported", "nodes_total", "partitions", "recommendation")}
+                          for name, p in usability["providers"].items()},
+            "config": asdict(config),
+        }
+        artifact = TargetArtifact(out=out, target="ort-mobile", facts=facts, checks=checks,
+                                  source={"dir": str(Path(directory).resolve())}, versions=tool_versions(),
+                                  seconds={"total": round(time.perf_counter() - start, 3)})
+        write_target_json(tmp, artifact)
+        replace_dir(tmp, out)
+    return artifact
+
+
+@click.command("ort-mobile")
+@click.argument("directory", metavar="DIR", type=click.Path(path_type=Path))
+@click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="Bundle folder.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True, help="Value the batch dimension is fixed to.")
+@click.option("--no-verify", is_flag=True, help="Skip the .ort vs .onnx output comparison.")
+@click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
+def command(directory, out, batch_size, no_verify, force):
+    """ORT-format bundle (model.ort, required_operators.config, mobile_usability.json, target.json).
+
+    \b
+    Example:
+      edgepack target ort-mobile build/smollm2-q4 -o build/smollm2-mobile
+    """
+    from edgepack.cli import GateFailedError, _Status, _print_target_summary
+
+    config = OrtMobileConfig(batch_size=batch_size, verify=not no_verify, force=force)
+    with _Status(f"target ort-mobile: {directory}") as status:
+        artifact = build(directory, out, config, on_status=status)
+    _print_target_summary(artifact)
+    if not artifact.passed:
+        failed = [name for name, check in artifact.checks.items() if check.get("passed") is False]
+        raise GateFailedError(f"target ort-mobile: check(s) failed: {', '.join(failed)}; see {Path(out) / 'target.json'}")
