@@ -1,0 +1,234 @@
+"""Decode speed of SmolLM2-135M on this CPU, edgepack against its peers (not a test).
+
+    python benchmarks/decode.py [--work DIR] [--runs 5] [--threads 2] [--prompt-len 128] [--gen-len 64]
+                                [--variants a,b,...] [--precisions fp32,int8,int4]
+
+For each precision it builds (once, cached in --work) the edgepack artifacts: export -> quantize ->
+`target ort`, plus onnxruntime-genai's own builder output at the same precision (when the builder
+environment is set up). Every measurement runs in a fresh worker process (so peak RSS is that
+variant's), variants are interleaved round by round so the machine's drift hits all alike, and each
+variant gets one warm-up run before the timed runs. Printed: TTFT for a prompt of --prompt-len
+tokens, decode ms/token over --gen-len tokens (median and spread of --runs), peak RSS, the ratio to
+edgepack's `ort` bundle at the same precision, and the memory-bandwidth floor
+(weight bytes read per token / bandwidth measured in the same run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+PRECISIONS = {"fp32": None, "int8": ("int8-weight", {}), "int4": ("gguf", {})}
+VARIANTS = ("edgepack-ort", "genai-on-edgepack", "genai-builder", "edgepack-export", "optimum-ort", "torch-eager")
+
+
+def _prompt_ids(length: int, vocab: int) -> list[int]:
+    import numpy as np
+
+    return [int(t) for t in np.random.default_rng(0).integers(100, vocab - 1, length)]
+
+
+def _measure(variant: str, path: str, prompt_len: int, gen_len: int, threads: int) -> dict:
+    """Runs in a fresh process: load, one generation of gen_len tokens after a prompt_len prompt."""
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    start = time.perf_counter()
+    config = json.loads((Path(path) / "config.json").read_text()) if (Path(path) / "config.json").is_file() else {}
+    vocab = int(config.get("vocab_size", 49152))
+    prompt = _prompt_ids(prompt_len, vocab)
+    steps: list[float] = []
+    if variant in ("edgepack-ort", "edgepack-export"):
+        from edgepack.runtime import DecoderSession, create_session, generate, load_model_dir
+
+        model_dir = load_model_dir(path)
+        decoder = DecoderSession(create_session(model_dir.onnx_path, threads=threads), model_dir.config)
+        load = time.perf_counter() - start
+        result = generate(decoder, prompt, max_new_tokens=gen_len)
+        steps = result.step_seconds
+    elif variant in ("genai-on-edgepack", "genai-builder"):
+        import onnxruntime_genai as og
+
+        cfg = og.Config(path)
+        cfg.clear_providers()
+        model = og.Model(cfg)
+        load = time.perf_counter() - start
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=prompt_len + gen_len, min_length=prompt_len + gen_len, do_sample=False)
+        generator = og.Generator(model, params)
+        t0 = time.perf_counter()
+        generator.append_tokens(prompt)
+        while not generator.is_done():
+            generator.generate_next_token()
+            now = time.perf_counter()
+            steps.append(now - t0)
+            t0 = now
+        steps = steps[:gen_len]
+    elif variant == "optimum-ort":
+        import onnxruntime as ort
+        import torch
+        from optimum.onnxruntime import ORTModelForCausalLM
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        model = ORTModelForCausalLM.from_pretrained(path, session_options=options, use_cache=True, use_io_binding=False)
+        load = time.perf_counter() - start
+        steps = _hf_steps(model, torch.tensor([prompt]), gen_len)
+    elif variant == "torch-eager":
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        torch.set_num_threads(threads)
+        model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+        load = time.perf_counter() - start
+        steps = _hf_steps(model, torch.tensor([prompt]), gen_len)
+    else:
+        raise ValueError(variant)
+    decode = steps[1:]
+    return {
+        "load_s": load,
+        "ttft_ms": 1000 * steps[0],
+        "decode_ms": 1000 * statistics.median(decode),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def _hf_steps(model, ids, gen_len: int) -> list[float]:
+    """Greedy loop with the KV cache through a transformers-style model, timing each step."""
+    import torch
+
+    steps = []
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
+        total = ids.shape[1]
+        for _ in range(gen_len):
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            now = time.perf_counter()
+            steps.append(now - t0)
+            t0 = now
+            total += 1
+            out = model(input_ids=token, attention_mask=torch.ones((1, total), dtype=torch.long),
+                        past_key_values=out.past_key_values, use_cache=True)
+    return steps
+
+
+def _bandwidth_gbs(threads: int) -> float:
+    """STREAM-like read bandwidth: numpy sum over a 1 GiB array, best of 3."""
+    import numpy as np
+
+    data = np.ones(1 << 27, dtype=np.float64)
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - t0)
+    return data.nbytes / best / 1e9
+
+
+def prepare(work: Path, precisions: list[str], variants: list[str]) -> dict[tuple[str, str], Path]:
+    from edgepack.convert import ConvertConfig, convert_model
+    from edgepack.quantize import QuantizeConfig, quantize_model
+    from edgepack.targets.genai_builder import builder_python, run_builder
+    from edgepack.targets.ort import OrtTargetConfig, build
+
+    work.mkdir(parents=True, exist_ok=True)
+    paths: dict[tuple[str, str], Path] = {}
+    fp32 = work / "export-fp32"
+    if not (fp32 / "convert.json").is_file():
+        print("exporting smollm2-135m ...", file=sys.stderr)
+        convert_model("smollm2-135m", fp32, ConvertConfig(verify=False, force=True))
+    hf_dir = Path(json.loads((fp32 / "convert.json").read_text())["source"]["hf_dir"])
+    for precision in precisions:
+        source = fp32
+        if PRECISIONS[precision]:
+            scheme, options = PRECISIONS[precision]
+            source = work / f"export-{precision}"
+            if not (source / "quantize.json").is_file():
+                print(f"quantizing {precision} ({scheme}) ...", file=sys.stderr)
+                quantize_model(fp32, source, QuantizeConfig(scheme=scheme, scheme_options=options, evaluate=False, force=True))
+        bundle = work / f"ort-{precision}"
+        if "edgepack-ort" in variants or "genai-on-edgepack" in variants:
+            if not (bundle / "target.json").is_file():
+                print(f"target ort {precision} ...", file=sys.stderr)
+                build(source, bundle, OrtTargetConfig(verify=False, force=True))
+            paths[("edgepack-ort", precision)] = bundle
+            paths[("genai-on-edgepack", precision)] = bundle
+        paths[("edgepack-export", precision)] = source
+        if "genai-builder" in variants and precision in ("fp32", "int4") and builder_python() is not None:
+            native = work / f"builder-{precision}"
+            if not (native / "genai_config.json").is_file():
+                print(f"onnxruntime-genai builder {precision} ...", file=sys.stderr)
+                run_builder(hf_dir, native, precision=precision, cache_dir=work / "builder-cache")
+            paths[("genai-builder", precision)] = native
+        if precision == "fp32":
+            paths[("optimum-ort", "fp32")] = fp32
+            paths[("torch-eager", "fp32")] = hf_dir
+    return paths
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, default=Path(os.environ.get("EDGEPACK_CACHE", Path.home() / ".cache/edgepack")) / "bench-decode")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--gen-len", type=int, default=64)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--precisions", default="fp32,int8,int4")
+    args = parser.parse_args()
+    variants, precisions = args.variants.split(","), args.precisions.split(",")
+
+    paths = prepare(args.work, precisions, variants)
+    jobs = [(v, p) for p in precisions for v in variants if (v, p) in paths]
+    from edgepack.profiles.model_facts import model_facts
+
+    bytes_per_token = {}
+    for precision in precisions:
+        bundle = paths.get(("edgepack-ort", precision)) or paths.get(("edgepack-export", precision))
+        bytes_per_token[precision] = model_facts(bundle / "model.onnx").weight_bytes_per_token
+
+    ctx = mp.get_context("spawn")
+    samples: dict[tuple[str, str], list[dict]] = {job: [] for job in jobs}
+    bandwidth = []
+    for round_index in range(args.runs + 1):  # round 0 is the warm-up
+        bandwidth.append(_bandwidth_gbs(args.threads))
+        for job in jobs:
+            with ctx.Pool(1, maxtasksperchild=1) as pool:
+                result = pool.apply(_measure, (job[0], str(paths[job]), args.prompt_len, args.gen_len, args.threads))
+            if round_index:
+                samples[job].append(result)
+            print(f"round {round_index} {job[0]:<18} {job[1]:<5} decode {result['decode_ms']:.1f} ms/token", file=sys.stderr)
+    bw = statistics.median(bandwidth)
+
+    print(f"\nSmolLM2-135M-Instruct, {args.threads} threads, prompt {args.prompt_len} tokens, {args.gen_len} decoded tokens, "
+          f"median of {args.runs} interleaved runs after 1 warm-up; memory read bandwidth {bw:.1f} GB/s (numpy sum, same run)\n")
+    header = "| precision | variant | TTFT ms | decode ms/token (min-max) | vs edgepack-ort | peak RSS MB | floor ms/token |"
+    print(header)
+    print("|---|---|---|---|---|---|---|")
+    for precision in precisions:
+        base = samples.get(("edgepack-ort", precision))
+        base_decode = statistics.median(s["decode_ms"] for s in base) if base else None
+        floor = bytes_per_token[precision] / (bw * 1e9) * 1000
+        for variant in variants:
+            runs = samples.get((variant, precision))
+            if not runs:
+                continue
+            decode = [s["decode_ms"] for s in runs]
+            median = statistics.median(decode)
+            ratio = f"{median / base_decode:.2f}x" if base_decode else ""
+            print(f"| {precision} | {variant} | {statistics.median(s['ttft_ms'] for s in runs):.0f} | "
+                  f"{median:.1f} ({min(decode):.1f}-{max(decode):.1f}) | {ratio} | "
+                  f"{max(s['peak_rss_mb'] for s in runs):.0f} | {floor:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
