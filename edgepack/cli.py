@@ -339,8 +339,8 @@ def run(directory, prompt, max_new_tokens, temperature, top_k, top_p, seed, no_c
         )
 
 
-def _print_target_summary(artifact) -> None:
-    """Shared by every target command: files, key facts and checks of a built target."""
+def report_target(artifact) -> None:
+    """Shared ending of every target command: print files, key facts and checks; exit 1 if a check failed."""
     from rich.table import Table
 
     report = artifact.to_json()
@@ -355,6 +355,9 @@ def _print_target_summary(artifact) -> None:
         table.add_row(f"check {name}", f"{verdict} {figures}".strip())
     table.add_row("seconds", f"{artifact.seconds.get('total', 0):.1f}")
     _stdout_console().print(table)
+    failed = [name for name, check in artifact.checks.items() if check.get("passed") is False]
+    if failed:
+        raise GateFailedError(f"target {artifact.target}: check(s) failed: {', '.join(failed)}; see {artifact.out / 'target.json'}")
 
 
 def main(argv: list[str] | None = None) -> None:

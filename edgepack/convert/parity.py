@@ -123,18 +123,13 @@ def decoder_parity(torch_model, session, prompts: list[list[int]], config) -> di
 def encoder_parity(torch_model, session, prompts: list[list[int]], config) -> dict:
     import torch
 
+    from edgepack.runtime.generate import encoder_feeds
+
     input_names = {i.name for i in session.get_inputs()}
     output_name = session.get_outputs()[0].name
     max_diff, min_cos, per_prompt = 0.0, 1.0, []
     for prompt in prompts:
-        ids = np.array([prompt], dtype=np.int64)
-        feeds = {
-            "input_ids": ids,
-            "attention_mask": np.ones_like(ids),
-            "token_type_ids": np.zeros_like(ids),
-            "position_ids": np.arange(ids.shape[1], dtype=np.int64).reshape(1, -1),
-        }
-        feeds = {k: v for k, v in feeds.items() if k in input_names}
+        feeds = encoder_feeds(prompt, input_names)
         onnx_out = session.run([output_name], feeds)[0][0].astype(np.float64)
         with torch.no_grad():
             torch_out = torch_model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).last_hidden_state[0].double().numpy()

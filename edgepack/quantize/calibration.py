@@ -86,14 +86,13 @@ def decoder_calibration_feeds(onnx_path: Path, token_ids: list[int], config: dic
 
 
 def encoder_calibration_feeds(input_names: set[str], token_ids: list[int], *, samples: int, length: int = 64):
+    from edgepack.runtime.generate import encoder_feeds
+
     feeds = []
     stride = max(1, (len(token_ids) - length) // max(1, samples))
     for sample in range(samples):
         window = token_ids[sample * stride : sample * stride + length]
         if not window:
             break
-        ids = np.array([window], dtype=np.int64)
-        feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids),
-                "position_ids": np.arange(ids.shape[1], dtype=np.int64)[None]}
-        feeds.append({k: v for k, v in feed.items() if k in input_names})
+        feeds.append(encoder_feeds(window, input_names))
     return feeds

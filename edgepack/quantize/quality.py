@@ -62,7 +62,7 @@ class QualityEvaluator:
 
     def _outputs(self, onnx_path: Path) -> list[np.ndarray]:
         """Logits (decoders) or hidden states (encoders) for every window, one session per model."""
-        from edgepack.runtime.generate import DecoderSession
+        from edgepack.runtime.generate import DecoderSession, encoder_feeds
         from edgepack.runtime.session import create_session
 
         session = create_session(onnx_path, threads=self.config.threads)
@@ -70,12 +70,7 @@ class QualityEvaluator:
             decoder = DecoderSession(session, self.model_dir.config)
             return [decoder.forward(w, decoder.empty_cache(), 0)[0] for w in self.windows]
         names = {i.name for i in session.get_inputs()}
-        results = []
-        for window in self.windows:
-            ids = np.array([window], dtype=np.int64)
-            feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids),
-                     "position_ids": np.arange(ids.shape[1], dtype=np.int64)[None]}
-            results.append(session.run(None, {k: v for k, v in feeds.items() if k in names})[0][0])
+        results = [session.run(None, encoder_feeds(window, names))[0][0] for window in self.windows]
         return results
 
     def evaluate(self, candidate_onnx: Path) -> dict:

@@ -107,6 +107,18 @@ class DecoderSession:
         return named["logits"][0], new_cache
 
 
+def encoder_feeds(token_ids, input_names) -> dict[str, np.ndarray]:
+    """Inputs for one sequence through an encoder graph, limited to the inputs the graph has."""
+    ids = np.asarray(token_ids, dtype=np.int64).reshape(1, -1)
+    feeds = {
+        "input_ids": ids,
+        "attention_mask": np.ones_like(ids),
+        "token_type_ids": np.zeros_like(ids),
+        "position_ids": np.arange(ids.shape[1], dtype=np.int64).reshape(1, -1),
+    }
+    return {name: value for name, value in feeds.items() if name in input_names}
+
+
 def sample_next(logits: np.ndarray, sampling: SamplingConfig, rng: np.random.Generator) -> int:
     if sampling.greedy:
         return int(np.argmax(logits))

@@ -332,12 +332,9 @@ def command(directory, out, max_context, graph, no_verify, force):
       edgepack target ort build/smollm2-q4 -o build/smollm2-ort
       edgepack target ort build/smollm2 -o build/smollm2-ort-fp32 --max-context 1024 --graph optimum
     """
-    from edgepack.cli import GateFailedError, _Status, _print_target_summary
+    from edgepack.cli import _Status, report_target
 
     config = OrtTargetConfig(max_context=max_context, graph=graph, verify=not no_verify, force=force)
     with _Status(f"target ort: {directory}") as status:
         artifact = build(directory, out, config, on_status=status)
-    _print_target_summary(artifact)
-    if not artifact.passed:
-        failed = [name for name, check in artifact.checks.items() if check.get("passed") is False]
-        raise GateFailedError(f"target ort: check(s) failed: {', '.join(failed)}; see {Path(out) / 'target.json'}")
+    report_target(artifact)

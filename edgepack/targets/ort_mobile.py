@@ -123,7 +123,7 @@ def _compare_logits(onnx_path: Path, ort_path: Path, model_dir) -> dict:
     """Prefill + 2 cached decode steps through both files; max abs difference of every output."""
     import numpy as np
 
-    from edgepack.runtime.generate import DecoderSession
+    from edgepack.runtime.generate import DecoderSession, encoder_feeds
     from edgepack.runtime.session import create_session
 
     tokens = [int(t) for t in np.random.default_rng(0).integers(3, int(model_dir.config.get("vocab_size", 100)), 12)]
@@ -139,10 +139,7 @@ def _compare_logits(onnx_path: Path, ort_path: Path, model_dir) -> dict:
             diffs.append(float(np.max(np.abs(la - lb))))
     else:
         sa, sb = create_session(onnx_path), create_session(ort_path)
-        ids = np.array([tokens], dtype=np.int64)
-        feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
-        names = {i.name for i in sa.get_inputs()}
-        feeds = {k: v for k, v in feeds.items() if k in names}
+        feeds = encoder_feeds(tokens, {i.name for i in sa.get_inputs()})
         diffs.append(float(np.max(np.abs(sa.run(None, feeds)[0] - sb.run(None, feeds)[0]))))
     return {"max_abs_diff": max(diffs), "per_step": diffs}
 
@@ -241,12 +238,9 @@ def command(directory, out, batch_size, no_verify, force):
     Example:
       edgepack target ort-mobile build/smollm2-q4 -o build/smollm2-mobile
     """
-    from edgepack.cli import GateFailedError, _Status, _print_target_summary
+    from edgepack.cli import _Status, report_target
 
     config = OrtMobileConfig(batch_size=batch_size, verify=not no_verify, force=force)
     with _Status(f"target ort-mobile: {directory}") as status:
         artifact = build(directory, out, config, on_status=status)
-    _print_target_summary(artifact)
-    if not artifact.passed:
-        failed = [name for name, check in artifact.checks.items() if check.get("passed") is False]
-        raise GateFailedError(f"target ort-mobile: check(s) failed: {', '.join(failed)}; see {Path(out) / 'target.json'}")
+    report_target(artifact)
