@@ -339,6 +339,23 @@ def run(directory, prompt, max_new_tokens, temperature, top_k, top_p, seed, no_c
         )
 
 
+@cli.command()
+@click.argument("bundle", metavar="OUT", type=click.Path(path_type=Path))
+def verify(bundle):
+    """Check every file of a bundle against its manifest.json; exit 1 naming any missing, extra or changed file.
+
+    \b
+    Example:
+      edgepack verify build/release
+    """
+    from edgepack.bundle import verify_bundle
+
+    result = verify_bundle(bundle)
+    if not result.ok:
+        raise GateFailedError(f"{bundle} does not match its manifest: " + "; ".join(result.problems()))
+    click.echo(f"{bundle}: {result.checked} files match manifest.json")
+
+
 def report_target(artifact) -> None:
     """Shared ending of every target command: print files, key facts and checks; exit 1 if a check failed."""
     from rich.table import Table

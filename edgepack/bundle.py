@@ -1,0 +1,90 @@
+"""Bundle manifest: every file with its size and sha256, so a bundle can be verified later.
+
+`write_manifest` records the files of a finished bundle (plus whatever context the caller passes:
+recipe, versions, host, figures); `verify_bundle` re-hashes and names every file that is missing,
+extra or changed. `manifest.json` never lists itself.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgepack.errors import BadInputError
+
+MANIFEST = "manifest.json"
+MANIFEST_SCHEMA_VERSION = 1
+
+
+def file_record(path: Path) -> dict:
+    from edgepack.sources import file_sha256
+
+    return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+
+
+def bundle_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).as_posix() != MANIFEST)
+
+
+def host_description() -> dict:
+    import os
+
+    return {"system": platform.system(), "machine": platform.machine(), "python": platform.python_version(),
+            "processor": platform.processor() or None, "cpus": os.cpu_count()}
+
+
+def write_manifest(folder: Path, context: dict | None = None) -> dict:
+    """Hash every file under `folder` and write `folder/manifest.json`; return the manifest."""
+    manifest = {
+        "schema_version": MANIFEST_SCHEMA_VERSION,
+        "kind": "edgepack.manifest",
+        "files": {p.relative_to(folder).as_posix(): file_record(p) for p in bundle_files(folder)},
+        "host": host_description(),
+        **(context or {}),
+    }
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    return manifest
+
+
+@dataclass
+class VerifyResult:
+    folder: Path
+    missing: list[str] = field(default_factory=list)
+    extra: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    checked: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.extra or self.changed)
+
+    def problems(self) -> list[str]:
+        return ([f"missing: {p}" for p in self.missing] + [f"extra: {p}" for p in self.extra]
+                + [f"changed: {p}" for p in self.changed])
+
+
+def verify_bundle(folder: Path | str) -> VerifyResult:
+    folder = Path(folder)
+    manifest_path = folder / MANIFEST
+    if not folder.is_dir():
+        raise BadInputError(f"{folder} is not a folder")
+    if not manifest_path.is_file():
+        raise BadInputError(f"{folder} has no {MANIFEST}: it is not a finished edgepack bundle")
+    try:
+        recorded = json.loads(manifest_path.read_text())["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise BadInputError(f"{manifest_path} is not a valid manifest: {exc}") from exc
+    result = VerifyResult(folder)
+    present = {p.relative_to(folder).as_posix(): p for p in bundle_files(folder)}
+    for name, record in sorted(recorded.items()):
+        path = present.get(name)
+        if path is None:
+            result.missing.append(name)
+            continue
+        result.checked += 1
+        if path.stat().st_size != record["bytes"] or file_record(path)["sha256"] != record["sha256"]:
+            result.changed.append(name)
+    result.extra = sorted(set(present) - set(recorded))
+    return result
