@@ -340,6 +340,24 @@ def run(directory, prompt, max_new_tokens, temperature, top_k, top_p, seed, no_c
 
 
 @cli.command()
+@click.argument("path", type=click.Path(path_type=Path), default=Path("edgepack.toml"))
+@click.option("--force", is_flag=True, help="Overwrite an existing file.")
+def init(path, force):
+    """Write a commented starter recipe (default ./edgepack.toml).
+
+    \b
+    Example:
+      edgepack init && edgepack build edgepack.toml -o build/release
+    """
+    from edgepack.recipe import STARTER_RECIPE
+
+    if path.exists() and not force:
+        raise UsageError(f"{path} exists; pass --force to overwrite it")
+    path.write_text(STARTER_RECIPE)
+    click.echo(f"wrote {path}")
+
+
+@cli.command()
 @click.argument("bundle", metavar="OUT", type=click.Path(path_type=Path))
 def verify(bundle):
     """Check every file of a bundle against its manifest.json; exit 1 naming any missing, extra or changed file.

@@ -1,0 +1,55 @@
+"""Recipe validation: every mistake is a usage error (exit 2) naming the key path."""
+
+from __future__ import annotations
+
+import pytest
+
+from edgepack.errors import UsageError
+from edgepack.recipe import STARTER_RECIPE, load_recipe
+
+
+def write(tmp_path, text):
+    path = tmp_path / "edgepack.toml"
+    path.write_text(text)
+    return path
+
+
+def test_starter_recipe_is_valid(tmp_path, cli):
+    path = tmp_path / "edgepack.toml"
+    result = cli("init", path)
+    assert result.exit_code == 0, result.stderr
+    assert path.read_text() == STARTER_RECIPE
+    recipe = load_recipe(path)
+    assert recipe.model["source"] == "smollm2-135m"
+    assert [q["scheme"] for q in recipe.quantize] == ["int8-weight", "gguf"]
+    assert set(recipe.targets) == {"ort", "ort-mobile"}
+    assert recipe.devices == ["pixel-8", "iphone-15-pro", "galaxy-s24"]
+    assert cli("init", path).exit_code == 2  # no silent overwrite
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ('[model]\nsorce = "x"\n', "model.sorce: unknown key"),
+        ('[model]\nopset = 17\n', "model.source: required"),
+        ('[model]\nsource = 3\n', "model.source: expected a string"),
+        ('[model]\nsource = "x"\n[[quantize]]\nscheme = "int3"\n', "quantize[0].scheme: unknown scheme 'int3'"),
+        ('[model]\nsource = "x"\n[[quantize]]\nscheme = "int4"\nblock_size = "32"\n', "quantize[0].block_size: expected an integer"),
+        ('[model]\nsource = "x"\n[targets.tpu]\n', "targets.tpu: unknown target 'tpu'"),
+        ('[model]\nsource = "x"\n[targets.ort]\nmax_context = "big"\n', "targets.ort.max_context: expected an integer"),
+        ('devices = ["pixel-99"]\n[model]\nsource = "x"\n', "devices[0]: unknown device 'pixel-99'"),
+        ('[model]\nsource = "x"\n[budgets.pixel-8]\nmax_speed = 3\n', "max_speed"),
+        ('[model]\nsource = "x"\n[evaluation]\nmax_kl = "low"\n', "evaluation.max_kl: expected a number"),
+        ('[model]\nsource = "x"\nflavour = 1\n', "flavour: unknown key"),
+        ('[model\nsource = "x"\n', "not valid TOML"),
+    ],
+)
+def test_bad_recipes_name_the_key(tmp_path, text, fragment):
+    with pytest.raises(UsageError, match=None) as info:
+        load_recipe(write(tmp_path, text))
+    assert fragment in str(info.value)
+
+
+def test_paths_resolve_relative_to_the_recipe(tmp_path):
+    recipe = load_recipe(write(tmp_path, '[model]\nsource = "x"\n[evaluation]\ntext = "eval.txt"\n'))
+    assert recipe.resolve(recipe.evaluation["text"]) == tmp_path / "eval.txt"
