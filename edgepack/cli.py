@@ -340,6 +340,54 @@ def run(directory, prompt, max_new_tokens, temperature, top_k, top_p, seed, no_c
 
 
 @cli.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="Bundle folder (a previous bundle there is replaced once the new one is complete).")
+@click.option("--only", type=click.Choice(["convert", "quantize", "target", "profile", "check"]), default=None, help="Stop after this stage.")
+@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True, help="Reserved for parallel stages; stages run one at a time today.")
+@click.option("--junit", type=click.Path(path_type=Path), default=None, help="Also copy junit.xml here.")
+@click.option("--force", is_flag=True, help="Replace a non-empty OUT that is not an edgepack bundle.")
+def build(recipe, out, only, jobs, junit, force):
+    """Run a recipe: convert, quantize, targets, profile, check; write a verified bundle.
+
+    Every stage is cached by the content hash of its inputs, its options and
+    the tool versions ($EDGEPACK_CACHE/build): an unchanged rebuild reuses
+    everything. OUT gets the targets, quality and profile reports, verdicts,
+    report.json (docs/report.schema.json), report.html, junit.xml and
+    manifest.json (`edgepack verify OUT`). Exit 1 when a gate or budget fails.
+
+    \b
+    Example:
+      edgepack build examples/smollm2.toml -o build/release --junit junit.xml
+    """
+    from edgepack.build import BuildConfig, build_recipe
+
+    console = _stderr_console()
+    with _Status(f"build {recipe}") as status:
+        result = build_recipe(recipe, out, BuildConfig(only=only, jobs=jobs, junit=junit, force=force), on_status=status,
+                              on_log=lambda line: console.print(f"[dim]{line}[/dim]"))
+    _print_build_summary(result)
+    if result.failures:
+        raise GateFailedError(f"build {recipe}: {len(result.failures)} gate(s) failed: " + "; ".join(result.failures[:3])
+                              + (" ..." if len(result.failures) > 3 else "") + f" (see {out / 'report.html'})")
+
+
+def _print_build_summary(result) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"edgepack build -> {result.out}", title_justify="left")
+    for column in ("scheme", "target", "device", "MB", "top-1", "mean KL", "decode ms/tok", "TTFT ms", "mJ/tok", "kind", "verdict"):
+        table.add_column(column)
+    fmt = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
+    for row in result.rows:
+        table.add_row(row["scheme"], row["target"] or "", row["device"] or "", fmt(row["size_mb"], ".1f"),
+                      fmt(row["top1_agreement"], ".3f"), fmt(row["kl_mean"], ".4f"), fmt(row["decode_ms_per_token"], ".1f"),
+                      fmt(row["ttft_ms"], ".0f"), fmt(row["energy_mj_per_token"], ".2f"), row["figure_kind"] or "", row["verdict"])
+    _stdout_console().print(table)
+    reused = sum(1 for r in result.records if r.reused)
+    _stdout_console().print(f"{reused}/{len(result.records)} stages reused from the cache; bundle verified by manifest.json")
+
+
+@cli.command()
 @click.argument("path", type=click.Path(path_type=Path), default=Path("edgepack.toml"))
 @click.option("--force", is_flag=True, help="Overwrite an existing file.")
 def init(path, force):

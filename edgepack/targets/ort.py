@@ -30,7 +30,9 @@ from edgepack.targets.base import TargetArtifact, write_target_json
 SUMMARY = "ONNX Runtime CPU bundle (fused decoding graph) that onnxruntime-genai loads unchanged"
 GRAPH_ROUTES = ("auto", "builder", "optimum")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "tokenizer.model", "vocab.json", "merges.txt", "config.json", "generation_config.json")
+                   "tokenizer.model", "vocab.json", "merges.txt", "config.json", "generation_config.json",
+                   # provenance: what the graph was made from and the scheme's measured price (checked below to hold)
+                   "convert.json", "quantize.json")
 GENAI_CHECK_PROMPT = "What is the capital of France?"
 # onnxruntime-genai model types served by its generic decoder-only class (inputs/outputs named in the config).
 # Others (gpt2 means an older combined-KV layout there) are declared as "llama", which is that generic class.

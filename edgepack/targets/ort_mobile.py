@@ -175,7 +175,8 @@ def build(directory: Path | str, out: Path | str, config: OrtMobileConfig = OrtM
         import io
         import logging
 
-        logging.getLogger("ort_format_model").setLevel(logging.WARNING)
+        for name in ("ort_format_model", "ort_format_model.utils"):
+            logging.getLogger(name).setLevel(logging.WARNING)
         with contextlib.redirect_stdout(io.StringIO()):  # the converter prints progress lines
             convert_onnx_models_to_ort(work / MODEL_FILE, output_dir=work, optimization_styles=[OptimizationStyle.Fixed],
                                        enable_type_reduction=True)

@@ -1,0 +1,316 @@
+"""`edgepack build RECIPE -o OUT`: convert -> quantize (each scheme) -> targets -> profile -> check.
+
+Each stage's result is cached under `$EDGEPACK_CACHE/build/<stage>/<key>/`, where the key is the
+sha256 of the stage's inputs (the content of the source model, the keys of the stages it consumes),
+its configuration and the tool versions. A cache entry is written in a temporary folder and renamed
+when complete, under a per-entry file lock, so an interrupted build leaves nothing half-written and
+two builds sharing a cache wait for each other instead of corrupting it.
+
+The bundle holds the deliverables only (targets, quality and profile reports, verdicts, reports and a
+manifest); intermediate exports stay in the cache. It is assembled in a temporary sibling of OUT and
+renamed into place last, so a killed build leaves either no bundle or the previous complete one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgepack.errors import UsageError
+
+STAGES = ("convert", "quantize", "target", "profile", "check")
+FP32 = "fp32"
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    only: str | None = None  # stop after this stage
+    jobs: int = 1
+    junit: Path | None = None
+    force: bool = False
+
+
+@dataclass
+class StageRecord:
+    stage: str
+    name: str
+    key: str
+    reused: bool
+    seconds: float
+    path: Path
+
+
+@dataclass
+class BuildResult:
+    out: Path
+    records: list[StageRecord] = field(default_factory=list)
+    rows: list[dict] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    report: dict = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+
+# ----------------------------------------------------------------------------------------------- cache
+
+
+def _versions_fingerprint() -> dict:
+    """Library versions plus a hash of edgepack's own code: a changed stage implementation invalidates its cache."""
+    from edgepack.convert.export import tool_versions
+
+    package = Path(__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*")):
+        if path.suffix in (".py", ".txt", ".toml") and "__pycache__" not in path.parts:
+            digest.update(path.relative_to(package).as_posix().encode())
+            digest.update(path.read_bytes())
+    return {**tool_versions(), "edgepack_code_sha256": digest.hexdigest()}
+
+
+def stage_key(stage: str, payload: dict) -> str:
+    blob = json.dumps({"stage": stage, "payload": payload, "versions": _versions_fingerprint()}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+class StageCache:
+    def __init__(self, root: Path | None = None):
+        from edgepack.sources import cache_root
+
+        self.root = root or cache_root() / "build"
+
+    def entry(self, stage: str, key: str) -> Path:
+        return self.root / stage / key
+
+    def run(self, stage: str, key: str, produce, force: bool = False) -> tuple[Path, bool]:
+        """Return (the cached output folder, reused?) producing it with `produce(out_path)` when absent."""
+        entry = self.entry(stage, key)
+        if (entry / ".complete").is_file() and not force:
+            return entry / "out", True
+        with _locked(self.root / stage / f"{key}.lock"):
+            if (entry / ".complete").is_file() and not force:  # another build made it while we waited
+                return entry / "out", True
+            tmp = self.root / stage / f"{key}.tmp-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            try:
+                produce(tmp / "out")
+                (tmp / ".complete").write_text(time.strftime("%Y-%m-%dT%H:%M:%S") + "\n")
+                if entry.exists():
+                    shutil.rmtree(entry)
+                os.rename(tmp, entry)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        return entry / "out", False
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+
+
+def source_fingerprint(spec: str) -> dict:
+    """Content identity of MODEL: the GGUF's sha256, or the sha256 of every file of a Hugging Face folder."""
+    from edgepack.sources import DEMO_MODELS, file_sha256, find_demo_gguf
+
+    if spec in DEMO_MODELS:
+        path = find_demo_gguf(DEMO_MODELS[spec])
+        return {"demo": spec, "sha256": file_sha256(path)}
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return {"file": path.name, "sha256": file_sha256(path)}
+    if path.is_dir():
+        return {"folder": {p.relative_to(path).as_posix(): file_sha256(p) for p in sorted(path.rglob("*")) if p.is_file()}}
+    return {"missing": spec}  # convert reports the one-line error
+
+
+def _text_fingerprint(recipe, value: str | None) -> str | None:
+    from edgepack.sources import file_sha256
+
+    path = recipe.resolve(value)
+    return file_sha256(path) if path is not None and path.is_file() else value
+
+
+def scheme_names(recipe) -> list[tuple[str, dict]]:
+    """(name used in the bundle, scheme table) per scheme; fp32 alone when the recipe lists none."""
+    if not recipe.quantize:
+        return [(FP32, {})]
+    names, seen = [], {}
+    for table in recipe.quantize:
+        base = table["scheme"]
+        seen[base] = seen.get(base, 0) + 1
+        names.append((base if seen[base] == 1 else f"{base}-{seen[base]}", table))
+    return names
+
+
+def _target_uses_schemes(module) -> bool:
+    """Targets that convert from the PyTorch weights with their own compression (coreml, qnn) run once on fp32."""
+    return getattr(module, "USES_QUANTIZED_SOURCE", True)
+
+
+# ----------------------------------------------------------------------------------------------- build
+
+
+def build_recipe(recipe_path: Path | str, out: Path | str, config: BuildConfig = BuildConfig(), on_status=None, on_log=None) -> BuildResult:
+    import importlib
+
+    from edgepack.bundle import write_manifest
+    from edgepack.outputs import prepare_output, replace_dir, staging_dir
+    from edgepack.recipe import load_recipe, target_config_class
+    from edgepack.targets import registered_targets
+
+    status = on_status or (lambda message: None)
+    log = on_log or (lambda message: None)
+    if config.only is not None and config.only not in STAGES:
+        raise UsageError(f"--only must be one of {', '.join(STAGES)}")
+    last_stage = STAGES.index(config.only) if config.only else len(STAGES) - 1
+    recipe = load_recipe(recipe_path)
+    out = Path(out)
+    prepare_output(out, force=True if out.exists() and (out / "manifest.json").is_file() else config.force)
+    cache = StageCache()
+    result = BuildResult(out=out)
+    start = time.perf_counter()
+
+    def stage(stage_name: str, name: str, payload: dict, produce) -> Path:
+        key = stage_key(stage_name, payload)
+        t0 = time.perf_counter()
+        status(f"{stage_name}: {name}")
+        path, reused = cache.run(stage_name, key, produce, force=False)
+        record = StageRecord(stage_name, name, key, reused, time.perf_counter() - t0, path)
+        result.records.append(record)
+        log(f"{stage_name:<8} {name:<28} {'reused from cache' if reused else f'built in {record.seconds:.1f} s'}")
+        return path
+
+    # convert
+    from edgepack.convert import ConvertConfig, convert_model
+
+    model = recipe.model
+    convert_payload = {"source": source_fingerprint(model["source"]), "options": {k: v for k, v in model.items() if k != "source"}}
+    convert_config = ConvertConfig(task=model.get("task", "auto"), opset=model.get("opset"), allow_pickle=model.get("allow_pickle", False),
+                                   trust_remote_code=model.get("trust_remote_code", False))
+    export = stage("convert", "export", convert_payload, lambda o: convert_model(model["source"], o, convert_config))
+    convert_key = result.records[-1].key
+
+    # quantize
+    from edgepack.quantize import QualityConfig, QualityGate, QuantizeConfig, quantize_model
+
+    evaluation, calibration = recipe.evaluation, recipe.calibration
+    gate = QualityGate(evaluation.get("max_kl"), evaluation.get("min_top1"), evaluation.get("max_ppl_ratio"))
+    quality = QualityConfig(eval_text=recipe.resolve(evaluation.get("text")), eval_tokens=evaluation.get("tokens", 512))
+    sources: dict[str, tuple[Path, str]] = {FP32: (export, convert_key)}
+    quality_reports: dict[str, dict] = {}
+    if last_stage >= 1:
+        for name, table in scheme_names(recipe):
+            if name == FP32:
+                continue
+            options = {k: v for k, v in table.items() if k != "scheme"}
+            if "keep_8bit" in options:
+                options["keep_8bit"] = tuple(options["keep_8bit"])
+            qconfig = QuantizeConfig(scheme=table["scheme"], scheme_options=options, quality=quality,
+                                     calibration_text=recipe.resolve(calibration.get("text")))
+            payload = {"export": convert_key, "scheme": table, "eval": [_text_fingerprint(recipe, evaluation.get("text")), evaluation.get("tokens", 512)],
+                       "calibration": [_text_fingerprint(recipe, calibration.get("text")), calibration.get("samples")]}
+            path = stage("quantize", name, payload, lambda o, c=qconfig: quantize_model(export, o, c))
+            sources[name] = (path, result.records[-1].key)
+            report = json.loads((path / "quantize.json").read_text())
+            quality_reports[name] = report
+            for reason in gate.failures(report.get("quality")):
+                result.failures.append(f"quality gate, {name}: {reason}")
+
+    # targets
+    available = registered_targets()
+    targets: dict[tuple[str, str], Path] = {}
+    if last_stage >= 2:
+        for target_name, options in recipe.targets.items():
+            module = importlib.import_module(available[target_name])
+            config_cls = target_config_class(module)
+            schemes = [s for s in sources if s != FP32 or len(sources) == 1] if _target_uses_schemes(module) else [FP32]
+            for scheme in schemes:
+                source_path, source_key = sources[scheme]
+                target_config = config_cls(**options) if config_cls else None
+                payload = {"source": source_key, "target": target_name, "options": options}
+                path = stage("target", f"{target_name}/{scheme}", payload,
+                             lambda o, m=module, s=source_path, c=target_config: m.build(s, o, c) if c is not None else m.build(s, o))
+                targets[(target_name, scheme)] = path
+                report = json.loads((path / "target.json").read_text())
+                for check_name, check in report.get("checks", {}).items():
+                    if check.get("passed") is False:
+                        result.failures.append(f"target {target_name}/{scheme}: check {check_name} failed")
+
+    # profile
+    profiles: dict[str, dict] = {}
+    if last_stage >= 3 and (recipe.devices or recipe.budgets or recipe.profile):
+        import platform
+
+        from edgepack.profiles.measure import ProfileConfig, profile_model
+
+        prof = recipe.profile
+        prompt_lens = prof.get("prompt_len", [128])
+        devices = tuple(dict.fromkeys(list(recipe.devices) + [d for d in recipe.budgets if d != "host"]))
+        pconfig = ProfileConfig(devices=devices, prompt_lens=tuple(prompt_lens if isinstance(prompt_lens, list) else [prompt_lens]),
+                                gen_len=prof.get("gen_len", 64), runs=prof.get("runs", 3), warmup=prof.get("warmup", 1),
+                                threads=prof.get("threads"))
+        for scheme, (source_path, source_key) in sources.items():
+            if scheme == FP32 and len(sources) > 1:
+                continue
+            measured = targets.get(("ort", scheme), source_path)
+            payload = {"model": [str(measured), source_key, "ort" if ("ort", scheme) in targets else "export"],
+                       "config": repr(pconfig), "host": [platform.node(), platform.processor(), os.cpu_count()]}
+            path = stage("profile", scheme, payload,
+                         lambda o, m=measured: (o.mkdir(), profile_model(m, o / "profile.json", pconfig)))
+            profiles[scheme] = json.loads((path / "profile.json").read_text())
+
+    # check
+    verdicts: dict[str, list] = {}
+    if last_stage >= 4 and recipe.budgets:
+        from edgepack.profiles.budgets import evaluate, parse_budgets
+
+        budgets = parse_budgets(recipe.budgets, where="recipe key budgets")
+        for scheme, profile in profiles.items():
+            verdicts[scheme] = evaluate(profile, budgets)
+            for verdict in verdicts[scheme]:
+                if not verdict.passed:
+                    result.failures.append(f"budget, {scheme}: {verdict.message}")
+
+    # bundle
+    from edgepack.report import build_report, write_reports
+
+    with staging_dir(out) as tmp:
+        for (target_name, scheme), path in targets.items():
+            shutil.copytree(path, tmp / "targets" / target_name / scheme)
+        for scheme, report in quality_reports.items():
+            (tmp / "quality").mkdir(exist_ok=True)
+            (tmp / "quality" / f"{scheme}.json").write_text(json.dumps(report, indent=2) + "\n")
+        for scheme, profile in profiles.items():
+            (tmp / "profiles").mkdir(exist_ok=True)
+            (tmp / "profiles" / f"{scheme}.json").write_text(json.dumps(profile, indent=2) + "\n")
+        shutil.copy2(recipe.path, tmp / "recipe.toml")
+        report = build_report(recipe, sources, quality_reports, targets, profiles, verdicts, result, time.perf_counter() - start)
+        result.report = report
+        result.rows = report["summary"]
+        write_reports(tmp, report, verdicts, result.failures)
+        write_manifest(tmp, {"recipe": recipe.raw, "versions": _versions_fingerprint(),
+                             "stages": [{"stage": r.stage, "name": r.name, "key": r.key, "reused": r.reused} for r in result.records],
+                             "figures": report["figures"]})
+        replace_dir(tmp, out)
+    if config.junit is not None:
+        shutil.copy2(out / "junit.xml", config.junit)
+    return result

@@ -1,0 +1,116 @@
+"""The build's figures gathered into one report, one row per scheme x target x device."""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+REPORT_SCHEMA_VERSION = 1
+FIGURE_KEYS = {  # summary column -> budget key whose figure it shows
+    "decode_ms_per_token": "max_decode_ms_per_token",
+    "ttft_ms": "max_ttft_ms",
+    "energy_mj_per_token": "max_energy_mj_per_token",
+    "peak_memory_mb": "max_peak_memory_mb",
+}
+
+
+def _figures(profile: dict, device: str) -> dict:
+    from edgepack.profiles.budgets import figure_for
+
+    figures = {}
+    for column, key in FIGURE_KEYS.items():
+        value, kind, conditions = figure_for(profile, device, key)
+        figures[column] = {"value": value, "kind": kind, "conditions": conditions}
+    return figures
+
+
+def build_report(recipe, sources, quality_reports, targets, profiles, verdicts, result, seconds: float) -> dict:
+    schemes = {}
+    for name in sources:
+        report = quality_reports.get(name)
+        schemes[name] = {
+            "scheme": report["scheme"] if report else {"name": "fp32"},
+            "size_bytes": report["size_bytes"] if report else None,
+            "size_ratio": report["size_ratio"] if report else 1.0,
+            "quality": report.get("quality") if report else None,
+        }
+    target_rows = []
+    for (target, scheme), path in targets.items():
+        data = json.loads((path / "target.json").read_text())
+        target_rows.append({"target": target, "scheme": scheme, "total_bytes": data["total_bytes"], "passed": data["passed"],
+                            "path": f"targets/{target}/{scheme}"})
+    figures, rows = {}, []
+    for scheme, profile in profiles.items():
+        devices = ["host"] + list((profile.get("projections") or {}))
+        figures[scheme] = {device: _figures(profile, device) for device in devices}
+    for scheme in sources:
+        if scheme == "fp32" and len(sources) > 1:
+            continue  # the fp32 export is the quality reference here, not a deliverable
+        quality = (schemes[scheme].get("quality") or {})
+        scheme_targets = [t for t in target_rows if t["scheme"] == scheme] or [{"target": None, "total_bytes": schemes[scheme]["size_bytes"], "passed": True}]
+        devices = figures.get(scheme) or {None: {}}
+        for target in scheme_targets:
+            for device, device_figures in devices.items():
+                device_verdicts = [v for v in verdicts.get(scheme, []) if v.device == device]
+                rows.append({
+                    "scheme": scheme,
+                    "target": target["target"],
+                    "device": device,
+                    "size_mb": None if target["total_bytes"] is None else target["total_bytes"] / 1e6,
+                    "kl_mean": quality.get("kl_mean"),
+                    "top1_agreement": quality.get("top1_agreement"),
+                    **{k: (device_figures.get(k) or {}).get("value") for k in FIGURE_KEYS},
+                    "figure_kind": (device_figures.get("decode_ms_per_token") or {}).get("kind"),
+                    "budgets": len(device_verdicts),
+                    "verdict": ("pass" if all(v.passed for v in device_verdicts) else "fail") if device_verdicts else "no budget",
+                })
+    return {
+        "schema_version": REPORT_SCHEMA_VERSION,
+        "kind": "edgepack.report",
+        "recipe": str(recipe.path),
+        "model": recipe.model.get("source"),
+        "passed": result.passed,
+        "failures": list(result.failures),
+        "schemes": schemes,
+        "targets": target_rows,
+        "summary": rows,
+        "figures": figures,
+        "verdicts": {scheme: [v.to_json() for v in vs] for scheme, vs in verdicts.items()},
+        "stages": [{"stage": r.stage, "name": r.name, "reused": r.reused, "seconds": round(r.seconds, 3)} for r in result.records],
+        "seconds": round(seconds, 3),
+    }
+
+
+def junit(report: dict, verdicts: dict) -> str:
+    """One testsuite per gate family; one testcase per scheme quality gate, target check, device x budget."""
+    root = ET.Element("testsuites", name="edgepack.build")
+
+    def suite(name: str, cases: list[tuple[str, str, str | None]]):
+        failures = sum(1 for c in cases if c[2])
+        ts = ET.SubElement(root, "testsuite", name=name, tests=str(len(cases)), failures=str(failures), errors="0")
+        for classname, case_name, failure in cases:
+            case = ET.SubElement(ts, "testcase", classname=classname, name=case_name, time="0")
+            if failure:
+                ET.SubElement(case, "failure", message=failure, type="GateFailed").text = failure
+
+    quality_cases = []
+    for scheme, info in report["schemes"].items():
+        reasons = [f for f in report["failures"] if f.startswith(f"quality gate, {scheme}:")]
+        if info["quality"] is not None or reasons:
+            quality_cases.append((f"edgepack.quality.{scheme}", "quality_gate", "; ".join(reasons) or None))
+    suite("edgepack.quality", quality_cases)
+    suite("edgepack.targets", [(f"edgepack.target.{t['target']}", t["scheme"],
+                                None if t["passed"] else f"target {t['target']}/{t['scheme']} failed a check") for t in report["targets"]])
+    suite("edgepack.budgets", [(f"edgepack.budget.{scheme}.{v.device}", v.budget, None if v.passed else v.message)
+                               for scheme, vs in verdicts.items() for v in vs])
+    ET.indent(root)
+    return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
+
+
+def write_reports(folder: Path, report: dict, verdicts: dict, failures: list[str]) -> None:
+    from edgepack.report.html import render_html
+
+    (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (folder / "junit.xml").write_text(junit(report, verdicts))
+    (folder / "report.html").write_text(render_html(report, folder))
