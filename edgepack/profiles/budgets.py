@@ -1,0 +1,261 @@
+"""`edgepack check`: a profile.json against budgets, one verdict per device x budget.
+
+Budgets are a TOML file with one table per device id (`[pixel-8]`, or `[host]` for the figures measured
+on this host), or a recipe whose `[budgets.<device>]` tables hold them. Units are in the keys
+(docs/budgets.md). A key with an unknown name or a value of the wrong type is a usage error naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgepack.errors import BadInputError, UsageError
+
+HOST = "host"
+# key -> (direction, figure, unit, description). "max": value <= limit passes; "min": value >= limit passes.
+BUDGET_KEYS: dict[str, tuple[str, str, str]] = {
+    "max_ttft_ms": ("max", "ms", "time to first token at the longest profiled prompt"),
+    "max_decode_ms_per_token": ("max", "ms/token", "decode time per token (host: p50; devices: projected at the mean position)"),
+    "min_tokens_per_s": ("min", "tokens/s", "decode tokens per second"),
+    "max_peak_memory_mb": ("max", "MB", "host: peak RSS; devices: weights + KV at the context + runtime overhead"),
+    "max_model_size_mb": ("max", "MB", "model files on disk"),
+    "max_energy_mj_per_token": ("max", "mJ/token", "decode energy per token"),
+    "max_kl": ("max", "nats", "mean KL(fp32 || quantized) from quantize.json"),
+    "min_top1": ("min", "fraction", "top-1 agreement with fp32 from quantize.json"),
+}
+
+
+@dataclass(frozen=True)
+class Budget:
+    device: str
+    key: str
+    limit: float
+
+
+@dataclass
+class Verdict:
+    device: str
+    budget: str
+    limit: float
+    value: float | None
+    kind: str  # measured | projected | estimated | missing
+    passed: bool
+    margin: float | None  # fraction of the limit left (positive) or exceeded (negative)
+    unit: str
+    conditions: str = ""
+
+    def to_json(self) -> dict:
+        return {
+            "device": self.device, "budget": self.budget, "limit": self.limit, "value": self.value, "unit": self.unit,
+            "kind": self.kind, "passed": self.passed, "margin": self.margin, "conditions": self.conditions,
+        }
+
+    @property
+    def message(self) -> str:
+        if self.value is None:
+            return f"{self.device}.{self.budget}: no figure in the profile ({self.conditions})"
+        sign = "<=" if BUDGET_KEYS[self.budget][0] == "max" else ">="
+        return f"{self.device}.{self.budget}: {self.value:.4g} {self.unit} ({self.kind}) must be {sign} {self.limit:g}"
+
+
+@dataclass(frozen=True)
+class CheckConfig:
+    junit: Path | None = None
+    out: Path | None = None  # JSON verdicts
+
+
+@dataclass
+class CheckResult:
+    verdicts: list[Verdict] = field(default_factory=list)
+    failures: list[Verdict] = field(default_factory=list)
+    report: dict = field(default_factory=dict)
+
+
+def parse_budgets(data: dict, where: str = "budgets") -> list[Budget]:
+    """Budget tables -> Budget list; UsageError naming the bad key."""
+    if "budgets" in data and isinstance(data["budgets"], dict):
+        data = data["budgets"]  # a recipe: [budgets.<device>]
+        where = f"{where}: budgets"
+    budgets = []
+    for device, table in data.items():
+        if not isinstance(table, dict):
+            raise UsageError(f"{where}: `{device}` must be a table of budgets ([{device}] then key = value)")
+        for key, value in table.items():
+            if key not in BUDGET_KEYS:
+                raise UsageError(f"{where}: unknown budget key `{device}.{key}`; known keys: {', '.join(BUDGET_KEYS)}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise UsageError(f"{where}: budget `{device}.{key}` must be a number, got {type(value).__name__} {value!r}")
+            if key in ("min_top1",) and not 0 <= value <= 1:
+                raise UsageError(f"{where}: budget `{device}.{key}` is a fraction between 0 and 1, got {value}")
+            if value < 0:
+                raise UsageError(f"{where}: budget `{device}.{key}` must not be negative, got {value}")
+            budgets.append(Budget(device, key, float(value)))
+    return budgets
+
+
+def load_budgets(path: Path | str) -> list[Budget]:
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise UsageError(f"budgets file {path} does not exist") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"{path} is not valid TOML: {exc}") from exc
+    return parse_budgets(data, str(path))
+
+
+def load_profile(path: Path | str) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError(f"profile {path} does not exist (write one with `edgepack profile DIR -o {path}`)")
+    try:
+        report = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadInputError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(report, dict) or report.get("kind") != "edgepack.profile":
+        raise BadInputError(f"{path} is not an edgepack profile (kind != edgepack.profile)")
+    return report
+
+
+def _worst(entries: list[dict], pick, worst=max):
+    """(value, entry) of the worst figure over prompt lengths: a budget must hold for every profiled length."""
+    candidates = [(pick(e), e) for e in entries if pick(e) is not None]
+    if not candidates:
+        return None
+    return worst(candidates, key=lambda c: c[0])
+
+
+def figure_for(profile: dict, device: str, key: str) -> tuple[float | None, str, str]:
+    """(value, kind, conditions) of one budgeted figure for `device` in the profile."""
+    host = profile.get("host") or {}
+    if device == HOST:
+        section, kind = host, "measured"
+    else:
+        section = (profile.get("projections") or {}).get(device)
+        if section is None:
+            return None, "missing", f"device {device} is not in the profile; profile with --device {device}"
+        kind = "projected"
+    entries = section.get("by_prompt_len") or []
+    conds = _conditions(profile, device)
+
+    if key == "max_model_size_mb":
+        size = host.get("model_size_mb")
+        if size is None:
+            size = (profile.get("model", {}).get("facts", {}).get("file_bytes") or 0) / 1e6 or None
+        return size, "measured", "model files on disk"
+    if key in ("max_kl", "min_top1"):
+        quality = profile.get("quality") or {}
+        value = quality.get("kl_mean" if key == "max_kl" else "top1_agreement")
+        if value is None:
+            return None, "missing", "no quality figures: profile a folder written by `edgepack quantize` (without --no-eval)"
+        return float(value), quality.get("kind", "measured"), f"from {quality.get('source', 'quantize.json')}"
+    if key == "max_ttft_ms":
+        found = _worst(entries, lambda e: _scalar(e.get("ttft_ms")))
+        return _with(found, kind, lambda e: f"{conds}, prompt {e['prompt_len']} tokens" + (", p50" if device == HOST else ""))
+    if key == "max_decode_ms_per_token":
+        found = _worst(entries, lambda e: _scalar(e.get("decode_ms_per_token")))
+        return _with(found, kind, lambda e: f"{conds}, prompt {e['prompt_len']} + {e['gen_len']} generated" + (", p50" if device == HOST else ""))
+    if key == "min_tokens_per_s":
+        found = _worst(entries, lambda e: e.get("tokens_per_s"), worst=min)
+        return _with(found, kind, lambda e: f"{conds}, prompt {e['prompt_len']} + {e['gen_len']} generated")
+    if key == "max_energy_mj_per_token":
+        found = _worst(entries, lambda e: (e.get("energy") or {}).get("decode_mj_per_token"))
+        if found is None:
+            return None, "missing", "no energy figure"
+        energy = found[1]["energy"]
+        return found[0], energy.get("kind", kind), f"decode, prompt {found[1]['prompt_len']}; {energy.get('basis', '')}"
+    if key == "max_peak_memory_mb":
+        if device == HOST:
+            return host.get("peak_rss_mb"), "measured", f"{conds}, process peak RSS"
+        fit = section.get("memory_fit") or {}
+        return fit.get("total_mb"), kind, f"weights + KV at {fit.get('context')} tokens + {fit.get('overhead_mb')} MB runtime overhead"
+    raise UsageError(f"unknown budget key {key}")  # parse_budgets already refused it
+
+
+def _scalar(value):
+    if isinstance(value, dict):
+        return value.get("p50")
+    return value
+
+
+def _with(found, kind, describe):
+    if found is None:
+        return None, "missing", "no figure"
+    return float(found[0]), kind, describe(found[1])
+
+
+def _conditions(profile: dict, device: str) -> str:
+    if device == HOST:
+        c = (profile.get("host") or {}).get("conditions") or {}
+        cpu = (c.get("host") or {}).get("cpu", "this host")
+        return f"{cpu}, {c.get('runtime', 'onnxruntime')}, threads {c.get('threads') or 'default'}, {c.get('runs')} runs"
+    p = (profile.get("projections") or {}).get(device) or {}
+    eff = ", ".join(f"{k} {v:g}" for k, v in (p.get("efficiency") or {}).items())
+    return f"{p.get('device', {}).get('id', device)} at {p.get('bandwidth_gb_s')} GB/s; efficiency {eff}"
+
+
+def evaluate(profile: dict, budgets: list[Budget]) -> list[Verdict]:
+    verdicts = []
+    for budget in budgets:
+        direction, unit, _ = BUDGET_KEYS[budget.key]
+        value, kind, conditions = figure_for(profile, budget.device, budget.key)
+        if value is None:
+            # A budget without a figure cannot pass: a release gate must not go green on missing data.
+            verdicts.append(Verdict(budget.device, budget.key, budget.limit, None, kind, False, None, unit, conditions))
+            continue
+        if direction == "max":
+            passed = value <= budget.limit
+            margin = (budget.limit - value) / budget.limit if budget.limit else None
+        else:
+            passed = value >= budget.limit
+            margin = (value - budget.limit) / budget.limit if budget.limit else None
+        verdicts.append(Verdict(budget.device, budget.key, budget.limit, value, kind, passed, margin, unit, conditions))
+    return verdicts
+
+
+def junit_xml(verdicts: list[Verdict], suite: str = "edgepack.check") -> str:
+    """One <testcase> per device x budget; a <failure> for each failed one."""
+    import xml.etree.ElementTree as ET
+
+    failures = sum(1 for v in verdicts if not v.passed)
+    root = ET.Element("testsuites", name="edgepack", tests=str(len(verdicts)), failures=str(failures))
+    ts = ET.SubElement(root, "testsuite", name=suite, tests=str(len(verdicts)), failures=str(failures), errors="0", skipped="0")
+    for v in verdicts:
+        case = ET.SubElement(ts, "testcase", classname=f"{suite}.{v.device}", name=v.budget, time="0")
+        detail = f"{v.kind}: value {v.value} {v.unit}, limit {v.limit:g}; {v.conditions}"
+        if not v.passed:
+            failure = ET.SubElement(case, "failure", message=v.message, type="BudgetExceeded")
+            failure.text = detail
+        out = ET.SubElement(case, "system-out")
+        out.text = detail
+    ET.indent(root)
+    return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
+
+
+def check_profile(profile_path: Path | str, budgets_path: Path | str, config: CheckConfig = CheckConfig()) -> CheckResult:
+    """Evaluate every budget; write JSON verdicts and JUnit XML when asked. Raising on failure is the CLI's job."""
+    budgets = load_budgets(budgets_path)  # usage errors first: they do not depend on the profile
+    profile = load_profile(profile_path)
+    verdicts = evaluate(profile, budgets)
+    failures = [v for v in verdicts if not v.passed]
+    report = {
+        "schema_version": 1,
+        "kind": "edgepack.check",
+        "profile": str(Path(profile_path)),
+        "budgets": str(Path(budgets_path)),
+        "model": (profile.get("model") or {}).get("dir"),
+        "passed": not failures,
+        "counts": {"total": len(verdicts), "passed": len(verdicts) - len(failures), "failed": len(failures)},
+        "verdicts": [v.to_json() for v in verdicts],
+    }
+    for path, text in ((config.out, json.dumps(report, indent=2) + "\n"), (config.junit, junit_xml(verdicts))):
+        if path is None:
+            continue
+        path = Path(path)
+        if not path.parent.exists():
+            raise UsageError(f"cannot write {path}: its parent folder {path.parent} does not exist")
+        path.write_text(text)
+    return CheckResult(verdicts=verdicts, failures=failures, report=report)

@@ -1,0 +1,378 @@
+"""`edgepack devices calibrate`: measure this host and write a device profile (TOML) the projection can use.
+
+What is measured, all with onnxruntime on the CPU at the requested thread count (the runtime edgepack
+decodes with), except the triad:
+  * memory bandwidth: a STREAM-like triad a = b + s*c over arrays far larger than the caches,
+    cache-blocked so DRAM traffic is exactly 3 arrays (STREAM's counting), split over the threads;
+  * effective GEMV bandwidth per weight format (fp32 MatMul, int8 MatMulNBits as `int8-weight` emits it,
+    int4 MatMulNBits with float zero points at accuracy_level 4 as `int4` emits it) at several working-set
+    sizes: weight bytes read / time for one vector through many 1024x1024 layers. This is
+    the decode efficiency curve (a model that fits the last-level cache reads faster than DRAM);
+  * GEMM throughput (fp32 MatMul, int8-compute MatMulNBits) with 256 rows: the prefill peak;
+  * per-node dispatch: a chain of tiny Add nodes, time / nodes.
+Power: measured from RAPL while the GEMM runs when a meter is readable, estimated otherwise.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgepack.errors import UsageError
+
+GEMV_DIM = 1024  # square layers, the size class of small LLMs' projections
+FORMAT_NAMES = ("fp32", "int8", "int4")
+
+
+@dataclass(frozen=True)
+class CalibrateConfig:
+    threads: int | None = None  # onnxruntime intra-op threads; None: all cores
+    sizes_mb: tuple[float, ...] = (32, 128, 512)  # GEMV working sets; span the last-level cache
+    triad_mb: float = 256  # per array
+    repeats: int = 7
+    gemm_rows: int = 256
+    dispatch_nodes: int = 2000
+    device_id: str = "host"
+    force: bool = False
+
+
+@dataclass
+class CalibrationResult:
+    out: Path
+    device: dict
+    figures: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _median_and_best(samples: list[float]) -> tuple[float, float]:
+    return statistics.median(samples), min(samples)
+
+
+def measure_triad(size_mb: float, threads: int, repeats: int) -> dict:
+    """STREAM triad bandwidth in GB/s, 3 arrays x 4 bytes per element per pass."""
+    import numpy as np
+    from concurrent.futures import ThreadPoolExecutor
+
+    n = int(size_mb * 1e6 / 4)
+    b = np.full(n, 1.0, dtype=np.float32)
+    c = np.full(n, 2.0, dtype=np.float32)
+    a = np.empty_like(b)
+    block = 1 << 16  # 256 KB blocks: the temporary stays in L2, DRAM sees b, c read and a written
+    parts = np.array_split(np.arange(0, n, block), threads)
+
+    def work(starts):
+        tmp = np.empty(block, dtype=np.float32)
+        for start in starts:
+            stop = min(start + block, n)
+            t = tmp[: stop - start]
+            np.multiply(c[start:stop], 3.0, out=t)
+            np.add(b[start:stop], t, out=a[start:stop])
+
+    times = []
+    with ThreadPoolExecutor(max_workers=threads) as pool:  # numpy ufuncs release the GIL
+        list(pool.map(work, parts))  # warm: page faults
+        for _ in range(repeats):
+            start = time.perf_counter()
+            list(pool.map(work, parts))
+            times.append(time.perf_counter() - start)
+    median, best = _median_and_best(times)
+    nbytes = 3 * 4 * n
+    return {"gb_s": nbytes / median / 1e9, "best_gb_s": nbytes / best / 1e9, "array_mb": size_mb, "threads": threads}
+
+
+def _gemv_model(fmt: str, layers: int, rows: int = 1):
+    """`layers` KxK layers in `fmt` all applied to x [rows, K] and summed; returns (ModelProto, weight bytes)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    k = GEMV_DIM
+    rng = np.random.default_rng(0)
+    nodes, inits = [], []
+    weight_bytes = 0
+    prev = "x"  # every layer reads x: a chain would drift into denormals/inf with random weights
+    outputs = []
+    for i in range(layers):
+        out = f"h{i}"
+        outputs.append(out)
+        if fmt == "fp32":
+            w = (rng.standard_normal((k, k), dtype=np.float32) / np.sqrt(k)).astype(np.float32)
+            inits.append(numpy_helper.from_array(w, f"w{i}"))
+            nodes.append(helper.make_node("MatMul", [prev, f"w{i}"], [out]))
+            weight_bytes += w.nbytes
+        else:
+            bits = 8 if fmt == "int8" else 4
+            block = 32
+            blocks = k // block
+            data = rng.integers(0, 256, size=(k, blocks, block * bits // 8), dtype=np.uint8)
+            if bits == 8:  # int8-weight: symmetric (default zero point 128), fp32 compute
+                scales = np.full((k, blocks), 1.0 / (70.0 * np.sqrt(k)), dtype=np.float32)
+                inputs = [prev, f"q{i}", f"s{i}"]
+                extra = {}
+                tensors = [numpy_helper.from_array(data, f"q{i}"), numpy_helper.from_array(scales, f"s{i}")]
+            else:  # int4: float zero points, int8 compute (accuracy_level 4), as `edgepack quantize --scheme int4`
+                scales = np.full(k * blocks, 1.0 / (4.6 * np.sqrt(k)), dtype=np.float32)
+                zeros = np.full(k * blocks, 7.5, dtype=np.float32)
+                inputs = [prev, f"q{i}", f"s{i}", f"z{i}"]
+                extra = {"accuracy_level": 4}
+                tensors = [numpy_helper.from_array(data, f"q{i}"), numpy_helper.from_array(scales, f"s{i}"),
+                           numpy_helper.from_array(zeros, f"z{i}")]
+            inits.extend(tensors)
+            weight_bytes += sum(t.nbytes for t in (data, scales)) + (k * blocks * 4 if bits == 4 else 0)
+            nodes.append(helper.make_node("MatMulNBits", inputs, [out], domain="com.microsoft",
+                                          K=k, N=k, bits=bits, block_size=block, **extra))
+    nodes.append(helper.make_node("Sum", outputs, ["y"]))
+    graph = helper.make_graph(
+        nodes, f"gemv_{fmt}", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [rows, k])], inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 9
+    return model, weight_bytes
+
+
+def _session(model, threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def _time_runs(session, feeds: dict, repeats: int, warmup: int = 1, budget_s: float = 5.0) -> list[float]:
+    """Timed runs; slow kernels stop after `budget_s` (at least 3 runs) so calibration stays about a minute."""
+    for _ in range(warmup):
+        session.run(None, feeds)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        session.run(None, feeds)
+        times.append(time.perf_counter() - start)
+        if len(times) >= 3 and sum(times) > budget_s:
+            break
+    return times
+
+
+def measure_gemv(fmt: str, size_mb: float, threads: int, repeats: int) -> dict:
+    import numpy as np
+
+    _, one_layer = _gemv_model(fmt, 1)
+    layers = max(2, int(round(size_mb * 1e6 / one_layer)))
+    model, weight_bytes = _gemv_model(fmt, layers)
+    session = _session(model, threads)
+    x = np.random.default_rng(1).standard_normal((1, GEMV_DIM)).astype(np.float32)
+    median, best = _median_and_best(_time_runs(session, {"x": x}, repeats))
+    return {"format": fmt, "working_set_mb": weight_bytes / 1e6, "layers": layers, "gb_s": weight_bytes / median / 1e9,
+            "best_gb_s": weight_bytes / best / 1e9}
+
+
+def measure_gemm(fmt: str, rows: int, threads: int, repeats: int) -> dict:
+    import numpy as np
+
+    layers = 8
+    model, _ = _gemv_model(fmt, layers, rows=rows)
+    session = _session(model, threads)
+    x = np.random.default_rng(1).standard_normal((rows, GEMV_DIM)).astype(np.float32)
+    median, best = _median_and_best(_time_runs(session, {"x": x}, max(3, repeats // 2)))
+    flops = 2 * rows * GEMV_DIM * GEMV_DIM * layers
+    return {"format": fmt, "rows": rows, "gflops": flops / median / 1e9, "best_gflops": flops / best / 1e9}
+
+
+def measure_dispatch(nodes: int, threads: int, repeats: int) -> dict:
+    """Per-node cost of onnxruntime's executor on tiny tensors: what thousands of shape/elementwise nodes add."""
+    import numpy as np
+    from onnx import TensorProto, helper
+
+    graph_nodes = []
+    prev = "x"
+    for i in range(nodes):
+        out = f"t{i}" if i < nodes - 1 else "y"
+        graph_nodes.append(helper.make_node("Add" if i % 2 == 0 else "Mul", [prev, "one"], [out]))
+        prev = out
+    graph = helper.make_graph(
+        graph_nodes, "dispatch", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64]),
+                                  helper.make_tensor_value_info("one", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    session = _session(model, threads)
+    feeds = {"x": np.zeros((1, 64), np.float32), "one": np.ones((1, 64), np.float32)}
+    median, best = _median_and_best(_time_runs(session, feeds, repeats))
+    return {"nodes": nodes, "us_per_node": median / nodes * 1e6, "best_us_per_node": best / nodes * 1e6}
+
+
+def host_description() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    ram_mb = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                ram_mb = int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return {"cpu": cpu, "machine": platform.machine(), "system": platform.system(), "cores": os.cpu_count(),
+            "ram_mb": ram_mb, "python": platform.python_version()}
+
+
+def calibrate_host(out: Path | str, config: CalibrateConfig = CalibrateConfig(), on_status=None) -> CalibrationResult:
+    """Measure this host and write `out` (a device TOML loadable with --devices-dir)."""
+    import onnxruntime as ort
+
+    from edgepack.profiles.energy import RaplMeter
+
+    out = Path(out)
+    if out.exists() and not config.force:
+        raise UsageError(f"{out} exists; pass --force to replace it")
+    if not out.parent.exists():
+        raise UsageError(f"cannot write {out}: its parent folder {out.parent} does not exist")
+    status = on_status or (lambda message: None)
+    threads = config.threads or os.cpu_count() or 1
+    start = time.perf_counter()
+    host = host_description()
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    conditions = f"edgepack devices calibrate on {host['cpu']}, {threads} threads, onnxruntime {ort.__version__} CPU, {stamp}"
+    load_before = _loadavg()
+
+    status("memory bandwidth (triad)")
+    triad = measure_triad(config.triad_mb, threads, config.repeats)
+    curves = {}
+    for fmt in FORMAT_NAMES:
+        curves[fmt] = []
+        for size in config.sizes_mb:
+            status(f"GEMV {fmt} at {size:g} MB")
+            curves[fmt].append(measure_gemv(fmt, size, threads, config.repeats))
+    status("GEMM throughput")
+    gemm = {fmt: measure_gemm(fmt, config.gemm_rows, threads, config.repeats) for fmt in ("fp32", "int4")}
+    status("per-node dispatch")
+    dispatch = measure_dispatch(config.dispatch_nodes, threads, config.repeats)
+
+    power = None
+    meter = RaplMeter()
+    if meter.available()[0]:
+        status("power (RAPL)")
+        power = _measure_power(meter, config, threads)
+
+    figures = {"triad": triad, "gemv": curves, "gemm": gemm, "dispatch": dispatch, "power": power,
+               "loadavg_before": load_before, "loadavg_after": _loadavg()}
+    text = render_host_toml(config.device_id, host, conditions, figures, threads)
+    out.write_text(text)
+    from edgepack.profiles.devices import load_device_file
+
+    device = load_device_file(out)  # what we wrote must load: same validation as any device file
+    return CalibrationResult(out=out, device=device.to_json(), figures=figures, seconds=time.perf_counter() - start)
+
+
+def _measure_power(meter, config: CalibrateConfig, threads: int) -> dict:
+    import numpy as np
+
+    meter.start()
+    time.sleep(1.0)
+    idle_w = meter.read_j() / 1.0
+    meter.stop()
+    model, _ = _gemv_model("fp32", 8, rows=config.gemm_rows)
+    session = _session(model, threads)
+    x = np.ones((config.gemm_rows, GEMV_DIM), np.float32)
+    meter.start()
+    begin = time.perf_counter()
+    while time.perf_counter() - begin < 2.0:
+        session.run(None, {"x": x})
+    joules = meter.stop()
+    return {"idle_w": idle_w, "load_w": joules / (time.perf_counter() - begin), "scope": meter.scope}
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _fig(value, source: str, verified: bool, basis: str = "") -> str:
+    if isinstance(value, list):
+        rendered = "[" + ", ".join(f"{v:.6g}" for v in value) + "]"
+    else:
+        rendered = f"{value:.6g}"
+    parts = [f"value = {rendered}", f"source = {_q(source)}", f"verified = {'true' if verified else 'false'}"]
+    if basis:
+        parts.append(f"basis = {_q(basis)}")
+    return "{ " + ", ".join(parts) + " }"
+
+
+def _q(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def render_host_toml(device_id: str, host: dict, conditions: str, figures: dict, threads: int) -> str:
+    """A device file in the database's schema; measured figures are verified = true with the run as source."""
+    triad = figures["triad"]
+    bw = triad["gb_s"]
+    measured = f"measured: {conditions}"
+    cpu, cores, machine = host["cpu"], host["cores"], host["machine"]
+    load = f"{figures.get('loadavg_before')} / {figures.get('loadavg_after')}"
+    lines = [
+        "# Written by `edgepack devices calibrate`. Measured figures carry the run as their source.",
+        "schema_version = 1",
+        f"id = {_q(device_id)}",
+        f"name = {_q('This host: ' + str(cpu))}",
+        'class = "host"',
+        f"soc = {_q(f'{cpu} ({cores} logical cores, {machine})')}",
+        f"notes = {_q(f'Calibrated with {threads} threads; load average before/after {load} (a busy host lowers every figure).')}",
+        "",
+        "[memory]",
+    ]
+    if host.get("ram_mb"):
+        lines.append(f"ram_mb = {_fig(round(host['ram_mb']), 'measured: /proc/meminfo MemTotal', True)}")
+        lines.append(f"app_memory_limit_mb = {_fig(round(host['ram_mb'] * 0.8), 'no per-app limit on a Linux host', False, '80% of MemTotal, leaving room for the OS')}")
+    triad_source = f"{measured}; STREAM-like triad, {triad['array_mb']:g} MB arrays, median of runs (best {triad['best_gb_s']:.3g} GB/s)"
+    lines.append(f"bandwidth_gb_s = {_fig(bw, triad_source, True)}")
+    lines.append(f"dram_pj_per_byte = {_fig(20, 'edgepack estimate (docs/devices.md, Energy)', False, 'about 2.5 pJ/bit for server DDR4/DDR5 access energy, an order-of-magnitude figure')}")
+    lines += ["", "[compute]"]
+    gemm = figures["gemm"]
+    rows = gemm["fp32"]["rows"]
+    lines.append(f"cpu_fp32_gflops = {_fig(gemm['fp32']['gflops'], f'{measured}; fp32 MatMul {rows}x1024x1024, median', True)}")
+    lines.append(f"cpu_int8_gops = {_fig(gemm['int4']['gflops'], f'{measured}; int4 MatMulNBits accuracy_level 4 (int8 compute), {rows}x1024x1024, median', True)}")
+    power = figures.get("power")
+    lines += ["", "[power]"]
+    if power:
+        scope = power["scope"]
+        lines.append(f"sustained_w = {_fig(power['load_w'], f'{measured}; {scope} during a 2 s GEMM', True)}")
+        lines.append(f"idle_w = {_fig(power['idle_w'], f'{measured}; over 1 s idle', True)}")
+    else:
+        from edgepack.profiles.energy import HOST_WATTS_PER_ACTIVE_CORE as per_core
+
+        lines.append(f"sustained_w = {_fig(per_core * threads, 'no energy meter readable on this host', False, f'{per_core:g} W per active thread x {threads} threads (x86 server/desktop core at all-core load)')}")
+        lines.append(f"idle_w = {_fig(1.0 * threads, 'no energy meter readable on this host', False, 'about 1 W per core idle, order of magnitude')}")
+    lines += ["", "[efficiency]"]
+    for fmt in FORMAT_NAMES:
+        last = figures["gemv"][fmt][-1]
+        source = f"{measured}; {fmt} GEMV at {last['working_set_mb']:.0f} MB / triad"
+        lines.append(f"decode_bandwidth_{fmt} = {_fig(last['gb_s'] / bw, source, True)}")
+    lines.append(f"prefill_compute = {_fig(1.0, 'the compute peaks above are measured GEMM throughput', False, 'no derating beyond the measured GEMM rate; attention and elementwise work are not in it')}")
+    lines += ["", "[runtime]"]
+    d = figures["dispatch"]
+    dispatch_source = f"{measured}; chain of {d['nodes']} tiny Add/Mul nodes, median"
+    lines.append(f"dispatch_us_per_node = {_fig(d['us_per_node'], dispatch_source, True)}")
+    lines.append(f"dispatch_best_us_per_node = {_fig(d['best_us_per_node'], dispatch_source.replace('median', 'best of runs'), True)}")
+    lines.append(f"overhead_mb = {_fig(150, 'edgepack estimate (docs/devices.md, Memory fit)', False, 'onnxruntime CPU session, arena and activations for a small decoder')}")
+    lines += ["", "[calibration]", "# Effective GEMV bandwidth (weight bytes / time, one vector through 1024x1024 layers) by working set."]
+    for fmt in FORMAT_NAMES:
+        points = figures["gemv"][fmt]
+        lines.append(f"gemv_{fmt}_working_set_mb = {_fig([p['working_set_mb'] for p in points], measured, True)}")
+        lines.append(f"gemv_{fmt}_gb_s = {_fig([p['gb_s'] for p in points], measured + '; median of runs', True)}")
+        lines.append(f"gemv_{fmt}_best_gb_s = {_fig([p['best_gb_s'] for p in points], measured + '; best of runs (least disturbed)', True)}")
+    return "\n".join(lines) + "\n"

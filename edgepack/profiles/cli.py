@@ -1,0 +1,321 @@
+"""`edgepack devices`, `edgepack profile`, `edgepack check`. Thin: parse, call one stage, print, exit code.
+
+Only click and the standard library at module level: `edgepack devices` must start in a fraction of a
+second. Stages (and numpy/onnxruntime/rich) are imported inside the commands.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from edgepack.errors import GateFailedError, UsageError
+
+DEVICES_DIR_HELP = "Extra folder of device TOML files (repeatable); a file with a known id replaces the built-in one."
+
+
+def _console():
+    from rich.console import Console
+
+    console = Console(highlight=False)
+    if not console.is_terminal:  # logs and pipes: do not squeeze tables into 80 columns
+        console = Console(highlight=False, width=160)
+    return console
+
+
+def _status(first: str):
+    from rich.console import Console
+
+    console = Console(stderr=True, highlight=False)
+    return console.status(first)
+
+
+def _fmt(value, spec: str = ".3g") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, list):
+        return "[" + ", ".join(format(v, spec) for v in value) + "]"
+    return format(value, spec)
+
+
+class _DevicesGroup(click.Group):
+    """`edgepack devices` alone lists the devices (the `list` subcommand)."""
+
+    def parse_args(self, ctx, args):
+        if not args or (args[0].startswith("-") and args[0] not in ("-h", "--help")):
+            args = ["list", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=_DevicesGroup)
+def devices():
+    """List, show and calibrate device profiles (edgepack/profiles/devices/*.toml).
+
+    Every figure carries its source and `verified = true|false`; unverified
+    figures say how they were estimated (docs/devices.md).
+
+    \b
+    Example:
+      edgepack devices
+      edgepack devices show pixel-8
+      edgepack devices calibrate -o host.toml --threads 2
+      edgepack profile build/smollm2 --devices-dir . --device host
+    """
+
+
+@devices.command("list")
+@click.option("--devices-dir", "devices_dirs", multiple=True, type=click.Path(path_type=Path), help=DEVICES_DIR_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def list_devices(devices_dirs, as_json):
+    """List the known devices."""
+    from edgepack.profiles.devices import load_devices
+
+    found = load_devices(list(devices_dirs))
+    if as_json:
+        import json
+
+        click.echo(json.dumps([d.to_json() for d in found.values()], indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{len(found)} devices (figures: (v) verified in the cited source, ~ estimated; `edgepack devices show ID` for sources)", title_justify="left")
+    for column in ("id", "name", "class", "RAM MB", "app limit MB", "bandwidth GB/s", "sustained W", "NPU int8 TOPS", "extra"):
+        table.add_column(column)
+
+    def cell(device, table_name, key):
+        fig = device.figure(table_name, key)
+        return "-" if fig is None else f"{_fmt(fig.value, 'g')} {'(v)' if fig.verified else '~'}"
+
+    for device in found.values():
+        extra = []
+        if device.figure("qnn", "soc_model"):
+            extra.append(f"QNN soc {device.value('qnn', 'soc_model')}/htp v{device.value('qnn', 'htp_arch')}")
+        if device.coreml:
+            extra.append(f"Core ML {device.coreml.get('compute_units')}")
+        table.add_row(device.id, device.name, device.device_class, cell(device, "memory", "ram_mb"),
+                      cell(device, "memory", "app_memory_limit_mb"), cell(device, "memory", "bandwidth_gb_s"),
+                      cell(device, "power", "sustained_w"), cell(device, "compute", "npu_int8_tops"), "; ".join(extra))
+    _console().print(table)
+
+
+@devices.command("show")
+@click.argument("device_id", metavar="ID")
+@click.option("--devices-dir", "devices_dirs", multiple=True, type=click.Path(path_type=Path), help=DEVICES_DIR_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def show_device(device_id, devices_dirs, as_json):
+    """Every figure of one device with its source and whether it is verified."""
+    from edgepack.profiles.devices import get_device, load_devices
+
+    device = get_device(device_id, load_devices(list(devices_dirs)))
+    if as_json:
+        import json
+
+        click.echo(json.dumps(device.to_json(), indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{device.id}: {device.name} ({device.soc}) — {device.path}", title_justify="left")
+    for column in ("figure", "value", "verified", "source / basis"):
+        table.add_column(column, overflow="fold")
+    for table_name, figures in device.tables.items():
+        for key, fig in figures.items():
+            note = fig.source + (f" — estimate: {fig.basis}" if fig.basis else "")
+            table.add_row(f"{table_name}.{key}", _fmt(fig.value, ".4g"), "yes" if fig.verified else "no (estimate)", note)
+    for key, value in device.coreml.items():
+        table.add_row(f"coreml.{key}", str(value), "-", "Core ML setting for this device")
+    console = _console()
+    console.print(table)
+    if device.notes:
+        console.print(f"notes: {device.notes}")
+
+
+@devices.command("calibrate")
+@click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="Device TOML to write (e.g. host.toml).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Threads to measure with (default: all cores). Use the count you will profile with.")
+@click.option("--id", "device_id", default="host", show_default=True, help="Device id written into the file.")
+@click.option("--sizes-mb", default="32,128,512", show_default=True, help="GEMV working sets (MB) for the decode efficiency curve.")
+@click.option("--repeats", type=click.IntRange(min=1), default=7, show_default=True, help="Timed repeats per figure (the median is kept).")
+@click.option("--quick", is_flag=True, help="Small sizes and few repeats: seconds, for smoke tests; figures are rough.")
+@click.option("--force", is_flag=True, help="Replace an existing output file.")
+def calibrate(out, threads, device_id, sizes_mb, repeats, quick, force):
+    """Measure this host and write a device profile usable with --devices-dir.
+
+    Memory bandwidth (STREAM-like triad), effective GEMV bandwidth per
+    weight format (fp32, int8, int4) by working set, GEMM throughput, and
+    onnxruntime's per-node dispatch cost; power from RAPL when readable.
+
+    \b
+    Example:
+      edgepack devices calibrate -o host.toml --threads 2
+    """
+    from edgepack.profiles.calibrate import CalibrateConfig, calibrate_host
+
+    sizes = _parse_floats(sizes_mb, "--sizes-mb")
+    config = CalibrateConfig(threads=threads, sizes_mb=sizes, repeats=repeats, device_id=device_id, force=force)
+    if quick:
+        config = CalibrateConfig(threads=threads, sizes_mb=(2.0, 8.0), triad_mb=16, repeats=2, gemm_rows=32,
+                                 dispatch_nodes=200, device_id=device_id, force=force)
+    with _status("calibrating this host") as status:
+        result = calibrate_host(out, config, on_status=status.update)
+    from rich.table import Table
+
+    f = result.figures
+    table = Table(title=f"edgepack devices calibrate -> {result.out} ({result.seconds:.0f} s, measured)", title_justify="left")
+    for column in ("figure", "value", "conditions"):
+        table.add_column(column)
+    table.add_row("triad bandwidth", f"{f['triad']['gb_s']:.2f} GB/s", f"{f['triad']['threads']} threads, {f['triad']['array_mb']:g} MB arrays, median")
+    for fmt, points in f["gemv"].items():
+        table.add_row(f"GEMV {fmt}", ", ".join(f"{p['gb_s']:.2f} GB/s @ {p['working_set_mb']:.0f} MB" for p in points),
+                      f"efficiency at the largest set {points[-1]['gb_s'] / f['triad']['gb_s']:.2f} of triad")
+    for fmt, g in f["gemm"].items():
+        table.add_row(f"GEMM {fmt}", f"{g['gflops']:.1f} GFLOP/s", f"{g['rows']}x1024x1024")
+    table.add_row("dispatch", f"{f['dispatch']['us_per_node']:.2f} us/node", f"{f['dispatch']['nodes']} tiny nodes")
+    table.add_row("power", "measured (RAPL)" if f.get("power") else "estimated (no meter)", "")
+    table.add_row("load average", f"{f.get('loadavg_before')} -> {f.get('loadavg_after')}", "a busy host lowers every figure")
+    _console().print(table)
+
+
+def _parse_ints(text: str, option: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in str(text).split(",") if v.strip())
+    except ValueError:
+        raise UsageError(f"{option} takes comma-separated integers, e.g. 128,512; got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise UsageError(f"{option} takes positive integers, e.g. 128,512; got {text!r}")
+    return values
+
+
+def _parse_floats(text: str, option: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in str(text).split(",") if v.strip())
+    except ValueError:
+        raise UsageError(f"{option} takes comma-separated numbers; got {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise UsageError(f"{option} takes positive numbers; got {text!r}")
+    return tuple(sorted(values))
+
+
+@click.command()
+@click.argument("directory", metavar="DIR", type=click.Path(path_type=Path))
+@click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="profile.json to write (schema: docs/profile-json.md).")
+@click.option("--device", "device_ids", multiple=True, help="Device id to project onto (repeatable; default: iphone-15-pro, pixel-8, galaxy-s24, raspberry-pi-5). `all` for every device.")
+@click.option("--devices-dir", "devices_dirs", multiple=True, type=click.Path(path_type=Path), help=DEVICES_DIR_HELP)
+@click.option("--prompt-len", default="128,512", show_default=True, help="Prompt lengths in tokens (comma-separated); prompts are built to exactly this many tokens.")
+@click.option("--gen-len", type=click.IntRange(min=2), default=64, show_default=True, help="Tokens generated per run (EOS ignored so every run is the same length).")
+@click.option("--runs", type=click.IntRange(min=1), default=5, show_default=True, help="Timed runs per prompt length.")
+@click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True, help="Untimed runs first.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads (default: onnxruntime's choice).")
+@click.option("--cooldown", "cooldown", type=click.FloatRange(min=0), default=0.0, show_default=True, help="Seconds of sleep between runs (thermals, shared hosts).")
+@click.option("--context", type=click.IntRange(min=1), default=None, help="Context (tokens) for the memory-fit projection (default: the model's maximum).")
+def profile(directory, out, device_ids, devices_dirs, prompt_len, gen_len, runs, warmup, threads, cooldown, context):
+    """Measure latency, memory and energy here; project them onto devices.
+
+    DIR is any folder `edgepack run` takes (a convert or quantize output).
+    Measured here: load time, TTFT, prefill tokens/s, decode ms/token
+    p50/p95, tokens/s, peak RSS, energy (measured from RAPL when readable,
+    otherwise estimated, and labelled so). Projected per device: decode
+    from bytes read per token / (bandwidth x efficiency), prefill from
+    FLOPs / (peak x efficiency), energy per token and memory fit.
+
+    \b
+    Example:
+      edgepack profile build/smollm2-int4 -o profile.json --device pixel-8 --device iphone-15-pro
+      edgepack profile build/smollm2 -o p.json --prompt-len 128 --gen-len 32 --runs 3 --threads 2
+      edgepack check p.json --budgets budgets.toml
+    """
+    from edgepack.profiles.devices import load_devices
+    from edgepack.profiles.measure import DEFAULT_DEVICES, ProfileConfig, profile_model
+
+    ids = tuple(device_ids) or DEFAULT_DEVICES
+    if "all" in ids:
+        ids = tuple(load_devices(list(devices_dirs)))
+    config = ProfileConfig(
+        devices=ids, prompt_lens=_parse_ints(prompt_len, "--prompt-len"), gen_len=gen_len, runs=runs, warmup=warmup,
+        threads=threads, cooldown_s=cooldown, devices_dirs=tuple(devices_dirs), context=context,
+    )
+    with _status(f"profiling {directory}") as status:
+        result = profile_model(directory, out, config, on_status=status.update)
+    _print_profile(result.report, out)
+
+
+def _print_profile(report: dict, out) -> None:
+    from rich.table import Table
+
+    host = report["host"]
+    c = host["conditions"]
+    console = _console()
+    title = (f"edgepack profile -> {out}: {report['model']['scheme']}, {report['model']['facts']['weight_bytes_per_token'] / 1e6:.1f} MB "
+             f"read per token + {report['model']['facts']['kv_bytes_per_position'] / 1e3:.1f} KB KV per position")
+    table = Table(title=title, title_justify="left")
+    for column in ("where", "kind", "prompt", "TTFT ms", "prefill tok/s", "decode ms/token", "tokens/s", "memory MB", "energy mJ/token (prefill / decode)"):
+        table.add_column(column)
+    for entry in host["by_prompt_len"]:
+        d = entry["decode_ms_per_token"]
+        e = entry["energy"]
+        table.add_row(
+            "this host", "measured", f"{entry['prompt_len']}+{entry['gen_len']}",
+            f"{entry['ttft_ms']['p50']:.1f} (p95 {entry['ttft_ms']['p95']:.1f})", f"{entry['prefill_tokens_per_s']:.0f}",
+            f"{d['p50']:.2f} (p95 {d['p95']:.2f})", f"{entry['tokens_per_s']:.1f}", f"{host['peak_rss_mb']:.0f} peak RSS",
+            f"{_fmt(e['prefill_mj_per_token'])} / {_fmt(e['decode_mj_per_token'])} ({e['kind']})",
+        )
+    for device_id, p in report["projections"].items():
+        fit = p["memory_fit"]
+        for entry in p["by_prompt_len"]:
+            e = entry["energy"]
+            table.add_row(
+                device_id, "projected", f"{entry['prompt_len']}+{entry['gen_len']}", f"{entry['ttft_ms']:.1f}",
+                f"{_fmt(entry['prefill_tokens_per_s'], '.0f')}", f"{entry['decode_ms_per_token']:.2f}", f"{_fmt(entry['tokens_per_s'], '.1f')}",
+                f"{fit['total_mb']:.0f} / {_fmt(fit['limit_mb'], '.0f')} {'fits' if fit['fits'] else 'DOES NOT FIT' if fit['fits'] is False else ''}",
+                f"{_fmt(e['prefill_mj_per_token'])} / {_fmt(e['decode_mj_per_token'])} (projected)",
+            )
+    console.print(table)
+    console.print(
+        f"measured: {c['host']['cpu']}, {c['runtime']} {c['provider']}, threads {c['threads'] or 'default'}, "
+        f"{c['runs']} runs + {c['warmup']} warmup, load {host['load_seconds']:.2f} s, load average {c['loadavg_before']} -> {c['loadavg_after']}"
+    )
+    for device_id, p in report["projections"].items():
+        eff = ", ".join(f"{k.replace('decode_bandwidth_', 'bw ')} {v:.2f}" for k, v in p["efficiency"].items())
+        curves = f"; calibrated curves: {', '.join(p['calibrated_curves'])}" if p["calibrated_curves"] else ""
+        console.print(f"projected {device_id}: {p['bandwidth_gb_s']:g} GB/s, efficiency {eff}, dispatch {p['dispatch_us_per_node']:g} us/node{curves}")
+    energy = host["by_prompt_len"][0]["energy"]
+    console.print(f"energy here: {energy['kind']} — {energy['basis']}")
+
+
+@click.command()
+@click.argument("profile_path", metavar="PROFILE", type=click.Path(path_type=Path))
+@click.option("--budgets", "budgets_path", required=True, type=click.Path(path_type=Path), help="Budgets TOML: [device-id] tables (or a recipe's [budgets.<id>]); docs/budgets.md.")
+@click.option("--junit", type=click.Path(path_type=Path), default=None, help="Write JUnit XML: one test case per device x budget.")
+@click.option("-o", "--out", "out", type=click.Path(path_type=Path), default=None, help="Write the verdicts as JSON.")
+def check(profile_path, budgets_path, junit, out):
+    """Check a profile.json against budgets; exit 1 if any budget fails.
+
+    \b
+    Budget keys (units in the names): max_ttft_ms, max_decode_ms_per_token,
+    min_tokens_per_s, max_peak_memory_mb, max_model_size_mb,
+    max_energy_mj_per_token, max_kl, min_top1. Use [host] for the figures
+    measured on this host and a device id for projected ones.
+
+    \b
+    Example:
+      edgepack check profile.json --budgets budgets.toml --junit budgets.xml -o verdicts.json
+    """
+    from edgepack.profiles.budgets import CheckConfig, check_profile
+
+    result = check_profile(profile_path, budgets_path, CheckConfig(junit=junit, out=out))
+    from rich.table import Table
+
+    table = Table(title=f"edgepack check {profile_path} --budgets {budgets_path}", title_justify="left")
+    for column in ("device", "budget", "limit", "value", "kind", "margin", "verdict", "conditions"):
+        table.add_column(column, overflow="fold")
+    for v in result.verdicts:
+        table.add_row(
+            v.device, v.budget, f"{v.limit:g} {v.unit}", "-" if v.value is None else f"{v.value:.4g}", v.kind,
+            "-" if v.margin is None else f"{100 * v.margin:+.1f}%", "PASS" if v.passed else "FAIL", v.conditions,
+        )
+    _console().print(table)
+    if result.failures:
+        raise GateFailedError(
+            f"{len(result.failures)} of {len(result.verdicts)} budgets failed: " + "; ".join(v.message for v in result.failures[:5])
+            + (" ..." if len(result.failures) > 5 else "")
+        )

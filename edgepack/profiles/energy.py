@@ -1,0 +1,221 @@
+"""Energy meters. Energy is `measured` only from a real meter; otherwise it is `estimated` and says from what.
+
+Each meter is a small class with `available() -> (bool, reason)`, `start()`, `read_j()` (joules since
+start) and `stop()`. Counters that wrap (RAPL) are polled from a background thread often enough that
+at most one wrap happens between two polls.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import shutil
+import threading
+from pathlib import Path
+
+RAPL_ROOT = Path("/sys/class/powercap")
+_TOP_DOMAIN = re.compile(r"^intel-rapl:\d+$")
+_SUB_DOMAIN = re.compile(r"^intel-rapl:\d+:\d+$")
+
+
+class EnergyMeter:
+    name = "none"
+    scope = ""
+
+    def available(self) -> tuple[bool, str]:
+        return False, "not implemented"
+
+    def start(self) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def read_j(self) -> float:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def stop(self) -> float:
+        return self.read_j()
+
+    def describe(self) -> dict:
+        ok, reason = self.available()
+        return {"meter": self.name, "available": ok, "reason": reason, "scope": self.scope}
+
+
+class RaplMeter(EnergyMeter):
+    """Linux RAPL through powercap: `energy_uj` counters that wrap at `max_energy_range_uj`.
+
+    Counted domains: every package (`intel-rapl:N`) plus any `dram` sub-domain (DRAM energy is not
+    inside the package counter); core/uncore sub-domains are inside the package and are skipped so
+    nothing is counted twice. The poll interval must be shorter than the time a counter takes to wrap
+    (max_energy_range_uj / power: about 60 s for 262 J at 4 W, 2.6 s at 100 W); 0.25 s is safe.
+    """
+
+    name = "rapl"
+
+    def __init__(self, root: Path | str = RAPL_ROOT, poll_s: float = 0.25):
+        self.root = Path(root)
+        self.poll_s = poll_s
+        self._last: dict[Path, int] = {}
+        self._total_uj = 0
+        self._lock = threading.Lock()
+        self._thread = None
+        self._stop = threading.Event()
+
+    def domains(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        found = []
+        for entry in sorted(self.root.iterdir()):
+            if not (entry / "energy_uj").exists():
+                continue
+            if _TOP_DOMAIN.match(entry.name):
+                found.append(entry)
+            elif _SUB_DOMAIN.match(entry.name) and _read_text(entry / "name") == "dram":
+                found.append(entry)
+        return found
+
+    @property
+    def scope(self) -> str:  # type: ignore[override]
+        names = [f"{d.name}({_read_text(d / 'name') or '?'})" for d in self.domains()]
+        return "RAPL " + ", ".join(names) if names else "RAPL"
+
+    def available(self) -> tuple[bool, str]:
+        domains = self.domains()
+        if not domains:
+            return False, f"no RAPL powercap domains under {self.root}"
+        for domain in domains:
+            try:
+                int(_read_text(domain / "energy_uj", strict=True))
+            except PermissionError:
+                return False, f"{domain / 'energy_uj'} is not readable (root only on this kernel)"
+            except (OSError, ValueError) as exc:
+                return False, f"cannot read {domain / 'energy_uj'}: {exc}"
+        return True, "ok"
+
+    @staticmethod
+    def delta_uj(before: int, after: int, max_range_uj: int) -> int:
+        """Energy between two readings of one counter, allowing for one wraparound."""
+        if after >= before:
+            return after - before
+        return after + max_range_uj - before
+
+    def poll(self) -> None:
+        """Fold the counters' progress since the last poll into the total."""
+        with self._lock:
+            for domain in self._last:
+                now = int(_read_text(domain / "energy_uj", strict=True))
+                max_range = int(_read_text(domain / "max_energy_range_uj", strict=True) or 0)
+                self._total_uj += self.delta_uj(self._last[domain], now, max_range)
+                self._last[domain] = now
+
+    def start(self) -> None:
+        self._last = {d: int(_read_text(d / "energy_uj", strict=True)) for d in self.domains()}
+        self._total_uj = 0
+        self._stop.clear()
+        if self.poll_s > 0:
+            self._thread = threading.Thread(target=self._run, name="edgepack-rapl", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            self.poll()
+
+    def read_j(self) -> float:
+        self.poll()
+        return self._total_uj / 1e6
+
+    def stop(self) -> float:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        return self.read_j()
+
+
+class PowermetricsMeter(EnergyMeter):
+    """macOS `powermetrics` (needs root): CPU+GPU+ANE power sampled while the workload runs."""
+
+    name = "powermetrics"
+    scope = "macOS powermetrics combined CPU/GPU/ANE power"
+
+    def available(self) -> tuple[bool, str]:
+        if platform.system() != "Darwin":
+            return False, "powermetrics exists only on macOS"
+        if shutil.which("powermetrics") is None:
+            return False, "powermetrics not found"
+        if os.geteuid() != 0:
+            return False, "powermetrics needs root (sudo)"
+        # Sampling powermetrics' text output is not implemented yet: say so instead of guessing.
+        return False, "powermetrics sampling is not implemented in this edgepack version"
+
+
+class JetsonInaMeter(EnergyMeter):
+    """NVIDIA Jetson INA3221 rails exposed through hwmon (`in_power*_input`, mW)."""
+
+    name = "jetson-ina3221"
+    scope = "Jetson INA3221 VDD_IN rail"
+
+    def __init__(self, hwmon_root: Path | str = "/sys/class/hwmon"):
+        self.hwmon_root = Path(hwmon_root)
+
+    def sensors(self) -> list[Path]:
+        if not self.hwmon_root.is_dir():
+            return []
+        return [d for d in sorted(self.hwmon_root.iterdir()) if _read_text(d / "name").startswith("ina3221")]
+
+    def available(self) -> tuple[bool, str]:
+        if not self.sensors():
+            return False, f"no INA3221 hwmon sensor under {self.hwmon_root} (not a Jetson)"
+        return False, "INA3221 power integration is not implemented in this edgepack version"
+
+
+class AndroidRailsMeter(EnergyMeter):
+    """Android power rails (ODPM, `dumpsys android.hardware.power.stats`) read through a device runner over adb."""
+
+    name = "android-rails"
+    scope = "Android ODPM power rails"
+
+    def available(self) -> tuple[bool, str]:
+        if shutil.which("adb") is None:
+            return False, "no adb: Android rails need a device runner (edgepack profiles on this host only)"
+        return False, "no Android device runner in this edgepack version"
+
+
+def all_meters(rapl_root: Path | str = RAPL_ROOT) -> list[EnergyMeter]:
+    return [RaplMeter(rapl_root), PowermetricsMeter(), JetsonInaMeter(), AndroidRailsMeter()]
+
+
+def find_meter(rapl_root: Path | str = RAPL_ROOT) -> tuple[EnergyMeter | None, list[dict]]:
+    """The first available meter (or None) and why each one is or is not available."""
+    report = []
+    chosen = None
+    for meter in all_meters(rapl_root):
+        info = meter.describe()
+        report.append(info)
+        if chosen is None and info["available"]:
+            chosen = meter
+    return chosen, report
+
+
+# Host power model used when no meter is available. Estimates, stated as such in every output.
+HOST_WATTS_PER_ACTIVE_CORE = 5.0
+HOST_DRAM_PJ_PER_BYTE = 20.0
+HOST_POWER_BASIS = (
+    "no energy meter: host power model {watts_per_core} W per active thread x {threads} threads "
+    "(estimate for server/desktop x86 cores at all-core load) x measured time, plus {pj} pJ/byte x bytes read "
+    "(estimate for DDR4/DDR5 access energy)"
+)
+
+
+def estimate_energy_mj(seconds: float, nbytes: float, threads: int, watts_per_core: float = HOST_WATTS_PER_ACTIVE_CORE,
+                       dram_pj_per_byte: float = HOST_DRAM_PJ_PER_BYTE) -> float:
+    """Estimated mJ: active cores x W x s, plus DRAM bytes x pJ/byte."""
+    return 1e3 * seconds * watts_per_core * threads + nbytes * dram_pj_per_byte * 1e-9
+
+
+def _read_text(path: Path, strict: bool = False) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        if strict:
+            raise
+        return ""

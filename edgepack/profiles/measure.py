@@ -1,0 +1,353 @@
+"""`edgepack profile DIR`: measure latency, memory and energy here, project them onto device profiles.
+
+Measured (this host, onnxruntime CPU, edgepack's own decoding loop): model load time, TTFT, prefill
+tokens/s, decode ms/token p50/p95, tokens/s, peak RSS, energy (measured from a meter or estimated).
+Projected (per --device): the same figures from the model's bytes/FLOPs per token and the device
+profile (edgepack/profiles/roofline.py). Everything goes to profile.json (docs/profile-json.md).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgepack.errors import BadInputError, UsageError
+
+PROFILE_SCHEMA_VERSION = 1
+DEFAULT_DEVICES = ("iphone-15-pro", "pixel-8", "galaxy-s24", "raspberry-pi-5")
+# Text the exact-length prompts are cut from: ordinary English so the token mix looks like real input.
+PROMPT_TEXT = (
+    "The history of the lighthouse is a history of engineering against the sea. Early towers burned wood "
+    "or coal in open braziers; later ones used oil lamps with polished reflectors, and then the Fresnel lens, "
+    "whose rings of glass bend scattered light into a single beam that can be seen for twenty miles. Keepers "
+    "trimmed wicks, wound clockwork, and logged every passing ship in weather that kept everyone else indoors. "
+)
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    devices: tuple[str, ...] = DEFAULT_DEVICES
+    prompt_lens: tuple[int, ...] = (128, 512)
+    gen_len: int = 64
+    runs: int = 5
+    warmup: int = 1
+    threads: int | None = None
+    cooldown_s: float = 0.0
+    devices_dirs: tuple[Path, ...] = ()
+    context: int | None = None  # memory fit context (default: the model's max_position_embeddings)
+    rapl_root: Path | None = None  # tests point this at a fake powercap tree
+
+
+@dataclass
+class ProfileResult:
+    out: Path | None
+    report: dict = field(default_factory=dict)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (q in 0..100), numpy's default method, without numpy."""
+    ordered = sorted(values)
+    if not ordered:
+        raise ValueError("no values")
+    pos = (len(ordered) - 1) * q / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def _stats_ms(seconds: list[float]) -> dict:
+    ms = [1e3 * s for s in seconds]
+    return {"p50": percentile(ms, 50), "p95": percentile(ms, 95), "min": min(ms), "max": max(ms),
+            "mean": statistics.fmean(ms), "n": len(ms)}
+
+
+def exact_prompt(tokenizer, length: int, vocab_size: int | None) -> list[int]:
+    """`length` token ids cut from ordinary text (repeated as needed); no special tokens."""
+    ids: list[int] = []
+    if tokenizer is not None:
+        piece = list(tokenizer(PROMPT_TEXT, add_special_tokens=False)["input_ids"])
+        if piece:
+            while len(ids) < length:
+                ids.extend(piece)
+            return ids[:length]
+    # No tokenizer: deterministic ids away from the special tokens at the start of most vocabularies.
+    top = max(int(vocab_size or 32000) - 1, 20)
+    return [10 + (i * 7919) % (top - 10) for i in range(length)]
+
+
+def peak_rss_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1e6 if sys.platform == "darwin" else peak * 1024 / 1e6  # macOS: bytes, Linux: KiB
+
+
+def _loadavg():
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def host_conditions(threads: int | None) -> dict:
+    import onnxruntime as ort
+
+    from edgepack import __version__
+    from edgepack.profiles.calibrate import host_description
+
+    return {
+        "host": host_description(),
+        "platform": platform.platform(),
+        "edgepack": __version__,
+        "runtime": f"onnxruntime {ort.__version__}",
+        "provider": "CPUExecutionProvider",
+        "threads": threads,
+        "threads_note": "onnxruntime intra-op threads; null = onnxruntime's default (one per physical core)",
+    }
+
+
+def profile_model(directory: Path | str, out: Path | str | None, config: ProfileConfig = ProfileConfig(), on_status=None) -> ProfileResult:
+    """Measure DIR here, project it onto config.devices, write `out` (profile.json) when given."""
+    from edgepack.profiles.devices import get_device, load_devices
+    from edgepack.profiles.energy import RAPL_ROOT, find_meter
+    from edgepack.profiles.model_facts import model_facts
+    from edgepack.runtime.model_dir import TEXT_GENERATION, load_model_dir
+
+    status = on_status or (lambda message: None)
+    _validate(config)
+    devices = load_devices(list(config.devices_dirs))
+    chosen = [get_device(d, devices) for d in config.devices]  # unknown ids fail before any measuring
+    model_dir = load_model_dir(directory)
+    if model_dir.task != TEXT_GENERATION:
+        raise UsageError(f"{directory} holds a {model_dir.task} model; `edgepack profile` measures decoder exports")
+    status("reading the graph")
+    facts = model_facts(model_dir.onnx_path, model_dir.config)
+    longest = max(config.prompt_lens) + config.gen_len
+    if facts.max_context and longest > facts.max_context:
+        raise UsageError(f"--prompt-len {max(config.prompt_lens)} + --gen-len {config.gen_len} = {longest} exceeds the model's context {facts.max_context}")
+    meter, meters = find_meter(config.rapl_root or RAPL_ROOT)
+
+    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    loadavg_before = _loadavg()
+    host = _measure_host(model_dir, facts, config, meter, status)
+    host["conditions"] = {
+        **host_conditions(config.threads), "prompt_lens": list(config.prompt_lens), "gen_len": config.gen_len,
+        "runs": config.runs, "warmup": config.warmup, "cooldown_s": config.cooldown_s,
+        "loadavg_before": loadavg_before, "loadavg_after": _loadavg(), "started": started,
+    }
+    host["energy_meters"] = meters
+
+    status("projecting")
+    context = config.context or facts.max_context or longest
+    projections = {device.id: project_device(facts, device, config, context) for device in chosen}
+    report = {
+        "schema_version": PROFILE_SCHEMA_VERSION,
+        "kind": "edgepack.profile",
+        "model": {
+            "dir": str(Path(directory).resolve()),
+            "architecture": (model_dir.config.get("architectures") or [None])[0],
+            "scheme": _scheme_label(model_dir.folder),
+            "facts": facts.to_json(),
+        },
+        "quality": _quality(model_dir.folder),
+        "host": host,
+        "projections": projections,
+    }
+    if out is not None:
+        out = Path(out)
+        if not out.parent.exists():
+            raise UsageError(f"cannot write {out}: its parent folder {out.parent} does not exist")
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        os.replace(tmp, out)
+    return ProfileResult(out=Path(out) if out is not None else None, report=report)
+
+
+def _validate(config: ProfileConfig) -> None:
+    if not config.prompt_lens or any(p < 1 for p in config.prompt_lens):
+        raise UsageError("--prompt-len needs positive lengths, e.g. 128,512")
+    if config.gen_len < 2:
+        raise UsageError("--gen-len must be at least 2 (one prefill token and one decoded token)")
+    if config.runs < 1 or config.warmup < 0 or config.cooldown_s < 0:
+        raise UsageError("--runs must be >= 1, --warmup and --cooldown >= 0")
+
+
+def _measure_host(model_dir, facts, config: ProfileConfig, meter, status) -> dict:
+    from edgepack.profiles.energy import HOST_DRAM_PJ_PER_BYTE, HOST_POWER_BASIS, HOST_WATTS_PER_ACTIVE_CORE, estimate_energy_mj
+    from edgepack.runtime.generate import DecoderSession, generate
+    from edgepack.runtime.session import create_session
+
+    status("loading the tokenizer")
+    try:
+        tokenizer = model_dir.load_tokenizer()
+    except BadInputError:
+        tokenizer = None  # exact-length prompts can be built from ids alone
+    status("loading the model")
+    begin = time.perf_counter()
+    try:
+        session = create_session(model_dir.onnx_path, threads=config.threads)
+    except Exception as exc:
+        raise BadInputError(f"onnxruntime cannot load {model_dir.onnx_path}: {exc}") from exc
+    decoder = DecoderSession(session, model_dir.config)
+    load_s = time.perf_counter() - begin
+    threads_used = config.threads or os.cpu_count() or 1
+    vocab = model_dir.config.get("vocab_size")
+
+    by_len = []
+    for prompt_len in config.prompt_lens:
+        prompt = exact_prompt(tokenizer, prompt_len, vocab)
+        for i in range(config.warmup):
+            status(f"prompt {prompt_len}: warmup {i + 1}/{config.warmup}")
+            generate(decoder, prompt, max_new_tokens=config.gen_len)
+        ttfts, steps = [], []
+        prefill_j = decode_j = 0.0
+        for i in range(config.runs):
+            if config.cooldown_s and (i or config.warmup):
+                time.sleep(config.cooldown_s)  # let clocks and temperature settle between runs
+            status(f"prompt {prompt_len}: run {i + 1}/{config.runs}")
+            marks = {}
+            if meter is not None:
+                meter.start()
+
+            def on_token(_token, marks=marks):
+                if "prefill_j" not in marks and meter is not None:
+                    marks["prefill_j"] = meter.read_j()
+
+            # No EOS: exactly gen_len tokens every run, so runs are comparable.
+            result = generate(decoder, prompt, max_new_tokens=config.gen_len, eos_token_ids=frozenset(), on_token=on_token)
+            if meter is not None:
+                total_j = meter.stop()
+                prefill_j += marks.get("prefill_j", 0.0)
+                decode_j += total_j - marks.get("prefill_j", 0.0)
+            ttfts.append(result.time_to_first_token_s)
+            steps.extend(result.step_seconds[1:])
+        ttft = _stats_ms(ttfts)
+        decode = _stats_ms(steps)
+        decoded_tokens = len(steps)
+        mean_position = prompt_len + config.gen_len / 2
+        if meter is not None:
+            energy = {
+                "kind": "measured",
+                "meter": meter.name,
+                "scope": meter.scope,
+                "prefill_mj_per_token": 1e3 * prefill_j / (prompt_len * config.runs),
+                "decode_mj_per_token": 1e3 * decode_j / max(decoded_tokens, 1),
+                "basis": f"{meter.scope}: whole-package energy during the runs (includes anything else running)",
+            }
+        else:
+            prefill_mj = estimate_energy_mj(ttft["p50"] / 1e3, facts.decode_bytes(0), threads_used)
+            decode_mj = estimate_energy_mj(decode["p50"] / 1e3, facts.decode_bytes(int(mean_position)), threads_used)
+            energy = {
+                "kind": "estimated",
+                "meter": None,
+                "prefill_mj_per_token": prefill_mj / prompt_len,
+                "decode_mj_per_token": decode_mj,
+                "basis": HOST_POWER_BASIS.format(watts_per_core=HOST_WATTS_PER_ACTIVE_CORE, threads=threads_used, pj=HOST_DRAM_PJ_PER_BYTE)
+                + "; p50 times",
+            }
+        by_len.append({
+            "prompt_len": prompt_len,
+            "gen_len": config.gen_len,
+            "runs": config.runs,
+            "ttft_ms": ttft,
+            "prefill_tokens_per_s": prompt_len / (ttft["p50"] / 1e3),
+            "decode_ms_per_token": decode,
+            "tokens_per_s": 1e3 / decode["p50"],
+            "energy": energy,
+        })
+    return {
+        "kind": "measured",
+        "load_seconds": load_s,
+        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_note": "process peak resident set (ru_maxrss) including Python, the tokenizer and onnxruntime",
+        "model_size_mb": facts.file_bytes / 1e6,
+        "by_prompt_len": by_len,
+    }
+
+
+def project_device(facts, device, config: ProfileConfig, context: int) -> dict:
+    from edgepack.profiles.roofline import DeviceModel, memory_fit, project_decode, project_energy, project_prefill
+
+    model = DeviceModel.from_device(device)
+    by_len = []
+    for prompt_len in config.prompt_lens:
+        prefill = project_prefill(facts, model, prompt_len)
+        position = prompt_len + config.gen_len // 2  # mean position of the decoded tokens
+        decode = project_decode(facts, model, position)
+        prefill_energy = project_energy(prefill["ms"], facts.decode_bytes(0), model)
+        decode_energy = project_energy(decode["ms"], decode["bytes"], model)
+        by_len.append({
+            "prompt_len": prompt_len,
+            "gen_len": config.gen_len,
+            "ttft_ms": prefill["ms"],
+            "prefill_tokens_per_s": prefill["tokens_per_s"],
+            "decode_ms_per_token": decode["ms"],
+            "tokens_per_s": 1e3 / decode["ms"] if decode["ms"] > 0 else None,
+            "energy": {
+                "kind": "projected",
+                "prefill_mj_per_token": None if prefill_energy["mj"] is None else prefill_energy["mj"] / prompt_len,
+                "decode_mj_per_token": decode_energy["mj"],
+                "decode_dram_floor_mj_per_token": decode_energy["dram_floor_mj"],
+                "basis": decode_energy["basis"],
+            },
+            "prefill_detail": prefill,
+            "decode_detail": decode,
+        })
+    efficiency = {f"decode_bandwidth_{k}": v for k, v in model.decode_efficiency.items()}
+    efficiency["prefill_compute"] = model.prefill_efficiency
+    return {
+        "kind": "projected",
+        "device": {"id": device.id, "name": device.name, "file": str(device.path), "class": device.device_class},
+        "bandwidth_gb_s": model.bandwidth_gb_s,
+        "efficiency": efficiency,
+        "calibrated_curves": sorted(model.bandwidth_curves) if model.bandwidth_curves else [],
+        "dispatch_us_per_node": model.dispatch_us_per_node,
+        "figures_verified": _verified_summary(device),
+        "by_prompt_len": by_len,
+        "memory_fit": memory_fit(facts, model, context),
+    }
+
+
+def _verified_summary(device) -> dict:
+    return {f"{table}.{key}": fig.verified for table, figs in device.tables.items() for key, fig in figs.items()
+            if table in ("memory", "compute", "power", "efficiency", "runtime")}
+
+
+def _read_quantize_report(folder: Path) -> dict | None:
+    path = Path(folder) / "quantize.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _scheme_label(folder: Path) -> str:
+    report = _read_quantize_report(folder)
+    return (report or {}).get("scheme_label") or "fp32 (not quantized)"
+
+
+def _quality(folder: Path) -> dict | None:
+    """Quality figures from quantize.json (measured by `edgepack quantize` on this host), for max_kl / min_top1."""
+    report = _read_quantize_report(folder)
+    if report is None:
+        return None
+    quality = report.get("quality") or {}
+    return {
+        "kind": "measured",
+        "source": str(Path(folder) / "quantize.json"),
+        "kl_mean": quality.get("kl_mean"),
+        "kl_p99": quality.get("kl_p99"),
+        "top1_agreement": quality.get("top1_agreement"),
+        "ppl": quality.get("ppl"),
+        "ppl_reference": quality.get("ppl_reference"),
+        "evaluated": bool(quality),
+    }

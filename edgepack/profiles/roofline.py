@@ -1,0 +1,195 @@
+"""Projection arithmetic: a model's per-token costs (ModelFacts) onto a device profile. Pure numbers, no I/O.
+
+decode ms/token = sum over weight formats of bytes / (bandwidth x efficiency[format]) + nodes x dispatch
+prefill ms      = max(FLOPs / (peak x prefill efficiency), weight bytes / decode bandwidth) + nodes x dispatch
+energy mJ       = sustained W x ms  (a power model; DRAM bytes x pJ/byte is reported beside it as a floor)
+memory fit      = weights + KV at the context + runtime overhead  vs  the app memory limit
+
+Decoding is memory bound (every weight is read once per token), prefill compute bound; the per-node
+dispatch term is what an interpreter like onnxruntime adds on top of the roofline for graphs of
+thousands of small nodes. A calibrated profile (`edgepack devices calibrate`) replaces the scalar
+efficiency by a measured effective bandwidth per format as a function of the working set, so that a
+model that fits in a large last-level cache is not projected at DRAM speed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from edgepack.profiles.devices import Device
+from edgepack.profiles.model_facts import ModelFacts
+
+FORMATS = ("fp32", "fp16", "int8", "int4")
+
+
+@dataclass(frozen=True)
+class DeviceModel:
+    """The figures projection needs, lifted out of a Device (or written by hand in tests)."""
+
+    id: str
+    bandwidth_gb_s: float
+    decode_efficiency: dict  # format -> fraction of bandwidth_gb_s
+    prefill_efficiency: float = 0.3
+    cpu_fp32_gflops: float | None = None
+    cpu_int8_gops: float | None = None
+    dispatch_us_per_node: float = 0.0
+    sustained_w: float | None = None
+    idle_w: float | None = None
+    dram_pj_per_byte: float | None = None
+    app_memory_limit_mb: float | None = None
+    overhead_mb: float = 0.0
+    # format -> ([working set MB...], [effective GB/s...]) measured by calibration
+    bandwidth_curves: dict | None = None
+
+    @classmethod
+    def from_device(cls, device: Device) -> "DeviceModel":
+        eff = {}
+        for fmt in FORMATS:
+            value = device.value("efficiency", f"decode_bandwidth_{fmt}")
+            if value is not None:
+                eff[fmt] = float(value)
+        curves = {}
+        for fmt in FORMATS:
+            sizes = device.value("calibration", f"gemv_{fmt}_working_set_mb")
+            rates = device.value("calibration", f"gemv_{fmt}_gb_s")
+            if isinstance(sizes, list) and isinstance(rates, list) and len(sizes) == len(rates) and sizes:
+                curves[fmt] = (list(map(float, sizes)), list(map(float, rates)))
+        return cls(
+            id=device.id,
+            bandwidth_gb_s=float(device.value("memory", "bandwidth_gb_s")),
+            decode_efficiency=eff,
+            prefill_efficiency=float(device.value("efficiency", "prefill_compute", 0.3)),
+            cpu_fp32_gflops=device.value("compute", "cpu_fp32_gflops"),
+            cpu_int8_gops=device.value("compute", "cpu_int8_gops"),
+            dispatch_us_per_node=float(device.value("runtime", "dispatch_us_per_node", 0.0)),
+            sustained_w=device.value("power", "sustained_w"),
+            idle_w=device.value("power", "idle_w"),
+            dram_pj_per_byte=device.value("memory", "dram_pj_per_byte"),
+            app_memory_limit_mb=device.value("memory", "app_memory_limit_mb"),
+            overhead_mb=float(device.value("runtime", "overhead_mb", 0.0)),
+            bandwidth_curves=curves or None,
+        )
+
+
+def _efficiency_format(fmt: str) -> str:
+    # bf16/fp64/"other" tensors are rare and small; they stream like fp32
+    return fmt if fmt in FORMATS else "fp32"
+
+
+def interpolate_log(sizes: list[float], values: list[float], x: float) -> float:
+    """Piecewise-linear in log(size), clamped at both ends (sizes ascending)."""
+    pairs = sorted(zip(sizes, values))
+    if x <= pairs[0][0]:
+        return pairs[0][1]
+    if x >= pairs[-1][0]:
+        return pairs[-1][1]
+    for (x0, y0), (x1, y1) in zip(pairs, pairs[1:]):
+        if x0 <= x <= x1:
+            t = (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0))
+            return y0 + t * (y1 - y0)
+    return pairs[-1][1]
+
+
+def effective_bandwidth(device: DeviceModel, fmt: str, working_set_bytes: float) -> tuple[float, float, str]:
+    """(effective GB/s, efficiency vs bandwidth_gb_s, how it was obtained) for weights of `fmt`."""
+    fmt = _efficiency_format(fmt)
+    curves = device.bandwidth_curves or {}
+    curve = curves.get(fmt) or (curves.get("fp32") if fmt == "fp16" else None)
+    if curve is not None:
+        rate = interpolate_log(curve[0], curve[1], working_set_bytes / 1e6)
+        return rate, rate / device.bandwidth_gb_s, f"calibrated {fmt} GEMV curve at {working_set_bytes / 1e6:.0f} MB working set"
+    eff = device.decode_efficiency.get(fmt, device.decode_efficiency.get("fp32", 1.0))
+    return device.bandwidth_gb_s * eff, eff, f"bandwidth x decode_bandwidth_{fmt if fmt in device.decode_efficiency else 'fp32'}"
+
+
+def project_decode(facts: ModelFacts, device: DeviceModel, position: int) -> dict:
+    """Projected ms for the token decoded at `position` (the KV cache then holds `position` entries)."""
+    kv_bytes = facts.kv_bytes_per_position * position
+    working_set = facts.weight_bytes_per_token + kv_bytes
+    terms = []
+    memory_ms = 0.0
+    formats = dict(facts.bytes_per_token_by_format)
+    formats["kv"] = kv_bytes
+    for fmt, nbytes in formats.items():
+        if nbytes <= 0:
+            continue
+        # the KV cache is stored in the graph's float type: it streams like fp32
+        rate, eff, how = effective_bandwidth(device, "fp32" if fmt == "kv" else fmt, working_set)
+        ms = nbytes / (rate * 1e9) * 1e3
+        memory_ms += ms
+        terms.append({"format": fmt, "bytes": int(nbytes), "effective_gb_s": round(rate, 3), "efficiency": round(eff, 4), "ms": round(ms, 4), "basis": how})
+    dispatch_ms = facts.nodes * device.dispatch_us_per_node / 1e3
+    total = memory_ms + dispatch_ms
+    return {
+        "ms": total,
+        "position": position,
+        "bytes": int(facts.decode_bytes(position)),
+        "memory_ms": memory_ms,
+        "dispatch_ms": dispatch_ms,
+        "dispatch_us_per_node": device.dispatch_us_per_node,
+        "nodes": facts.nodes,
+        "terms": terms,
+    }
+
+
+def prefill_peak(facts: ModelFacts, device: DeviceModel) -> tuple[float | None, str]:
+    """GFLOP/s peak for the prompt's GEMMs: int8 compute for weight-quantized models (MatMulNBits runs int8 at
+    accuracy_level 4), fp32 otherwise."""
+    quantized = sum(v for k, v in facts.bytes_per_token_by_format.items() if k in ("int8", "int4"))
+    if quantized > facts.weight_bytes_per_token / 2 and device.cpu_int8_gops:
+        return float(device.cpu_int8_gops), "cpu_int8_gops"
+    if device.cpu_fp32_gflops:
+        return float(device.cpu_fp32_gflops), "cpu_fp32_gflops"
+    return None, "none"
+
+
+def project_prefill(facts: ModelFacts, device: DeviceModel, prompt_len: int) -> dict:
+    flops = facts.prefill_flops(prompt_len)
+    peak, peak_key = prefill_peak(facts, device)
+    compute_ms = flops / (peak * 1e9 * device.prefill_efficiency) * 1e3 if peak else 0.0
+    # the prompt reads every weight at least once, at decode speed
+    memory_ms = project_decode(facts, device, 0)["memory_ms"]
+    dispatch_ms = facts.nodes * device.dispatch_us_per_node / 1e3
+    ms = max(compute_ms, memory_ms) + dispatch_ms
+    return {
+        "ms": ms,
+        "prompt_len": prompt_len,
+        "flops": int(flops),
+        "peak_gflops": peak,
+        "peak_key": peak_key,
+        "prefill_efficiency": device.prefill_efficiency,
+        "compute_ms": compute_ms,
+        "memory_ms": memory_ms,
+        "dispatch_ms": dispatch_ms,
+        "bound": "compute" if compute_ms >= memory_ms else "memory",
+        "tokens_per_s": prompt_len / (ms / 1e3) if ms > 0 else None,
+    }
+
+
+def project_energy(ms: float, nbytes: int, device: DeviceModel) -> dict:
+    """mJ for one step of `ms` that reads `nbytes`: sustained power x time, and the DRAM-traffic floor."""
+    power_mj = device.sustained_w * ms if device.sustained_w is not None else None  # W x ms = mJ
+    dram_mj = nbytes * device.dram_pj_per_byte * 1e-9 if device.dram_pj_per_byte is not None else None  # pJ -> mJ
+    return {
+        "mj": power_mj,
+        "dram_floor_mj": dram_mj,
+        "basis": f"sustained {device.sustained_w} W x projected time; DRAM floor {device.dram_pj_per_byte} pJ/byte x bytes",
+    }
+
+
+def memory_fit(facts: ModelFacts, device: DeviceModel, context: int) -> dict:
+    weights_mb = facts.initializer_bytes / 1e6
+    kv_mb = facts.kv_bytes(context) / 1e6
+    total = weights_mb + kv_mb + device.overhead_mb
+    limit = device.app_memory_limit_mb
+    return {
+        "context": context,
+        "weights_mb": round(weights_mb, 3),
+        "kv_mb": round(kv_mb, 3),
+        "overhead_mb": device.overhead_mb,
+        "total_mb": round(total, 3),
+        "limit_mb": limit,
+        "fits": None if limit is None else total <= limit,
+        "headroom_mb": None if limit is None else round(limit - total, 3),
+    }
