@@ -1,0 +1,85 @@
+"""Core ML target on SmolLM2-135M: fp16 (with and without the fp16 safety pass) and compressed variants.
+
+Not a test (the MIL reference interpreter takes minutes per variant on 2 cores). Needs an fp32 export:
+
+    EDGEPACK_CACHE=/tmp/epcache edgepack convert smollm2-135m -o /tmp/cm/smol --no-verify
+    python benchmarks/coreml.py /tmp/cm/smol --work /tmp/cm/bench [--variants fp16,int4-block,...]
+
+Prints one row per variant (package size, top-1 agreement and KL against fp32 PyTorch over the
+positions verified by the MIL reference) and writes the rows to WORK/coreml-bench.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+VARIANTS = {
+    "fp16-unsafe": dict(compress="none", fp16_safety=False),
+    "fp16": dict(compress="none"),
+    "int8": dict(compress="int8"),
+    "int4-block": dict(compress="int4-block"),
+    "int4-block+int8-emb": dict(compress="int4-block", embedding="int8"),
+    "int4-block+row-emb": dict(compress="int4-block", embedding="row"),
+    "palettize4": dict(compress="palettize4"),
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("export", type=Path)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/cm/bench"))
+    parser.add_argument("--variants", default="fp16,fp16-unsafe,int4-block,int4-block+int8-emb,int8,palettize4")
+    parser.add_argument("--positions", type=int, default=64)
+    parser.add_argument("--max-context", type=int, default=256)
+    args = parser.parse_args()
+
+    from edgepack.errors import EdgepackError
+    from edgepack.targets.coreml import CoreMLConfig, build
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in args.variants.split(","):
+        config = CoreMLConfig(max_context=args.max_context, eval_positions=args.positions, force=True, **VARIANTS[name])
+        t0 = time.perf_counter()
+        try:
+            artifact = build(args.export, args.work / name, config, on_status=lambda m: print(f"  [{name}] {m}", file=sys.stderr, flush=True))
+        except EdgepackError as exc:
+            print(f"{name}: error: {exc}", flush=True)
+            continue
+        facts = artifact.facts
+        mil = facts["verification"]["mil-reference"]
+        row = {
+            "variant": name,
+            "package_bytes": facts["package_bytes"],
+            "package_MB": round(facts["package_bytes"] / 1e6, 1),
+            "package_MiB": round(facts["package_bytes"] / 2**20, 1),
+            "positions": mil["positions"],
+            "top1_agreement": round(mil["top1_agreement"], 4),
+            "kl_mean": mil["kl_mean"],
+            "kl_p99": mil["kl_p99"],
+            "max_abs_logit_diff": mil["max_abs_logit_diff"],
+            "finite": mil["finite"],
+            "fp16_rewrites": facts["fp16_safety"]["rewritten_ops"],
+            "mil_reference_seconds": mil["seconds"],
+            "build_seconds": round(time.perf_counter() - t0, 1),
+            "ane_cpu_and_ne": facts["ane"]["verdicts"]["cpu_and_ne"],
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if name == "fp16":
+            (args.work / "fp16-safety.json").write_text(json.dumps(facts["fp16_safety"], indent=2))
+            (args.work / "ane.json").write_text(json.dumps(facts["ane"], indent=2))
+    (args.work / "coreml-bench.json").write_text(json.dumps(rows, indent=2) + "\n")
+    print(f"\n{'variant':<22} {'MB':>7} {'MiB':>7} {'pos':>4} {'top-1':>7} {'KL mean':>10} {'max|dlogit|':>11}")
+    for r in rows:
+        print(f"{r['variant']:<22} {r['package_MB']:>7} {r['package_MiB']:>7} {r['positions']:>4} {r['top1_agreement']:>7.4f} "
+              f"{r['kl_mean']:>10.2e} {r['max_abs_logit_diff']:>11.3g}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

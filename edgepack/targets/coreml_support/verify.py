@@ -1,0 +1,118 @@
+"""Compare the converted program with the fp32 PyTorch model on the evaluation text.
+
+`mil-reference` (any host): the saved .mlpackage's MIL executed by `mil_reference`.
+`coreml-runtime` (macOS only): `MLModel.predict` with a state from `make_state()`.
+Decoders: a prefill of the first tokens, then single-token decode steps through the KV-cache state;
+every position's logits are compared with PyTorch's teacher-forced logits: max |logit diff|, top-1
+agreement, KL(fp32 || Core ML). Encoders: last hidden state, max |diff| and cosine per token.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+
+import numpy as np
+
+
+def _log_softmax(x):
+    x = x.astype(np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def decoder_figures(reference: np.ndarray, candidate: np.ndarray) -> dict:
+    candidate = candidate.astype(np.float32)
+    finite = bool(np.isfinite(candidate).all())
+    lp_ref, lp = _log_softmax(reference), _log_softmax(np.nan_to_num(candidate, nan=0.0, posinf=6e4, neginf=-6e4))
+    kl = np.maximum(np.sum(np.exp(lp_ref) * (lp_ref - lp), axis=-1), 0.0)
+    return {
+        "positions": int(reference.shape[0]),
+        "finite": finite,
+        "max_abs_logit_diff": float(np.abs(reference - candidate).max()) if finite else float("inf"),
+        "top1_agreement": float((reference.argmax(-1) == candidate.argmax(-1)).mean()),
+        "kl_mean": float(kl.mean()),
+        "kl_p99": float(np.percentile(kl, 99)),
+        "kl_max": float(kl.max()),
+    }
+
+
+def encoder_figures(reference: np.ndarray, candidate: np.ndarray) -> dict:
+    ref, cand = reference.astype(np.float64), candidate.astype(np.float64)
+    cos = np.sum(ref * cand, -1) / (np.linalg.norm(ref, axis=-1) * np.linalg.norm(cand, axis=-1) + 1e-30)
+    finite = bool(np.isfinite(cand).all())
+    return {
+        "positions": int(ref.shape[0]),
+        "finite": finite,
+        "max_abs_diff": float(np.abs(ref - cand).max()) if finite else float("inf"),
+        "cosine_mean": float(np.nan_to_num(cos).mean()),
+        "cosine_min": float(np.nan_to_num(cos).min()),
+    }
+
+
+def causal_mask(q_len: int, end: int) -> np.ndarray:
+    """Additive mask (1, 1, q, end): query i (at position end - q + i) sees keys 0..end-q+i."""
+    past = end - q_len
+    mask = np.zeros((q_len, end), dtype=np.float32)
+    for i in range(q_len):
+        mask[i, past + i + 1 :] = -np.inf
+    return mask[None, None]
+
+
+def decoder_steps(tokens: list[int], decode_steps: int):
+    """(input_ids, causal_mask) feeds: one prefill, then `decode_steps` single tokens."""
+    prefill = len(tokens) - decode_steps
+    feeds = [(tokens[:prefill], prefill)]
+    feeds += [([t], prefill + i + 1) for i, t in enumerate(tokens[prefill:])]
+    for ids, end in feeds:
+        yield {"input_ids": np.array([ids], dtype=np.int32), "causal_mask": causal_mask(len(ids), end)}
+
+
+def run_decoder_mil(package, tokens: list[int], decode_steps: int) -> tuple[np.ndarray, dict]:
+    from edgepack.targets.coreml_support.mil_reference import load_program
+
+    t0 = time.perf_counter()
+    program = load_program(package)
+    load_s = time.perf_counter() - t0
+    logits = []
+    t0 = time.perf_counter()
+    for feed in decoder_steps(tokens, decode_steps):
+        logits.append(program.run(feed)["logits"][0])
+    return np.concatenate(logits).astype(np.float32), {"load_s": round(load_s, 2), "run_s": round(time.perf_counter() - t0, 2)}
+
+
+def run_decoder_coreml(package, tokens: list[int], decode_steps: int, compute_units: str) -> np.ndarray:
+    import coremltools as ct
+
+    units = getattr(ct.ComputeUnit, compute_units.upper())
+    model = ct.models.MLModel(str(package), compute_units=units)
+    state = model.make_state()
+    logits = []
+    for feed in decoder_steps(tokens, decode_steps):
+        feed = {"input_ids": feed["input_ids"], "causal_mask": feed["causal_mask"].astype(np.float16)}
+        logits.append(np.asarray(model.predict(feed, state=state)["logits"])[0])
+    return np.concatenate(logits).astype(np.float32)
+
+
+def run_encoder_mil(package, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    from edgepack.targets.coreml_support.mil_reference import load_program
+
+    program = load_program(package)
+    return program.run({"input_ids": ids, "attention_mask": mask})["last_hidden_state"][0].astype(np.float32)
+
+
+def run_encoder_coreml(package, ids: np.ndarray, mask: np.ndarray, compute_units: str) -> np.ndarray:
+    import coremltools as ct
+
+    model = ct.models.MLModel(str(package), compute_units=getattr(ct.ComputeUnit, compute_units.upper()))
+    return np.asarray(model.predict({"input_ids": ids, "attention_mask": mask})["last_hidden_state"])[0].astype(np.float32)
+
+
+def coreml_runtime_available() -> tuple[bool, str]:
+    if platform.system() != "Darwin":
+        return False, f"Core ML runs only on macOS (this host is {platform.system()}); MLModel.predict needs libcoremlpython"
+    try:
+        import coremltools.libcoremlpython  # noqa: F401
+    except ImportError as exc:
+        return False, f"coremltools has no native runtime here ({exc})"
+    return True, ""

@@ -1,0 +1,225 @@
+"""Core ML target on tiny Llama and BERT: conversion, spec inspection, MIL-reference parity, ANE report.
+
+Core ML itself runs only on macOS: those tests skip elsewhere with the reason. Everything else runs the
+saved program through edgepack's MIL reference interpreter.
+"""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("coremltools")
+
+from tests.conftest import read_json  # noqa: E402
+
+ON_MAC = platform.system() == "Darwin"
+MAC_ONLY = pytest.mark.skipif(not ON_MAC, reason=f"Core ML predict runs only on macOS (this host is {platform.system()})")
+
+
+class _Artifact:
+    """target.json read back as the attributes tests use (the fixture is built through the CLI)."""
+
+    def __init__(self, report: dict):
+        self.facts, self.checks, self.files = report["facts"], report["checks"], report["files"]
+
+
+@pytest.fixture(scope="module")
+def llama_target(exported_tiny_factory, tmp_path_factory):
+    from tests.conftest import run_cli
+
+    out = tmp_path_factory.mktemp("coreml") / "llama"
+    result = run_cli("target", "coreml", exported_tiny_factory("llama"), "-o", out, "--max-context", "64")
+    assert result.exit_code == 0, result.stderr
+    assert "cpu_and_ne" in result.stdout and "top-1 1.000" in result.stdout
+    return out, _Artifact(read_json(out / "target.json"))
+
+
+def _tiny_llama_variant(src: Path, out: Path, *, heads: int, scale_embeddings: float = 1.0) -> Path:
+    """A tiny Llama HF folder with `heads` attention heads (head_dim = 64 / heads), tokenizer copied from src."""
+    import torch
+    import transformers as tf
+
+    config = tf.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=heads,
+                            num_key_value_heads=1, max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=0, eos_token_id=2, pad_token_id=3)
+    torch.manual_seed(1)
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+        model.model.embed_tokens.weight.mul_(scale_embeddings)
+    model.save_pretrained(str(out))
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy2(src / name, out / name)
+    return out
+
+
+def test_llama_stateful_package_and_target_json(llama_target):
+    out, artifact = llama_target
+    report = read_json(out / "target.json")
+    assert report["target"] == "coreml" and report["passed"] is True
+    assert (out / "model.mlpackage" / "Manifest.json").is_file()
+    assert (out / "tokenizer.json").is_file()
+    facts = report["facts"]
+    assert facts["kind"] == "decoder" and facts["compute_precision"] == "fp16"
+    assert facts["compression"]["name"] == "none"
+    assert report["total_bytes"] == sum(report["files"].values())
+    assert any("coremltools#2633" in fix for fix in facts["compat_fixes"])
+
+
+def test_llama_spec_inspection(llama_target):
+    import coremltools as ct
+
+    out, _ = llama_target
+    spec = ct.models.MLModel(str(out / "model.mlpackage"), skip_model_load=True).get_spec()
+    assert spec.WhichOneof("Type") == "mlProgram"
+    assert spec.specificationVersion >= 9  # iOS 18 (states)
+    assert [i.name for i in spec.description.input] == ["input_ids", "causal_mask"]
+    assert [o.name for o in spec.description.output] == ["logits"]
+    states = {s.name: list(s.type.stateType.arrayType.shape) for s in spec.description.state}
+    # (layers, batch, kv_heads, context, head_dim) of the tiny Llama: 2 layers, 2 KV heads, head_dim 16
+    assert states == {"key_cache": [2, 1, 2, 64, 16], "value_cache": [2, 1, 2, 64, 16]}
+
+
+def test_llama_mil_reference_parity(llama_target):
+    _, artifact = llama_target
+    parity = artifact.checks["parity"]
+    mil = artifact.facts["verification"]["mil-reference"]
+    assert parity["passed"] and parity["verified_by"] == ("coreml-runtime" if ON_MAC else "mil-reference")
+    assert mil["verified_by"] == "mil-reference" and mil["positions"] == 64 and mil["decode_steps"] == 8
+    assert mil["top1_agreement"] >= 0.99 and mil["kl_mean"] <= 1e-3 and mil["max_abs_logit_diff"] < 0.05
+    if not ON_MAC:
+        assert "macOS" in artifact.facts["verification"]["coreml-runtime"]["skipped"]
+
+
+def test_ane_report_flags_state_dimension_not_multiple_of_32(llama_target):
+    _, artifact = llama_target
+    ane = artifact.facts["ane"]
+    assert [s["last_dim_multiple_of_32"] for s in ane["states"]] == [False, False]
+    rules = {f["id"]: f for f in ane["findings"]}
+    assert rules["state-alignment-32"]["severity"] == "blocking"
+    assert "coremltools#2631" in rules["state-alignment-32"]["source"]
+    assert "state-alignment-32" in ane["verdicts"]["cpu_and_ne"]
+    assert ane["op_counts"]["scaled_dot_product_attention"] == 2
+    assert ane["dynamic_shape_ops"]["count"] > 0 and ane["size_bytes"] > 0
+    assert all(f["source"] for f in ane["findings"])
+
+
+def test_ane_report_passes_aligned_state(tiny_model_factory, tmp_path):
+    from edgepack.targets.coreml import CoreMLConfig, build
+
+    folder = _tiny_llama_variant(tiny_model_factory("llama"), tmp_path / "hf", heads=2)  # head_dim 32
+    artifact = build(folder, tmp_path / "out", CoreMLConfig(max_context=16, verify=False))
+    ane = artifact.facts["ane"]
+    assert [s["shape"][-1] for s in ane["states"]] == [32, 32]
+    assert "state-alignment-32" not in {f["id"] for f in ane["findings"]}
+
+
+def test_fp16_safety_pass_rewrites_overflowing_norms(tiny_model_factory, tmp_path):
+    from edgepack.targets.coreml import CoreMLConfig, build
+
+    # Embeddings x30000: the residual stream reaches ~2e3, so RMSNorm's x^2 overflows fp16 (as in SmolLM2, ~2e4).
+    folder = _tiny_llama_variant(tiny_model_factory("llama"), tmp_path / "hf", heads=2, scale_embeddings=30000.0)
+    unsafe = build(folder, tmp_path / "unsafe", CoreMLConfig(max_context=16, eval_positions=16, decode_steps=4, fp16_safety=False))
+    safe = build(folder, tmp_path / "safe", CoreMLConfig(max_context=16, eval_positions=16, decode_steps=4))
+    rewrites = safe.facts["fp16_safety"]["rewrites"]
+    assert any(r["op"] == "model.layers.0.input_layernorm" for r in rewrites)
+    assert unsafe.facts["fp16_safety"]["rewritten_ops"] == 0
+    bad, good = unsafe.facts["verification"]["mil-reference"], safe.facts["verification"]["mil-reference"]
+    assert safe.facts["fp16_safety"]["largest_activations"][0]["max_abs"] ** 2 > 65504
+    assert not unsafe.checks["parity"]["passed"]
+    # random weights give near-tied logits, so top-1 is not asserted: KL is the measure here
+    assert good["finite"] and good["kl_mean"] < 1e-3
+    assert bad["kl_mean"] > 100 * max(good["kl_mean"], 1e-5)
+
+
+def test_int4_block_compression(exported_tiny_factory, tmp_path, llama_target):
+    from edgepack.targets.coreml import CoreMLConfig, build
+
+    artifact = build(exported_tiny_factory("llama"), tmp_path / "q4", CoreMLConfig(max_context=16, eval_positions=16, compress="int4-block", block_size=16))
+    ops = artifact.facts["ane"]["op_counts"]
+    assert ops.get("constexpr_blockwise_shift_scale", 0) >= 15  # 14 projections + embedding + lm_head
+    weights = "model.mlpackage/Data/com.apple.CoreML/weights/weight.bin"
+    assert artifact.files[weights] < 0.45 * llama_target[1].files[weights]  # 4 bits + fp16 scale and offset per 16
+    assert artifact.facts["compression"]["dtype"] == "uint4"
+    assert artifact.facts["verification"]["mil-reference"]["top1_agreement"] >= 0.5  # reported; random weights
+
+
+def test_affine_blocks_hold_q4_1_exactly():
+    from edgepack.targets.coreml_support.convert import affine_blocks
+
+    rng = np.random.default_rng(0)
+    rows, cols, block = 8, 64, 32
+    # GGUF stores d and m as fp16; m is the block minimum, a few levels below zero for real weights
+    d = rng.uniform(0.001, 0.02, (rows, cols // block, 1)).astype(np.float16).astype(np.float32)
+    m = (-d * rng.uniform(4, 11, d.shape)).astype(np.float16).astype(np.float32)
+    q = rng.integers(0, 16, (rows, cols // block, block))
+    q[..., 0], q[..., 1] = 0, 15  # llama.cpp's Q4_1 maps the block min to 0 and max to 15
+    weight = (d * q + m).reshape(rows, cols).astype(np.float32)
+    data, scale, offset = affine_blocks(weight, block)
+    rebuilt = (scale.astype(np.float32)[..., None] * (data.reshape(rows, -1, block) - offset.astype(np.float32)[..., None])).reshape(rows, cols)
+    assert np.array_equal(data.reshape(q.shape), q)
+    assert np.array_equal(scale.astype(np.float32), d[..., 0])  # the scale is GGUF's d, bit for bit
+    assert (np.abs(rebuilt - weight) / d.reshape(rows, -1).repeat(block, axis=1)).max() < 0.01  # offset: fp16 rounding only
+
+
+def test_bert_encoder_fixed_shape(exported_tiny_factory, tmp_path):
+    import coremltools as ct
+
+    from edgepack.targets.coreml import CoreMLConfig, build
+
+    artifact = build(exported_tiny_factory("bert"), tmp_path / "bert", CoreMLConfig(max_context=32))
+    spec = ct.models.MLModel(str(tmp_path / "bert" / "model.mlpackage"), skip_model_load=True).get_spec()
+    assert [list(i.type.multiArrayType.shape) for i in spec.description.input] == [[1, 32], [1, 32]]
+    assert artifact.facts["kind"] == "encoder" and not artifact.facts["ane"]["states"]
+    assert "static-shapes" not in {f["id"] for f in artifact.facts["ane"]["findings"]}
+    mil = artifact.facts["verification"]["mil-reference"]
+    assert artifact.checks["parity"]["passed"] and mil["cosine_min"] > 0.999
+
+
+def test_cli_builds_and_errors(cli, exported_tiny_factory, tiny_model_factory, tmp_path, monkeypatch):
+    export = exported_tiny_factory("llama")
+    bad_units = cli("target", "coreml", export, "-o", tmp_path / "x", "--compute-units", "npu")
+    assert bad_units.exit_code == 2 and bad_units.stderr_lines == [bad_units.stderr_lines[0]] and "compute units" in bad_units.stderr
+    bad_compress = cli("target", "coreml", export, "-o", tmp_path / "x", "--compress", "int3")
+    assert bad_compress.exit_code == 2 and "int4-block" in bad_compress.stderr
+    missing = cli("target", "coreml", tmp_path, "-o", tmp_path / "x")
+    assert missing.exit_code == 3 and "convert.json" in missing.stderr
+    gpt2 = cli("target", "coreml", tiny_model_factory("gpt2"), "-o", tmp_path / "g")
+    assert gpt2.exit_code == 3 and len(gpt2.stderr_lines) == 1
+    assert "'gpt2'" in gpt2.stderr and "GPT2Attention" in gpt2.stderr
+    assert not (tmp_path / "g").exists()
+
+    import edgepack.targets.coreml as coreml
+
+    devices = tmp_path / "devices"
+    devices.mkdir()
+    (devices / "tiny-phone.toml").write_text('id = "tiny-phone"\n[memory]\napp_memory_limit_mb = { value = 0.01, source = "test" }\n')
+    monkeypatch.setattr(coreml, "DEVICES_DIR", devices)
+    unknown = cli("target", "coreml", export, "-o", tmp_path / "x", "--device", "iphone-0")
+    assert unknown.exit_code == 2 and "tiny-phone" in unknown.stderr
+    too_big = cli("target", "coreml", export, "-o", tmp_path / "x", "--device", "tiny-phone")
+    assert too_big.exit_code == 3 and "too large for tiny-phone" in too_big.stderr
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("x")
+    again = cli("target", "coreml", export, "-o", tmp_path / "full", "--no-verify")
+    assert again.exit_code == 2 and "--force" in again.stderr
+
+
+def test_module_imports_light():
+    code = "import sys, edgepack.targets.coreml as m; assert m.SUMMARY and m.command.name == 'coreml'; " \
+           "heavy = [k for k in ('coremltools', 'torch', 'transformers') if k in sys.modules]; assert not heavy, heavy"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@MAC_ONLY
+def test_coreml_runtime_predict_matches_mil_reference(llama_target):
+    _, artifact = llama_target
+    runtime = artifact.facts["verification"]["coreml-runtime"]
+    assert runtime["verified_by"] == "coreml-runtime"
+    assert runtime["top1_agreement"] >= 0.99 and runtime["kl_mean"] <= 1e-3
