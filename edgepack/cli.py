@@ -204,7 +204,7 @@ SCHEME_HELP = "int8-weight (default), int8-dynamic, int8-static, int4, fp16, ggu
 @click.option("--block-size", type=int, default=None, help="int4/int8-weight block size: 16, 32 (default), 64 or 128.")
 @click.option("--symmetric/--asymmetric", default=None, help="int4/int8-weight: symmetric blocks, or with zero points (int4 default: asymmetric).")
 @click.option("--algorithm", type=click.Choice(["rtn", "hqq", "gptq", "k-quant"]), default=None, help="int4 algorithm (default hqq: float zero points, no calibration).")
-@click.option("--accuracy-level", type=click.IntRange(0, 4), default=None, help="MatMulNBits accuracy_level (default 4: int8 compute).")
+@click.option("--accuracy-level", type=click.IntRange(0, 4), default=None, help="MatMulNBits accuracy_level: 0 = exact float compute (default for every scheme), 4 = int8 activations inside the kernel (faster, approximate).")
 @click.option("--embeddings", type=click.Choice(["int4", "int8", "fp32"]), default=None, help="Embedding table precision (default int8).")
 @click.option("--lm-head", type=click.Choice(["int4", "int8", "fp32"]), default=None, help="int4: lm_head precision, tied or not (default int8).")
 @click.option("--keep-8bit", multiple=True, metavar="REGEX", help="int4: nodes whose name matches stay 8-bit (repeatable), e.g. 'layers\\.0/'.")

@@ -2,13 +2,15 @@
 
 Activations stay float; each MatMul weight becomes `com.microsoft.MatMulNBits` blocks with their own
 scales (and zero points). Per-node precision (lm_head, `--keep-8bit` patterns) is done by running the
-library quantizer once per bit width over disjoint node sets.
+library quantizer once per bit width over disjoint node sets. Then `cpu_layout.rewrite_for_cpu`
+re-expresses, value for value, what onnxruntime's CPU kernels run slowly (HQQ's float zero points,
+8-bit weights at accuracy_level 0) as fast 4-bit pieces, and a tied embedding reads the lm_head's
+quantized blocks instead of keeping its own table.
 """
 
 from __future__ import annotations
 
-import numpy as np
-
+from edgepack.quantize.cpu_layout import find_tied_embeddings, rewrite_for_cpu
 from edgepack.quantize.graph import (
     embedding_gathers,
     lm_head_node,
@@ -55,47 +57,13 @@ def _run_quantizer(model, *, bits: int, block_size: int, symmetric: bool, accura
     return result
 
 
-def quantize_embedding_int8(model, gather, block_size: int) -> bool:
-    """Replace a Gather on an fp32 table by GatherBlockQuantized with 8-bit symmetric blocks.
-
-    Written here because onnxruntime's MatMulNBitsQuantizer only emits 4-bit GatherBlockQuantized,
-    while the op itself (bits=8, uint8 data, default zero point 128) runs on CPU.
-    """
-    from onnx import helper, numpy_helper
-
-    inits = {i.name: i for i in model.graph.initializer}
-    table = numpy_helper.to_array(inits[gather.input[0]]).astype(np.float32)
-    vocab, hidden = table.shape
-    if hidden % block_size:
-        return False
-    blocks = table.reshape(vocab, hidden // block_size, block_size)
-    scales = np.abs(blocks).max(axis=-1) / 127.0
-    scales[scales == 0] = 1.0
-    q = np.clip(np.rint(blocks / scales[..., None]), -127, 127).astype(np.int16) + 128
-    data_name, scale_name = f"{gather.input[0]}_Q8", f"{gather.input[0]}_Q8_scales"
-    model.graph.initializer.extend([
-        numpy_helper.from_array(q.astype(np.uint8).reshape(vocab, hidden), data_name),
-        numpy_helper.from_array(scales.astype(np.float32), scale_name),
-    ])
-    axis = next((a.i for a in gather.attribute if a.name == "axis"), 0)
-    node = helper.make_node(
-        "GatherBlockQuantized", [data_name, gather.input[1], scale_name], list(gather.output),
-        name=f"{gather.name}_Q8", domain="com.microsoft", gather_axis=axis, quantize_axis=1, block_size=block_size, bits=8,
-    )
-    index = list(model.graph.node).index(gather)
-    model.graph.node.remove(gather)
-    model.graph.node.insert(index, node)
-    if not any(gather.input[0] in n.input for n in model.graph.node):
-        model.graph.initializer.remove(inits[gather.input[0]])
-    return True
-
-
 def quantize_weight_only(model, scheme: Int4 | Int8Weight, calibration_reader=None) -> tuple[object, dict]:
     """Apply `scheme` to an in-memory ModelProto; return (new model, facts about what was quantized)."""
     import onnx
 
     untied = untie_lm_head(model)
     lm_head = lm_head_node(model)
+    tied = find_tied_embeddings(model, lm_head)  # before quantization: the fp32 lm_head weight goes
     matmuls = [n.name for n in weight_matmuls(model)]
     if isinstance(scheme, Int8Weight):
         eight, four, skipped = set(matmuls), set(), set()
@@ -114,25 +82,33 @@ def quantize_weight_only(model, scheme: Int4 | Int8Weight, calibration_reader=No
         model = _run_quantizer(model, bits=4, block_size=scheme.block_size, symmetric=scheme.symmetric,
                                accuracy_level=scheme.accuracy_level, algorithm=algorithm, include=four,
                                calibration_reader=calibration_reader)
-    embeddings = {"precision": "fp32", "nodes": []}
     precision = scheme.embeddings
-    gathers = embedding_gathers(model)
-    if precision == "int8":
-        done = [g.name for g in gathers if quantize_embedding_int8(model, g, scheme.block_size)]
-        embeddings = {"precision": "int8" if done else "fp32", "nodes": done}
-    elif precision == "int4" and gathers:
-        names = {g.name for g in gathers}
+    head_bits = 8 if lm_head in eight else 4 if lm_head in four else None
+    wanted_bits = {"int8": 8, "int4": 4}.get(precision)
+    # A tied table (bit-identical to lm_head^T, checked) reads the lm_head's blocks when those are at
+    # least as precise as the embedding precision asked for: stored once, no table of its own.
+    shared = tied if head_bits and wanted_bits and head_bits >= wanted_bits else {}
+    gathers = [g for g in embedding_gathers(model) if g.name not in shared]
+    if precision == "int4" and gathers:
         model = _run_quantizer(model, bits=4, block_size=scheme.block_size, symmetric=scheme.symmetric,
-                               accuracy_level=scheme.accuracy_level, algorithm="rtn", include=names, op_types=("Gather",))
-        embeddings = {"precision": "int4", "nodes": sorted(names)}
-    onnx.checker.check_model(model) if model.ByteSize() < 2_000_000_000 else None
+                               accuracy_level=scheme.accuracy_level, algorithm="rtn", include={g.name for g in gathers},
+                               op_types=("Gather",))
+    layout = rewrite_for_cpu(model, tied_embeddings=shared,
+                             int8_embeddings=tuple(g.name for g in gathers) if precision == "int8" else (),
+                             embedding_block_size=scheme.block_size)
+    nodes = sorted(layout["embeddings_shared"] + layout["embeddings_int8"] + ([g.name for g in gathers] if precision == "int4" else []))
+    # Shared: the embedding has the lm_head's precision (>= the one asked for).
+    embedding_precision = {8: "int8", 4: "int4"}[head_bits] if layout["embeddings_shared"] else precision if nodes else "fp32"
+    embeddings = {"precision": embedding_precision, "nodes": nodes, "shared_with_lm_head": layout["embeddings_shared"]}
     facts = {
         "matmuls_4bit": len(four),
         "matmuls_8bit": len(eight),
         "matmuls_float": len(skipped),
         "keep_8bit_nodes": sorted(eight) if not isinstance(scheme, Int8Weight) else [],
         "lm_head": {"node": lm_head, "untied_from_embedding": untied is not None,
-                    "precision": "int8" if lm_head in eight else "fp32" if lm_head in skipped else "int4" if lm_head in four else None},
+                    "precision": "int8" if lm_head in eight else "fp32" if lm_head in skipped else "int4" if lm_head in four else None,
+                    "shared_with_embedding": bool(layout["embeddings_shared"])},
         "embeddings": embeddings,
+        "cpu_layout": layout,
     }
     return model, facts

@@ -70,8 +70,10 @@ def test_int4_precision_overrides(exported_tiny_factory, tmp_path, cli):
     assert facts["lm_head"]["precision"] == "int4"
     assert facts["embeddings"]["precision"] == "int4"
     graph = onnx.load(str(out / "model.onnx")).graph
-    bits = {dict((a.name, a.i) for a in n.attribute)["bits"] for n in graph.node if n.op_type == "MatMulNBits"}
-    assert bits == {4, 8}
+    bits = [dict((a.name, a.i) for a in n.attribute)["bits"] for n in graph.node if n.op_type == "MatMulNBits"]
+    # accuracy_level 0: each 8-bit weight runs as two exact 4-bit planes (cpu_layout), the others as one.
+    assert set(bits) == {4} and len(bits) == facts["matmuls_4bit"] + 2 * facts["matmuls_8bit"]
+    assert facts["cpu_layout"]["split_8bit"] == 7 and facts["cpu_layout"]["not_exact"] == []
     assert any(n.op_type == "GatherBlockQuantized" for n in graph.node)
 
 
