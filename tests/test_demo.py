@@ -13,16 +13,6 @@ from tests.conftest import read_json
 pytestmark = pytest.mark.demo
 
 
-@pytest.fixture(scope="module")
-def smollm2_export(tmp_path_factory):
-    from tests.conftest import run_cli
-
-    out = tmp_path_factory.mktemp("demo") / "smollm2"
-    result = run_cli("convert", "smollm2-135m", "-o", out)
-    assert result.exit_code == 0, result.stderr
-    return out
-
-
 def test_demo_export_parity(smollm2_export):
     report = read_json(smollm2_export / "convert.json")
     assert report["source"]["kind"] == "demo"

@@ -1,0 +1,40 @@
+"""Issue #4 acceptance on the real demo model (marked `demo`): onnxruntime-genai runs the `ort` bundle
+of SmolLM2 (fp32 and int4) and its greedy tokens equal edgepack's; `.ort` matches `.onnx`."""
+
+from __future__ import annotations
+
+import pytest
+
+from edgepack.targets.genai_builder import builder_python
+from tests.conftest import read_json
+
+pytestmark = [pytest.mark.demo,
+              pytest.mark.skipif(builder_python() is None, reason="onnxruntime-genai builder env not set up (scripts/setup.sh)")]
+
+
+@pytest.mark.parametrize("scheme", ["fp32", "gguf"])
+def test_genai_runs_the_bundle_token_for_token(smollm2_export, tmp_path, cli, scheme):
+    source = smollm2_export
+    if scheme != "fp32":
+        source = tmp_path / scheme
+        assert cli("quantize", smollm2_export, "-o", source, "--scheme", scheme, "--no-eval").exit_code == 0
+    out = tmp_path / f"ort-{scheme}"
+    result = cli("target", "ort", source, "-o", out)
+    assert result.exit_code == 0, result.stderr
+    report = read_json(out / "target.json")
+    assert report["facts"]["graph_route"] == "builder"
+    assert report["facts"]["ops"]["com.microsoft.GroupQueryAttention"] == 30
+    genai = report["checks"]["onnxruntime_genai"]
+    assert genai["greedy_tokens_identical"] is True and len(genai["genai_tokens"]) >= 5
+    assert "Paris" in report["checks"]["edgepack_runtime"]["text"]
+    assert report["facts"]["kv_bytes_per_token"] == 30 * 2 * 3 * 64 * 4  # layers x (K,V) x kv heads x head dim x fp32
+    assert report["facts"]["kv_bytes_at_max_context"] == 2048 * report["facts"]["kv_bytes_per_token"]
+
+
+def test_ort_mobile_matches_onnx_within_5_percent_size(smollm2_export, tmp_path, cli):
+    out = tmp_path / "mobile"
+    result = cli("target", "ort-mobile", smollm2_export, "-o", out)
+    assert result.exit_code == 0, result.stderr
+    checks = read_json(out / "target.json")["checks"]
+    assert checks["parity_vs_onnx"]["max_abs_diff"] <= 1e-4
+    assert checks["size_vs_onnx"]["ratio"] <= 1.05
