@@ -239,21 +239,36 @@ def build_recipe(recipe_path: Path | str, out: Path | str, config: BuildConfig =
     available = registered_targets()
     targets: dict[tuple[str, str], Path] = {}
     if last_stage >= 2:
+        tasks = []
         for target_name, options in recipe.targets.items():
             module = importlib.import_module(available[target_name])
             config_cls = target_config_class(module)
             schemes = [s for s in sources if s != FP32 or len(sources) == 1] if _target_uses_schemes(module) else [FP32]
             for scheme in schemes:
-                source_path, source_key = sources[scheme]
-                target_config = config_cls(**options) if config_cls else None
-                payload = {"source": source_key, "target": target_name, "options": options}
-                path = stage("target", f"{target_name}/{scheme}", payload,
-                             lambda o, m=module, s=source_path, c=target_config: m.build(s, o, c) if c is not None else m.build(s, o))
-                targets[(target_name, scheme)] = path
-                report = json.loads((path / "target.json").read_text())
-                for check_name, check in report.get("checks", {}).items():
-                    if check.get("passed") is False:
-                        result.failures.append(f"target {target_name}/{scheme}: check {check_name} failed")
+                tasks.append((target_name, scheme, module, config_cls, options))
+
+        def run_target(task):
+            target_name, scheme, module, config_cls, options = task
+            source_path, source_key = sources[scheme]
+            target_config = config_cls(**options) if config_cls else None
+            payload = {"source": source_key, "target": target_name, "options": options}
+            return task, stage("target", f"{target_name}/{scheme}", payload,
+                               lambda o: module.build(source_path, o, target_config) if target_config is not None else module.build(source_path, o))
+
+        if config.jobs > 1 and len(tasks) > 1:
+            # Targets of different schemes are independent; onnxruntime and subprocesses release the GIL.
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(max_workers=config.jobs) as pool:
+                finished = list(pool.map(run_target, tasks))
+        else:
+            finished = [run_target(task) for task in tasks]
+        for (target_name, scheme, *_), path in finished:
+            targets[(target_name, scheme)] = path
+            report = json.loads((path / "target.json").read_text())
+            for check_name, check in report.get("checks", {}).items():
+                if check.get("passed") is False:
+                    result.failures.append(f"target {target_name}/{scheme}: check {check_name} failed")
 
     # profile
     profiles: dict[str, dict] = {}

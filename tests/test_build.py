@@ -61,7 +61,7 @@ def recipe(tmp_path, tiny_model_factory, decode_budget=1000):
 
 def test_build_writes_a_verified_bundle_and_reuses_the_cache(tmp_path, tiny_model_factory, cache, cli):
     path, out = recipe(tmp_path, tiny_model_factory), tmp_path / "bundle"
-    result = cli("build", path, "-o", out, "--junit", tmp_path / "junit-copy.xml")
+    result = cli("build", path, "-o", out, "--junit", tmp_path / "junit-copy.xml", "--jobs", "2")
     assert result.exit_code == 0, result.stderr
     for name in ("manifest.json", "report.json", "report.html", "junit.xml", "recipe.toml",
                  "targets/ort/int8-weight/model.onnx", "targets/ort/int4/model.onnx",
