@@ -106,26 +106,11 @@ def _gemv_model(fmt: str, layers: int, rows: int = 1):
             nodes.append(helper.make_node("MatMul", [prev, f"w{i}"], [out]))
             weight_bytes += w.nbytes
         else:
-            bits = 8 if fmt == "int8" else 4
-            block = 32
-            blocks = k // block
-            data = rng.integers(0, 256, size=(k, blocks, block * bits // 8), dtype=np.uint8)
-            if bits == 8:  # int8-weight: symmetric (default zero point 128), fp32 compute
-                scales = np.full((k, blocks), 1.0 / (70.0 * np.sqrt(k)), dtype=np.float32)
-                inputs = [prev, f"q{i}", f"s{i}"]
-                extra = {}
-                tensors = [numpy_helper.from_array(data, f"q{i}"), numpy_helper.from_array(scales, f"s{i}")]
-            else:  # int4: float zero points, int8 compute (accuracy_level 4), as `edgepack quantize --scheme int4`
-                scales = np.full(k * blocks, 1.0 / (4.6 * np.sqrt(k)), dtype=np.float32)
-                zeros = np.full(k * blocks, 7.5, dtype=np.float32)
-                inputs = [prev, f"q{i}", f"s{i}", f"z{i}"]
-                extra = {"accuracy_level": 4}
-                tensors = [numpy_helper.from_array(data, f"q{i}"), numpy_helper.from_array(scales, f"s{i}"),
-                           numpy_helper.from_array(zeros, f"z{i}")]
-            inits.extend(tensors)
-            weight_bytes += sum(t.nbytes for t in (data, scales)) + (k * blocks * 4 if bits == 4 else 0)
-            nodes.append(helper.make_node("MatMulNBits", inputs, [out], domain="com.microsoft",
-                                          K=k, N=k, bits=bits, block_size=block, **extra))
+            # Quantized below by edgepack's own weight-only path, so calibration times the exact kernels
+            # and layout `edgepack quantize` emits (4-bit planes, block minimums, accuracy level).
+            w = (rng.standard_normal((k, k), dtype=np.float32) / np.sqrt(k)).astype(np.float32)
+            inits.append(numpy_helper.from_array(w, f"w{i}"))
+            nodes.append(helper.make_node("MatMul", [prev, f"w{i}"], [out], name=f"layer{i}"))
     nodes.append(helper.make_node("Sum", outputs, ["y"]))
     graph = helper.make_graph(
         nodes, f"gemv_{fmt}", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, k])],
@@ -133,6 +118,13 @@ def _gemv_model(fmt: str, layers: int, rows: int = 1):
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
     model.ir_version = 9
+    if fmt != "fp32":
+        from edgepack.profiles.model_facts import tensor_bytes
+        from edgepack.quantize.schemes import Int4, Int8Weight
+        from edgepack.quantize.weight_only import quantize_weight_only
+
+        model, _facts = quantize_weight_only(model, Int8Weight() if fmt == "int8" else Int4())
+        weight_bytes = int(sum(tensor_bytes(t) for t in model.graph.initializer))
     return model, weight_bytes
 
 

@@ -1,0 +1,160 @@
+"""The QNN execution provider with its HTP backend (a simulator on x86-64 Linux, the NPU on a device).
+
+Registration goes through onnxruntime's plugin-EP API: `register_execution_provider_library`, the QNN
+device from `get_ep_devices()`, `SessionOptions.add_provider_for_devices`. The older
+`providers=["QNNExecutionProvider"]` runs silently on CPU with onnxruntime-qnn 2.x, so it is never used.
+CPU fallback is disabled (`session.disable_cpu_ep_fallback`): a node the HTP cannot take is an error,
+named from `get_provider_graph_assignment_info()` of a second session that allows fallback.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgepack.errors import BadInputError, NotOnThisHostError
+
+EP_NAME = "QNNExecutionProvider"
+_REGISTERED: list = []
+
+
+def qnn_versions() -> dict:
+    """onnxruntime, onnxruntime-qnn and the QNN SDK it bundles (the SDK a context binary is built with)."""
+    import onnxruntime
+
+    try:
+        from onnxruntime_qnn import build_and_package_info as info
+    except ImportError as exc:
+        raise NotOnThisHostError(
+            "onnxruntime-qnn is not installed: `pip install onnxruntime-qnn==2.7.0` (Linux x86-64 simulator, "
+            "Windows on Snapdragon) or build on a host that has it") from exc
+    return {"onnxruntime": onnxruntime.__version__, "onnxruntime_qnn": info.__version__,
+            "qnn_sdk": getattr(info, "qnn_version", None)}
+
+
+def qnn_devices():
+    """Register the QNN EP library once; return its OrtEpDevice list."""
+    import onnxruntime as ort
+
+    qnn_versions()
+    import onnxruntime_qnn
+
+    if not _REGISTERED:
+        library = onnxruntime_qnn.get_library_path()
+        if not Path(library).is_file():
+            raise NotOnThisHostError(f"onnxruntime-qnn has no provider library for this platform ({library} is missing)")
+        try:
+            ort.register_execution_provider_library(EP_NAME, library)
+        except Exception as exc:  # already registered by someone else in this process is fine
+            if "already" not in str(exc).lower():
+                raise NotOnThisHostError(f"cannot load the QNN execution provider here: {' '.join(str(exc).split())[:300]}") from exc
+        _REGISTERED.append(library)
+    devices = [d for d in ort.get_ep_devices() if d.ep_name == EP_NAME]
+    if not devices:
+        raise NotOnThisHostError("the QNN execution provider registered no device on this host")
+    return devices
+
+
+@dataclass
+class HtpOptions:
+    soc_model: int | None = None
+    htp_arch: int | None = None
+    fp16: bool = False
+
+    def provider_options(self) -> dict[str, str]:
+        # offload_graph_io_quantization=0: the HTP quantizes the graph inputs itself (else those Q nodes go to CPU).
+        options = {"backend_type": "htp", "htp_performance_mode": "burst", "offload_graph_io_quantization": "0"}
+        if self.soc_model is not None:
+            options["soc_model"] = str(self.soc_model)
+        if self.htp_arch is not None:
+            options["htp_arch"] = str(self.htp_arch)
+        if self.fp16:
+            options["enable_htp_fp16_precision"] = "1"
+        return options
+
+
+def _session_options(options: HtpOptions, *, fallback: bool, context_path: Path | None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
+    if not fallback:
+        so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    if context_path is not None:
+        so.add_session_config_entry("ep.context_enable", "1")
+        so.add_session_config_entry("ep.context_file_path", str(context_path))
+        so.add_session_config_entry("ep.context_embed_mode", "0")
+    so.add_provider_for_devices(qnn_devices(), options.provider_options())
+    return so
+
+
+@dataclass
+class Placement:
+    nodes_on_htp: int
+    nodes_total: int
+    not_on_htp: dict[str, int] = field(default_factory=dict)  # op type -> count
+    not_on_htp_nodes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"nodes_on_htp": self.nodes_on_htp, "nodes_total": self.nodes_total,
+                "not_on_htp_by_op": self.not_on_htp, "not_on_htp_nodes": self.not_on_htp_nodes[:20]}
+
+
+def placement(session, model_path: Path) -> Placement:
+    """Nodes per EP from the session's assignment info, op types of the ones not on QNN."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    op_of = {n.name: n.op_type for n in graph.node}
+    on_htp, others = 0, []
+    for subgraph in session.get_provider_graph_assignment_info():
+        nodes = subgraph.get_nodes()
+        if subgraph.ep_name == EP_NAME:
+            on_htp += len(nodes)
+        else:
+            others.extend(nodes)
+    by_op: dict[str, int] = {}
+    names = []
+    for node in others:
+        name = getattr(node, "name", None) or str(node)
+        op = getattr(node, "op_type", None) or op_of.get(name, "?")
+        by_op[op] = by_op.get(op, 0) + 1
+        names.append(f"{name} ({op})")
+    return Placement(on_htp, on_htp + len(others), by_op, names)
+
+
+def compile_on_htp(model_path: Path, options: HtpOptions, context_path: Path):
+    """Compile `model_path` for the HTP with CPU fallback disabled and write its EP context binary.
+
+    Returns (session, placement, compile seconds). A node the HTP cannot take raises BadInputError naming it.
+    """
+    import onnxruntime as ort
+
+    start = time.perf_counter()
+    try:
+        session = ort.InferenceSession(str(model_path), _session_options(options, fallback=False, context_path=context_path))
+    except Exception as exc:
+        message = " ".join(str(exc).split())
+        if "fallback to CPU EP has been explicitly disabled" in message or "assigned to the default CPU EP" in message:
+            probe = ort.InferenceSession(str(model_path), _session_options(options, fallback=True, context_path=None))
+            where = placement(probe, model_path)
+            raise BadInputError(
+                f"{model_path.name}: {where.nodes_total - where.nodes_on_htp} node(s) the HTP cannot take "
+                f"({', '.join(f'{op} x{n}' for op, n in where.not_on_htp.items())}), e.g. {', '.join(where.not_on_htp_nodes[:3])}; "
+                "CPU fallback is disabled on purpose") from exc
+        if "soc_model" in message or "htp_arch" in message:
+            raise BadInputError(f"the QNN HTP backend refused soc_model/htp_arch {options.soc_model}/{options.htp_arch}: {message[:300]}") from exc
+        raise BadInputError(f"QNN could not compile {model_path.name} for the HTP: {message[:400]}") from exc
+    seconds = time.perf_counter() - start
+    return session, placement(session, model_path), seconds
+
+
+def load_context(context_path: Path, options: HtpOptions):
+    """Reload a context model (`*_ctx.onnx` + its .bin); returns (session, seconds)."""
+    import onnxruntime as ort
+
+    start = time.perf_counter()
+    session = ort.InferenceSession(str(context_path), _session_options(options, fallback=False, context_path=None))
+    return session, time.perf_counter() - start

@@ -1,0 +1,203 @@
+"""Static-shape graphs the Hexagon NPU (HTP) takes, cut from an optimum export.
+
+* `make_static`: every dimension fixed (batch 1, the sequence, the cache length), then constant-folded
+  by onnxruntime (basic level: EP-independent). Without folding, QNN's graph finalisation fails with
+  QNN_COMMON_ERROR_MEM_ALLOC on the shape arithmetic left in the graph.
+* `split_host_prep`: the nodes that depend only on `attention_mask` / `position_ids` (mask building
+  with int64/bool ops, rotary cos/sin) move to a small CPU graph; their results (an additive attention
+  bias, cos, sin) become float inputs of the NPU graph. The HTP would run int64/bool mask arithmetic
+  badly or not at all, and it is the layout Qualcomm's own LLM pipelines use.
+* Masks use `MASK_VALUE` instead of -inf/float-min: quantized activations need a finite range.
+* `new_kv_outputs`: the decoder returns only this call's keys/values (not past + new), so the host
+  writes them into its fixed-size cache.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+from edgepack.errors import BadInputError
+
+MASK_VALUE = -100.0  # additive bias for masked positions; exp(-100) ~ 4e-44, and a 16-bit range stays fine
+HOST_INPUTS = ("attention_mask", "position_ids", "token_type_ids")
+_PRESENT = re.compile(r"^present\.(\d+)\.(key|value)$")
+
+
+def fix_dims(model, dims: dict[str, int]) -> None:
+    """Fix named dimensions (onnxruntime's helper), then check nothing symbolic is left on inputs/outputs."""
+    from onnxruntime.tools.onnx_model_utils import fix_output_shapes, make_dim_param_fixed
+
+    for name, value in dims.items():
+        make_dim_param_fixed(model.graph, name, int(value))
+    fix_output_shapes(model)
+    left = sorted({f"{v.name}[{d.dim_param or '?'}]" for v in list(model.graph.input) + list(model.graph.output)
+                   for d in v.type.tensor_type.shape.dim if not d.HasField("dim_value")})
+    if left:
+        raise BadInputError(f"dynamic dimension(s) left in the graph after fixing shapes: {', '.join(left[:6])}; "
+                            "the HTP runs static shapes only")
+
+
+def constant_fold(model, work: Path, name: str):
+    """onnxruntime's basic-level optimizer (constant folding, redundant-node removal), saved and reloaded."""
+    import onnx
+    import onnxruntime as ort
+
+    from edgepack.quantize.graph import save_model
+
+    src, dst = work / f"{name}.static.onnx", work / f"{name}.folded.onnx"
+    save_model(model, src)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(dst)
+    options.log_severity_level = 3
+    ort.InferenceSession(str(src), options, providers=["CPUExecutionProvider"])
+    return onnx.load(str(dst))
+
+
+def finite_masks(model) -> int:
+    """-inf / float-min constants (mask fill values) -> MASK_VALUE. Returns how many were changed."""
+    import onnx
+    from onnx import numpy_helper
+
+    changed = 0
+    for init in model.graph.initializer:
+        if init.data_type != onnx.TensorProto.FLOAT or int(np.prod(init.dims)) > 64:
+            continue
+        array = numpy_helper.to_array(init)
+        bad = np.isneginf(array) | (array <= -1e30)
+        if bad.any():
+            init.CopyFrom(numpy_helper.from_array(np.where(bad, np.float32(MASK_VALUE), array).astype(np.float32), init.name))
+            changed += 1
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value" and attr.t.data_type == onnx.TensorProto.FLOAT:
+                    array = numpy_helper.to_array(attr.t)
+                    bad = np.isneginf(array) | (array <= -1e30)
+                    if bad.any() and array.size <= 64:
+                        attr.t.CopyFrom(numpy_helper.from_array(np.where(bad, np.float32(MASK_VALUE), array).astype(np.float32)))
+                        changed += 1
+    return changed
+
+
+def drop_nan_guards(model) -> int:
+    """Where(IsNaN(x), 0, x) after Softmax -> x: with finite masks no row is all-masked, the guard is identity."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    outputs = {o.name for o in model.graph.output}
+    removed = 0
+    for node in list(model.graph.node):
+        if node.op_type != "Where":
+            continue
+        cond = producers.get(node.input[0])
+        if cond is None or cond.op_type != "IsNaN" or cond.input[0] != node.input[2] or node.output[0] in outputs:
+            continue
+        _rename_uses(model, node.output[0], node.input[2])
+        model.graph.node.remove(node)
+        if not any(cond.output[0] in n.input for n in model.graph.node):
+            model.graph.node.remove(cond)
+        removed += 1
+    return removed
+
+
+def _rename_uses(model, old: str, new: str) -> None:
+    for node in model.graph.node:
+        for index, name in enumerate(node.input):
+            if name == old:
+                node.input[index] = new
+
+
+def new_kv_outputs(model) -> dict[str, str]:
+    """present.N.* = Concat(past_key_values.N.*, new) -> output `new` only, renamed to present.N.*; returns {output: past input}."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    inputs = {i.name for i in model.graph.input}
+    mapping = {}
+    for output in model.graph.output:
+        match = _PRESENT.match(output.name)
+        if not match:
+            continue
+        concat = producers.get(output.name)
+        past = f"past_key_values.{match.group(1)}.{match.group(2)}"
+        if concat is None or concat.op_type != "Concat" or len(concat.input) != 2 or concat.input[0] != past or past not in inputs:
+            raise BadInputError(f"{output.name} is not Concat({past}, new) in this export; the static-cache rewrite needs that layout")
+        new = concat.input[1]
+        producer = producers.get(new)
+        if producer is None or new in inputs:
+            raise BadInputError(f"{output.name}: the new keys/values are not computed in the graph")
+        # Rename: the producer of the new slice writes the output name; the Concat stays internal.
+        internal = f"{output.name}.full"
+        concat.output[0] = internal
+        _rename_uses(model, output.name, internal)
+        producer.output[list(producer.output).index(new)] = output.name
+        _rename_uses(model, new, output.name)
+        dims = output.type.tensor_type.shape.dim
+        past_info = next(i for i in model.graph.input if i.name == past)
+        past_len = past_info.type.tensor_type.shape.dim[2].dim_value
+        if dims[2].HasField("dim_value"):
+            dims[2].dim_value = dims[2].dim_value - past_len
+        mapping[output.name] = past
+    return mapping
+
+
+def split_host_prep(model, host_inputs=HOST_INPUTS) -> tuple[object, object | None, list[str], list[str]]:
+    """Move the nodes computed only from `host_inputs` (and constants) to a CPU graph.
+
+    Returns (npu_model, host_model or None, host graph inputs, bridge tensors). Bridge tensors become
+    float inputs of the NPU graph with the same names.
+    """
+    import onnx
+    from onnx import helper
+
+    graph = model.graph
+    inits = {i.name for i in graph.initializer}
+    graph_inputs = {i.name: i for i in graph.input}
+    present = [name for name in host_inputs if name in graph_inputs]
+    if not present:
+        return model, None, [], []
+    host_tensors = set(present)
+    host_nodes = []
+    for node in graph.node:  # topological order
+        real = [i for i in node.input if i]
+        if real and all(i in host_tensors or i in inits for i in real) and any(i in host_tensors for i in real):
+            host_nodes.append(node)
+            host_tensors.update(node.output)
+    host_ids = {id(n) for n in host_nodes}
+    npu_nodes = [n for n in graph.node if id(n) not in host_ids]
+    needed = {i for n in npu_nodes for i in n.input} | {o.name for o in graph.output}
+    bridge = [t for t in dict.fromkeys(o for n in host_nodes for o in n.output) if t in needed]
+    direct = [name for name in present if name in needed]  # host inputs the NPU graph reads as they are
+    if direct:
+        raise BadInputError(f"input(s) {', '.join(direct)} feed the model directly, not only its mask/rotary preparation; "
+                            "edgepack cannot move them off the NPU")
+    # Types and shapes of the bridge tensors, from shape inference on the full model.
+    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    infos = {v.name: v for v in list(inferred.graph.value_info) + list(inferred.graph.output)}
+    for name in bridge:
+        info = infos.get(name)
+        if info is None or any(not d.HasField("dim_value") for d in info.type.tensor_type.shape.dim):
+            raise BadInputError(f"cannot infer a static shape for {name}, which the host graph hands to the NPU graph")
+        if info.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+            raise BadInputError(f"{name} (computed from {', '.join(present)}) is not float; the NPU graph cannot take it as an input")
+    used_inits = {i for n in host_nodes for i in n.input if i in inits}
+    host_graph = helper.make_graph(
+        host_nodes, "edgepack_host_prep", [graph_inputs[name] for name in present],
+        [infos[name] for name in bridge], [i for i in graph.initializer if i.name in used_inits])
+    host = helper.make_model(host_graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+
+    npu_inputs = [i for i in graph.input if i.name not in present] + [infos[name] for name in bridge]
+    npu_used = {i for n in npu_nodes for i in n.input}
+    npu_graph = helper.make_graph(npu_nodes, graph.name, npu_inputs, list(graph.output),
+                                  [i for i in graph.initializer if i.name in npu_used])
+    npu = helper.make_model(npu_graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    return npu, host, present, bridge
+
+
+def unsupported_inputs(model) -> list[str]:
+    """NPU graph inputs that are neither float nor int32/int64 token ids."""
+    import onnx
+
+    allowed = {onnx.TensorProto.FLOAT, onnx.TensorProto.INT64, onnx.TensorProto.INT32}
+    return [i.name for i in model.graph.input if i.type.tensor_type.elem_type not in allowed]
+

@@ -1,0 +1,205 @@
+"""QDQ quantization for the HTP with onnxruntime's QNN helpers, and the accuracy rescue.
+
+Precisions (weights / activations):
+  w8a16  int8 symmetric per-channel MatMul weights, uint16 activations (the HTP's usual LLM setting)
+  w4a16  int4 symmetric per-channel MatMul weights, uint16 activations
+  w8a8   int8 symmetric per-channel MatMul weights, uint8 activations
+  fp16   no quantization: the HTP runs the fp32 graph in fp16 (`enable_htp_fp16_precision`)
+
+16-bit activations are quantized *symmetrically*: with asymmetric uint16 activations and int8 weights
+the QNN 2.51 HTP simulator crashed (segfault at run time) on the attention block of a tiny Llama,
+while symmetric uint16, uint16 weights, or uint8 activations all ran. The price is one bit of range
+for non-negative tensors, small at 16 bits.
+
+Rescue: each weight is quantized alone (the others stay fp32) in the fp32 prefill graph on CPU and the
+KL(fp32 || that) over the calibration windows is its sensitivity; the `rescue` most sensitive weights
+are kept at 16 bits (int16 per-channel, which the HTP runs).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+PRECISIONS = ("w8a16", "w4a16", "w8a8", "fp16")
+
+
+class _Reader:
+    def __init__(self, feeds):
+        self.feeds = feeds
+        self._iter = iter(feeds)
+
+    def get_next(self):
+        return next(self._iter, None)
+
+    def rewind(self):
+        self._iter = iter(self.feeds)
+
+
+def weight_tensors(model) -> dict[str, dict]:
+    """Constant weights the rescue can keep at 16 bits: MatMul right-hand sides and Gather tables."""
+    inits = {i.name: i for i in model.graph.initializer}
+    found = {}
+    for node in model.graph.node:
+        if node.op_type == "MatMul" and node.input[1] in inits and len(inits[node.input[1]].dims) >= 2:
+            found.setdefault(node.input[1], {"op": "MatMul", "node": node.name, "dims": list(inits[node.input[1]].dims)})
+        elif node.op_type == "Gather" and node.input[0] in inits and len(inits[node.input[0]].dims) == 2:
+            found.setdefault(node.input[0], {"op": "Gather", "node": node.name, "dims": list(inits[node.input[0]].dims)})
+    return found
+
+
+def _types(precision: str):
+    from onnxruntime.quantization import QuantType
+
+    weight = {"w8a16": QuantType.QInt8, "w4a16": QuantType.QInt4, "w8a8": QuantType.QInt8}[precision]
+    activation = QuantType.QUInt8 if precision == "w8a8" else QuantType.QUInt16
+    return weight, activation
+
+
+def activation_ranges(fp32_path: Path, feeds: list[dict], work: Path) -> dict[str, tuple[float, float]]:
+    """MinMax ranges of every float activation over the calibration feeds (onnxruntime's calibrator)."""
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
+
+    calibrator = create_calibrator(str(fp32_path), None, augmented_model_path=str(work / f"{fp32_path.stem}.augmented.onnx"),
+                                   calibrate_method=CalibrationMethod.MinMax, providers=["CPUExecutionProvider"])
+    calibrator.collect_data(_Reader(feeds))
+    ranges = {name: (float(np.min(data.range_value[0])), float(np.max(data.range_value[1])))
+              for name, data in calibrator.compute_data().data.items()}
+    del calibrator
+    return ranges
+
+
+def quantize_qdq(fp32_path: Path, out_path: Path, feeds: list[dict], precision: str, keep_16bit: set[str] = frozenset(),
+                 range_margin: float = 0.0, work: Path | None = None) -> dict:
+    """QDQ model for the HTP. Returns facts (types, overrides).
+
+    `range_margin` widens every calibrated (symmetric 16-bit) activation range by that fraction: MinMax
+    calibration clips whatever other text drives beyond the calibration windows (seen on a tiny Llama:
+    max |logit diff| 0.27 with the margin off, 0.06 with 0.25), and at 16 bits 25% costs a third of a bit.
+    Done through the quantizer's rmin/rmax tensor overrides, so it keeps the parameters that must match
+    (Reshape, Transpose, Concat ...) consistent. (Scaling the scales of the finished QDQ model instead
+    broke the tiny Llama: max |logit diff| 0.64.)
+    """
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize
+    from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
+
+    from onnxruntime.quantization.execution_providers.qnn import qnn_preprocess_model
+
+    weight_type, activation_type = _types(precision)
+    # onnxruntime's QNN preprocessing: Erf sequences -> Gelu, ReduceL2 -> LpNormalization (ops the HTP runs).
+    prepped = out_path.parent / f"{fp32_path.stem}.qnnprep.onnx"
+    if qnn_preprocess_model(str(fp32_path), str(prepped)):
+        fp32_path = prepped
+    model = onnx.load(str(fp32_path))
+    weights = weight_tensors(model)
+    overrides: dict[str, list[dict]] = {}
+    for name, info in weights.items():
+        quant_type = QuantType.QInt16 if name in keep_16bit else weight_type
+        if info["op"] == "MatMul":
+            # Per output channel (the last axis of the [in, out] weight), symmetric.
+            overrides[name] = [{"axis": len(info["dims"]) - 1, "quant_type": quant_type, "symmetric": True}]
+        elif name in keep_16bit or precision == "w4a16":
+            # Gather tables stay per-tensor; int4 tables are not worth their loss, they go to int8 at least.
+            overrides[name] = [{"quant_type": QuantType.QInt16 if name in keep_16bit else QuantType.QInt8, "symmetric": True}]
+    widened = 0
+    if range_margin > 0:
+        graph_inputs = {i.name: i for i in model.graph.input}
+        # Softmax outputs get [0, 1] from the quantizer itself.
+        fixed = {n.output[0] for n in model.graph.node if n.op_type == "Softmax"}
+        for name, (low, high) in activation_ranges(fp32_path, feeds, work or out_path.parent).items():
+            if name in weights or name in overrides or name in fixed or (
+                    name in graph_inputs and graph_inputs[name].type.tensor_type.elem_type != 1):
+                continue
+            span = max(high - low, 1e-6)
+            overrides[name] = [{"rmin": np.float32(low - range_margin * span if low < 0 else low),
+                                "rmax": np.float32(high + range_margin * span)}]
+            widened += 1
+    inits = {i.name for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "LayerNormalization":
+            # gamma/beta as 8-bit symmetric constants (as activations they got 16-bit asymmetric
+            # parameters that the HTP's LayerNorm refused on a tiny BERT).
+            for name in node.input[1:3]:
+                if name in inits and name not in overrides:
+                    overrides[name] = [{"quant_type": QuantType.QInt8, "symmetric": True}]
+    config = get_qnn_qdq_config(
+        str(fp32_path), _Reader(feeds), activation_type=activation_type, weight_type=weight_type,
+        activation_symmetric=activation_type == QuantType.QUInt16, weight_symmetric=True, init_overrides=overrides,
+    )
+    import logging
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantizer's "consider pre-processing" / opset-upgrade advice, on the root logger
+    try:
+        quantize(str(fp32_path), str(out_path), config)
+    finally:
+        root.setLevel(level)
+    return {
+        "weights": str(weight_type).split(".")[-1], "activations": str(activation_type).split(".")[-1],
+        "activation_symmetric": activation_type == QuantType.QUInt16, "weight_granularity": "per-channel (MatMul), per-tensor (Gather)",
+        "weights_16bit": sorted(keep_16bit), "calibration_feeds": len(feeds),
+        "range_margin": range_margin, "activation_ranges_widened": widened,
+    }
+
+
+def _fake_quant(array: np.ndarray, bits: int, axis: int | None) -> np.ndarray:
+    qmax = 2 ** (bits - 1) - 1
+    if axis is None:
+        scale = np.abs(array).max() / qmax
+    else:
+        reduce = tuple(i for i in range(array.ndim) if i != axis % array.ndim)
+        scale = np.abs(array).max(axis=reduce, keepdims=True) / qmax
+    scale = np.where(scale == 0, 1.0, scale)
+    return (np.clip(np.round(array / scale), -qmax - 1, qmax) * scale).astype(array.dtype)
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def sensitivity(fp32_path: Path, feeds: list[dict], precision: str, work: Path, output: str = "logits", limit: int | None = None) -> list[dict]:
+    """Per-weight KL(fp32 || only that weight quantized) on CPU, most sensitive first."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from edgepack.quantize.graph import save_model
+    from edgepack.runtime.session import create_session
+
+    bits = {"w8a16": 8, "w8a8": 8, "w4a16": 4}[precision]
+    model = onnx.load(str(fp32_path))
+    weights = weight_tensors(model)
+    inits = {i.name: i for i in model.graph.initializer}
+    originals = {name: numpy_helper.to_array(inits[name]) for name in weights}
+    # Weights become overridable (graph inputs with a default), so one session serves every trial.
+    for name in weights:
+        model.graph.input.append(helper.make_tensor_value_info(name, inits[name].data_type, list(inits[name].dims)))
+    probe = work / "sensitivity.onnx"
+    save_model(model, probe)
+    del model
+    session = create_session(probe)
+    reference = [session.run([output], feed)[0] for feed in feeds]
+    decoder = output == "logits"
+    results = []
+    for name, info in weights.items():
+        axis = len(info["dims"]) - 1 if info["op"] == "MatMul" else None
+        trial_bits = bits if info["op"] == "MatMul" else 8
+        quantized = _fake_quant(originals[name], trial_bits, axis)
+        scores = []
+        for feed, ref in zip(feeds, reference):
+            out = session.run([output], {**feed, name: quantized})[0]
+            if decoder:
+                lp_ref, lp_q = _log_softmax(ref.reshape(-1, ref.shape[-1])), _log_softmax(out.reshape(-1, out.shape[-1]))
+                scores.append(float(np.maximum(np.sum(np.exp(lp_ref) * (lp_ref - lp_q), axis=-1), 0).mean()))
+            else:
+                a, b = ref.reshape(-1, ref.shape[-1]).astype(np.float64), out.reshape(-1, out.shape[-1]).astype(np.float64)
+                cos = np.sum(a * b, -1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-30)
+                scores.append(float(np.mean(1.0 - cos)))
+        results.append({"tensor": name, "node": info["node"], "op": info["op"], "params": int(np.prod(info["dims"])),
+                        "metric": "kl_mean" if decoder else "1-cosine", "score": float(np.mean(scores))})
+    results.sort(key=lambda r: -r["score"])
+    return results[:limit] if limit else results

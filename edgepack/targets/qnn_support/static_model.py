@@ -1,0 +1,208 @@
+"""Static-shape graphs for the HTP and the host loop that drives them.
+
+Decoders get two graphs over one fixed-length KV cache of C = max_context slots:
+
+* prefill: input_ids [1, S], past [1, kv_heads, C - S, head_dim] -> logits [1, S, vocab], new keys/values [.., S, ..]
+* decode:  input_ids [1, 1], past [1, kv_heads, C - 1, head_dim] -> logits [1, 1, vocab], new keys/values [.., 1, ..]
+
+Slot j of the cache holds position j; unused slots are masked (attention_mask 0 -> MASK_VALUE bias).
+The host writes the new keys/values into their slots, so the graphs never see a dynamic length.
+A prompt shorter than S is right-padded (padding comes after the real tokens, so causal attention
+hides it, and its keys/values are not stored); a longer one is prefilled in chunks of S.
+Each graph comes with a small CPU graph (`host_*.onnx`) that turns attention_mask/position_ids into the
+attention bias and rotary cos/sin the NPU graph takes as float inputs.
+
+Encoders get one graph: input_ids etc. [1, L] -> hidden states [1, L, hidden].
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgepack.errors import BadInputError
+from edgepack.targets.qnn_support import graph as G
+
+_PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+
+
+@dataclass
+class GraphSpec:
+    """One static NPU graph and its host preparation graph, as files."""
+
+    name: str  # "prefill" | "decode" | "encoder"
+    npu_path: Path  # fp32 static NPU graph
+    host_path: Path | None
+    host_inputs: list[str]
+    bridge: list[str]
+    seq_len: int
+    past_len: int = 0
+    nodes_fp32: int = 0
+    facts: dict = field(default_factory=dict)
+
+
+def prepare_graphs(onnx_path: Path, task_is_decoder: bool, *, prefill_len: int, max_context: int, work: Path) -> list[GraphSpec]:
+    import onnx
+
+    from edgepack.quantize.graph import save_model
+
+    specs = []
+    shapes = [("prefill", prefill_len), ("decode", 1)] if task_is_decoder else [("encoder", max_context)]
+    for name, seq in shapes:
+        model = onnx.load(str(onnx_path))
+        dims = {"batch_size": 1, "sequence_length": seq}
+        past = 0
+        if task_is_decoder:
+            past = max_context - seq
+            dims.update({"past_sequence_length": past, "past_sequence_length + sequence_length": max_context,
+                         "past_sequence_length + 1": max_context, "total_sequence_length": max_context})
+        else:
+            dims.update({"encoder_sequence_length": seq})
+        # Only dims that occur are fixed; unknown names are ignored by onnxruntime's helper.
+        G.fix_dims(model, dims)
+        model = G.constant_fold(model, work, name)
+        masks = G.finite_masks(model)
+        guards = G.drop_nan_guards(model)
+        kv = G.new_kv_outputs(model) if task_is_decoder else {}
+        npu, host, host_inputs, bridge = G.split_host_prep(model)
+        bad = G.unsupported_inputs(npu)
+        if bad:
+            raise BadInputError(f"NPU graph input(s) {', '.join(bad)} have a type the HTP graph cannot take")
+        npu_path = work / f"{name}.fp32.onnx"
+        save_model(npu, npu_path)
+        host_path = None
+        if host is not None:
+            host_path = work / f"host_{name}.onnx"
+            onnx.save(host, str(host_path))
+        specs.append(GraphSpec(name, npu_path, host_path, host_inputs, bridge, seq, past, len(npu.graph.node),
+                               {"mask_constants_made_finite": masks, "nan_guards_removed": guards,
+                                "kv_outputs_new_only": len(kv), "host_nodes": len(host.graph.node) if host is not None else 0}))
+    return specs
+
+
+class HostPrep:
+    """Runs a host preparation graph on CPU and returns the NPU graph's extra float inputs."""
+
+    def __init__(self, spec: GraphSpec):
+        from edgepack.runtime.session import create_session
+
+        self.spec = spec
+        self.session = create_session(spec.host_path) if spec.host_path is not None else None
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.session is None:
+            return {}
+        names = {i.name for i in self.session.get_inputs()}
+        outputs = self.session.run(self.spec.bridge, {k: v for k, v in feeds.items() if k in names})
+        return dict(zip(self.spec.bridge, outputs))
+
+
+class StaticDecoder:
+    """Prefill/decode over a fixed cache; `sessions` maps graph name -> an onnxruntime session (CPU or HTP)."""
+
+    def __init__(self, specs: list[GraphSpec], sessions: dict, max_context: int):
+        self.specs = {s.name: s for s in specs}
+        self.sessions = sessions
+        self.hosts = {s.name: HostPrep(s) for s in specs}
+        self.max_context = max_context
+        self.prefill_len = self.specs["prefill"].seq_len
+        decode = sessions["decode"]
+        self.past_names = sorted((i.name for i in decode.get_inputs() if _PAST.match(i.name)),
+                                 key=lambda n: (int(_PAST.match(n).group(1)), n))
+        shapes = {i.name: i.shape for i in decode.get_inputs()}
+        self.cache_shape = {name: tuple(shapes[name]) for name in self.past_names}  # [1, h, C - 1, d]
+        self.input_names = {name: {i.name for i in s.get_inputs()} for name, s in sessions.items()}
+        self.output_names = {name: [o.name for o in s.get_outputs()] for name, s in sessions.items()}
+
+    def empty_cache(self) -> dict[str, np.ndarray]:
+        return {name: np.zeros(shape, dtype=np.float32) for name, shape in self.cache_shape.items()}
+
+    def feeds(self, graph: str, tokens: list[int], cache: dict, position: int) -> dict[str, np.ndarray]:
+        """NPU feeds for `tokens` (right-padded to the graph's length) after `position` cached tokens."""
+        spec = self.specs[graph]
+        n, seq, past = len(tokens), spec.seq_len, spec.past_len
+        if n > seq or position > past:
+            raise ValueError(f"{graph}: {n} tokens after {position} do not fit (graph: {seq} tokens after up to {past})")
+        ids = np.zeros((1, seq), dtype=np.int64)
+        ids[0, :n] = tokens
+        mask = np.zeros((1, past + seq), dtype=np.int64)
+        mask[0, :position] = 1
+        mask[0, past : past + n] = 1
+        positions = np.arange(position, position + seq, dtype=np.int64)[None]
+        feeds = {"input_ids": ids}
+        feeds.update(self.hosts[graph]({"attention_mask": mask, "position_ids": positions}))
+        for name in self.past_names:
+            feeds[name] = np.ascontiguousarray(cache[name][:, :, :past, :])
+        return {k: v for k, v in feeds.items() if k in self.input_names[graph]}
+
+    def run(self, graph: str, tokens: list[int], cache: dict, position: int):
+        """Returns (logits [n, vocab] for the real tokens, cache updated in place with their keys/values)."""
+        feeds = self.feeds(graph, tokens, cache, position)
+        outputs = dict(zip(self.output_names[graph], self.sessions[graph].run(None, feeds)))
+        n = len(tokens)
+        for name in self.past_names:
+            new = outputs[name.replace("past_key_values", "present")]
+            cache[name][:, :, position : position + n, :] = new[:, :, :n, :]
+        return outputs["logits"][0, :n], cache
+
+    def teacher_forced(self, tokens: list[int], decode_steps: int):
+        """Prefill tokens[:S], then feed the next `decode_steps` tokens one at a time; logits for every position."""
+        cache = self.empty_cache()
+        logits, cache = self.run("prefill", tokens[: self.prefill_len], cache, 0)
+        rows = [logits]
+        position = min(len(tokens), self.prefill_len)
+        for token in tokens[self.prefill_len : self.prefill_len + decode_steps]:
+            step, cache = self.run("decode", [token], cache, position)
+            rows.append(step)
+            position += 1
+        return np.concatenate(rows, axis=0)
+
+    def calibration_feeds(self, windows: list[list[int]], decode_steps: int) -> dict[str, list[dict]]:
+        """Feeds of both graphs over real text, the cache filled by this (fp32) pipeline itself."""
+        feeds = {"prefill": [], "decode": []}
+        for window in windows:
+            cache = self.empty_cache()
+            feeds["prefill"].append(self.feeds("prefill", window[: self.prefill_len], cache, 0))
+            _, cache = self.run("prefill", window[: self.prefill_len], cache, 0)
+            position = self.prefill_len
+            for token in window[self.prefill_len : self.prefill_len + decode_steps]:
+                feeds["decode"].append(self.feeds("decode", [token], cache, position))
+                _, cache = self.run("decode", [token], cache, position)
+                position += 1
+        return feeds
+
+
+class StaticEncoder:
+    def __init__(self, spec: GraphSpec, session):
+        self.spec = spec
+        self.session = session
+        self.host = HostPrep(spec)
+        self.input_names = {i.name for i in session.get_inputs()}
+
+    def feeds(self, tokens: list[int]) -> dict[str, np.ndarray]:
+        seq, n = self.spec.seq_len, len(tokens)
+        ids = np.zeros((1, seq), dtype=np.int64)
+        ids[0, :n] = tokens[:seq]
+        mask = np.zeros((1, seq), dtype=np.int64)
+        mask[0, :n] = 1
+        host = {"attention_mask": mask, "token_type_ids": np.zeros((1, seq), dtype=np.int64),
+                "position_ids": np.arange(seq, dtype=np.int64)[None]}
+        feeds = {"input_ids": ids, **self.host(host)}
+        feeds.update({k: v for k, v in host.items() if k in self.input_names})
+        return {k: v for k, v in feeds.items() if k in self.input_names}
+
+    def run(self, tokens: list[int]) -> np.ndarray:
+        return self.session.run(None, self.feeds(tokens))[0][0, : len(tokens)]
+
+
+def token_windows(tokenizer, text: str, length: int, count: int, *, what: str, stride: int | None = None) -> list[list[int]]:
+    ids = list(tokenizer(text)["input_ids"])
+    stride = stride or length
+    windows = [ids[start : start + length] for start in range(0, max(0, len(ids) - length + 1), stride)][:count]
+    if len(windows) < count:
+        raise BadInputError(f"{what} set too small: the text gives {len(windows)} window(s) of {length} tokens, "
+                            f"{count} needed (pass a longer text or fewer samples)")
+    return windows
