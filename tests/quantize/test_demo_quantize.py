@@ -15,8 +15,14 @@ def quantize(cli, export, out, *args):
     return read_json(out / "quantize.json")
 
 
+# "What is the capital of France?" alone is a near tie in fp32 SmolLM2 for the first answer token ("The" 25.33 vs
+# "L" 25.24): int8-weight flips it and answers in French ("L'Étoile, la Marseillaise, ..."). Asking for one
+# sentence removes the tie; every scheme then answers "The capital of France is Paris."
+PROMPT = "What is the capital of France? Answer in one sentence."
+
+
 def answers_paris(cli, folder):
-    result = cli("run", folder, "--prompt", "What is the capital of France?", "--max-new-tokens", "24", "--no-stats")
+    result = cli("run", folder, "--prompt", PROMPT, "--max-new-tokens", "24", "--no-stats")
     assert result.exit_code == 0, result.stderr
     assert "Paris" in result.stdout, result.stdout
 
