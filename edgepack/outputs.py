@@ -17,8 +17,10 @@ def prepare_output(out: Path, force: bool) -> None:
             raise OutputExistsError(f"output {out} exists and is a file; choose another -o")
         if any(out.iterdir()) and not force:
             raise OutputExistsError(f"output {out} exists and is not empty; pass --force to replace it")
-    if not out.parent.exists():
-        raise UsageError(f"cannot write {out}: its parent folder {out.parent} does not exist")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise UsageError(f"cannot write {out}: {out.parent} is a file")
+    # Parent folders are created (build/ on a fresh clone); the output folder itself only appears complete.
+    out.parent.mkdir(parents=True, exist_ok=True)
 
 
 def replace_dir(tmp: Path, out: Path) -> None:

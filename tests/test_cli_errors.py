@@ -177,3 +177,10 @@ def test_unexpected_error_is_one_line_and_debug_shows_traceback(tmp_path, cli, m
     assert len(result.stderr_lines) == 1 and "simulated bug with two lines" in result.stderr_lines[0]
     result = cli("--debug", "convert", tmp_path, "-o", tmp_path / "out")
     assert result.exit_code == 70 and "Traceback" in result.stderr
+
+
+def test_missing_parent_folders_are_created(tiny_model_factory, tmp_path, cli):
+    out = tmp_path / "build" / "nested" / "export"
+    result = cli("convert", tiny_model_factory("gpt2"), "-o", out, "--no-verify")
+    assert result.exit_code == 0, result.stderr
+    assert (out / "model.onnx").is_file()
