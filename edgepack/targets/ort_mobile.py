@@ -87,7 +87,9 @@ def usability_report(onnx_path: Path) -> dict:
     from onnxruntime.tools.onnx_model_utils import ModelProtoWithShapeInfo
 
     model = ModelProtoWithShapeInfo(onnx_path).model_with_shape_info
-    dynamic_inputs, dynamic_values = uc.check_shapes(model.graph, logging.getLogger("edgepack.quiet"))
+    quiet = logging.getLogger("edgepack.quiet")
+    quiet.setLevel(logging.ERROR)  # the checker logs every dynamic tensor at INFO; its findings go to JSON instead
+    dynamic_inputs, dynamic_values = uc.check_shapes(model.graph, quiet)
     checkers = {
         "NNAPI": lambda m, fixed: uc.check_nnapi_partitions(m, fixed),
         "CoreML NeuralNetwork": lambda m, fixed: uc.check_coreml_partitions(m, fixed, "coreml_supported_neuralnetwork_ops.md"),
