@@ -101,6 +101,7 @@ class GgufImportResult:
     matmuls_kept_float: list[str] = field(default_factory=list)  # from F32/F16/BF16 GGUF tensors
     unmatched: list[str] = field(default_factory=list)  # float weights with no GGUF counterpart (left as is)
     requantized: list[dict] = field(default_factory=list)
+    fused: list[dict] = field(default_factory=list)  # MatMuls whose weight stacks several GGUF tensors (fused q/k/v)
     embedding: dict = field(default_factory=dict)
     lm_head: dict = field(default_factory=dict)
     bytes: int = 0  # size of onnx_out (+ external data, if any)
@@ -304,6 +305,42 @@ def _index_gguf(reader, status) -> dict[int, list[_GgufTensor]]:
     return by_signature
 
 
+@dataclass
+class _FusedTensor:
+    """Several GGUF tensors stacked along rows (the model builder's fused q/k/v projection)."""
+
+    name: str
+    gguf_type: str
+    shape: tuple[int, int]
+    parts: list[tuple[_GgufTensor, np.ndarray]]  # (tensor, row permutation) in row order
+
+
+def _find_fused(by_signature, weight_rows: np.ndarray) -> tuple[_FusedTensor, np.ndarray] | None:
+    """`weight_rows` as consecutive row blocks, each a row permutation of one whole GGUF tensor of the same type."""
+    tensors = [t for group in by_signature.values() for t in group if t.shape[1] == weight_rows.shape[1]]
+    hashes = _row_hashes(weight_rows)
+    parts: list[tuple[_GgufTensor, np.ndarray]] = []
+    start = 0
+    while start < len(hashes):
+        for candidate in tensors:
+            rows = candidate.shape[0]
+            if hashes[start] not in candidate.row_index or start + rows > len(hashes):
+                continue
+            segment = weight_rows[start:start + rows]
+            found = _find({_signature(hashes[start:start + rows]): [candidate]}, segment)
+            if found is not None:
+                parts.append(found)
+                start += rows
+                break
+        else:
+            return None
+    if len(parts) < 2:
+        return None  # one tensor is _find's job
+    types = {t.gguf_type for t, _ in parts}
+    fused = _FusedTensor("+".join(t.name for t, _ in parts), types.pop() if len(types) == 1 else "mixed", weight_rows.shape, parts)
+    return fused, np.arange(len(hashes))
+
+
 def _find(by_signature, weight_rows: np.ndarray) -> tuple[_GgufTensor, np.ndarray] | None:
     """The GGUF tensor whose rows are a permutation of `weight_rows`, and that permutation."""
     hashes = _row_hashes(weight_rows)
@@ -343,10 +380,19 @@ def _weight_sites(g: _Graph):
                 perm = next((list(a.ints) for a in t.attribute if a.name == "perm"), [1, 0])
                 if is_float_2d(t.input[0]) and perm == [1, 0]:
                     yield "lm_head", node, t.input[0], False  # Transpose(E): E's rows are the output rows
-        elif node.op_type == "Gather" and is_float_2d(node.input[0]):
+        elif node.op_type == "Gather":
             axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
-            if axis == 0:
-                yield "embedding", node, node.input[0], False
+            table = node.input[0]
+            if axis != 0:
+                continue
+            if is_float_2d(table):
+                yield "embedding", node, table, False
+            elif table in g.producer and g.producer[table].op_type == "Transpose":
+                # onnxruntime-genai's builder: Gather(Transpose(lm_head weight [H, V])) for a tied embedding
+                t = g.producer[table]
+                perm = next((list(a.ints) for a in t.attribute if a.name == "perm"), [1, 0])
+                if is_float_2d(t.input[0]) and perm == [1, 0]:
+                    yield "embedding", node, t.input[0], True
 
 
 # ----------------------------------------------------------------------------------------------
@@ -394,10 +440,14 @@ def import_gguf_weights(
 
     sites = list(_weight_sites(g))
     matched: list[tuple[str, object, str, _GgufTensor, np.ndarray]] = []
+    transposed_of: dict[int, bool] = {}
     for kind, node, init_name, transposed in sites:
+        transposed_of[id(node)] = transposed
         weight = g.np.to_array(g.inits[init_name])
         rows = weight.T if transposed else weight
         found = _find(by_signature, rows)
+        if found is None and kind == "matmul":
+            found = _find_fused(by_signature, rows)
         if found is None:
             result.unmatched.append(f"{kind}:{node.name or init_name}")
             continue
@@ -409,7 +459,8 @@ def import_gguf_weights(
         )
 
     # Refuse before writing anything if a type cannot be imported exactly.
-    unsupported = sorted({(t.name, t.gguf_type) for _, _, _, t, _ in matched if t.gguf_type not in SUPPORTED_GGUF_TYPES})
+    parts = [p for _, _, _, t, _ in matched for p, _ in getattr(t, "parts", [(t, None)])]
+    unsupported = sorted({(t.name, t.gguf_type) for t in parts if t.gguf_type not in SUPPORTED_GGUF_TYPES})
     if unsupported and not allow_requantize:
         listed = ", ".join(f"{name} ({kind})" for name, kind in unsupported)
         raise BadInputError(
@@ -422,37 +473,66 @@ def import_gguf_weights(
     decomposed: dict[str, _Blocks] = {}
     removed: set[str] = set()
     used_tensors: dict[str, str] = {}
+
+    def blocks_of(tensor: _GgufTensor) -> _Blocks:
+        blocks = decomposed.get(tensor.name)
+        if blocks is None:
+            rows, cols = tensor.shape
+            if tensor.gguf_type in _FORMATS:
+                blocks = _decompose(tensor.gguf_type, np.asarray(tensor.raw), cols)
+            else:
+                from gguf.quants import dequantize
+
+                qtype = gguf.GGMLQuantizationType[tensor.gguf_type]
+                values = dequantize(np.asarray(tensor.raw), qtype).reshape(rows, cols)
+                blocks = _requantize(values, tensor.gguf_type)
+                result.requantized.append(
+                    {"tensor": tensor.name, "gguf_type": tensor.gguf_type, "bits": _REQUANT_BITS, "block_size": _REQUANT_BLOCK, "method": "onnxruntime RTN (asymmetric)"}
+                )
+            decomposed[tensor.name] = blocks
+        return blocks
+
+    # The builder writes a tied lm_head as a plain MatMul on [H, V] (and the embedding as Gather(Transpose)).
+    embedding_tensors = {t.name for kind, _, _, t, _ in matched if kind == "embedding"}
+    matched = [("lm_head" if kind == "matmul" and t.name in embedding_tensors else kind, n, i, t, p) for kind, n, i, t, p in matched]
     for kind, node, init_name, tensor, perm in matched:
-        used_tensors[tensor.name] = tensor.gguf_type
+        for part, _ in getattr(tensor, "parts", [(tensor, None)]):
+            used_tensors[part.name] = part.gguf_type
         label = node.name or node.output[0]
-        if tensor.gguf_type in _FLOAT_TYPES:
+        float_part = any(t.gguf_type in _FLOAT_TYPES for t, _ in getattr(tensor, "parts", []))
+        if tensor.gguf_type in _FLOAT_TYPES or float_part:
             if kind != "embedding":
                 result.matmuls_kept_float.append(label)
             _describe(result, kind, tensor, None, shared=False)
             continue
+        if isinstance(tensor, _FusedTensor):
+            pieces = [blocks_of(t) if _is_identity(p) else blocks_of(t).take_rows(p) for t, p in tensor.parts]
+            if any(b.zero is not None for b in pieces):
+                pass  # requantized parts: checked against the GGUF dequantization only, not bit for bit
+            elif not np.array_equal(_concat_rows(pieces).dequantize() if _compatible(pieces) else
+                                    np.concatenate([b.dequantize() for b in pieces]), g.np.to_array(g.inits[init_name]).T):
+                raise AssertionError(f"GGUF tensors {tensor.name} do not reproduce {init_name} exactly")
+            if _compatible(pieces):  # one MatMulNBits over the stacked blocks, as fast as the fused MatMul
+                packed = _pack(g, _concat_rows(pieces), _safe(label + ".fused"), single_8bit=accuracy_level == 4)
+                g.replacements[id(node)] = _matmul_nbits(g, node, packed, accuracy_level)
+            else:  # mixed formats (Q4_K_M keeps attn_v at Q6_K): one MatMulNBits per part, outputs concatenated
+                g.replacements[id(node)] = _split_matmul(g, node, [
+                    _pack(g, piece, _safe(t.name) + ("" if _is_identity(p) else "_rowperm"), single_8bit=accuracy_level == 4)
+                    for piece, (t, p) in zip(pieces, tensor.parts)
+                ], accuracy_level)
+            result.fused.append({"node": label, "gguf_tensors": [t.name for t, _ in tensor.parts], "one_matmul": _compatible(pieces)})
+            result.matmuls_replaced += 1
+            removed.add(init_name)
+            continue
         key = (tensor.name, perm.tobytes() if not _is_identity(perm) else b"")
         packed = cache.get(key)
         if packed is None:
-            blocks = decomposed.get(tensor.name)
-            if blocks is None:
-                rows, cols = tensor.shape
-                if tensor.gguf_type in _FORMATS:
-                    blocks = _decompose(tensor.gguf_type, np.asarray(tensor.raw), cols)
-                else:
-                    from gguf.quants import dequantize
-
-                    qtype = gguf.GGMLQuantizationType[tensor.gguf_type]
-                    values = dequantize(np.asarray(tensor.raw), qtype).reshape(rows, cols)
-                    blocks = _requantize(values, tensor.gguf_type)
-                    result.requantized.append(
-                        {"tensor": tensor.name, "gguf_type": tensor.gguf_type, "bits": _REQUANT_BITS, "block_size": _REQUANT_BLOCK, "method": "onnxruntime RTN (asymmetric)"}
-                    )
-                decomposed[tensor.name] = blocks
+            blocks = blocks_of(tensor)
             blocks = blocks if _is_identity(perm) else blocks.take_rows(perm)
             if blocks.zero is None:
                 # Exactness check: our codes and scales must give back the very weights in the ONNX graph.
                 weight = g.np.to_array(g.inits[init_name])
-                expected = weight.T if kind == "matmul" else weight
+                expected = weight.T if transposed_of[id(node)] else weight
                 if not np.array_equal(blocks.dequantize(), expected):
                     raise AssertionError(f"GGUF tensor {tensor.name} ({tensor.gguf_type}) does not reproduce {init_name} exactly")
             packed = _pack(g, blocks, _safe(tensor.name) + ("" if _is_identity(perm) else "_rowperm"), single_8bit=accuracy_level == 4)
@@ -503,6 +583,34 @@ def _describe(result: GgufImportResult, kind: str, tensor: _GgufTensor, packed: 
             other["shares_weights_with"] = kind
             info["bytes"] = 0
     setattr(result, kind, info)
+
+
+def _concat_rows(pieces: list[_Blocks]) -> _Blocks:
+    """Blocks of several tensors of one GGUF type stacked along rows (they share bits, block and form)."""
+    first = pieces[0]
+    stack = lambda name: None if getattr(first, name) is None else np.concatenate([getattr(p, name) for p in pieces])  # noqa: E731
+    return _Blocks(first.source, first.bits, first.block, stack("codes"), stack("scale"), stack("offset"), stack("zero"))
+
+
+def _compatible(pieces: list[_Blocks]) -> bool:
+    first = pieces[0]
+    return all((b.bits, b.block, b.offset is None, b.zero is None) == (first.bits, first.block, first.offset is None, first.zero is None)
+               for b in pieces)
+
+
+def _split_matmul(g: _Graph, node, packed_parts: list[_Packed], accuracy_level: int | None) -> list:
+    """MatMul(A, [W1 | W2 | ...]) -> Concat(MatMulNBits(A, W1), MatMulNBits(A, W2), ..., axis=-1)."""
+    from onnx import helper
+
+    base = node.name or node.output[0]
+    nodes, outputs = [], []
+    for i, packed in enumerate(packed_parts):
+        out = g.unique(f"{base}_part{i}")
+        part = helper.make_node("MatMul", [node.input[0], node.input[1]], [out], name=g.unique(f"{base}_part{i}"))
+        nodes += _matmul_nbits(g, part, packed, accuracy_level)
+        outputs.append(out)
+    nodes.append(helper.make_node("Concat", outputs, [node.output[0]], name=g.unique(base + "_Concat"), axis=-1))
+    return nodes
 
 
 def _is_identity(perm: np.ndarray) -> bool:

@@ -95,3 +95,42 @@ def test_bad_input(tmp_path, cli):
     assert result.exit_code == 3 and len(result.stderr_lines) == 1
     result = cli("target", "nope", tmp_path, "-o", tmp_path / "out")
     assert result.exit_code == 2 and "nope" in result.stderr
+
+
+@needs_builder
+@pytest.mark.parametrize("name,spec", [
+    # every q/k/v tensor Q4_1 (the demo's format): one MatMulNBits over the stacked blocks
+    ("uniform", "Q4_1"),
+    # q Q4_0, k Q4_1, v Q8_0: one MatMulNBits per part, outputs concatenated
+    ("mixed", None),
+])
+def test_gguf_import_covers_the_builders_fused_qkv_and_tied_table(tmp_path, cli, monkeypatch, name, spec):
+    from tests.gguf_fixtures import TinyLlamaSpec, write_tiny_llama_gguf
+
+    types = TinyLlamaSpec().types
+    if spec:
+        types = {role: spec for role in types}
+    monkeypatch.setenv("EDGEPACK_GENAI_BUILDER_PYTHON", str(builder_python()))  # it lives under the real cache
+    monkeypatch.setenv("EDGEPACK_CACHE", str(tmp_path / "cache"))  # the GGUF's dequantized HF folder goes here
+    gguf_file = write_tiny_llama_gguf(tmp_path / f"{name}.gguf", TinyLlamaSpec(types=types, embedding="Q8_0"))
+    assert cli("convert", gguf_file, "-o", tmp_path / "fp32", "--no-verify").exit_code == 0
+    result = cli("quantize", tmp_path / "fp32", "-o", tmp_path / "q", "--scheme", "gguf", "--eval-tokens", "64")
+    assert result.exit_code == 0, result.stderr
+    out = tmp_path / "ort"
+    result = cli("target", "ort", tmp_path / "q", "-o", out, "--graph", "builder")
+    assert result.exit_code == 0, result.stderr
+    report = _check_bundle(out, "builder")
+    imported = report["facts"]["scheme_facts"]
+    assert imported["unmatched"] == [] and imported["matmuls_kept_float"] == []
+    assert [len(f["gguf_tensors"]) for f in imported["fused"]] == [3, 3]  # one fused qkv per layer
+    assert all(f["one_matmul"] is (spec is not None) for f in imported["fused"])
+    assert imported["embedding"]["shares_weights_with"] == "lm_head"  # the tied table is stored once
+    import onnx
+
+    model = onnx.load(str(out / "model.onnx"))
+    floats = [i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2
+              and min(i.dims) >= 64]
+    assert floats == []  # no float weight matrix is left (the block minimums are [k_blocks, N] with k_blocks 2)
+    # Lossless: the quantized builder graph computes what the quantized optimum graph computes.
+    assert report["checks"]["parity_vs_source"]["max_abs_logit_diff"] < 1e-3
+    assert report["checks"]["parity_vs_source"]["top1_agreement"] == 1.0
