@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
 
@@ -53,6 +55,15 @@ def cache(tmp_path, monkeypatch):
     return tmp_path / "cache"
 
 
+def validate_report(report: dict) -> None:
+    """report.json against its published JSON Schema (docs/report.schema.json)."""
+    import jsonschema
+
+    schema = json.loads((Path(__file__).parents[1] / "docs" / "report.schema.json").read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    jsonschema.Draft202012Validator(schema).validate(report)
+
+
 def recipe(tmp_path, tiny_model_factory, decode_budget=1000):
     path = tmp_path / "edgepack.toml"
     path.write_text(RECIPE.format(source=tiny_model_factory("llama"), decode_budget=decode_budget))
@@ -69,6 +80,7 @@ def test_build_writes_a_verified_bundle_and_reuses_the_cache(tmp_path, tiny_mode
         assert (out / name).is_file(), name
     assert cli("verify", out).exit_code == 0
     report = read_json(out / "report.json")
+    validate_report(report)
     assert report["passed"] is True and report["failures"] == []
     rows = report["summary"]
     assert {(r["scheme"], r["target"], r["device"]) for r in rows} >= {("int4", "ort", "pixel-8"), ("int8-weight", "ort-mobile", "host")}
@@ -94,6 +106,7 @@ def test_failing_budget_exits_1_with_junit_failures(tmp_path, tiny_model_factory
     assert result.exit_code == 1
     assert "max_decode_ms_per_token" in result.stderr_lines[-1]
     report = read_json(out / "report.json")
+    validate_report(report)
     assert report["passed"] is False
     suite = ET.parse(out / "junit.xml").getroot().find("testsuite[@name='edgepack.budgets']")
     failures = suite.findall("testcase/failure")

@@ -6,7 +6,7 @@ accuracy_level 0 ~20x slower: both slower than the fp32 MatMul (measured on Smol
 weight is therefore re-expressed, value for value, as 4-bit pieces:
 
   * w = s*(u - zp), float zp       -> 4-bit codes with zero point 0 and a block minimum m = -s*zp, added
-                                      as blocksum(A) @ m (ReduceSum over each block of the activations and
+                                      as blocksum(A) @ m (block sums of the activations, A @ a 0/1 block indicator, and
                                       a small float MatMul with the [k_blocks, N] minimums);
   * w = s*(u - 128), 8-bit codes   -> two 4-bit planes, lo (scale s, zero point 0) and hi (scale 16*s,
                                       default zero point 8): s*lo + 16*s*(hi - 8) = s*(u - 128);
@@ -101,6 +101,7 @@ class GraphEdit:
         self.replacements: dict[int, list] = {}  # id(original node) -> nodes replacing it
         self.new_inits: list = []
         self.scalars: dict[tuple, str] = {}
+        self.block_sums: dict[tuple, str] = {}  # (activation, K, block) -> its block sums, computed once
         self.names: set[str] = set(self.inits) | {o for n in self.graph.node for o in n.output}
         self.names |= {i.name for i in self.graph.input}
 
@@ -137,6 +138,27 @@ class GraphEdit:
 
     def const_i64(self, values, base: str) -> str:
         return self.add_init(np.array(values, dtype=np.int64), base)
+
+    def block_sum(self, a: str, k: int, block: int, nodes: list) -> str:
+        """Sums of each `block` consecutive features of activation `a` (last axis, length k): A @ S.
+
+        S is the constant 0/1 [k, k/block] block indicator. One MatMul of any input rank, shared by every
+        weight that reads `a` (gate and up; the down projection's input once). It replaced
+        Shape/Concat/Reshape/ReduceSum per weight: on the builder's SmolLM2 graph those small nodes
+        cost about as much as the int4 MatMulNBits themselves. The first user appends the node to `nodes`.
+        """
+        from onnx import helper
+
+        key = (a, k, block)
+        if key not in self.block_sums:
+            indicator_key = ("blocks", k, block)
+            if indicator_key not in self.scalars:
+                indicator = np.kron(np.eye(k // block, dtype=np.float32), np.ones((block, 1), np.float32))
+                self.scalars[indicator_key] = self.add_init(indicator, f"{self.const_prefix}.block_indicator_{k}x{block}")
+            out = self.unique(f"{a}_block_sums{block}")
+            nodes.append(helper.make_node("MatMul", [a, self.scalars[indicator_key]], [out], name=self.unique(f"BlockSum_{out}")))
+            self.block_sums[key] = out
+        return self.block_sums[key]
 
     def finish(self, removed_inits: set[str]) -> None:
         from onnx import helper
@@ -303,15 +325,8 @@ def matmul_nbits_nodes(g: GraphEdit, node, packed: Packed, accuracy_level: int |
         nodes.append(helper.make_node("MatMulNBits", inputs, [out], name=g.unique(base + "_Q"), domain=MS_DOMAIN, bits=plane.bits, **attrs))
         terms.append(out)
     if packed.offset_t is not None:
-        nb = blocks.cols // blocks.block
-        shape, lead, grouped, sums, corr = (g.unique(f"{base}_{s}") for s in ("shape", "blockshape", "blocks", "blocksum", "offset"))
-        nodes += [
-            helper.make_node("Shape", [a], [shape], name=g.unique(base + "_Shape"), end=-1),
-            helper.make_node("Concat", [shape, g.const_i64([nb, blocks.block], base + "_block_dims")], [lead], name=g.unique(base + "_Concat"), axis=0),
-            helper.make_node("Reshape", [a, lead], [grouped], name=g.unique(base + "_Reshape")),
-            helper.make_node("ReduceSum", [grouped, g.const_i64([-1], base + "_axis")], [sums], name=g.unique(base + "_ReduceSum"), keepdims=0),
-            helper.make_node("MatMul", [sums, packed.offset_t], [corr], name=g.unique(base + "_OffsetMatMul")),
-        ]
+        sums, corr = g.block_sum(a, blocks.cols, blocks.block, nodes), g.unique(f"{base}_offset")
+        nodes.append(helper.make_node("MatMul", [sums, packed.offset_t], [corr], name=g.unique(base + "_OffsetMatMul")))
         terms.append(corr)
     _sum_into(g, nodes, terms, y, base)
     return nodes

@@ -17,7 +17,11 @@ final multiply, keeping the integer codes.
 How a GGUF tensor is found: by value, never by ONNX initializer name (TorchScript names them
 `onnx::MatMul_1234`). transformers reverse-permutes the q/k rows of llama GGUFs, so a tensor is matched
 as a multiset of rows (hash of each row's fp32 bytes) and the row permutation is recovered; the ONNX
-MatMul weight is the transpose [K, N] of the GGUF/PyTorch [N, K] matrix.
+MatMul weight is the transpose [K, N] of the GGUF/PyTorch [N, K] matrix. onnxruntime-genai's builder
+graph (the `ort` target) fuses q/k/v into one MatMul: a weight that matches no single tensor is matched
+as consecutive row blocks of whole tensors (`_find_fused`); tensors of one block form are stacked into
+one MatMulNBits, mixed forms (Q4_K_M keeps attn_v at Q6_K) become one MatMulNBits per part and a Concat.
+The builder also writes the tied embedding as Gather(Transpose(lm_head weight)); it shares the lm_head's blocks.
 
 Block formats (w = one weight; see `_decompose`), as integer codes u with per-block scale s:
   Q4_0  w = d*(q-8)            -> 4-bit u = q, block 32, w = s*(u-8)
@@ -35,7 +39,7 @@ How they reach MatMulNBits (see `cpu_layout.pack_blocks`): onnxruntime 1.32's CP
 weights with integer or default zero points; float zero points (the textbook form of Q4_1:
 zp = -m/d) and 8-bit weights at accuracy_level 0 run 10-25x slower, slower than the fp32 MatMul
 (measured). So 8-bit codes are split into two exact 4-bit planes (lo with scale s, hi with scale 16*s)
-and a block minimum m is added as blocksum(A) @ m: ReduceSum over each block of the activations and a
+and a block minimum m is added as blocksum(A) @ m: block sums of the activations (A @ a 0/1 block indicator, shared per input) and a
 small float MatMul with the [k_blocks, N] minimums. Every weight value stays exactly the GGUF's.
 
 Storage: scales and minimums that are exact in fp16 (the GGUF's own fp16 d and m for Q4_0/Q4_1/Q8_0...)
