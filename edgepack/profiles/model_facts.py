@@ -42,7 +42,7 @@ class ModelFacts:
     kv_layers: int = 0
     linear_flops_per_token: int = 0  # 2 x MACs in MatMul/Gemm/MatMulNBits weights
     attention_flops_per_position: int = 0  # 2 x 2 x heads x head_dim x layers (QK^T and AV) per cached position
-    nodes: int = 0  # graph nodes that run (Constant nodes excluded: onnxruntime folds them)
+    nodes: int = 0  # graph nodes that run per call: nodes computed from constants only are folded by onnxruntime
     max_context: int | None = None
 
     def decode_bytes(self, position: int) -> int:
@@ -142,7 +142,7 @@ def model_facts(onnx_path: Path | str, config: dict | None = None) -> ModelFacts
         kv_layers=kv_layers,
         linear_flops_per_token=int(2 * linear_macs),
         attention_flops_per_position=int(attention),
-        nodes=sum(1 for n in graph.node if n.op_type != "Constant"),
+        nodes=runtime_nodes(graph, inits),
         max_context=_max_context(config),
     )
     return facts
@@ -197,6 +197,23 @@ def _linear_macs(node, inits: dict, producers: dict) -> int:
                 macs *= int(dim)
             return macs
     return 0
+
+
+def runtime_nodes(graph, inits) -> int:
+    """Nodes that run per call. onnxruntime constant-folds at session creation every node whose inputs are
+    all constants (Constant, and edgepack's quantized layouts compute fp16 -> fp32 scales, zero points and
+    offsets from initializers with Cast / ConstantOfShape / Neg / Transpose): those cost nothing per token."""
+    constant = set(inits) | {""}
+    running = 0
+    for node in graph.node:  # ONNX graphs are topologically sorted
+        if all(name in constant for name in node.input) and node.op_type not in _NONDETERMINISTIC:
+            constant.update(node.output)
+        else:
+            running += 1
+    return running
+
+
+_NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
 
 
 def _kv_per_position(graph, config: dict) -> tuple[int, int, int]:

@@ -158,6 +158,7 @@ def test_tied_embedding_is_read_in_full_once(tmp_path):
     assert facts.weight_bytes_per_token == 3200 + 256  # the lm_head reads every row; the gather adds nothing
     assert facts.gathered_bytes_per_token == 0
     assert facts.linear_flops_per_token == 2 * (64 + 800)  # MatMul through Transpose(embed) is found
+    assert facts.nodes == 3  # Transpose(embed) reads only an initializer: onnxruntime folds it, it never runs
 
 
 def test_matmulnbits_bytes_are_int4(tmp_path):
