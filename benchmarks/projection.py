@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     print(f"Projection vs measurement on this host: SmolLM2-135M, prompt {args.prompt_len} + {args.gen_len} generated, "
           f"{args.runs} runs, {args.threads} threads, onnxruntime CPU")
     header = (f"| {'model':5} | {'MB/token':>8} | {'measured p50':>12} | {'projected':>9} | {'proj/p50':>8} | {'measured min':>12} | "
-              f"{'proj (best)':>11} | {'best/min':>8} | {'memory+dispatch ms':>18} |")
+              f"{'proj (best)':>11} | {'best/min':>8} | {'memory+weights+dispatch ms':>26} |")
     print(header)
     print("|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|")
     ok_all = True
@@ -109,7 +109,7 @@ def main(argv=None) -> int:
         print(f"| {variant:5} | {report['model']['facts']['weight_bytes_per_token'] / 1e6:8.1f} | {d['p50']:9.1f} ms | "
               f"{projected['decode_ms_per_token']:6.1f} ms | {ratio:8.2f} | {d['min']:9.1f} ms | "
               f"{best if best else float('nan'):8.1f} ms | {best_ratio if best_ratio else float('nan'):8.2f} | "
-              f"{detail['memory_ms']:9.1f}+{detail['dispatch_ms']:<8.1f} |")
+              f"{detail['memory_ms']:9.1f}+{detail.get('weight_overhead_ms', 0):.1f}+{detail['dispatch_ms']:<8.1f} |")
     print(f"target: projected within +-{args.tolerance:.0%} of measured")
     print()
     print("Prefill (information): measured TTFT p50 vs projected")

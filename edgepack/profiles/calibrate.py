@@ -85,35 +85,32 @@ def measure_triad(size_mb: float, threads: int, repeats: int) -> dict:
     return {"gb_s": nbytes / median / 1e9, "best_gb_s": nbytes / best / 1e9, "array_mb": size_mb, "threads": threads}
 
 
-def _gemv_model(fmt: str, layers: int, rows: int = 1):
-    """`layers` KxK layers in `fmt` all applied to x [rows, K] and summed; returns (ModelProto, weight bytes)."""
+def _gemv_model(fmt: str, layers: int, rows: int = 1, dim: int = GEMV_DIM):
+    """`layers` KxK layers in `fmt`, layer i applied to its own input x{i} [rows, K], summed; returns
+    (ModelProto, weight bytes). Own inputs (fed the same array): a chain would drift into denormals/inf with
+    random weights, and one shared input would let the quantized layout share per-input work (block sums)
+    across every layer, which a real model shares only between the two or three weights reading one tensor."""
     import numpy as np
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    k = GEMV_DIM
+    k = dim
     rng = np.random.default_rng(0)
     nodes, inits = [], []
     weight_bytes = 0
-    prev = "x"  # every layer reads x: a chain would drift into denormals/inf with random weights
     outputs = []
     for i in range(layers):
         out = f"h{i}"
         outputs.append(out)
-        if fmt == "fp32":
-            w = (rng.standard_normal((k, k), dtype=np.float32) / np.sqrt(k)).astype(np.float32)
-            inits.append(numpy_helper.from_array(w, f"w{i}"))
-            nodes.append(helper.make_node("MatMul", [prev, f"w{i}"], [out]))
-            weight_bytes += w.nbytes
-        else:
-            # Quantized below by edgepack's own weight-only path, so calibration times the exact kernels
-            # and layout `edgepack quantize` emits (4-bit planes, block minimums, accuracy level).
-            w = (rng.standard_normal((k, k), dtype=np.float32) / np.sqrt(k)).astype(np.float32)
-            inits.append(numpy_helper.from_array(w, f"w{i}"))
-            nodes.append(helper.make_node("MatMul", [prev, f"w{i}"], [out], name=f"layer{i}"))
+        w = (rng.standard_normal((k, k), dtype=np.float32) / np.sqrt(k)).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        # Quantized formats are quantized below by edgepack's own weight-only path, so calibration times the
+        # exact kernels and layout `edgepack quantize` emits (4-bit planes, block minimums, accuracy level).
+        nodes.append(helper.make_node("MatMul", [f"x{i}", f"w{i}"], [out], name=f"layer{i}"))
+        weight_bytes += w.nbytes
     nodes.append(helper.make_node("Sum", outputs, ["y"]))
     graph = helper.make_graph(
-        nodes, f"gemv_{fmt}", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, k])],
+        nodes, f"gemv_{fmt}", [helper.make_tensor_value_info(f"x{i}", TensorProto.FLOAT, [rows, k]) for i in range(layers)],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [rows, k])], inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
@@ -126,6 +123,13 @@ def _gemv_model(fmt: str, layers: int, rows: int = 1):
         model, _facts = quantize_weight_only(model, Int8Weight() if fmt == "int8" else Int4())
         weight_bytes = int(sum(tensor_bytes(t) for t in model.graph.initializer))
     return model, weight_bytes
+
+
+def _gemv_feeds(layers: int, rows: int, dim: int = GEMV_DIM) -> dict:
+    import numpy as np
+
+    x = np.random.default_rng(1).standard_normal((rows, dim)).astype(np.float32)
+    return {f"x{i}": x for i in range(layers)}
 
 
 def _session(model, threads: int):
@@ -153,26 +157,44 @@ def _time_runs(session, feeds: dict, repeats: int, warmup: int = 1, budget_s: fl
 
 
 def measure_gemv(fmt: str, size_mb: float, threads: int, repeats: int) -> dict:
-    import numpy as np
-
     _, one_layer = _gemv_model(fmt, 1)
     layers = max(2, int(round(size_mb * 1e6 / one_layer)))
     model, weight_bytes = _gemv_model(fmt, layers)
     session = _session(model, threads)
-    x = np.random.default_rng(1).standard_normal((1, GEMV_DIM)).astype(np.float32)
-    median, best = _median_and_best(_time_runs(session, {"x": x}, repeats))
+    median, best = _median_and_best(_time_runs(session, _gemv_feeds(layers, 1), repeats))
     return {"format": fmt, "working_set_mb": weight_bytes / 1e6, "layers": layers, "gb_s": weight_bytes / median / 1e9,
             "best_gb_s": weight_bytes / best / 1e9}
 
 
-def measure_gemm(fmt: str, rows: int, threads: int, repeats: int) -> dict:
-    import numpy as np
+def measure_weight_overhead(fmt: str, threads: int, repeats: int, size_mb: float = 32.0, small_dim: int = 256) -> dict:
+    """Fixed cost per weight matrix per call, beside its bytes: t = bytes / BW + weights x overhead, solved from
+    the same working set as GEMV_DIM-square layers and as 16x as many small_dim-square ones. It is what makes a
+    model of many small matrices (SmolLM2's 576-wide projections; the block-minimum MatMul and Add of the
+    int4 layout) slower than its bytes say; the GEMV curves are corrected by it."""
+    points = []
+    for dim in (GEMV_DIM, small_dim):
+        _, one_layer = _gemv_model(fmt, 1, dim=dim)
+        layers = max(2, int(round(size_mb * 1e6 / one_layer)))
+        model, weight_bytes = _gemv_model(fmt, layers, dim=dim)
+        session = _session(model, threads)
+        times = _time_runs(session, _gemv_feeds(layers, 1, dim), repeats)
+        points.append((weight_bytes, layers, statistics.median(times), min(times)))
+    (b1, n1, t1, best1), (b2, n2, t2, best2) = points
 
+    def solve(ta: float, tb: float) -> float:
+        # ta = b1*r + n1*o, tb = b2*r + n2*o  (r = 1 / bandwidth)
+        det = b1 * n2 - b2 * n1
+        return max(0.0, (b1 * tb - b2 * ta) / det) if det else 0.0
+
+    return {"format": fmt, "weight_us": solve(t1, t2) * 1e6, "best_weight_us": solve(best1, best2) * 1e6,
+            "layers": [n1, n2], "dims": [GEMV_DIM, small_dim], "working_set_mb": [b1 / 1e6, b2 / 1e6]}
+
+
+def measure_gemm(fmt: str, rows: int, threads: int, repeats: int) -> dict:
     layers = 8
     model, _ = _gemv_model(fmt, layers, rows=rows)
     session = _session(model, threads)
-    x = np.random.default_rng(1).standard_normal((rows, GEMV_DIM)).astype(np.float32)
-    median, best = _median_and_best(_time_runs(session, {"x": x}, max(3, repeats // 2)))
+    median, best = _median_and_best(_time_runs(session, _gemv_feeds(layers, rows), max(3, repeats // 2)))
     flops = 2 * rows * GEMV_DIM * GEMV_DIM * layers
     return {"format": fmt, "rows": rows, "gflops": flops / median / 1e9, "best_gflops": flops / best / 1e9}
 
@@ -242,12 +264,20 @@ def calibrate_host(out: Path | str, config: CalibrateConfig = CalibrateConfig(),
 
     status("memory bandwidth (triad)")
     triad = measure_triad(config.triad_mb, threads, config.repeats)
-    curves = {}
+    curves, overheads = {}, {}
     for fmt in FORMAT_NAMES:
+        status(f"GEMV {fmt}: fixed cost per weight matrix")
+        overheads[fmt] = measure_weight_overhead(fmt, threads, config.repeats)
         curves[fmt] = []
         for size in config.sizes_mb:
             status(f"GEMV {fmt} at {size:g} MB")
-            curves[fmt].append(measure_gemv(fmt, size, threads, config.repeats))
+            point = measure_gemv(fmt, size, threads, config.repeats)
+            # the curve holds bandwidth alone: the per-weight overhead is projected per weight matrix
+            for key, over in (("gb_s", overheads[fmt]["weight_us"]), ("best_gb_s", overheads[fmt]["best_weight_us"])):
+                seconds = point["working_set_mb"] * 1e6 / (point[key] * 1e9) - point["layers"] * over * 1e-6
+                if seconds > 0:
+                    point[key] = point["working_set_mb"] * 1e6 / seconds / 1e9
+            curves[fmt].append(point)
     status("GEMM throughput")
     gemm = {fmt: measure_gemm(fmt, config.gemm_rows, threads, config.repeats) for fmt in ("fp32", "int4")}
     status("per-node dispatch")
@@ -259,7 +289,7 @@ def calibrate_host(out: Path | str, config: CalibrateConfig = CalibrateConfig(),
         status("power (RAPL)")
         power = _measure_power(meter, config, threads)
 
-    figures = {"triad": triad, "gemv": curves, "gemm": gemm, "dispatch": dispatch, "power": power,
+    figures = {"triad": triad, "gemv": curves, "weight_overhead": overheads, "gemm": gemm, "dispatch": dispatch, "power": power,
                "loadavg_before": load_before, "loadavg_after": _loadavg()}
     text = render_host_toml(config.device_id, host, conditions, figures, threads)
     out.write_text(text)
@@ -361,8 +391,14 @@ def render_host_toml(device_id: str, host: dict, conditions: str, figures: dict,
     lines.append(f"dispatch_us_per_node = {_fig(d['us_per_node'], dispatch_source, True)}")
     lines.append(f"dispatch_best_us_per_node = {_fig(d['best_us_per_node'], dispatch_source.replace('median', 'best of runs'), True)}")
     lines.append(f"overhead_mb = {_fig(150, 'edgepack estimate (docs/devices.md, Memory fit)', False, 'onnxruntime CPU session, arena and activations for a small decoder')}")
-    lines += ["", "[calibration]", "# Effective GEMV bandwidth (weight bytes / time, one vector through 1024x1024 layers) by working set."]
+    lines += ["", "[calibration]", "# Effective GEMV bandwidth (weight bytes / time, one vector through 1024x1024 layers) by working set,",
+              "# with the fixed cost per weight matrix (gemv_<format>_weight_us) taken out; projection adds it per weight."]
     for fmt in FORMAT_NAMES:
+        o = figures["weight_overhead"][fmt]
+        source = (f"{measured}; {o['layers'][0]} {o['dims'][0]}-square vs {o['layers'][1]} {o['dims'][1]}-square {fmt} layers "
+                  f"over the same ~{o['working_set_mb'][0]:.0f} MB, t = bytes/BW + weights x overhead")
+        lines.append(f"gemv_{fmt}_weight_us = {_fig(o['weight_us'], source + ', medians', True)}")
+        lines.append(f"gemv_{fmt}_best_weight_us = {_fig(o['best_weight_us'], source + ', best runs', True)}")
         points = figures["gemv"][fmt]
         lines.append(f"gemv_{fmt}_working_set_mb = {_fig([p['working_set_mb'] for p in points], measured, True)}")
         lines.append(f"gemv_{fmt}_gb_s = {_fig([p['gb_s'] for p in points], measured + '; median of runs', True)}")

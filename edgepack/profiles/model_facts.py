@@ -43,6 +43,9 @@ class ModelFacts:
     linear_flops_per_token: int = 0  # 2 x MACs in MatMul/Gemm/MatMulNBits weights
     attention_flops_per_position: int = 0  # 2 x 2 x heads x head_dim x layers (QK^T and AV) per cached position
     nodes: int = 0  # graph nodes that run per call: nodes computed from constants only are folded by onnxruntime
+    # weight matrices per format (an 8-bit weight that runs as two 4-bit MatMulNBits planes counts once, as int8);
+    # each costs a fixed per-call overhead beside its bytes (calibrated as gemv_<format>_weight_us)
+    weights_by_format: dict[str, int] = field(default_factory=dict)
     max_context: int | None = None
 
     def decode_bytes(self, position: int) -> int:
@@ -72,6 +75,7 @@ class ModelFacts:
             "linear_flops_per_token": self.linear_flops_per_token,
             "attention_flops_per_position": self.attention_flops_per_position,
             "nodes": self.nodes,
+            "weights_by_format": dict(self.weights_by_format),
             "max_context": self.max_context,
             "rule": "initializers read in full once per token; gather-only tables read one row per token; "
                     "KV bytes per position from past_key_values shapes and dtypes",
@@ -104,13 +108,15 @@ def model_facts(onnx_path: Path | str, config: dict | None = None) -> ModelFacts
             if name in inits:
                 consumers[name].append((node, index))
 
+    producers = {out: node for node in graph.node for out in node.output}
+    plane_pairs = _eight_bit_planes(graph, producers)
     by_format: dict[str, float] = defaultdict(float)
     gathered = 0.0
     linear_macs = 0
     for name, tensor in inits.items():
         size = tensor_bytes(tensor)
         uses = consumers.get(name, [])
-        fmt = _format_of(tensor, uses)
+        fmt = _format_of(tensor, uses, plane_pairs)
         if uses and all(node.op_type in _GATHER_OPS and _is_row_gather(node, index) for node, index in uses):
             rows = int(tensor.dims[0]) if tensor.dims else 1
             per_token = size / max(rows, 1)
@@ -118,9 +124,12 @@ def model_facts(onnx_path: Path | str, config: dict | None = None) -> ModelFacts
             by_format[fmt] += per_token
             continue
         by_format[fmt] += size
-    producers = {out: node for node in graph.node for out in node.output}
+    weights: dict[str, int] = defaultdict(int)
     for node in graph.node:
         linear_macs += _linear_macs(node, inits, producers)
+        fmt = _weight_format(node, inits, producers, plane_pairs)
+        if fmt:
+            weights[fmt] += 1
 
     files = [onnx_path] + [p for p in onnx_path.parent.glob(onnx_path.name + "*") if p != onnx_path]
     files += [p for p in onnx_path.parent.glob("*.data") if p not in files]
@@ -143,6 +152,7 @@ def model_facts(onnx_path: Path | str, config: dict | None = None) -> ModelFacts
         linear_flops_per_token=int(2 * linear_macs),
         attention_flops_per_position=int(attention),
         nodes=runtime_nodes(graph, inits),
+        weights_by_format=dict(sorted(weights.items())),
         max_context=_max_context(config),
     )
     return facts
@@ -159,9 +169,47 @@ def _is_row_gather(node, index: int) -> bool:
     return index in (0, 2, 3) and axis == 0
 
 
-def _format_of(tensor, uses) -> str:
+def _eight_bit_planes(graph, producers) -> dict[str, str]:
+    """edgepack's exact CPU layout runs an 8-bit weight as two 4-bit MatMulNBits planes on one input whose
+    outputs are added (edgepack/quantize/cpu_layout.py): {node name: "lo" | "hi"} for such pairs."""
+    planes: dict[str, str] = {}
+    for node in graph.node:
+        if node.op_type != "Add" or len(node.input) != 2:
+            continue
+        a, b = (producers.get(name) for name in node.input)
+        if (a is not None and b is not None and a.op_type == b.op_type == "MatMulNBits" and a.input[0] == b.input[0]
+                and all(next((x.i for x in n.attribute if x.name == "bits"), 4) == 4 for n in (a, b))):
+            planes[a.name or a.output[0]] = "lo"
+            planes[b.name or b.output[0]] = "hi"
+    return planes
+
+
+def _nbits_format(node, plane_pairs: dict) -> str:
+    if (node.name or node.output[0]) in plane_pairs:
+        return "int8"
+    return f"int{next((a.i for a in node.attribute if a.name == 'bits'), 4)}"
+
+
+def _weight_format(node, inits: dict, producers: dict, plane_pairs: dict) -> str | None:
+    """The format of the weight matrix this node multiplies by, counted once per matrix; None if it has none."""
+    if node.op_type == "MatMulNBits":
+        if plane_pairs.get(node.name or node.output[0]) == "hi":
+            return None  # the second plane of an 8-bit weight: counted with its "lo" plane
+        return _nbits_format(node, plane_pairs)
+    if node.op_type in ("MatMul", "Gemm") and len(node.input) >= 2:
+        weight = _source_initializer(node.input[1], inits, producers)
+        # not the block sums of the quantized layouts (A @ 0/1 indicator); their block minimums come through Neg
+        if weight is not None and len(weight.dims) == 2 and "block_indicator" not in weight.name:
+            return _FLOAT_FORMAT.get(weight.data_type)
+    return None
+
+
+def _format_of(tensor, uses, plane_pairs: dict | None = None) -> str:
+    for node, _index in uses:  # a tied table's MatMulNBits use decides (its Gather reads the same planes)
+        if node.op_type == "MatMulNBits":
+            return _nbits_format(node, plane_pairs or {})
     for node, _index in uses:
-        if node.op_type in ("MatMulNBits", "GatherBlockQuantized"):
+        if node.op_type == "GatherBlockQuantized":
             bits = next((a.i for a in node.attribute if a.name == "bits"), 4)
             return f"int{bits}"
     if tensor.data_type in _FLOAT_FORMAT:

@@ -1,7 +1,8 @@
 """Projection arithmetic: a model's per-token costs (ModelFacts) onto a device profile. Pure numbers, no I/O.
 
 decode ms/token = sum over weight formats of bytes / (bandwidth x efficiency[format]) + nodes x dispatch
-prefill ms      = max(FLOPs / (peak x prefill efficiency), weight bytes / decode bandwidth) + nodes x dispatch
+                  + weight matrices x their fixed kernel cost (per format, calibrated hosts only)
+prefill ms      = max(FLOPs / (peak x prefill efficiency), weight bytes / decode bandwidth) + the same fixed terms
 energy mJ       = sustained W x ms  (a power model; DRAM bytes x pJ/byte is reported beside it as a floor)
 memory fit      = weights + KV at the context + runtime overhead  vs  the app memory limit
 
@@ -41,6 +42,8 @@ class DeviceModel:
     overhead_mb: float = 0.0
     # format -> ([working set MB...], [effective GB/s...]) measured by calibration
     bandwidth_curves: dict | None = None
+    # format -> fixed microseconds per weight matrix per call (calibration); 0 where not measured
+    weight_overhead_us: dict | None = None
 
     @classmethod
     def from_device(cls, device: Device) -> "DeviceModel":
@@ -49,6 +52,11 @@ class DeviceModel:
             value = device.value("efficiency", f"decode_bandwidth_{fmt}")
             if value is not None:
                 eff[fmt] = float(value)
+        overhead = {}
+        for fmt in FORMATS:
+            value = device.value("calibration", f"gemv_{fmt}_weight_us")
+            if isinstance(value, (int, float)):
+                overhead[fmt] = float(value)
         curves = {}
         for fmt in FORMATS:
             sizes = device.value("calibration", f"gemv_{fmt}_working_set_mb")
@@ -69,6 +77,7 @@ class DeviceModel:
             app_memory_limit_mb=device.value("memory", "app_memory_limit_mb"),
             overhead_mb=float(device.value("runtime", "overhead_mb", 0.0)),
             bandwidth_curves=curves or None,
+            weight_overhead_us=overhead or None,
         )
 
 
@@ -120,7 +129,8 @@ def project_decode(facts: ModelFacts, device: DeviceModel, position: int) -> dic
         memory_ms += ms
         terms.append({"format": fmt, "bytes": int(nbytes), "effective_gb_s": round(rate, 3), "efficiency": round(eff, 4), "ms": round(ms, 4), "basis": how})
     dispatch_ms = facts.nodes * device.dispatch_us_per_node / 1e3
-    total = memory_ms + dispatch_ms
+    weights_ms = weight_overhead_ms(facts, device)
+    total = memory_ms + dispatch_ms + weights_ms
     return {
         "ms": total,
         "position": position,
@@ -129,8 +139,19 @@ def project_decode(facts: ModelFacts, device: DeviceModel, position: int) -> dic
         "dispatch_ms": dispatch_ms,
         "dispatch_us_per_node": device.dispatch_us_per_node,
         "nodes": facts.nodes,
+        "weight_overhead_ms": weights_ms,
         "terms": terms,
     }
+
+
+def weight_overhead_ms(facts: ModelFacts, device: DeviceModel) -> float:
+    """Fixed cost of the weight matrices' kernels per call (calibrated per format; fp16 like fp32)."""
+    overhead = device.weight_overhead_us or {}
+    total_us = 0.0
+    for fmt, count in (facts.weights_by_format or {}).items():
+        fmt = _efficiency_format(fmt)
+        total_us += count * overhead.get(fmt, overhead.get("fp32", 0.0) if fmt == "fp16" else 0.0)
+    return total_us / 1e3
 
 
 def prefill_peak(facts: ModelFacts, device: DeviceModel) -> tuple[float | None, str]:
@@ -150,7 +171,7 @@ def project_prefill(facts: ModelFacts, device: DeviceModel, prompt_len: int) -> 
     compute_ms = flops / (peak * 1e9 * device.prefill_efficiency) * 1e3 if peak else 0.0
     # the prompt reads every weight at least once, at decode speed
     memory_ms = project_decode(facts, device, 0)["memory_ms"]
-    dispatch_ms = facts.nodes * device.dispatch_us_per_node / 1e3
+    dispatch_ms = facts.nodes * device.dispatch_us_per_node / 1e3 + weight_overhead_ms(facts, device)
     ms = max(compute_ms, memory_ms) + dispatch_ms
     return {
         "ms": ms,

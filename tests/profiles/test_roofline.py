@@ -46,6 +46,42 @@ def test_decode_mixed_formats_use_their_own_efficiency():
     assert project_decode(facts, DEVICE, 0)["ms"] == pytest.approx(22.5)
 
 
+def test_each_weight_matrix_adds_its_calibrated_fixed_cost():
+    import dataclasses
+
+    facts = _facts(weight_bytes_per_token=60_000_000, bytes_per_token_by_format={"int4": 50_000_000, "int8": 10_000_000},
+                   nodes=0, weights_by_format={"int4": 200, "int8": 1, "fp16": 3})
+    device = dataclasses.replace(DEVICE, weight_overhead_us={"int4": 12.5, "int8": 40.0, "fp32": 5.0})
+    # 22.5 ms of bytes (previous test) + 200 x 12.5 us + 1 x 40 us + 3 x 5 us (fp16 takes fp32's) = 22.5 + 2.555 ms
+    p = project_decode(facts, device, 0)
+    assert p["weight_overhead_ms"] == pytest.approx(2.555)
+    assert p["ms"] == pytest.approx(25.055)
+    assert project_prefill(facts, device, 1)["dispatch_ms"] == pytest.approx(2.555)
+    assert project_decode(facts, DEVICE, 0)["weight_overhead_ms"] == 0  # uncalibrated profiles: no such term
+
+
+def test_two_4bit_planes_of_an_8bit_weight_count_as_one_int8_weight(tmp_path):
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    k, n = 64, 32
+    b = numpy_helper.from_array(np.zeros((n, k // 32, 16), np.uint8), "b")
+    s = numpy_helper.from_array(np.ones((n, k // 32), np.float32), "s")
+    nodes = [
+        helper.make_node("MatMulNBits", ["x", "b", "s"], ["lo"], name="w_lo", domain="com.microsoft", K=k, N=n, bits=4, block_size=32),
+        helper.make_node("MatMulNBits", ["x", "b", "s"], ["hi"], name="w_hi", domain="com.microsoft", K=k, N=n, bits=4, block_size=32),
+        helper.make_node("Add", ["lo", "hi"], ["y"]),
+        helper.make_node("MatMulNBits", ["y", "b", "s"], ["z"], name="w4", domain="com.microsoft", K=k, N=n, bits=4, block_size=32),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, n])], [b, s])
+    path = tmp_path / "planes.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]), str(path))
+    facts = model_facts(path, {})
+    assert facts.weights_by_format == {"int4": 1, "int8": 1}
+
+
 def test_prefill_is_the_larger_of_compute_and_memory():
     facts = _facts()
     # 128 tokens: 128 x 50 MFLOP + 1000 x 128 x 129 / 2 = 6.4 GFLOP + 8.256 MFLOP
