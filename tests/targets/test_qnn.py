@@ -139,3 +139,59 @@ def test_dynamic_dimension_left_is_a_clear_error(tmp_path):
     with pytest.raises(BadInputError, match="dynamic dimension.*mystery"):
         fix_dims(model, {"batch_size": 1})
     assert isinstance(model, onnx.ModelProto)
+
+
+def _rms_norm_graph(hidden: int, positions: int, eps: float = 1e-5):
+    """optimum's RMSNorm: x / sqrt(mean(x^2) + eps) * gamma, on an input x [1, positions, hidden]."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(np.array(2.0, np.float32), "two"), numpy_helper.from_array(np.array([-1], np.int64), "axes"),
+             numpy_helper.from_array(np.array(eps, np.float32), "eps"),
+             numpy_helper.from_array(np.linspace(0.5, 1.5, hidden).astype(np.float32), "gamma")]
+    nodes = [helper.make_node("Pow", ["x", "two"], ["sq"], name="/norm/Pow"),
+             helper.make_node("ReduceMean", ["sq", "axes"], ["mean"], name="/norm/ReduceMean", keepdims=1),
+             helper.make_node("Add", ["mean", "eps"], ["var"], name="/norm/Add"),
+             helper.make_node("Sqrt", ["var"], ["rms"], name="/norm/Sqrt"),
+             helper.make_node("Div", ["x", "rms"], ["normed"], name="/norm/Div"),
+             helper.make_node("Mul", ["gamma", "normed"], ["y"], name="/norm/Mul")]
+    graph = helper.make_graph(nodes, "rms", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, positions, hidden])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, positions, hidden])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    return model
+
+
+def _all_tensors(model, x):
+    """Every intermediate tensor's values, by running the model with each one made a graph output."""
+    import onnx
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    names = [o for n in probe.graph.node for o in n.output]
+    del probe.graph.output[:]
+    probe.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    return dict(zip(names, session.run(None, {"x": x})))
+
+
+def test_scale_free_rms_norm_is_exact_and_keeps_every_tensor_in_range():
+    """A massive activation (25,000 on one position, as SmolLM2's first token) puts x^2 at 6e8: no 16-bit scale
+    holds that and the ordinary positions' x^2 of ~1 at once. The rewrite computes the same norm with no
+    tensor beyond the normalised output's own range."""
+    from edgepack.targets.qnn_support.graph import scale_free_rms_norms
+
+    hidden, positions = 64, 6
+    x = np.random.default_rng(0).standard_normal((1, positions, hidden)).astype(np.float32)
+    x[0, 0, 3] = 25_000.0
+    model = _rms_norm_graph(hidden, positions)
+    before = _all_tensors(model, x)
+    assert before["sq"].max() > 6e8
+    assert scale_free_rms_norms(model) == 1
+    after = _all_tensors(model, x)
+    np.testing.assert_allclose(after["y"], before["y"], rtol=1e-5, atol=1e-5)
+    # Beyond |x| and its max, no tensor of the rewritten norm exceeds the normalised vector's own bound
+    # (sqrt(hidden) = 8, reached by the one-hot massive position), where before x^2 reached 6e8.
+    widest = {name: float(np.abs(v).max()) for name, v in after.items() if "abs" not in name and "max" not in name}
+    assert max(widest.values()) <= max(float(np.abs(before["normed"]).max()), float(np.abs(before["y"]).max())) + 1e-3, widest

@@ -8,6 +8,9 @@
   bias, cos, sin) become float inputs of the NPU graph. The HTP would run int64/bool mask arithmetic
   badly or not at all, and it is the layout Qualcomm's own LLM pipelines use.
 * Masks use `MASK_VALUE` instead of -inf/float-min: quantized activations need a finite range.
+* `scale_free_rms_norms`: RMSNorm as y * rsqrt(mean(y^2) + eps) with y = x / max|x| per position, so no
+  tensor carries x^2 (see the function: with SmolLM2's massive activations x^2 spans 0..6e8, and one
+  16-bit scale for it zeroes every ordinary position).
 * `new_kv_outputs`: the decoder returns only this call's keys/values (not past + new), so the host
   writes them into its fixed-size cache.
 """
@@ -81,6 +84,106 @@ def finite_masks(model) -> int:
                         attr.t.CopyFrom(numpy_helper.from_array(np.where(bad, np.float32(MASK_VALUE), array).astype(np.float32)))
                         changed += 1
     return changed
+
+
+def scale_free_rms_norms(model) -> int:
+    """Pow(x, 2) -> ReduceMean -> Add(eps) -> Sqrt -> Div(x, .)  becomes the same on y = x / max|x| (per position).
+
+    Why: quantized activations have one scale per tensor. LLMs carry "massive activations" on a few positions
+    (SmolLM2's residual stream reaches ~25,000 on the first token), so x^2 spans 0..6e8 and its 16-bit step
+    (~12,000) rounds x^2 of every ordinary position to 0: RMSNorm then divides by sqrt(eps) and the model
+    emits noise (SmolLM2 on the HTP: top-1 agreement 0.03). y is in [-1, 1] on every position, mean(y^2) in
+    [1/hidden, 1], and y / sqrt(mean(y^2) + eps / max|x|^2) = x / sqrt(mean(x^2) + eps) exactly; eps /
+    max|x|^2 is computed as (sqrt(eps) / max|x|)^2. The max's own quantization error nearly cancels: rms
+    normalisation is scale invariant. Returns how many norms were rewritten.
+    """
+    from onnx import helper, numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    consumers: dict[str, list] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+
+    def only(name, op):
+        users = consumers.get(name, [])
+        return users[0] if len(users) == 1 and users[0].op_type == op else None
+
+    def is_two(name):
+        return name in inits and numpy_helper.to_array(inits[name]).size == 1 and float(numpy_helper.to_array(inits[name]).reshape(-1)[0]) == 2.0
+
+    axes = "qnn.scale_free_rms.axes"
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 18)
+    rewritten, new_nodes, extra_inits = 0, {}, []
+    for node in list(model.graph.node):
+        if node.op_type != "Pow" or not is_two(node.input[1]):
+            continue
+        mean = only(node.output[0], "ReduceMean")
+        add = mean and only(mean.output[0], "Add")
+        sqrt = add and only(add.output[0], "Sqrt")
+        div = sqrt and only(sqrt.output[0], "Div")
+        x = node.input[0]
+        if div is None or div.input[0] != x:
+            continue
+        eps_slot = next((i for i, name in enumerate(add.input) if name in inits and numpy_helper.to_array(inits[name]).size == 1), None)
+        if eps_slot is None:
+            continue
+        base = node.name.rsplit("/", 1)[0] if "/" in node.name else node.output[0]
+        eps = float(numpy_helper.to_array(inits[add.input[eps_slot]]).reshape(-1)[0])
+        root_eps = f"{base}/ScaleFree_sqrt_eps"
+        extra_inits.append(numpy_helper.from_array(np.array(np.sqrt(max(eps, 0.0)), dtype=np.float32), root_eps))
+        absx, peak, y = f"{base}/ScaleFree_abs", f"{base}/ScaleFree_max", f"{base}/ScaleFree_y"
+        new_nodes[id(node)] = [
+            helper.make_node("Abs", [x], [absx], name=f"{base}/ScaleFree_Abs"),
+            helper.make_node("ReduceMax", [absx, axes], [peak], name=f"{base}/ScaleFree_ReduceMax", keepdims=1) if opset >= 18 else
+            helper.make_node("ReduceMax", [absx], [peak], name=f"{base}/ScaleFree_ReduceMax", keepdims=1, axes=[-1]),
+            helper.make_node("Div", [x, peak], [y], name=f"{base}/ScaleFree_Div"),
+            # eps / max|x|^2 as (sqrt(eps) / max|x|)^2: no tensor holds max|x|^2 itself
+            helper.make_node("Div", [root_eps, peak], [f"{base}/ScaleFree_eps_root"], name=f"{base}/ScaleFree_EpsDiv"),
+            helper.make_node("Mul", [f"{base}/ScaleFree_eps_root"] * 2, [f"{base}/ScaleFree_eps"], name=f"{base}/ScaleFree_EpsMul"),
+        ]
+        node.input[0] = y
+        div.input[0] = y
+        add.input[eps_slot] = f"{base}/ScaleFree_eps"
+        rewritten += 1
+    if rewritten:
+        model.graph.initializer.extend(extra_inits)
+        if opset >= 18:
+            model.graph.initializer.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), axes))
+        nodes = []
+        for node in model.graph.node:
+            nodes.extend(new_nodes.get(id(node), []))
+            nodes.append(node)
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+        used = {name for n in model.graph.node for name in n.input}
+        stale = [i for i in model.graph.initializer if i.name not in used]  # the eps constants now unread
+        for init in stale:
+            model.graph.initializer.remove(init)
+    return rewritten
+
+
+def squares_as_mul(model) -> int:
+    """Pow(x, 2) -> Mul(x, x). The QDQ quantizer quantizes Pow's exponent like any other constant input: the
+    dequantized 2 is 2 +- a step, and a negative base to a non-integer power is NaN (every RMSNorm of
+    SmolLM2 gave NaN in the QDQ model, top-1 0.0 on CPU and 0.03 on the HTP). Mul is exact and the HTP's
+    cheapest op. Returns how many were replaced."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    replaced = 0
+    for node in model.graph.node:
+        if node.op_type != "Pow" or node.input[1] not in inits:
+            continue
+        exponent = numpy_helper.to_array(inits[node.input[1]])
+        if exponent.size == 1 and float(exponent.reshape(-1)[0]) == 2.0:
+            node.op_type = "Mul"
+            node.input[1] = node.input[0]
+            replaced += 1
+    used = {name for n in model.graph.node for name in n.input}
+    for init in [i for i in model.graph.initializer if i.name not in used]:
+        model.graph.initializer.remove(init)
+    return replaced
 
 
 def drop_nan_guards(model) -> int:

@@ -71,7 +71,7 @@ def activation_ranges(fp32_path: Path, feeds: list[dict], work: Path) -> dict[st
 
 
 def quantize_qdq(fp32_path: Path, out_path: Path, feeds: list[dict], precision: str, keep_16bit: set[str] = frozenset(),
-                 range_margin: float = 0.0, work: Path | None = None) -> dict:
+                 range_margin: float = 0.0, work: Path | None = None, activation_symmetric: bool | None = None) -> dict:
     """QDQ model for the HTP. Returns facts (types, overrides).
 
     `range_margin` widens every calibrated (symmetric 16-bit) activation range by that fraction: MinMax
@@ -88,6 +88,8 @@ def quantize_qdq(fp32_path: Path, out_path: Path, feeds: list[dict], precision: 
     from onnxruntime.quantization.execution_providers.qnn import qnn_preprocess_model
 
     weight_type, activation_type = _types(precision)
+    if activation_symmetric is None:
+        activation_symmetric = activation_type == QuantType.QUInt16
     # onnxruntime's QNN preprocessing: Erf sequences -> Gelu, ReduceL2 -> LpNormalization (ops the HTP runs).
     prepped = out_path.parent / f"{fp32_path.stem}.qnnprep.onnx"
     if qnn_preprocess_model(str(fp32_path), str(prepped)):
@@ -126,7 +128,7 @@ def quantize_qdq(fp32_path: Path, out_path: Path, feeds: list[dict], precision: 
                     overrides[name] = [{"quant_type": QuantType.QInt8, "symmetric": True}]
     config = get_qnn_qdq_config(
         str(fp32_path), _Reader(feeds), activation_type=activation_type, weight_type=weight_type,
-        activation_symmetric=activation_type == QuantType.QUInt16, weight_symmetric=True, init_overrides=overrides,
+        activation_symmetric=activation_symmetric, weight_symmetric=True, init_overrides=overrides,
     )
     import logging
 
@@ -139,7 +141,7 @@ def quantize_qdq(fp32_path: Path, out_path: Path, feeds: list[dict], precision: 
         root.setLevel(level)
     return {
         "weights": str(weight_type).split(".")[-1], "activations": str(activation_type).split(".")[-1],
-        "activation_symmetric": activation_type == QuantType.QUInt16, "weight_granularity": "per-channel (MatMul), per-tensor (Gather)",
+        "activation_symmetric": activation_symmetric, "weight_granularity": "per-channel (MatMul), per-tensor (Gather)",
         "weights_16bit": sorted(keep_16bit), "calibration_feeds": len(feeds),
         "range_margin": range_margin, "activation_ranges_widened": widened,
     }

@@ -66,6 +66,8 @@ def prepare_graphs(onnx_path: Path, task_is_decoder: bool, *, prefill_len: int, 
         model = G.constant_fold(model, work, name)
         masks = G.finite_masks(model)
         guards = G.drop_nan_guards(model)
+        norms = G.scale_free_rms_norms(model)
+        squares = G.squares_as_mul(model)
         kv = G.new_kv_outputs(model) if task_is_decoder else {}
         npu, host, host_inputs, bridge = G.split_host_prep(model)
         bad = G.unsupported_inputs(npu)
@@ -78,7 +80,7 @@ def prepare_graphs(onnx_path: Path, task_is_decoder: bool, *, prefill_len: int, 
             host_path = work / f"host_{name}.onnx"
             onnx.save(host, str(host_path))
         specs.append(GraphSpec(name, npu_path, host_path, host_inputs, bridge, seq, past, len(npu.graph.node),
-                               {"mask_constants_made_finite": masks, "nan_guards_removed": guards,
+                               {"mask_constants_made_finite": masks, "nan_guards_removed": guards, "rms_norms_made_scale_free": norms, "squares_as_mul": squares,
                                 "kv_outputs_new_only": len(kv), "host_nodes": len(host.graph.node) if host is not None else 0}))
     return specs
 
