@@ -31,6 +31,7 @@ USES_QUANTIZED_SOURCE = False
 TARGET = "qnn"
 PRECISIONS = ("w8a16", "w4a16", "w8a8", "fp16")
 CONFIG_FILE = "qnn_config.json"
+PREFIX_FILE = "prefix_kv.npz"
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "chat_template.jinja", "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model")
 MIN_CALIBRATION_SAMPLES = 2
@@ -49,6 +50,7 @@ class QnnConfig:
     calibration_text: Path | None = None
     calibration_samples: int = 8
     rescue: int = 8  # weights kept at 16 bits, most sensitive first (0: off)
+    prefix: bool = True  # decoders: position 0 (BOS) computed in fp32 at build time, shipped as prefix_kv.npz
     range_margin: float | None = None  # widen calibrated activation ranges (None: 0.25 at 16 bits, 0 at 8 bits)
     eval_text: Path | None = None
     eval_windows: int = 2
@@ -90,12 +92,19 @@ def _check_config(config: QnnConfig) -> None:
         raise UsageError("--prefill-len and --eval-windows must be >= 1, --decode-steps and --rescue >= 0")
 
 
-def _reference_decoder(model_dir, windows: list[list[int]]):
+def _reference_decoder(model_dir, windows: list[list[int]], prefix: list[int] = ()):
+    """fp32 logits of the export for each window, read after `prefix` (the attention-sink prefix the NPU graphs use)."""
     from edgepack.runtime.generate import DecoderSession
     from edgepack.runtime.session import create_session
 
     decoder = DecoderSession(create_session(model_dir.onnx_path), model_dir.config)
-    return [decoder.forward(window, decoder.empty_cache(), 0)[0] for window in windows]
+    return [decoder.forward(list(prefix) + list(window), decoder.empty_cache(), 0)[0][len(prefix):] for window in windows]
+
+
+def attention_sink_prefix(tokenizer, enabled: bool) -> list[int]:
+    """The token the NPU graphs find already cached at position 0 (see StaticDecoder.make_prefix): BOS."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return [int(bos)] if enabled and bos is not None else []
 
 
 def _reference_encoder(model_dir, windows: list[list[int]]):
@@ -193,11 +202,16 @@ def build(directory: Path | str, out: Path | str, config: QnnConfig = QnnConfig(
         cpu = {spec.name: create_session(spec.npu_path) for spec in specs}
 
         # Calibration windows from real text, run through the fp32 static graphs (real KV cache for decode).
+        prefix, prefix_kv = [], {}
         calib_text, calib_origin = read_text(config.calibration_text, DEFAULT_CALIBRATION_TEXT)
         if decoder:
             window_len = config.prefill_len + CALIBRATION_DECODE_STEPS
             windows = token_windows(tokenizer, calib_text, window_len, config.calibration_samples, what="calibration")
             fp32_static = StaticDecoder(specs, cpu, max_context)
+            prefix = attention_sink_prefix(tokenizer, config.prefix)
+            if prefix:
+                status(f"computing the attention-sink prefix (token {prefix}) in fp32")
+                prefix_kv = fp32_static.make_prefix(prefix)
             status(f"calibrating on {len(windows)} windows of real text through the fp32 static graphs")
             feeds = fp32_static.calibration_feeds(windows, CALIBRATION_DECODE_STEPS)
         else:
@@ -211,7 +225,7 @@ def build(directory: Path | str, out: Path | str, config: QnnConfig = QnnConfig(
         eval_len = config.prefill_len + config.decode_steps if decoder else min(max_context, 64)
         eval_windows = token_windows(tokenizer, eval_text, eval_len, config.eval_windows, what="evaluation")
         if decoder:
-            reference = _reference_decoder(model_dir, eval_windows)
+            reference = _reference_decoder(model_dir, eval_windows, prefix)
             static_out = [fp32_static.teacher_forced(w, config.decode_steps) for w in eval_windows]
             static_figures = decoder_figures(reference, static_out, config.prefill_len)
         else:
@@ -281,6 +295,7 @@ def build(directory: Path | str, out: Path | str, config: QnnConfig = QnnConfig(
         t0 = time.perf_counter()
         if decoder:
             htp_model = StaticDecoder(specs, sessions, max_context)
+            htp_model.use_prefix(prefix, fp32_static.prefix_kv)
             candidate = [htp_model.teacher_forced(w, config.decode_steps) for w in eval_windows]
             parity = decoder_figures(reference, candidate, config.prefill_len)
         else:
@@ -294,8 +309,14 @@ def build(directory: Path | str, out: Path | str, config: QnnConfig = QnnConfig(
                 shutil.copy2(model_dir.folder / name, tmp / name)
         from edgepack.targets.qnn_support.graph import MASK_VALUE
 
+        if prefix_kv:
+            np.savez(tmp / PREFIX_FILE, **{name.replace(".", "_"): kv for name, kv in prefix_kv.items()})
         runtime_config = {
             "kind": kind, "max_context": max_context, "prefill_len": config.prefill_len if decoder else None,
+            "prefix": {"token_ids": prefix, "kv_file": PREFIX_FILE,
+                       "kv_names": {name.replace(".", "_"): name for name in prefix_kv},
+                       "use": "copy each array into slots 0..len(token_ids)-1 of its cache; the prompt starts at position "
+                              "len(token_ids) (position 0's massive activations stay out of the quantized graphs)"} if prefix_kv else None,
             "mask_value": MASK_VALUE, "graphs": {k: {key: v[key] for key in ("context_model", "context_binaries", "host_prep",
                                                                             "host_inputs", "npu_inputs", "npu_outputs", "seq_len", "past_len")}
                                                  for k, v in graphs.items()},
@@ -340,6 +361,8 @@ def build(directory: Path | str, out: Path | str, config: QnnConfig = QnnConfig(
             "compile_seconds": {k: g["compile_seconds"] for k, g in graphs.items()},
             "simulator_seconds_per_run": {k.removeprefix("run_"): v for k, v in seconds.items() if k.startswith("run_")},
             "weights_shared_between_graphs": False,
+            "attention_sink_prefix": {"token_ids": prefix, "file": PREFIX_FILE, "computed": "fp32 static decode graph on CPU, at build time"}
+            if prefix else None,
             "graphs": graphs,
             "quantization": quant_facts,
             "calibration": {"text": calib_origin, "windows": len(windows), "window_tokens": window_len,
@@ -385,9 +408,11 @@ def build(directory: Path | str, out: Path | str, config: QnnConfig = QnnConfig(
 @click.option("--decode-steps", type=click.IntRange(min=0), default=4, show_default=True, help="Teacher-forced decode steps per window.")
 @click.option("--min-top1", type=click.FloatRange(0, 1), default=None, help="Gate: top-1 agreement with fp32 at least Y (exit 1).")
 @click.option("--max-kl", type=click.FloatRange(min=0), default=None, help="Gate: mean KL(fp32 || HTP) at most X (exit 1).")
+@click.option("--no-prefix", is_flag=True,
+              help="Decoders: quantize position 0 too, instead of computing the BOS prefix in fp32 (prefix_kv.npz).")
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
 def command(directory, out, device, soc_model, htp_arch, precision, max_context, prefill_len, calibration_text,
-            calibration_samples, rescue, range_margin, eval_text, eval_windows, decode_steps, min_top1, max_kl, force):
+            calibration_samples, rescue, range_margin, eval_text, eval_windows, decode_steps, min_top1, max_kl, no_prefix, force):
     """QNN HTP bundle: *_ctx.onnx + .bin context binaries, host_*.onnx, qnn_config.json, target.json.
 
     Needs onnxruntime-qnn (Linux x86-64 runs the HTP as a simulator; exit 4 without it).
@@ -403,7 +428,7 @@ def command(directory, out, device, soc_model, htp_arch, precision, max_context,
     config = QnnConfig(soc_model=soc_model, htp_arch=htp_arch, device=device, precision=precision, max_context=max_context,
                        prefill_len=prefill_len, calibration_text=calibration_text, calibration_samples=calibration_samples,
                        rescue=rescue, range_margin=range_margin, eval_text=eval_text, eval_windows=eval_windows, decode_steps=decode_steps,
-                       min_top1=min_top1, max_kl=max_kl, force=force)
+                       min_top1=min_top1, max_kl=max_kl, prefix=not no_prefix, force=force)
     with _Status(f"target qnn: {directory}") as status:
         artifact = build(directory, out, config, on_status=status)
     report_target(artifact)

@@ -118,9 +118,38 @@ class StaticDecoder:
         self.cache_shape = {name: tuple(shapes[name]) for name in self.past_names}  # [1, h, C - 1, d]
         self.input_names = {name: {i.name for i in s.get_inputs()} for name, s in sessions.items()}
         self.output_names = {name: [o.name for o in s.get_outputs()] for name, s in sessions.items()}
+        self.prefix_kv: dict[str, np.ndarray] = {}  # name -> [1, h, P, d]: the attention-sink prefix, see `make_prefix`
+        self.prefix_ids: list[int] = []
 
     def empty_cache(self) -> dict[str, np.ndarray]:
         return {name: np.zeros(shape, dtype=np.float32) for name, shape in self.cache_shape.items()}
+
+    def make_prefix(self, token_ids: list[int]) -> dict[str, np.ndarray]:
+        """Run `token_ids` through this pipeline (the fp32 graphs on CPU) and keep their keys/values.
+
+        Why: LLMs put "massive activations" on the first position (SmolLM2's residual stream reaches ~25,000
+        there, against a few hundred elsewhere), and one 16-bit scale per tensor cannot cover both: the
+        ordinary positions lose 40x in resolution (SmolLM2 on CPU-QDQ: relative error of the residual stream
+        2% before the massive position appears, 15% after). With the first position's keys/values computed
+        once in fp32 and shipped (a few KB), the NPU graphs only see ordinary positions and are calibrated on
+        them (PrefixQuant, arXiv:2410.05265). The prefix is the tokenizer's BOS token, which prompts start with.
+        """
+        cache = self.empty_cache()
+        for position, token in enumerate(token_ids):
+            _, cache = self.run("decode", [token], cache, position)
+        self.prefix_ids = list(token_ids)
+        self.prefix_kv = {name: np.ascontiguousarray(cache[name][:, :, : len(token_ids), :]) for name in self.past_names}
+        return self.prefix_kv
+
+    def use_prefix(self, token_ids: list[int], prefix_kv: dict[str, np.ndarray]) -> None:
+        self.prefix_ids, self.prefix_kv = list(token_ids), dict(prefix_kv)
+
+    def start(self) -> tuple[dict[str, np.ndarray], int]:
+        """A cache holding the prefix (if any) and the position after it."""
+        cache = self.empty_cache()
+        for name, kv in self.prefix_kv.items():
+            cache[name][:, :, : kv.shape[2], :] = kv
+        return cache, len(self.prefix_ids)
 
     def feeds(self, graph: str, tokens: list[int], cache: dict, position: int) -> dict[str, np.ndarray]:
         """NPU feeds for `tokens` (right-padded to the graph's length) after `position` cached tokens."""
@@ -151,11 +180,12 @@ class StaticDecoder:
         return outputs["logits"][0, :n], cache
 
     def teacher_forced(self, tokens: list[int], decode_steps: int):
-        """Prefill tokens[:S], then feed the next `decode_steps` tokens one at a time; logits for every position."""
-        cache = self.empty_cache()
-        logits, cache = self.run("prefill", tokens[: self.prefill_len], cache, 0)
+        """After the prefix, prefill tokens[:S], then feed the next `decode_steps` tokens one at a time; logits
+        for every position of `tokens`."""
+        cache, start = self.start()
+        logits, cache = self.run("prefill", tokens[: self.prefill_len], cache, start)
         rows = [logits]
-        position = min(len(tokens), self.prefill_len)
+        position = start + min(len(tokens), self.prefill_len)
         for token in tokens[self.prefill_len : self.prefill_len + decode_steps]:
             step, cache = self.run("decode", [token], cache, position)
             rows.append(step)
@@ -166,10 +196,10 @@ class StaticDecoder:
         """Feeds of both graphs over real text, the cache filled by this (fp32) pipeline itself."""
         feeds = {"prefill": [], "decode": []}
         for window in windows:
-            cache = self.empty_cache()
-            feeds["prefill"].append(self.feeds("prefill", window[: self.prefill_len], cache, 0))
-            _, cache = self.run("prefill", window[: self.prefill_len], cache, 0)
-            position = self.prefill_len
+            cache, start = self.start()
+            feeds["prefill"].append(self.feeds("prefill", window[: self.prefill_len], cache, start))
+            _, cache = self.run("prefill", window[: self.prefill_len], cache, start)
+            position = start + self.prefill_len
             for token in window[self.prefill_len : self.prefill_len + decode_steps]:
                 feeds["decode"].append(self.feeds("decode", [token], cache, position))
                 _, cache = self.run("decode", [token], cache, position)
