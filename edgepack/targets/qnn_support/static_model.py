@@ -231,7 +231,9 @@ class StaticEncoder:
 
 
 def token_windows(tokenizer, text: str, length: int, count: int, *, what: str, stride: int | None = None) -> list[list[int]]:
-    ids = list(tokenizer(text)["input_ids"])
+    # Running text without special tokens: a BOS at the start of the first window only would put that window's
+    # massive activation (LLMs' attention-sink token, see StaticDecoder.make_prefix) into the ranges.
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     stride = stride or length
     windows = [ids[start : start + length] for start in range(0, max(0, len(ids) - length + 1), stride)][:count]
     if len(windows) < count:
