@@ -50,6 +50,7 @@ class QnnConfig:
     calibration_text: Path | None = None
     calibration_samples: int = 8
     rescue: int = 8  # weights kept at 16 bits, most sensitive first (0: off)
+    symmetric_activations: bool = False  # 16-bit activations: asymmetric ranges use the whole code range
     prefix: bool = True  # decoders: position 0 (BOS) computed in fp32 at build time, shipped as prefix_kv.npz
     range_margin: float | None = None  # widen calibrated activation ranges (None: 0.25 at 16 bits, 0 at 8 bits)
     eval_text: Path | None = None
@@ -258,7 +259,8 @@ def build(directory: Path | str, out: Path | str, config: QnnConfig = QnnConfig(
                 model_path = work / f"{spec.name}.qdq.onnx"
                 t0 = time.perf_counter()
                 quant_facts[spec.name] = quant.quantize_qdq(spec.npu_path, model_path, feeds[spec.name], config.precision, keep16,
-                                                               range_margin=margin, work=work)
+                                                               range_margin=margin, work=work,
+                                                               activation_symmetric=config.symmetric_activations)
                 seconds[f"quantize_{spec.name}"] = round(time.perf_counter() - t0, 3)
             status(f"compiling the {spec.name} graph for the HTP (soc_model {soc_model}, htp_arch {htp_arch}); CPU fallback disabled")
             context_path = tmp / f"{spec.name}_ctx.onnx"
@@ -408,11 +410,13 @@ def build(directory: Path | str, out: Path | str, config: QnnConfig = QnnConfig(
 @click.option("--decode-steps", type=click.IntRange(min=0), default=4, show_default=True, help="Teacher-forced decode steps per window.")
 @click.option("--min-top1", type=click.FloatRange(0, 1), default=None, help="Gate: top-1 agreement with fp32 at least Y (exit 1).")
 @click.option("--max-kl", type=click.FloatRange(min=0), default=None, help="Gate: mean KL(fp32 || HTP) at most X (exit 1).")
+@click.option("--symmetric-activations", is_flag=True,
+              help="Quantize activations with symmetric ranges (default: asymmetric, twice the resolution for one-sided tensors).")
 @click.option("--no-prefix", is_flag=True,
               help="Decoders: quantize position 0 too, instead of computing the BOS prefix in fp32 (prefix_kv.npz).")
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
 def command(directory, out, device, soc_model, htp_arch, precision, max_context, prefill_len, calibration_text,
-            calibration_samples, rescue, range_margin, eval_text, eval_windows, decode_steps, min_top1, max_kl, no_prefix, force):
+            calibration_samples, rescue, range_margin, eval_text, eval_windows, decode_steps, min_top1, max_kl, symmetric_activations, no_prefix, force):
     """QNN HTP bundle: *_ctx.onnx + .bin context binaries, host_*.onnx, qnn_config.json, target.json.
 
     Needs onnxruntime-qnn (Linux x86-64 runs the HTP as a simulator; exit 4 without it).
@@ -428,7 +432,8 @@ def command(directory, out, device, soc_model, htp_arch, precision, max_context,
     config = QnnConfig(soc_model=soc_model, htp_arch=htp_arch, device=device, precision=precision, max_context=max_context,
                        prefill_len=prefill_len, calibration_text=calibration_text, calibration_samples=calibration_samples,
                        rescue=rescue, range_margin=range_margin, eval_text=eval_text, eval_windows=eval_windows, decode_steps=decode_steps,
-                       min_top1=min_top1, max_kl=max_kl, prefix=not no_prefix, force=force)
+                       min_top1=min_top1, max_kl=max_kl, prefix=not no_prefix,
+                       symmetric_activations=symmetric_activations, force=force)
     with _Status(f"target qnn: {directory}") as status:
         artifact = build(directory, out, config, on_status=status)
     report_target(artifact)

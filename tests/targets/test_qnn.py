@@ -43,14 +43,15 @@ def test_llama_context_binaries_all_on_htp_and_parity(llama_bundle):
     prefix = config["prefix"]
     assert prefix["token_ids"] == report["facts"]["attention_sink_prefix"]["token_ids"] and len(prefix["token_ids"]) == 1
     arrays = np.load(out / prefix["kv_file"])
-    assert sorted(prefix["kv_names"].values()) == sorted(config["graphs"]["decode"]["npu_inputs"][n] and n
-                                                         for n in config["graphs"]["decode"]["npu_inputs"] if n.startswith("past_key_values"))
+    assert sorted(prefix["kv_names"].values()) == sorted(n for n in config["graphs"]["decode"]["npu_inputs"]
+                                                         if n.startswith("past_key_values"))
     for key, name in prefix["kv_names"].items():
         cache_shape = config["graphs"]["decode"]["npu_inputs"][name]
         assert arrays[key].shape == (1, cache_shape[1], 1, cache_shape[3]) and np.abs(arrays[key]).max() > 0
     assert parity["top1_agreement"] == 1.0
-    # The issue asks <= 0.05; 0.064 is measured (w8a16, rescue 8, margin 0.25): see docs/qnn.md.
-    assert parity["max_abs_logit_diff"] <= 0.1
+    # w8a16, asymmetric activations, rescue 8, margin 0.25: 0.044 measured (symmetric activations: 0.064)
+    assert parity["max_abs_logit_diff"] <= 0.05
+    assert report["facts"]["quantization"]["prefill"]["activation_symmetric"] is False
     assert report["versions"]["qnn_sdk"] and report["versions"]["onnxruntime_qnn"]
     assert facts["soc_model"] == 57 and facts["htp_arch"] == 75
     assert len(facts["rescue"]["kept_16bit"]) == 8 and facts["rescue"]["sensitivity_top"]
