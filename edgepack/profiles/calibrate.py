@@ -91,7 +91,6 @@ def _gemv_model(fmt: str, layers: int, rows: int = 1, dim: int = GEMV_DIM):
     random weights, and one shared input would let the quantized layout share per-input work (block sums)
     across every layer, which a real model shares only between the two or three weights reading one tensor."""
     import numpy as np
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     k = dim

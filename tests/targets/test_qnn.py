@@ -154,7 +154,6 @@ def test_dynamic_dimension_left_is_a_clear_error(tmp_path):
 
 def _rms_norm_graph(hidden: int, positions: int, eps: float = 1e-5):
     """optimum's RMSNorm: x / sqrt(mean(x^2) + eps) * gamma, on an input x [1, positions, hidden]."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     inits = [numpy_helper.from_array(np.array(2.0, np.float32), "two"), numpy_helper.from_array(np.array([-1], np.int64), "axes"),
