@@ -29,6 +29,13 @@ def test_genai_runs_the_bundle_token_for_token(smollm2_export, tmp_path, cli, sc
     assert "Paris" in report["checks"]["edgepack_runtime"]["text"]
     assert report["facts"]["kv_bytes_per_token"] == 30 * 2 * 3 * 64 * 4  # layers x (K,V) x kv heads x head dim x fp32
     assert report["facts"]["kv_bytes_at_max_context"] == 2048 * report["facts"]["kv_bytes_per_token"]
+    if scheme == "gguf":
+        # every weight of the builder graph carries the GGUF's blocks: 30 fused q/k/v, the tied table once
+        imported = report["facts"]["scheme_facts"]
+        assert imported["unmatched"] == [] and imported["matmuls_kept_float"] == []
+        assert len(imported["fused"]) == 30 and all(f["one_matmul"] for f in imported["fused"])
+        assert imported["embedding"]["shares_weights_with"] == "lm_head"
+        assert (out / "model.onnx").stat().st_size < 110e6  # the GGUF file is 98.4 MB; 272 MB before the fused matching
 
 
 def test_ort_mobile_matches_onnx_within_5_percent_size(smollm2_export, tmp_path, cli):
