@@ -36,7 +36,9 @@ SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokeni
               "special_tokens_map.json", "chat_template.jinja", "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model")
 MIN_CALIBRATION_SAMPLES = 2
 DEFAULT_CONTEXT = {"decoder": 256, "encoder": 128}
-CALIBRATION_DECODE_STEPS = 4  # decode feeds per calibration window (the decode graph's activation ranges)
+CALIBRATION_DECODE_STEPS = 4
+DEFAULT_MIN_TOP1 = 0.5  # decoders' parity floor without --min-top1
+DEFAULT_MIN_COSINE = 0.9  # encoders' parity floor (min cosine of hidden states)  # decode feeds per calibration window (the decode graph's activation ranges)
 
 
 @dataclass(frozen=True)
@@ -334,9 +336,15 @@ def build(directory: Path | str, out: Path | str, config: QnnConfig = QnnConfig(
         gate = {}
         passed_parity = True
         if decoder:
-            if config.min_top1 is not None:
-                gate["min_top1"] = config.min_top1
-                passed_parity &= parity["top1_agreement"] >= config.min_top1
+            # A default floor, so that a binary that computes noise (the first SmolLM2 binaries: top-1 0.03)
+            # can never pass silently; --min-top1 replaces it.
+            min_top1 = config.min_top1 if config.min_top1 is not None else DEFAULT_MIN_TOP1
+            gate["min_top1"] = min_top1
+            passed_parity &= parity["top1_agreement"] >= min_top1
+        else:
+            gate["min_cosine"] = DEFAULT_MIN_COSINE
+            passed_parity &= parity["cosine_min"] >= DEFAULT_MIN_COSINE
+        if decoder:
             if config.max_kl is not None:
                 gate["max_kl"] = config.max_kl
                 passed_parity &= parity["kl_mean"] <= config.max_kl
@@ -408,7 +416,8 @@ def build(directory: Path | str, out: Path | str, config: QnnConfig = QnnConfig(
 @click.option("--eval-text", type=click.Path(path_type=Path), default=None, help="UTF-8 text for parity (default: bundled English text).")
 @click.option("--eval-windows", type=click.IntRange(min=1), default=2, show_default=True, help="Evaluation windows (prefill + decode steps each).")
 @click.option("--decode-steps", type=click.IntRange(min=0), default=4, show_default=True, help="Teacher-forced decode steps per window.")
-@click.option("--min-top1", type=click.FloatRange(0, 1), default=None, help="Gate: top-1 agreement with fp32 at least Y (exit 1).")
+@click.option("--min-top1", type=click.FloatRange(0, 1), default=None,
+              help="Gate: top-1 agreement with fp32 at least Y (exit 1; default floor 0.5, encoders: min cosine 0.9).")
 @click.option("--max-kl", type=click.FloatRange(min=0), default=None, help="Gate: mean KL(fp32 || HTP) at most X (exit 1).")
 @click.option("--symmetric-activations", is_flag=True,
               help="Quantize activations with symmetric ranges (default: asymmetric, twice the resolution for one-sided tensors).")

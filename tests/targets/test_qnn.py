@@ -49,6 +49,7 @@ def test_llama_context_binaries_all_on_htp_and_parity(llama_bundle):
         cache_shape = config["graphs"]["decode"]["npu_inputs"][name]
         assert arrays[key].shape == (1, cache_shape[1], 1, cache_shape[3]) and np.abs(arrays[key]).max() > 0
     assert parity["top1_agreement"] == 1.0
+    assert parity["gate"] == {"min_top1": 0.5}  # the default floor: noise can never pass silently
     # w8a16, asymmetric activations, rescue 8, margin 0.25: 0.044 measured (symmetric activations: 0.064)
     assert parity["max_abs_logit_diff"] <= 0.05
     assert report["facts"]["quantization"]["prefill"]["activation_symmetric"] is False
