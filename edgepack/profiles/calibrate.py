@@ -155,12 +155,17 @@ def _time_runs(session, feeds: dict, repeats: int, warmup: int = 1, budget_s: fl
     return times
 
 
-def measure_gemv(fmt: str, size_mb: float, threads: int, repeats: int) -> dict:
-    _, one_layer = _gemv_model(fmt, 1)
+def _time_gemv(fmt: str, size_mb: float, threads: int, repeats: int, dim: int = GEMV_DIM) -> tuple[int, int, list[float]]:
+    """(weight bytes, layers, run times) of one vector through ~size_mb of dim-square layers in `fmt`."""
+    _, one_layer = _gemv_model(fmt, 1, dim=dim)
     layers = max(2, int(round(size_mb * 1e6 / one_layer)))
-    model, weight_bytes = _gemv_model(fmt, layers)
-    session = _session(model, threads)
-    median, best = _median_and_best(_time_runs(session, _gemv_feeds(layers, 1), repeats))
+    model, weight_bytes = _gemv_model(fmt, layers, dim=dim)
+    return weight_bytes, layers, _time_runs(_session(model, threads), _gemv_feeds(layers, 1, dim), repeats)
+
+
+def measure_gemv(fmt: str, size_mb: float, threads: int, repeats: int) -> dict:
+    weight_bytes, layers, times = _time_gemv(fmt, size_mb, threads, repeats)
+    median, best = _median_and_best(times)
     return {"format": fmt, "working_set_mb": weight_bytes / 1e6, "layers": layers, "gb_s": weight_bytes / median / 1e9,
             "best_gb_s": weight_bytes / best / 1e9}
 
@@ -172,11 +177,7 @@ def measure_weight_overhead(fmt: str, threads: int, repeats: int, size_mb: float
     int4 layout) slower than its bytes say; the GEMV curves are corrected by it."""
     points = []
     for dim in (GEMV_DIM, small_dim):
-        _, one_layer = _gemv_model(fmt, 1, dim=dim)
-        layers = max(2, int(round(size_mb * 1e6 / one_layer)))
-        model, weight_bytes = _gemv_model(fmt, layers, dim=dim)
-        session = _session(model, threads)
-        times = _time_runs(session, _gemv_feeds(layers, 1, dim), repeats)
+        weight_bytes, layers, times = _time_gemv(fmt, size_mb, threads, repeats, dim)
         points.append((weight_bytes, layers, statistics.median(times), min(times)))
     (b1, n1, t1, best1), (b2, n2, t2, best2) = points
 

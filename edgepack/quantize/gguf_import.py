@@ -511,12 +511,11 @@ def import_gguf_weights(
             continue
         if isinstance(tensor, _FusedTensor):
             pieces = [blocks_of(t) if _is_identity(p) else blocks_of(t).take_rows(p) for t, p in tensor.parts]
-            if any(b.zero is not None for b in pieces):
-                pass  # requantized parts: checked against the GGUF dequantization only, not bit for bit
-            elif not np.array_equal(_concat_rows(pieces).dequantize() if _compatible(pieces) else
-                                    np.concatenate([b.dequantize() for b in pieces]), g.np.to_array(g.inits[init_name]).T):
+            exact = all(b.zero is None for b in pieces)  # requantized parts only approximate the GGUF
+            if exact and not np.array_equal(np.concatenate([b.dequantize() for b in pieces]), g.np.to_array(g.inits[init_name]).T):
                 raise AssertionError(f"GGUF tensors {tensor.name} do not reproduce {init_name} exactly")
-            if _compatible(pieces):  # one MatMulNBits over the stacked blocks, as fast as the fused MatMul
+            one_matmul = _compatible(pieces)
+            if one_matmul:  # one MatMulNBits over the stacked blocks, as fast as the fused MatMul
                 packed = _pack(g, _concat_rows(pieces), _safe(label + ".fused"), single_8bit=accuracy_level == 4)
                 g.replacements[id(node)] = _matmul_nbits(g, node, packed, accuracy_level)
             else:  # mixed formats (Q4_K_M keeps attn_v at Q6_K): one MatMulNBits per part, outputs concatenated
@@ -524,7 +523,7 @@ def import_gguf_weights(
                     _pack(g, piece, _safe(t.name) + ("" if _is_identity(p) else "_rowperm"), single_8bit=accuracy_level == 4)
                     for piece, (t, p) in zip(pieces, tensor.parts)
                 ], accuracy_level)
-            result.fused.append({"node": label, "gguf_tensors": [t.name for t, _ in tensor.parts], "one_matmul": _compatible(pieces)})
+            result.fused.append({"node": label, "gguf_tensors": [t.name for t, _ in tensor.parts], "one_matmul": one_matmul})
             result.matmuls_replaced += 1
             removed.add(init_name)
             continue

@@ -156,10 +156,7 @@ def scale_free_rms_norms(model) -> int:
             nodes.append(node)
         del model.graph.node[:]
         model.graph.node.extend(nodes)
-        used = {name for n in model.graph.node for name in n.input}
-        stale = [i for i in model.graph.initializer if i.name not in used]  # the eps constants now unread
-        for init in stale:
-            model.graph.initializer.remove(init)
+        _drop_unread_initializers(model)  # the eps constants
     return rewritten
 
 
@@ -180,10 +177,14 @@ def squares_as_mul(model) -> int:
             node.op_type = "Mul"
             node.input[1] = node.input[0]
             replaced += 1
-    used = {name for n in model.graph.node for name in n.input}
+    _drop_unread_initializers(model)  # the exponents
+    return replaced
+
+
+def _drop_unread_initializers(model) -> None:
+    used = {name for n in model.graph.node for name in n.input} | {o.name for o in model.graph.output}
     for init in [i for i in model.graph.initializer if i.name not in used]:
         model.graph.initializer.remove(init)
-    return replaced
 
 
 def drop_nan_guards(model) -> int:
