@@ -26,25 +26,28 @@ def quantize_int8_static(model, scheme: Int8Static, calibration_reader, work_dir
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
+    from edgepack.quantize.ort_quant_compat import linear_quantizer_edits
+
     untied = untie_lm_head(model)
     src, dst = work_dir / "static_in.onnx", work_dir / "static_out.onnx"
     save_model(model, src)
     activation_type = {"uint8": QuantType.QUInt8, "uint16": QuantType.QUInt16}[scheme.activations]
     weight_type = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}[scheme.weights]
     method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile}[scheme.method]
-    quantize_static(
-        str(src), str(dst), calibration_reader,
-        quant_format=QuantFormat.QDQ,
-        activation_type=activation_type,
-        weight_type=weight_type,
-        per_channel=scheme.per_channel,
-        calibrate_method=method,
-        op_types_to_quantize=["MatMul", "Gather", "Gemm"],
-        # 16-bit Q/DQ needs the com.microsoft Q/DQ ops below opset 21.
-        extra_options={"UseQDQContribOps": scheme.activations == "uint16"},
-        calibration_providers=["CPUExecutionProvider"],
-        use_external_data_format=model.ByteSize() > 1_900_000_000,
-    )
+    with linear_quantizer_edits():  # onnxruntime 1.32's quantizer is quadratic in graph size (see that module)
+        quantize_static(
+            str(src), str(dst), calibration_reader,
+            quant_format=QuantFormat.QDQ,
+            activation_type=activation_type,
+            weight_type=weight_type,
+            per_channel=scheme.per_channel,
+            calibrate_method=method,
+            op_types_to_quantize=["MatMul", "Gather", "Gemm"],
+            # 16-bit Q/DQ needs the com.microsoft Q/DQ ops below opset 21.
+            extra_options={"UseQDQContribOps": scheme.activations == "uint16"},
+            calibration_providers=["CPUExecutionProvider"],
+            use_external_data_format=model.ByteSize() > 1_900_000_000,
+        )
     return onnx.load(str(dst)), {"lm_head": {"untied_from_embedding": untied is not None},
                                  "calibration_feeds": len(calibration_reader)}
 

@@ -6,10 +6,12 @@ Precisions (weights / activations):
   w8a8   int8 symmetric per-channel MatMul weights, uint8 activations
   fp16   no quantization: the HTP runs the fp32 graph in fp16 (`enable_htp_fp16_precision`)
 
-16-bit activations are quantized *symmetrically*: with asymmetric uint16 activations and int8 weights
-the QNN 2.51 HTP simulator crashed (segfault at run time) on the attention block of a tiny Llama,
-while symmetric uint16, uint16 weights, or uint8 activations all ran. The price is one bit of range
-for non-negative tensors, small at 16 bits.
+16-bit activations are asymmetric by default (twice the resolution for one-sided tensors: tiny Llama
+max |logit diff| 0.064 symmetric -> 0.044); `activation_symmetric=True` gives symmetric ranges (an early
+QNN simulator crash with asymmetric uint16 activations did not reproduce with onnxruntime-qnn 2.7).
+
+onnxruntime 1.32's quantizer is quadratic in graph size in two places; `edgepack.quantize.ort_quant_compat` swaps them for
+linear versions during quantization (SmolLM2's 15,000-node prefill graph: see that module).
 
 Rescue: each weight is quantized alone (the others stay fp32) in the fp32 prefill graph on CPU and the
 KL(fp32 || that) over the calibration windows is its sensitivity; the `rescue` most sensitive weights
@@ -61,8 +63,11 @@ def activation_ranges(fp32_path: Path, feeds: list[dict], work: Path) -> dict[st
     """MinMax ranges of every float activation over the calibration feeds (onnxruntime's calibrator)."""
     from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
 
-    calibrator = create_calibrator(str(fp32_path), None, augmented_model_path=str(work / f"{fp32_path.stem}.augmented.onnx"),
-                                   calibrate_method=CalibrationMethod.MinMax, providers=["CPUExecutionProvider"])
+    from edgepack.quantize.ort_quant_compat import linear_quantizer_edits
+
+    with linear_quantizer_edits():
+        calibrator = create_calibrator(str(fp32_path), None, augmented_model_path=str(work / f"{fp32_path.stem}.augmented.onnx"),
+                                       calibrate_method=CalibrationMethod.MinMax, providers=["CPUExecutionProvider"])
     calibrator.collect_data(_Reader(feeds))
     ranges = {name: (float(np.min(data.range_value[0])), float(np.max(data.range_value[1])))
               for name, data in calibrator.compute_data().data.items()}
@@ -132,11 +137,14 @@ def quantize_qdq(fp32_path: Path, out_path: Path, feeds: list[dict], precision: 
     )
     import logging
 
+    from edgepack.quantize.ort_quant_compat import linear_quantizer_edits
+
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # the quantizer's "consider pre-processing" / opset-upgrade advice, on the root logger
     try:
-        quantize(str(fp32_path), str(out_path), config)
+        with linear_quantizer_edits():
+            quantize(str(fp32_path), str(out_path), config)
     finally:
         root.setLevel(level)
     return {
