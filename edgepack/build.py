@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgepack.errors import UsageError
+from edgepack.errors import BadInputError, UsageError
 
 STAGES = ("convert", "quantize", "target", "profile", "check")
 FP32 = "fp32"
@@ -161,6 +161,20 @@ def scheme_names(recipe) -> list[tuple[str, dict]]:
     return names
 
 
+def _build_target(module_name: str, source_path: Path, out_path: Path, options: dict) -> None:
+    """Build one target (module-level so a worker process can run it)."""
+    import importlib
+
+    from edgepack.recipe import target_config_class
+
+    module = importlib.import_module(module_name)
+    config_cls = target_config_class(module)
+    if config_cls is None:
+        module.build(source_path, out_path)
+    else:
+        module.build(source_path, out_path, config_cls(**options))
+
+
 def _target_uses_schemes(module) -> bool:
     """Targets that convert from the PyTorch weights with their own compression (coreml, qnn) run once on fp32."""
     return getattr(module, "USES_QUANTIZED_SOURCE", True)
@@ -247,20 +261,39 @@ def build_recipe(recipe_path: Path | str, out: Path | str, config: BuildConfig =
             for scheme in schemes:
                 tasks.append((target_name, scheme, module, config_cls, options))
 
+        # Slow conversions from the PyTorch weights (coreml, qnn) start first so parallel jobs pack well.
+        tasks.sort(key=lambda task: _target_uses_schemes(task[2]))
+        workers = None
+        if config.jobs > 1 and len(tasks) > 1:
+            # Worker processes, not threads: the quantizers and converters the targets call are mostly
+            # Python and hold the GIL. Caching, locking and renaming stay in this process.
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            workers = ProcessPoolExecutor(max_workers=config.jobs, mp_context=multiprocessing.get_context("spawn"))
+
         def run_target(task):
             target_name, scheme, module, config_cls, options = task
             source_path, source_key = sources[scheme]
-            target_config = config_cls(**options) if config_cls else None
             payload = {"source": source_key, "target": target_name, "options": options}
-            return task, stage("target", f"{target_name}/{scheme}", payload,
-                               lambda o: module.build(source_path, o, target_config) if target_config is not None else module.build(source_path, o))
 
-        if config.jobs > 1 and len(tasks) > 1:
-            # Targets of different schemes are independent; onnxruntime and subprocesses release the GIL.
+            def produce(out_path):
+                if workers is None:
+                    _build_target(module.__name__, source_path, out_path, options)
+                else:
+                    workers.submit(_build_target, module.__name__, source_path, out_path, options).result()
+
+            return task, stage("target", f"{target_name}/{scheme}", payload, produce)
+
+        if workers is not None:
             from concurrent.futures import ThreadPoolExecutor
+            from concurrent.futures.process import BrokenProcessPool
 
-            with ThreadPoolExecutor(max_workers=config.jobs) as pool:
-                finished = list(pool.map(run_target, tasks))
+            try:
+                with workers, ThreadPoolExecutor(max_workers=config.jobs) as pool:
+                    finished = list(pool.map(run_target, tasks))
+            except BrokenProcessPool as exc:
+                raise BadInputError(f"a target worker process died ({exc}); rerun with --jobs 1 to see which target") from None
         else:
             finished = [run_target(task) for task in tasks]
         for (target_name, scheme, *_), path in finished:

@@ -114,6 +114,19 @@ def test_failing_budget_exits_1_with_junit_failures(tmp_path, tiny_model_factory
     assert cli("verify", out).exit_code == 0  # a failing verdict is still a complete bundle
 
 
+def test_a_target_failing_in_a_worker_process_is_one_line_and_leaves_no_bundle(tmp_path, tiny_model_factory, cache, cli):
+    # --jobs 2 builds targets in worker processes; the worker's error must reach the user as the same
+    # one-line message and exit code as without workers.
+    path, out = tmp_path / "edgepack.toml", tmp_path / "bundle"
+    path.write_text(f'[model]\nsource = "{tiny_model_factory("llama")}"\n\n[targets.qnn]\nmax_context = 32\n\n'
+                    '[targets.ort]\nmax_context = 32\ngraph = "optimum"\n')
+    for jobs in ("2", "1"):
+        result = cli("build", path, "-o", out, "--jobs", jobs)
+        assert result.exit_code == 2, result.stderr
+        assert "needs the SoC to compile for" in result.stderr_lines[-1] and "Traceback" not in result.stderr
+        assert not out.exists()
+
+
 def test_kill_9_leaves_no_bundle_and_the_rerun_completes(tmp_path, tiny_model_factory, cache):
     path, out = recipe(tmp_path, tiny_model_factory), tmp_path / "bundle"
     env = {**os.environ, "EDGEPACK_CACHE": str(cache)}
