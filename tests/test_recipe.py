@@ -53,3 +53,14 @@ def test_bad_recipes_name_the_key(tmp_path, text, fragment):
 def test_paths_resolve_relative_to_the_recipe(tmp_path):
     recipe = load_recipe(write(tmp_path, '[model]\nsource = "x"\n[evaluation]\ntext = "eval.txt"\n'))
     assert recipe.resolve(recipe.evaluation["text"]) == tmp_path / "eval.txt"
+
+
+def test_example_recipe_is_valid_and_covers_every_kind_of_target():
+    # The README's demo builds examples/smollm2.toml; a typo there would only show in a 10-minute build.
+    from pathlib import Path
+
+    recipe = load_recipe(Path(__file__).parents[1] / "examples" / "smollm2.toml")
+    assert recipe.model["source"] == "smollm2-135m"
+    assert set(recipe.targets) == {"ort", "ort-mobile", "coreml", "qnn"}
+    assert {table["scheme"] for table in recipe.quantize} == {"int8-weight", "gguf"}
+    assert len(recipe.devices) == 3 and set(recipe.budgets) <= set(recipe.devices)
