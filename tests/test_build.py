@@ -167,3 +167,26 @@ def test_report_html_renders_in_chromium(tmp_path, tiny_model_factory, cache, cl
     histogram = image.histogram()
     dark = sum(histogram[:128])
     assert dark > 0.01 * image.size[0] * image.size[1], "the screenshot is blank"
+
+
+def test_targets_with_their_own_compression_get_a_summary_row():
+    # coreml and qnn convert the fp32 weights themselves: their row shows their own precision and the
+    # quality of their parity check, and says that no latency figure exists for them here.
+    from edgepack.report.summary import _own_compression_row, scheme_label
+
+    qnn = {"total_bytes": 380_000_000, "passed": True,
+           "facts": {"precision": "w8a16", "device": "galaxy-s24"},
+           "checks": {"all_nodes_on_htp": {"passed": True},
+                      "parity_vs_fp32": {"top1_agreement": 0.917, "kl_mean": 0.012, "passed": True}}}
+    row = _own_compression_row("qnn", "fp32", qnn)
+    assert (row["precision"], row["device"], row["top1_agreement"], row["kl_mean"]) == ("w8a16", "galaxy-s24", 0.917, 0.012)
+    assert row["size_mb"] == 380.0 and row["figure_kind"] == "missing" and row["decode_ms_per_token"] is None
+    assert row["budgets"] == 0 and row["verdict"] == "pass"
+    assert scheme_label(row) == "fp32 -> w8a16"
+
+    coreml = {"total_bytes": 95_000_000, "passed": False,
+              "facts": {"compute_precision": "fp16", "compression": {"name": "int4-block"}},
+              "checks": {"parity": {"top1_agreement": 0.5, "kl_mean": 0.3, "passed": False}}}
+    row = _own_compression_row("coreml", "fp32", coreml)
+    assert row["precision"] == "int4-block" and row["verdict"] == "fail" and row["device"] is None
+    assert scheme_label({"scheme": "gguf", "precision": "gguf"}) == "gguf"

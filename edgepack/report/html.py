@@ -115,13 +115,15 @@ def _context_curves(report: dict, folder: Path) -> list:
 
 
 def render_html(report: dict, folder: Path) -> str:
+    from edgepack.report.summary import scheme_label
+
     verdict = "pass" if report["passed"] else "fail"
     rows = []
     for row in report["summary"]:
         cls = {"pass": "pass", "fail": "fail"}.get(row["verdict"], "none")
         rows.append(
             "<tr>" + "".join([
-                f"<td class=l>{html.escape(str(row['scheme']))}</td>",
+                f"<td class=l>{html.escape(scheme_label(row))}</td>",
                 f"<td class=l>{html.escape(str(row['target'] or ''))}</td>",
                 f"<td class=l>{html.escape(str(row['device'] or ''))}</td>",
                 f"<td>{_fmt(row['size_mb'], '.1f')}</td>",

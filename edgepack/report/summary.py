@@ -15,6 +15,12 @@ FIGURE_KEYS = {  # summary column -> budget key whose figure it shows
 }
 
 
+def scheme_label(row: dict) -> str:
+    """The scheme column: the recipe's scheme, or `fp32 -> <own precision>` for coreml/qnn rows."""
+    precision = row.get("precision")
+    return row["scheme"] if precision in (None, row["scheme"]) else f"{row['scheme']} -> {precision}"
+
+
 def _figures(profile: dict, device: str) -> dict:
     from edgepack.profiles.budgets import figure_for
 
@@ -23,6 +29,27 @@ def _figures(profile: dict, device: str) -> dict:
         value, kind, conditions = figure_for(profile, device, key)
         figures[column] = {"value": value, "kind": kind, "conditions": conditions}
     return figures
+
+
+def _own_compression_row(target: str, scheme: str, data: dict) -> dict:
+    """Summary row of a target that converts the fp32 weights with its own compression (coreml, qnn).
+
+    Quality is the target's own parity check against fp32 (MIL reference, HTP simulator); nothing runs
+    it here at device speed, so the latency and energy columns are empty (figure_kind "missing") and
+    the verdict is that of the target's checks, not of device budgets.
+    """
+    facts = data.get("facts") or {}
+    compression = facts.get("compression")
+    precision = facts.get("precision") or (compression.get("name") if isinstance(compression, dict) else None) \
+        or facts.get("compute_precision") or scheme
+    parity = next((check for check in (data.get("checks") or {}).values()
+                   if isinstance(check, dict) and "top1_agreement" in check), {})
+    return {
+        "scheme": scheme, "target": target, "device": facts.get("device"),
+        "size_mb": data["total_bytes"] / 1e6, "kl_mean": parity.get("kl_mean"), "top1_agreement": parity.get("top1_agreement"),
+        **{k: None for k in FIGURE_KEYS}, "figure_kind": "missing", "budgets": 0,
+        "verdict": "pass" if data.get("passed") else "fail", "precision": precision,
+    }
 
 
 def build_report(recipe, sources, quality_reports, targets, profiles, verdicts, result, seconds: float) -> dict:
@@ -35,11 +62,13 @@ def build_report(recipe, sources, quality_reports, targets, profiles, verdicts, 
             "size_ratio": report["size_ratio"] if report else 1.0,
             "quality": report.get("quality") if report else None,
         }
-    target_rows = []
+    target_rows, own_rows = [], []
     for (target, scheme), path in targets.items():
         data = json.loads((path / "target.json").read_text())
         target_rows.append({"target": target, "scheme": scheme, "total_bytes": data["total_bytes"], "passed": data["passed"],
                             "path": f"targets/{target}/{scheme}"})
+        if scheme == "fp32" and len(sources) > 1:
+            own_rows.append(_own_compression_row(target, scheme, data))
     figures, rows = {}, []
     for scheme, profile in profiles.items():
         devices = ["host"] + list((profile.get("projections") or {}))
@@ -64,7 +93,9 @@ def build_report(recipe, sources, quality_reports, targets, profiles, verdicts, 
                     "figure_kind": (device_figures.get("decode_ms_per_token") or {}).get("kind"),
                     "budgets": len(device_verdicts),
                     "verdict": ("pass" if all(v.passed for v in device_verdicts) else "fail") if device_verdicts else "no budget",
+                    "precision": scheme,
                 })
+    rows.extend(own_rows)
     return {
         "schema_version": REPORT_SCHEMA_VERSION,
         "kind": "edgepack.report",
