@@ -175,6 +175,37 @@ def _build_target(module_name: str, source_path: Path, out_path: Path, options: 
         module.build(source_path, out_path, config_cls(**options))
 
 
+REPORTS_NOT_REPRODUCIBLE = {
+    "report.json": "figures measured by this build (timings, latencies, energy)",
+    "report.html": "figures measured by this build (timings, latencies, energy)",
+    "junit.xml": "gate values measured by this build",
+    "profiles/*.json": "latency and memory measured by this build",
+    "quality/*.json": "quantization seconds and cache paths of this build",
+    "targets/*/*/*.json": "build seconds and cache paths of this build",
+}
+
+
+def not_reproducible(bundle: Path, targets: dict, available: dict) -> list[dict]:
+    """Files of the bundle that a rebuild from a cold cache does not reproduce byte for byte, and why.
+
+    Model files are reproducible unless their target module declares otherwise (`NOT_REPRODUCIBLE`:
+    file pattern -> reason); reports carry this build's own measurements.
+    """
+    import importlib
+
+    entries = {}
+    for (target_name, scheme) in targets:
+        module = importlib.import_module(available[target_name])
+        folder = bundle / "targets" / target_name / scheme
+        for pattern, reason in getattr(module, "NOT_REPRODUCIBLE", {}).items():
+            for path in sorted(folder.glob(pattern)):
+                entries[path.relative_to(bundle).as_posix()] = reason
+    for pattern, reason in REPORTS_NOT_REPRODUCIBLE.items():
+        for path in sorted(bundle.glob(pattern)):
+            entries.setdefault(path.relative_to(bundle).as_posix(), reason)
+    return [{"path": path, "reason": reason} for path, reason in sorted(entries.items())]
+
+
 def _target_uses_schemes(module) -> bool:
     """Targets that convert from the PyTorch weights with their own compression (coreml, qnn) run once on fp32."""
     return getattr(module, "USES_QUANTIZED_SOURCE", True)
@@ -356,6 +387,7 @@ def build_recipe(recipe_path: Path | str, out: Path | str, config: BuildConfig =
         result.rows = report["summary"]
         write_reports(tmp, report, verdicts, result.failures)
         write_manifest(tmp, {"recipe": recipe.raw, "versions": _versions_fingerprint(),
+                             "not_reproducible": not_reproducible(tmp, targets, available),
                              "stages": [{"stage": r.stage, "name": r.name, "key": r.key, "reused": r.reused} for r in result.records],
                              "figures": report["figures"]})
         replace_dir(tmp, out)

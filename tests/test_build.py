@@ -190,3 +190,29 @@ def test_targets_with_their_own_compression_get_a_summary_row():
     row = _own_compression_row("coreml", "fp32", coreml)
     assert row["precision"] == "int4-block" and row["verdict"] == "fail" and row["device"] is None
     assert scheme_label({"scheme": "gguf", "precision": "gguf"}) == "gguf"
+
+
+def test_two_cold_builds_give_the_same_bytes_except_what_the_manifest_names(tmp_path, tiny_model_factory, monkeypatch, cli):
+    # Issue #8 point 5: a rebuild from a cold cache reproduces the model files byte for byte, or the
+    # manifest says which file does not and why.
+    path = tmp_path / "edgepack.toml"
+    path.write_text(RECIPE.format(source=tiny_model_factory("llama"), decode_budget=1000)
+                    + '\n[targets.coreml]\nmax_context = 32\n\n[targets.qnn]\nsoc_model = 57\nhtp_arch = 75\nmax_context = 32\nprefill_len = 8\n')
+    manifests = []
+    for run in (1, 2):
+        monkeypatch.setenv("EDGEPACK_CACHE", str(tmp_path / f"cache{run}"))
+        result = cli("build", path, "-o", tmp_path / f"bundle{run}", "--jobs", "2")
+        assert result.exit_code == 0, result.stderr
+        manifests.append(read_json(tmp_path / f"bundle{run}" / "manifest.json"))
+    first, second = manifests
+    declared = {entry["path"]: entry["reason"] for entry in first["not_reproducible"]}
+    assert declared == {entry["path"]: entry["reason"] for entry in second["not_reproducible"]}
+    assert all(reason for reason in declared.values())
+    differing = {name for name, record in first["files"].items() if record["sha256"] != second["files"][name]["sha256"]}
+    assert differing <= set(declared), sorted(differing - set(declared))
+    models = [name for name in first["files"] if name.endswith((".onnx", ".bin", ".mlmodel", ".ort", ".data"))]
+    assert any(name.startswith("targets/qnn/") and name.endswith(".bin") for name in models)
+    reproduced = [name for name in models if name not in declared]
+    assert reproduced and all(first["files"][n]["sha256"] == second["files"][n]["sha256"] for n in reproduced)
+    # Only the ORT-format file (address-ordered table) and the dated Core ML spec may differ among model files.
+    assert {name.rsplit("/", 1)[-1] for name in models if name in declared} <= {"model.ort", "model.mlmodel"}

@@ -26,6 +26,11 @@ SUMMARY = "Core ML .mlpackage (iOS 18/macOS 15): stateful KV cache, fp16-safe, c
 USES_QUANTIZED_SOURCE = False
 TARGET = "coreml"
 PACKAGE = "model.mlpackage"
+# Files that differ between two builds of the same model, and why (collected into the build manifest).
+NOT_REPRODUCIBLE = {
+    f"{PACKAGE}/Data/com.apple.CoreML/model.mlmodel": "coremltools stamps the conversion date into the spec "
+    "(metadata com.github.apple.coremltools.conversion_date): identical bytes within one day",
+}
 COMPUTE_UNITS = ("all", "cpu_and_ne", "cpu_and_gpu", "cpu_only")
 COMPRESSIONS = ("none", "int8", "int4-block", "palettize4")
 DECODER_TYPES = ("llama", "mistral", "qwen2")
@@ -55,6 +60,32 @@ class CoreMLConfig:
     min_top1: float | None = None
     max_kl: float | None = None
     force: bool = False
+
+
+def make_package_reproducible(package: Path) -> None:
+    """Rewrite the two parts of a saved .mlpackage that differ run to run, keeping their meaning.
+
+    coremltools 9.0 names the package items with random uuid4s (Manifest.json) and serializes the
+    model spec's protobuf maps in hash order (model.mlmodel): two conversions of the same model gave
+    different bytes. Item identifiers become uuid5 of the item path and the spec is re-serialized
+    deterministically (sorted map keys).
+    """
+    import uuid
+
+    from coremltools.proto import Model_pb2
+
+    manifest_path = package / "Manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    renamed = {old: str(uuid.uuid5(uuid.NAMESPACE_URL, "edgepack:" + item["path"])) for old, item in manifest["itemInfoEntries"].items()}
+    manifest["itemInfoEntries"] = {renamed[old]: item for old, item in manifest["itemInfoEntries"].items()}
+    manifest["rootModelIdentifier"] = renamed.get(manifest["rootModelIdentifier"], manifest["rootModelIdentifier"])
+    manifest_path.write_text(json.dumps(manifest, indent=4, sort_keys=True) + "\n")
+    for item in manifest["itemInfoEntries"].values():
+        spec_path = package / "Data" / item["path"]
+        if spec_path.suffix == ".mlmodel" and spec_path.is_file():
+            spec = Model_pb2.Model()
+            spec.ParseFromString(spec_path.read_bytes())
+            spec_path.write_bytes(spec.SerializeToString(deterministic=True))
 
 
 @dataclass
@@ -207,6 +238,7 @@ def build(directory, out, config: CoreMLConfig = CoreMLConfig(), on_status=None)
         _describe(mlmodel, source, kind, context, scheme)
         package = tmp / PACKAGE
         mlmodel.save(str(package))
+        make_package_reproducible(package)
         for name in SIDE_FILES:
             for folder in (Path(directory), source.hf_dir):
                 if (folder / name).is_file():

@@ -26,6 +26,12 @@ SUMMARY = "ORT format (.ort) for onnxruntime mobile / minimal builds, with a red
 ORT_FILE = "model.ort"
 OPS_CONFIG = "required_operators.config"
 USABILITY_FILE = "mobile_usability.json"
+# Files that differ between two builds of the same model, and why (collected into the build manifest).
+NOT_REPRODUCIBLE = {
+    ORT_FILE: "onnxruntime's ORT-format writer orders its kernel type-string table by a hash of memory addresses: the "
+              "entry order changes with address-space randomization (same graph, weights and outputs; two runs under "
+              "`setarch -R` give identical bytes)",
+}
 COPY_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "config.json",
               "generation_config.json", "convert.json", "quantize.json")
 
@@ -192,7 +198,11 @@ def build(directory: Path | str, out: Path | str, config: OrtMobileConfig = OrtM
         shutil.move(str(produced[0]), tmp / ORT_FILE)
         configs = sorted(work.glob("*.config"))
         if configs:
-            shutil.move(str(configs[0]), tmp / OPS_CONFIG)
+            # The converter's header names the model by its temporary build path; name it as shipped
+            # so the same model gives the same file.
+            lines = configs[0].read_text().splitlines(keepends=True)
+            lines = [f"# - {ORT_FILE}\n" if line.startswith("# - ") else line for line in lines]
+            (tmp / OPS_CONFIG).write_text("".join(lines))
         status("checking mobile execution-provider coverage")
         usability = usability_report(work / MODEL_FILE)
         (tmp / USABILITY_FILE).write_text(json.dumps(usability, indent=2) + "\n")

@@ -125,6 +125,22 @@ def placement(session, model_path: Path) -> Placement:
     return Placement(on_htp, on_htp + len(others), by_op, names)
 
 
+def _model_source(model_path: Path):
+    """The model as bytes when it is self-contained, else its path.
+
+    onnxruntime names the EP context graph (the *_ctx.onnx node and the graph inside the context
+    binary) after a hash of the model's path when the model has one; compiled from a temporary build
+    folder, every build got a different name. From bytes the name comes from the graph's own inputs
+    and outputs.
+    """
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+        return str(model_path)
+    return model.SerializeToString()
+
+
 def compile_on_htp(model_path: Path, options: HtpOptions, context_path: Path):
     """Compile `model_path` for the HTP with CPU fallback disabled and write its EP context binary.
 
@@ -134,7 +150,7 @@ def compile_on_htp(model_path: Path, options: HtpOptions, context_path: Path):
 
     start = time.perf_counter()
     try:
-        session = ort.InferenceSession(str(model_path), _session_options(options, fallback=False, context_path=context_path))
+        session = ort.InferenceSession(_model_source(model_path), _session_options(options, fallback=False, context_path=context_path))
     except Exception as exc:
         message = " ".join(str(exc).split())
         if "fallback to CPU EP has been explicitly disabled" in message or "assigned to the default CPU EP" in message:
