@@ -1,7 +1,7 @@
 """Decode speed of SmolLM2-135M on this CPU, edgepack against its peers (not a test).
 
     python benchmarks/decode.py [--work DIR] [--runs 5] [--threads 2] [--prompt-len 128] [--gen-len 64]
-                                [--variants a,b,...] [--precisions fp32,int8,int4,int4-rtn,int4-exact,gguf]
+                                [--variants a,b,...] [--precisions fp32,int8,int4,int4-rtn,int4-rtn-lm4,int4-exact,gguf]
 
 For each precision it builds (once, cached in --work) the edgepack artifacts: export -> quantize ->
 `target ort`, plus onnxruntime-genai's own builder output at the same precision (when the builder
@@ -38,6 +38,8 @@ PRECISIONS = {
     # The builder's own algorithm (round-to-nearest, integer zero points): same kernels, no block-minimum
     # correction, and the builder's quality class (top-1 ~0.68 on this Q4_1-derived model).
     "int4-rtn": (("int4", {"algorithm": "rtn", "accuracy_level": 4}), "int4"),
+    # ... and with the builder's bit widths too (4-bit embedding/lm_head instead of int8): the same graph class.
+    "int4-rtn-lm4": (("int4", {"algorithm": "rtn", "accuracy_level": 4, "lm_head": "int4", "embeddings": "int4"}), "int4"),
     "gguf": (("gguf", {}), "int4"),
 }
 VARIANTS = ("edgepack-ort", "genai-on-edgepack", "genai-builder", "edgepack-export", "optimum-ort", "torch-eager")
