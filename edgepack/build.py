@@ -181,7 +181,9 @@ REPORTS_NOT_REPRODUCIBLE = {
     "junit.xml": "gate values measured by this build",
     "profiles/*.json": "latency and memory measured by this build",
     "quality/*.json": "quantization seconds and cache paths of this build",
-    "targets/*/*/*.json": "build seconds and cache paths of this build",
+    "targets/*/*/target.json": "build seconds and cache paths of this build",
+    "targets/*/*/convert.json": "export seconds and cache paths of this build",
+    "targets/*/*/quantize.json": "quantization seconds and cache paths of this build",
 }
 
 
@@ -219,7 +221,7 @@ def build_recipe(recipe_path: Path | str, out: Path | str, config: BuildConfig =
 
     from edgepack.bundle import write_manifest
     from edgepack.outputs import prepare_output, replace_dir, staging_dir
-    from edgepack.recipe import load_recipe, target_config_class
+    from edgepack.recipe import load_recipe
     from edgepack.targets import registered_targets
 
     status = on_status or (lambda message: None)
@@ -287,10 +289,9 @@ def build_recipe(recipe_path: Path | str, out: Path | str, config: BuildConfig =
         tasks = []
         for target_name, options in recipe.targets.items():
             module = importlib.import_module(available[target_name])
-            config_cls = target_config_class(module)
             schemes = [s for s in sources if s != FP32 or len(sources) == 1] if _target_uses_schemes(module) else [FP32]
             for scheme in schemes:
-                tasks.append((target_name, scheme, module, config_cls, options))
+                tasks.append((target_name, scheme, module, options))
 
         # Slow conversions from the PyTorch weights (coreml, qnn) start first so parallel jobs pack well.
         tasks.sort(key=lambda task: _target_uses_schemes(task[2]))
@@ -304,7 +305,7 @@ def build_recipe(recipe_path: Path | str, out: Path | str, config: BuildConfig =
             workers = ProcessPoolExecutor(max_workers=config.jobs, mp_context=multiprocessing.get_context("spawn"))
 
         def run_target(task):
-            target_name, scheme, module, config_cls, options = task
+            target_name, scheme, module, options = task
             source_path, source_key = sources[scheme]
             payload = {"source": source_key, "target": target_name, "options": options}
 

@@ -62,32 +62,6 @@ class CoreMLConfig:
     force: bool = False
 
 
-def make_package_reproducible(package: Path) -> None:
-    """Rewrite the two parts of a saved .mlpackage that differ run to run, keeping their meaning.
-
-    coremltools 9.0 names the package items with random uuid4s (Manifest.json) and serializes the
-    model spec's protobuf maps in hash order (model.mlmodel): two conversions of the same model gave
-    different bytes. Item identifiers become uuid5 of the item path and the spec is re-serialized
-    deterministically (sorted map keys).
-    """
-    import uuid
-
-    from coremltools.proto import Model_pb2
-
-    manifest_path = package / "Manifest.json"
-    manifest = json.loads(manifest_path.read_text())
-    renamed = {old: str(uuid.uuid5(uuid.NAMESPACE_URL, "edgepack:" + item["path"])) for old, item in manifest["itemInfoEntries"].items()}
-    manifest["itemInfoEntries"] = {renamed[old]: item for old, item in manifest["itemInfoEntries"].items()}
-    manifest["rootModelIdentifier"] = renamed.get(manifest["rootModelIdentifier"], manifest["rootModelIdentifier"])
-    manifest_path.write_text(json.dumps(manifest, indent=4, sort_keys=True) + "\n")
-    for item in manifest["itemInfoEntries"].values():
-        spec_path = package / "Data" / item["path"]
-        if spec_path.suffix == ".mlmodel" and spec_path.is_file():
-            spec = Model_pb2.Model()
-            spec.ParseFromString(spec_path.read_bytes())
-            spec_path.write_bytes(spec.SerializeToString(deterministic=True))
-
-
 @dataclass
 class _Source:
     hf_dir: Path
@@ -238,7 +212,7 @@ def build(directory, out, config: CoreMLConfig = CoreMLConfig(), on_status=None)
         _describe(mlmodel, source, kind, context, scheme)
         package = tmp / PACKAGE
         mlmodel.save(str(package))
-        make_package_reproducible(package)
+        compat.make_package_reproducible(package)
         for name in SIDE_FILES:
             for folder in (Path(directory), source.hf_dir):
                 if (folder / name).is_file():

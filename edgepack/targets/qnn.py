@@ -36,9 +36,9 @@ SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokeni
               "special_tokens_map.json", "chat_template.jinja", "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model")
 MIN_CALIBRATION_SAMPLES = 2
 DEFAULT_CONTEXT = {"decoder": 256, "encoder": 128}
-CALIBRATION_DECODE_STEPS = 4
+CALIBRATION_DECODE_STEPS = 4  # decode feeds per calibration window (the decode graph's activation ranges)
 DEFAULT_MIN_TOP1 = 0.5  # decoders' parity floor without --min-top1
-DEFAULT_MIN_COSINE = 0.9  # encoders' parity floor (min cosine of hidden states)  # decode feeds per calibration window (the decode graph's activation ranges)
+DEFAULT_MIN_COSINE = 0.9  # encoders' parity floor (min cosine of hidden states)
 
 
 @dataclass(frozen=True)
@@ -299,7 +299,7 @@ def build(directory: Path | str, out: Path | str, config: QnnConfig = QnnConfig(
         t0 = time.perf_counter()
         if decoder:
             htp_model = StaticDecoder(specs, sessions, max_context)
-            htp_model.use_prefix(prefix, fp32_static.prefix_kv)
+            htp_model.use_prefix(prefix, prefix_kv)
             candidate = [htp_model.teacher_forced(w, config.decode_steps) for w in eval_windows]
             parity = decoder_figures(reference, candidate, config.prefill_len)
         else:
@@ -341,13 +341,12 @@ def build(directory: Path | str, out: Path | str, config: QnnConfig = QnnConfig(
             min_top1 = config.min_top1 if config.min_top1 is not None else DEFAULT_MIN_TOP1
             gate["min_top1"] = min_top1
             passed_parity &= parity["top1_agreement"] >= min_top1
-        else:
-            gate["min_cosine"] = DEFAULT_MIN_COSINE
-            passed_parity &= parity["cosine_min"] >= DEFAULT_MIN_COSINE
-        if decoder:
             if config.max_kl is not None:
                 gate["max_kl"] = config.max_kl
                 passed_parity &= parity["kl_mean"] <= config.max_kl
+        else:
+            gate["min_cosine"] = DEFAULT_MIN_COSINE
+            passed_parity &= parity["cosine_min"] >= DEFAULT_MIN_COSINE
         checks = {
             "all_nodes_on_htp": {"nodes_on_htp": nodes_on, "nodes_total": nodes_total, "cpu_fallback": "disabled",
                                  "passed": nodes_on == nodes_total},

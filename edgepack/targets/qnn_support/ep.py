@@ -138,7 +138,7 @@ def _model_source(model_path: Path):
     model = onnx.load(str(model_path), load_external_data=False)
     if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
         return str(model_path)
-    return model.SerializeToString()
+    return model_path.read_bytes()
 
 
 def compile_on_htp(model_path: Path, options: HtpOptions, context_path: Path):

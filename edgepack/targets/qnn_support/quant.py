@@ -10,8 +10,8 @@ Precisions (weights / activations):
 max |logit diff| 0.064 symmetric -> 0.044); `activation_symmetric=True` gives symmetric ranges (an early
 QNN simulator crash with asymmetric uint16 activations did not reproduce with onnxruntime-qnn 2.7).
 
-onnxruntime 1.32's quantizer is quadratic in graph size in two places; `edgepack.quantize.ort_quant_compat` swaps them for
-linear versions during quantization (SmolLM2's 15,000-node prefill graph: see that module).
+onnxruntime 1.32's quantizer is quadratic in graph size in two places; `edgepack.quantize.ort_quant_compat`
+swaps them for linear versions during quantization (SmolLM2's 15,000-node prefill graph: see that module).
 
 Rescue: each weight is quantized alone (the others stay fp32) in the fp32 prefill graph on CPU and the
 KL(fp32 || that) over the calibration windows is its sensitivity; the `rescue` most sensitive weights
@@ -79,7 +79,7 @@ def quantize_qdq(fp32_path: Path, out_path: Path, feeds: list[dict], precision: 
                  range_margin: float = 0.0, work: Path | None = None, activation_symmetric: bool | None = None) -> dict:
     """QDQ model for the HTP. Returns facts (types, overrides).
 
-    `range_margin` widens every calibrated (symmetric 16-bit) activation range by that fraction: MinMax
+    `range_margin` widens every calibrated 16-bit activation range by that fraction: MinMax
     calibration clips whatever other text drives beyond the calibration windows (seen on a tiny Llama:
     max |logit diff| 0.27 with the margin off, 0.06 with 0.25), and at 16 bits 25% costs a third of a bit.
     Done through the quantizer's rmin/rmax tensor overrides, so it keeps the parameters that must match
