@@ -13,6 +13,11 @@ weight is therefore re-expressed, value for value, as 4-bit pieces:
   * a tied embedding               -> GatherBlockQuantized on the lm_head's MatMulNBits B tensor
                                       [V, k_blocks, blob] itself (quantize_axis 2): stored once.
 
+At accuracy_level 4 (int8 activations inside the kernel: approximate by design) 4-bit float zero points
+take a faster, approximate form instead (`offset_columns`): integer zero points, and the rounding residue
+as extra K columns of the same MatMulNBits, fed by the block sums appended to the activation. One kernel
+per weight instead of MatMulNBits + MatMul + Add.
+
 `Blocks` is the neutral form (codes, scale, zero point or block minimum) and `pack_blocks`,
 `matmul_nbits_nodes`, `gather_block_quantized_nodes` write it; `edgepack.quantize.gguf_import` fills
 `Blocks` from GGML blocks, `rewrite_for_cpu` below from MatMulNBits nodes onnxruntime's
@@ -392,6 +397,10 @@ def gather_block_quantized_nodes(g: GraphEdit, node, packed: Packed) -> list:
 # ----------------------------------------------------------------------------------------------
 
 _SCALE_BITS = 11  # significant bits kept by the snap: fp16's mantissa, so snapped scales store as fp16
+# Residue planes of `offset_columns` (SmolLM2, builder graph, level 4, 2 threads): 1 plane 98.5 MB, 11.2 ms/token,
+# chat-position mean KL 0.0098; 2 planes (each quantizing what the first left) 102.6 MB, 12.6 ms/token, KL 0.0067;
+# the exact MatMul + Add layout 105 MB, 13.3 ms/token, KL 0.0060; builder int4 14.2 ms/token. Speed first.
+OFFSET_PLANES = 1
 _GRID_BITS = 13  # |u - zp| * 2**g < 2**13: with 11-bit scales every product fits fp32's 24 bits
 
 
@@ -547,6 +556,89 @@ def snap_for_exact_layout(model) -> dict:
     return {"nodes": count, "max_rel_change": worst}
 
 
+def offset_columns(w: NBitsWeight, planes: int = OFFSET_PLANES) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """accuracy_level 4, 4-bit float zero points: integer zero points plus the rounding residue as extra K columns.
+
+    w = s*(u - zf) = s*(u - zi) + r with zi = round(zf) and r = s*(zi - zf) one value per block and row.
+    The residue term is sum_b r[n, b] * blocksum(A)[b]: appended to A as extra features (the block sums,
+    zero-padded to whole blocks) and to W as extra columns, quantized to 4 bits with integer zero points
+    like every other block, it rides inside the same MatMulNBits. That replaces the exact fp32
+    `blocksum(A) @ minimums` MatMul + Add per weight (~2 ms/token on SmolLM2: two small nodes per weight),
+    at an error of at most half a step of the residue's own 4-bit grid (|r| <= s/2, so that step is about
+    max s / 30 of the row's blocks instead of the s/2 zero-point rounding of plain RTN). Only at
+    accuracy_level 4, which already quantizes the activations to int8 and is approximate anyway.
+
+    Returns (codes [N, K + pad], scales [N, nb + pad/block], zero points uint8 [N, nb + pad/block],
+    max |w_new - w| / max |w|) where pad = the block sums rounded up to whole blocks.
+    """
+    rows, nb = w.scale.shape
+    block, top = w.block, 2**w.bits - 1
+    scale = snap_scale(w.scale)  # fp16-exact: stored as fp16
+    zf = w.zero.astype(np.float32)
+    zi = np.clip(np.round(zf), 0, top)
+    target = w.dequantize().reshape(rows, nb, block).astype(np.float64)
+    main = (w.codes.reshape(rows, nb, block).astype(np.float32) - zi[..., None].astype(np.float32)) * scale[..., None]
+    left = (target - main.astype(np.float64)).mean(axis=-1)  # least squares per block: r = s*(zi - zf) + snap
+    pad = -(-nb // block) * block
+    real = (np.arange(pad) < nb).reshape(pad // block, block)[None]
+    codes, scales, zeros = [w.codes], [scale], [zi]
+    for _ in range(planes):  # each plane quantizes what the planes before it left
+        extra = np.zeros((rows, pad), np.float64)
+        extra[:, :nb] = left
+        extra = extra.reshape(rows, pad // block, block)
+        lo = np.minimum(np.where(real, extra, np.inf).min(axis=-1), 0.0)
+        hi = np.maximum(np.where(real, extra, -np.inf).max(axis=-1), 0.0)
+        step = snap_scale(np.where(hi > lo, (hi - lo) / top, 1.0).astype(np.float32))
+        zero = np.clip(np.round(-lo / step), 0, top)
+        plane = np.where(real, np.clip(np.round(extra / step[..., None]) + zero[..., None], 0, top), zero[..., None])
+        left = left - ((plane - zero[..., None]) * step[..., None]).reshape(rows, pad)[:, :nb]
+        codes.append(plane.reshape(rows, pad))
+        scales.append(step)
+        zeros.append(zero)
+    peak = float(np.abs(target).max(initial=0.0)) or 1.0
+    error = float(np.abs(left).max(initial=0.0)) / peak
+    return (np.concatenate(codes, axis=1).astype(np.uint8), np.concatenate(scales, axis=1).astype(np.float32),
+            np.concatenate(zeros, axis=1).astype(np.uint8), error)
+
+
+def offset_column_nodes(g: GraphEdit, node, w: NBitsWeight) -> tuple[list, float]:
+    """MatMul(A, W) -> MatMulNBits(Concat(A, blocksum(A) zero-padded), W with residue columns); see `offset_columns`."""
+    from onnx import helper
+
+    codes, scales, zeros, error = offset_columns(w)
+    rows, k = w.codes.shape
+    block, nb = w.block, k // w.block
+    pad = -(-nb // block) * block
+    copies = (codes.shape[1] - k) // pad
+    a, y = node.input[0], node.output[0]
+    base = w.inputs[0]
+    nodes: list = []
+    key = (a, k, block, copies)
+    if key not in g.block_sums:
+        indicator_key = ("blocks_padded", k, block)
+        if indicator_key not in g.scalars:
+            indicator = np.zeros((k, pad), np.float32)
+            indicator[np.arange(k), np.arange(k) // block] = 1.0
+            g.scalars[indicator_key] = g.add_init(indicator, f"{g.const_prefix}.block_indicator_{k}x{block}_padded")
+        sums, widened = g.unique(f"{a}_block_sums{block}_padded"), g.unique(f"{a}_with_block_sums")
+        nodes.append(helper.make_node("MatMul", [a, g.scalars[indicator_key]], [sums], name=g.unique(f"BlockSum_{sums}")))
+        nodes.append(helper.make_node("Concat", [a] + [sums] * copies, [widened], name=g.unique(f"Concat_{widened}"), axis=-1))
+        g.block_sums[key] = widened
+    nbt = scales.shape[1]
+    packed = pack_codes(codes.reshape(rows, nbt, block), 4)
+    z = np.pad(zeros, ((0, 0), (0, nbt % 2)))
+    z = (z[:, 0::2] | (z[:, 1::2] << 4)).astype(np.uint8)
+    scale_name, _ = g.float_init(scales, base + "_scales")
+    inputs = [g.block_sums[key], g.add_init(packed, base + "_B"), scale_name, g.add_init(z, base + "_zero_points")]
+    nodes.append(
+        helper.make_node(
+            "MatMulNBits", inputs, [y], name=g.unique((node.name or y) + "_Q"), domain=MS_DOMAIN,
+            bits=4, K=codes.shape[1], N=rows, block_size=block, accuracy_level=4,
+        )
+    )  # fmt: skip
+    return nodes, error
+
+
 def find_tied_embeddings(model, lm_head: str | None) -> dict[str, str]:
     """Embedding Gathers whose table is bit-identical to the lm_head weight transposed: {gather name: lm_head output}.
 
@@ -612,6 +704,7 @@ def rewrite_for_cpu(model, *, tied_embeddings: dict[str, str] | None = None, int
         "float_zero_points": 0, "split_8bit": 0, "kept_8bit": 0, "repacked_for_embedding": 0, "unchanged": 0,
         "not_exact": [], "skipped": [], "snapped_nodes": snapped["nodes"], "snap_max_rel_change": snapped["max_rel_change"],
         "fp16_scale_tensors": 0, "embeddings_shared": [], "embeddings_int8": [],
+        "offset_columns": 0, "offset_columns_max_rel_error": 0.0,
     }
     for node in list(g.graph.node):
         if node.op_type != "MatMulNBits":
@@ -623,6 +716,14 @@ def rewrite_for_cpu(model, *, tied_embeddings: dict[str, str] | None = None, int
         single_8bit = w.accuracy_level == 4
         if not (w.float_zero or (w.bits == 8 and not single_8bit) or node.output[0] in heads):
             facts["unchanged"] += 1
+            continue
+        if w.float_zero and w.bits == 4 and single_8bit and node.output[0] not in heads and w.codes.shape[1] % w.block == 0:
+            before = len(g.new_inits)
+            g.replacements[id(node)], error = offset_column_nodes(g, node, w)
+            facts["fp16_scale_tensors"] += sum(1 for i in g.new_inits[before:] if i.data_type == 10)  # FLOAT16
+            removed.update(w.inputs)
+            facts["offset_columns"] += 1
+            facts["offset_columns_max_rel_error"] = max(facts["offset_columns_max_rel_error"], error)
             continue
         blocks = to_blocks(w)
         if not check_exact(w, blocks, single_8bit=single_8bit):

@@ -180,6 +180,9 @@ def build(directory: Path | str, out: Path | str, config: OrtMobileConfig = OrtM
         model = onnx.load(str(model_dir.onnx_path))
         fixed = fix_batch_dimension(model, config.batch_size)
         tied = tie_lm_head_without_copy(model)
+        # Shape hints are optional and onnxruntime re-infers them; the genai builder's graphs carry some that
+        # onnx's own shape inference (run by the usability checker) rejects, e.g. a rank-0 hint on a [1] Constant.
+        del model.graph.value_info[:]
         save_model(model, work / MODEL_FILE)
         del model
         status("converting to ORT format with onnxruntime's converter")

@@ -155,17 +155,23 @@ def test_snap_is_tiny_and_idempotent(exported_tiny_factory):
     assert snap_for_exact_layout(model)["nodes"] == 0
 
 
-def test_accuracy_level_4_keeps_8bit_and_centres_4bit(exported_tiny_factory, tmp_path):
+def test_accuracy_level_4_keeps_8bit_and_folds_4bit_offsets_into_columns(exported_tiny_factory, tmp_path):
     folder = exported_tiny_factory("llama")
     eight = quantized(folder, bits=8, algorithm="rtn", accuracy_level=4)
     facts = rewrite_for_cpu(eight)
     assert facts["unchanged"] == len(ops(eight)["MatMulNBits"]) and facts["split_8bit"] == 0
     four = quantized(folder, bits=4, algorithm="hqq", symmetric=False, accuracy_level=4)
     reference = copy.deepcopy(four)
+    count = len(ops(four)["MatMulNBits"])
     facts = rewrite_for_cpu(four)
-    assert facts["float_zero_points"] == len(ops(four)["MatMulNBits"]) and facts["not_exact"] == []
-    # Default zero point 8 (centred codes): no explicit zero points at level 4.
-    assert all(len(n.input) == 3 for n in ops(four)["MatMulNBits"])
+    # Float zero points at level 4: integer zero points + the residue as extra K columns, one node per weight.
+    assert facts["offset_columns"] == count and facts["float_zero_points"] == 0 and facts["not_exact"] == []
+    assert 0 < facts["offset_columns_max_rel_error"] < 0.01  # a fraction of the residue's 4-bit step
+    nodes = ops(four)["MatMulNBits"]
+    assert len(nodes) == count and not [n for n in four.graph.node if "OffsetMatMul" in n.name]
+    assert all(len(n.input) == 4 and attr(n, "K") % 32 == 0 and attr(n, "accuracy_level") == 4 for n in nodes)
+    zero_points = [onnx.numpy_helper.to_array(i) for i in four.graph.initializer if i.name in {n.input[3] for n in nodes}]
+    assert all(z.dtype == np.uint8 for z in zero_points)  # integer zero points: MatMulNBits' fast path
     (ref, _), (got, _) = logits(reference, folder, tmp_path, "ref"), logits(four, folder, tmp_path, "new")
     assert float(np.abs(got - ref).max() / np.abs(ref).max()) < 0.05  # int8 activations: close, not exact
 

@@ -134,3 +134,27 @@ def test_gguf_import_covers_the_builders_fused_qkv_and_tied_table(tmp_path, cli,
     # Lossless: the quantized builder graph computes what the quantized optimum graph computes.
     assert report["checks"]["parity_vs_source"]["max_abs_logit_diff"] < 1e-3
     assert report["checks"]["parity_vs_source"]["top1_agreement"] == 1.0
+
+
+@needs_builder
+def test_int4_at_level_4_runs_one_kernel_per_weight_and_converts_to_ort(exported_tiny_factory, tmp_path, cli):
+    """HQQ's float zero points at accuracy_level 4 on the builder graph: integer zero points plus residue columns."""
+    quantized = tmp_path / "q"
+    assert cli("quantize", exported_tiny_factory("llama"), "-o", quantized, "--scheme", "int4", "--accuracy-level", "4",
+               "--eval-tokens", "128").exit_code == 0
+    out = tmp_path / "ort-q4"
+    result = cli("target", "ort", quantized, "-o", out)
+    assert result.exit_code == 0, result.stderr
+    report = _check_bundle(out, "builder")
+    layout = report["facts"]["scheme_facts"]["cpu_layout"]
+    ops = report["facts"]["ops"]
+    # 2 layers x (qkv, o, gate, up, down): each one MatMulNBits with integer zero points, no MatMul + Add pair;
+    # the only float MatMuls left are the block sums, one per distinct activation (4 per layer).
+    assert layout["offset_columns"] == 2 * 5 and layout["float_zero_points"] == 0
+    assert ops["com.microsoft.MatMulNBits"] == 2 * 5 + 1 and ops.get("MatMul", 0) == 2 * 4
+    assert report["checks"]["parity_vs_source"]["passed"] and report["checks"]["quality_vs_fp32"]["passed"]
+    # The fast graph converts to ORT format (the builder's shape hints used to stop the usability checker).
+    mobile = tmp_path / "mobile"
+    result = cli("target", "ort-mobile", out, "-o", mobile, "--max-size-ratio", "1.35")
+    assert result.exit_code == 0, result.stderr
+    assert read_json(mobile / "target.json")["checks"]["parity_vs_onnx"]["max_abs_diff"] <= 1e-4
