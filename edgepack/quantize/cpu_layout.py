@@ -567,8 +567,9 @@ def offset_columns(w: NBitsWeight, planes: int = OFFSET_PLANES) -> tuple[np.ndar
     at an error of at most half a step of the residue's own 4-bit grid (|r| <= s/2, so that step is about
     max s / 30 of the row's blocks instead of the s/2 zero-point rounding of plain RTN). Only at
     accuracy_level 4, which already quantizes the activations to int8 and is approximate anyway.
+    With `planes` > 1 each further copy of the block sums carries what the planes before it left.
 
-    Returns (codes [N, K + pad], scales [N, nb + pad/block], zero points uint8 [N, nb + pad/block],
+    Returns (codes [N, K + planes*pad], scales [N, nb + planes*pad/block], zero points uint8 (same shape),
     max |w_new - w| / max |w|) where pad = the block sums rounded up to whole blocks.
     """
     rows, nb = w.scale.shape
@@ -578,7 +579,7 @@ def offset_columns(w: NBitsWeight, planes: int = OFFSET_PLANES) -> tuple[np.ndar
     zi = np.clip(np.round(zf), 0, top)
     target = w.dequantize().reshape(rows, nb, block).astype(np.float64)
     main = (w.codes.reshape(rows, nb, block).astype(np.float32) - zi[..., None].astype(np.float32)) * scale[..., None]
-    left = (target - main.astype(np.float64)).mean(axis=-1)  # least squares per block: r = s*(zi - zf) + snap
+    left = resid0 = (target - main.astype(np.float64)).mean(axis=-1)  # least squares per block: s*(zi - zf) + snap
     pad = -(-nb // block) * block
     real = (np.arange(pad) < nb).reshape(pad // block, block)[None]
     codes, scales, zeros = [w.codes], [scale], [zi]
@@ -595,8 +596,9 @@ def offset_columns(w: NBitsWeight, planes: int = OFFSET_PLANES) -> tuple[np.ndar
         codes.append(plane.reshape(rows, pad))
         scales.append(step)
         zeros.append(zero)
+    carried = resid0 - left  # what the planes carry, per block
     peak = float(np.abs(target).max(initial=0.0)) or 1.0
-    error = float(np.abs(left).max(initial=0.0)) / peak
+    error = float(np.abs(main.astype(np.float64) + carried[..., None] - target).max(initial=0.0)) / peak
     return (np.concatenate(codes, axis=1).astype(np.uint8), np.concatenate(scales, axis=1).astype(np.float32),
             np.concatenate(zeros, axis=1).astype(np.uint8), error)
 

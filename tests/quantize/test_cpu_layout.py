@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import pytest
 
-from edgepack.quantize.cpu_layout import find_tied_embeddings, rewrite_for_cpu, snap_for_exact_layout
+from edgepack.quantize.cpu_layout import NBitsWeight, find_tied_embeddings, offset_columns, rewrite_for_cpu, snap_for_exact_layout
 from edgepack.quantize.graph import lm_head_node, untie_lm_head, weight_matmuls
 from edgepack.quantize.schemes import Int4, Int8Weight
 from edgepack.quantize.weight_only import _run_quantizer, quantize_weight_only
@@ -174,6 +174,33 @@ def test_accuracy_level_4_keeps_8bit_and_folds_4bit_offsets_into_columns(exporte
     assert all(z.dtype == np.uint8 for z in zero_points)  # integer zero points: MatMulNBits' fast path
     (ref, _), (got, _) = logits(reference, folder, tmp_path, "ref"), logits(four, folder, tmp_path, "new")
     assert float(np.abs(got - ref).max() / np.abs(ref).max()) < 0.05  # int8 activations: close, not exact
+
+
+def test_offset_columns_reconstruct_the_float_zero_point_weights():
+    """W_new[n, k] = s*(u - zi) + residue of k's block, from the returned codes; error as reported, shrinking per plane."""
+    rng = np.random.default_rng(0)
+    rows, k, block = 6, 96, 32
+    nb = k // block
+    scale = rng.uniform(0.01, 0.1, (rows, nb)).astype(np.float32)
+    zero = rng.uniform(0, 15, (rows, nb)).astype(np.float32)  # HQQ-style float zero points
+    codes = rng.integers(0, 16, (rows, k)).astype(np.uint8)
+    w = NBitsWeight(None, 4, block, 4, codes, scale, zero, ("B", "s", "z"))
+    target = w.dequantize().astype(np.float64)
+    errors = []
+    for planes in (1, 2):
+        new_codes, scales, zeros, error = offset_columns(w, planes)
+        pad = 32  # 3 block sums, padded to one block
+        assert new_codes.shape == (rows, k + planes * pad) and scales.shape == zeros.shape == (rows, nb + planes)
+        deq = (new_codes.reshape(rows, -1, block).astype(np.float64) - zeros[..., None]) * scales[..., None]
+        deq = deq.reshape(rows, -1)
+        main = deq[:, :k]
+        residue = sum(deq[:, k + p * pad: k + p * pad + nb] for p in range(planes))  # per block of k
+        rebuilt = main + np.repeat(residue, block, axis=1)
+        measured = float(np.abs(rebuilt - target).max() / np.abs(target).max())
+        assert measured == pytest.approx(error, rel=1e-3, abs=1e-6)
+        assert np.all(zeros[:, :nb] == np.clip(np.round(zero), 0, 15))  # integer zero points of the main codes
+        errors.append(error)
+    assert errors[0] < 0.01 and errors[1] < errors[0] / 2  # the second plane leaves mostly the fp16 snap of the scales
 
 
 def assert_stored_once(model, heads, vocab, hidden):
