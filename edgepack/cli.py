@@ -226,7 +226,7 @@ def quantize(directory, out, scheme, block_size, symmetric, algorithm, accuracy_
              eval_tokens, no_eval, max_kl, min_top1, max_ppl_ratio, force):
     """Quantize an fp32 export and report its price against fp32.
 
-    Writes OUT/model.onnx (runnable with `edgepack run`), the tokenizer and
+    Writes OUT/model.onnx + model.onnx.data (runnable with `edgepack run`), the tokenizer and
     configs, and OUT/quantize.json: the scheme as a value, sizes, and quality
     (perplexity, top-1 agreement, mean and p99 KL against fp32; schema:
     docs/quantize-json.md). With a gate (--max-kl, --min-top1,

@@ -146,7 +146,7 @@ def apply_scheme(scheme: Scheme, model_dir, tokenizer, out_onnx: Path, work_dir:
         model, facts = convert_fp16(model, scheme)
     else:  # pragma: no cover - the registry and this table move together
         raise UsageError(f"scheme {scheme.name} has no implementation")
-    save_model(model, out_onnx)
+    save_model(model, out_onnx, external_data=True)  # a deliverable: weights mapped at load
     return facts
 
 

@@ -95,7 +95,7 @@ def _builder_graph(model_dir: ExportedModelDir, hf_dir: Path, scheme, work: Path
     run_builder(hf_dir, built, precision="fp32", cache_dir=work / "builder-cache", log_path=work / "builder.log")
     facts = {"builder_files": sorted(p.name for p in built.iterdir())}
     if scheme is None:
-        save_model(onnx.load(str(built / MODEL_FILE)), out_model)
+        save_model(onnx.load(str(built / MODEL_FILE)), out_model, external_data=True)
         return facts
     # The scheme (and the GGUF import, which finds its source through convert.json) runs on the builder graph.
     shutil.copy2(model_dir.folder / CONVERT_REPORT, built / CONVERT_REPORT)
