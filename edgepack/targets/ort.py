@@ -113,6 +113,9 @@ def _optimum_graph(model_dir: ExportedModelDir, out_model: Path, status) -> dict
     # Extended, not all: the "all" level adds layout transforms specific to this machine's CPU.
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     options.optimized_model_filepath = str(out_model)
+    # Weights beside the graph, written anew: a source with external data would otherwise be saved with
+    # references to its own data file, which is not in the bundle.
+    options.add_session_config_entry("session.optimized_model_external_initializers_file_name", f"{out_model.name}.data")
     options.log_severity_level = 3
     ort.InferenceSession(str(model_dir.onnx_path), options, providers=["CPUExecutionProvider"])
     return {}
