@@ -74,8 +74,6 @@ from edgepack.quantize.cpu_layout import gather_block_quantized_nodes as _gather
 from edgepack.quantize.cpu_layout import matmul_nbits_nodes as _matmul_nbits
 from edgepack.quantize.cpu_layout import pack_blocks as _pack
 
-_TWO_GB = 2**31
-
 # What each supported GGML type becomes: (bits, block_size). Codes are unsigned, one per weight.
 _FORMATS = {
     "Q4_0": (4, 32),
@@ -646,10 +644,8 @@ def _model_bytes(path: Path) -> int:
 
 
 def _save(model, out: Path) -> None:
-    import onnx
+    """Graph in `out`, weights beside it in `out`.data (mapped at load, like every quantized export)."""
+    from edgepack.quantize.graph import save_model
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    if model.ByteSize() < _TWO_GB - (64 << 20):
-        onnx.save_model(model, str(out))
-    else:
-        onnx.save_model(model, str(out), save_as_external_data=True, all_tensors_to_one_file=True, location=out.name + ".data")
+    save_model(model, out, external_data=True)
