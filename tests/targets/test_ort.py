@@ -72,15 +72,19 @@ def test_optimum_route_writes_a_genai_config_that_genai_runs(exported_tiny_facto
     assert report["checks"]["parity_vs_source"]["max_abs_logit_diff"] < 1e-3
 
 
-@needs_builder
-def test_quantized_source_keeps_its_scheme_and_quality(exported_tiny_factory, tmp_path, cli):
+def _ort_bundle_of_quantized(exported_tiny_factory, tmp_path, cli, *scheme_args) -> dict:
+    """Quantize the tiny llama with `scheme_args`, build its ort bundle, check it; return target.json."""
     quantized = tmp_path / "q"
-    assert cli("quantize", exported_tiny_factory("llama"), "-o", quantized, "--scheme", "int4", "--algorithm", "rtn",
-               "--eval-tokens", "128").exit_code == 0
+    assert cli("quantize", exported_tiny_factory("llama"), "-o", quantized, *scheme_args, "--eval-tokens", "128").exit_code == 0
     out = tmp_path / "ort-q"
     result = cli("target", "ort", quantized, "-o", out)
     assert result.exit_code == 0, result.stderr
-    report = _check_bundle(out, "builder")
+    return _check_bundle(out, "builder")
+
+
+@needs_builder
+def test_quantized_source_keeps_its_scheme_and_quality(exported_tiny_factory, tmp_path, cli):
+    report = _ort_bundle_of_quantized(exported_tiny_factory, tmp_path, cli, "--scheme", "int4", "--algorithm", "rtn")
     assert report["facts"]["scheme"]["name"] == "int4"
     ops = report["facts"]["ops"]
     # builder graph: fused QKV, o, gate, up, down per layer + lm_head; every weight MatMul is quantized
@@ -139,13 +143,8 @@ def test_gguf_import_covers_the_builders_fused_qkv_and_tied_table(tmp_path, cli,
 @needs_builder
 def test_int4_at_level_4_runs_one_kernel_per_weight_and_converts_to_ort(exported_tiny_factory, tmp_path, cli):
     """HQQ's float zero points at accuracy_level 4 on the builder graph: integer zero points plus residue columns."""
-    quantized = tmp_path / "q"
-    assert cli("quantize", exported_tiny_factory("llama"), "-o", quantized, "--scheme", "int4", "--accuracy-level", "4",
-               "--eval-tokens", "128").exit_code == 0
-    out = tmp_path / "ort-q4"
-    result = cli("target", "ort", quantized, "-o", out)
-    assert result.exit_code == 0, result.stderr
-    report = _check_bundle(out, "builder")
+    report = _ort_bundle_of_quantized(exported_tiny_factory, tmp_path, cli, "--scheme", "int4", "--accuracy-level", "4")
+    out = tmp_path / "ort-q"
     layout = report["facts"]["scheme_facts"]["cpu_layout"]
     ops = report["facts"]["ops"]
     # 2 layers x (qkv, o, gate, up, down): each one MatMulNBits with integer zero points, no MatMul + Add pair;
