@@ -63,7 +63,7 @@ def _measure(variant: str, path: str, prompt_len: int, gen_len: int, threads: in
         from edgepack.runtime import DecoderSession, create_session, generate, load_model_dir
 
         model_dir = load_model_dir(path)
-        decoder = DecoderSession(create_session(model_dir.onnx_path, threads=threads), model_dir.config)
+        decoder = DecoderSession(create_session(model_dir.onnx_path, threads=threads), model_dir.config, share_kv_buffer=model_dir.share_kv_buffer)
         load = time.perf_counter() - start
         result = generate(decoder, prompt, max_new_tokens=gen_len)
         steps = result.step_seconds

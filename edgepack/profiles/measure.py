@@ -194,7 +194,7 @@ def _measure_host(model_dir, facts, config: ProfileConfig, meter, status) -> dic
         session = create_session(model_dir.onnx_path, threads=config.threads)
     except Exception as exc:
         raise BadInputError(f"onnxruntime cannot load {model_dir.onnx_path}: {exc}") from exc
-    decoder = DecoderSession(session, model_dir.config)
+    decoder = DecoderSession(session, model_dir.config, share_kv_buffer=model_dir.share_kv_buffer)
     load_s = time.perf_counter() - begin
     threads_used = config.threads or os.cpu_count() or 1
     vocab = model_dir.config.get("vocab_size")

@@ -34,6 +34,12 @@ class ExportedModelDir:
             ids.add(int(tokenizer.eos_token_id))
         return ids
 
+    @property
+    def share_kv_buffer(self) -> bool:
+        """True when the folder's genai_config.json says past and present KV share one buffer (GroupQueryAttention graphs)."""
+        genai = _read_json(self.folder / "genai_config.json") or {}
+        return bool((genai.get("search") or {}).get("past_present_share_buffer"))
+
     def load_tokenizer(self):
         from edgepack._quiet import quiet_libraries
 

@@ -45,7 +45,8 @@ def run_prompt(directory: Path | str, prompt: str, config: RunConfig = RunConfig
     prompt_ids, prompt_text = encode_prompt(tokenizer, prompt, config.chat)
     if not prompt_ids:
         raise UsageError("the prompt is empty after tokenization")
-    decoder = DecoderSession(create_session(model_dir.onnx_path, threads=config.threads), model_dir.config)
+    decoder = DecoderSession(create_session(model_dir.onnx_path, threads=config.threads), model_dir.config,
+                             share_kv_buffer=model_dir.share_kv_buffer)
     eos = model_dir.eos_token_ids(tokenizer)
     streamer = TextStreamer(tokenizer, write or (lambda text: None), skip_ids=eos)
     sampling = SamplingConfig(config.temperature, config.top_k, config.top_p, config.seed)

@@ -215,8 +215,14 @@ def verify_bundle(bundle: Path, model_dir: ExportedModelDir, config: OrtTargetCo
 
     status("running the bundle with onnxruntime-genai and with edgepack's runtime")
     prompt_ids, _ = encode_prompt(tokenizer, GENAI_CHECK_PROMPT, chat=True)
-    decoder = DecoderSession(create_session(bundle / MODEL_FILE), bundle_dir.config)
-    ours = generate(decoder, prompt_ids, max_new_tokens=config.genai_tokens, eos_token_ids=bundle_dir.eos_token_ids(tokenizer)).tokens
+    session = create_session(bundle / MODEL_FILE)
+    eos = bundle_dir.eos_token_ids(tokenizer)
+    ours = generate(DecoderSession(session, bundle_dir.config, share_kv_buffer=bundle_dir.share_kv_buffer), prompt_ids,
+                    max_new_tokens=config.genai_tokens, eos_token_ids=eos).tokens
+    if bundle_dir.share_kv_buffer:
+        # The runtime appends to one KV buffer in place on this graph; it must decode what copying the cache decodes.
+        copied = generate(DecoderSession(session, bundle_dir.config), prompt_ids, max_new_tokens=config.genai_tokens, eos_token_ids=eos).tokens
+        checks["shared_kv_buffer"] = {"tokens_identical_to_copied_cache": copied == ours, "passed": copied == ours}
     try:
         theirs = _greedy_with_genai(bundle, prompt_ids, config.genai_tokens)
         checks["onnxruntime_genai"] = {

@@ -44,6 +44,37 @@ def test_builder_route_fuses_attention_and_matches(exported_tiny_factory, tmp_pa
     # The bundle is a runnable export for edgepack too.
     run = cli("run", out, "-p", "The capital of France is", "-n", "6", "--no-stats")
     assert run.exit_code == 0, run.stderr
+    # GroupQueryAttention appends in place to one KV buffer per layer: same logits as copying the cache.
+    assert genai["search"]["past_present_share_buffer"] is True
+    assert report["checks"]["shared_kv_buffer"]["tokens_identical_to_copied_cache"] is True
+    _shared_buffer_decodes_like_copied_cache(out)
+
+
+def _shared_buffer_decodes_like_copied_cache(bundle):
+    import numpy as np
+
+    from edgepack.runtime import DecoderSession, create_session, load_model_dir
+
+    model_dir = load_model_dir(bundle)
+    assert model_dir.share_kv_buffer is True
+    session = create_session(model_dir.onnx_path, threads=1)
+    shared, copied = DecoderSession(session, model_dir.config, share_kv_buffer=True), DecoderSession(session, model_dir.config)
+    prompt, steps = [5, 17, 42, 99, 7], [300, 12, 64, 3]
+    buffer = shared.empty_cache(len(prompt) + len(steps))
+    cache = copied.empty_cache()
+    logits_shared, buffer = shared.forward(prompt, buffer, 0)
+    logits_copied, cache = copied.forward(prompt, cache, 0)
+    diffs = [np.abs(logits_shared - logits_copied).max()]
+    for i, token in enumerate(steps):
+        past = len(prompt) + i
+        logits_shared, buffer = shared.forward([token], buffer, past)
+        logits_copied, cache = copied.forward([token], cache, past)
+        diffs.append(np.abs(logits_shared - logits_copied).max())
+    assert max(diffs) <= 1e-5, diffs
+    with pytest.raises(ValueError, match="KV buffer holds 9 positions"):
+        shared.forward([1], buffer, len(prompt) + len(steps))
+    with pytest.raises(ValueError, match="capacity"):
+        shared.empty_cache()
 
 
 def test_max_context_is_capped_by_the_model(exported_tiny_factory, tmp_path, cli):
