@@ -47,6 +47,7 @@ class OrtTargetConfig:
     force: bool = False
     eval_tokens: int = 128  # positions compared against the source model
     genai_tokens: int = 24  # greedy tokens compared between onnxruntime-genai and edgepack's runtime
+    compact: bool = False  # keep the quantized layout's compact form (fp16 scales, zero points made at load) instead of saving it optimized
 
 
 def _read_json(path: Path) -> dict:
@@ -119,6 +120,35 @@ def _optimum_graph(model_dir: ExportedModelDir, out_model: Path, status) -> dict
     options.log_severity_level = 3
     ort.InferenceSession(str(model_dir.onnx_path), options, providers=["CPUExecutionProvider"])
     return {}
+
+
+def _save_optimized(model_path: Path, work: Path) -> dict:
+    """Replace the graph by what onnxruntime's basic (provider-independent) optimizations make of it.
+
+    The quantized layouts store some tensors compactly and let onnxruntime expand them when it loads
+    the model: fp16-stored scales (Cast to the fp32 the CPU kernels read), negated and transposed block
+    minimums, all-zero zero points made by ConstantOfShape. Saved already optimized, the bundle holds
+    them as onnxruntime does: nothing left to fold at load, and its ORT-format conversion (which saves
+    the folded tensors) is the same size. The price is disk: SmolLM2 int4 level-4 99.5 -> 106.5 MB,
+    gguf 114.5 -> 126.4 MB, int8-weight 154.0 -> 179.1 MB; `--compact` keeps the compact form.
+    """
+    import onnxruntime as ort
+
+    before = sum(p.stat().st_size for p in model_path.parent.glob(model_path.name + "*"))
+    staged = work / "optimized"
+    staged.mkdir()
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(staged / model_path.name)
+    options.add_session_config_entry("session.optimized_model_external_initializers_file_name", f"{model_path.name}.data")
+    options.log_severity_level = 3
+    ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    for old in model_path.parent.glob(model_path.name + "*"):
+        old.unlink()
+    for new in staged.iterdir():
+        shutil.move(str(new), model_path.parent / new.name)
+    after = sum(p.stat().st_size for p in model_path.parent.glob(model_path.name + "*"))
+    return {"level": "basic", "compact_bytes": before, "bytes": after}
 
 
 def genai_config_for(model_dir: ExportedModelDir, onnx_path: Path, max_context: int) -> dict:
@@ -271,6 +301,9 @@ def build(directory: Path | str, out: Path | str, config: OrtTargetConfig = OrtT
         else:
             facts = _optimum_graph(model_dir, tmp / MODEL_FILE, status)
             genai_config = genai_config_for(model_dir, tmp / MODEL_FILE, max_context) if model_dir.task == TEXT_GENERATION else None
+        if route == "builder" and not config.compact:
+            status("saving the graph as onnxruntime optimizes it (basic level)")
+            facts["saved_optimized"] = _save_optimized(tmp / MODEL_FILE, work)
         graph_seconds = time.perf_counter() - t0
         for name in TOKENIZER_FILES:
             if (model_dir.folder / name).is_file():
@@ -333,9 +366,12 @@ def _genai_version() -> dict:
               help="Context length the runtime allocates KV buffers for (never the model's full context by default).")
 @click.option("--graph", type=click.Choice(GRAPH_ROUTES), default="auto", show_default=True,
               help="builder: onnxruntime-genai's fused graph; optimum: the export, optimized offline; auto: builder when possible.")
+@click.option("--compact", is_flag=True,
+              help="Builder graphs: keep the quantized layout's compact form (fp16 scales, zero points made at load; 7-16% smaller) "
+                   "instead of saving the graph as onnxruntime optimizes it. Its ORT-format conversion then grows by that much.")
 @click.option("--no-verify", is_flag=True, help="Skip the parity and onnxruntime-genai checks.")
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
-def command(directory, out, max_context, graph, no_verify, force):
+def command(directory, out, max_context, graph, compact, no_verify, force):
     """ONNX Runtime bundle (model.onnx, tokenizer, genai_config.json, target.json).
 
     \b
@@ -345,7 +381,7 @@ def command(directory, out, max_context, graph, no_verify, force):
     """
     from edgepack.cli import _Status, report_target
 
-    config = OrtTargetConfig(max_context=max_context, graph=graph, verify=not no_verify, force=force)
+    config = OrtTargetConfig(max_context=max_context, graph=graph, compact=compact, verify=not no_verify, force=force)
     with _Status(f"target ort: {directory}") as status:
         artifact = build(directory, out, config, on_status=status)
     report_target(artifact)

@@ -42,9 +42,9 @@ class OrtMobileConfig:
     verify: bool = True
     force: bool = False
     atol: float = 1e-4
-    # The .ort may exceed the .onnx by this factor. 1.05 holds for float exports; quantized edgepack graphs
-    # store fp16-exact scales as fp16 + Cast, which the converter's constant folding widens to fp32
-    # (SmolLM2: gguf 98 -> 130 MB, int8-weight 156 -> 183 MB).
+    # The .ort may exceed the .onnx by this factor. 1.05 holds for float exports and for `ort` bundles (saved
+    # as onnxruntime optimizes them); quantized exports store fp16-exact scales as fp16 + Cast and zero points
+    # as ConstantOfShape, which the converter saves folded (SmolLM2: gguf 98 -> 130 MB, int8-weight 156 -> 183 MB).
     max_size_ratio: float = 1.05
 
 
@@ -250,7 +250,7 @@ def build(directory: Path | str, out: Path | str, config: OrtMobileConfig = OrtM
 @click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="Bundle folder.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True, help="Value the batch dimension is fixed to.")
 @click.option("--max-size-ratio", type=click.FloatRange(min=1.0), default=1.05, show_default=True,
-              help="Fail when the .ort exceeds the .onnx by more than this factor (quantized graphs grow: their fp16 scales are folded to fp32).")
+              help="Fail when the .ort exceeds the .onnx by more than this factor (quantized exports grow: their fp16 scales are saved as fp32; `ort` bundles do not).")
 @click.option("--no-verify", is_flag=True, help="Skip the .ort vs .onnx output comparison.")
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
 def command(directory, out, batch_size, max_size_ratio, no_verify, force):
@@ -258,7 +258,8 @@ def command(directory, out, batch_size, max_size_ratio, no_verify, force):
 
     \b
     Example:
-      edgepack target ort-mobile build/smollm2-q4 -o build/smollm2-mobile
+      edgepack target ort-mobile build/smollm2-ort -o build/smollm2-ort-mobile
+      edgepack target ort-mobile build/smollm2-q4 -o build/smollm2-mobile --max-size-ratio 1.35
     """
     from edgepack.cli import _Status, report_target
 

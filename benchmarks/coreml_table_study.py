@@ -1,0 +1,152 @@
+"""Issue #5 study: can a 4-bit SmolLM2 Core ML package be <= 80 MB with top-1 >= 0.9 against fp32?
+
+Not a test and not a Core ML build: it simulates, in PyTorch fp32, the weight formats Core ML's iOS 18
+constexpr ops can hold, and scores each on the bundled evaluation text (top-1 agreement and KL against
+the fp32 model, over all positions and over the first 64, the positions `edgepack target coreml`
+verifies by default). Sizes are the measured non-table bytes of an `int4-block --embedding int8` package
+(`--base-mb`, 67.63 MB: Q4_1 projections exactly, program, norms, RoPE tables) plus the table's bytes.
+
+Projection formats (all 210 projection matrices, blocks of 32 along the input axis):
+  exact  uint4 data, fp16 scale, fp16 offset: the GGUF's Q4_1 blocks, 5 bits/weight (what int4-block ships)
+  res16  uint4 data, fp16 scale, uint4 offset (the rounded Q4_1 offset) and the rounding residue as int4
+         sixteenths of the scale, applied through block sums of the activation: saves ~2.9 MB, needs
+         three more ops per projection (not implemented in the Core ML target)
+
+Table formats (the tied embedding / lm_head, 49152 x 576):
+  int8row           int8 with one scale per row (what --embedding int8 ships)
+  split:F:B:LEVELS  ids < F int8 with a scale per 32; the other rows 3-bit indices into one global
+                    8-level table (LEVELS: uniform | nf, normal-distribution quantiles) with an fp16
+                    scale and offset per block of B, fitted by least squares weighted by E[h_k^2] of
+                    the final hidden states on the calibration text. In Core ML: constexpr_lut_to_dense
+                    (uint3 indices, int8 levels) feeding constexpr_blockwise_shift_scale's data, the
+                    joint-compression pattern coremltools' palettize_weights(joint_compression=True) writes.
+
+    python benchmarks/coreml_table_study.py ~/.cache/edgepack/bench-decode/export-fp32 \\
+        exact/int8row exact/split:4000:32:nf res16/split:6000:64:nf res16/split:8000:64:nf
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from statistics import NormalDist
+
+import numpy as np
+
+DATA = Path(__file__).resolve().parents[1] / "edgepack" / "quantize" / "data"
+LEVELS = {"uniform": np.arange(8.0), "nf": np.array([NormalDist().inv_cdf((i + 0.5) / 8) for i in range(8)])}
+
+
+def q4_blocks(weight: np.ndarray):
+    from edgepack.targets.coreml_support.convert import affine_blocks
+
+    q, scale, offset = affine_blocks(weight, 32)
+    return q.reshape(q.shape[0], -1, 32).astype(np.float32), scale.astype(np.float32), offset.astype(np.float32)
+
+
+def projection(weight: np.ndarray, fmt: str) -> np.ndarray:
+    q, s, off = q4_blocks(weight)
+    if fmt == "exact":
+        return (s[..., None] * (q - off[..., None])).reshape(weight.shape)
+    zero = np.clip(np.rint(off), 0, 15)
+    k = np.clip(np.rint((off - zero) * 16), -8, 7)  # residue in sixteenths of the block's scale
+    return (s[..., None] * (q - zero[..., None]) - (s * k / 16)[..., None]).reshape(weight.shape)
+
+
+def int8_blocks(rows: np.ndarray, block: int = 32) -> np.ndarray:
+    r = rows.reshape(rows.shape[0], -1, block)
+    s = np.abs(r).max(-1, keepdims=True) / 127
+    s[s == 0] = 1
+    return (np.clip(np.round(r / s), -127, 127) * s).reshape(rows.shape)
+
+
+def lut3(rows: np.ndarray, block: int, levels: np.ndarray, weights: np.ndarray, iters: int = 3) -> np.ndarray:
+    """w ~= s_b * (levels[i] - o_b): 3-bit indices, per-block scale/offset by weighted least squares."""
+    x = rows.reshape(rows.shape[0], -1, block)
+    w = np.broadcast_to(weights.reshape(-1, block)[None], x.shape)
+    lo, hi = x.min(-1, keepdims=True), x.max(-1, keepdims=True)
+    s = (hi - lo) / (levels[-1] - levels[0])
+    s[s == 0] = 1e-8
+    o = levels[0] - lo / s
+    for it in range(iters + 1):
+        chosen = levels[np.abs((x / s + o)[..., None] - levels).argmin(-1)]
+        if it == iters:
+            break
+        sw = w.sum(-1, keepdims=True)
+        mean_l, mean_x = (w * chosen).sum(-1, keepdims=True) / sw, (w * x).sum(-1, keepdims=True) / sw
+        var = (w * (chosen - mean_l) ** 2).sum(-1, keepdims=True)
+        fitted = (w * (chosen - mean_l) * (x - mean_x)).sum(-1, keepdims=True) / np.maximum(var, 1e-30)
+        s_new = np.where((var > 0) & (np.abs(fitted) > 1e-8), fitted, s)
+        o = -(mean_x - s_new * mean_l) / s_new
+        s = s_new
+    return (s * (chosen - o)).reshape(rows.shape)
+
+
+def table(spec: str, E: np.ndarray, col_weights: np.ndarray) -> tuple[np.ndarray, float]:
+    vocab, dim = E.shape
+    if spec == "int8row":
+        s = np.abs(E).max(1, keepdims=True) / 127
+        return np.round(E / s) * s, (vocab * dim + vocab * 2) / 1e6
+    _, f, b, levels = spec.split(":")
+    f, b = int(f), int(b)
+    T = E.copy()
+    T[:f] = int8_blocks(E[:f])
+    T[f:] = lut3(E[f:], b, LEVELS[levels], col_weights)
+    return T, (f * dim * 8.5 + (vocab - f) * dim * (3 + 32 / b)) / 8 / 1e6
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("export", type=Path, help="an `edgepack convert` folder of SmolLM2 (its convert.json names the HF folder)")
+    parser.add_argument("variants", nargs="+", help="PROJ/TABLE, e.g. exact/int8row res16/split:6000:64:nf")
+    parser.add_argument("--positions", type=int, default=1024)
+    parser.add_argument("--base-mb", type=float, default=67.63, help="non-table bytes of the exact-projection package")
+    args = parser.parse_args()
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf_dir = json.loads((args.export / "convert.json").read_text())["source"]["hf_dir"]
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    ids = tok((DATA / "eval_en.txt").read_text())["input_ids"][: args.positions]
+    calib = tok((DATA / "calib_en.txt").read_text())["input_ids"][:512]
+
+    def logits() -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([model(torch.tensor([ids[i:i + 512]])).logits[0].double() for i in range(0, len(ids), 512)])
+
+    ref = logits()
+    ref_lp, ref_top = torch.log_softmax(ref, -1), ref.argmax(-1)
+    with torch.no_grad():
+        hidden = model.model(torch.tensor([calib])).last_hidden_state[0].double().numpy()
+    col_weights = (hidden ** 2).mean(0)
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    res16_saving = 0.0
+    for n, p in original.items():
+        if n.endswith("proj.weight"):
+            blocks = p.numel() / 32
+            res16_saving += blocks * (2 - 0.5 - 0.5) / 1e6  # fp16 offset -> uint4 offset + int4 residue
+    res16_saving -= 0.4  # block-sum indicator constants and three ops per projection in the program (estimate)
+
+    print("| projections | table | package MB (est.) | top-1 | top-1 first 64 | mean KL |")
+    print("|---|---|---|---|---|---|")
+    for variant in args.variants:
+        proj, spec = variant.split("/")
+        for n, p in model.named_parameters():
+            if n.endswith("proj.weight"):
+                p.data = torch.from_numpy(projection(original[n].numpy(), proj)).float()
+        T, table_mb = table(spec, original["model.embed_tokens.weight"].numpy().astype(np.float64), col_weights)
+        model.model.embed_tokens.weight.data = torch.from_numpy(T).float()  # tied: the lm_head reads it too
+        out = logits()
+        lp = torch.log_softmax(out, -1)
+        kl = (ref_lp.exp() * (ref_lp - lp)).sum(-1).mean().item()
+        agree = (out.argmax(-1) == ref_top).double()
+        base = args.base_mb - (res16_saving if proj == "res16" else 0.0)
+        print(f"| {proj} | {spec} | {base + table_mb:.1f} | {agree.mean():.3f} | {agree[:64].mean():.3f} | {kl:.4f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
