@@ -49,8 +49,9 @@ def projection(weight: np.ndarray, fmt: str) -> np.ndarray:
     q, s, off = q4_blocks(weight)
     if fmt == "exact":
         return (s[..., None] * (q - off[..., None])).reshape(weight.shape)
-    zero = np.clip(np.rint(off), 0, 15)
-    k = np.clip(np.rint((off - zero) * 16), -8, 7)  # residue in sixteenths of the block's scale
+    from edgepack.targets.coreml_support.convert import integer_offsets
+
+    zero, k = integer_offsets(off)  # residue in sixteenths of the block's scale
     return (s[..., None] * (q - zero[..., None]) - (s * k / 16)[..., None]).reshape(weight.shape)
 
 
@@ -83,6 +84,30 @@ def lut3(rows: np.ndarray, block: int, levels: np.ndarray, weights: np.ndarray, 
     return (s * (chosen - o)).reshape(rows.shape)
 
 
+def kmeans_blocks(rows: np.ndarray, block: int, weights: np.ndarray, iters: int = 8) -> np.ndarray:
+    """8 centroids per block (weighted Lloyd from quantile starts), stored as an int8 LUT per block with
+    an fp16 scale and offset: constexpr_lut_to_dense whose lut is a constexpr_blockwise_shift_scale, the
+    quantized-LUT pattern iOS 18 runs (coremltools reorders the cheaper LUT -> shift_scale chain into it
+    before iOS 26)."""
+    x = rows.reshape(-1, block)
+    w = np.tile(weights.reshape(-1, block), (rows.shape[0], 1))
+    out = np.empty_like(x)
+    for i in range(0, len(x), 20000):
+        xb, wb = x[i:i + 20000], w[i:i + 20000]
+        c = np.quantile(xb, (np.arange(8) + 0.5) / 8, axis=1).T
+        for _ in range(iters):
+            a = np.abs(xb[:, :, None] - c[:, None, :]).argmin(-1)
+            for j in range(8):
+                m = (a == j) * wb
+                c[:, j] = np.where(m.sum(1) > 0, (xb * m).sum(1) / np.maximum(m.sum(1), 1e-30), c[:, j])
+        lo, hi = c.min(1, keepdims=True), c.max(1, keepdims=True)
+        s = np.where(hi > lo, (hi - lo) / 255, 1.0)
+        c = np.round((c - lo) / s) * s + lo  # int8 LUT entries
+        a = np.abs(xb[:, :, None] - c[:, None, :]).argmin(-1)
+        out[i:i + 20000] = np.take_along_axis(c, a, 1)
+    return out.reshape(rows.shape)
+
+
 def table(spec: str, E: np.ndarray, col_weights: np.ndarray) -> tuple[np.ndarray, float]:
     vocab, dim = E.shape
     if spec == "int8row":
@@ -90,8 +115,13 @@ def table(spec: str, E: np.ndarray, col_weights: np.ndarray) -> tuple[np.ndarray
         return np.round(E / s) * s, (vocab * dim + vocab * 2) / 1e6
     _, f, b, levels = spec.split(":")
     f, b = int(f), int(b)
+    if dim % b:
+        raise SystemExit(f"block {b} does not divide the table's {dim} columns")
     T = E.copy()
     T[:f] = int8_blocks(E[:f])
+    if levels == "kmeans":
+        T[f:] = kmeans_blocks(E[f:], b, col_weights)
+        return T, (f * dim * 8.5 + (vocab - f) * dim * (3 + 96 / b)) / 8 / 1e6
     T[f:] = lut3(E[f:], b, LEVELS[levels], col_weights)
     return T, (f * dim * 8.5 + (vocab - f) * dim * (3 + 32 / b)) / 8 / 1e6
 

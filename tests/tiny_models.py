@@ -26,6 +26,8 @@ def _config(arch: str):
     decoder = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256)
     if arch == "llama":
         return tf.LlamaConfig(**common, **decoder, num_key_value_heads=2, tie_word_embeddings=False)
+    if arch == "llama-tied":  # one table for embedding and lm_head, like SmolLM2 (not in ARCHITECTURES)
+        return tf.LlamaConfig(**common, **decoder, num_key_value_heads=2, tie_word_embeddings=True)
     if arch == "qwen2":
         return tf.Qwen2Config(**common, **decoder, num_key_value_heads=1, use_sliding_window=False)
     if arch == "mistral":

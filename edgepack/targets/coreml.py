@@ -48,7 +48,10 @@ class CoreMLConfig:
     compute_units: str = "all"
     compress: str = "none"
     block_size: int = 32  # int4-block
-    embedding: str = "same"  # int4-block: "same" (uint4 affine per block), "row" (uint4 per row) or "int8" (per channel)
+    embedding: str = "same"  # int4-block: "same" (uint4 affine per block), "row" (uint4 per row), "int8" (per channel) or "split"
+    integer_offsets: bool = False  # int4-block: uint4 offsets + int4 rounding residue (saves ~3 MB on SmolLM2)
+    split_rows: int = 6000  # embedding "split": ids below this in int8
+    split_block: int = 48  # embedding "split": block of the 3-bit rows' scale and offset
     max_context: int | None = None  # decoders: KV-cache length; encoders: sequence length
     device: str | None = None
     eval_text: Path | None = None
@@ -193,12 +196,17 @@ def build(directory, out, config: CoreMLConfig = CoreMLConfig(), on_status=None)
     from edgepack.targets.coreml_support import convert as cm_convert
 
     applied_fixes = compat.apply()
-    scheme = cm_convert.CompressionScheme(config.compress, config.block_size, config.embedding)
+    scheme = cm_convert.CompressionScheme(config.compress, config.block_size, config.embedding, config.integer_offsets,
+                                          config.split_rows, config.split_block)
+    column_weights = None
+    if config.compress == "int4-block" and config.embedding == "split" and kind == "decoder":
+        column_weights = _table_column_weights(hf_model, tokenizer)
     with staging_dir(out) as tmp:
         status(f"converting to a Core ML ML Program ({'stateful KV cache' if kind == 'decoder' else 'fixed shape'}, fp16)")
         t0 = time.perf_counter()
         if kind == "decoder":
-            mlmodel = cm_convert.convert_decoder(hf_model, model_type=source.model_type, max_context=context, plan=plan, compute_units=config.compute_units)
+            mlmodel = cm_convert.convert_decoder(hf_model, model_type=source.model_type, max_context=context, plan=plan,
+                                                 compute_units=config.compute_units, deployment_target=scheme.deployment_target)
             flexible = ["input_ids[1]", "causal_mask[2]", "causal_mask[3]"]
         else:
             mlmodel = cm_convert.convert_encoder(hf_model, model_type=source.model_type, seq_len=context, plan=plan, compute_units=config.compute_units)
@@ -207,7 +215,7 @@ def build(directory, out, config: CoreMLConfig = CoreMLConfig(), on_status=None)
         if config.compress != "none":
             status(f"compressing weights ({config.compress})")
             t0 = time.perf_counter()
-            mlmodel = cm_convert.compress(mlmodel, scheme)
+            mlmodel = cm_convert.compress(mlmodel, scheme, column_weights=column_weights)
             timings["compress"] = time.perf_counter() - t0
         _describe(mlmodel, source, kind, context, scheme)
         package = tmp / PACKAGE
@@ -244,7 +252,7 @@ def build(directory, out, config: CoreMLConfig = CoreMLConfig(), on_status=None)
             out=out, target=TARGET,
             facts={
                 "format": "mlprogram (.mlpackage)",
-                "deployment_target": "iOS 18 / macOS 15",
+                "deployment_target": {"iOS18": "iOS 18 / macOS 15", "iOS26": "iOS 26 / macOS 26"}[scheme.deployment_target],
                 "kind": kind,
                 "model_type": source.model_type,
                 "compute_units": config.compute_units,
@@ -270,6 +278,22 @@ def build(directory, out, config: CoreMLConfig = CoreMLConfig(), on_status=None)
         write_target_json(tmp, artifact)
         replace_dir(tmp, out)
     return artifact
+
+
+def _table_column_weights(hf_model, tokenizer):
+    """E[h_k^2] of the final hidden states on the calibration text (not the evaluation text): how much each
+    column of the tied table contributes to the logits, to weight the fit of its 3-bit rows."""
+    import torch
+
+    from edgepack.quantize.calibration import read_text
+
+    if tokenizer is None:
+        return None
+    text, _origin = read_text(None, "calib_en.txt")
+    ids = tokenizer(text)["input_ids"][:512]
+    with torch.no_grad():
+        hidden = hf_model.model(torch.tensor([ids])).last_hidden_state[0].double()
+    return (hidden ** 2).mean(0).numpy()
 
 
 def _load(source: _Source, kind):
@@ -433,7 +457,12 @@ Example:
 @click.option("--compute-units", default="all", show_default=True, help="all | cpu_and_ne | cpu_and_gpu | cpu_only (stored in the model; the ANE report gives a verdict for each).")
 @click.option("--compress", default="none", show_default=True, help="none (fp16) | int8 (per channel) | int4-block (uint4, fp16 scale+offset per block) | palettize4.")
 @click.option("--block-size", type=int, default=32, show_default=True, help="int4-block block size (16, 32, 64, 128).")
-@click.option("--embedding", type=click.Choice(["same", "row", "int8"]), default="same", show_default=True, help="int4-block: embedding/lm_head table as uint4 per block like the projections, uint4 with one scale/offset per row (smaller), or int8 per channel.")
+@click.option("--embedding", type=click.Choice(["same", "row", "int8", "split"]), default="same", show_default=True,
+              help="int4-block: embedding/lm_head table as uint4 per block like the projections, uint4 with one scale/offset per row (smaller), "
+                   "int8 per channel, or split: ids below --split-rows int8, the rest 3-bit with a scale and offset per --split-block entries.")
+@click.option("--split-rows", type=click.IntRange(min=1), default=6000, show_default=True, help="--embedding split: token ids below this stay int8 (BPE ids come in merge order: the low ones are the frequent tokens).")
+@click.option("--split-block", type=click.IntRange(min=8), default=48, show_default=True, help="--embedding split: entries per fp16 scale/offset of the 3-bit rows (must divide the hidden size).")
+@click.option("--integer-offsets", is_flag=True, help="int4-block: uint4 offsets plus the rounding residue in int4 (three small ops per projection; ~3 MB less for SmolLM2).")
 @click.option("--max-context", type=int, default=None, help="Decoders: KV-cache length (default min(512, max positions)); encoders: sequence length (default 128).")
 @click.option("--device", default=None, metavar="D", help="Device profile ID (e.g. iphone-15-pro): refuse a model larger than its app memory limit.")
 @click.option("--eval-text", type=click.Path(path_type=Path), default=None, help="UTF-8 text for the fp16 safety pass and verification (default: bundled English text).")
@@ -443,10 +472,11 @@ Example:
 @click.option("--no-fp16-safety", is_flag=True, help="Do not rewrite overflowing ops (the report still lists them).")
 @click.option("--no-verify", is_flag=True, help="Skip the MIL reference / Core ML comparison with PyTorch.")
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder (only once the new one is complete).")
-def command(directory, out, compute_units, compress, block_size, embedding, max_context, device, eval_text, eval_positions,
+def command(directory, out, compute_units, compress, block_size, embedding, split_rows, split_block, integer_offsets, max_context, device, eval_text, eval_positions,
             min_top1, max_kl, no_fp16_safety, no_verify, force):
     config = CoreMLConfig(
-        compute_units=compute_units, compress=compress, block_size=block_size, embedding=embedding, max_context=max_context,
+        compute_units=compute_units, compress=compress, block_size=block_size, embedding=embedding, split_rows=split_rows,
+        split_block=split_block, integer_offsets=integer_offsets, max_context=max_context,
         device=device, eval_text=eval_text, eval_positions=eval_positions, min_top1=min_top1, max_kl=max_kl,
         fp16_safety=not no_fp16_safety, verify=not no_verify, force=force,
     )

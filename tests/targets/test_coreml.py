@@ -150,6 +150,53 @@ def test_int4_block_compression(exported_tiny_factory, tmp_path, llama_target):
     assert artifact.facts["verification"]["mil-reference"]["top1_agreement"] >= 0.5  # reported; random weights
 
 
+def test_int4_block_split_table_and_integer_offsets(exported_tiny_factory, tmp_path):
+    """The <= 80 MB SmolLM2 layout on a tiny tied llama: split table (int8 rows + 3-bit LUT rows), uint4 offsets + residue."""
+    from edgepack.targets.coreml import CoreMLConfig, build
+    from edgepack.targets.coreml_support.mil_reference import load_program
+
+    config = CoreMLConfig(max_context=16, eval_positions=16, compress="int4-block", embedding="split", split_rows=100,
+                          split_block=16, integer_offsets=True)
+    artifact = build(exported_tiny_factory("llama-tied"), tmp_path / "split", config)
+    ops = artifact.facts["ane"]["op_counts"]
+    assert ops["constexpr_lut_to_dense"] == 1  # the rare rows' 3-bit indices, once for the tied table
+    # 14 projections: one uint4 weight + one int4 residue each; plus the table's two parts
+    assert ops["constexpr_blockwise_shift_scale"] == 14 * 2 + 2
+    compression = artifact.facts["compression"]
+    assert "split" not in compression["embedding"] and "int8" in compression["embedding"] and "uint4" in compression["offsets"]
+    mil = artifact.facts["verification"]["mil-reference"]
+    assert mil["top1_agreement"] >= 0.5 and mil["positions"] == 16  # random weights: reported, loosely gated
+    program = load_program(tmp_path / "split" / "model.mlpackage")
+    types = {op.op_type: op for op in program.function.operations}
+    # lookups choose a part (select), the logits are both parts in id order (concat)
+    assert {op.op_type for op in program.function.operations if op.name.endswith("_split")} == {"select", "concat"}
+    assert artifact.facts["deployment_target"] == "iOS 26 / macOS 26"  # the LUT -> per-block scale chain
+    lut = types["constexpr_lut_to_dense"]
+    assert lut.indices.dtype.get_bitwidth() == 3 and lut.outputs[0].child_ops[0].op_type == "constexpr_blockwise_shift_scale"
+    weights = "model.mlpackage/Data/com.apple.CoreML/weights/weight.bin"
+    fp16_bytes = 2 * (2 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 128 * 64) + 512 * 64)  # 2 layers of projections + the table
+    assert artifact.files[weights] < 0.4 * fp16_bytes
+
+
+def test_split_table_fit_and_residue_reconstruct_weights():
+    from edgepack.targets.coreml_support.convert import SPLIT_LEVELS, affine_blocks, integer_offsets, lut3_blocks
+
+    rng = np.random.default_rng(1)
+    table = rng.normal(0, 0.05, (64, 96)).astype(np.float32)
+    index, scale, offset = lut3_blocks(table, 48, SPLIT_LEVELS, None)
+    assert index.max() <= 7 and scale.shape == (64, 2) and scale.dtype == np.float16
+    rebuilt = scale.astype(np.float32).repeat(48, 1) * (SPLIT_LEVELS[index].astype(np.float32) - offset.astype(np.float32).repeat(48, 1))
+    rel = np.sqrt(np.mean((rebuilt - table) ** 2)) / table.std()
+    assert rel < 0.2  # 3 bits: about 0.16 of the spread (uniform 3-bit min/max: ~0.2)
+    # residue: w = s*(q - round(z)) - s*k/16 is within 1/32 of a step of s*(q - z)
+    q, s, z = affine_blocks(table, 32)
+    zi, k = integer_offsets(z)
+    assert zi.min() >= 0 and zi.max() <= 15 and k.min() >= -8 and k.max() <= 7
+    exact = s.astype(np.float32)[..., None] * (q.reshape(64, 3, 32) - z.astype(np.float32)[..., None])
+    layout = s.astype(np.float32)[..., None] * (q.reshape(64, 3, 32) - zi[..., None]) - (s.astype(np.float32) * k / 16)[..., None]
+    assert np.max(np.abs(layout - exact) / s.astype(np.float32)[..., None]) <= 1 / 32 + 1e-3
+
+
 def test_affine_blocks_hold_q4_1_exactly():
     from edgepack.targets.coreml_support.convert import affine_blocks
 

@@ -28,9 +28,19 @@ WEIGHT_CONSUMERS = ("linear", "matmul", "gather")
 class CompressionScheme:
     """A compression scheme as a value (written into target.json as such)."""
 
+    @property
+    def deployment_target(self) -> str:
+        """iOS 18, except the split table: its 3-bit indices feed a per-block scale (constexpr_lut_to_dense ->
+        constexpr_blockwise_shift_scale), which Core ML runs from iOS 26 on; for older targets coremltools'
+        canonicalize_quantized_lut_pattern pass rewrites it into one int8 LUT per block (+1.3 bits a weight)."""
+        return "iOS26" if self.name == "int4-block" and self.embedding == "split" else "iOS18"
+
     name: str = "none"
     block_size: int = 32
-    embedding: str = "same"  # int4-block: "same" (uint4 affine per block), "row" (uint4 affine per row) or "int8" (per channel)
+    embedding: str = "same"  # int4-block: "same" (uint4 affine per block), "row" (uint4 per row), "int8" (per channel) or "split"
+    integer_offsets: bool = False  # int4-block: uint4 offsets + int4 rounding residue through block sums (see ResidueProjection)
+    split_rows: int = 6000  # embedding "split": ids below this in int8 (per block of 32) ...
+    split_block: int = 48  # ... the others 3-bit with an fp16 scale and offset per block of this many entries
 
     def describe(self) -> dict:
         if self.name == "none":
@@ -42,7 +52,12 @@ class CompressionScheme:
             return {"name": "int4-block", "op": "constexpr_blockwise_shift_scale", "dtype": "uint4", "block_size": self.block_size,
                     "scale": "fp16 per block", "offset": "fp16 per block (w = scale * (q - offset))",
                     "fit": "per block min/max affine: reproduces GGUF Q4_1 blocks exactly when the source was Q4_1",
-                    "embedding": {"same": "uint4 affine per block", "row": "uint4 affine per row (one scale and offset per token)", "int8": "int8 per channel"}[self.embedding],
+                    "embedding": {"same": "uint4 affine per block", "row": "uint4 affine per row (one scale and offset per token)", "int8": "int8 per channel",
+                                  "split": f"ids < {self.split_rows}: int8 per block of 32; the rest: 3-bit indices into 8 int8 levels "
+                                           f"(normal quantiles; constexpr_lut_to_dense feeding constexpr_blockwise_shift_scale) with an fp16 "
+                                           f"scale and offset per block of {self.split_block}, fitted by least squares weighted by E[h^2]"}[self.embedding],
+                    "offsets": ("uint4 (the rounded fp16 offset) plus the rounding residue in int4 sixteenths of the block's scale, "
+                                "applied as block sums of the activation times the residues" if self.integer_offsets else "fp16"),
                     "applies_to": list(WEIGHT_CONSUMERS), "tool": "edgepack graph pass (coremltools MIL builder)"}
         return {"name": "palettize4", "op": "constexpr_lut_to_dense", "nbits": 4, "mode": "uniform", "granularity": "per_grouped_channel",
                 "group_size": 16, "applies_to": list(WEIGHT_CONSUMERS), "tool": "coremltools.optimize.coreml.palettize_weights"}
@@ -55,7 +70,7 @@ def _ct():
     return ct
 
 
-def convert_decoder(hf_model, *, model_type: str, max_context: int, plan, compute_units: str):
+def convert_decoder(hf_model, *, model_type: str, max_context: int, plan, compute_units: str, deployment_target: str = "iOS18"):
     import torch
 
     ct = _ct()
@@ -79,7 +94,7 @@ def convert_decoder(hf_model, *, model_type: str, max_context: int, plan, comput
         outputs=[ct.TensorType(name="logits", dtype=np.float16)],
         states=[ct.StateType(wrapped_type=ct.TensorType(shape=state_shape, dtype=np.float16), name="key_cache"),
                 ct.StateType(wrapped_type=ct.TensorType(shape=state_shape, dtype=np.float16), name="value_cache")],
-        compute_units=compute_units,
+        compute_units=compute_units, deployment_target=deployment_target,
     )
 
 
@@ -105,10 +120,10 @@ def convert_encoder(hf_model, *, model_type: str, seq_len: int, plan, compute_un
     )
 
 
-def _convert(ct, traced, model_type, *, inputs, outputs, states, compute_units):
+def _convert(ct, traced, model_type, *, inputs, outputs, states, compute_units, deployment_target: str = "iOS18"):
     units = {"all": ct.ComputeUnit.ALL, "cpu_and_ne": ct.ComputeUnit.CPU_AND_NE,
              "cpu_and_gpu": ct.ComputeUnit.CPU_AND_GPU, "cpu_only": ct.ComputeUnit.CPU_ONLY}[compute_units]
-    kwargs = dict(inputs=inputs, outputs=outputs, minimum_deployment_target=ct.target.iOS18,
+    kwargs = dict(inputs=inputs, outputs=outputs, minimum_deployment_target=getattr(ct.target, deployment_target),
                   compute_precision=ct.precision.FLOAT16, compute_units=units, convert_to="mlprogram",
                   skip_model_load=True)
     if states:
@@ -136,8 +151,11 @@ def _first_line(exc) -> str:
     return f"{type(exc).__name__}: {text[:300]}"
 
 
-def compress(mlmodel, scheme: CompressionScheme):
-    """Apply `scheme` to the weights feeding linear/matmul/gather; returns the new MLModel."""
+def compress(mlmodel, scheme: CompressionScheme, column_weights=None):
+    """Apply `scheme` to the weights feeding linear/matmul/gather; returns the new MLModel.
+
+    `column_weights` (E[h_k^2] of the activations multiplying the tied table) weight the fit of the split
+    table's 3-bit rows."""
     if scheme.name == "none":
         return mlmodel
     compat.apply()
@@ -157,7 +175,9 @@ def compress(mlmodel, scheme: CompressionScheme):
         from coremltools.models.utils import _apply_graph_pass
 
         with _quiet_progress():
-            return _apply_graph_pass(mlmodel, AffineBlockInt4Pass(scheme.block_size, scheme.embedding))
+            graph_pass = AffineBlockInt4Pass(scheme)
+            graph_pass.column_weights = column_weights
+            return _apply_graph_pass(mlmodel, graph_pass)
     raise ValueError(scheme.name)
 
 
@@ -173,20 +193,80 @@ def affine_blocks(weight: np.ndarray, block: int):
     return q.reshape(rows, cols), scale.astype(np.float16), offset.astype(np.float16)
 
 
+def integer_offsets(offset: np.ndarray):
+    """Offsets z -> (uint4 zero point, int4 residue k) with z = zero + k/16 to within 1/32 (for 0 <= z <= 15).
+
+    k = round(16 (z - round(z))) is in -8..8; 8 (z half way) moves to the next zero point as k = -8."""
+    z = offset.astype(np.float32)
+    zero = np.rint(z)
+    k = np.rint((z - zero) * 16)
+    zero = np.where(k > 7, zero + 1, zero)
+    k = np.where(k > 7, k - 16, k)
+    return np.clip(zero, 0, 15), np.clip(k, -8, 7)
+
+
+# 3-bit levels of the split table's rare rows: the 8 quantiles of a normal distribution at the centres of
+# equal-probability bins (weights are bell-shaped), as int8 (constexpr_lut_to_dense takes int8 tables).
+_NORMAL_LEVELS = np.array([-1.534, -0.887, -0.489, -0.157, 0.157, 0.489, 0.887, 1.534])
+SPLIT_LEVELS = np.rint(_NORMAL_LEVELS / 1.534 * 127).astype(np.int8)
+
+
+def int8_blocks(weight: np.ndarray, block: int = 32):
+    """Symmetric int8 per block of the last axis: w ~= scale * q."""
+    rows, cols = weight.shape
+    w = weight.astype(np.float32).reshape(rows, cols // block, block)
+    scale = np.abs(w).max(axis=-1) / 127.0
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float16).astype(np.float32)
+    q = np.clip(np.rint(w / scale[..., None]), -127, 127).astype(np.int8)
+    return q.reshape(rows, cols), scale.astype(np.float16)
+
+
+def lut3_blocks(weight: np.ndarray, block: int, levels: np.ndarray, column_weights: np.ndarray | None, iters: int = 3):
+    """3-bit indices into `levels` with a per-block scale and offset, w ~= scale * (levels[i] - offset).
+
+    Scale and offset are refitted by least squares (weighted per column by E[h_k^2] of the activations that
+    multiply the table, when given) around nearest-level assignments, a few rounds from the min/max fit.
+    """
+    rows, cols = weight.shape
+    x = weight.astype(np.float64).reshape(rows, cols // block, block)
+    lv = levels.astype(np.float64)
+    w = np.ones((1, 1, block)) if column_weights is None else column_weights.astype(np.float64).reshape(1, cols // block, block)
+    w = np.broadcast_to(w, x.shape)
+    lo, hi = x.min(-1, keepdims=True), x.max(-1, keepdims=True)
+    s = np.where(hi > lo, (hi - lo) / (lv[-1] - lv[0]), 1.0)
+    o = lv[0] - lo / s
+    for it in range(iters + 1):
+        s = s.astype(np.float16).astype(np.float64)  # fit the rounding the program stores
+        o = o.astype(np.float16).astype(np.float64)
+        index = np.abs((x / s + o)[..., None] - lv).argmin(-1)
+        if it == iters:
+            break
+        chosen = lv[index]
+        sw = w.sum(-1, keepdims=True)
+        mean_l, mean_x = (w * chosen).sum(-1, keepdims=True) / sw, (w * x).sum(-1, keepdims=True) / sw
+        var = (w * (chosen - mean_l) ** 2).sum(-1, keepdims=True)
+        fitted = (w * (chosen - mean_l) * (x - mean_x)).sum(-1, keepdims=True) / np.maximum(var, 1e-30)
+        s_new = np.where((var > 0) & (np.abs(fitted) > 1e-8), fitted, s)
+        o = -(mean_x - s_new * mean_l) / s_new
+        s = s_new
+    return index.reshape(rows, cols).astype(np.uint8), s[..., 0].astype(np.float16), o[..., 0].astype(np.float16)
+
+
 def _make_pass_class():
     from coremltools.converters.mil.mil.passes.graph_pass import AbstractGraphPass
 
     class _Pass(AbstractGraphPass):
-        def __init__(self, block: int, embedding: str):
+        def __init__(self, scheme: CompressionScheme):
             super().__init__()
-            self.block, self.embedding = block, embedding
+            self.scheme = scheme
+            self.block, self.embedding = scheme.block_size, scheme.embedding
             self.replaced = 0
+            self.column_weights: np.ndarray | None = None  # E[h^2] per table column, set by the caller for "split"
+            self._indicators: dict = {}
 
         def apply(self, prog):
-            from coremltools.converters.mil import Builder as mb
-            from coremltools.converters.mil.mil import types
-
             for function in prog.functions.values():
+                self._indicators = {}
                 for op in list(function.operations):
                     if op.op_type != "const" or op.outputs[0].val is None:
                         continue
@@ -197,24 +277,131 @@ def _make_pass_class():
                         continue
                     if any(c.op_type not in WEIGHT_CONSUMERS or not _is_weight_input(c, var) for c in children):
                         continue
-                    rows, cols = value.shape
                     is_embedding = any(c.op_type == "gather" for c in children)
                     with function:
-                        if is_embedding and self.embedding == "int8":
-                            absmax = np.abs(value.astype(np.float32)).max(axis=1, keepdims=True)
-                            scale = np.where(absmax > 0, absmax / 127.0, 1.0)
-                            data = np.clip(np.rint(value / scale), -127, 127).astype(np.int8)
-                            new = mb.constexpr_blockwise_shift_scale(data=data, scale=scale.astype(value.dtype), before_op=op, name=op.name + "_int8")
-                        elif cols % self.block == 0 or (is_embedding and self.embedding == "row"):
-                            q, scale, offset = affine_blocks(value, cols if is_embedding and self.embedding == "row" else self.block)
-                            new = mb.constexpr_blockwise_shift_scale(
-                                data=q.astype(types.np_uint4_dtype), scale=scale.astype(value.dtype),
-                                offset=offset.astype(value.dtype), before_op=op, name=op.name + "_uint4")
+                        if is_embedding and self.embedding == "split":
+                            done = self._split_table(function, op, var, value)
+                        elif not is_embedding and self.scheme.integer_offsets and value.shape[1] % self.block == 0 \
+                                and all(c.op_type == "linear" for c in children):
+                            done = self._residue_projection(function, op, var, value)
                         else:
-                            continue
-                    function.replace_uses_of_var_after_op(anchor_op=op, old_var=var, new_var=new, no_check_var_types=True)
-                    function.remove_ops([op])
-                    self.replaced += 1
+                            done = self._replace(function, op, var, value, is_embedding)
+                    if done:
+                        self.replaced += 1
+
+        def _replace(self, function, op, var, value, is_embedding) -> bool:
+            from coremltools.converters.mil import Builder as mb
+            from coremltools.converters.mil.mil import types
+
+            cols = value.shape[1]
+            if is_embedding and self.embedding == "int8":
+                absmax = np.abs(value.astype(np.float32)).max(axis=1, keepdims=True)
+                scale = np.where(absmax > 0, absmax / 127.0, 1.0)
+                data = np.clip(np.rint(value / scale), -127, 127).astype(np.int8)
+                new = mb.constexpr_blockwise_shift_scale(data=data, scale=scale.astype(value.dtype), before_op=op, name=op.name + "_int8")
+            elif cols % self.block == 0 or (is_embedding and self.embedding == "row"):
+                q, scale, offset = affine_blocks(value, cols if is_embedding and self.embedding == "row" else self.block)
+                new = mb.constexpr_blockwise_shift_scale(
+                    data=q.astype(types.np_uint4_dtype), scale=scale.astype(value.dtype),
+                    offset=offset.astype(value.dtype), before_op=op, name=op.name + "_uint4")
+            else:
+                return False
+            function.replace_uses_of_var_after_op(anchor_op=op, old_var=var, new_var=new, no_check_var_types=True)
+            function.remove_ops([op])
+            return True
+
+        def _block_indicator(self, cols: int, before_op):
+            """-1/16 at [b, k] for k in block b: linear(x, it) gives minus a sixteenth of each block's sum."""
+            from coremltools.converters.mil import Builder as mb
+
+            if cols not in self._indicators:
+                indicator = np.zeros((cols // self.block, cols), np.float16)
+                for b in range(cols // self.block):
+                    indicator[b, b * self.block:(b + 1) * self.block] = -1.0 / 16
+                self._indicators[cols] = mb.const(val=indicator, before_op=before_op, name=f"block_sums_{cols}")
+            return self._indicators[cols]
+
+        def _residue_projection(self, function, op, var, value) -> bool:
+            """uint4 codes with integer (uint4) offsets, plus the offsets' rounding residue.
+
+            A block w = s * (q - z) with a fractional offset z (GGUF Q4_1, or any min/max fit) is
+            s * (q - round(z)) - s * r with |r| <= 1/2. The first term is one constexpr_blockwise_shift_scale
+            with uint4 offsets (4 bits per block where fp16 offsets take 16); r is stored as int4 sixteenths
+            k = round(16 r), so the second term is s * k / 16 per (row, block), shared scale s. For an input
+            x: x @ W.T = linear(x, s * (q - round(z))) + linear(-blocksum(x) / 16, s * k): two small
+            linears and an add per projection. The residue's own rounding (|r - k/16| <= 1/32 of a step)
+            is the only change to the weights.
+            """
+            from coremltools.converters.mil import Builder as mb
+            from coremltools.converters.mil.mil import types
+
+            q, scale, offset = affine_blocks(value, self.block)
+            zero, k = integer_offsets(offset)
+            dtype = value.dtype
+            shared_scale = mb.const(val=scale.astype(dtype), before_op=op, name=op.name + "_scale")
+            weight = mb.constexpr_blockwise_shift_scale(
+                data=q.astype(types.np_uint4_dtype), scale=shared_scale, offset=zero.astype(types.np_uint4_dtype),
+                before_op=op, name=op.name + "_uint4")
+            residue = mb.constexpr_blockwise_shift_scale(
+                data=k.astype(types.np_int4_dtype), scale=shared_scale, before_op=op, name=op.name + "_residue")
+            indicator = self._block_indicator(value.shape[1], op)
+            for child in list(var.child_ops):
+                kwargs = {"bias": child.bias} if child.bias is not None else {}
+                main = mb.linear(x=child.x, weight=weight, before_op=child, name=child.name + "_q", **kwargs)
+                sums = mb.linear(x=child.x, weight=indicator, before_op=child, name=child.name + "_block_sums")
+                correction = mb.linear(x=sums, weight=residue, before_op=child, name=child.name + "_residue")
+                out = mb.add(x=main, y=correction, before_op=child, name=child.name + "_sum")
+                function.replace_uses_of_var_after_op(anchor_op=child, old_var=child.outputs[0], new_var=out)
+                function.remove_ops([child])
+            function.remove_ops([op])
+            return True
+
+        def _split_table(self, function, op, var, value) -> bool:
+            """Tied table in two parts: ids < F in int8 per block of 32, the rest 3-bit (see lut3_blocks).
+
+            Lookups become two gathers and a select; the logits two linears and a concat.
+            """
+            from coremltools.converters.mil import Builder as mb
+            from coremltools.converters.mil.mil import types
+
+            f, block = self.scheme.split_rows, self.scheme.split_block
+            rows, cols = value.shape
+            if not 0 < f < rows or cols % block or cols % 32:
+                return False
+            dtype = value.dtype
+            data8, scale8 = int8_blocks(value[:f])
+            frequent = mb.constexpr_blockwise_shift_scale(data=data8, scale=scale8.astype(dtype), before_op=op, name=op.name + "_frequent")
+            index, scale3, offset3 = lut3_blocks(value[f:], block, SPLIT_LEVELS, self.column_weights)
+            levels = mb.constexpr_lut_to_dense(indices=index.astype(types.np_uint3_dtype), lut=SPLIT_LEVELS.reshape(1, 1, 8, 1),
+                                               before_op=op, name=op.name + "_levels")
+            rare = mb.constexpr_blockwise_shift_scale(data=levels, scale=scale3.astype(dtype), offset=offset3.astype(dtype),
+                                                      before_op=op, name=op.name + "_rare")
+            for child in list(var.child_ops):
+                if child.op_type == "gather":
+                    axis = int(child.axis.val)
+                    if axis not in (0, -2):
+                        return False
+                    ids = child.indices  # coremltools may have narrowed them (uint16): compare in int32
+                    if ids.dtype != types.int32:
+                        ids = mb.cast(x=ids, dtype="int32", before_op=child, name=child.name + "_ids_int32")
+                    first = mb.minimum(x=ids, y=np.int32(f - 1), before_op=child, name=child.name + "_ids_frequent")
+                    shifted = mb.sub(x=ids, y=np.int32(f), before_op=child, name=child.name + "_ids_shift")
+                    second = mb.maximum(x=shifted, y=np.int32(0), before_op=child, name=child.name + "_ids_rare")
+                    a = mb.gather(x=frequent, indices=first, axis=0, before_op=child, name=child.name + "_frequent")
+                    b = mb.gather(x=rare, indices=second, axis=0, before_op=child, name=child.name + "_rare")
+                    is_frequent = mb.less(x=ids, y=np.int32(f), before_op=child, name=child.name + "_is_frequent")
+                    cond = mb.expand_dims(x=is_frequent, axes=[-1], before_op=child, name=child.name + "_cond")
+                    out = mb.select(cond=cond, a=a, b=b, before_op=child, name=child.name + "_split")
+                else:  # linear: logits of both parts, in id order
+                    kwargs_a = {"bias": mb.const(val=child.bias.val[:f], before_op=child)} if child.bias is not None else {}
+                    kwargs_b = {"bias": mb.const(val=child.bias.val[f:], before_op=child)} if child.bias is not None else {}
+                    a = mb.linear(x=child.x, weight=frequent, before_op=child, name=child.name + "_frequent", **kwargs_a)
+                    b = mb.linear(x=child.x, weight=rare, before_op=child, name=child.name + "_rare", **kwargs_b)
+                    out = mb.concat(values=[a, b], axis=-1, before_op=child, name=child.name + "_split")
+                function.replace_uses_of_var_after_op(anchor_op=child, old_var=child.outputs[0], new_var=out)
+                function.remove_ops([child])
+            function.remove_ops([op])
+            return True
 
     return _Pass
 
@@ -227,5 +414,5 @@ def _is_weight_input(child, var) -> bool:
     return child.op_type == "matmul"
 
 
-def AffineBlockInt4Pass(block: int, embedding: str):  # noqa: N802  (a class built lazily: coremltools imports)
-    return _make_pass_class()(block, embedding)
+def AffineBlockInt4Pass(scheme: CompressionScheme):  # noqa: N802  (a class built lazily: coremltools imports)
+    return _make_pass_class()(scheme)

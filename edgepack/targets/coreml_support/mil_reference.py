@@ -37,6 +37,7 @@ class MILProgram:
     states: dict[str, np.ndarray] = field(default_factory=dict)
     state_types: dict[str, tuple[tuple[int, ...], np.dtype]] = field(default_factory=dict)
     missing_kernels: set[str] = field(default_factory=set)
+    constants: dict[int, tuple] = field(default_factory=dict)  # decompressed constexpr outputs, kept across calls
 
     def reset(self) -> None:
         self.states = {name: np.zeros(shape, dtype) for name, (shape, dtype) in self.state_types.items()}
@@ -259,7 +260,11 @@ def run_function(program: MILProgram, feeds: dict[str, np.ndarray]) -> dict[str,
         elif op.op_type in KERNELS:
             outputs = KERNELS[op.op_type](op, get)
         elif op.op_type.startswith("constexpr_"):
-            outputs = op.materialized_val_inference() if hasattr(op, "materialized_val_inference") else op.value_inference()
+            # Constant by definition: decompress once per program, not once per call.
+            if id(op) not in program.constants:
+                value = op.materialized_val_inference() if hasattr(op, "materialized_val_inference") else op.value_inference()
+                program.constants[id(op)] = value if isinstance(value, (tuple, list)) else (value,)
+            outputs = program.constants[id(op)]
         else:
             outputs = _value_inference(op, get, program)
         if not isinstance(outputs, (tuple, list)):
