@@ -24,6 +24,8 @@ VARIANTS = {
     "int4-block": dict(compress="int4-block"),
     "int4-block+int8-emb": dict(compress="int4-block", embedding="int8"),
     "int4-block+row-emb": dict(compress="int4-block", embedding="row"),
+    # issue #5's <= 80 MB point: split table (ids < 6000 int8, the rest 3-bit per 48) + uint4 offsets with residue
+    "int4-split": dict(compress="int4-block", embedding="split", integer_offsets=True),
     "palettize4": dict(compress="palettize4"),
 }
 

@@ -170,6 +170,12 @@ def build(directory, out, config: CoreMLConfig = CoreMLConfig(), on_status=None)
             f"(supported: decoders {', '.join(DECODER_TYPES)}; encoders {', '.join(ENCODER_TYPES)})"
         )
     _check_architecture(hf_model, source)
+    if config.compress == "int4-block" and config.embedding == "split":
+        hidden, vocab = int(hf_model.config.hidden_size), int(hf_model.config.vocab_size)
+        if kind != "decoder" or hidden % config.split_block or hidden % 32:
+            raise UsageError(f"--embedding split needs a decoder whose hidden size ({hidden}) is a multiple of 32 and of --split-block ({config.split_block})")
+        if not 0 < config.split_rows < vocab:
+            raise UsageError(f"--split-rows must be between 1 and the vocabulary size ({vocab}), not {config.split_rows}")
 
     params = sum(p.numel() for n, p in hf_model.named_parameters() if "lm_head" not in n or not source.config.get("tie_word_embeddings", True))
     state_bytes = 0

@@ -235,6 +235,9 @@ def test_cli_builds_and_errors(cli, exported_tiny_factory, tiny_model_factory, t
     assert bad_units.exit_code == 2 and bad_units.stderr_lines == [bad_units.stderr_lines[0]] and "compute units" in bad_units.stderr
     bad_compress = cli("target", "coreml", export, "-o", tmp_path / "x", "--compress", "int3")
     assert bad_compress.exit_code == 2 and "int4-block" in bad_compress.stderr
+    bad_block = cli("target", "coreml", export, "-o", tmp_path / "x", "--compress", "int4-block", "--embedding", "split", "--split-block", "40")
+    assert bad_block.exit_code == 2 and len(bad_block.stderr_lines) == 1 and "--split-block (40)" in bad_block.stderr
+    assert not (tmp_path / "x").exists()
     missing = cli("target", "coreml", tmp_path, "-o", tmp_path / "x")
     assert missing.exit_code == 3 and "convert.json" in missing.stderr
     gpt2 = cli("target", "coreml", tiny_model_factory("gpt2"), "-o", tmp_path / "g")
