@@ -129,12 +129,28 @@ def _save_optimized(model_path: Path, work: Path) -> dict:
     the model: fp16-stored scales (Cast to the fp32 the CPU kernels read), negated and transposed block
     minimums, all-zero zero points made by ConstantOfShape. Saved already optimized, the bundle holds
     them as onnxruntime does: nothing left to fold at load, and its ORT-format conversion (which saves
-    the folded tensors) is the same size. The price is disk: SmolLM2 int4 level-4 99.5 -> 106.5 MB,
-    gguf 114.5 -> 126.4 MB, int8-weight 154.0 -> 179.1 MB; `--compact` keeps the compact form.
+    the folded tensors) is the same size. The price is disk: SmolLM2 int4 level-4 99.5 -> 110.0 MB,
+    gguf 99.5 -> 126.4 MB, int8-weight 152.2 -> 179.1 MB; `--compact` keeps the compact form. A table the
+    builder ties as Gather(Transpose(lm_head)) is first stored in the gather's layout, with the lm_head
+    reading it transposed (FusedMatMul transB), so folding does not store it twice.
     """
+    import onnx
     import onnxruntime as ort
 
+    from edgepack.quantize.graph import save_model
+    from edgepack.targets.ort_mobile import gather_table_without_transpose
+
     before = sum(p.stat().st_size for p in model_path.parent.glob(model_path.name + "*"))
+    model = onnx.load(str(model_path))
+    untransposed = gather_table_without_transpose(model)
+    if untransposed:
+        source = work / "untransposed"
+        source.mkdir()
+        save_model(model, source / model_path.name, external_data=True)
+        model_path_in = source / model_path.name
+    else:
+        model_path_in = model_path
+    del model
     staged = work / "optimized"
     staged.mkdir()
     options = ort.SessionOptions()
@@ -142,13 +158,13 @@ def _save_optimized(model_path: Path, work: Path) -> dict:
     options.optimized_model_filepath = str(staged / model_path.name)
     options.add_session_config_entry("session.optimized_model_external_initializers_file_name", f"{model_path.name}.data")
     options.log_severity_level = 3
-    ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    ort.InferenceSession(str(model_path_in), options, providers=["CPUExecutionProvider"])
     for old in model_path.parent.glob(model_path.name + "*"):
         old.unlink()
     for new in staged.iterdir():
         shutil.move(str(new), model_path.parent / new.name)
     after = sum(p.stat().st_size for p in model_path.parent.glob(model_path.name + "*"))
-    return {"level": "basic", "compact_bytes": before, "bytes": after}
+    return {"level": "basic", "compact_bytes": before, "bytes": after, "tied_tables_stored_once": untransposed}
 
 
 def genai_config_for(model_dir: ExportedModelDir, onnx_path: Path, max_context: int) -> dict:
@@ -367,7 +383,7 @@ def _genai_version() -> dict:
 @click.option("--graph", type=click.Choice(GRAPH_ROUTES), default="auto", show_default=True,
               help="builder: onnxruntime-genai's fused graph; optimum: the export, optimized offline; auto: builder when possible.")
 @click.option("--compact", is_flag=True,
-              help="Builder graphs: keep the quantized layout's compact form (fp16 scales, zero points made at load; 7-21% smaller) "
+              help="Builder graphs: keep the quantized layout's compact form (fp16 scales, zero points made at load; 10-21% smaller for quantized graphs) "
                    "instead of saving the graph as onnxruntime optimizes it. Its ORT-format conversion then grows by that much.")
 @click.option("--no-verify", is_flag=True, help="Skip the parity and onnxruntime-genai checks.")
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")

@@ -29,6 +29,10 @@ def test_genai_runs_the_bundle_token_for_token(smollm2_export, tmp_path, cli, sc
     assert "Paris" in report["checks"]["edgepack_runtime"]["text"]
     assert report["facts"]["kv_bytes_per_token"] == 30 * 2 * 3 * 64 * 4  # layers x (K,V) x kv heads x head dim x fp32
     assert report["facts"]["kv_bytes_at_max_context"] == 2048 * report["facts"]["kv_bytes_per_token"]
+    if scheme == "fp32":
+        # The builder ties the table as Gather(Transpose(lm_head)): stored once, in the gather's layout.
+        saved = report["facts"]["saved_optimized"]
+        assert saved["tied_tables_stored_once"] == 1 and saved["bytes"] < saved["compact_bytes"] + 1e6
     if scheme == "gguf":
         # every weight of the builder graph carries the GGUF's blocks: 30 fused q/k/v, the tied table once
         imported = report["facts"]["scheme_facts"]
