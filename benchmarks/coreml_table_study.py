@@ -30,12 +30,14 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from statistics import NormalDist
 
 import numpy as np
 
 DATA = Path(__file__).resolve().parents[1] / "edgepack" / "quantize" / "data"
-LEVELS = {"uniform": np.arange(8.0), "nf": np.array([NormalDist().inv_cdf((i + 0.5) / 8) for i in range(8)])}
+def _levels() -> dict:
+    from edgepack.targets.coreml_support.convert import SPLIT_LEVELS
+
+    return {"uniform": np.arange(8.0), "nf": SPLIT_LEVELS.astype(np.float64)}  # nf: what `--embedding split` stores
 
 
 def q4_blocks(weight: np.ndarray):
@@ -56,32 +58,20 @@ def projection(weight: np.ndarray, fmt: str) -> np.ndarray:
 
 
 def int8_blocks(rows: np.ndarray, block: int = 32) -> np.ndarray:
-    r = rows.reshape(rows.shape[0], -1, block)
-    s = np.abs(r).max(-1, keepdims=True) / 127
-    s[s == 0] = 1
-    return (np.clip(np.round(r / s), -127, 127) * s).reshape(rows.shape)
+    """The split table's int8 rows as the Core ML target stores them (coreml_support.convert.int8_blocks)."""
+    from edgepack.targets.coreml_support.convert import int8_blocks as stored
+
+    q, scale = stored(rows, block)
+    return q.astype(np.float64) * scale.astype(np.float64).repeat(block, axis=1)
 
 
-def lut3(rows: np.ndarray, block: int, levels: np.ndarray, weights: np.ndarray, iters: int = 3) -> np.ndarray:
-    """w ~= s_b * (levels[i] - o_b): 3-bit indices, per-block scale/offset by weighted least squares."""
-    x = rows.reshape(rows.shape[0], -1, block)
-    w = np.broadcast_to(weights.reshape(-1, block)[None], x.shape)
-    lo, hi = x.min(-1, keepdims=True), x.max(-1, keepdims=True)
-    s = (hi - lo) / (levels[-1] - levels[0])
-    s[s == 0] = 1e-8
-    o = levels[0] - lo / s
-    for it in range(iters + 1):
-        chosen = levels[np.abs((x / s + o)[..., None] - levels).argmin(-1)]
-        if it == iters:
-            break
-        sw = w.sum(-1, keepdims=True)
-        mean_l, mean_x = (w * chosen).sum(-1, keepdims=True) / sw, (w * x).sum(-1, keepdims=True) / sw
-        var = (w * (chosen - mean_l) ** 2).sum(-1, keepdims=True)
-        fitted = (w * (chosen - mean_l) * (x - mean_x)).sum(-1, keepdims=True) / np.maximum(var, 1e-30)
-        s_new = np.where((var > 0) & (np.abs(fitted) > 1e-8), fitted, s)
-        o = -(mean_x - s_new * mean_l) / s_new
-        s = s_new
-    return (s * (chosen - o)).reshape(rows.shape)
+def lut3(rows: np.ndarray, block: int, levels: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """The split table's 3-bit rows as the Core ML target fits and stores them (coreml_support.convert.lut3_blocks)."""
+    from edgepack.targets.coreml_support.convert import lut3_blocks
+
+    index, scale, offset = lut3_blocks(rows, block, levels, weights)
+    scale, offset = (a.astype(np.float64).repeat(block, axis=1) for a in (scale, offset))
+    return scale * (levels.astype(np.float64)[index] - offset)
 
 
 def kmeans_blocks(rows: np.ndarray, block: int, weights: np.ndarray, iters: int = 8) -> np.ndarray:
@@ -122,7 +112,7 @@ def table(spec: str, E: np.ndarray, col_weights: np.ndarray) -> tuple[np.ndarray
     if levels == "kmeans":
         T[f:] = kmeans_blocks(E[f:], b, col_weights)
         return T, (f * dim * 8.5 + (vocab - f) * dim * (3 + 96 / b)) / 8 / 1e6
-    T[f:] = lut3(E[f:], b, LEVELS[levels], col_weights)
+    T[f:] = lut3(E[f:], b, _levels()[levels], col_weights)
     return T, (f * dim * 8.5 + (vocab - f) * dim * (3 + 32 / b)) / 8 / 1e6
 
 

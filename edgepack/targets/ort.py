@@ -138,19 +138,17 @@ def _save_optimized(model_path: Path, work: Path) -> dict:
     import onnxruntime as ort
 
     from edgepack.quantize.graph import save_model
-    from edgepack.targets.ort_mobile import gather_table_without_transpose
+    from edgepack.targets.ort_mobile import gather_table_without_transpose, transposed_gather_tables
 
     before = sum(p.stat().st_size for p in model_path.parent.glob(model_path.name + "*"))
-    model = onnx.load(str(model_path))
-    untransposed = gather_table_without_transpose(model)
-    if untransposed:
-        source = work / "untransposed"
-        source.mkdir()
-        save_model(model, source / model_path.name, external_data=True)
-        model_path_in = source / model_path.name
-    else:
-        model_path_in = model_path
-    del model
+    untransposed, model_path_in = 0, model_path
+    if transposed_gather_tables(onnx.load(str(model_path), load_external_data=False)):  # the graph alone decides
+        model = onnx.load(str(model_path))
+        untransposed = gather_table_without_transpose(model)
+        model_path_in = work / "untransposed" / model_path.name
+        model_path_in.parent.mkdir()
+        save_model(model, model_path_in, external_data=True)
+        del model
     staged = work / "optimized"
     staged.mkdir()
     options = ort.SessionOptions()

@@ -48,69 +48,78 @@ class OrtMobileConfig:
     max_size_ratio: float = 1.05
 
 
-def tie_lm_head_without_copy(model) -> int:
-    """MatMul(x, Transpose(W)) with W an initializer -> FusedMatMul(x, W, transB=1); return how many."""
+def _matmul_transb(model, node, x: str, weight: str) -> None:
+    """Replace MatMul `node` in place by FusedMatMul(x, weight, transB=1) (onnxruntime's contrib op)."""
     from onnx import helper
 
+    fused = helper.make_node("FusedMatMul", [x, weight], list(node.output), name=f"{node.name}_transB",
+                             domain="com.microsoft", transB=1, alpha=1.0)
+    position = list(model.graph.node).index(node)
+    model.graph.node.remove(node)
+    model.graph.node.insert(position, fused)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+
+
+def tie_lm_head_without_copy(model) -> int:
+    """MatMul(x, Transpose(W)) with W an initializer -> FusedMatMul(x, W, transB=1); return how many."""
     inits = {i.name for i in model.graph.initializer}
     producers = {o: n for n in model.graph.node for o in n.output}
     rewritten = 0
-    for index, node in enumerate(list(model.graph.node)):
+    for node in list(model.graph.node):
         source = producers.get(node.input[1]) if node.op_type == "MatMul" else None
         if source is None or source.op_type != "Transpose" or source.input[0] not in inits:
             continue
         perm = next((list(a.ints) for a in source.attribute if a.name == "perm"), [1, 0])
         if perm != [1, 0]:
             continue
-        fused = helper.make_node("FusedMatMul", [node.input[0], source.input[0]], list(node.output),
-                                 name=f"{node.name}_transB", domain="com.microsoft", transB=1, alpha=1.0)
-        position = list(model.graph.node).index(node)
-        model.graph.node.remove(node)
-        model.graph.node.insert(position, fused)
+        _matmul_transb(model, node, node.input[0], source.input[0])
         if not any(source.output[0] in n.input for n in model.graph.node):
             model.graph.node.remove(source)
         rewritten += 1
-    if rewritten and not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return rewritten
 
 
-def gather_table_without_transpose(model) -> int:
-    """Gather(Transpose(W)) + MatMul(x, W), W an initializer (a tied table stored in the lm_head's [D, V]
-    layout, as onnxruntime-genai's builder writes it) -> Gather(W.T) + FusedMatMul(x, W.T, transB=1).
-
-    Constant folding would otherwise store the transposed table a second time (SmolLM2 fp32: +113 MB).
-    Returns how many tables were rewritten."""
-    from onnx import helper, numpy_helper
-
-    inits = {i.name: i for i in model.graph.initializer}
+def transposed_gather_tables(model) -> list[tuple]:
+    """(Gather, Transpose, table name, MatMul users) for each Gather(Transpose(W)) whose W, an initializer,
+    is otherwise only the right operand of MatMuls: a tied table stored in the lm_head's [D, V] layout, as
+    onnxruntime-genai's builder writes it. Reads the graph only (no tensor data needed)."""
+    inits = {i.name for i in model.graph.initializer}
     producers = {o: n for n in model.graph.node for o in n.output}
-    rewritten = 0
+    found = []
     for gather in [n for n in model.graph.node if n.op_type == "Gather"]:
         source = producers.get(gather.input[0])
         if source is None or source.op_type != "Transpose" or source.input[0] not in inits:
             continue
         if next((list(a.ints) for a in source.attribute if a.name == "perm"), [1, 0]) != [1, 0]:
             continue
-        table = inits[source.input[0]]
-        users = [n for n in model.graph.node if table.name in n.input and n is not source]
-        if any(n.op_type != "MatMul" or list(n.input).index(table.name) != 1 for n in users):
+        table = source.input[0]
+        users = [n for n in model.graph.node if table in n.input and n is not source]
+        if any(n.op_type != "MatMul" or list(n.input).index(table) != 1 for n in users):
             continue
+        found.append((gather, source, table, users))
+    return found
+
+
+def gather_table_without_transpose(model) -> int:
+    """Gather(Transpose(W)) + MatMul(x, W) (see `transposed_gather_tables`) -> Gather(W.T) + FusedMatMul(x, W.T, transB=1).
+
+    Constant folding would otherwise store the transposed table a second time (SmolLM2 fp32: +113 MB).
+    Returns how many tables were rewritten."""
+    from onnx import numpy_helper
+
+    found = transposed_gather_tables(model)
+    inits = {i.name: i for i in model.graph.initializer}
+    for gather, source, table_name, users in found:
+        table = inits[table_name]
         transposed = numpy_helper.from_array(numpy_helper.to_array(table).T.copy(), table.name + "_t")
         model.graph.initializer.remove(table)
         model.graph.initializer.append(transposed)
         gather.input[0] = transposed.name
         for node in users:
-            fused = helper.make_node("FusedMatMul", [node.input[0], transposed.name], list(node.output),
-                                     name=f"{node.name}_transB", domain="com.microsoft", transB=1, alpha=1.0)
-            position = list(model.graph.node).index(node)
-            model.graph.node.remove(node)
-            model.graph.node.insert(position, fused)
+            _matmul_transb(model, node, node.input[0], transposed.name)
         model.graph.node.remove(source)
-        rewritten += 1
-    if rewritten and not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    return rewritten
+    return len(found)
 
 
 def fix_batch_dimension(model, batch_size: int) -> list[str]:

@@ -38,7 +38,7 @@ class CompressionScheme:
     name: str = "none"
     block_size: int = 32
     embedding: str = "same"  # int4-block: "same" (uint4 affine per block), "row" (uint4 per row), "int8" (per channel) or "split"
-    integer_offsets: bool = False  # int4-block: uint4 offsets + int4 rounding residue through block sums (see ResidueProjection)
+    integer_offsets: bool = False  # int4-block: uint4 offsets + int4 rounding residue through block sums (see _residue_projection)
     split_rows: int = 6000  # embedding "split": ids below this in int8 (per block of 32) ...
     split_block: int = 48  # ... the others 3-bit with an fp16 scale and offset per block of this many entries
 
@@ -175,9 +175,7 @@ def compress(mlmodel, scheme: CompressionScheme, column_weights=None):
         from coremltools.models.utils import _apply_graph_pass
 
         with _quiet_progress():
-            graph_pass = AffineBlockInt4Pass(scheme)
-            graph_pass.column_weights = column_weights
-            return _apply_graph_pass(mlmodel, graph_pass)
+            return _apply_graph_pass(mlmodel, AffineBlockInt4Pass(scheme, column_weights))
     raise ValueError(scheme.name)
 
 
@@ -256,12 +254,12 @@ def _make_pass_class():
     from coremltools.converters.mil.mil.passes.graph_pass import AbstractGraphPass
 
     class _Pass(AbstractGraphPass):
-        def __init__(self, scheme: CompressionScheme):
+        def __init__(self, scheme: CompressionScheme, column_weights: np.ndarray | None = None):
             super().__init__()
             self.scheme = scheme
             self.block, self.embedding = scheme.block_size, scheme.embedding
             self.replaced = 0
-            self.column_weights: np.ndarray | None = None  # E[h^2] per table column, set by the caller for "split"
+            self.column_weights = column_weights  # E[h^2] per table column, weighting the split table's fit
             self._indicators: dict = {}
 
         def apply(self, prog):
@@ -368,6 +366,8 @@ def _make_pass_class():
             rows, cols = value.shape
             if not 0 < f < rows or cols % block or cols % 32:
                 return False
+            if any(c.op_type == "gather" and int(c.axis.val) not in (0, -2) for c in var.child_ops):
+                return False
             dtype = value.dtype
             data8, scale8 = int8_blocks(value[:f])
             frequent = mb.constexpr_blockwise_shift_scale(data=data8, scale=scale8.astype(dtype), before_op=op, name=op.name + "_frequent")
@@ -378,9 +378,6 @@ def _make_pass_class():
                                                       before_op=op, name=op.name + "_rare")
             for child in list(var.child_ops):
                 if child.op_type == "gather":
-                    axis = int(child.axis.val)
-                    if axis not in (0, -2):
-                        return False
                     ids = child.indices  # coremltools may have narrowed them (uint16): compare in int32
                     if ids.dtype != types.int32:
                         ids = mb.cast(x=ids, dtype="int32", before_op=child, name=child.name + "_ids_int32")
@@ -414,5 +411,5 @@ def _is_weight_input(child, var) -> bool:
     return child.op_type == "matmul"
 
 
-def AffineBlockInt4Pass(scheme: CompressionScheme):  # noqa: N802  (a class built lazily: coremltools imports)
-    return _make_pass_class()(scheme)
+def AffineBlockInt4Pass(scheme: CompressionScheme, column_weights=None):  # noqa: N802  (a class built lazily: coremltools imports)
+    return _make_pass_class()(scheme, column_weights)
