@@ -40,21 +40,11 @@ def _levels() -> dict:
     return {"uniform": np.arange(8.0), "nf": SPLIT_LEVELS.astype(np.float64)}  # nf: what `--embedding split` stores
 
 
-def q4_blocks(weight: np.ndarray):
-    from edgepack.targets.coreml_support.convert import affine_blocks
-
-    q, scale, offset = affine_blocks(weight, 32)
-    return q.reshape(q.shape[0], -1, 32).astype(np.float32), scale.astype(np.float32), offset.astype(np.float32)
-
-
 def projection(weight: np.ndarray, fmt: str) -> np.ndarray:
-    q, s, off = q4_blocks(weight)
-    if fmt == "exact":
-        return (s[..., None] * (q - off[..., None])).reshape(weight.shape)
-    from edgepack.targets.coreml_support.convert import integer_offsets
+    """A projection as the Core ML target stores it (coreml_support.convert.stored_projection)."""
+    from edgepack.targets.coreml_support.convert import stored_projection
 
-    zero, k = integer_offsets(off)  # residue in sixteenths of the block's scale
-    return (s[..., None] * (q - zero[..., None]) - (s * k / 16)[..., None]).reshape(weight.shape)
+    return stored_projection(weight, 32, residue=fmt == "res16")
 
 
 def int8_blocks(rows: np.ndarray, block: int = 32) -> np.ndarray:

@@ -52,6 +52,7 @@ class CoreMLConfig:
     integer_offsets: bool = False  # int4-block: uint4 offsets + int4 rounding residue (saves ~3 MB on SmolLM2)
     split_rows: int = 6000  # embedding "split": ids below this in int8
     split_block: int = 48  # embedding "split": block of the 3-bit rows' scale and offset
+    tune_steps: int = 0  # embedding "split": distillation steps for the table's stored values (table_tuning.py)
     max_context: int | None = None  # decoders: KV-cache length; encoders: sequence length
     device: str | None = None
     eval_text: Path | None = None
@@ -130,6 +131,10 @@ def _validate(config: CoreMLConfig) -> None:
         raise UsageError(f"unknown compression {config.compress!r}; choose one of: {', '.join(COMPRESSIONS)}")
     if config.block_size not in (16, 32, 64, 128):
         raise UsageError(f"--block-size must be 16, 32, 64 or 128, not {config.block_size}")
+    if config.tune_steps < 0:
+        raise UsageError(f"--tune-steps must be 0 or more, not {config.tune_steps}")
+    if config.tune_steps and not (config.compress == "int4-block" and config.embedding == "split"):
+        raise UsageError("--tune-steps tunes the split table: it needs --compress int4-block --embedding split")
     if config.max_context is not None and not 8 <= config.max_context <= 32768:
         raise UsageError(f"--max-context must be between 8 and 32768, not {config.max_context}")
 
@@ -204,9 +209,19 @@ def build(directory, out, config: CoreMLConfig = CoreMLConfig(), on_status=None)
     applied_fixes = compat.apply()
     scheme = cm_convert.CompressionScheme(config.compress, config.block_size, config.embedding, config.integer_offsets,
                                           config.split_rows, config.split_block)
-    column_weights = None
+    column_weights, split_table, tuning = None, None, None
     if config.compress == "int4-block" and config.embedding == "split" and kind == "decoder":
+        from edgepack.targets.coreml_support.table_tuning import SEQUENCE_TOKENS, fit_split_table, tune_split_table
+
         column_weights = _table_column_weights(hf_model, tokenizer)
+        table = hf_model.get_input_embeddings().weight.detach().float().numpy()
+        split_table = fit_split_table(table, config.split_rows, config.split_block, column_weights)
+        if config.tune_steps:
+            t0 = time.perf_counter()
+            split_table, tuning = tune_split_table(hf_model, tokenizer, split_table, steps=config.tune_steps, projection_block=config.block_size,
+                                                   integer_offsets=config.integer_offsets, sequence_tokens=min(SEQUENCE_TOKENS, context),
+                                                   on_status=status)
+            timings["table_tuning"] = time.perf_counter() - t0
     with staging_dir(out) as tmp:
         status(f"converting to a Core ML ML Program ({'stateful KV cache' if kind == 'decoder' else 'fixed shape'}, fp16)")
         t0 = time.perf_counter()
@@ -221,7 +236,7 @@ def build(directory, out, config: CoreMLConfig = CoreMLConfig(), on_status=None)
         if config.compress != "none":
             status(f"compressing weights ({config.compress})")
             t0 = time.perf_counter()
-            mlmodel = cm_convert.compress(mlmodel, scheme, column_weights=column_weights)
+            mlmodel = cm_convert.compress(mlmodel, scheme, column_weights=column_weights, split_table=split_table)
             timings["compress"] = time.perf_counter() - t0
         _describe(mlmodel, source, kind, context, scheme)
         package = tmp / PACKAGE
@@ -263,7 +278,7 @@ def build(directory, out, config: CoreMLConfig = CoreMLConfig(), on_status=None)
                 "model_type": source.model_type,
                 "compute_units": config.compute_units,
                 "compute_precision": "fp16",
-                "compression": scheme.describe(),
+                "compression": scheme.describe() | ({"table_tuning": tuning} if tuning else {}),
                 "io": _io_facts(kind, context, ane_report),
                 "package_bytes": package_bytes,
                 "kv_cache_bytes": state_bytes,
@@ -468,6 +483,9 @@ Example:
                    "int8 per channel, or split: ids below --split-rows int8, the rest 3-bit with a scale and offset per --split-block entries.")
 @click.option("--split-rows", type=click.IntRange(min=1), default=6000, show_default=True, help="--embedding split: token ids below this stay int8 (BPE ids come in merge order: the low ones are the frequent tokens).")
 @click.option("--split-block", type=click.IntRange(min=8), default=48, show_default=True, help="--embedding split: entries per fp16 scale/offset of the 3-bit rows (must divide the hidden size).")
+@click.option("--tune-steps", type=int, default=0, show_default=True,
+              help="--embedding split: distillation steps that tune the table's stored values against the fp32 model on text it generates "
+                   "itself (2 sequences of 256 tokens a step; SmolLM2: ~6 s a step on 2 cores). 0: least-squares fit only.")
 @click.option("--integer-offsets", is_flag=True, help="int4-block: uint4 offsets plus the rounding residue in int4 (three small ops per projection; ~3 MB less for SmolLM2).")
 @click.option("--max-context", type=int, default=None, help="Decoders: KV-cache length (default min(512, max positions)); encoders: sequence length (default 128).")
 @click.option("--device", default=None, metavar="D", help="Device profile ID (e.g. iphone-15-pro): refuse a model larger than its app memory limit.")
@@ -478,11 +496,11 @@ Example:
 @click.option("--no-fp16-safety", is_flag=True, help="Do not rewrite overflowing ops (the report still lists them).")
 @click.option("--no-verify", is_flag=True, help="Skip the MIL reference / Core ML comparison with PyTorch.")
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder (only once the new one is complete).")
-def command(directory, out, compute_units, compress, block_size, embedding, split_rows, split_block, integer_offsets, max_context, device, eval_text, eval_positions,
+def command(directory, out, compute_units, compress, block_size, embedding, split_rows, split_block, tune_steps, integer_offsets, max_context, device, eval_text, eval_positions,
             min_top1, max_kl, no_fp16_safety, no_verify, force):
     config = CoreMLConfig(
         compute_units=compute_units, compress=compress, block_size=block_size, embedding=embedding, split_rows=split_rows,
-        split_block=split_block, integer_offsets=integer_offsets, max_context=max_context,
+        split_block=split_block, tune_steps=tune_steps, integer_offsets=integer_offsets, max_context=max_context,
         device=device, eval_text=eval_text, eval_positions=eval_positions, min_top1=min_top1, max_kl=max_kl,
         fp16_safety=not no_fp16_safety, verify=not no_verify, force=force,
     )

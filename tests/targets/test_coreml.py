@@ -17,7 +17,7 @@ import pytest
 
 pytest.importorskip("coremltools")
 
-from tests.conftest import read_json  # noqa: E402
+from tests.conftest import read_json, run_cli  # noqa: E402
 
 ON_MAC = platform.system() == "Darwin"
 MAC_ONLY = pytest.mark.skipif(not ON_MAC, reason=f"Core ML predict runs only on macOS (this host is {platform.system()})")
@@ -156,7 +156,7 @@ def test_int4_block_split_table_and_integer_offsets(exported_tiny_factory, tmp_p
     from edgepack.targets.coreml_support.mil_reference import load_program
 
     config = CoreMLConfig(max_context=16, eval_positions=16, compress="int4-block", embedding="split", split_rows=100,
-                          split_block=16, integer_offsets=True)
+                          split_block=16, integer_offsets=True, tune_steps=4)
     artifact = build(exported_tiny_factory("llama-tied"), tmp_path / "split", config)
     ops = artifact.facts["ane"]["op_counts"]
     assert ops["constexpr_lut_to_dense"] == 1  # the rare rows' 3-bit indices, once for the tied table
@@ -164,6 +164,8 @@ def test_int4_block_split_table_and_integer_offsets(exported_tiny_factory, tmp_p
     assert ops["constexpr_blockwise_shift_scale"] == 14 * 2 + 2
     compression = artifact.facts["compression"]
     assert "split" not in compression["embedding"] and "int8" in compression["embedding"] and "uint4" in compression["offsets"]
+    tuning = compression["table_tuning"]
+    assert tuning["steps"] == 4 and tuning["sequence_tokens"] == 16 and tuning["heldout_kl_after"] >= 0
     mil = artifact.facts["verification"]["mil-reference"]
     assert mil["top1_agreement"] >= 0.5 and mil["positions"] == 16  # random weights: reported, loosely gated
     program = load_program(tmp_path / "split" / "model.mlpackage")
@@ -176,6 +178,38 @@ def test_int4_block_split_table_and_integer_offsets(exported_tiny_factory, tmp_p
     weights = "model.mlpackage/Data/com.apple.CoreML/weights/weight.bin"
     fp16_bytes = 2 * (2 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 128 * 64) + 512 * 64)  # 2 layers of projections + the table
     assert artifact.files[weights] < 0.4 * fp16_bytes
+
+
+def test_split_table_tuning_lowers_heldout_kl(tiny_model_factory):
+    """Distillation of the split table (--tune-steps): held-out KL goes down, the stored formats are kept,
+    the fp32 reference model is not touched, and the same seed gives the same table."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from edgepack.targets.coreml_support.table_tuning import fit_split_table, tune_split_table
+
+    folder = tiny_model_factory("llama-tied")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    original = model.get_input_embeddings().weight.detach().clone()
+    fit = fit_split_table(original.numpy(), 100, 16, None)
+    tuned, report = tune_split_table(model, tokenizer, fit, steps=40, projection_block=32, integer_offsets=True, sequence_tokens=32)
+    # a random tiny model's logits are nearly flat, so the gain is small; a diverging tuning fails here
+    assert report["heldout_kl_after"] < report["heldout_kl_before"], report
+    assert tuned.index.shape == fit.index.shape and tuned.index.max() <= 7 and tuned.frequent.dtype == np.int8
+    assert tuned.scale.dtype == np.float16 and tuned.offset.dtype == np.float16
+    assert (tuned.index != fit.index).mean() > 0.001  # values moved
+    assert torch.equal(model.get_input_embeddings().weight, original)  # the reference stays fp32
+    again, _ = tune_split_table(model, tokenizer, fit, steps=40, projection_block=32, integer_offsets=True, sequence_tokens=32)
+    assert np.array_equal(again.index, tuned.index) and np.array_equal(again.scale, tuned.scale)
+
+
+def test_tune_steps_needs_the_split_table(exported_tiny_factory, tmp_path):
+    result = run_cli("target", "coreml", str(exported_tiny_factory("llama-tied")), "-o", str(tmp_path / "x"), "--tune-steps", "5")
+    assert result.exit_code == 2 and "--embedding split" in result.stderr and len(result.stderr_lines) == 1
+    result = run_cli("target", "coreml", str(exported_tiny_factory("llama-tied")), "-o", str(tmp_path / "x"), "--compress", "int4-block",
+                     "--embedding", "split", "--tune-steps", "-1")
+    assert result.exit_code == 2 and "--tune-steps" in result.stderr and len(result.stderr_lines) == 1
 
 
 def test_split_table_fit_and_residue_reconstruct_weights():

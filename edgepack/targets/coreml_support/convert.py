@@ -151,11 +151,11 @@ def _first_line(exc) -> str:
     return f"{type(exc).__name__}: {text[:300]}"
 
 
-def compress(mlmodel, scheme: CompressionScheme, column_weights=None):
+def compress(mlmodel, scheme: CompressionScheme, column_weights=None, split_table=None):
     """Apply `scheme` to the weights feeding linear/matmul/gather; returns the new MLModel.
 
     `column_weights` (E[h_k^2] of the activations multiplying the tied table) weight the fit of the split
-    table's 3-bit rows."""
+    table's 3-bit rows; `split_table` (table_tuning.SplitTable) is that table already fitted or tuned."""
     if scheme.name == "none":
         return mlmodel
     compat.apply()
@@ -175,7 +175,7 @@ def compress(mlmodel, scheme: CompressionScheme, column_weights=None):
         from coremltools.models.utils import _apply_graph_pass
 
         with _quiet_progress():
-            return _apply_graph_pass(mlmodel, AffineBlockInt4Pass(scheme, column_weights))
+            return _apply_graph_pass(mlmodel, AffineBlockInt4Pass(scheme, column_weights, split_table))
     raise ValueError(scheme.name)
 
 
@@ -201,6 +201,19 @@ def integer_offsets(offset: np.ndarray):
     zero = np.where(k > 7, zero + 1, zero)
     k = np.where(k > 7, k - 16, k)
     return np.clip(zero, 0, 15), np.clip(k, -8, 7)
+
+
+def stored_projection(weight: np.ndarray, block: int, residue: bool) -> np.ndarray:
+    """The weights an int4-block projection computes with, as the package stores them (fp32 copy):
+    w = s * (q - z) with fp16 offsets, or s * (q - round(z)) - s * k / 16 with integer offsets."""
+    q, scale, offset = affine_blocks(weight, block)
+    rows, cols = weight.shape
+    q = q.reshape(rows, cols // block, block).astype(np.float32)
+    s = scale.astype(np.float32)[..., None]
+    if not residue:
+        return (s * (q - offset.astype(np.float32)[..., None])).reshape(rows, cols)
+    zero, k = integer_offsets(offset)
+    return (s * (q - zero[..., None]) - s * (k / 16)[..., None]).reshape(rows, cols)
 
 
 # 3-bit levels of the split table's rare rows: the 8 quantiles of a normal distribution at the centres of
@@ -254,8 +267,9 @@ def _make_pass_class():
     from coremltools.converters.mil.mil.passes.graph_pass import AbstractGraphPass
 
     class _Pass(AbstractGraphPass):
-        def __init__(self, scheme: CompressionScheme, column_weights: np.ndarray | None = None):
+        def __init__(self, scheme: CompressionScheme, column_weights: np.ndarray | None = None, split_table=None):
             super().__init__()
+            self.split_table = split_table  # table_tuning.SplitTable fitted (or tuned) outside, else fitted here
             self.scheme = scheme
             self.block, self.embedding = scheme.block_size, scheme.embedding
             self.replaced = 0
@@ -362,6 +376,8 @@ def _make_pass_class():
             from coremltools.converters.mil import Builder as mb
             from coremltools.converters.mil.mil import types
 
+            from edgepack.targets.coreml_support.table_tuning import fit_split_table
+
             f, block = self.scheme.split_rows, self.scheme.split_block
             rows, cols = value.shape
             if not 0 < f < rows or cols % block or cols % 32:
@@ -369,9 +385,15 @@ def _make_pass_class():
             if any(c.op_type == "gather" and int(c.axis.val) not in (0, -2) for c in var.child_ops):
                 return False
             dtype = value.dtype
-            data8, scale8 = int8_blocks(value[:f])
+            table = self.split_table if self.split_table is not None else fit_split_table(value, f, block, self.column_weights)
+            if table.frequent.shape[0] != f or table.frequent.shape[0] + table.index.shape[0] != rows or table.index.shape[1] != cols:
+                raise ValueError(f"the fitted split table does not match the program's table {value.shape} (split at {f})")
+            if self.split_table is not None:  # fitted outside from the PyTorch weights: it must be this table
+                error = np.sqrt(np.mean((table.dense() - value.astype(np.float32)) ** 2)) / max(float(np.std(value.astype(np.float32))), 1e-12)
+                if error > 0.5:
+                    raise ValueError(f"the fitted split table is not the program's table (relative RMS error {error:.2f})")
+            data8, scale8, index, scale3, offset3 = table.frequent, table.frequent_scale, table.index, table.scale, table.offset
             frequent = mb.constexpr_blockwise_shift_scale(data=data8, scale=scale8.astype(dtype), before_op=op, name=op.name + "_frequent")
-            index, scale3, offset3 = lut3_blocks(value[f:], block, SPLIT_LEVELS, self.column_weights)
             levels = mb.constexpr_lut_to_dense(indices=index.astype(types.np_uint3_dtype), lut=SPLIT_LEVELS.reshape(1, 1, 8, 1),
                                                before_op=op, name=op.name + "_levels")
             rare = mb.constexpr_blockwise_shift_scale(data=levels, scale=scale3.astype(dtype), offset=offset3.astype(dtype),
@@ -411,5 +433,5 @@ def _is_weight_input(child, var) -> bool:
     return child.op_type == "matmul"
 
 
-def AffineBlockInt4Pass(scheme: CompressionScheme, column_weights=None):  # noqa: N802  (a class built lazily: coremltools imports)
-    return _make_pass_class()(scheme, column_weights)
+def AffineBlockInt4Pass(scheme: CompressionScheme, column_weights=None, split_table=None):  # noqa: N802  (a class built lazily: coremltools imports)
+    return _make_pass_class()(scheme, column_weights, split_table)

@@ -1,0 +1,185 @@
+"""Distillation of the split table's stored values (`--embedding split --tune-steps N`).
+
+The least-squares fit (`convert.lut3_blocks`) fits each 3-bit block on its own, weighted by E[h^2]; what a
+release is judged on is the model's next-token distribution. Measured on SmolLM2 (issue #5), most of the
+split table's loss comes from where rare tokens are *inputs* (their 3-bit embedding rows perturb every
+later position), and a per-block fit cannot see that. So this tunes the stored values end to end: the
+package's projections as it stores them, the table as it stores it (int8 rows, 3-bit rows), and a KL loss
+against the fp32 model's own next-token distribution on text the fp32 model generates itself from
+calibration-text prompts (nothing downloaded, the evaluation text never seen).
+
+Written here because no library does it for this format: coremltools' training-time palettization
+(DKMPalettizer) learns per-tensor LUTs, not int8 levels behind a per-block scale and offset, and
+onnxruntime/optimum have no quantization-aware tuning. The rounding is straight-through (LSQ-style):
+values are kept in level units, so one learning rate fits any weight scale.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+# Sampling setup: fixed, so two builds tune the same way (seeded, CPU).
+TRAIN_SEQUENCES, HELDOUT_SEQUENCES, SEQUENCE_TOKENS, BATCH = 32, 4, 256, 2
+LR_LEVELS = 0.06  # Adam step in level units (3-bit levels are int8 values ~36 apart; int8 rows: units of 1)
+LR_LOG_SCALE = 6e-4
+CHECK_EVERY = 20  # steps between held-out checks
+
+
+@dataclass
+class SplitTable:
+    """The split table as the package stores it: ids < len(frequent) int8 per block of 32, the rest 3-bit
+    indices into `levels` with an fp16 scale and offset per block of `block`: w = scale * (levels[i] - offset)."""
+
+    frequent: np.ndarray  # int8 [F, cols]
+    frequent_scale: np.ndarray  # fp16 [F, cols / 32]
+    index: np.ndarray  # uint8 0..7 [rows - F, cols]
+    scale: np.ndarray  # fp16 [rows - F, cols / block]
+    offset: np.ndarray  # fp16 [rows - F, cols / block]
+    levels: np.ndarray  # int8 [8]
+    block: int
+
+    def dense(self) -> np.ndarray:
+        frequent = self.frequent.astype(np.float32) * self.frequent_scale.astype(np.float32).repeat(32, axis=1)
+        rare = self.scale.astype(np.float32).repeat(self.block, axis=1) * (
+            self.levels.astype(np.float32)[self.index] - self.offset.astype(np.float32).repeat(self.block, axis=1))
+        return np.concatenate([frequent, rare])
+
+
+def fit_split_table(table: np.ndarray, split_rows: int, block: int, column_weights: np.ndarray | None) -> SplitTable:
+    """Least-squares fit, block by block (the starting point of tuning, and the result without it)."""
+    from edgepack.targets.coreml_support.convert import SPLIT_LEVELS, int8_blocks, lut3_blocks
+
+    frequent, frequent_scale = int8_blocks(table[:split_rows])
+    index, scale, offset = lut3_blocks(table[split_rows:], block, SPLIT_LEVELS, column_weights)
+    return SplitTable(frequent, frequent_scale, index, scale, offset, SPLIT_LEVELS, block)
+
+
+def _generate(model, tokenizer, count: int, tokens: int, seed: int):
+    """`count` sampled continuations (temperature 1) of 4-token prompts taken from the calibration text."""
+    import torch
+
+    from edgepack.quantize.calibration import read_text
+
+    text, _origin = read_text(None, "calib_en.txt")
+    ids = tokenizer(text)["input_ids"]
+    prompts = [ids[(4 * i) % max(len(ids) - 4, 1):][:4] for i in range(count)]
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        out = []
+        with torch.no_grad():
+            for i in range(0, count, 16):
+                batch = torch.tensor(prompts[i:i + 16])
+                out.append(model.generate(batch, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                                          max_new_tokens=tokens - 4, min_new_tokens=tokens - 4,
+                                          pad_token_id=tokenizer.pad_token_id or 0))
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return torch.cat(out)
+
+
+def tune_split_table(hf_model, tokenizer, fit: SplitTable, *, steps: int, projection_block: int, integer_offsets: bool,
+                     sequence_tokens: int = SEQUENCE_TOKENS, seed: int = 0, on_status=None) -> tuple[SplitTable, dict]:
+    """Tune `fit` for `steps` Adam steps of KL(fp32 || package) on self-generated text; returns the tuned
+    table and a report (held-out KL before and after, on generated sequences not trained on)."""
+    import torch
+
+    from edgepack.targets.coreml_support.convert import stored_projection
+
+    status = on_status or (lambda message: None)
+    started = time.perf_counter()
+    reference = hf_model.eval()
+    status(f"table tuning: generating {TRAIN_SEQUENCES + HELDOUT_SEQUENCES} sequences of {sequence_tokens} tokens from the fp32 model")
+    text = _generate(reference, tokenizer, TRAIN_SEQUENCES + HELDOUT_SEQUENCES, sequence_tokens, seed)
+    train, heldout = text[:TRAIN_SEQUENCES], text[TRAIN_SEQUENCES:]
+    batches = [train[i:i + BATCH] for i in range(0, len(train), BATCH)]
+    with torch.no_grad():
+        targets = [torch.log_softmax(reference(b).logits.float(), -1).half() for b in batches]  # fp16: 1/2 the memory
+        heldout_target = torch.log_softmax(reference(heldout).logits.float(), -1)
+
+    # The model as the package computes it: projections as stored; the table is set per step below.
+    student = copy.deepcopy(reference)
+    for module in student.model.layers.modules():
+        if isinstance(module, torch.nn.Linear) and module.weight.shape[1] % projection_block == 0:
+            as_stored = stored_projection(module.weight.detach().numpy(), projection_block, residue=integer_offsets)
+            module.weight.data = torch.from_numpy(as_stored).to(module.weight.dtype)
+    for p in student.parameters():
+        p.requires_grad_(False)
+
+    levels = torch.from_numpy(fit.levels.astype(np.float32))
+    rows, cols = fit.index.shape
+    blocks = cols // fit.block
+    scale0 = torch.from_numpy(fit.scale.astype(np.float32))[..., None]
+    offset0 = torch.from_numpy(fit.offset.astype(np.float32))[..., None]
+    rare_ref = torch.from_numpy(hf_model.get_input_embeddings().weight.detach().float().numpy()[-rows:].reshape(rows, blocks, fit.block))
+    # level coordinates u with w = scale * (u - offset); start from the weights' own coordinates, not the rounded ones
+    u_rare = torch.nn.Parameter(rare_ref / scale0 + offset0)
+    log_scale = torch.nn.Parameter(scale0.abs().clamp_min(1e-12).log())
+    sign = torch.sign(scale0)
+    offset = torch.nn.Parameter(offset0.clone())
+    frequent_scale = torch.from_numpy(fit.frequent_scale.astype(np.float32)).repeat_interleave(32, dim=1)
+    frequent_ref = hf_model.get_input_embeddings().weight.detach().float()[: fit.frequent.shape[0]]
+    u_frequent = torch.nn.Parameter(frequent_ref / frequent_scale)
+
+    def nearest_level(u):
+        return levels[(u.detach()[..., None] - levels).abs().argmin(-1)]
+
+    def table():
+        rare = sign * log_scale.exp() * (u_rare + (nearest_level(u_rare) - u_rare).detach() - offset)
+        q8 = u_frequent + (u_frequent.detach().round().clamp(-127, 127) - u_frequent).detach()
+        return torch.cat([frequent_scale * q8, rare.reshape(rows, cols)])
+
+    def kl(target_lp, batch, weights):
+        embeddings = torch.nn.functional.embedding(batch, weights)
+        hidden = student.model(inputs_embeds=embeddings).last_hidden_state
+        lp = torch.log_softmax(hidden @ weights.T, -1)
+        return (target_lp.exp() * (target_lp - lp)).sum(-1).mean()
+
+    def stored() -> SplitTable:
+        """The table as the package stores it: fp16 scale and offset, each weight at its nearest level under them."""
+        with torch.no_grad():
+            scale = sign * log_scale.exp()
+            weight = scale * (u_rare - offset)
+            scale16, offset16 = scale.half(), offset.half()
+            u16 = weight / scale16.float() + offset16.float()
+            index = (u16[..., None] - levels).abs().argmin(-1).reshape(rows, cols).numpy().astype(np.uint8)
+            frequent = u_frequent.round().clamp(-127, 127).numpy().astype(np.int8)
+        return SplitTable(frequent, fit.frequent_scale, index, scale16[..., 0].numpy(), offset16[..., 0].numpy(), fit.levels, fit.block)
+
+    def heldout_kl(candidate: SplitTable) -> float:
+        with torch.no_grad():
+            return float(kl(heldout_target, heldout, torch.from_numpy(candidate.dense())))
+
+    before = heldout_kl(fit)
+    best, best_kl, best_step = fit, before, 0
+    optimizer = torch.optim.Adam([
+        {"params": [u_rare, offset, u_frequent], "lr": LR_LEVELS},
+        {"params": [log_scale], "lr": LR_LOG_SCALE},
+    ])
+    losses = []
+    for step in range(1, steps + 1):
+        k = (step - 1) % len(batches)
+        loss = kl(targets[k].float(), batches[k], table())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        if step % CHECK_EVERY == 0 or step == steps:
+            # keep the stored table that does best on the held-out sequences (the training KL is noisy)
+            candidate = stored()
+            candidate_kl = heldout_kl(candidate)
+            if candidate_kl < best_kl:
+                best, best_kl, best_step = candidate, candidate_kl, step
+            status(f"table tuning: step {step}/{steps}, training KL {np.mean(losses[-CHECK_EVERY:]):.4f}, held-out KL {candidate_kl:.4f} (start {before:.4f})")
+    report = {
+        "steps": steps, "train_sequences": TRAIN_SEQUENCES, "heldout_sequences": HELDOUT_SEQUENCES, "sequence_tokens": sequence_tokens,
+        "data": "sampled by the fp32 model (temperature 1) from 4-token calibration-text prompts; the evaluation text is not used",
+        "loss": "KL(fp32 || package) of the next-token distribution, projections and table as stored",
+        "heldout_kl_before": round(before, 5), "heldout_kl_after": round(best_kl, 5), "kept_step": best_step,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    return best, report
