@@ -10,7 +10,7 @@ Projection formats (all 210 projection matrices, blocks of 32 along the input ax
   exact  uint4 data, fp16 scale, fp16 offset: the GGUF's Q4_1 blocks, 5 bits/weight (what int4-block ships)
   res16  uint4 data, fp16 scale, uint4 offset (the rounded Q4_1 offset) and the rounding residue as int4
          sixteenths of the scale, applied through block sums of the activation: saves ~2.9 MB, needs
-         three more ops per projection (not implemented in the Core ML target)
+         three more ops per projection (the Core ML target's --integer-offsets)
 
 Table formats (the tied embedding / lm_head, 49152 x 576):
   int8row           int8 with one scale per row (what --embedding int8 ships)
