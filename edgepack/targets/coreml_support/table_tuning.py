@@ -8,8 +8,9 @@ package's projections as it stores them, the table as it stores it (int8 rows, 3
 against the fp32 model's own next-token distribution on text the fp32 model generates itself from
 calibration-text prompts (nothing downloaded, the evaluation text never seen).
 
-Written here because no library does it for this format: coremltools' training-time palettization
-(DKMPalettizer) learns per-tensor LUTs, not int8 levels behind a per-block scale and offset, and
+Written here because no library does it for this format: coremltools.optimize.torch's trainers
+(DKMPalettizer, LinearQuantizer) learn k-means LUTs or linear int4/int8 weights, not 3-bit indices into
+fixed int8 levels behind a per-block scale and offset of a tied table split in two, and
 onnxruntime/optimum have no quantization-aware tuning. The rounding is straight-through (LSQ-style):
 values are kept in level units, so one learning rate fits any weight scale.
 """
