@@ -485,7 +485,7 @@ Example:
 @click.option("--split-block", type=click.IntRange(min=8), default=48, show_default=True, help="--embedding split: entries per fp16 scale/offset of the 3-bit rows (must divide the hidden size).")
 @click.option("--tune-steps", type=int, default=0, show_default=True,
               help="--embedding split: distillation steps that tune the table's stored values against the fp32 model on text it generates "
-                   "itself (2 sequences of 256 tokens a step; SmolLM2: ~5 s a step on 2 cores, 200 steps: top-1 0.89 -> 0.94). 0: least-squares fit only.")
+                   "itself (2 sequences of 256 tokens a step; SmolLM2: ~5 s a step on 2 cores; see docs/coreml.md for what it gains). 0: least-squares fit only.")
 @click.option("--integer-offsets", is_flag=True, help="int4-block: uint4 offsets plus the rounding residue in int4 (three small ops per projection; ~3 MB less for SmolLM2).")
 @click.option("--max-context", type=int, default=None, help="Decoders: KV-cache length (default min(512, max positions)); encoders: sequence length (default 128).")
 @click.option("--device", default=None, metavar="D", help="Device profile ID (e.g. iphone-15-pro): refuse a model larger than its app memory limit.")
