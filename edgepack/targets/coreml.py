@@ -211,11 +211,11 @@ def build(directory, out, config: CoreMLConfig = CoreMLConfig(), on_status=None)
                                           config.split_rows, config.split_block)
     column_weights, split_table, tuning = None, None, None
     if config.compress == "int4-block" and config.embedding == "split" and kind == "decoder":
-        from edgepack.targets.coreml_support.table_tuning import SEQUENCE_TOKENS, fit_split_table, tune_split_table
+        from edgepack.targets.coreml_support.table_tuning import SEQUENCE_TOKENS, tune_split_table
 
         column_weights = _table_column_weights(hf_model, tokenizer)
         table = hf_model.get_input_embeddings().weight.detach().float().numpy()
-        split_table = fit_split_table(table, config.split_rows, config.split_block, column_weights)
+        split_table = cm_convert.fit_split_table(table, config.split_rows, config.split_block, column_weights)
         if config.tune_steps:
             t0 = time.perf_counter()
             split_table, tuning = tune_split_table(hf_model, tokenizer, split_table, steps=config.tune_steps, projection_block=config.block_size,

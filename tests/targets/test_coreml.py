@@ -186,7 +186,8 @@ def test_split_table_tuning_lowers_heldout_kl(tiny_model_factory):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from edgepack.targets.coreml_support.table_tuning import fit_split_table, tune_split_table
+    from edgepack.targets.coreml_support.convert import fit_split_table
+    from edgepack.targets.coreml_support.table_tuning import tune_split_table
 
     folder = tiny_model_factory("llama-tied")
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()

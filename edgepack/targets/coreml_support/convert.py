@@ -155,7 +155,7 @@ def compress(mlmodel, scheme: CompressionScheme, column_weights=None, split_tabl
     """Apply `scheme` to the weights feeding linear/matmul/gather; returns the new MLModel.
 
     `column_weights` (E[h_k^2] of the activations multiplying the tied table) weight the fit of the split
-    table's 3-bit rows; `split_table` (table_tuning.SplitTable) is that table already fitted or tuned."""
+    table's 3-bit rows; `split_table` (a SplitTable) is that table already fitted or tuned."""
     if scheme.name == "none":
         return mlmodel
     compat.apply()
@@ -263,13 +263,40 @@ def lut3_blocks(weight: np.ndarray, block: int, levels: np.ndarray, column_weigh
     return index.reshape(rows, cols).astype(np.uint8), s[..., 0].astype(np.float16), o[..., 0].astype(np.float16)
 
 
+@dataclass
+class SplitTable:
+    """The split table as the package stores it: ids < len(frequent) int8 per block of 32, the rest 3-bit
+    indices into `levels` with an fp16 scale and offset per block of `block`: w = scale * (levels[i] - offset)."""
+
+    frequent: np.ndarray  # int8 [F, cols]
+    frequent_scale: np.ndarray  # fp16 [F, cols / 32]
+    index: np.ndarray  # uint8 0..7 [rows - F, cols]
+    scale: np.ndarray  # fp16 [rows - F, cols / block]
+    offset: np.ndarray  # fp16 [rows - F, cols / block]
+    levels: np.ndarray  # int8 [8]
+    block: int
+
+    def dense(self) -> np.ndarray:
+        frequent = self.frequent.astype(np.float32) * self.frequent_scale.astype(np.float32).repeat(32, axis=1)
+        rare = self.scale.astype(np.float32).repeat(self.block, axis=1) * (
+            self.levels.astype(np.float32)[self.index] - self.offset.astype(np.float32).repeat(self.block, axis=1))
+        return np.concatenate([frequent, rare])
+
+
+def fit_split_table(table: np.ndarray, split_rows: int, block: int, column_weights: np.ndarray | None) -> SplitTable:
+    """Least-squares fit, block by block (what `--embedding split` stores, and where `--tune-steps` starts)."""
+    frequent, frequent_scale = int8_blocks(table[:split_rows])
+    index, scale, offset = lut3_blocks(table[split_rows:], block, SPLIT_LEVELS, column_weights)
+    return SplitTable(frequent, frequent_scale, index, scale, offset, SPLIT_LEVELS, block)
+
+
 def _make_pass_class():
     from coremltools.converters.mil.mil.passes.graph_pass import AbstractGraphPass
 
     class _Pass(AbstractGraphPass):
         def __init__(self, scheme: CompressionScheme, column_weights: np.ndarray | None = None, split_table=None):
             super().__init__()
-            self.split_table = split_table  # table_tuning.SplitTable fitted (or tuned) outside, else fitted here
+            self.split_table = split_table  # a SplitTable fitted (or tuned) outside, else fitted here
             self.scheme = scheme
             self.block, self.embedding = scheme.block_size, scheme.embedding
             self.replaced = 0
@@ -375,8 +402,6 @@ def _make_pass_class():
             """
             from coremltools.converters.mil import Builder as mb
             from coremltools.converters.mil.mil import types
-
-            from edgepack.targets.coreml_support.table_tuning import fit_split_table
 
             f, block = self.scheme.split_rows, self.scheme.split_block
             rows, cols = value.shape
