@@ -412,7 +412,8 @@ def _gate(verification: dict, kind: str, config: CoreMLConfig) -> dict:
         if max_kl is not None and figures["kl_mean"] > max_kl:
             failures.append(f"mean KL {figures['kl_mean']:.4g} > {max_kl}")
         gate = {"min_top1": min_top1, "max_kl": max_kl}
-        summary = {"top1_agreement": figures["top1_agreement"], "kl_mean": figures["kl_mean"], "max_abs_logit_diff": figures["max_abs_logit_diff"]}
+        summary = {"top1_agreement": figures["top1_agreement"], "top1_ci95": figures["top1_ci95"], "near_tie_positions": figures["near_tie_positions"],
+                   "kl_mean": figures["kl_mean"], "max_abs_logit_diff": figures["max_abs_logit_diff"]}
     else:
         min_cos = ENCODER_MIN_COSINE if config.compress == "none" else None
         if not figures["finite"]:
@@ -526,7 +527,9 @@ def _print_summary(artifact) -> None:
     parity = artifact.checks.get("parity")
     if parity:
         if "top1_agreement" in parity:
-            lines.append(f"  parity ({parity['verified_by']}, {parity['positions']} positions): top-1 {parity['top1_agreement']:.3f}, "
+            low, high = parity["top1_ci95"]
+            lines.append(f"  parity ({parity['verified_by']}, {parity['positions']} positions): top-1 {parity['top1_agreement']:.3f} "
+                         f"(95% CI {low:.3f}-{high:.3f}; {parity['near_tie_positions']} near ties in fp32), "
                          f"KL {parity['kl_mean']:.2e}, max |logit diff| {parity['max_abs_logit_diff']:.3g} -> {'PASS' if parity['passed'] else 'FAIL'}")
         else:
             lines.append(f"  parity ({parity['verified_by']}): min cosine {parity['cosine_min']:.5f}, max |diff| {parity['max_abs_diff']:.3g} -> {'PASS' if parity['passed'] else 'FAIL'}")

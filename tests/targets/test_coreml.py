@@ -93,8 +93,33 @@ def test_llama_mil_reference_parity(llama_target):
     assert parity["passed"] and parity["verified_by"] == ("coreml-runtime" if ON_MAC else "mil-reference")
     assert mil["verified_by"] == "mil-reference" and mil["positions"] == 64 and mil["decode_steps"] == 8
     assert mil["top1_agreement"] >= 0.99 and mil["kl_mean"] <= 1e-3 and mil["max_abs_logit_diff"] < 0.05
+    low, high = mil["top1_ci95"]
+    assert low <= mil["top1_agreement"] <= high and high - low < 0.1  # 64 positions: the interval is wide
+    assert 0 <= mil["near_tie_positions"] < mil["positions"] and parity["top1_ci95"] == mil["top1_ci95"]
     if not ON_MAC:
         assert "macOS" in artifact.facts["verification"]["coreml-runtime"]["skipped"]
+
+
+def test_decoder_figures_count_near_ties_and_bound_top1():
+    """Near ties (fp32 top-2 gap < 0.1 nats) are counted, and agreement on the other positions is reported apart."""
+    import numpy as np
+
+    from edgepack.targets.coreml_support.verify import NEAR_TIE_NATS, decoder_figures, wilson_interval
+
+    rng = np.random.default_rng(0)
+    reference = rng.normal(size=(10, 32)).astype(np.float32)
+    reference[:, 0] = reference.max(-1) + 2.0  # token 0 is fp32's clear top-1 ...
+    reference[:3, 1] = reference[:3, 0] - NEAR_TIE_NATS / 2  # ... except at 3 near ties with token 1
+    candidate = reference.copy()
+    candidate[:3, 1] += NEAR_TIE_NATS  # the candidate flips all three near ties
+    candidate[9, 5] = candidate[9, 0] + 1.0  # and one decisive position
+    figures = decoder_figures(reference, candidate)
+    assert figures["top1_agreement"] == 0.6 and figures["near_tie_positions"] == 3
+    assert abs(figures["top1_agreement_decisive"] - 6 / 7) < 1e-12
+    assert figures["top1_ci95"] == wilson_interval(6, 10)
+    low, high = wilson_interval(9, 10)  # textbook value: 0.596-0.982
+    assert abs(low - 0.5958) < 1e-3 and abs(high - 0.9821) < 1e-3
+    assert wilson_interval(0, 0) == [0.0, 1.0]
 
 
 def test_ane_report_flags_state_dimension_not_multiple_of_32(llama_target):
