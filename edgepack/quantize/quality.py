@@ -27,6 +27,35 @@ class QualityConfig:
     threads: int | None = None
 
 
+# A position whose fp32 top-1 and top-2 log-probabilities are closer than this is a near tie: any small
+# weight change flips it about half the time. On SmolLM2's evaluation text 6 of the first 64 positions are
+# near ties, so top-1 over a few hundred positions moves by points between models of the same quality
+# (issue #5); the interval and the near-tie count below say how much of a top-1 figure that is.
+NEAR_TIE_NATS = 0.1
+
+
+def wilson_interval(hits: int, n: int, z: float = 1.96) -> list[float]:
+    """95% Wilson score interval of a proportion (sound near 0 and 1, unlike the normal approximation)."""
+    if n == 0:
+        return [0.0, 1.0]
+    p = hits / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [float(max(0.0, centre - half)), float(min(1.0, centre + half))]
+
+
+def top1_figures(reference_log_probs: np.ndarray, agree: np.ndarray) -> dict:
+    """Top-1 agreement with its 95% interval, the reference's near ties, and agreement away from them."""
+    top2 = np.partition(reference_log_probs, -2, axis=-1)[:, -2:]  # the two largest, unordered beyond that
+    decisive = (top2.max(-1) - top2.min(-1)) >= NEAR_TIE_NATS
+    return {
+        "top1_agreement": float(agree.mean()),
+        "top1_ci95": wilson_interval(int(agree.sum()), int(agree.size)),
+        "near_tie_positions": int((~decisive).sum()),
+        "top1_agreement_decisive": float(agree[decisive].mean()) if decisive.any() else None,
+    }
+
+
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
     x = logits.astype(np.float64)
     x -= x.max(axis=-1, keepdims=True)
@@ -77,7 +106,7 @@ class QualityEvaluator:
         candidate = self._outputs(candidate_onnx)
         if self.task != TEXT_GENERATION:
             return self._encoder_figures(candidate)
-        kls, agree, nll_ref, nll_q = [], [], [], []
+        kls, agree, nll_ref, nll_q, ref_lps = [], [], [], [], []
         max_abs = max(float(np.max(np.abs(r.astype(np.float64) - c))) for r, c in zip(self.reference, candidate))
         for window, ref, cand in zip(self.windows, self.reference, candidate):
             lp_ref, lp_q = _log_softmax(ref[:-1]), _log_softmax(cand[:-1])
@@ -87,6 +116,7 @@ class QualityEvaluator:
             nll_q.append(-lp_q[rows, targets])
             kls.append(np.sum(np.exp(lp_ref) * (lp_ref - lp_q), axis=-1))
             agree.append(np.argmax(ref[:-1], axis=-1) == np.argmax(cand[:-1], axis=-1))
+            ref_lps.append(lp_ref)
         kl = np.maximum(np.concatenate(kls), 0.0)
         ppl_ref, ppl = float(np.exp(np.concatenate(nll_ref).mean())), float(np.exp(np.concatenate(nll_q).mean()))
         return {
@@ -99,7 +129,7 @@ class QualityEvaluator:
             "ppl_reference": ppl_ref,
             "ppl": ppl,
             "ppl_ratio": ppl / ppl_ref,
-            "top1_agreement": float(np.concatenate(agree).mean()),
+            **top1_figures(np.concatenate(ref_lps), np.concatenate(agree)),
             "kl_mean": float(kl.mean()),
             "kl_p99": float(np.percentile(kl, 99)),
             "kl_max": float(kl.max()),
@@ -125,6 +155,10 @@ class QualityEvaluator:
             "ppl": None,
             "ppl_ratio": None,
             "top1_agreement": None,
+            "top1_ci95": None,
+            "near_tie_positions": None,
+            "top1_agreement_decisive": None,
             "kl_mean": None,
             "kl_p99": None,
+            "kl_max": None,
         }

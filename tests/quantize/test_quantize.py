@@ -25,6 +25,10 @@ def check_report(report, scheme_name):
         assert isinstance(q[key], float) and math.isfinite(q[key]), key
     assert q["positions"] >= 128
     assert 0.0 <= q["top1_agreement"] <= 1.0
+    low, high = q["top1_ci95"]
+    assert 0.0 <= low <= q["top1_agreement"] <= high <= 1.0 and high - low < 0.2  # >= 128 positions
+    assert 0 <= q["near_tie_positions"] <= q["positions"]
+    assert q["top1_agreement_decisive"] is None or 0.0 <= q["top1_agreement_decisive"] <= 1.0
     assert q["kl_mean"] >= 0.0 and q["kl_p99"] >= q["kl_mean"] * 0.0
     assert report["size_bytes"] > 0 and report["reference_size_bytes"] > report["size_bytes"] * 0.5
     assert report["size_ratio"] == pytest.approx(report["size_bytes"] / report["reference_size_bytes"])

@@ -14,28 +14,13 @@ import time
 
 import numpy as np
 
+from edgepack.quantize.quality import top1_figures
+
 
 def _log_softmax(x):
     x = x.astype(np.float64)
     x = x - x.max(axis=-1, keepdims=True)
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
-
-
-# A position whose fp32 top-1 and top-2 log-probabilities are closer than this is a near tie: any small
-# weight change flips it about half the time. On SmolLM2's evaluation text 6 of the first 64 positions
-# (82 of 1024) are near ties, so top-1 over a few dozen positions swings by several points between
-# packages of the same quality (issue #5); the figures below say how much of a top-1 figure that is.
-NEAR_TIE_NATS = 0.1
-
-
-def wilson_interval(hits: int, n: int, z: float = 1.96) -> list[float]:
-    """95% Wilson score interval of a proportion (sound near 0 and 1, unlike the normal approximation)."""
-    if n == 0:
-        return [0.0, 1.0]
-    p = hits / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return [float(max(0.0, centre - half)), float(min(1.0, centre + half))]
 
 
 def decoder_figures(reference: np.ndarray, candidate: np.ndarray) -> dict:
@@ -44,16 +29,11 @@ def decoder_figures(reference: np.ndarray, candidate: np.ndarray) -> dict:
     lp_ref, lp = _log_softmax(reference), _log_softmax(np.nan_to_num(candidate, nan=0.0, posinf=6e4, neginf=-6e4))
     kl = np.maximum(np.sum(np.exp(lp_ref) * (lp_ref - lp), axis=-1), 0.0)
     agree = reference.argmax(-1) == candidate.argmax(-1)
-    top2 = np.partition(lp_ref, -2, axis=-1)[:, -2:]  # the two largest, unordered beyond that
-    decisive = (top2.max(-1) - top2.min(-1)) >= NEAR_TIE_NATS
     return {
         "positions": int(reference.shape[0]),
         "finite": finite,
         "max_abs_logit_diff": float(np.abs(reference - candidate).max()) if finite else float("inf"),
-        "top1_agreement": float(agree.mean()),
-        "top1_ci95": wilson_interval(int(agree.sum()), int(agree.size)),
-        "near_tie_positions": int((~decisive).sum()),
-        "top1_agreement_decisive": float(agree[decisive].mean()) if decisive.any() else None,
+        **top1_figures(lp_ref, agree),  # with its 95% interval and fp32's near ties (quantize/quality.py)
         "kl_mean": float(kl.mean()),
         "kl_p99": float(np.percentile(kl, 99)),
         "kl_max": float(kl.max()),
