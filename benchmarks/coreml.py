@@ -11,7 +11,7 @@ Not a test (the MIL reference interpreter takes minutes per variant on 2 cores).
 
 Top-1 over a few dozen positions is mostly decided by near ties (positions where fp32's top two tokens
 are within 0.1 nats: 6 of the first 64 of the bundled text): read it with its 95% interval, and prefer
-1024 positions (33 s in the MIL reference for SmolLM2).
+1024 positions (33-37 s in the MIL reference for SmolLM2 on 2 cores).
 
 Prints one row per variant (package size, top-1 agreement and KL against fp32 PyTorch over the
 positions verified by the MIL reference) and writes the rows to WORK/coreml-bench.json.
@@ -20,6 +20,7 @@ positions verified by the MIL reference) and writes the rows to WORK/coreml-benc
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -104,16 +105,25 @@ def main() -> int:
     return 0
 
 
-def more_positions(args, artifact, config, counts: str) -> dict:
-    """Top-1 of the built package over more positions of `config`'s evaluation text (decoders only)."""
+@functools.cache
+def _reference(export: Path):
+    """The fp32 PyTorch model, its tokenizer and source, loaded once for all re-verifications."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from edgepack.targets.coreml import _eval_tokens, _verify, read_source
+    from edgepack.targets.coreml import read_source
 
-    source = read_source(args.export)
+    source = read_source(export)
     model = AutoModelForCausalLM.from_pretrained(source.hf_dir, dtype=torch.float32).eval()
-    tokens = _eval_tokens(AutoTokenizer.from_pretrained(source.hf_dir), config, source)
+    return model, AutoTokenizer.from_pretrained(source.hf_dir), source
+
+
+def more_positions(args, artifact, config, counts: str) -> dict:
+    """Top-1 of the built package over more positions of `config`'s evaluation text (decoders only)."""
+    from edgepack.targets.coreml import _eval_tokens, _verify
+
+    model, tokenizer, source = _reference(args.export)
+    tokens = _eval_tokens(tokenizer, config, source)
     out = {}
     for n in map(int, counts.split(",")):
         mil = _verify(artifact.out / "model.mlpackage", model, tokens, "decoder", args.max_context, replace(config, eval_positions=n))["mil-reference"]

@@ -306,11 +306,11 @@ def _table_column_weights(hf_model, tokenizer):
     column of the tied table contributes to the logits, to weight the fit of its 3-bit rows."""
     import torch
 
-    from edgepack.quantize.calibration import read_text
+    from edgepack.quantize.calibration import DEFAULT_CALIBRATION_TEXT, read_text
 
     if tokenizer is None:
         return None
-    text, _origin = read_text(None, "calib_en.txt")
+    text, _origin = read_text(None, DEFAULT_CALIBRATION_TEXT)
     ids = tokenizer(text)["input_ids"][:512]
     with torch.no_grad():
         hidden = hf_model.model(torch.tensor([ids])).last_hidden_state[0].double()

@@ -36,9 +36,9 @@ def _generate(model, tokenizer, count: int, tokens: int, seed: int):
     """`count` sampled continuations (temperature 1) of 4-token prompts taken from the calibration text."""
     import torch
 
-    from edgepack.quantize.calibration import read_text
+    from edgepack.quantize.calibration import DEFAULT_CALIBRATION_TEXT, read_text
 
-    text, _origin = read_text(None, "calib_en.txt")
+    text, _origin = read_text(None, DEFAULT_CALIBRATION_TEXT)
     ids = tokenizer(text)["input_ids"]
     prompts = [ids[(4 * i) % max(len(ids) - 4, 1):][:4] for i in range(count)]
     generator_state = torch.random.get_rng_state()
