@@ -51,7 +51,9 @@ class CoreMLConfig:
     embedding: str = "same"  # int4-block: "same" (uint4 affine per block), "row" (uint4 per row), "int8" (per channel) or "split"
     integer_offsets: bool = False  # int4-block: uint4 offsets + int4 rounding residue (saves ~3 MB on SmolLM2)
     split_rows: int = 6000  # embedding "split": ids below this in int8
-    split_block: int = 48  # embedding "split": block of the 3-bit rows' scale and offset
+    split_block: int = 48  # embedding "split": block of the rare rows' scale and offset
+    split_bits: int = 3  # embedding "split": bits of the rare rows (3 or 4)
+    block_scales: str = "fp16"  # int4-block: "fp16" per block, or "uint8" codes applied to block sums (4.5 bits a weight)
     tune_steps: int = 0  # embedding "split": distillation steps for the table's stored values (table_tuning.py)
     max_context: int | None = None  # decoders: KV-cache length; encoders: sequence length
     device: str | None = None
@@ -135,6 +137,16 @@ def _validate(config: CoreMLConfig) -> None:
         raise UsageError(f"--tune-steps must be 0 or more, not {config.tune_steps}")
     if config.tune_steps and not (config.compress == "int4-block" and config.embedding == "split"):
         raise UsageError("--tune-steps tunes the split table: it needs --compress int4-block --embedding split")
+    from edgepack.targets.coreml_support.convert import SPLIT_BITS  # numpy only: cheap
+
+    if config.split_bits not in SPLIT_BITS:
+        raise UsageError(f"--split-bits must be one of {', '.join(map(str, SPLIT_BITS))}, not {config.split_bits}")
+    if config.block_scales not in ("fp16", "uint8"):
+        raise UsageError(f"--block-scales must be fp16 or uint8, not {config.block_scales!r}")
+    if config.block_scales == "uint8" and config.compress != "int4-block":
+        raise UsageError("--block-scales uint8 codes the scales of int4 blocks: it needs --compress int4-block")
+    if config.block_scales == "uint8" and config.integer_offsets:
+        raise UsageError("--block-scales uint8 stores each block's offset in 8 bits itself: drop --integer-offsets")
     if config.max_context is not None and not 8 <= config.max_context <= 32768:
         raise UsageError(f"--max-context must be between 8 and 32768, not {config.max_context}")
 
@@ -208,18 +220,19 @@ def build(directory, out, config: CoreMLConfig = CoreMLConfig(), on_status=None)
 
     applied_fixes = compat.apply()
     scheme = cm_convert.CompressionScheme(config.compress, config.block_size, config.embedding, config.integer_offsets,
-                                          config.split_rows, config.split_block)
+                                          config.split_rows, config.split_block, config.split_bits, config.block_scales)
     column_weights, split_table, tuning = None, None, None
     if config.compress == "int4-block" and config.embedding == "split" and kind == "decoder":
         from edgepack.targets.coreml_support.table_tuning import SEQUENCE_TOKENS, tune_split_table
 
         column_weights = _table_column_weights(hf_model, tokenizer)
         table = hf_model.get_input_embeddings().weight.detach().float().numpy()
-        split_table = cm_convert.fit_split_table(table, config.split_rows, config.split_block, column_weights)
+        split_table = cm_convert.fit_split_table(table, config.split_rows, config.split_block, column_weights, config.split_bits)
         if config.tune_steps:
             t0 = time.perf_counter()
             split_table, tuning = tune_split_table(hf_model, tokenizer, split_table, steps=config.tune_steps, projection_block=config.block_size,
-                                                   integer_offsets=config.integer_offsets, sequence_tokens=min(SEQUENCE_TOKENS, context),
+                                                   integer_offsets=config.integer_offsets, block_scales=config.block_scales,
+                                                   sequence_tokens=min(SEQUENCE_TOKENS, context),
                                                    on_status=status)
             timings["table_tuning"] = time.perf_counter() - t0
     with staging_dir(out) as tmp:
@@ -481,13 +494,18 @@ Example:
 @click.option("--block-size", type=int, default=32, show_default=True, help="int4-block block size (16, 32, 64, 128).")
 @click.option("--embedding", type=click.Choice(["same", "row", "int8", "split"]), default="same", show_default=True,
               help="int4-block: embedding/lm_head table as uint4 per block like the projections, uint4 with one scale/offset per row (smaller), "
-                   "int8 per channel, or split: ids below --split-rows int8, the rest 3-bit with a scale and offset per --split-block entries.")
+                   "int8 per channel, or split: ids below --split-rows int8, the rest --split-bits bits with a scale and offset per --split-block entries.")
 @click.option("--split-rows", type=click.IntRange(min=1), default=6000, show_default=True, help="--embedding split: token ids below this stay int8 (BPE ids come in merge order: the low ones are the frequent tokens).")
-@click.option("--split-block", type=click.IntRange(min=8), default=48, show_default=True, help="--embedding split: entries per fp16 scale/offset of the 3-bit rows (must divide the hidden size).")
+@click.option("--split-block", type=click.IntRange(min=8), default=48, show_default=True, help="--embedding split: entries per fp16 scale/offset of the rare rows (must divide the hidden size).")
+@click.option("--split-bits", type=click.Choice(["3", "4"]), default="3", show_default=True,
+              help="--embedding split: bits of the rare rows' indices into normal-quantile levels (4: +0.5 bit an entry, ~3 MB more for SmolLM2).")
 @click.option("--tune-steps", type=int, default=0, show_default=True,
               help="--embedding split: distillation steps that tune the table's stored values against the fp32 model on text it generates "
                    "itself (2 sequences of 256 tokens a step; SmolLM2: ~5 s a step on 2 cores; see docs/coreml.md for what it gains). 0: least-squares fit only.")
 @click.option("--integer-offsets", is_flag=True, help="int4-block: uint4 offsets plus the rounding residue in int4 (three small ops per projection; ~3 MB less for SmolLM2).")
+@click.option("--block-scales", type=click.Choice(["fp16", "uint8"]), default="fp16", show_default=True,
+              help="int4-block: fp16 scale per block in the weight op, or uint8 codes into a per-weight log-spaced table, applied to "
+                   "per-block partial sums with the offsets in uint8 (4.5 bits a weight; ~6.6 MB less than fp16 for SmolLM2; see docs/coreml.md).")
 @click.option("--max-context", type=int, default=None, help="Decoders: KV-cache length (default min(512, max positions)); encoders: sequence length (default 128).")
 @click.option("--device", default=None, metavar="D", help="Device profile ID (e.g. iphone-15-pro): refuse a model larger than its app memory limit.")
 @click.option("--eval-text", type=click.Path(path_type=Path), default=None, help="UTF-8 text for the fp16 safety pass and verification (default: bundled English text).")
@@ -497,11 +515,12 @@ Example:
 @click.option("--no-fp16-safety", is_flag=True, help="Do not rewrite overflowing ops (the report still lists them).")
 @click.option("--no-verify", is_flag=True, help="Skip the MIL reference / Core ML comparison with PyTorch.")
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder (only once the new one is complete).")
-def command(directory, out, compute_units, compress, block_size, embedding, split_rows, split_block, tune_steps, integer_offsets, max_context, device, eval_text, eval_positions,
-            min_top1, max_kl, no_fp16_safety, no_verify, force):
+def command(directory, out, compute_units, compress, block_size, embedding, split_rows, split_block, split_bits, tune_steps, integer_offsets,
+            block_scales, max_context, device, eval_text, eval_positions, min_top1, max_kl, no_fp16_safety, no_verify, force):
     config = CoreMLConfig(
         compute_units=compute_units, compress=compress, block_size=block_size, embedding=embedding, split_rows=split_rows,
-        split_block=split_block, tune_steps=tune_steps, integer_offsets=integer_offsets, max_context=max_context,
+        split_block=split_block, split_bits=int(split_bits), tune_steps=tune_steps, integer_offsets=integer_offsets,
+        block_scales=block_scales, max_context=max_context,
         device=device, eval_text=eval_text, eval_positions=eval_positions, min_top1=min_top1, max_kl=max_kl,
         fp16_safety=not no_fp16_safety, verify=not no_verify, force=force,
     )

@@ -239,6 +239,16 @@ def test_tune_steps_needs_the_split_table(exported_tiny_factory, tmp_path):
     assert result.exit_code == 2 and "--tune-steps" in result.stderr and len(result.stderr_lines) == 1
 
 
+def test_block_scales_option_errors(exported_tiny_factory, tmp_path):
+    export = str(exported_tiny_factory("llama-tied"))
+    for extra, expected in ((["--block-scales", "uint8"], "--compress int4-block"),
+                            (["--compress", "int4-block", "--block-scales", "uint8", "--integer-offsets"], "drop --integer-offsets"),
+                            (["--compress", "int4-block", "--embedding", "split", "--split-bits", "5"], "--split-bits")):
+        result = run_cli("target", "coreml", export, "-o", str(tmp_path / "x"), *extra)
+        assert result.exit_code == 2 and expected in result.stderr and len(result.stderr_lines) == 1, result.stderr
+        assert not (tmp_path / "x").exists()
+
+
 def test_split_table_fit_and_residue_reconstruct_weights():
     from edgepack.targets.coreml_support.convert import SPLIT_LEVELS, affine_blocks, integer_offsets, lut3_blocks
 
@@ -334,3 +344,73 @@ def test_coreml_runtime_predict_matches_mil_reference(llama_target):
     runtime = artifact.facts["verification"]["coreml-runtime"]
     assert runtime["verified_by"] == "coreml-runtime"
     assert runtime["top1_agreement"] >= 0.99 and runtime["kl_mean"] <= 1e-3
+
+
+def test_int4_block_uint8_block_scales_and_4bit_split_table(exported_tiny_factory, tmp_path):
+    """The <= 80 MB SmolLM2 layout with a margin: int4 codes with uint8 block scales and offsets applied to
+    per-block partial sums, and the split table's rare rows at 4 bits. The MIL reference must compute what
+    the stored weights say: its logits match PyTorch run with the projections and table as stored."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from edgepack.targets.coreml import CoreMLConfig, build
+    from edgepack.targets.coreml_support import verify
+    from edgepack.targets.coreml_support.convert import fit_split_table, stored_projection
+    from edgepack.targets.coreml_support.mil_reference import load_program
+
+    export = exported_tiny_factory("llama-tied")
+    config = CoreMLConfig(max_context=16, eval_positions=16, compress="int4-block", embedding="split", split_rows=100,
+                          split_block=16, split_bits=4, block_scales="uint8", tune_steps=2)
+    artifact = build(export, tmp_path / "scaled", config)
+    ops = artifact.facts["ane"]["op_counts"]
+    # 14 projections: int4 codes + uint8 offsets (shift_scale) and uint8 scale codes (LUT); plus the table: 2 + 1
+    assert ops["constexpr_blockwise_shift_scale"] == 14 * 2 + 2 and ops["constexpr_lut_to_dense"] == 14 + 1
+    compression = artifact.facts["compression"]
+    assert "uint8" in compression["block_scales"] and "uint8" in compression["offsets"] and "4-bit" in compression["embedding"]
+    assert compression["table_tuning"]["steps"] == 2  # tuning runs against the projections as this layout stores them
+    program = load_program(tmp_path / "scaled" / "model.mlpackage")
+    luts = [op for op in program.function.operations if op.op_type == "constexpr_lut_to_dense"]
+    assert sorted(op.indices.dtype.get_bitwidth() for op in luts) == [4] + [8] * 14
+    assert ops["matmul"] == 14 and ops["linear"] == 2  # every projection a matmul over blocks; the linears are the two table parts
+    weights = "model.mlpackage/Data/com.apple.CoreML/weights/weight.bin"
+    fp16_bytes = 2 * (2 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 128 * 64) + 512 * 64)
+    assert artifact.files[weights] < 0.4 * fp16_bytes
+
+    # The MIL reference against PyTorch run with the weights as stored: the same function up to fp16
+    # rounding, so the per-block partial sums, offsets and coded scales are wired as the formula says.
+    from edgepack.targets.coreml import read_source
+
+    model = AutoModelForCausalLM.from_pretrained(read_source(export).hf_dir, dtype=torch.float32).eval()
+    frequent = next(op for op in program.function.operations if op.name.endswith("_frequent") and op.op_type.startswith("constexpr"))
+    rare = next(op for op in program.function.operations if op.name.endswith("_rare") and op.op_type.startswith("constexpr"))
+    table = np.concatenate([frequent.materialized_val_inference(), rare.materialized_val_inference()]).astype(np.float32)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.copy_(torch.from_numpy(table))
+        for name, module in model.model.layers.named_modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.copy_(torch.from_numpy(stored_projection(module.weight.numpy(), 32, False, block_scales="uint8")))
+        tokens = list(range(5, 21))
+        expected = model(torch.tensor([tokens])).logits[0].numpy()
+    logits, _ = verify.run_decoder_mil(tmp_path / "scaled" / "model.mlpackage", tokens, decode_steps=4)
+    assert np.abs(logits - expected).max() < 0.02 * np.abs(expected).max(), np.abs(logits - expected).max()
+    assert (logits.argmax(-1) == expected.argmax(-1)).mean() == 1.0
+
+
+def test_uint8_block_scales_reconstruct_weights():
+    """scaled_blocks: scale codes within half a log step of the fp16 scale, offsets in sixteenths, and the
+    stored weights within a small fraction of a quantization step of the int4 blocks they code."""
+    from edgepack.targets.coreml_support.convert import affine_blocks, scaled_blocks, stored_projection
+
+    rng = np.random.default_rng(2)
+    weight = (rng.normal(0, 0.02, (48, 96)) * rng.uniform(0.2, 3.0, (48, 1))).astype(np.float32)  # rows of different scale
+    q, codes, table, zero16 = scaled_blocks(weight, 32)
+    assert codes.dtype == np.uint8 and zero16.dtype == np.uint8 and table.dtype == np.float16 and table.shape == (256,)
+    _, scale, _ = affine_blocks(weight, 32)
+    ratio = table.astype(np.float64)[codes] / scale.astype(np.float64)
+    step = np.log(table[-1] / table[0]) / 255
+    assert np.abs(np.log(ratio)).max() <= step / 2 + 1e-3  # nearest log-spaced code
+    exact = stored_projection(weight, 32, False)
+    coded = stored_projection(weight, 32, False, block_scales="uint8")
+    error = np.abs(coded - exact).reshape(48, 3, 32) / scale.astype(np.float32)[..., None]
+    assert error.max() < 15 * step + 1 / 32 + 1e-3  # scale rounding times |q - z| <= 15, plus the offset's sixteenth
+    assert np.sqrt(np.mean((coded - weight) ** 2)) < 1.05 * np.sqrt(np.mean((exact - weight) ** 2))  # ~ no worse than int4 itself

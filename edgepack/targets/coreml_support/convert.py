@@ -40,7 +40,9 @@ class CompressionScheme:
     embedding: str = "same"  # int4-block: "same" (uint4 affine per block), "row" (uint4 per row), "int8" (per channel) or "split"
     integer_offsets: bool = False  # int4-block: uint4 offsets + int4 rounding residue through block sums (see _residue_projection)
     split_rows: int = 6000  # embedding "split": ids below this in int8 (per block of 32) ...
-    split_block: int = 48  # ... the others 3-bit with an fp16 scale and offset per block of this many entries
+    split_block: int = 48  # ... the others 3-bit (or split_bits) with an fp16 scale and offset per block of this many entries
+    split_bits: int = 3  # embedding "split": bits of the rare rows' level indices (3: 8 levels, 4: 16 levels)
+    block_scales: str = "fp16"  # int4-block: "fp16" per block in the weight op, or "uint8" codes applied to block sums (see _scaled_sum_projection)
 
     def describe(self) -> dict:
         if self.name == "none":
@@ -49,15 +51,25 @@ class CompressionScheme:
             return {"name": "int8", "op": "constexpr_blockwise_shift_scale", "dtype": "int8", "mode": "linear_symmetric",
                     "granularity": "per_channel", "applies_to": list(WEIGHT_CONSUMERS), "tool": "coremltools.optimize.coreml.linear_quantize_weights"}
         if self.name == "int4-block":
-            return {"name": "int4-block", "op": "constexpr_blockwise_shift_scale", "dtype": "uint4", "block_size": self.block_size,
-                    "scale": "fp16 per block", "offset": "fp16 per block (w = scale * (q - offset))",
-                    "fit": "per block min/max affine: reproduces GGUF Q4_1 blocks exactly when the source was Q4_1",
+            coded = self.block_scales == "uint8"
+            return {"name": "int4-block", "op": "constexpr_blockwise_shift_scale", "dtype": "int4 (q - 8)" if coded else "uint4", "block_size": self.block_size,
+                    "scale": "uint8 code per block (see block_scales)" if coded else "fp16 per block",
+                    "offset": ("uint8 per block, in sixteenths of the coded scale (w = scale * (q - offset))" if coded
+                               else "fp16 per block (w = scale * (q - offset))"),
+                    "fit": ("per block min/max affine: the int4 codes are GGUF Q4_1's when the source was Q4_1; each scale is coded "
+                            "within half a step of a log-spaced table (SmolLM2: 0.3-0.8%) and the offset refitted to it" if coded else
+                            "per block min/max affine: reproduces GGUF Q4_1 blocks exactly when the source was Q4_1"),
                     "embedding": {"same": "uint4 affine per block", "row": "uint4 affine per row (one scale and offset per token)", "int8": "int8 per channel",
-                                  "split": f"ids < {self.split_rows}: int8 per block of 32; the rest: 3-bit indices into 8 int8 levels "
+                                  "split": f"ids < {self.split_rows}: int8 per block of 32; the rest: {self.split_bits}-bit indices into {2 ** self.split_bits} int8 levels "
                                            f"(normal quantiles; constexpr_lut_to_dense feeding constexpr_blockwise_shift_scale) with an fp16 "
                                            f"scale and offset per block of {self.split_block}, fitted by least squares weighted by E[h^2]"}[self.embedding],
-                    "offsets": ("uint4 (the rounded fp16 offset) plus the rounding residue in int4 sixteenths of the block's scale, "
+                    "offsets": ("uint8 sixteenths of the block's coded scale, applied to the block sums of the activation"
+                                if coded else
+                                "uint4 (the rounded fp16 offset) plus the rounding residue in int4 sixteenths of the block's scale, "
                                 "applied as block sums of the activation times the residues" if self.integer_offsets else "fp16"),
+                    "block_scales": ("uint8 codes into a 256-entry log-spaced fp16 table per weight (constexpr_lut_to_dense), "
+                                     "multiplying each block's partial sum (the int4 codes feed a matmul per block)"
+                                     if coded else "fp16 per block, inside constexpr_blockwise_shift_scale"),
                     "applies_to": list(WEIGHT_CONSUMERS), "tool": "edgepack graph pass (coremltools MIL builder)"}
         return {"name": "palettize4", "op": "constexpr_lut_to_dense", "nbits": 4, "mode": "uniform", "granularity": "per_grouped_channel",
                 "group_size": 16, "applies_to": list(WEIGHT_CONSUMERS), "tool": "coremltools.optimize.coreml.palettize_weights"}
@@ -203,11 +215,17 @@ def integer_offsets(offset: np.ndarray):
     return np.clip(zero, 0, 15), np.clip(k, -8, 7)
 
 
-def stored_projection(weight: np.ndarray, block: int, residue: bool) -> np.ndarray:
+def stored_projection(weight: np.ndarray, block: int, residue: bool, block_scales: str = "fp16") -> np.ndarray:
     """The weights an int4-block projection computes with, as the package stores them (fp32 copy):
-    w = s * (q - z) with fp16 offsets, or s * (q - round(z)) - s * k / 16 with integer offsets."""
-    q, scale, offset = affine_blocks(weight, block)
+    w = s * (q - z) with fp16 offsets, s * (q - round(z)) - s * k / 16 with integer offsets, or
+    s' * (q - z' / 16) with uint8 block scales (s' the coded scale, z' the uint8 offset; see scaled_blocks)."""
     rows, cols = weight.shape
+    if block_scales == "uint8":
+        q, codes, table, zero16 = scaled_blocks(weight, block)
+        s = table.astype(np.float32)[codes][..., None]
+        z = (zero16.astype(np.float32) - 8) / 16
+        return (s * (q.reshape(rows, cols // block, block).astype(np.float32) - z[..., None])).reshape(rows, cols)
+    q, scale, offset = affine_blocks(weight, block)
     q = q.reshape(rows, cols // block, block).astype(np.float32)
     s = scale.astype(np.float32)[..., None]
     if not residue:
@@ -216,10 +234,48 @@ def stored_projection(weight: np.ndarray, block: int, residue: bool) -> np.ndarr
     return (s * (q - zero[..., None]) - s * (k / 16)[..., None]).reshape(rows, cols)
 
 
-# 3-bit levels of the split table's rare rows: the 8 quantiles of a normal distribution at the centres of
+def scaled_blocks(weight: np.ndarray, block: int):
+    """Per-block affine uint4 (as affine_blocks) with the fp16 block scales coded in 8 bits.
+
+    Returns (q uint8 [rows, cols], codes uint8 [rows, blocks], table fp16 [256], zero16 uint8 [rows, blocks]):
+    w ~= table[codes] * (q - (zero16 - 8) / 16). The table is log-spaced between the tensor's smallest and
+    largest block scale, so every scale keeps the same relative precision (step ln(max/min)/255; SmolLM2's
+    projections: 0.5-1.6%, so each coded scale is within 0.8% of the fp16 one). The offset is refitted to the coded scale (least squares over the block, which
+    takes up the mean of the scale's rounding error) and stored in sixteenths of it: 8 bits where
+    --integer-offsets spends 4 + 4.
+    """
+    rows, cols = weight.shape
+    w = weight.astype(np.float64).reshape(rows, cols // block, block)
+    lo, hi = w.min(-1), w.max(-1)
+    q, scale, _ = affine_blocks(weight, block)
+    q = q.reshape(rows, cols // block, block)
+    live = hi > lo  # constant blocks (q all 0) take any scale: leave them out of the table's range
+    s = scale.astype(np.float64)
+    low, high = (s[live].min(), s[live].max()) if live.any() else (1.0, 1.0)
+    table = np.exp(np.linspace(np.log(low), np.log(max(high, low)), 256)).astype(np.float16)
+    t = table.astype(np.float64)
+    codes = np.clip(np.searchsorted((t[1:] + t[:-1]) / 2, s), 0, 255).astype(np.uint8)
+    coded = t[codes]
+    # w = coded * (q - z): least-squares z over the block, in sixteenths (centred on 8 for the int4 codes q - 8)
+    z = (q * coded[..., None] - w).mean(-1) / coded
+    zero16 = np.clip(np.rint(z * 16) + 8, 0, 255).astype(np.uint8)
+    return q.reshape(rows, cols), codes, table, zero16
+
+
+# Levels of the split table's rare rows: the 2**bits quantiles of a normal distribution at the centres of
 # equal-probability bins (weights are bell-shaped), as int8 (constexpr_lut_to_dense takes int8 tables).
-_NORMAL_LEVELS = np.array([-1.534, -0.887, -0.489, -0.157, 0.157, 0.489, 0.887, 1.534])
-SPLIT_LEVELS = np.rint(_NORMAL_LEVELS / 1.534 * 127).astype(np.int8)
+_NORMAL_LEVELS = {3: np.array([-1.534, -0.887, -0.489, -0.157, 0.157, 0.489, 0.887, 1.534]),
+                  4: np.array([-1.863, -1.318, -1.01, -0.776, -0.579, -0.402, -0.237, -0.078,
+                               0.078, 0.237, 0.402, 0.579, 0.776, 1.01, 1.318, 1.863])}
+SPLIT_BITS = tuple(_NORMAL_LEVELS)
+
+
+def split_levels(bits: int) -> np.ndarray:
+    levels = _NORMAL_LEVELS[bits]
+    return np.rint(levels / levels[-1] * 127).astype(np.int8)
+
+
+SPLIT_LEVELS = split_levels(3)
 
 
 def int8_blocks(weight: np.ndarray, block: int = 32):
@@ -233,7 +289,7 @@ def int8_blocks(weight: np.ndarray, block: int = 32):
 
 
 def lut3_blocks(weight: np.ndarray, block: int, levels: np.ndarray, column_weights: np.ndarray | None, iters: int = 3):
-    """3-bit indices into `levels` with a per-block scale and offset, w ~= scale * (levels[i] - offset).
+    """Indices into `levels` (8 for 3 bits, 16 for 4) with a per-block scale and offset, w ~= scale * (levels[i] - offset).
 
     Scale and offset are refitted by least squares (weighted per column by E[h_k^2] of the activations that
     multiply the table, when given) around nearest-level assignments, a few rounds from the min/max fit.
@@ -265,15 +321,15 @@ def lut3_blocks(weight: np.ndarray, block: int, levels: np.ndarray, column_weigh
 
 @dataclass
 class SplitTable:
-    """The split table as the package stores it: ids < len(frequent) int8 per block of 32, the rest 3-bit
-    indices into `levels` with an fp16 scale and offset per block of `block`: w = scale * (levels[i] - offset)."""
+    """The split table as the package stores it: ids < len(frequent) int8 per block of 32, the rest
+    indices into `levels` (3 or 4 bits) with an fp16 scale and offset per block of `block`: w = scale * (levels[i] - offset)."""
 
     frequent: np.ndarray  # int8 [F, cols]
     frequent_scale: np.ndarray  # fp16 [F, cols / 32]
-    index: np.ndarray  # uint8 0..7 [rows - F, cols]
+    index: np.ndarray  # uint8 0..len(levels)-1 [rows - F, cols]
     scale: np.ndarray  # fp16 [rows - F, cols / block]
     offset: np.ndarray  # fp16 [rows - F, cols / block]
-    levels: np.ndarray  # int8 [8]
+    levels: np.ndarray  # int8 [8] or [16]
     block: int
 
     def dense(self) -> np.ndarray:
@@ -283,11 +339,12 @@ class SplitTable:
         return np.concatenate([frequent, rare])
 
 
-def fit_split_table(table: np.ndarray, split_rows: int, block: int, column_weights: np.ndarray | None) -> SplitTable:
+def fit_split_table(table: np.ndarray, split_rows: int, block: int, column_weights: np.ndarray | None, bits: int = 3) -> SplitTable:
     """Least-squares fit, block by block (what `--embedding split` stores, and where `--tune-steps` starts)."""
+    levels = split_levels(bits)
     frequent, frequent_scale = int8_blocks(table[:split_rows])
-    index, scale, offset = lut3_blocks(table[split_rows:], block, SPLIT_LEVELS, column_weights)
-    return SplitTable(frequent, frequent_scale, index, scale, offset, SPLIT_LEVELS, block)
+    index, scale, offset = lut3_blocks(table[split_rows:], block, levels, column_weights)
+    return SplitTable(frequent, frequent_scale, index, scale, offset, levels, block)
 
 
 def _make_pass_class():
@@ -320,6 +377,9 @@ def _make_pass_class():
                     with function:
                         if is_embedding and self.embedding == "split":
                             done = self._split_table(function, op, var, value)
+                        elif not is_embedding and self.scheme.block_scales == "uint8" and value.shape[1] % self.block == 0 \
+                                and all(c.op_type == "linear" for c in children):
+                            done = self._scaled_sum_projection(function, op, var, value)
                         elif not is_embedding and self.scheme.integer_offsets and value.shape[1] % self.block == 0 \
                                 and all(c.op_type == "linear" for c in children):
                             done = self._residue_projection(function, op, var, value)
@@ -395,6 +455,69 @@ def _make_pass_class():
             function.remove_ops([op])
             return True
 
+        def _shared_const(self, value: np.ndarray, name: str, before_op):
+            """One const per value and function (shapes, per-tensor scales): the spec stores each const op."""
+            from coremltools.converters.mil import Builder as mb
+
+            key = (name, value.dtype.str, value.shape, value.tobytes())
+            if key not in self._indicators:
+                self._indicators[key] = mb.const(val=value, before_op=before_op, name=f"{name}_{len(self._indicators)}")
+            return self._indicators[key]
+
+        def _scaled_sum_projection(self, function, op, var, value) -> bool:
+            """int4 codes with the block scales in 8 bits: the scale multiplies each block's partial sum.
+
+            constexpr_blockwise_shift_scale takes fp16 scales per block (0.5 bit a weight at blocks of 32, 6.6 MB
+            for SmolLM2). Written out per block instead, x @ W.T = sum_b s_b * (x_b @ (q_b - 8) - (z_b - 8) * sum(x_b)):
+            one matmul batched over the blocks ([blocks, M, 32] @ [blocks, 32, N], int4 codes with a per-tensor
+            scale of 1), the block sums, then the offsets (uint8 sixteenths) and the scales (uint8 codes into a
+            per-tensor fp16 table, constexpr_lut_to_dense) as elementwise ops on [blocks, M, N] and a sum over
+            the blocks. Weights stay compressed and decoding reads 4.5 bits a weight (vs 5 for --integer-offsets);
+            the cost is a [blocks, M, N] intermediate (on-chip-sized when decoding one token; M tokens x that in prefill).
+            Codes are centred (q - 8, z - 8) so the fp16 partial sums do not cancel.
+            """
+            from coremltools.converters.mil import Builder as mb
+            from coremltools.converters.mil.mil import types
+
+            rows, cols = value.shape
+            blocks, dtype = cols // self.block, value.dtype
+            q, codes, table, zero16 = scaled_blocks(value, self.block)
+            data = (q.reshape(rows, blocks, self.block).astype(np.int8) - 8).transpose(1, 2, 0)  # [blocks, 32, N]
+            one = self._shared_const(np.ones((1, 1, 1), dtype), "unit_scale", op)
+            weight = mb.constexpr_blockwise_shift_scale(data=data.astype(types.np_int4_dtype), scale=one,
+                                                        before_op=op, name=op.name + "_int4")
+            scales = mb.constexpr_lut_to_dense(indices=codes.T.reshape(blocks, 1, rows), lut=table.astype(dtype).reshape(1, 1, 1, 256, 1),
+                                               before_op=op, name=op.name + "_scales")
+            sixteenth = self._shared_const(np.full((1, 1, 1), 1 / 16, dtype), "sixteenth", op)
+            centre = self._shared_const(np.full((1, 1, 1), 136, np.uint8), "offset_centre", op)
+            offsets = mb.constexpr_blockwise_shift_scale(data=zero16.T.reshape(blocks, 1, rows), scale=sixteenth, offset=centre,
+                                                         before_op=op, name=op.name + "_offsets")
+            split = self._shared_const(np.array([-1, blocks, self.block], np.int32), "block_shape", op)
+            perm = self._shared_const(np.array([1, 0, 2], np.int32), "block_perm", op)
+            last, first = self._shared_const(np.array([-1], np.int32), "axis_last", op), self._shared_const(np.array([0], np.int32), "axis_first", op)
+            for child in list(var.child_ops):
+                name, x = child.name, child.x
+                lead = list(x.shape[:-1])
+                symbolic = [i for i, d in enumerate(lead) if not isinstance(d, (int, np.integer))]
+                if len(symbolic) > 1:
+                    return False  # (not reached for the wrappers here: one flexible dimension at most)
+                out_shape = [-1 if i in symbolic else int(d) for i, d in enumerate(lead)] + [rows]
+                blocked = mb.transpose(x=mb.reshape(x=x, shape=split, before_op=child, name=name + "_b"), perm=perm,
+                                       before_op=child, name=name + "_bt")
+                partial = mb.matmul(x=blocked, y=weight, before_op=child, name=name + "_bp")
+                sums = mb.reduce_sum(x=blocked, axes=last, keep_dims=True, before_op=child, name=name + "_bs")
+                shifted = mb.sub(x=partial, y=mb.mul(x=sums, y=offsets, before_op=child, name=name + "_bo"),
+                                 before_op=child, name=name + "_bz")
+                total = mb.reduce_sum(x=mb.mul(x=shifted, y=scales, before_op=child, name=name + "_bd"), axes=first,
+                                      keep_dims=False, before_op=child, name=name + "_br")
+                out = mb.reshape(x=total, shape=np.array(out_shape, np.int32), before_op=child, name=name + "_by")
+                if child.bias is not None and child.bias.val is not None and np.any(child.bias.val):
+                    out = mb.add(x=out, y=child.bias, before_op=child, name=name + "_bb")
+                function.replace_uses_of_var_after_op(anchor_op=child, old_var=child.outputs[0], new_var=out)
+                function.remove_ops([child])
+            function.remove_ops([op])
+            return True
+
         def _split_table(self, function, op, var, value) -> bool:
             """Tied table in two parts: ids < F in int8 per block of 32, the rest 3-bit (see lut3_blocks).
 
@@ -410,7 +533,7 @@ def _make_pass_class():
             if any(c.op_type == "gather" and int(c.axis.val) not in (0, -2) for c in var.child_ops):
                 return False
             dtype = value.dtype
-            table = self.split_table if self.split_table is not None else fit_split_table(value, f, block, self.column_weights)
+            table = self.split_table if self.split_table is not None else fit_split_table(value, f, block, self.column_weights, self.scheme.split_bits)
             if table.frequent.shape[0] != f or table.frequent.shape[0] + table.index.shape[0] != rows or table.index.shape[1] != cols:
                 raise ValueError(f"the fitted split table does not match the program's table {value.shape} (split at {f})")
             if self.split_table is not None:  # fitted outside from the PyTorch weights: it must be this table
@@ -419,7 +542,9 @@ def _make_pass_class():
                     raise ValueError(f"the fitted split table is not the program's table (relative RMS error {error:.2f})")
             data8, scale8, index, scale3, offset3 = table.frequent, table.frequent_scale, table.index, table.scale, table.offset
             frequent = mb.constexpr_blockwise_shift_scale(data=data8, scale=scale8.astype(dtype), before_op=op, name=op.name + "_frequent")
-            levels = mb.constexpr_lut_to_dense(indices=index.astype(types.np_uint3_dtype), lut=SPLIT_LEVELS.reshape(1, 1, 8, 1),
+            count = len(table.levels)
+            index_type = {8: types.np_uint3_dtype, 16: types.np_uint4_dtype}[count]
+            levels = mb.constexpr_lut_to_dense(indices=index.astype(index_type), lut=table.levels.astype(np.int8).reshape(1, 1, count, 1),
                                                before_op=op, name=op.name + "_levels")
             rare = mb.constexpr_blockwise_shift_scale(data=levels, scale=scale3.astype(dtype), offset=offset3.astype(dtype),
                                                       before_op=op, name=op.name + "_rare")

@@ -38,6 +38,7 @@ class MILProgram:
     state_types: dict[str, tuple[tuple[int, ...], np.dtype]] = field(default_factory=dict)
     missing_kernels: set[str] = field(default_factory=set)
     constants: dict[int, tuple] = field(default_factory=dict)  # decompressed constexpr outputs, kept across calls
+    last_uses: dict[int, list[int]] | None = None  # op index -> values no later op reads (freed after it runs)
 
     def reset(self) -> None:
         self.states = {name: np.zeros(shape, dtype) for name, (shape, dtype) in self.state_types.items()}
@@ -152,6 +153,20 @@ def _reduce(fn):
     return kernel
 
 
+def _binary(fn):
+    """Elementwise float arithmetic in fp32, stored in the op's dtype by the caller: the same result as
+    numpy's fp16 ufuncs (which compute in fp32 too), without their slow fp16 loops (a 1024-token prefill
+    through per-block partial sums is mostly elementwise work). Integer inputs: the op's own value inference."""
+
+    def kernel(op, get):
+        x, y = get(op.x), get(op.y)
+        if np.asarray(x).dtype.kind != "f" or np.asarray(y).dtype.kind != "f":
+            return None
+        return fn(_f32(x), _f32(y))
+
+    return kernel
+
+
 def _layer_norm(op, get):
     x = _f32(get(op.x))
     axes = tuple(int(a) for a in np.atleast_1d(op.axes.val)) if op.axes is not None else (-1,)
@@ -212,6 +227,10 @@ def _update_state(op, get, program):
 # products/normalisations that numpy would run in slow fp16 loops (accumulate in fp32 instead).
 KERNELS = {
     "linear": _linear,
+    "add": _binary(np.add),
+    "sub": _binary(np.subtract),
+    "mul": _binary(np.multiply),
+    "real_div": _binary(np.divide),
     "matmul": _matmul,
     "scaled_dot_product_attention": _sdpa,
     "softmax": _softmax,
@@ -252,13 +271,17 @@ def run_function(program: MILProgram, feeds: dict[str, np.ndarray]) -> dict[str,
             raise KeyError(f"missing input {name}")
         env[id(var)] = np.asarray(feeds[name]).astype(_np_dtype(var))
 
-    for op in function.operations:
+    released = _last_uses(program)
+    for index, op in enumerate(function.operations):
         if op.op_type == "const":
             continue
+        outputs = None
         if op.op_type in STATE_KERNELS:
             outputs = STATE_KERNELS[op.op_type](op, get, program)
         elif op.op_type in KERNELS:
-            outputs = KERNELS[op.op_type](op, get)
+            outputs = KERNELS[op.op_type](op, get)  # None: no kernel for these inputs (integer arithmetic)
+        if outputs is not None:
+            pass
         elif op.op_type.startswith("constexpr_"):
             # Constant by definition: decompress once per program, not once per call.
             if id(op) not in program.constants:
@@ -276,7 +299,30 @@ def run_function(program: MILProgram, feeds: dict[str, np.ndarray]) -> dict[str,
                 with np.errstate(over="ignore", invalid="ignore"):
                     value = value.astype(dtype)
             env[id(var)] = value
+        for key in released.get(index, ()):
+            env.pop(key, None)
     return {var.name: get(var) for var in function.outputs}
+
+
+def _last_uses(program: MILProgram) -> dict[int, list[int]]:
+    """Which values each op reads for the last time. Freeing them keeps the interpreter's memory at the
+    live activations: a 1024-token prefill through per-block partial sums ([blocks, tokens, N] per
+    projection, --block-scales uint8) otherwise holds tens of GB. Programs with nested blocks free nothing."""
+    if program.last_uses is None:
+        operations = list(program.function.operations)
+        last: dict[int, int] = {}
+        if not any(op.blocks for op in operations):
+            for index, op in enumerate(operations):
+                for value in op.inputs.values():
+                    for var in value if isinstance(value, (list, tuple)) else (value,):
+                        if var is not None:
+                            last[id(var)] = index
+        keep = {id(var) for var in program.function.outputs}
+        program.last_uses = {}
+        for key, index in last.items():
+            if key not in keep:
+                program.last_uses.setdefault(index, []).append(key)
+    return program.last_uses
 
 
 def _value_inference(op, get, program):

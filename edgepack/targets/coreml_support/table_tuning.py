@@ -57,7 +57,7 @@ def _generate(model, tokenizer, count: int, tokens: int, seed: int):
 
 
 def tune_split_table(hf_model, tokenizer, fit: SplitTable, *, steps: int, projection_block: int, integer_offsets: bool,
-                     sequence_tokens: int = SEQUENCE_TOKENS, seed: int = 0, on_status=None) -> tuple[SplitTable, dict]:
+                     block_scales: str = "fp16", sequence_tokens: int = SEQUENCE_TOKENS, seed: int = 0, on_status=None) -> tuple[SplitTable, dict]:
     """Tune `fit` for `steps` Adam steps of KL(fp32 || package) on self-generated text; returns the tuned
     table and a report (held-out KL before and after, on generated sequences not trained on)."""
     import torch
@@ -79,7 +79,7 @@ def tune_split_table(hf_model, tokenizer, fit: SplitTable, *, steps: int, projec
     student = copy.deepcopy(reference)
     for module in student.model.layers.modules():
         if isinstance(module, torch.nn.Linear) and module.weight.shape[1] % projection_block == 0:
-            as_stored = stored_projection(module.weight.detach().numpy(), projection_block, residue=integer_offsets)
+            as_stored = stored_projection(module.weight.detach().numpy(), projection_block, residue=integer_offsets, block_scales=block_scales)
             module.weight.data = torch.from_numpy(as_stored).to(module.weight.dtype)
     for p in student.parameters():
         p.requires_grad_(False)
