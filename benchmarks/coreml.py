@@ -6,7 +6,7 @@ Not a test (the MIL reference interpreter takes minutes per variant on 2 cores).
     python benchmarks/coreml.py /tmp/cm/smol --work /tmp/cm/bench [--variants fp16,int4-block,...]
     python benchmarks/coreml.py /tmp/cm/smol --variants int4-split,int4-split-tuned --more-positions 128,256
     # issue #5's figures: 1024 positions of the bundled text, then the same counts of a second text
-    python benchmarks/coreml.py /tmp/cm/smol --variants int4-scaled-split4,int4-split,int4-split-tuned --max-context 1024 --positions 1024 \
+    python benchmarks/coreml.py /tmp/cm/smol --variants int4-scaled-split4u,int4-scaled-split4,int4-split --max-context 1024 --positions 1024 \
         --more-positions 64,128,256,512 --second-text benchmarks/data/eval_alt_en.txt
 
 Top-1 over a few dozen positions is mostly decided by near ties (positions where fp32's top two tokens
@@ -40,7 +40,8 @@ VARIANTS = {
     "int4-split-tuned": dict(compress="int4-block", embedding="split", integer_offsets=True, tune_steps=200),
     # the <= 80 MB point with a margin: uint8 block scales (applied to per-block partial sums) free the
     # ~3 MB that the split table's rare rows need at 4 bits
-    "int4-scaled-split4": dict(compress="int4-block", embedding="split", split_bits=4, block_scales="uint8"),
+    "int4-scaled-split4": dict(compress="int4-block", embedding="split", split_bits=4, block_scales="uint8"),  # iOS 26 (LUT chain)
+    "int4-scaled-split4u": dict(compress="int4-block", embedding="split", split_bits=4, split_levels="uniform", block_scales="uint8"),  # iOS 18
     "palettize4": dict(compress="palettize4"),
 }
 

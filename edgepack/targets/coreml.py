@@ -53,6 +53,7 @@ class CoreMLConfig:
     split_rows: int = 6000  # embedding "split": ids below this in int8
     split_block: int = 48  # embedding "split": block of the rare rows' scale and offset
     split_bits: int = 3  # embedding "split": bits of the rare rows (3 or 4)
+    split_levels: str = "normal"  # embedding "split": rare rows' levels, "normal" quantiles (LUT, iOS 26) or "uniform" (4 bits, iOS 18)
     block_scales: str = "fp16"  # int4-block: "fp16" per block, or "uint8" codes applied to block sums (4.5 bits a weight)
     tune_steps: int = 0  # embedding "split": distillation steps for the table's stored values (table_tuning.py)
     max_context: int | None = None  # decoders: KV-cache length; encoders: sequence length
@@ -141,6 +142,10 @@ def _validate(config: CoreMLConfig) -> None:
 
     if config.split_bits not in SPLIT_BITS:
         raise UsageError(f"--split-bits must be one of {', '.join(map(str, SPLIT_BITS))}, not {config.split_bits}")
+    if config.split_levels not in ("normal", "uniform"):
+        raise UsageError(f"--split-levels must be normal or uniform, not {config.split_levels!r}")
+    if config.split_levels == "uniform" and config.split_bits != 4:
+        raise UsageError("--split-levels uniform stores the rare rows as uint4 codes: it needs --split-bits 4")
     if config.block_scales not in ("fp16", "uint8"):
         raise UsageError(f"--block-scales must be fp16 or uint8, not {config.block_scales!r}")
     if config.block_scales == "uint8" and config.compress != "int4-block":
@@ -219,15 +224,16 @@ def build(directory, out, config: CoreMLConfig = CoreMLConfig(), on_status=None)
     from edgepack.targets.coreml_support import convert as cm_convert
 
     applied_fixes = compat.apply()
-    scheme = cm_convert.CompressionScheme(config.compress, config.block_size, config.embedding, config.integer_offsets,
-                                          config.split_rows, config.split_block, config.split_bits, config.block_scales)
+    scheme = cm_convert.CompressionScheme(
+        config.compress, config.block_size, config.embedding, integer_offsets=config.integer_offsets, split_rows=config.split_rows,
+        split_block=config.split_block, split_bits=config.split_bits, split_levels=config.split_levels, block_scales=config.block_scales)
     column_weights, split_table, tuning = None, None, None
     if config.compress == "int4-block" and config.embedding == "split" and kind == "decoder":
         from edgepack.targets.coreml_support.table_tuning import SEQUENCE_TOKENS, tune_split_table
 
         column_weights = _table_column_weights(hf_model, tokenizer)
         table = hf_model.get_input_embeddings().weight.detach().float().numpy()
-        split_table = cm_convert.fit_split_table(table, config.split_rows, config.split_block, column_weights, config.split_bits)
+        split_table = cm_convert.fit_split_table(table, config.split_rows, config.split_block, column_weights, config.split_bits, config.split_levels)
         if config.tune_steps:
             t0 = time.perf_counter()
             split_table, tuning = tune_split_table(hf_model, tokenizer, split_table, steps=config.tune_steps, projection_block=config.block_size,
@@ -499,6 +505,9 @@ Example:
 @click.option("--split-block", type=click.IntRange(min=8), default=48, show_default=True, help="--embedding split: entries per fp16 scale/offset of the rare rows (must divide the hidden size).")
 @click.option("--split-bits", type=click.Choice(["3", "4"]), default="3", show_default=True,
               help="--embedding split: bits of the rare rows' indices into normal-quantile levels (4: +0.5 bit an entry, ~3 MB more for SmolLM2).")
+@click.option("--split-levels", type=click.Choice(["normal", "uniform"]), default="normal", show_default=True,
+              help="--embedding split: rare rows' levels: normal quantiles through a LUT (iOS 26), or uniform = plain uint4 codes "
+                   "with the per-block scale and offset (needs --split-bits 4; iOS 18).")
 @click.option("--tune-steps", type=int, default=0, show_default=True,
               help="--embedding split: distillation steps that tune the table's stored values against the fp32 model on text it generates "
                    "itself (2 sequences of 256 tokens a step; SmolLM2: ~5 s a step on 2 cores; see docs/coreml.md for what it gains). 0: least-squares fit only.")
@@ -515,11 +524,11 @@ Example:
 @click.option("--no-fp16-safety", is_flag=True, help="Do not rewrite overflowing ops (the report still lists them).")
 @click.option("--no-verify", is_flag=True, help="Skip the MIL reference / Core ML comparison with PyTorch.")
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder (only once the new one is complete).")
-def command(directory, out, compute_units, compress, block_size, embedding, split_rows, split_block, split_bits, tune_steps, integer_offsets,
+def command(directory, out, compute_units, compress, block_size, embedding, split_rows, split_block, split_bits, split_levels, tune_steps, integer_offsets,
             block_scales, max_context, device, eval_text, eval_positions, min_top1, max_kl, no_fp16_safety, no_verify, force):
     config = CoreMLConfig(
         compute_units=compute_units, compress=compress, block_size=block_size, embedding=embedding, split_rows=split_rows,
-        split_block=split_block, split_bits=int(split_bits), tune_steps=tune_steps, integer_offsets=integer_offsets,
+        split_block=split_block, split_bits=int(split_bits), split_levels=split_levels, tune_steps=tune_steps, integer_offsets=integer_offsets,
         block_scales=block_scales, max_context=max_context,
         device=device, eval_text=eval_text, eval_positions=eval_positions, min_top1=min_top1, max_kl=max_kl,
         fp16_safety=not no_fp16_safety, verify=not no_verify, force=force,

@@ -243,7 +243,8 @@ def test_block_scales_option_errors(exported_tiny_factory, tmp_path):
     export = str(exported_tiny_factory("llama-tied"))
     for extra, expected in ((["--block-scales", "uint8"], "--compress int4-block"),
                             (["--compress", "int4-block", "--block-scales", "uint8", "--integer-offsets"], "drop --integer-offsets"),
-                            (["--compress", "int4-block", "--embedding", "split", "--split-bits", "5"], "--split-bits")):
+                            (["--compress", "int4-block", "--embedding", "split", "--split-bits", "5"], "--split-bits"),
+                            (["--compress", "int4-block", "--embedding", "split", "--split-levels", "uniform"], "needs --split-bits 4")):
         result = run_cli("target", "coreml", export, "-o", str(tmp_path / "x"), *extra)
         assert result.exit_code == 2 and expected in result.stderr and len(result.stderr_lines) == 1, result.stderr
         assert not (tmp_path / "x").exists()
@@ -346,10 +347,12 @@ def test_coreml_runtime_predict_matches_mil_reference(llama_target):
     assert runtime["top1_agreement"] >= 0.99 and runtime["kl_mean"] <= 1e-3
 
 
-def test_int4_block_uint8_block_scales_and_4bit_split_table(exported_tiny_factory, tmp_path):
+@pytest.mark.parametrize("levels", ["normal", "uniform"])
+def test_int4_block_uint8_block_scales_and_4bit_split_table(exported_tiny_factory, tmp_path, levels):
     """The <= 80 MB SmolLM2 layout with a margin: int4 codes with uint8 block scales and offsets applied to
-    per-block partial sums, and the split table's rare rows at 4 bits. The MIL reference must compute what
-    the stored weights say: its logits match PyTorch run with the projections and table as stored."""
+    per-block partial sums, and the split table's rare rows at 4 bits (normal levels through a LUT, iOS 26;
+    or uniform uint4 codes, iOS 18). The MIL reference must compute what the stored weights say: its
+    logits match PyTorch run with the projections and table as stored."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -360,17 +363,21 @@ def test_int4_block_uint8_block_scales_and_4bit_split_table(exported_tiny_factor
 
     export = exported_tiny_factory("llama-tied")
     config = CoreMLConfig(max_context=16, eval_positions=16, compress="int4-block", embedding="split", split_rows=100,
-                          split_block=16, split_bits=4, block_scales="uint8", tune_steps=2)
+                          split_block=16, split_bits=4, split_levels=levels, block_scales="uint8", tune_steps=2)
     artifact = build(export, tmp_path / "scaled", config)
     ops = artifact.facts["ane"]["op_counts"]
-    # 14 projections: int4 codes + uint8 offsets (shift_scale) and uint8 scale codes (LUT); plus the table: 2 + 1
-    assert ops["constexpr_blockwise_shift_scale"] == 14 * 2 + 2 and ops["constexpr_lut_to_dense"] == 14 + 1
+    # 14 projections: int4 codes + uint8 offsets (shift_scale) and uint8 scale codes (LUT); plus the table's two
+    # parts, its rare rows through a LUT of normal levels or as plain uint4 codes
+    uniform = levels == "uniform"
+    assert ops["constexpr_blockwise_shift_scale"] == 14 * 2 + 2 and ops["constexpr_lut_to_dense"] == 14 + (0 if uniform else 1)
+    assert artifact.facts["deployment_target"] == ("iOS 18 / macOS 15" if uniform else "iOS 26 / macOS 26")
     compression = artifact.facts["compression"]
-    assert "uint8" in compression["block_scales"] and "uint8" in compression["offsets"] and "4-bit" in compression["embedding"]
+    assert "uint8" in compression["block_scales"] and "uint8" in compression["offsets"]
+    assert ("uint4 (uniform levels" if uniform else "4-bit indices into 16") in compression["embedding"]
     assert compression["table_tuning"]["steps"] == 2  # tuning runs against the projections as this layout stores them
     program = load_program(tmp_path / "scaled" / "model.mlpackage")
     luts = [op for op in program.function.operations if op.op_type == "constexpr_lut_to_dense"]
-    assert sorted(op.indices.dtype.get_bitwidth() for op in luts) == [4] + [8] * 14
+    assert sorted(op.indices.dtype.get_bitwidth() for op in luts) == ([] if uniform else [4]) + [8] * 14
     assert ops["matmul"] == 14 and ops["linear"] == 2  # every projection a matmul over blocks; the linears are the two table parts
     weights = "model.mlpackage/Data/com.apple.CoreML/weights/weight.bin"
     fp16_bytes = 2 * (2 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 128 * 64) + 512 * 64)

@@ -30,10 +30,11 @@ class CompressionScheme:
 
     @property
     def deployment_target(self) -> str:
-        """iOS 18, except the split table: its 3-bit indices feed a per-block scale (constexpr_lut_to_dense ->
+        """iOS 18, except the split table with normal levels: its indices feed a per-block scale (constexpr_lut_to_dense ->
         constexpr_blockwise_shift_scale), which Core ML runs from iOS 26 on; for older targets coremltools'
-        canonicalize_quantized_lut_pattern pass rewrites it into one int8 LUT per block (+1.3 bits a weight)."""
-        return "iOS26" if self.name == "int4-block" and self.embedding == "split" else "iOS18"
+        canonicalize_quantized_lut_pattern pass rewrites it into one int8 LUT per block (+1.3 bits a weight).
+        Uniform 4-bit levels are plain uint4 codes (no LUT), so that table stays iOS 18."""
+        return "iOS26" if self.name == "int4-block" and self.embedding == "split" and self.split_levels == "normal" else "iOS18"
 
     name: str = "none"
     block_size: int = 32
@@ -42,6 +43,7 @@ class CompressionScheme:
     split_rows: int = 6000  # embedding "split": ids below this in int8 (per block of 32) ...
     split_block: int = 48  # ... the others 3-bit (or split_bits) with an fp16 scale and offset per block of this many entries
     split_bits: int = 3  # embedding "split": bits of the rare rows' level indices (3: 8 levels, 4: 16 levels)
+    split_levels: str = "normal"  # embedding "split": "normal" quantiles through a LUT (iOS 26), or "uniform" (4 bits: plain uint4, iOS 18)
     block_scales: str = "fp16"  # int4-block: "fp16" per block in the weight op, or "uint8" codes applied to block sums (see _scaled_sum_projection)
 
     def describe(self) -> dict:
@@ -57,12 +59,14 @@ class CompressionScheme:
                     "offset": ("uint8 per block, in sixteenths of the coded scale (w = scale * (q - offset))" if coded
                                else "fp16 per block (w = scale * (q - offset))"),
                     "fit": ("per block min/max affine: the int4 codes are GGUF Q4_1's when the source was Q4_1; each scale is coded "
-                            "within half a step of a log-spaced table (SmolLM2: 0.3-0.8%) and the offset refitted to it" if coded else
+                            "within half a step of a log-spaced table (SmolLM2: within 0.25-0.8%) and the offset refitted to it" if coded else
                             "per block min/max affine: reproduces GGUF Q4_1 blocks exactly when the source was Q4_1"),
                     "embedding": {"same": "uint4 affine per block", "row": "uint4 affine per row (one scale and offset per token)", "int8": "int8 per channel",
-                                  "split": f"ids < {self.split_rows}: int8 per block of 32; the rest: {self.split_bits}-bit indices into {2 ** self.split_bits} int8 levels "
-                                           f"(normal quantiles; constexpr_lut_to_dense feeding constexpr_blockwise_shift_scale) with an fp16 "
-                                           f"scale and offset per block of {self.split_block}, fitted by least squares weighted by E[h^2]"}[self.embedding],
+                                  "split": (f"ids < {self.split_rows}: int8 per block of 32; the rest: " + (
+                                      "uint4 (uniform levels, constexpr_blockwise_shift_scale)" if self.split_levels == "uniform" else
+                                      f"{self.split_bits}-bit indices into {2 ** self.split_bits} int8 levels (normal quantiles; "
+                                      f"constexpr_lut_to_dense feeding constexpr_blockwise_shift_scale)")
+                                      + f" with an fp16 scale and offset per block of {self.split_block}, fitted by least squares weighted by E[h^2]")}[self.embedding],
                     "offsets": ("uint8 sixteenths of the block's coded scale, applied to the block sums of the activation"
                                 if coded else
                                 "uint4 (the rounded fp16 offset) plus the rounding residue in int4 sixteenths of the block's scale, "
@@ -270,7 +274,11 @@ _NORMAL_LEVELS = {3: np.array([-1.534, -0.887, -0.489, -0.157, 0.157, 0.489, 0.8
 SPLIT_BITS = tuple(_NORMAL_LEVELS)
 
 
-def split_levels(bits: int) -> np.ndarray:
+def split_levels(bits: int, kind: str = "normal") -> np.ndarray:
+    """int8 levels of the rare rows: normal quantiles scaled to +-127 (a LUT), or "uniform" 0..2**bits - 1,
+    which are the uint4 codes themselves (no LUT: plain constexpr_blockwise_shift_scale, iOS 18)."""
+    if kind == "uniform":
+        return np.arange(2 ** bits, dtype=np.int8)
     levels = _NORMAL_LEVELS[bits]
     return np.rint(levels / levels[-1] * 127).astype(np.int8)
 
@@ -332,6 +340,11 @@ class SplitTable:
     levels: np.ndarray  # int8 [8] or [16]
     block: int
 
+    @property
+    def uniform(self) -> bool:
+        """Levels 0..n-1: the indices are the stored codes (no LUT)."""
+        return bool(np.array_equal(self.levels, np.arange(len(self.levels))))
+
     def dense(self) -> np.ndarray:
         frequent = self.frequent.astype(np.float32) * self.frequent_scale.astype(np.float32).repeat(32, axis=1)
         rare = self.scale.astype(np.float32).repeat(self.block, axis=1) * (
@@ -339,9 +352,10 @@ class SplitTable:
         return np.concatenate([frequent, rare])
 
 
-def fit_split_table(table: np.ndarray, split_rows: int, block: int, column_weights: np.ndarray | None, bits: int = 3) -> SplitTable:
+def fit_split_table(table: np.ndarray, split_rows: int, block: int, column_weights: np.ndarray | None, bits: int = 3,
+                    kind: str = "normal") -> SplitTable:
     """Least-squares fit, block by block (what `--embedding split` stores, and where `--tune-steps` starts)."""
-    levels = split_levels(bits)
+    levels = split_levels(bits, kind)
     frequent, frequent_scale = int8_blocks(table[:split_rows])
     index, scale, offset = lut3_blocks(table[split_rows:], block, levels, column_weights)
     return SplitTable(frequent, frequent_scale, index, scale, offset, levels, block)
@@ -533,7 +547,8 @@ def _make_pass_class():
             if any(c.op_type == "gather" and int(c.axis.val) not in (0, -2) for c in var.child_ops):
                 return False
             dtype = value.dtype
-            table = self.split_table if self.split_table is not None else fit_split_table(value, f, block, self.column_weights, self.scheme.split_bits)
+            table = self.split_table if self.split_table is not None else fit_split_table(
+                value, f, block, self.column_weights, self.scheme.split_bits, self.scheme.split_levels)
             if table.frequent.shape[0] != f or table.frequent.shape[0] + table.index.shape[0] != rows or table.index.shape[1] != cols:
                 raise ValueError(f"the fitted split table does not match the program's table {value.shape} (split at {f})")
             if self.split_table is not None:  # fitted outside from the PyTorch weights: it must be this table
@@ -544,8 +559,11 @@ def _make_pass_class():
             frequent = mb.constexpr_blockwise_shift_scale(data=data8, scale=scale8.astype(dtype), before_op=op, name=op.name + "_frequent")
             count = len(table.levels)
             index_type = {8: types.np_uint3_dtype, 16: types.np_uint4_dtype}[count]
-            levels = mb.constexpr_lut_to_dense(indices=index.astype(index_type), lut=table.levels.astype(np.int8).reshape(1, 1, count, 1),
-                                               before_op=op, name=op.name + "_levels")
+            if table.uniform:  # the codes themselves: uint4 data with the per-block scale and offset (iOS 18)
+                levels = index.astype(index_type)
+            else:
+                levels = mb.constexpr_lut_to_dense(indices=index.astype(index_type), lut=table.levels.astype(np.int8).reshape(1, 1, count, 1),
+                                                   before_op=op, name=op.name + "_levels")
             rare = mb.constexpr_blockwise_shift_scale(data=levels, scale=scale3.astype(dtype), offset=offset3.astype(dtype),
                                                       before_op=op, name=op.name + "_rare")
             for child in list(var.child_ops):

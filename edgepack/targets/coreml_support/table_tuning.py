@@ -130,8 +130,11 @@ def tune_split_table(hf_model, tokenizer, fit: SplitTable, *, steps: int, projec
 
     before = heldout_kl(fit)
     best, best_kl, best_step = fit, before, 0
+    # the rare rows' step in the same fraction of their level range whatever the levels (int8 quantiles span 254)
+    spread = (int(fit.levels.max()) - int(fit.levels.min())) / 254
     optimizer = torch.optim.Adam([
-        {"params": [u_rare, offset, u_frequent], "lr": LR_LEVELS},
+        {"params": [u_rare, offset], "lr": LR_LEVELS * spread},
+        {"params": [u_frequent], "lr": LR_LEVELS},
         {"params": [log_scale], "lr": LR_LOG_SCALE},
     ])
     losses = []
