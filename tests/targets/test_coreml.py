@@ -421,3 +421,14 @@ def test_uint8_block_scales_reconstruct_weights():
     error = np.abs(coded - exact).reshape(48, 3, 32) / scale.astype(np.float32)[..., None]
     assert error.max() < 15 * step + 1 / 32 + 1e-3  # scale rounding times |q - z| <= 15, plus the offset's sixteenth
     assert np.sqrt(np.mean((coded - weight) ** 2)) < 1.05 * np.sqrt(np.mean((exact - weight) ** 2))  # ~ no worse than int4 itself
+
+
+def test_bert_encoder_with_uint8_block_scales(exported_tiny_factory, tmp_path):
+    """The per-block layout on an encoder (static shapes, projection biases): still the encoder's function."""
+    from edgepack.targets.coreml import CoreMLConfig, build
+
+    exact = build(exported_tiny_factory("bert"), tmp_path / "fp16", CoreMLConfig(max_context=16, compress="int4-block"))
+    coded = build(exported_tiny_factory("bert"), tmp_path / "u8", CoreMLConfig(max_context=16, compress="int4-block", block_scales="uint8"))
+    assert coded.facts["ane"]["op_counts"]["matmul"] >= 12  # 2 layers x 6 projections over blocks
+    a, b = exact.facts["verification"]["mil-reference"], coded.facts["verification"]["mil-reference"]
+    assert b["cosine_min"] > 0.99 and abs(b["cosine_min"] - a["cosine_min"]) < 0.01, (a, b)

@@ -494,6 +494,13 @@ def _make_pass_class():
             from coremltools.converters.mil.mil import types
 
             rows, cols = value.shape
+            out_shapes = {}
+            for child in var.child_ops:  # the output shape, with its one flexible dimension (if any) as -1
+                lead = list(child.x.shape[:-1])
+                symbolic = [i for i, d in enumerate(lead) if not isinstance(d, (int, np.integer))]
+                if len(symbolic) > 1:
+                    return False  # (not reached for the wrappers here: one flexible dimension at most)
+                out_shapes[id(child)] = [-1 if i in symbolic else int(d) for i, d in enumerate(lead)] + [rows]
             blocks, dtype = cols // self.block, value.dtype
             q, codes, table, zero16 = scaled_blocks(value, self.block)
             data = (q.reshape(rows, blocks, self.block).astype(np.int8) - 8).transpose(1, 2, 0)  # [blocks, 32, N]
@@ -510,12 +517,7 @@ def _make_pass_class():
             perm = self._shared_const(np.array([1, 0, 2], np.int32), "block_perm", op)
             last, first = self._shared_const(np.array([-1], np.int32), "axis_last", op), self._shared_const(np.array([0], np.int32), "axis_first", op)
             for child in list(var.child_ops):
-                name, x = child.name, child.x
-                lead = list(x.shape[:-1])
-                symbolic = [i for i, d in enumerate(lead) if not isinstance(d, (int, np.integer))]
-                if len(symbolic) > 1:
-                    return False  # (not reached for the wrappers here: one flexible dimension at most)
-                out_shape = [-1 if i in symbolic else int(d) for i, d in enumerate(lead)] + [rows]
+                name, x, out_shape = child.name, child.x, out_shapes[id(child)]
                 blocked = mb.transpose(x=mb.reshape(x=x, shape=split, before_op=child, name=name + "_b"), perm=perm,
                                        before_op=child, name=name + "_bt")
                 partial = mb.matmul(x=blocked, y=weight, before_op=child, name=name + "_bp")
@@ -525,7 +527,7 @@ def _make_pass_class():
                 total = mb.reduce_sum(x=mb.mul(x=shifted, y=scales, before_op=child, name=name + "_bd"), axes=first,
                                       keep_dims=False, before_op=child, name=name + "_br")
                 out = mb.reshape(x=total, shape=np.array(out_shape, np.int32), before_op=child, name=name + "_by")
-                if child.bias is not None and child.bias.val is not None and np.any(child.bias.val):
+                if child.bias is not None and (child.bias.val is None or np.any(child.bias.val)):  # zero biases: no op
                     out = mb.add(x=out, y=child.bias, before_op=child, name=name + "_bb")
                 function.replace_uses_of_var_after_op(anchor_op=child, old_var=child.outputs[0], new_var=out)
                 function.remove_ops([child])
