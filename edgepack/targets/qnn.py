@@ -132,12 +132,15 @@ def decoder_figures(reference: list, candidate: list, prefill_len: int) -> dict:
 
     from edgepack.targets.qnn_support.quant import _log_softmax
 
+    from edgepack.quantize.quality import top1_figures
+
     def stats(pairs):
         ref = np.concatenate([r for r, _ in pairs]).astype(np.float64)
         cand = np.concatenate([c for _, c in pairs]).astype(np.float64)
         lp_ref, lp_c = _log_softmax(ref), _log_softmax(cand)
         kl = np.maximum(np.sum(np.exp(lp_ref) * (lp_ref - lp_c), axis=-1), 0.0)
-        return {"positions": int(ref.shape[0]), "top1_agreement": float(np.mean(ref.argmax(-1) == cand.argmax(-1))),
+        # top-1 with its 95% interval and fp32's near ties, as the quantize and Core ML reports give it
+        return {"positions": int(ref.shape[0]), **top1_figures(lp_ref, ref.argmax(-1) == cand.argmax(-1)),
                 "kl_mean": float(kl.mean()), "kl_max": float(kl.max()), "max_abs_logit_diff": float(np.max(np.abs(ref - cand)))}
 
     n = [len(c) for c in candidate]
