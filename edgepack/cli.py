@@ -274,7 +274,7 @@ def _print_quantize_summary(result) -> None:
          "quality": report["quality"], "gate_failures": report["gate"]["failures"]}
     ]
     table = Table(title=f"edgepack quantize -> {result.out}", title_justify="left")
-    for column in ("scheme", "MB", "ratio", "ppl (fp32)", "top-1", "mean KL", "p99 KL", "gate"):
+    for column in ("scheme", "MB", "ratio", "ppl (fp32)", "top-1 (95% CI)", "mean KL", "p99 KL", "gate"):
         table.add_column(column)
     for entry in candidates:
         if "skipped" in entry:
@@ -285,9 +285,12 @@ def _print_quantize_summary(result) -> None:
         ppl = f"{fmt(q.get('ppl'), '.2f')} ({fmt(q.get('ppl_reference'), '.2f')})" if q.get("ppl") is not None else ""
         if q.get("cosine_mean") is not None:
             ppl = f"cosine {q['cosine_mean']:.5f}"
+        top1 = fmt(q.get("top1_agreement"), ".3f")
+        if top1 and q.get("top1_ci95"):  # the 95% interval: a few hundred positions leave a few points either way
+            top1 += f" ({q['top1_ci95'][0]:.3f}-{q['top1_ci95'][1]:.3f})"
         table.add_row(
             entry["label"], f"{entry['size_bytes'] / 1e6:.1f}", f"{entry['size_ratio']:.3f}", ppl,
-            fmt(q.get("top1_agreement"), ".3f"), fmt(q.get("kl_mean"), ".4f"), fmt(q.get("kl_p99"), ".4f"),
+            top1, fmt(q.get("kl_mean"), ".4f"), fmt(q.get("kl_p99"), ".4f"),
             "PASS" if not entry["gate_failures"] else "FAIL",
         )
     _stdout_console().print(table)

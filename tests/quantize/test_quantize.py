@@ -56,6 +56,8 @@ def test_scheme_runs_and_reports_its_price(scheme, extra, expected_op, max_ratio
     check_report(report, scheme)
     assert report["size_ratio"] <= max_ratio
     assert report["quality"]["top1_agreement"] >= min_top1
+    low, high = report["quality"]["top1_ci95"]
+    assert f"{report['quality']['top1_agreement']:.3f} ({low:.3f}-{high:.3f})" in result.stdout  # the summary table's cell
     assert expected_op in ops_of(out)
     # The quantized folder is a complete export: `edgepack run` works on it.
     run = cli("run", out, "-p", "The capital of France is", "-n", "8", "--no-stats")
