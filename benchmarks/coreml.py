@@ -11,7 +11,8 @@ Not a test (the MIL reference interpreter takes minutes per variant on 2 cores).
 
 Top-1 over a few dozen positions is mostly decided by near ties (positions where fp32's top two tokens
 are within 0.1 nats: 6 of the first 64 of the bundled text): read it with its 95% interval, and prefer
-1024 positions (33-37 s in the MIL reference for SmolLM2 on 2 cores).
+1024 positions (MIL reference for SmolLM2 on 2 cores: 33-37 s with fp16 block scales, ~3 min with
+--block-scales uint8, whose per-block intermediates are mostly elementwise work).
 
 Prints one row per variant (package size, top-1 agreement and KL against fp32 PyTorch over the
 positions verified by the MIL reference) and writes the rows to WORK/coreml-bench.json.

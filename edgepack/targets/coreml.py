@@ -514,7 +514,8 @@ Example:
 @click.option("--integer-offsets", is_flag=True, help="int4-block: uint4 offsets plus the rounding residue in int4 (three small ops per projection; ~3 MB less for SmolLM2).")
 @click.option("--block-scales", type=click.Choice(["fp16", "uint8"]), default="fp16", show_default=True,
               help="int4-block: fp16 scale per block in the weight op, or uint8 codes into a per-weight log-spaced table, applied to "
-                   "per-block partial sums with the offsets in uint8 (4.5 bits a weight; ~6.6 MB less than fp16 for SmolLM2; see docs/coreml.md).")
+                   "per-block partial sums with the offsets in uint8 (4.5 bits a weight against 5 by default and 4.75 with --integer-offsets; "
+                   "SmolLM2: 6.6 and 3.3 MB less; see docs/coreml.md).")
 @click.option("--max-context", type=int, default=None, help="Decoders: KV-cache length (default min(512, max positions)); encoders: sequence length (default 128).")
 @click.option("--device", default=None, metavar="D", help="Device profile ID (e.g. iphone-15-pro): refuse a model larger than its app memory limit.")
 @click.option("--eval-text", type=click.Path(path_type=Path), default=None, help="UTF-8 text for the fp16 safety pass and verification (default: bundled English text).")

@@ -130,9 +130,8 @@ def decoder_figures(reference: list, candidate: list, prefill_len: int) -> dict:
     """Top-1, KL(fp32 || candidate) and max |logit diff| over every position, split prefill/decode."""
     import numpy as np
 
-    from edgepack.targets.qnn_support.quant import _log_softmax
-
     from edgepack.quantize.quality import top1_figures
+    from edgepack.targets.qnn_support.quant import _log_softmax
 
     def stats(pairs):
         ref = np.concatenate([r for r, _ in pairs]).astype(np.float64)

@@ -244,16 +244,15 @@ def scaled_blocks(weight: np.ndarray, block: int):
     Returns (q uint8 [rows, cols], codes uint8 [rows, blocks], table fp16 [256], zero16 uint8 [rows, blocks]):
     w ~= table[codes] * (q - (zero16 - 8) / 16). The table is log-spaced between the tensor's smallest and
     largest block scale, so every scale keeps the same relative precision (step ln(max/min)/255; SmolLM2's
-    projections: 0.5-1.6%, so each coded scale is within 0.8% of the fp16 one). The offset is refitted to the coded scale (least squares over the block, which
-    takes up the mean of the scale's rounding error) and stored in sixteenths of it: 8 bits where
-    --integer-offsets spends 4 + 4.
+    projections: 0.5-1.6%, so each coded scale is within 0.8% of the fp16 one). The offset is refitted to
+    the coded scale (least squares over the block, which takes up the mean of the scale's rounding error)
+    and stored in sixteenths of it: 8 bits where --integer-offsets spends 4 + 4.
     """
     rows, cols = weight.shape
     w = weight.astype(np.float64).reshape(rows, cols // block, block)
-    lo, hi = w.min(-1), w.max(-1)
     q, scale, _ = affine_blocks(weight, block)
     q = q.reshape(rows, cols // block, block)
-    live = hi > lo  # constant blocks (q all 0) take any scale: leave them out of the table's range
+    live = q.max(-1) > 0  # constant blocks (q all 0, scale 1 by convention) take any scale: not in the table's range
     s = scale.astype(np.float64)
     low, high = (s[live].min(), s[live].max()) if live.any() else (1.0, 1.0)
     table = np.exp(np.linspace(np.log(low), np.log(max(high, low)), 256)).astype(np.float16)
@@ -486,7 +485,7 @@ def _make_pass_class():
             one matmul batched over the blocks ([blocks, M, 32] @ [blocks, 32, N], int4 codes with a per-tensor
             scale of 1), the block sums, then the offsets (uint8 sixteenths) and the scales (uint8 codes into a
             per-tensor fp16 table, constexpr_lut_to_dense) as elementwise ops on [blocks, M, N] and a sum over
-            the blocks. Weights stay compressed and decoding reads 4.5 bits a weight (vs 5 for --integer-offsets);
+            the blocks. Weights stay compressed and decoding reads 4.5 bits a weight (5 by default, 4.75 with --integer-offsets);
             the cost is a [blocks, M, N] intermediate (on-chip-sized when decoding one token; M tokens x that in prefill).
             Codes are centred (q - 8, z - 8) so the fp16 partial sums do not cancel.
             """

@@ -275,20 +275,17 @@ def run_function(program: MILProgram, feeds: dict[str, np.ndarray]) -> dict[str,
     for index, op in enumerate(function.operations):
         if op.op_type == "const":
             continue
-        outputs = None
         if op.op_type in STATE_KERNELS:
             outputs = STATE_KERNELS[op.op_type](op, get, program)
-        elif op.op_type in KERNELS:
-            outputs = KERNELS[op.op_type](op, get)  # None: no kernel for these inputs (integer arithmetic)
-        if outputs is not None:
-            pass
-        elif op.op_type.startswith("constexpr_"):
+        else:  # a kernel returns None for inputs it does not take (integer arithmetic): the generic paths then
+            outputs = KERNELS[op.op_type](op, get) if op.op_type in KERNELS else None
+        if outputs is None and op.op_type.startswith("constexpr_"):
             # Constant by definition: decompress once per program, not once per call.
             if id(op) not in program.constants:
                 value = op.materialized_val_inference() if hasattr(op, "materialized_val_inference") else op.value_inference()
                 program.constants[id(op)] = value if isinstance(value, (tuple, list)) else (value,)
             outputs = program.constants[id(op)]
-        else:
+        elif outputs is None:
             outputs = _value_inference(op, get, program)
         if not isinstance(outputs, (tuple, list)):
             outputs = (outputs,)
