@@ -4,7 +4,10 @@ Each stage's result is cached under `$EDGEPACK_CACHE/build/<stage>/<key>/`, wher
 sha256 of the stage's inputs (the content of the source model, the keys of the stages it consumes),
 its configuration and the tool versions. A cache entry is written in a temporary folder and renamed
 when complete, under a per-entry file lock, so an interrupted build leaves nothing half-written and
-two builds sharing a cache wait for each other instead of corrupting it.
+two builds sharing a cache wait for each other instead of corrupting it. The entry's `.complete`
+marker, written last, lists its files with size and sha256; they are checked before each reuse, so a
+corrupted entry is rebuilt (and the log says why) rather than shipped. Temporary folders of a killed
+build are removed by the next one.
 
 The bundle holds the deliverables only (targets, quality and profile reports, verdicts, reports and a
 manifest); intermediate exports stay in the cache. It is assembled in a temporary sibling of OUT and
@@ -44,6 +47,7 @@ class StageRecord:
     reused: bool
     seconds: float
     path: Path
+    rebuilt: str | None = None  # why an existing cache entry was not reused (corrupted, incomplete)
 
 
 @dataclass
@@ -93,7 +97,104 @@ def _locked(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def _locked_if_free(path: Path):
+    """Hold the lock `path` if no other process does (yield True), else yield False without waiting.
+
+    The kernel drops a process's flock when it dies, kill -9 included, so a free lock means no live build
+    is working on that entry.
+    """
+    import fcntl
+
+    try:
+        handle = open(path, "a")
+    except OSError:
+        yield False
+        return
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# Written last into a cache entry: JSON naming every file of the entry with its size and sha256.
+ENTRY_MANIFEST = ".complete"
+ENTRY_MANIFEST_KIND = "edgepack.cache-entry"
+_ABSENT = "absent"
+
+
+def _entry_files(entry: Path) -> dict[str, Path]:
+    """Everything under `entry` except its manifest, by relative path; symbolic links are listed, never followed."""
+    found = {}
+    for folder, dirs, files in os.walk(entry):
+        for name in dirs + files:
+            path = Path(folder) / name
+            if name in files or path.is_symlink():
+                found[path.relative_to(entry).as_posix()] = path
+    found.pop(ENTRY_MANIFEST, None)
+    return found
+
+
+def _entry_record(path: Path) -> dict:
+    from edgepack.sources import file_sha256
+
+    if path.is_symlink():
+        return {"symlink": os.readlink(path)}
+    return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+
+
+def _entry_problems(entry: Path) -> str | None:
+    """Why the cache entry cannot be reused (`_ABSENT` when there is none), or None when every file matches."""
+    import stat
+
+    marker = entry / ENTRY_MANIFEST
+    if not marker.is_file():
+        return "cache entry incomplete (no manifest)" if entry.exists() else _ABSENT
+    try:
+        manifest = json.loads(marker.read_text())
+        recorded = manifest["files"] if manifest.get("kind") == ENTRY_MANIFEST_KIND else None
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError, KeyError):
+        recorded = None
+    if not isinstance(recorded, dict):
+        return "cache entry has no file manifest (written by an older edgepack)"
+    changed, missing = [], []
+    try:
+        present = _entry_files(entry)
+        for name, record in sorted(recorded.items()):
+            path = present.get(name)
+            if path is None:
+                missing.append(name)
+                continue
+            if not isinstance(record, dict):
+                changed.append(name)
+            elif "symlink" in record or path.is_symlink():
+                if not path.is_symlink() or os.readlink(path) != record.get("symlink"):
+                    changed.append(name)
+            elif (not stat.S_ISREG(path.lstat().st_mode) or path.stat().st_size != record.get("bytes")
+                  or _entry_record(path)["sha256"] != record.get("sha256")):
+                changed.append(name)
+    except OSError as exc:  # unreadable, or replaced by another build while we read it: check again under the lock
+        return f"cache entry unreadable ({exc.strerror or exc}: {exc.filename})"
+    extra = sorted(set(present) - set(recorded))
+    if not (changed or missing or extra):
+        return None
+
+    def names(paths: list[str]) -> str:
+        return ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+
+    kinds = [f"{kind}: {names(paths)}" for kind, paths in (("changed", changed), ("missing", missing), ("extra", extra)) if paths]
+    return f"cache entry corrupted ({'; '.join(kinds)})"
+
+
 class StageCache:
+    """Stage results under `root/<stage>/<key>/out/`, each entry with a manifest of its files checked on reuse."""
+
     def __init__(self, root: Path | None = None):
         from edgepack.sources import cache_root
 
@@ -102,26 +203,57 @@ class StageCache:
     def entry(self, stage: str, key: str) -> Path:
         return self.root / stage / key
 
-    def run(self, stage: str, key: str, produce, force: bool = False) -> tuple[Path, bool]:
-        """Return (the cached output folder, reused?) producing it with `produce(out_path)` when absent."""
+    def run(self, stage: str, key: str, produce, force: bool = False) -> tuple[Path, bool, str | None]:
+        """Return (the cached output folder, reused?, why an existing entry was rebuilt or None).
+
+        The entry is produced with `produce(out_path)` when absent, incomplete or when a file differs
+        from its manifest (size or sha256; missing and extra files too): a corrupted entry is rebuilt,
+        never shipped.
+        """
         entry = self.entry(stage, key)
-        if (entry / ".complete").is_file() and not force:
-            return entry / "out", True
+        problem = _ABSENT if force else _entry_problems(entry)
+        if problem is None:
+            return entry / "out", True, None
         with _locked(self.root / stage / f"{key}.lock"):
-            if (entry / ".complete").is_file() and not force:  # another build made it while we waited
-                return entry / "out", True
+            if not force:  # another build may have made or repaired it while we waited
+                problem = _entry_problems(entry)
+                if problem is None:
+                    return entry / "out", True, None
             tmp = self.root / stage / f"{key}.tmp-{os.getpid()}"
+            old = self.root / stage / f"{key}.old-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             try:
                 produce(tmp / "out")
-                (tmp / ".complete").write_text(time.strftime("%Y-%m-%dT%H:%M:%S") + "\n")
-                if entry.exists():
-                    shutil.rmtree(entry)
+                files = {name: _entry_record(path) for name, path in sorted(_entry_files(tmp).items())}
+                (tmp / ENTRY_MANIFEST).write_text(json.dumps({"kind": ENTRY_MANIFEST_KIND, "completed": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                                              "files": files}, indent=1) + "\n")
+                if entry.exists() or entry.is_symlink():
+                    shutil.rmtree(old, ignore_errors=True)
+                    os.rename(entry, old)
                 os.rename(tmp, entry)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
-        return entry / "out", False
+                shutil.rmtree(old, ignore_errors=True)
+        return entry / "out", False, None if problem == _ABSENT else f"{problem}; rebuilt"
+
+    def remove_stale(self) -> list[Path]:
+        """Remove temporary entries (`<key>.tmp-PID`, `<key>.old-PID`) of builds that ended without cleaning up.
+
+        Such a folder only exists while a build holds `<key>.lock`, so one whose lock is free belongs to a
+        build that was killed: it is removed whatever its age. The lock, not the PID, decides because a
+        PID says nothing about a build on another machine sharing the cache, and PIDs are reused.
+        """
+        removed = []
+        for path in sorted(self.root.glob("*/*")):
+            key, dot, rest = path.name.partition(".")
+            if not (dot and rest.startswith(("tmp-", "old-")) and path.is_dir() and not path.is_symlink()):
+                continue
+            with _locked_if_free(path.parent / f"{key}.lock") as free:
+                if free:
+                    shutil.rmtree(path, ignore_errors=True)
+                    removed.append(path)
+        return removed
 
 
 # ----------------------------------------------------------------------------------------------- inputs
@@ -208,6 +340,23 @@ def not_reproducible(bundle: Path, targets: dict, available: dict) -> list[dict]
     return [{"path": path, "reason": reason} for path, reason in sorted(entries.items())]
 
 
+def target_workers(jobs: int):
+    """The process pool of `build --jobs N`; its workers end when this process does, even on kill -9."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from edgepack.processes import exit_with_parent
+
+    return ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=exit_with_parent, initargs=(os.getpid(),))
+
+
+def kill_workers(workers) -> None:
+    """SIGKILL the pool's worker processes (their own children die with them, see edgepack.processes)."""
+    for process in list((getattr(workers, "_processes", None) or {}).values()):
+        process.kill()
+
+
 def _target_uses_schemes(module) -> bool:
     """Targets that convert from the PyTorch weights with their own compression (coreml, qnn) run once on fp32."""
     return getattr(module, "USES_QUANTIZED_SOURCE", True)
@@ -233,6 +382,8 @@ def build_recipe(recipe_path: Path | str, out: Path | str, config: BuildConfig =
     out = Path(out)
     prepare_output(out, force=True if out.exists() and (out / "manifest.json").is_file() else config.force)
     cache = StageCache()
+    for stale in cache.remove_stale():
+        log(f"cache    removed {stale.relative_to(cache.root)}, left by a build that was killed")
     result = BuildResult(out=out)
     start = time.perf_counter()
 
@@ -240,10 +391,11 @@ def build_recipe(recipe_path: Path | str, out: Path | str, config: BuildConfig =
         key = stage_key(stage_name, payload)
         t0 = time.perf_counter()
         status(f"{stage_name}: {name}")
-        path, reused = cache.run(stage_name, key, produce, force=False)
-        record = StageRecord(stage_name, name, key, reused, time.perf_counter() - t0, path)
+        path, reused, rebuilt = cache.run(stage_name, key, produce, force=False)
+        record = StageRecord(stage_name, name, key, reused, time.perf_counter() - t0, path, rebuilt)
         result.records.append(record)
-        log(f"{stage_name:<8} {name:<28} {'reused from cache' if reused else f'built in {record.seconds:.1f} s'}")
+        done = "reused from cache" if reused else f"built in {record.seconds:.1f} s"
+        log(f"{stage_name:<8} {name:<28} {f'{rebuilt} in {record.seconds:.1f} s' if rebuilt else done}")
         return path
 
     # convert
@@ -299,10 +451,7 @@ def build_recipe(recipe_path: Path | str, out: Path | str, config: BuildConfig =
         if config.jobs > 1 and len(tasks) > 1:
             # Worker processes, not threads: the quantizers and converters the targets call are mostly
             # Python and hold the GIL. Caching, locking and renaming stay in this process.
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
-
-            workers = ProcessPoolExecutor(max_workers=config.jobs, mp_context=multiprocessing.get_context("spawn"))
+            workers = target_workers(config.jobs)
 
         def run_target(task):
             target_name, scheme, module, options = task
@@ -323,7 +472,13 @@ def build_recipe(recipe_path: Path | str, out: Path | str, config: BuildConfig =
 
             try:
                 with workers, ThreadPoolExecutor(max_workers=config.jobs) as pool:
-                    finished = list(pool.map(run_target, tasks))
+                    try:
+                        finished = list(pool.map(run_target, tasks))
+                    except (KeyboardInterrupt, SystemExit):
+                        # Interrupted: end the targets in flight now rather than wait for them. (After an
+                        # ordinary error they finish, so the rerun finds them in the cache.)
+                        kill_workers(workers)
+                        raise
             except BrokenProcessPool as exc:
                 raise BadInputError(f"a target worker process died ({exc}); rerun with --jobs 1 to see which target") from None
         else:
@@ -389,7 +544,8 @@ def build_recipe(recipe_path: Path | str, out: Path | str, config: BuildConfig =
         write_reports(tmp, report, verdicts, result.failures)
         write_manifest(tmp, {"recipe": recipe.raw, "versions": _versions_fingerprint(),
                              "not_reproducible": not_reproducible(tmp, targets, available),
-                             "stages": [{"stage": r.stage, "name": r.name, "key": r.key, "reused": r.reused} for r in result.records],
+                             "stages": [{"stage": r.stage, "name": r.name, "key": r.key, "reused": r.reused, **({"rebuilt": r.rebuilt} if r.rebuilt else {})}
+                                        for r in result.records],
                              "figures": report["figures"]})
         replace_dir(tmp, out)
     if config.junit is not None:

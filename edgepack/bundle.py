@@ -24,8 +24,46 @@ def file_record(path: Path) -> dict:
     return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
+def _walk(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(regular files, everything else: symbolic links, fifos, sockets, devices) under `folder`, never following a link."""
+    import os
+    import stat
+
+    files, others = [], []
+    for parent, dirs, names in os.walk(folder):  # os.walk lists a link to a folder but does not enter it
+        for name in dirs + names:
+            path = Path(parent) / name
+            mode = path.lstat().st_mode
+            if stat.S_ISREG(mode):
+                files.append(path)
+            elif not stat.S_ISDIR(mode):
+                others.append(path)
+    return sorted(files), sorted(others)
+
+
 def bundle_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).as_posix() != MANIFEST)
+    """The regular files of a bundle, manifest.json excepted; symbolic links are neither followed nor listed."""
+    return [p for p in _walk(folder)[0] if p.relative_to(folder).as_posix() != MANIFEST]
+
+
+def _describe_other(folder: Path, path: Path) -> str:
+    """Why a non-regular file does not belong in a bundle: where a link points, or what the file is."""
+    import os
+
+    if not path.is_symlink():
+        return "not a regular file"
+    target = os.readlink(path)
+    try:
+        resolved = path.resolve()
+    except (OSError, RuntimeError):  # a loop of links
+        resolved = None
+    if resolved is None or not resolved.exists():
+        where = "dangling"
+    elif resolved.is_relative_to(folder.resolve()):
+        where = "inside the bundle"
+    else:
+        where = "outside the bundle"
+    return f"a symbolic link to {target}, {where}"
 
 
 def host_description() -> dict:
@@ -36,7 +74,15 @@ def host_description() -> dict:
 
 
 def write_manifest(folder: Path, context: dict | None = None) -> dict:
-    """Hash every file under `folder` and write `folder/manifest.json`; return the manifest."""
+    """Hash every file under `folder` and write `folder/manifest.json`; return the manifest.
+
+    A bundle holds regular files only: a symbolic link (which could point out of the folder) or any
+    other special file is refused rather than followed.
+    """
+    others = _walk(folder)[1]
+    if others:
+        path = others[0]
+        raise BadInputError(f"{path} is {_describe_other(folder, path)}: a bundle holds regular files only")
     manifest = {
         "schema_version": MANIFEST_SCHEMA_VERSION,
         "kind": "edgepack.manifest",
@@ -77,14 +123,20 @@ def verify_bundle(folder: Path | str) -> VerifyResult:
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise BadInputError(f"{manifest_path} is not a valid manifest: {exc}") from exc
     result = VerifyResult(folder)
-    present = {p.relative_to(folder).as_posix(): p for p in bundle_files(folder)}
+    files, others = _walk(folder)
+    present = {p.relative_to(folder).as_posix(): p for p in files if p.relative_to(folder).as_posix() != MANIFEST}
+    # edgepack writes regular files only: a link in its place (or added) is named with where it points.
+    odd = {p.relative_to(folder).as_posix(): _describe_other(folder, p) for p in others}
     for name, record in sorted(recorded.items()):
         path = present.get(name)
+        if name in odd:
+            result.changed.append(f"{name} ({odd.pop(name)})")
+            continue
         if path is None:
             result.missing.append(name)
             continue
         result.checked += 1
         if path.stat().st_size != record["bytes"] or file_record(path)["sha256"] != record["sha256"]:
             result.changed.append(name)
-    result.extra = sorted(set(present) - set(recorded))
+    result.extra = sorted(set(present) - set(recorded)) + [f"{name} ({why})" for name, why in sorted(odd.items())]
     return result

@@ -144,6 +144,9 @@ def test_kill_9_leaves_no_bundle_and_the_rerun_completes(tmp_path, tiny_model_fa
     rerun = subprocess.run([sys.executable, "-m", "edgepack", "build", str(path), "-o", str(out)], env=env, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
     assert subprocess.run([sys.executable, "-m", "edgepack", "verify", str(out)], env=env).returncode == 0
+    # The rerun removes what the killed build left in the cache.
+    assert not [p for p in (cache / "build").glob("*/*") if ".tmp-" in p.name or ".old-" in p.name]
+    assert all(f"removed {p.relative_to(cache / 'build')}" in " ".join(rerun.stderr.split()) for p in leftovers)
 
 
 def test_report_html_renders_in_chromium(tmp_path, tiny_model_factory, cache, cli):

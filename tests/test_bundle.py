@@ -55,3 +55,48 @@ def test_verify_without_manifest_is_bad_input(tmp_path, cli):
     (tmp_path / "plain").mkdir()
     result = cli("verify", tmp_path / "plain")
     assert result.exit_code == 3 and "manifest.json" in result.stderr
+
+
+def test_verify_names_a_file_replaced_by_a_link_out_of_the_bundle(tmp_path, cli):
+    # A link to an identical copy outside the bundle hashes the same when followed; it is still not a
+    # file of the bundle (an app copying the bundle loses it, and whoever controls the target controls it).
+    folder, _ = _bundle(tmp_path)
+    model = folder / "targets" / "ort" / "model.onnx"
+    outside = tmp_path / "elsewhere.onnx"
+    outside.write_bytes(model.read_bytes())
+    model.unlink()
+    model.symlink_to(outside)
+    result = cli("verify", folder)
+    assert result.exit_code == 1, result.stdout
+    assert len(result.stderr_lines) == 1
+    assert f"changed: targets/ort/model.onnx (a symbolic link to {outside}, outside the bundle)" in result.stderr
+
+
+def test_verify_names_added_links_dangling_or_not(tmp_path, cli):
+    folder, _ = _bundle(tmp_path)
+    (folder / "targets" / "ghost.onnx").symlink_to(tmp_path / "does-not-exist")
+    (folder / "targets" / "alias.json").symlink_to("../report.json")
+    (folder / "outside").symlink_to(tmp_path, target_is_directory=True)
+    result = cli("verify", folder)
+    assert result.exit_code == 1
+    assert f"extra: targets/ghost.onnx (a symbolic link to {tmp_path / 'does-not-exist'}, dangling)" in result.stderr
+    assert "extra: targets/alias.json (a symbolic link to ../report.json, inside the bundle)" in result.stderr
+    assert f"extra: outside (a symbolic link to {tmp_path}, outside the bundle)" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_write_manifest_never_follows_a_link_out_of_the_folder(tmp_path):
+    import pytest
+
+    from edgepack.errors import BadInputError
+
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "key.txt").write_text("not for the bundle")
+    folder = tmp_path / "bundle"
+    folder.mkdir()
+    (folder / "model.onnx").write_bytes(b"onnx")
+    (folder / "secrets").symlink_to(secret, target_is_directory=True)
+    with pytest.raises(BadInputError, match="secrets is a symbolic link to .*outside the bundle"):
+        write_manifest(folder)
+    assert not (folder / "manifest.json").exists()

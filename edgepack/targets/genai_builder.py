@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from edgepack.errors import NotOnThisHostError, UnsupportedModelError
+from edgepack.processes import run_child
 
 BUILDER_REQUIREMENTS = [
     "torch==2.13.0",  # CPU build from the local wheel; pinned so no CUDA build is pulled
@@ -91,7 +92,7 @@ def run_builder(hf_dir: Path, out: Path, *, precision: str = "fp32", max_context
         "-p", precision, "-e", "cpu", "-c", str(cache_dir or out / ".builder-cache"), "--extra_options", *extra,
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    result = run_child(command, env=env)  # dies with edgepack: a killed build leaves no builder writing
     if log_path is not None:
         log_path.write_text(result.stdout + "\n--- stderr ---\n" + result.stderr)
     if result.returncode != 0 or not (out / "model.onnx").is_file():
