@@ -302,7 +302,8 @@ def _print_quantize_summary(result) -> None:
 @cli.command()
 @click.argument("directory", metavar="DIR", type=click.Path(path_type=Path))
 @click.option("-p", "--prompt", required=True, help="The prompt (wrapped in the chat template when the tokenizer has one).")
-@click.option("-n", "--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("-n", "--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Most tokens to generate; generation also stops at EOS or when the model's context is full.")
 @click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True, help="0 = greedy decoding.")
 @click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="Sample from the k most likely tokens (0 = all).")
 @click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0, show_default=True, help="Nucleus sampling mass.")
@@ -334,11 +335,15 @@ def run(directory, prompt, max_new_tokens, temperature, top_k, top_p, seed, no_c
     sys.stdout.flush()
     if stats:
         decode = result.generation.decode_ms_per_token
+        stop = result.generation.stop_reason
+        if stop == "context":
+            stop = f"context full at {result.context_length} tokens"
         _stderr_console().print(
             f"[dim]{len(result.generation.prompt_tokens)} prompt tokens, {len(result.generation.tokens)} generated "
-            f"(stop: {result.generation.stop_reason}); TTFT {1000 * result.generation.time_to_first_token_s:.0f} ms"
+            f"(stop: {stop}); TTFT {1000 * result.generation.time_to_first_token_s:.0f} ms"
             + (f", decode {decode:.1f} ms/token" if decode else "")
-            + "[/dim]"
+            + "[/dim]",
+            soft_wrap=True,  # one line whatever the terminal width: scripts read it
         )
 
 

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +61,8 @@ def _check_type(where: str, value, expected) -> None:
     if not ok:
         names = " or ".join(_TYPE_NAMES[t] for t in expected)
         raise UsageError(f"recipe key {where}: expected {names}, got {type(value).__name__} {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):  # TOML's nan and inf: no gate or option means them
+        raise UsageError(f"recipe key {where}: expected a finite number, got {value}")
 
 
 def _check_table(where: str, table: dict, keys: dict, required: tuple = ()) -> None:

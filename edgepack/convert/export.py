@@ -104,8 +104,7 @@ def resolve_task(source: ModelSource, requested: str) -> str:
     try:
         supported = TasksManager.get_supported_tasks_for_model_type(model_type, "onnx", library_name="transformers")
     except KeyError:
-        decoders = _decoder_only_types(TasksManager)
-        encoders = sorted(set(TasksManager.get_supported_model_type_for_task("feature-extraction", exporter="onnx")) - set(decoders))
+        decoders, encoders = _exportable_types(TasksManager)
         raise UnsupportedModelError(
             f"unknown model_type {source.model_type!r}: optimum-onnx cannot export it. Supported decoders: "
             f"{', '.join(decoders)}; supported encoders: {', '.join(encoders)}"
@@ -119,15 +118,43 @@ def resolve_task(source: ModelSource, requested: str) -> str:
     return requested
 
 
-def _decoder_only_types(tasks_manager) -> list[str]:
+def _exportable_types(tasks_manager) -> tuple[list[str], list[str]]:
+    """(decoder-only types, text encoder types) optimum-onnx exports and edgepack takes.
+
+    Encoder-decoders are in neither list (edgepack refuses them), nor are image and audio encoders
+    (edgepack feeds token ids).
+    """
+    generating = set(tasks_manager.get_supported_model_type_for_task("text-generation-with-past", exporter="onnx"))
+    decoders = sorted(name for name in generating if _is_encoder_decoder(name) is False)
+    encoders = sorted(name for name in tasks_manager.get_supported_model_type_for_task("feature-extraction", exporter="onnx")
+                      if name not in generating and _takes_text(tasks_manager, name) and _is_encoder_decoder(name) is False)
+    return decoders, encoders
+
+
+def _takes_text(tasks_manager, model_type: str) -> bool:
+    from optimum.utils import DummyTextInputGenerator
+
+    try:
+        constructor = tasks_manager.get_exporter_config_constructor(
+            "onnx", model_type=model_type, task="feature-extraction", library_name="transformers")
+    except Exception:  # optimum lists it but cannot say how: leave it out of the list
+        return False
+    generators = getattr(getattr(constructor, "func", constructor), "DUMMY_INPUT_GENERATOR_CLASSES", ())
+    return bool(generators) and issubclass(generators[0], DummyTextInputGenerator)
+
+
+def _is_encoder_decoder(model_type: str) -> bool | None:
+    """From the architecture's default config; None when transformers does not know the type."""
     from transformers import CONFIG_MAPPING
 
-    names = []
-    for name in tasks_manager.get_supported_model_type_for_task("text-generation-with-past", exporter="onnx"):
-        config_cls = CONFIG_MAPPING.get(name) or CONFIG_MAPPING.get(name.replace("-", "_"))
-        if config_cls is not None and not getattr(config_cls(), "is_encoder_decoder", False):
-            names.append(name)
-    return sorted(names)
+    # CONFIG_MAPPING is lazy: only `in` and [] import the config class (its .get() sees an empty dict).
+    for name in (model_type, model_type.replace("-", "_")):
+        if name in CONFIG_MAPPING:
+            try:
+                return bool(getattr(CONFIG_MAPPING[name](), "is_encoder_decoder", False))
+            except Exception:  # a config class that needs arguments: leave the type out of the list
+                return None
+    return None
 
 
 def convert_model(model: str, out: Path | str, config: ConvertConfig = ConvertConfig(), on_status=None) -> ExportedModel:
@@ -209,11 +236,25 @@ def load_torch_model(source: ModelSource, task: str, *, trust_remote_code: bool)
     except Exception as exc:  # transformers raises many types for bad folders; all are bad input to us
         raise BadInputError(f"transformers cannot load {source.hf_dir}: {type(exc).__name__}: {exc}") from exc
     model.eval()
+    files = tokenizer_files(source.hf_dir)
+    if not files:
+        return model, None  # an export without a tokenizer is still useful; parity then uses fixed token ids
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(source.hf_dir), local_files_only=True, trust_remote_code=trust_remote_code)
-    except Exception:
-        tokenizer = None  # an export without a tokenizer is still useful; parity then uses fixed token ids
+    except Exception as exc:  # tokenizers/transformers raise many types for broken files
+        # Dropping it would ship an export `run` cannot use, with exit 0.
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+        raise BadInputError(f"the tokenizer in {source.hf_dir} does not load ({', '.join(files)}): {reason}") from exc
     return model, tokenizer
+
+
+# Files a Hugging Face tokenizer is read from; a folder with none of them is exported without a tokenizer.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+                    "vocab.json", "merges.txt", "vocab.txt", "special_tokens_map.json", "added_tokens.json")
+
+
+def tokenizer_files(folder: Path) -> list[str]:
+    return [name for name in _TOKENIZER_FILES if (Path(folder) / name).is_file()]
 
 
 def export_onnx(torch_model, out: Path, task: str, opset: int | None) -> int:

@@ -8,6 +8,7 @@ on this host), or a recipe whose `[budgets.<device>]` tables hold them. Units ar
 from __future__ import annotations
 
 import json
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,6 +89,8 @@ def parse_budgets(data: dict, where: str = "budgets") -> list[Budget]:
                 raise UsageError(f"{where}: unknown budget key `{device}.{key}`; known keys: {', '.join(BUDGET_KEYS)}")
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise UsageError(f"{where}: budget `{device}.{key}` must be a number, got {type(value).__name__} {value!r}")
+            if not math.isfinite(value):  # TOML has nan and inf: a nan limit fails everything, inf passes anything
+                raise UsageError(f"{where}: budget `{device}.{key}` must be a finite number, got {value}")
             if key in ("min_top1",) and not 0 <= value <= 1:
                 raise UsageError(f"{where}: budget `{device}.{key}` is a fraction between 0 and 1, got {value}")
             if value < 0:
@@ -198,6 +201,19 @@ def _conditions(profile: dict, device: str) -> str:
 
 
 def evaluate(profile: dict, budgets: list[Budget]) -> list[Verdict]:
+    """One verdict per budget. A budget for a device the profile has no figures for is a usage error.
+
+    Such a budget is a typo or a profile made for other devices: a failed verdict would report a
+    budget broken by the model when the gate was never measured, and skipping it would let the typo pass.
+    """
+    profiled = [HOST] + list(profile.get("projections") or {})
+    unknown = list(dict.fromkeys(b.device for b in budgets if b.device not in profiled))
+    if unknown:
+        raise UsageError(
+            f"budgets for {', '.join(unknown)}: the profile has no figures for {'it' if len(unknown) == 1 else 'them'} "
+            f"(its devices: {', '.join(profiled)}); fix the device id or profile with "
+            + " ".join(f"--device {d}" for d in unknown)
+        )
     verdicts = []
     for budget in budgets:
         direction, unit, _ = BUDGET_KEYS[budget.key]

@@ -42,7 +42,7 @@ class ProfileConfig:
     threads: int | None = None
     cooldown_s: float = 0.0
     devices_dirs: tuple[Path, ...] = ()
-    context: int | None = None  # memory fit context (default: the model's max_position_embeddings)
+    context: int | None = None  # memory fit context (default: the model's context, as `run` bounds it)
     rapl_root: Path | None = None  # tests point this at a fake powercap tree
 
 
@@ -129,8 +129,9 @@ def profile_model(directory: Path | str, out: Path | str | None, config: Profile
     status("reading the graph")
     facts = model_facts(model_dir.onnx_path, model_dir.config)
     longest = max(config.prompt_lens) + config.gen_len
-    if facts.max_context and longest > facts.max_context:
-        raise UsageError(f"--prompt-len {max(config.prompt_lens)} + --gen-len {config.gen_len} = {longest} exceeds the model's context {facts.max_context}")
+    model_context = model_dir.context_length  # the bundle's declared context, else the position limit (as `run`)
+    if model_context and longest > model_context:
+        raise UsageError(f"--prompt-len {max(config.prompt_lens)} + --gen-len {config.gen_len} = {longest} exceeds the model's context {model_context}")
     meter, meters = find_meter(config.rapl_root or RAPL_ROOT)
 
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -144,7 +145,7 @@ def profile_model(directory: Path | str, out: Path | str | None, config: Profile
     host["energy_meters"] = meters
 
     status("projecting")
-    context = config.context or facts.max_context or longest
+    context = config.context or model_context or longest
     projections = {device.id: project_device(facts, device, config, context) for device in chosen}
     report = {
         "schema_version": PROFILE_SCHEMA_VERSION,

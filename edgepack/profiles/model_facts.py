@@ -302,7 +302,6 @@ def _head_dim(config: dict) -> int:
 
 
 def _max_context(config: dict) -> int | None:
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        if isinstance(config.get(key), int):
-            return int(config[key])
-    return None
+    from edgepack.runtime.model_dir import max_positions
+
+    return max_positions(config)

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from edgepack.errors import BadInputError, UsageError
+
 _PAST_NAME = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 _ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
@@ -35,7 +37,7 @@ class SamplingConfig:
 class GenerationResult:
     prompt_tokens: list[int]
     tokens: list[int]
-    stop_reason: str  # "eos" | "length"
+    stop_reason: str  # "eos" | "length" | "context" (max_new_tokens would have passed the model's context)
     time_to_first_token_s: float
     decode_seconds: float  # time for all tokens after the first
     step_seconds: list[float] = field(default_factory=list)
@@ -65,7 +67,7 @@ class DecoderSession:
         self.input_names = {i.name for i in session.get_inputs()}
         self.output_names = [o.name for o in session.get_outputs()]
         if "input_ids" not in self.input_names or "logits" not in self.output_names:
-            raise ValueError("not a decoder graph: needs an input_ids input and a logits output")
+            raise BadInputError("not a decoder graph: needs an input_ids input and a logits output")
         self.past_inputs: list[tuple[str, list]] = []
         for inp in session.get_inputs():
             if _PAST_NAME.match(inp.name):
@@ -80,7 +82,7 @@ class DecoderSession:
     def empty_cache(self, capacity: int | None = None) -> dict:
         """An empty cache. With `share_kv_buffer`, `capacity` (the most positions it will hold) is required."""
         if self.share_kv_buffer and not capacity:
-            raise ValueError("a shared KV buffer needs its capacity (prompt + new tokens)")
+            raise UsageError("a shared KV buffer needs its capacity (prompt + new tokens)")
         cache = {}
         for name, shape, dtype in self.past_inputs:
             # [batch, kv_heads, past_len, head_dim]: the static dims come from the graph, else from the config.
@@ -131,7 +133,7 @@ class DecoderSession:
         needed = past_length + feeds["input_ids"].shape[1]
         capacity = next(iter(cache.values())).shape()[2] if cache else 0
         if needed > capacity:
-            raise ValueError(f"the KV buffer holds {capacity} positions; {needed} needed")
+            raise UsageError(f"the KV buffer holds {capacity} positions; {needed} needed")
         binding = self.session.io_binding()
         for name, value in feeds.items():
             binding.bind_cpu_input(name, value)
@@ -175,6 +177,20 @@ def sample_next(logits: np.ndarray, sampling: SamplingConfig, rng: np.random.Gen
     return int(rng.choice(probs.shape[-1], p=probs))
 
 
+def new_token_limit(prompt_len: int, max_new_tokens: int, context_length: int | None) -> int:
+    """How many tokens may be generated after `prompt_len` prompt tokens; UsageError when none can."""
+    if prompt_len < 1:
+        raise UsageError("the prompt encodes to zero tokens")
+    if context_length is None:
+        return max_new_tokens
+    if prompt_len >= context_length:
+        raise UsageError(
+            f"the prompt is too long for this model: {prompt_len} tokens, and its context holds "
+            f"{context_length} (prompt and new tokens together)"
+        )
+    return min(max_new_tokens, context_length - prompt_len)
+
+
 def generate(
     decoder: DecoderSession,
     prompt_tokens: list[int],
@@ -183,20 +199,26 @@ def generate(
     sampling: SamplingConfig = SamplingConfig(),
     eos_token_ids: set[int] | frozenset = frozenset(),
     on_token=None,
+    context_length: int | None = None,
 ) -> GenerationResult:
-    """Prefill the prompt, then decode one token at a time with the KV cache until EOS or `max_new_tokens`."""
-    if not prompt_tokens:
-        raise ValueError("the prompt encodes to zero tokens")
+    """Prefill the prompt, then decode one token at a time with the KV cache until EOS or `max_new_tokens`.
+
+    With `context_length` (the model's limit on prompt + generated tokens), a prompt that leaves no room
+    for a new token is a UsageError, and generation stops with stop_reason "context" when the context is
+    full before `max_new_tokens`: the number is an upper bound, like EOS, and a graph fed past its
+    positions fails or extrapolates silently.
+    """
+    limit = new_token_limit(len(prompt_tokens), max_new_tokens, context_length)
     rng = np.random.default_rng(sampling.seed)
-    cache = decoder.empty_cache(len(prompt_tokens) + max_new_tokens)
+    cache = decoder.empty_cache(len(prompt_tokens) + limit)
     tokens: list[int] = []
     step_seconds: list[float] = []
-    stop_reason = "length"
+    stop_reason = "length" if limit == max_new_tokens else "context"
     start = time.perf_counter()
     pending = list(prompt_tokens)
     past_length = 0
     ttft = 0.0
-    while len(tokens) < max_new_tokens:
+    while len(tokens) < limit:
         step_start = time.perf_counter()
         if decoder.has_cache:
             logits, cache = decoder.forward(pending, cache, past_length)

@@ -35,6 +35,19 @@ class ExportedModelDir:
         return ids
 
     @property
+    def context_length(self) -> int | None:
+        """The most positions (prompt + generated tokens) this model takes, None when nothing says.
+
+        A target bundle's genai_config.json `context_length` is what an app built on it allocates KV
+        buffers for (the graph may run further, but the bundle does not promise it); an export is bounded by
+        its position embeddings (config.json). `run` and `profile` both hold lengths to this one figure.
+        """
+        genai = _read_json(self.folder / "genai_config.json") or {}
+        limits = [_positive_int((genai.get("model") or {}).get("context_length")), max_positions(self.config)]
+        limits = [limit for limit in limits if limit is not None]
+        return min(limits) if limits else None
+
+    @property
     def share_kv_buffer(self) -> bool:
         """True when the folder's genai_config.json says past and present KV share one buffer (GroupQueryAttention graphs)."""
         genai = _read_json(self.folder / "genai_config.json") or {}
@@ -50,6 +63,19 @@ class ExportedModelDir:
             return AutoTokenizer.from_pretrained(str(self.folder))
         except Exception as exc:  # missing or broken tokenizer files
             raise BadInputError(f"{self.folder} has no usable tokenizer: {exc}") from exc
+
+
+def max_positions(config: dict) -> int | None:
+    """The longest sequence a Hugging Face config's position embeddings cover, None when it does not say."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = _positive_int(config.get(key))
+        if value is not None:
+            return value
+    return None
+
+
+def _positive_int(value) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 def load_model_dir(folder: Path | str) -> ExportedModelDir:

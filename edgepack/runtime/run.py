@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgepack.errors import UsageError
-from edgepack.runtime.generate import DecoderSession, GenerationResult, SamplingConfig, TextStreamer, generate
+from edgepack.runtime.generate import DecoderSession, GenerationResult, SamplingConfig, TextStreamer, generate, new_token_limit
 from edgepack.runtime.model_dir import TEXT_GENERATION, load_model_dir
 from edgepack.runtime.session import create_session
 
@@ -27,6 +27,7 @@ class RunResult:
     text: str
     prompt_text: str
     generation: GenerationResult
+    context_length: int | None = None  # the model's limit on prompt + generated tokens (None: unknown)
 
 
 def encode_prompt(tokenizer, prompt: str, chat: bool) -> tuple[list[int], str]:
@@ -45,14 +46,17 @@ def run_prompt(directory: Path | str, prompt: str, config: RunConfig = RunConfig
     prompt_ids, prompt_text = encode_prompt(tokenizer, prompt, config.chat)
     if not prompt_ids:
         raise UsageError("the prompt is empty after tokenization")
+    context = model_dir.context_length
+    new_token_limit(len(prompt_ids), config.max_new_tokens, context)  # a prompt that does not fit fails before loading
     decoder = DecoderSession(create_session(model_dir.onnx_path, threads=config.threads), model_dir.config,
                              share_kv_buffer=model_dir.share_kv_buffer)
     eos = model_dir.eos_token_ids(tokenizer)
     streamer = TextStreamer(tokenizer, write or (lambda text: None), skip_ids=eos)
     sampling = SamplingConfig(config.temperature, config.top_k, config.top_p, config.seed)
     result = generate(
-        decoder, prompt_ids, max_new_tokens=config.max_new_tokens, sampling=sampling, eos_token_ids=eos, on_token=streamer
+        decoder, prompt_ids, max_new_tokens=config.max_new_tokens, sampling=sampling, eos_token_ids=eos, on_token=streamer,
+        context_length=context,
     )
     streamer.finish()
     text = tokenizer.decode([t for t in result.tokens if t not in eos], skip_special_tokens=True)
-    return RunResult(text=text, prompt_text=prompt_text, generation=result)
+    return RunResult(text=text, prompt_text=prompt_text, generation=result, context_length=context)

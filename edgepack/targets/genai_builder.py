@@ -96,8 +96,36 @@ def run_builder(hf_dir: Path, out: Path, *, precision: str = "fp32", max_context
     if log_path is not None:
         log_path.write_text(result.stdout + "\n--- stderr ---\n" + result.stderr)
     if result.returncode != 0 or not (out / "model.onnx").is_file():
-        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        lines = result.stderr.strip().splitlines()
+        disk = _disk_failure(result.returncode, "\n".join(lines[-30:]))
+        if disk is not None:  # the disk under the output or the cache, not the model
+            from edgepack.errors import UsageError
+
+            raise UsageError(f"cannot write {out}: {disk} while onnxruntime-genai's builder wrote the graph there "
+                             f"(its cache: {cache_dir or out / '.builder-cache'})")
+        last = (lines or ["no output"])[-1]
         raise UnsupportedModelError(f"onnxruntime-genai's builder failed on {hf_dir}: {last}")
+
+
+# Errors only a write can raise: whatever the model, these are about the disk the builder writes to.
+_WRITE_ERRNOS = ("ENOSPC", "EDQUOT", "EROFS", "EFBIG")
+
+
+def _disk_failure(returncode: int, stderr_tail: str) -> str | None:
+    """'<strerror> (<ERRNO>, errno N)' when the builder failed writing, else None (then the model is to blame)."""
+    import errno
+    import signal
+
+    for name in _WRITE_ERRNOS:
+        number = getattr(errno, name, None)
+        if number is None:
+            continue
+        reason = os.strerror(number)
+        if f"[Errno {number}]" in stderr_tail or reason in stderr_tail or name in stderr_tail:
+            return f"{reason} ({name}, errno {number})"
+    if hasattr(signal, "SIGXFSZ") and returncode == -signal.SIGXFSZ:  # killed for passing the file size limit
+        return "file size limit exceeded (SIGXFSZ)"
+    return None
 
 
 if __name__ == "__main__":

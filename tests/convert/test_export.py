@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from tests.conftest import read_json
@@ -98,3 +101,43 @@ def test_pickle_weights_convert_with_allow_pickle(tmp_path, cli):
     result = cli("convert", source, "-o", tmp_path / "out", "--allow-pickle")
     assert result.exit_code == 0, result.stderr
     assert read_json(tmp_path / "out" / "convert.json")["parity"]["greedy_tokens_identical"] is True
+
+
+def _tiny_copy(tiny_model_factory, tmp_path, arch="llama"):
+    import shutil
+
+    return Path(shutil.copytree(tiny_model_factory(arch), tmp_path / f"{arch}-copy"))
+
+
+def test_unknown_model_type_lists_decoders_and_encoders_apart(tiny_model_factory, tmp_path, cli):
+    model = _tiny_copy(tiny_model_factory, tmp_path)
+    config = json.loads((model / "config.json").read_text())
+    config["model_type"] = "frobnicator"
+    (model / "config.json").write_text(json.dumps(config))
+    result = cli("convert", model, "-o", tmp_path / "out")
+    assert result.exit_code == 3, result.stderr
+    (line,) = result.stderr_lines
+    decoders_text, encoders_text = line.split("Supported decoders: ")[1].split("; supported encoders: ")
+    decoders, encoders = set(decoders_text.split(", ")), set(encoders_text.split(", "))
+    assert {"llama", "qwen2", "mistral", "phi3", "gemma", "gpt2"} <= decoders
+    assert {"bert", "roberta", "distilbert"} <= encoders
+    assert not decoders & encoders
+    assert not {"bart", "t5", "whisper"} & (decoders | encoders), "encoder-decoders are refused, so not listed"
+    assert not {"vit", "resnet", "wav2vec2"} & encoders, "edgepack feeds token ids: no image or audio encoders"
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not-json"])
+def test_tokenizer_that_does_not_load_is_bad_input(tiny_model_factory, tmp_path, cli, damage):
+    """Dropping it silently gave exit 0 and an export `run` could not use."""
+    model = _tiny_copy(tiny_model_factory, tmp_path)
+    path = model / "tokenizer.json"
+    text = path.read_text()
+    path.write_text(text[: len(text) // 3] if damage == "truncated" else "not a tokenizer")
+    out = tmp_path / "out"
+    result = cli("convert", model, "-o", out)
+    assert result.exit_code == 3, result.stderr
+    (line,) = result.stderr_lines
+    assert line.startswith(f"error: the tokenizer in {model} does not load (tokenizer.json")
+    assert "Traceback" not in result.stderr
+    assert not out.exists() and not list(tmp_path.glob(".out*"))

@@ -53,6 +53,7 @@ def test_builder_route_fuses_attention_and_matches(exported_tiny_factory, tmp_pa
 def _shared_buffer_decodes_like_copied_cache(bundle):
     import numpy as np
 
+    from edgepack.errors import UsageError
     from edgepack.runtime import DecoderSession, create_session, load_model_dir
 
     model_dir = load_model_dir(bundle)
@@ -71,9 +72,9 @@ def _shared_buffer_decodes_like_copied_cache(bundle):
         logits_copied, cache = copied.forward([token], cache, past)
         diffs.append(np.abs(logits_shared - logits_copied).max())
     assert max(diffs) <= 1e-5, diffs
-    with pytest.raises(ValueError, match="KV buffer holds 9 positions"):
+    with pytest.raises(UsageError, match="KV buffer holds 9 positions"):
         shared.forward([1], buffer, len(prompt) + len(steps))
-    with pytest.raises(ValueError, match="capacity"):
+    with pytest.raises(UsageError, match="capacity"):
         shared.empty_cache()
 
 

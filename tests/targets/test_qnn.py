@@ -209,3 +209,32 @@ def test_scale_free_rms_norm_is_exact_and_keeps_every_tensor_in_range():
     # (sqrt(hidden) = 8, reached by the one-hot massive position), where before x^2 reached 6e8.
     widest = {name: float(np.abs(v).max()) for name, v in after.items() if "abs" not in name and "max" not in name}
     assert max(widest.values()) <= max(float(np.abs(before["normed"]).max()), float(np.abs(before["y"]).max())) + 1e-3, widest
+
+
+@needs_qnn
+def test_context_binary_on_a_full_disk_is_an_output_error(tmp_path):
+    """The EP writing `<name>_ctx_qnn.bin` into a full disk (/dev/full: every write is ENOSPC) is not the model's fault."""
+    import os
+
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgepack.errors import UsageError
+    from edgepack.targets.qnn_support.ep import HtpOptions, compile_on_htp
+
+    weight = numpy_helper.from_array(np.arange(256, dtype=np.float32).reshape(16, 16) / 256, "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "matmul",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16])], [weight])
+    model = tmp_path / "matmul.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(model))
+    options = HtpOptions(soc_model=57, htp_arch=75, fp16=True)
+    (tmp_path / "ok").mkdir()
+    compile_on_htp(model, options, tmp_path / "ok" / "matmul_ctx.onnx")
+    assert (tmp_path / "ok" / "matmul_ctx_qnn.bin").is_file()  # the same model compiles where the disk has room
+
+    full = tmp_path / "full"
+    full.mkdir()
+    os.symlink("/dev/full", full / "matmul_ctx_qnn.bin")
+    with pytest.raises(UsageError, match=r"cannot write .*full/matmul_ctx\.onnx .*Failed to write context cache file"):
+        compile_on_htp(model, options, full / "matmul_ctx.onnx")

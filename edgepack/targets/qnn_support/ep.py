@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgepack.errors import BadInputError, NotOnThisHostError
+from edgepack.errors import BadInputError, NotOnThisHostError, UsageError
 
 EP_NAME = "QNNExecutionProvider"
 _REGISTERED: list = []
@@ -160,6 +160,9 @@ def compile_on_htp(model_path: Path, options: HtpOptions, context_path: Path):
                 f"{model_path.name}: {where.nodes_total - where.nodes_on_htp} node(s) the HTP cannot take "
                 f"({', '.join(f'{op} x{n}' for op, n in where.not_on_htp.items())}), e.g. {', '.join(where.not_on_htp_nodes[:3])}; "
                 "CPU fallback is disabled on purpose") from exc
+        if "context cache file" in message:  # "Failed to open/write context cache file": the output's disk, not the model
+            raise UsageError(f"cannot write {context_path} (and the .bin beside it): the QNN EP failed writing the context "
+                             f"binary ({message[:200]}); check the free space and permissions of that folder") from exc
         if "soc_model" in message or "htp_arch" in message:
             raise BadInputError(f"the QNN HTP backend refused soc_model/htp_arch {options.soc_model}/{options.htp_arch}: {message[:300]}") from exc
         raise BadInputError(f"QNN could not compile {model_path.name} for the HTP: {message[:400]}") from exc
