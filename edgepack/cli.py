@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from edgepack import __version__
-from edgepack.errors import EXIT_INTERNAL, EXIT_USAGE, EdgepackError, GateFailedError, UsageError
+from edgepack.errors import EXIT_INTERNAL, EXIT_USAGE, EdgepackError, GateFailedError, UsageError, classify
 
 EXIT_CODES_HELP = """\b
 Exit codes:
@@ -402,11 +402,13 @@ def init(path, force):
     Example:
       edgepack init && edgepack build edgepack.toml -o build/release
     """
+    from edgepack.outputs import check_output_file, write_output_file
     from edgepack.recipe import STARTER_RECIPE
 
+    check_output_file(path)
     if path.exists() and not force:
         raise UsageError(f"{path} exists; pass --force to overwrite it")
-    path.write_text(STARTER_RECIPE)
+    write_output_file(path, STARTER_RECIPE)
     click.echo(f"wrote {path}")
 
 
@@ -453,6 +455,9 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point: every error becomes one line on stderr and a documented exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or bool(os.environ.get("EDGEPACK_DEBUG"))
+    from edgepack.outputs import reset_declared_outputs
+
+    reset_declared_outputs()  # the error mapping names the outputs this invocation writes
     try:
         cli.main(args=args, prog_name="edgepack", standalone_mode=False)
         code = 0
@@ -475,9 +480,13 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         click.echo("error: interrupted", err=True)
         code = 130
-    except Exception as exc:  # a bug: still one line unless --debug
+    except Exception as exc:  # OS and model-loader errors are the user's files; the rest is a bug
         if debug:
             traceback.print_exc()
+        mapped = classify(exc)
+        if mapped is not None:
+            click.echo(f"error: {mapped.message}", err=True)
+            sys.exit(mapped.exit_code)
         message = " ".join(str(exc).split())[:500]
         click.echo(f"internal error: {type(exc).__name__}: {message} (rerun with --debug for the traceback)", err=True)
         code = EXIT_INTERNAL
