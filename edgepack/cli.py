@@ -20,8 +20,8 @@ EXIT_CODES_HELP = """\b
 Exit codes:
   0  all good
   1  a budget, quality or parity gate failed (outputs are complete and say why)
-  2  usage error (bad option, output folder in the way)
-  3  bad input (missing/corrupt model, unsupported architecture)
+  2  usage error (bad option, output folder in the way or not writable)
+  3  bad input (missing/corrupt model, unsupported architecture, unreadable file)
   4  a target cannot be built or checked on this host
   70 internal error (a bug; rerun with --debug and report it)
 """

@@ -75,7 +75,7 @@ def _reason(exc: OSError) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-def _output_for(path: str | None):
+def _output_for(path: str | None, ancestors: bool = True):
     """The declared output `path` belongs to (itself, inside it, its staging sibling or a parent created for it)."""
     import os
     from pathlib import Path
@@ -88,7 +88,7 @@ def _output_for(path: str | None):
     target = Path(os.path.abspath(path))
     for out in reversed(outputs):  # the innermost (latest) output first
         out_abs = Path(os.path.abspath(out))
-        if target == out_abs or out_abs in target.parents or target in out_abs.parents:
+        if target == out_abs or out_abs in target.parents or (ancestors and target in out_abs.parents):
             return out
         for parent in (target, *target.parents):
             if parent.parent == out_abs.parent and parent.name.startswith(f".{out_abs.name}."):
@@ -105,12 +105,13 @@ def _from_os_error(exc: OSError) -> EdgepackError:
     paths = [p.decode(errors="replace") if isinstance(p, bytes) else str(p) for p in paths]
     reason = _reason(exc)
     for path in paths:
-        out = _output_for(path)
+        out = _output_for(path, ancestors=exc.errno != errno.EISDIR)  # reading a parent folder as a file is an input error
         if out is not None:
             return OutputError(f"cannot write {out}: {reason} ({path})" if str(out) != path else f"cannot write {out}: {reason}")
     if exc.errno in _write_only_errnos():
-        outputs = declared_outputs()
-        where = outputs[-1] if outputs else (paths[-1] if paths else None)
+        # No path in the error (a write() on a full disk): the output whose file system is full or read-only.
+        outputs = list(reversed(declared_outputs()))
+        where = next((o for o in outputs if _filesystem_problem(o)), outputs[0] if outputs else (paths[-1] if paths else None))
         return OutputError(f"cannot write {where}: {reason}" if where is not None else f"cannot write the output: {reason}")
     if paths:
         path = paths[0]
@@ -156,6 +157,43 @@ def _from_loader_error(exc: BaseException) -> EdgepackError | None:
     return None
 
 
+def _filesystem_problem(out) -> str | None:
+    """Why the file system holding `out` cannot take more data (read-only, full), if it cannot."""
+    import os
+    from pathlib import Path
+
+    folder = Path(os.path.abspath(out))
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        stats = os.statvfs(folder)
+    except OSError:
+        return None
+    if stats.f_flag & os.ST_RDONLY:
+        return "Read-only file system"
+    if stats.f_bavail * stats.f_frsize < 1 << 20:
+        return "No space left on device"
+    return None
+
+
+def _from_library_write_error(exc: BaseException) -> EdgepackError | None:
+    """A library (onnxruntime saving external data, a converter) failed to write into an output being staged."""
+    from edgepack.outputs import declared_outputs
+
+    message = " ".join(str(exc).split())
+    if "write" not in message.lower() and "save" not in message.lower():
+        return None
+    for out in reversed(declared_outputs()):
+        import os
+
+        out_abs = os.path.abspath(out)
+        staging = os.path.join(os.path.dirname(out_abs), f".{os.path.basename(out_abs)}.")
+        if out_abs in message or staging in message:
+            reason = _filesystem_problem(out) or "writing failed"
+            return OutputError(f"cannot write {out}: {reason} ({message[-200:]})")
+    return None
+
+
 def classify(exc: BaseException) -> EdgepackError | None:
     """The user-facing error for `exc`, or None when it is a bug (exit 70)."""
     import shutil
@@ -168,4 +206,4 @@ def classify(exc: BaseException) -> EdgepackError | None:
         return _from_os_error(exc)
     if isinstance(exc, (UnicodeDecodeError,)):
         return None
-    return _from_loader_error(exc)
+    return _from_loader_error(exc) or _from_library_write_error(exc)

@@ -126,6 +126,11 @@ def prepare_output(out: Path, force: bool, replaceable_kinds: tuple[str, ...] = 
     _replaceable[_key(out)] = (force, tuple(replaceable_kinds))
     # Parent folders are created (build/ on a fresh clone); the output folder itself only appears complete.
     parent.mkdir(parents=True, exist_ok=True)
+    # Fail now, not after minutes of work, when nothing can be created there (/proc, read-only, no permission).
+    probe = parent / f".{out.name}.tmp-{os.getpid()}"
+    if not probe.exists():
+        probe.mkdir()
+        probe.rmdir()
 
 
 def _pid_alive(pid: int) -> bool:
@@ -223,6 +228,10 @@ def check_output_file(path: Path | str) -> Path:
             break
     if not path.parent.is_dir():
         raise UsageError(f"cannot write {path}: its parent folder {path.parent} does not exist")
+    probe = path.parent / f".{path.name}.tmp-{os.getpid()}"  # nothing can be created there: fail before the work
+    if not probe.exists():
+        probe.touch()
+        probe.unlink()
     return path
 
 

@@ -102,7 +102,9 @@ def load_budgets(path: Path | str) -> list[Budget]:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError as exc:
         raise UsageError(f"budgets file {path} does not exist") from exc
-    except tomllib.TOMLDecodeError as exc:
+    except IsADirectoryError as exc:
+        raise UsageError(f"budgets file {path} is a folder; pass a TOML file") from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"{path} is not valid TOML: {exc}") from exc
     return parse_budgets(data, str(path))
 
