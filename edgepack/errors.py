@@ -96,7 +96,7 @@ def _output_for(path: str | None, ancestors: bool = True):
     return None
 
 
-def _from_os_error(exc: OSError) -> EdgepackError:
+def _from_os_error(exc: OSError) -> EdgepackError | None:
     import errno
 
     from edgepack.outputs import declared_outputs
@@ -115,6 +115,8 @@ def _from_os_error(exc: OSError) -> EdgepackError:
         return OutputError(f"cannot write {where}: {reason}" if where is not None else f"cannot write the output: {reason}")
     if paths:
         path = paths[0]
+        if _inside_edgepack(path):
+            return None  # edgepack's own files: a bug, not the user's input
         if exc.errno == errno.EISDIR:
             return BadInputError(f"cannot read {path}: it is a folder, expected a file")
         if exc.errno == errno.ENOTDIR:
@@ -123,6 +125,13 @@ def _from_os_error(exc: OSError) -> EdgepackError:
     if exc.errno in (errno.EIO, errno.EACCES, errno.EPERM):
         return BadInputError(f"cannot read an input: {reason}")
     return None
+
+
+def _inside_edgepack(path: str) -> bool:
+    import os
+
+    package = os.path.dirname(os.path.abspath(__file__))
+    return os.path.abspath(path).startswith(package + os.sep)
 
 
 def _from_shutil_error(exc) -> EdgepackError | None:
@@ -180,12 +189,12 @@ def _from_library_write_error(exc: BaseException) -> EdgepackError | None:
     """A library (onnxruntime saving external data, a converter) failed to write into an output being staged."""
     from edgepack.outputs import declared_outputs
 
+    import os
+
     message = " ".join(str(exc).split())
     if "write" not in message.lower() and "save" not in message.lower():
         return None
     for out in reversed(declared_outputs()):
-        import os
-
         out_abs = os.path.abspath(out)
         staging = os.path.join(os.path.dirname(out_abs), f".{os.path.basename(out_abs)}.")
         if out_abs in message or staging in message:
@@ -204,6 +213,4 @@ def classify(exc: BaseException) -> EdgepackError | None:
         return _from_shutil_error(exc)
     if isinstance(exc, OSError) and type(exc).__module__ == "builtins":
         return _from_os_error(exc)
-    if isinstance(exc, (UnicodeDecodeError,)):
-        return None
     return _from_loader_error(exc) or _from_library_write_error(exc)

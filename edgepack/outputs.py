@@ -58,7 +58,8 @@ def _refuse_current_folder(out: Path) -> None:
     target = Path(os.path.abspath(out))
     cwd = Path(os.getcwd())
     if target == Path(target.anchor) or target == cwd or target in cwd.parents:
-        shown = "the current folder" if target == cwd else ("the filesystem root" if target == Path(target.anchor) else f"a parent of the current folder")
+        shown = ("the current folder" if target == cwd else
+                 "the filesystem root" if target == Path(target.anchor) else "a parent of the current folder")
         raise UsageError(f"output {out} is {shown}; choose a new folder for -o (e.g. -o build/out)")
 
 
@@ -122,10 +123,12 @@ def prepare_output(out: Path, force: bool, replaceable_kinds: tuple[str, ...] = 
             if not folder.is_dir():
                 raise UsageError(f"cannot write {out}: {folder} is a file, not a folder")
             break
-    _check_replaceable(out, force, replaceable_kinds)
+    if not parent.exists():
+        # Parent folders are created (build/ on a fresh clone); the output folder itself only appears complete.
+        parent.mkdir(parents=True, exist_ok=True)
+    with _parent_lock(parent):  # not while another process swaps OUT: it would look missing or half-moved
+        _check_replaceable(out, force, replaceable_kinds)
     _replaceable[_key(out)] = (force, tuple(replaceable_kinds))
-    # Parent folders are created (build/ on a fresh clone); the output folder itself only appears complete.
-    parent.mkdir(parents=True, exist_ok=True)
     # Fail now, not after minutes of work, when nothing can be created there (/proc, read-only, no permission).
     probe = parent / f".{out.name}.tmp-{os.getpid()}"
     if not probe.exists():

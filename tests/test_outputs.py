@@ -191,6 +191,7 @@ def test_os_errors_name_the_path_and_tell_outputs_from_inputs(tmp_path):
 
 
 def test_a_bug_stays_a_bug():
+    assert classify(_raised(lambda: b"\xff".decode())) is None
     assert classify(_raised(lambda: {}["missing"])) is None
     assert classify(_raised(lambda: None.attribute)) is None
 
@@ -207,3 +208,10 @@ def test_onnx_parse_errors_are_bad_input(tmp_path):
 
     mapped = classify(_raised(lambda: ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])))
     assert isinstance(mapped, BadInputError) and str(path) in mapped.message
+
+
+def test_a_missing_file_of_edgepack_itself_is_a_bug_not_bad_input():
+    import edgepack
+
+    own = Path(edgepack.__file__).parent / "profiles" / "devices" / "no-such-device.toml"
+    assert classify(_raised(lambda: own.read_text())) is None
