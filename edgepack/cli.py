@@ -347,7 +347,7 @@ def run(directory, prompt, max_new_tokens, temperature, top_k, top_p, seed, no_c
 @click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="Bundle folder (a previous bundle there is replaced once the new one is complete).")
 @click.option("--only", type=click.Choice(["convert", "quantize", "target", "profile", "check"]), default=None, help="Stop after this stage.")
 @click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True, help="Targets built in parallel (worker processes); other stages run one at a time.")
-@click.option("--junit", type=click.Path(path_type=Path), default=None, help="Also copy junit.xml here.")
+@click.option("--junit", type=click.Path(path_type=Path), default=None, help="Also copy junit.xml here (a file, or an existing folder to put junit.xml in).")
 @click.option("--force", is_flag=True, help="Replace a non-empty OUT that is not an edgepack bundle.")
 def build(recipe, out, only, jobs, junit, force):
     """Run a recipe: convert, quantize, targets, profile, check; write a verified bundle.

@@ -123,17 +123,24 @@ def prepare_output(out: Path, force: bool, replaceable_kinds: tuple[str, ...] = 
             if not folder.is_dir():
                 raise UsageError(f"cannot write {out}: {folder} is a file, not a folder")
             break
-    if not parent.exists():
-        # Parent folders are created (build/ on a fresh clone); the output folder itself only appears complete.
-        parent.mkdir(parents=True, exist_ok=True)
-    with _parent_lock(parent):  # not while another process swaps OUT: it would look missing or half-moved
-        _check_replaceable(out, force, replaceable_kinds)
+    # Missing parent folders (build/ on a fresh clone) are created for the checks below and removed again:
+    # staging_dir creates them for good once the inputs have been read, so a refused run leaves nothing.
+    created = [folder for folder in [parent, *parent.parents] if not (folder.exists() or folder.is_symlink())]
+    try:
+        if created:
+            parent.mkdir(parents=True, exist_ok=True)
+        with _parent_lock(parent):  # not while another process swaps OUT: it would look missing or half-moved
+            _check_replaceable(out, force, replaceable_kinds)
+        # Fail now, not after minutes of work, when nothing can be created there (/proc, read-only, no permission).
+        probe = parent / f".{out.name}.tmp-{os.getpid()}"
+        if not probe.exists():
+            probe.mkdir()
+            probe.rmdir()
+    finally:
+        for folder in created:  # innermost first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
     _replaceable[_key(out)] = (force, tuple(replaceable_kinds))
-    # Fail now, not after minutes of work, when nothing can be created there (/proc, read-only, no permission).
-    probe = parent / f".{out.name}.tmp-{os.getpid()}"
-    if not probe.exists():
-        probe.mkdir()
-        probe.rmdir()
 
 
 def _pid_alive(pid: int) -> bool:
@@ -209,6 +216,7 @@ def replace_dir(tmp: Path, out: Path) -> None:
 def staging_dir(out: Path):
     """A fresh temporary folder beside `out`; removed on exit unless it was renamed to `out`."""
     declare_output(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
