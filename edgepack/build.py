@@ -27,6 +27,7 @@ from pathlib import Path
 
 from edgepack.errors import BadInputError, UsageError
 
+BUNDLE_KIND = "edgepack.manifest"
 STAGES = ("convert", "quantize", "target", "profile", "check")
 FP32 = "fp32"
 
@@ -380,7 +381,14 @@ def build_recipe(recipe_path: Path | str, out: Path | str, config: BuildConfig =
     last_stage = STAGES.index(config.only) if config.only else len(STAGES) - 1
     recipe = load_recipe(recipe_path)
     out = Path(out)
-    prepare_output(out, force=True if out.exists() and (out / "manifest.json").is_file() else config.force)
+    # A previous bundle (every file listed in its edgepack manifest) is replaced; anything else needs --force.
+    prepare_output(out, config.force, replaceable_kinds=(BUNDLE_KIND,))
+    junit = config.junit
+    if junit is not None:
+        from edgepack.outputs import check_output_file
+
+        junit = Path(junit)
+        check_output_file(junit / "junit.xml" if junit.is_dir() else junit)  # a folder gets junit.xml inside
     cache = StageCache()
     for stale in cache.remove_stale():
         log(f"cache    removed {stale.relative_to(cache.root)}, left by a build that was killed")
@@ -548,6 +556,8 @@ def build_recipe(recipe_path: Path | str, out: Path | str, config: BuildConfig =
                                         for r in result.records],
                              "figures": report["figures"]})
         replace_dir(tmp, out)
-    if config.junit is not None:
-        shutil.copy2(out / "junit.xml", config.junit)
+    if junit is not None:
+        from edgepack.outputs import write_output_file
+
+        write_output_file(junit / "junit.xml" if junit.is_dir() else junit, (out / "junit.xml").read_bytes())
     return result

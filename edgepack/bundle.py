@@ -120,8 +120,12 @@ def verify_bundle(folder: Path | str) -> VerifyResult:
         raise BadInputError(f"{folder} has no {MANIFEST}: it is not a finished edgepack bundle")
     try:
         recorded = json.loads(manifest_path.read_text())["files"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
         raise BadInputError(f"{manifest_path} is not a valid manifest: {exc}") from exc
+    if not isinstance(recorded, dict) or not all(
+        isinstance(r, dict) and isinstance(r.get("bytes"), int) and isinstance(r.get("sha256"), str) for r in recorded.values()
+    ):
+        raise BadInputError(f"{manifest_path} is not a valid manifest: `files` must map each path to its bytes and sha256")
     result = VerifyResult(folder)
     files, others = _walk(folder)
     present = {p.relative_to(folder).as_posix(): p for p in files if p.relative_to(folder).as_posix() != MANIFEST}

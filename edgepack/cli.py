@@ -14,14 +14,14 @@ from pathlib import Path
 import click
 
 from edgepack import __version__
-from edgepack.errors import EXIT_INTERNAL, EXIT_USAGE, EdgepackError, GateFailedError, UsageError
+from edgepack.errors import EXIT_INTERNAL, EXIT_USAGE, EdgepackError, GateFailedError, UsageError, classify
 
 EXIT_CODES_HELP = """\b
 Exit codes:
   0  all good
   1  a budget, quality or parity gate failed (outputs are complete and say why)
-  2  usage error (bad option, output folder in the way)
-  3  bad input (missing/corrupt model, unsupported architecture)
+  2  usage error (bad option, output folder in the way or not writable)
+  3  bad input (missing/corrupt model, unsupported architecture, unreadable file)
   4  a target cannot be built or checked on this host
   70 internal error (a bug; rerun with --debug and report it)
 """
@@ -352,7 +352,7 @@ def run(directory, prompt, max_new_tokens, temperature, top_k, top_p, seed, no_c
 @click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="Bundle folder (a previous bundle there is replaced once the new one is complete).")
 @click.option("--only", type=click.Choice(["convert", "quantize", "target", "profile", "check"]), default=None, help="Stop after this stage.")
 @click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True, help="Targets built in parallel (worker processes); other stages run one at a time.")
-@click.option("--junit", type=click.Path(path_type=Path), default=None, help="Also copy junit.xml here.")
+@click.option("--junit", type=click.Path(path_type=Path), default=None, help="Also copy junit.xml here (a file, or an existing folder to put junit.xml in).")
 @click.option("--force", is_flag=True, help="Replace a non-empty OUT that is not an edgepack bundle.")
 def build(recipe, out, only, jobs, junit, force):
     """Run a recipe: convert, quantize, targets, profile, check; write a verified bundle.
@@ -407,11 +407,13 @@ def init(path, force):
     Example:
       edgepack init && edgepack build edgepack.toml -o build/release
     """
+    from edgepack.outputs import check_output_file, write_output_file
     from edgepack.recipe import STARTER_RECIPE
 
+    check_output_file(path)
     if path.exists() and not force:
         raise UsageError(f"{path} exists; pass --force to overwrite it")
-    path.write_text(STARTER_RECIPE)
+    write_output_file(path, STARTER_RECIPE)
     click.echo(f"wrote {path}")
 
 
@@ -458,6 +460,9 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point: every error becomes one line on stderr and a documented exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or bool(os.environ.get("EDGEPACK_DEBUG"))
+    from edgepack.outputs import reset_declared_outputs
+
+    reset_declared_outputs()  # the error mapping names the outputs this invocation writes
     try:
         cli.main(args=args, prog_name="edgepack", standalone_mode=False)
         code = 0
@@ -480,9 +485,13 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         click.echo("error: interrupted", err=True)
         code = 130
-    except Exception as exc:  # a bug: still one line unless --debug
+    except Exception as exc:  # OS and model-loader errors are the user's files; the rest is a bug
         if debug:
             traceback.print_exc()
+        mapped = classify(exc)
+        if mapped is not None:
+            click.echo(f"error: {mapped.message}", err=True)
+            sys.exit(mapped.exit_code)
         message = " ".join(str(exc).split())[:500]
         click.echo(f"internal error: {type(exc).__name__}: {message} (rerun with --debug for the traceback)", err=True)
         code = EXIT_INTERNAL

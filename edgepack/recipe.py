@@ -167,6 +167,8 @@ def parse_recipe(data: dict, path: Path) -> Recipe:
 
 def load_recipe(path: Path | str) -> Recipe:
     path = Path(path)
+    if path.is_dir():
+        raise BadInputError(f"recipe {path} is a folder; pass the recipe file (e.g. {path / 'edgepack.toml'})")
     if not path.is_file():
         raise BadInputError(f"recipe not found: {path}")
     try:

@@ -184,3 +184,88 @@ def test_missing_parent_folders_are_created(tiny_model_factory, tmp_path, cli):
     result = cli("convert", tiny_model_factory("gpt2"), "-o", out, "--no-verify")
     assert result.exit_code == 0, result.stderr
     assert (out / "model.onnx").is_file()
+
+
+def _mount_tmpfs(point, options):
+    import os
+    import subprocess
+
+    point.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    return point
+
+
+@pytest.mark.parametrize("options, reason", [("size=16k", "No space left on device"), ("ro,size=16k", "Read-only file system")])
+def test_full_or_read_only_disk_is_exit_2_naming_the_output(options, reason, tiny_model_factory, tmp_path, cli, monkeypatch):
+    import subprocess
+
+    monkeypatch.setenv("EDGEPACK_CACHE", str(tmp_path / "cache"))
+    disk = _mount_tmpfs(tmp_path / "disk", options)
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'[model]\nsource = "{tiny_model_factory("llama")}"\n')
+    try:
+        for args in (["convert", tiny_model_factory("llama"), "--no-verify"], ["build", recipe, "--only", "convert"]):
+            out = disk / "out"
+            result = cli(*args, "-o", out)
+            assert result.exit_code == 2, result.stderr
+            assert result.stderr_lines[-1].startswith(f"error: cannot write {out}: {reason}"), result.stderr
+            assert "Traceback" not in result.stderr and len(result.stderr_lines[-1]) < 400
+            assert list(disk.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+@pytest.mark.parametrize("out", ["/proc/edgepack-out", "FILE/sub", "."])
+def test_unwritable_output_paths_are_exit_2(out, tiny_model_factory, tmp_path, cli, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "FILE").write_text("a file")
+    result = cli("convert", tiny_model_factory("llama"), "-o", out, "--no-verify")
+    assert_clean_failure(result, 2, "output" if out == "." else "cannot write")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["FILE"]
+
+
+def test_profile_and_check_outputs_that_are_folders(exported_tiny_factory, tmp_path, cli):
+    folder = tmp_path / "reports"
+    folder.mkdir()
+    result = cli("profile", exported_tiny_factory("llama"), "-o", folder, "--runs", "1", "--gen-len", "2", "--prompt-len", "4")
+    assert_clean_failure(result, 2, "is a folder")
+    assert list(tmp_path.iterdir()) == [folder] and list(folder.iterdir()) == []  # no reports.tmp beside it
+    profile = tmp_path / "p.json"
+    assert cli("profile", exported_tiny_factory("llama"), "-o", profile, "--runs", "1", "--gen-len", "2", "--prompt-len", "4").exit_code == 0
+    budgets = tmp_path / "b.toml"
+    budgets.write_text("[host]\nmax_decode_ms_per_token = 100000\n")
+    for option in ("-o", "--junit"):
+        result = cli("check", profile, "--budgets", budgets, option, folder)
+        assert_clean_failure(result, 2, "is a folder")
+
+
+def test_truncated_model_onnx_is_bad_input_for_quantize_and_run(exported_tiny_factory, tmp_path, cli):
+    model = tmp_path / "cut"
+    shutil.copytree(exported_tiny_factory("llama"), model)
+    data = (model / "model.onnx").read_bytes()
+    (model / "model.onnx").write_bytes(data[: len(data) // 2])
+    result = cli("quantize", model, "-o", tmp_path / "q", "--no-eval")
+    assert_clean_failure(result, 3, str(model / "model.onnx"))
+    assert_no_output(tmp_path / "q")
+    result = cli("run", model, "-p", "hi")
+    assert_clean_failure(result, 3, str(model / "model.onnx"))
+
+
+@pytest.mark.parametrize("manifest", ['{"files": [1, 2]}', '{"files": {"a.txt": 3}}', '{"files": {"a.txt": {"bytes": "1"}}}', '{"files"'])
+def test_malformed_manifest_is_bad_input(manifest, tmp_path, cli):
+    (tmp_path / "a.txt").write_text("x")
+    (tmp_path / "manifest.json").write_text(manifest)
+    assert_clean_failure(cli("verify", tmp_path), 3, "manifest")
+
+
+@pytest.mark.parametrize("body", [{"host": [1]}, {"projections": {"pixel-8": {"by_prompt_len": [{"ttft_ms": 5}]}}},
+                                  {"quality": {"kl_mean": "low"}}])
+def test_profile_of_the_right_kind_but_wrong_structure_is_bad_input(body, tmp_path, cli):
+    profile = tmp_path / "p.json"
+    profile.write_text(json.dumps({"kind": "edgepack.profile", **body}))
+    budgets = tmp_path / "b.toml"
+    budgets.write_text("[pixel-8]\nmax_kl = 0.1\nmax_ttft_ms = 10\n[host]\nmax_ttft_ms = 10\n")
+    assert_clean_failure(cli("check", profile, "--budgets", budgets), 3, "not a valid edgepack profile")

@@ -105,7 +105,9 @@ def load_budgets(path: Path | str) -> list[Budget]:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError as exc:
         raise UsageError(f"budgets file {path} does not exist") from exc
-    except tomllib.TOMLDecodeError as exc:
+    except IsADirectoryError as exc:
+        raise UsageError(f"budgets file {path} is a folder; pass a TOML file") from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"{path} is not valid TOML: {exc}") from exc
     return parse_budgets(data, str(path))
 
@@ -120,7 +122,83 @@ def load_profile(path: Path | str) -> dict:
         raise BadInputError(f"{path} is not valid JSON: {exc}") from exc
     if not isinstance(report, dict) or report.get("kind") != "edgepack.profile":
         raise BadInputError(f"{path} is not an edgepack profile (kind != edgepack.profile)")
+    problem = _profile_shape_problem(report)
+    if problem:
+        raise BadInputError(f"{path} is not a valid edgepack profile: {problem} (schema: docs/profile-json.md)")
     return report
+
+
+def _profile_shape_problem(report: dict) -> str | None:
+    """The first structural problem of the sections `figure_for` reads, or None (types only, not values)."""
+    number = (int, float)
+
+    def section(where: str, value, keys: dict) -> str | None:
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            return f"`{where}` must be an object"
+        for key, check in keys.items():
+            problem = check(f"{where}.{key}", value.get(key))
+            if problem:
+                return problem
+        return None
+
+    def figure(where, value):  # a number, or {p50, ...}
+        if value is None or (isinstance(value, number) and not isinstance(value, bool)):
+            return None
+        if isinstance(value, dict):
+            return figure(f"{where}.p50", value.get("p50")) if not isinstance(value.get("p50"), dict) else f"`{where}.p50` must be a number"
+        return f"`{where}` must be a number"
+
+    def obj(**keys):
+        return lambda where, value: section(where, value, keys)
+
+    def any_obj(where, value):
+        return None if value is None or isinstance(value, dict) else f"`{where}` must be an object"
+
+    def entries(where, value):
+        if value is None:
+            return None
+        if not isinstance(value, list):
+            return f"`{where}` must be a list"
+        for index, entry in enumerate(value):
+            problem = section(f"{where}[{index}]", entry, {
+                "ttft_ms": figure, "decode_ms_per_token": figure, "tokens_per_s": figure,
+                "energy": obj(decode_mj_per_token=figure)})
+            if problem:
+                return problem
+            if entry is None:
+                return f"`{where}[{index}]` must be an object"
+            for key in ("prompt_len", "gen_len"):  # every figure's conditions name them
+                if isinstance(entry.get(key), bool) or not isinstance(entry.get(key), int):
+                    return f"`{where}[{index}].{key}` must be an integer"
+        return None
+
+    def numbers(where, value):
+        if value is None:
+            return None
+        if not isinstance(value, dict) or not all(isinstance(v, number) for v in value.values()):
+            return f"`{where}` must map names to numbers"
+        return None
+
+    problem = section("profile", report, {
+        "host": obj(by_prompt_len=entries, conditions=obj(host=any_obj), model_size_mb=figure, peak_rss_mb=figure),
+        "quality": obj(kl_mean=figure, top1_agreement=figure),
+        "model": obj(facts=obj(file_bytes=figure)),
+    })
+    if problem:
+        return problem
+    projections = report.get("projections")
+    if projections is None:
+        return None
+    if not isinstance(projections, dict):
+        return "`projections` must be an object (device id -> projection)"
+    for device, projection in projections.items():
+        problem = section(f"projections.{device}", projection, {
+            "by_prompt_len": entries, "memory_fit": obj(total_mb=figure), "efficiency": numbers, "device": any_obj})
+        if problem or projection is None:
+            return problem or f"`projections.{device}` must be an object"
+    return None
 
 
 def _worst(entries: list[dict], pick, worst=max):
@@ -253,6 +331,11 @@ def junit_xml(verdicts: list[Verdict], suite: str = "edgepack.check") -> str:
 
 def check_profile(profile_path: Path | str, budgets_path: Path | str, config: CheckConfig = CheckConfig()) -> CheckResult:
     """Evaluate every budget; write JSON verdicts and JUnit XML when asked. Raising on failure is the CLI's job."""
+    from edgepack.outputs import check_output_file, write_output_file
+
+    for path in (config.out, config.junit):
+        if path is not None:
+            check_output_file(path)
     budgets = load_budgets(budgets_path)  # usage errors first: they do not depend on the profile
     profile = load_profile(profile_path)
     verdicts = evaluate(profile, budgets)
@@ -270,8 +353,5 @@ def check_profile(profile_path: Path | str, budgets_path: Path | str, config: Ch
     for path, text in ((config.out, json.dumps(report, indent=2) + "\n"), (config.junit, junit_xml(verdicts))):
         if path is None:
             continue
-        path = Path(path)
-        if not path.parent.exists():
-            raise UsageError(f"cannot write {path}: its parent folder {path.parent} does not exist")
-        path.write_text(text)
+        write_output_file(path, text)
     return CheckResult(verdicts=verdicts, failures=failures, report=report)

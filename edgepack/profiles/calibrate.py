@@ -249,11 +249,11 @@ def calibrate_host(out: Path | str, config: CalibrateConfig = CalibrateConfig(),
 
     from edgepack.profiles.energy import RaplMeter
 
-    out = Path(out)
+    from edgepack.outputs import check_output_file, write_output_file
+
+    out = check_output_file(out)
     if out.exists() and not config.force:
         raise UsageError(f"{out} exists; pass --force to replace it")
-    if not out.parent.exists():
-        raise UsageError(f"cannot write {out}: its parent folder {out.parent} does not exist")
     status = on_status or (lambda message: None)
     threads = config.threads or os.cpu_count() or 1
     start = time.perf_counter()
@@ -292,7 +292,7 @@ def calibrate_host(out: Path | str, config: CalibrateConfig = CalibrateConfig(),
     figures = {"triad": triad, "gemv": curves, "weight_overhead": overheads, "gemm": gemm, "dispatch": dispatch, "power": power,
                "loadavg_before": load_before, "loadavg_after": _loadavg()}
     text = render_host_toml(config.device_id, host, conditions, figures, threads)
-    out.write_text(text)
+    write_output_file(out, text)
     from edgepack.profiles.devices import load_device_file
 
     device = load_device_file(out)  # what we wrote must load: same validation as any device file

@@ -119,8 +119,12 @@ def profile_model(directory: Path | str, out: Path | str | None, config: Profile
     from edgepack.profiles.model_facts import model_facts
     from edgepack.runtime.model_dir import TEXT_GENERATION, load_model_dir
 
+    from edgepack.outputs import check_output_file, write_output_file
+
     status = on_status or (lambda message: None)
     _validate(config)
+    if out is not None:
+        check_output_file(out)  # before minutes of measuring
     devices = load_devices(list(config.devices_dirs))
     chosen = [get_device(d, devices) for d in config.devices]  # unknown ids fail before any measuring
     model_dir = load_model_dir(directory)
@@ -161,12 +165,7 @@ def profile_model(directory: Path | str, out: Path | str | None, config: Profile
         "projections": projections,
     }
     if out is not None:
-        out = Path(out)
-        if not out.parent.exists():
-            raise UsageError(f"cannot write {out}: its parent folder {out.parent} does not exist")
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        os.replace(tmp, out)
+        write_output_file(out, json.dumps(report, indent=2) + "\n")
     return ProfileResult(out=Path(out) if out is not None else None, report=report)
 
 

@@ -95,7 +95,10 @@ def check_quantizable(model_dir) -> None:
         raise BadInputError(f"{model_dir.folder} is already quantized ({scheme}); quantize the fp32 export from `edgepack convert`")
     import onnx
 
-    graph = onnx.load(str(model_dir.onnx_path), load_external_data=False).graph
+    try:
+        graph = onnx.load(str(model_dir.onnx_path), load_external_data=False).graph
+    except Exception as exc:  # protobuf's DecodeError names neither the file nor the cause
+        raise BadInputError(f"{model_dir.onnx_path} is not a readable ONNX model (truncated or corrupt): {exc}") from exc
     inputs, outputs = {i.name for i in graph.input}, {o.name for o in graph.output}
     if model_dir.task == TEXT_GENERATION:
         missing = [n for n in ("input_ids", "attention_mask") if n not in inputs] + (["logits"] if "logits" not in outputs else [])
