@@ -303,12 +303,7 @@ def _convert_gguf(gguf_path: Path, out: Path) -> None:
 
 # Version of the tokenizer files written for GGUF sources: a cached folder with another version gets
 # its tokenizer files rewritten in place (the weights stay), so older caches do not keep a stale tokenizer.
-GGUF_TOKENIZER_LAYOUT = 1
-# llama.cpp pre-tokenizer types (`tokenizer.ggml.pre`) that split every digit on its own before the
-# GPT-2 regex; their Hugging Face originals say the same with a Digits pre-tokenizer.
-_DIGIT_SPLIT_PRE = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"}
-
-
+GGUF_TOKENIZER_LAYOUT = 2
 def _gguf_field(reader, name: str, default=None):
     field = reader.fields.get(name)
     return default if field is None else field.contents()
@@ -335,7 +330,7 @@ def write_gguf_tokenizer(gguf_path: Path, folder: Path) -> dict:
     kind = _gguf_field(reader, "tokenizer.ggml.model")
     if kind != "gpt2":
         return {"layout": GGUF_TOKENIZER_LAYOUT, "written_by": "transformers", "gguf_tokenizer_model": kind}
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     tokens = list(_gguf_field(reader, "tokenizer.ggml.tokens"))
@@ -353,21 +348,12 @@ def write_gguf_tokenizer(gguf_path: Path, folder: Path) -> dict:
     add_eos = bool(_gguf_field(reader, "tokenizer.ggml.add_eos_token", False)) and eos is not None
 
     backend = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=False, byte_fallback=False))
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
-    if pre in _DIGIT_SPLIT_PRE:
-        backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-    elif pre in ("qwen2", "llama-bpe", "llama3"):
-        # The split regexes of these families (as in their original tokenizer.json), then bytes to symbols.
-        pattern = _BPE_SPLIT_PATTERNS["qwen2" if pre == "qwen2" else "llama-bpe"]
-        backend.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
-        ])
-    elif pre in ("default", "gpt-2") or not (folder / "tokenizer.json").is_file():
-        backend.pre_tokenizer = byte_level
-    else:
-        # A pre-tokenizer this table does not know: keep the split transformers chose for the architecture.
-        backend.pre_tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json")).pre_tokenizer
+    # The split before BPE stays the one transformers chose for the architecture (GPT-2's regex for llama,
+    # Qwen's for qwen): it is what Hugging Face's tokenizer has always applied to these files, and what
+    # onnxruntime-genai applies too. llama.cpp's extra digit split of some vocabularies (`smollm`,
+    # `starcoder`: every digit alone) is not added: onnxruntime-genai's tokenizer cannot express it,
+    # and the app's tokenizer must agree with the one the bundle is checked with.
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
     backend.decoder = decoders.ByteLevel()
     # Control tokens (type 3) are special; user-defined ones (type 4) are matched whole but not special.
     backend.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i, t in enumerate(token_types) if t == 3])
@@ -381,6 +367,12 @@ def write_gguf_tokenizer(gguf_path: Path, folder: Path) -> dict:
         backend.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=list(special.items()))
     else:
         backend.post_processor = processors.ByteLevel(trim_offsets=False)
+
+    split = _previous_split(folder / "tokenizer.json")
+    if split is not None:
+        data = json.loads(backend.to_str())
+        data["pre_tokenizer"] = split
+        backend = Tokenizer.from_str(json.dumps(data))
 
     chat_template = _gguf_field(reader, "tokenizer.chat_template")
     context = _gguf_field(reader, f"{_gguf_field(reader, 'general.architecture', '')}.context_length")
@@ -405,10 +397,16 @@ def write_gguf_tokenizer(gguf_path: Path, folder: Path) -> dict:
             "add_bos_token": add_bos, "add_eos_token": add_eos, "bos_token": bos, "eos_token": eos}
 
 
-_BPE_SPLIT_PATTERNS = {
-    "llama-bpe": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
-    "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
-}
+def _previous_split(path: Path) -> dict | None:
+    """The pre-tokenizer of the tokenizer.json in place, without digit splits (transformers' GGUF converters write none)."""
+    try:
+        split = json.loads(path.read_text()).get("pre_tokenizer")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+    if isinstance(split, dict) and split.get("type") == "Sequence":
+        steps = [step for step in split.get("pretokenizers", []) if step.get("type") != "Digits"]
+        split = steps[0] if len(steps) == 1 else {**split, "pretokenizers": steps}
+    return split if isinstance(split, dict) else None
 
 
 def _refresh_tokenizer(gguf_path: Path, folder: Path) -> None:

@@ -21,7 +21,7 @@ TOKENIZER_SAMPLE = (
     "Hello world",
     "The capital of France is Paris.\nThe capital of Italy is Rome.\n\n",
     "  two leading spaces, three   inside,\ttab and trailing  ",
-    "Prices: 2024, 3.14159, 1,000,000 and -42.",
+    "Prices: 2024, 3.14159, 1,000,000 and -42.\n\n  1. first\t\t2. second   12345",
     "naïve café Ünïcödé — 日本語のテキスト, emoji 🙂👍🏽",
     "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1)\n",
 )
