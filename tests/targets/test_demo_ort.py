@@ -54,6 +54,7 @@ def test_genai_runs_the_bundle_token_for_token(smollm2_export, tmp_path, cli, sc
     # onnxruntime-genai's own tokenizer reads the bundle's tokenizer as Hugging Face does.
     assert report["checks"]["tokenizer_genai"]["passed"] is True
     assert report["checks"]["onnxruntime_genai"]["prompt_ids_identical"] is True
+    assert "Paris" in report["checks"]["onnxruntime_genai"]["genai_text"]  # genai alone: its tokenizer, template, decode
     _genai_tokenizes_like_hugging_face(out)
 
 
