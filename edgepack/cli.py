@@ -441,7 +441,7 @@ def report_target(artifact) -> None:
     report = artifact.to_json()
     table = Table(title=f"edgepack target {artifact.target} -> {artifact.out}", show_header=False, title_justify="left")
     table.add_row("files", f"{report['total_bytes'] / 1e6:.1f} MB in {len(report['files'])} files")
-    for key in ("graph_route", "nodes", "nodes_on_htp", "nodes_total", "max_context", "weight_bytes_per_token",
+    for key in ("graph_route", "graph_route_reason", "nodes", "nodes_on_htp", "nodes_total", "max_context", "weight_bytes_per_token",
                 "kv_bytes_per_token", "kv_bytes_at_max_context"):
         if key in artifact.facts:
             table.add_row(key, str(artifact.facts[key]))

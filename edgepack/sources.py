@@ -249,6 +249,7 @@ def gguf_to_hf_folder(gguf_path: Path, *, on_status=None) -> tuple[Path, str]:
     sha = file_sha256(gguf_path)
     target = cache_root() / "models" / f"{gguf_path.stem}-{sha[:16]}"
     if (target / CACHE_COMPLETE_MARKER).is_file():
+        _refresh_tokenizer(gguf_path, target)
         return target, sha
     if on_status:
         on_status(f"converting {gguf_path.name} to a Hugging Face folder (once; cached in {target.parent})")
@@ -257,8 +258,9 @@ def gguf_to_hf_folder(gguf_path: Path, *, on_status=None) -> tuple[Path, str]:
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         _convert_gguf(gguf_path, tmp)
+        tokenizer_info = write_gguf_tokenizer(gguf_path, tmp)
         (tmp / SOURCE_INFO_FILE).write_text(
-            json.dumps({"gguf_file": str(gguf_path.resolve()), "gguf_sha256": sha}, indent=2) + "\n"
+            json.dumps({"gguf_file": str(gguf_path.resolve()), "gguf_sha256": sha, "tokenizer": tokenizer_info}, indent=2) + "\n"
         )
         (tmp / CACHE_COMPLETE_MARKER).write_text(sha + "\n")
         if target.exists():  # a stale, incomplete folder from an older layout
@@ -297,3 +299,126 @@ def _convert_gguf(gguf_path: Path, out: Path) -> None:
                 slow_vocab.unlink()
     if model.generation_config is not None:
         model.generation_config.save_pretrained(out)
+
+
+# Version of the tokenizer files written for GGUF sources: a cached folder with another version gets
+# its tokenizer files rewritten in place (the weights stay), so older caches do not keep a stale tokenizer.
+GGUF_TOKENIZER_LAYOUT = 2
+def _gguf_field(reader, name: str, default=None):
+    field = reader.fields.get(name)
+    return default if field is None else field.contents()
+
+
+def write_gguf_tokenizer(gguf_path: Path, folder: Path) -> dict:
+    """Write a clean byte-level BPE tokenizer for a GGUF whose vocabulary is GPT-2 style; return what was done.
+
+    transformers' GGUF loader builds the fast tokenizer of a llama-architecture GGUF with
+    sentencepiece-style pieces around byte-level BPE (an empty normalizer sequence, a decoder of
+    ByteFallback, Fuse, Replace "▁" and ByteLevel, byte fallback in the model), takes the BOS token
+    for the EOS token and adds a BOS to every encode whatever the GGUF says. Hugging Face's own
+    tokenizer copes, but other runtimes reading tokenizer.json (onnxruntime-genai, swift-transformers,
+    the tokenizers bindings of mobile apps) take the sentencepiece parts at their word and map every
+    space to an unknown id. The GGUF holds everything a plain byte-level BPE needs (tokens, merges,
+    token types, special ids, add_bos/add_eos, the llama.cpp pre-tokenizer name), so the tokenizer
+    files are written from it directly, as the model's original Hugging Face tokenizer had them.
+
+    Other vocabularies (sentencepiece "llama", ...) keep what transformers wrote.
+    """
+    import gguf
+
+    reader = gguf.GGUFReader(str(gguf_path))
+    kind = _gguf_field(reader, "tokenizer.ggml.model")
+    if kind != "gpt2":
+        return {"layout": GGUF_TOKENIZER_LAYOUT, "written_by": "transformers", "gguf_tokenizer_model": kind}
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    tokens = list(_gguf_field(reader, "tokenizer.ggml.tokens"))
+    merges = [tuple(m.split(" ", 1)) for m in _gguf_field(reader, "tokenizer.ggml.merges", [])]
+    token_types = list(_gguf_field(reader, "tokenizer.ggml.token_type", [1] * len(tokens)))
+    pre = _gguf_field(reader, "tokenizer.ggml.pre", "default")
+
+    def token(key: str):
+        index = _gguf_field(reader, f"tokenizer.ggml.{key}_token_id")
+        return tokens[int(index)] if index is not None and 0 <= int(index) < len(tokens) else None
+
+    bos, eos, pad = token("bos"), token("eos"), token("padding")
+    # llama.cpp's default for byte-level BPE vocabularies is no BOS unless the file asks for one.
+    add_bos = bool(_gguf_field(reader, "tokenizer.ggml.add_bos_token", False)) and bos is not None
+    add_eos = bool(_gguf_field(reader, "tokenizer.ggml.add_eos_token", False)) and eos is not None
+
+    backend = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=False, byte_fallback=False))
+    # The split before BPE stays the one transformers chose for the architecture (GPT-2's regex for llama,
+    # Qwen's for qwen): it is what Hugging Face's tokenizer has always applied to these files, and what
+    # onnxruntime-genai applies too. llama.cpp's extra digit split of some vocabularies (`smollm`,
+    # `starcoder`: every digit alone) is not added: onnxruntime-genai's tokenizer cannot express it,
+    # and the app's tokenizer must agree with the one the bundle is checked with.
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    # Control tokens (type 3) are special; user-defined ones (type 4) are matched whole but not special.
+    backend.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i, t in enumerate(token_types) if t == 3])
+    user_defined = [AddedToken(tokens[i], special=False, normalized=False) for i, t in enumerate(token_types) if t == 4]
+    if user_defined:
+        backend.add_tokens(user_defined)
+    if add_bos or add_eos:
+        single = ([f"{bos}:0"] if add_bos else []) + ["$A:0"] + ([f"{eos}:0"] if add_eos else [])
+        pair = single + ([f"{bos}:1"] if add_bos else []) + ["$B:1"] + ([f"{eos}:1"] if add_eos else [])
+        special = {t: tokens.index(t) for t in {bos if add_bos else None, eos if add_eos else None} if t is not None}
+        backend.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=list(special.items()))
+    else:
+        backend.post_processor = processors.ByteLevel(trim_offsets=False)
+
+    split = _previous_split(folder / "tokenizer.json")
+    if split is not None:
+        data = json.loads(backend.to_str())
+        data["pre_tokenizer"] = split
+        backend = Tokenizer.from_str(json.dumps(data))
+
+    chat_template = _gguf_field(reader, "tokenizer.chat_template")
+    context = _gguf_field(reader, f"{_gguf_field(reader, 'general.architecture', '')}.context_length")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=bos, eos_token=eos, pad_token=pad, add_bos_token=add_bos, add_eos_token=add_eos,
+        clean_up_tokenization_spaces=False, **({"model_max_length": int(context)} if context else {}),
+    )
+    if chat_template:
+        fast.chat_template = chat_template
+    staged = folder / f".tokenizer.tmp-{os.getpid()}"
+    shutil.rmtree(staged, ignore_errors=True)
+    staged.mkdir()
+    try:
+        fast.save_pretrained(str(staged))
+        for name in ("tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json"):  # nothing stale beside it
+            (folder / name).unlink(missing_ok=True)
+        for path in staged.iterdir():
+            os.replace(path, folder / path.name)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+    return {"layout": GGUF_TOKENIZER_LAYOUT, "written_by": "edgepack", "gguf_tokenizer_model": kind, "pre_tokenizer": pre,
+            "add_bos_token": add_bos, "add_eos_token": add_eos, "bos_token": bos, "eos_token": eos}
+
+
+def _previous_split(path: Path) -> dict | None:
+    """The pre-tokenizer of the tokenizer.json in place, without digit splits (transformers' GGUF converters write none)."""
+    try:
+        split = json.loads(path.read_text()).get("pre_tokenizer")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+    if isinstance(split, dict) and split.get("type") == "Sequence":
+        steps = [step for step in split.get("pretokenizers", []) if step.get("type") != "Digits"]
+        split = steps[0] if len(steps) == 1 else {**split, "pretokenizers": steps}
+    return split if isinstance(split, dict) else None
+
+
+def _refresh_tokenizer(gguf_path: Path, folder: Path) -> None:
+    """Rewrite the tokenizer files of a cached conversion made by an older layout (the weights are kept)."""
+    info_path = folder / SOURCE_INFO_FILE
+    try:
+        info = json.loads(info_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        info = {}
+    if (info.get("tokenizer") or {}).get("layout") == GGUF_TOKENIZER_LAYOUT:
+        return
+    info["tokenizer"] = write_gguf_tokenizer(gguf_path, folder)
+    staged = folder / f".{SOURCE_INFO_FILE}.tmp-{os.getpid()}"
+    staged.write_text(json.dumps(info, indent=2) + "\n")
+    os.replace(staged, info_path)

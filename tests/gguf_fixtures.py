@@ -53,6 +53,8 @@ class TinyLlamaSpec:
     # {"blk.1.attn_v": "F16"}: per-tensor overrides of `types`
     overrides: dict[str, str] = field(default_factory=dict)
     seed: int = 0
+    add_bos: bool = False  # tokenizer.ggml.add_bos_token
+    chat_template: str | None = None  # tokenizer.chat_template
 
     def linear_types(self) -> dict[str, str]:
         """GGUF tensor name -> GGML type of every linear (MatMul) weight."""
@@ -144,7 +146,9 @@ def write_tiny_llama_gguf(path: Path, spec: TinyLlamaSpec = TinyLlamaSpec()) -> 
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
     writer.add_pad_token_id(2)
-    writer.add_add_bos_token(False)
+    writer.add_add_bos_token(spec.add_bos)
+    if spec.chat_template:
+        writer.add_chat_template(spec.chat_template)
 
     def add(name: str, rows: int, cols: int, kind: str, std: float = 0.05):
         values = rng.normal(0.0, std, (rows, cols)).astype(np.float32)

@@ -19,17 +19,23 @@ CORPUS = [
 ] * 20
 
 
-def _config(arch: str):
+def _config(arch: str, **overrides):
     import transformers as tf
 
     common = dict(vocab_size=VOCAB_SIZE, bos_token_id=0, eos_token_id=2, pad_token_id=3)
     decoder = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256)
+    common.update({k: v for k, v in overrides.items() if k in common})
+    decoder.update({k: v for k, v in overrides.items() if k not in common})
     if arch == "llama":
         return tf.LlamaConfig(**common, **decoder, num_key_value_heads=2, tie_word_embeddings=False)
     if arch == "llama-tied":  # one table for embedding and lm_head, like SmolLM2 (not in ARCHITECTURES)
         return tf.LlamaConfig(**common, **decoder, num_key_value_heads=2, tie_word_embeddings=True)
     if arch == "qwen2":
-        return tf.Qwen2Config(**common, **decoder, num_key_value_heads=1, use_sliding_window=False)
+        return tf.Qwen2Config(**common, **{"num_key_value_heads": 1, "use_sliding_window": False, **decoder})
+    if arch == "qwen3":
+        return tf.Qwen3Config(**common, **{"num_key_value_heads": 2, "head_dim": 16, "use_sliding_window": False, **decoder})
+    if arch == "granite":
+        return tf.GraniteConfig(**common, **decoder, num_key_value_heads=2)
     if arch == "mistral":
         return tf.MistralConfig(**common, **decoder, num_key_value_heads=2, sliding_window=None)
     if arch == "phi3":
@@ -37,7 +43,8 @@ def _config(arch: str):
     if arch == "gemma":
         return tf.GemmaConfig(**common, **decoder, num_key_value_heads=1, head_dim=16)
     if arch == "gpt2":
-        return tf.GPT2Config(vocab_size=VOCAB_SIZE, n_embd=64, n_layer=2, n_head=4, n_positions=256, bos_token_id=0, eos_token_id=2)
+        return tf.GPT2Config(**{"vocab_size": VOCAB_SIZE, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 256,
+                                "bos_token_id": 0, "eos_token_id": 2, **overrides})
     if arch == "bert":
         return tf.BertConfig(vocab_size=VOCAB_SIZE, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, max_position_embeddings=256, pad_token_id=3)
     raise ValueError(f"no tiny config for {arch}")
@@ -66,13 +73,14 @@ def build_tokenizer(out: Path):
     return fast
 
 
-def build(arch: str, out: Path, *, safe_serialization: bool = True, seed: int = 0) -> Path:
+def build(arch: str, out: Path, *, safe_serialization: bool = True, seed: int = 0, **config_overrides) -> Path:
+    """A tiny random `arch` model in `out`; `config_overrides` set config attributes (e.g. bos_token_id=None)."""
     import torch
     from transformers import AutoModel, AutoModelForCausalLM
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    config = _config(arch)
+    config = _config(arch, **config_overrides)
     torch.manual_seed(seed)
     model_cls = AutoModel if arch == "bert" else AutoModelForCausalLM
     model = model_cls.from_config(config).eval()

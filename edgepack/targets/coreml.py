@@ -276,6 +276,10 @@ def build(directory, out, config: CoreMLConfig = CoreMLConfig(), on_status=None)
         ane_report = ane.report(program.function, size_bytes=package_bytes, flexible_inputs=flexible)
 
         checks: dict = {"fp16_safety": {"passed": not plan.unsafe, "unsafe": plan.unsafe, "low_headroom": plan.warnings, "rewritten_ops": len(plan.rewrites)}}
+        from edgepack.targets.tokenizer_check import check_tokenizer_files
+
+        # The app's tokenizer (swift-transformers) reads the shipped files: they must tokenize as the source does.
+        checks["tokenizer_files"] = check_tokenizer_files(tmp, tokenizer)
         if limit is not None:
             need = package_bytes + state_bytes
             checks["device_memory"] = {"passed": need <= limit, "device": config.device, "bytes_needed": need, "limit_bytes": limit,

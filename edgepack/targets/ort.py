@@ -54,7 +54,8 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def choose_route(requested: str, model_type: str, task: str) -> str:
+def choose_route(requested: str, model_type: str, task: str) -> tuple[str, str]:
+    """(route, why) before any graph is built; `auto` may still fall back to optimum after the builder's parity check."""
     from edgepack.targets.genai_builder import BUILDER_MODEL_TYPES, builder_python
 
     if requested not in GRAPH_ROUTES:
@@ -65,10 +66,14 @@ def choose_route(requested: str, model_type: str, task: str) -> str:
             raise UsageError(f"--graph builder: onnxruntime-genai's builder does not take {model_type} ({task}); use --graph optimum")
         if builder_python() is None:
             raise NotOnThisHostError("--graph builder: the builder is not set up here; run `python -m edgepack.targets.genai_builder install`")
-        return "builder"
+        return "builder", "requested with --graph builder"
     if requested == "optimum":
-        return "optimum"
-    return "builder" if builder_ok and builder_python() is not None else "optimum"
+        return "optimum", "requested with --graph optimum"
+    if not builder_ok:
+        return "optimum", f"auto: onnxruntime-genai's builder does not take {model_type or 'this model'} ({task})"
+    if builder_python() is None:
+        return "optimum", "auto: onnxruntime-genai's builder is not set up on this host"
+    return "builder", "auto: the builder takes this model family"
 
 
 def _scheme_of(quantize_report: dict):
@@ -174,7 +179,6 @@ def genai_config_for(model_dir: ExportedModelDir, onnx_path: Path, max_context: 
     config = model_dir.config
     heads = int(config.get("num_attention_heads") or config.get("n_head"))
     hidden = int(config.get("hidden_size") or config.get("n_embd"))
-    eos = sorted(model_dir.eos_token_ids())
     decoder_inputs = {"input_ids": "input_ids", "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"}
     for name in ("attention_mask", "position_ids"):
         if name in inputs:
@@ -194,8 +198,8 @@ def genai_config_for(model_dir: ExportedModelDir, onnx_path: Path, max_context: 
                 "num_hidden_layers": int(config.get("num_hidden_layers") or config.get("n_layer")),
                 "num_key_value_heads": int(config.get("num_key_value_heads") or heads),
             },
-            "eos_token_id": eos if len(eos) > 1 else (eos[0] if eos else None),
-            "pad_token_id": config.get("pad_token_id") if config.get("pad_token_id") is not None else (eos[0] if eos else 0),
+            "eos_token_id": config.get("eos_token_id"),
+            "pad_token_id": config.get("pad_token_id"),
             "type": config.get("model_type") if config.get("model_type") in GENAI_GENERIC_TYPES else "llama",
             "vocab_size": int(config.get("vocab_size")),
         },
@@ -204,16 +208,85 @@ def genai_config_for(model_dir: ExportedModelDir, onnx_path: Path, max_context: 
     }
 
 
+def _in_vocab(value, vocab: int) -> list[int]:
+    values = value if isinstance(value, list) else [value]
+    return [int(v) for v in values if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < vocab]
+
+
+def settle_token_ids(genai_config: dict, model_dir: ExportedModelDir, tokenizer) -> dict:
+    """Make genai_config.json's token ids ones onnxruntime-genai accepts and edgepack's runtime uses; return facts.
+
+    onnxruntime-genai refuses a null id and any end-of-sequence id outside the vocabulary, but runs
+    without a BOS id (it only uses one when asked to add it). So: the BOS key is dropped when the model
+    has no BOS in its vocabulary; the end-of-sequence ids are those edgepack's runtime stops on (config,
+    generation config and the tokenizer's EOS) that lie inside the vocabulary, since an id the model
+    cannot emit never ends a generation; the pad id falls back to the first end id. A model with no
+    end id inside its vocabulary is refused: every answer would run to the context length.
+    """
+    model = genai_config["model"]
+    vocab = int(model.get("vocab_size") or model_dir.config.get("vocab_size"))
+    facts: dict = {"vocab_size": vocab}
+    bos = _in_vocab(model.get("bos_token_id"), vocab)
+    if bos:
+        model["bos_token_id"] = bos[0]
+    else:
+        if model.get("bos_token_id") is not None:
+            facts["bos_token_id_dropped"] = model.get("bos_token_id")
+        model.pop("bos_token_id", None)
+    candidates: list = []
+    for value in (model.get("eos_token_id"), *[model_dir.generation_config.get("eos_token_id"), model_dir.config.get("eos_token_id")],
+                  getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None):
+        for v in (value if isinstance(value, list) else [value]):
+            if v is not None and v not in candidates:
+                candidates.append(v)
+    eos = sorted(set(_in_vocab(candidates, vocab)))
+    dropped = [v for v in candidates if v not in eos]
+    if dropped:
+        facts["eos_token_ids_outside_vocab"] = dropped
+    if not eos:
+        raise BadInputError(
+            f"{model_dir.folder}: no end-of-sequence token id inside the vocabulary of {vocab} "
+            f"(eos_token_id {dropped or 'missing'} in config.json, generation_config.json and the tokenizer): the model "
+            "could never end an answer and onnxruntime-genai refuses such a config; set eos_token_id to the model's end token"
+        )
+    model["eos_token_id"] = eos if len(eos) > 1 else eos[0]
+    pad = _in_vocab(model.get("pad_token_id"), vocab)
+    model["pad_token_id"] = pad[0] if pad else eos[0]
+    facts.update({"bos_token_id": model.get("bos_token_id"), "eos_token_id": model["eos_token_id"], "pad_token_id": model["pad_token_id"]})
+    return facts
+
+
+def _genai_load_check(bundle: Path) -> dict:
+    """onnxruntime-genai loads the bundle as an app does (`og.Model`), whatever else is checked."""
+    try:
+        import onnxruntime_genai as og
+    except ImportError:
+        return {"passed": None, "skipped": "onnxruntime-genai is not installed"}
+    try:
+        og.Model(str(bundle))
+    except Exception as exc:  # genai raises its own error types; the message is the finding
+        return {"passed": False, "error": str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}
+    return {"passed": True}
+
+
 def _set_context(genai_config: dict, max_context: int) -> dict:
     genai_config["model"]["context_length"] = max_context
     genai_config.setdefault("search", {})["max_length"] = max_context
     return genai_config
 
 
-def _greedy_with_genai(bundle: Path, prompt_ids: list[int], new_tokens: int) -> list[int]:
+def _greedy_with_genai(bundle: Path, prompt: str, chat: bool, new_tokens: int) -> tuple[list[int], list[int], str]:
+    """Generate as an app does with onnxruntime-genai alone: its tokenizer, its chat template, its generator.
+
+    Returns (prompt ids, generated ids, generated text), all from onnxruntime-genai.
+    """
     import onnxruntime_genai as og
 
     model = og.Model(str(bundle))
+    tokenizer = og.Tokenizer(model)
+    if chat:
+        prompt = tokenizer.apply_chat_template(messages=json.dumps([{"role": "user", "content": prompt}]), add_generation_prompt=True)
+    prompt_ids = [int(i) for i in tokenizer.encode(prompt)]
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=len(prompt_ids) + new_tokens, do_sample=False)
     generator = og.Generator(model, params)
@@ -222,10 +295,26 @@ def _greedy_with_genai(bundle: Path, prompt_ids: list[int], new_tokens: int) -> 
     while not generator.is_done() and len(tokens) < new_tokens:
         generator.generate_next_token()
         tokens.append(int(generator.get_next_tokens()[0]))
-    return tokens
+    return prompt_ids, tokens, tokenizer.decode(tokens)
 
 
-def verify_bundle(bundle: Path, model_dir: ExportedModelDir, config: OrtTargetConfig, quantize_report: dict, status) -> dict:
+def parity_vs_source(graph: Path, model_dir: ExportedModelDir, tokenizer, config: OrtTargetConfig, quantize_report: dict) -> dict:
+    """The graph's next-token distributions against the source export's, on the evaluation text."""
+    from edgepack.quantize.quality import QualityConfig, QualityEvaluator
+
+    evaluator = QualityEvaluator(model_dir.onnx_path, model_dir, tokenizer, QualityConfig(eval_tokens=config.eval_tokens, context=256))
+    same = evaluator.evaluate(graph)
+    # fp32 graphs must agree; a quantized graph computes the same weights through other kernels.
+    limit_kl = 1e-3 if not quantize_report else 0.02
+    return {
+        "reference": str(model_dir.folder), "positions": same["positions"], "top1_agreement": same["top1_agreement"],
+        "kl_mean": same["kl_mean"], "max_abs_logit_diff": same["max_abs_logit_diff"], "max_kl_mean": limit_kl,
+        "passed": same["kl_mean"] <= limit_kl,
+    }
+
+
+def verify_bundle(bundle: Path, model_dir: ExportedModelDir, config: OrtTargetConfig, quantize_report: dict, status,
+                  parity: dict | None = None) -> dict:
     from edgepack.quantize.quality import QualityConfig, QualityEvaluator
     from edgepack.runtime.generate import DecoderSession, generate
     from edgepack.runtime.run import encode_prompt
@@ -235,15 +324,7 @@ def verify_bundle(bundle: Path, model_dir: ExportedModelDir, config: OrtTargetCo
     tokenizer = model_dir.load_tokenizer()
     bundle_dir = load_model_dir(bundle)
     status("checking the bundle against its source model")
-    evaluator = QualityEvaluator(model_dir.onnx_path, model_dir, tokenizer, QualityConfig(eval_tokens=config.eval_tokens, context=256))
-    same = evaluator.evaluate(bundle / MODEL_FILE)
-    # fp32 graphs must agree; a quantized graph computes the same weights through other kernels.
-    limit_kl = 1e-3 if not quantize_report else 0.02
-    checks["parity_vs_source"] = {
-        "reference": str(model_dir.folder), "positions": same["positions"], "top1_agreement": same["top1_agreement"],
-        "kl_mean": same["kl_mean"], "max_abs_logit_diff": same["max_abs_logit_diff"], "max_kl_mean": limit_kl,
-        "passed": same["kl_mean"] <= limit_kl,
-    }
+    checks["parity_vs_source"] = parity or parity_vs_source(bundle / MODEL_FILE, model_dir, tokenizer, config, quantize_report)
     if quantize_report.get("quality") and quantize_report.get("source_dir") and Path(quantize_report["source_dir"]).is_dir():
         fp32_dir = load_model_dir(quantize_report["source_dir"])
         status("measuring the bundle's quality against fp32")
@@ -258,7 +339,8 @@ def verify_bundle(bundle: Path, model_dir: ExportedModelDir, config: OrtTargetCo
         }
 
     status("running the bundle with onnxruntime-genai and with edgepack's runtime")
-    prompt_ids, _ = encode_prompt(tokenizer, GENAI_CHECK_PROMPT, chat=True)
+    chat = bool(getattr(tokenizer, "chat_template", None))
+    prompt_ids, _ = encode_prompt(tokenizer, GENAI_CHECK_PROMPT, chat=chat)
     session = create_session(bundle / MODEL_FILE)
     eos = bundle_dir.eos_token_ids(tokenizer)
     ours = generate(DecoderSession(session, bundle_dir.config, share_kv_buffer=bundle_dir.share_kv_buffer), prompt_ids,
@@ -268,13 +350,19 @@ def verify_bundle(bundle: Path, model_dir: ExportedModelDir, config: OrtTargetCo
         copied = generate(DecoderSession(session, bundle_dir.config), prompt_ids, max_new_tokens=config.genai_tokens, eos_token_ids=eos).tokens
         checks["shared_kv_buffer"] = {"tokens_identical_to_copied_cache": copied == ours, "passed": copied == ours}
     try:
-        theirs = _greedy_with_genai(bundle, prompt_ids, config.genai_tokens)
+        # onnxruntime-genai tokenizes the prompt itself, as an app using it does: a tokenizer that reads
+        # the shipped files differently shows up here as different prompt ids and different tokens.
+        genai_prompt_ids, theirs, genai_text = _greedy_with_genai(bundle, GENAI_CHECK_PROMPT, chat, config.genai_tokens)
+        same = ours == theirs and genai_prompt_ids == prompt_ids
         checks["onnxruntime_genai"] = {
-            "prompt": GENAI_CHECK_PROMPT, "edgepack_tokens": ours, "genai_tokens": theirs,
-            "greedy_tokens_identical": ours == theirs, "passed": ours == theirs,
+            "prompt": GENAI_CHECK_PROMPT, "chat_template": chat, "prompt_ids_identical": genai_prompt_ids == prompt_ids,
+            "edgepack_tokens": ours, "genai_tokens": theirs, "genai_text": genai_text,
+            "greedy_tokens_identical": ours == theirs, "passed": same,
         }
     except ImportError:
         checks["onnxruntime_genai"] = {"passed": None, "skipped": "onnxruntime-genai is not installed"}
+    except Exception as exc:  # genai's own error types (a config or template it rejects): the finding itself
+        checks["onnxruntime_genai"] = {"prompt": GENAI_CHECK_PROMPT, "passed": False, "error": str(exc).strip() or type(exc).__name__}
     checks["edgepack_runtime"] = {"text": tokenizer.decode(ours, skip_special_tokens=True), "tokens": len(ours), "passed": True}
     return checks
 
@@ -297,7 +385,7 @@ def build(directory: Path | str, out: Path | str, config: OrtTargetConfig = OrtT
     convert_report = _read_json(model_dir.folder / CONVERT_REPORT)
     quantize_report = _read_json(model_dir.folder / "quantize.json")
     model_type = model_dir.config.get("model_type", "")
-    route = choose_route(config.graph, model_type, model_dir.task)
+    route, route_reason = choose_route(config.graph, model_type, model_dir.task)
     hf_dir = Path(convert_report.get("source", {}).get("hf_dir", ""))
     if route == "builder" and not (hf_dir / "config.json").is_file():
         raise BadInputError(f"the builder needs the Hugging Face folder this export came from ({hf_dir or 'unknown'}); use --graph optimum")
@@ -305,24 +393,43 @@ def build(directory: Path | str, out: Path | str, config: OrtTargetConfig = OrtT
     model_positions = model_dir.config.get("max_position_embeddings") or model_dir.config.get("n_positions")
     max_context = min(config.max_context, int(model_positions)) if model_positions else config.max_context
 
+    tokenizer = _optional_tokenizer(model_dir) if model_dir.task == TEXT_GENERATION else None
+
     with staging_dir(out) as tmp:
         work = tmp / ".work"
         work.mkdir()
         t0 = time.perf_counter()
+        builder_parity, facts = None, {}
         if route == "builder":
             facts = _builder_graph(model_dir, hf_dir, scheme, work, tmp / MODEL_FILE, status)
             genai_config = _set_context(_read_json(work / "builder" / "genai_config.json"), max_context)
-        else:
-            facts = _optimum_graph(model_dir, tmp / MODEL_FILE, status)
+            if not config.compact:
+                status("saving the graph as onnxruntime optimizes it (basic level)")
+                facts["saved_optimized"] = _save_optimized(tmp / MODEL_FILE, work)
+            if config.graph == "auto" and tokenizer is not None:
+                # Auto promises the faster graph only when it computes what the source computes: the builder
+                # has produced wrong graphs for some configurations, and both runtimes would run them alike.
+                status("checking the builder's graph against the source before choosing it")
+                builder_parity = parity_vs_source(tmp / MODEL_FILE, model_dir, tokenizer, config, quantize_report)
+                if not builder_parity["passed"]:
+                    route = "optimum"
+                    route_reason = (f"auto: onnxruntime-genai's builder graph failed parity with the source (KL "
+                                    f"{builder_parity['kl_mean']:.3g} > {builder_parity['max_kl_mean']:g}, top-1 "
+                                    f"{builder_parity['top1_agreement']:.3f}); fell back to the optimum route")
+                    status(route_reason.removeprefix("auto: "))
+                    facts = {"builder_rejected": {"parity_vs_source": builder_parity, "builder_files": facts.get("builder_files")}}
+                    for stale in tmp.glob(MODEL_FILE + "*"):
+                        stale.unlink()
+                    builder_parity = None
+        if route == "optimum":
+            facts.update(_optimum_graph(model_dir, tmp / MODEL_FILE, status))
             genai_config = genai_config_for(model_dir, tmp / MODEL_FILE, max_context) if model_dir.task == TEXT_GENERATION else None
-        if route == "builder" and not config.compact:
-            status("saving the graph as onnxruntime optimizes it (basic level)")
-            facts["saved_optimized"] = _save_optimized(tmp / MODEL_FILE, work)
         graph_seconds = time.perf_counter() - t0
         for name in TOKENIZER_FILES:
             if (model_dir.folder / name).is_file():
                 shutil.copy2(model_dir.folder / name, tmp / name)
         if genai_config is not None:
+            facts["genai_token_ids"] = settle_token_ids(genai_config, model_dir, tokenizer)
             (tmp / "genai_config.json").write_text(json.dumps(genai_config, indent=4) + "\n")
 
         import onnx
@@ -332,6 +439,7 @@ def build(directory: Path | str, out: Path | str, config: OrtTargetConfig = OrtT
         facts.update({
             "format": "onnx",
             "graph_route": route,
+            "graph_route_reason": route_reason,
             "scheme": quantize_report.get("scheme") if quantize_report else None,
             "nodes": len(graph.graph.node),
             "ops": op_counts(graph),
@@ -348,8 +456,16 @@ def build(directory: Path | str, out: Path | str, config: OrtTargetConfig = OrtT
         shutil.rmtree(work)
         checks = {}
         t0 = time.perf_counter()
+        if genai_config is not None:
+            from edgepack.targets.tokenizer_check import check_genai_tokenizer
+
+            # Even unverified, a bundle must be one onnxruntime-genai opens, and its tokenizer must read
+            # the shipped files as Hugging Face does (both take seconds).
+            checks["onnxruntime_genai_loads"] = _genai_load_check(tmp)
+            status("checking onnxruntime-genai's tokenizer against Hugging Face's")
+            checks["tokenizer_genai"] = check_genai_tokenizer(tmp, tokenizer)
         if config.verify and model_dir.task == TEXT_GENERATION:
-            checks = verify_bundle(tmp, model_dir, config, quantize_report, status)
+            checks.update(verify_bundle(tmp, model_dir, config, quantize_report, status, parity=builder_parity))
         artifact = TargetArtifact(
             out=out, target="ort", facts=facts, checks=checks,
             source={"dir": str(Path(directory).resolve()), "convert": convert_report.get("source"),
@@ -362,6 +478,13 @@ def build(directory: Path | str, out: Path | str, config: OrtTargetConfig = OrtT
         write_target_json(tmp, artifact)
         replace_dir(tmp, out)
     return artifact
+
+
+def _optional_tokenizer(model_dir: ExportedModelDir):
+    try:
+        return model_dir.load_tokenizer()
+    except BadInputError:  # a graph without a tokenizer still gets a bundle; the checks that need one say so
+        return None
 
 
 def _genai_version() -> dict:

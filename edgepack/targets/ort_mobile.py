@@ -269,6 +269,15 @@ def build(directory: Path | str, out: Path | str, config: OrtMobileConfig = OrtM
         checks = {"size_vs_onnx": {"onnx_bytes": onnx_bytes, "ort_bytes": ort_bytes, "ratio": ort_bytes / onnx_bytes,
                                    "max_ratio": config.max_size_ratio, "allowed_overhead_bytes": 262144,
                                    "passed": ort_bytes <= max(config.max_size_ratio * onnx_bytes, onnx_bytes + 262144)}}
+        from edgepack.targets.tokenizer_check import check_genai_tokenizer, check_tokenizer_files, reference_tokenizer
+
+        reference = reference_tokenizer(model_dir.folder)
+        if (tmp / "genai_config.json").is_file():
+            # Shipped for onnxruntime-genai: its tokenizer must read the files as Hugging Face does.
+            status("checking onnxruntime-genai's tokenizer against Hugging Face's")
+            checks["tokenizer_genai"] = check_genai_tokenizer(tmp, reference)
+        else:
+            checks["tokenizer_files"] = check_tokenizer_files(tmp, reference)
         if config.verify:
             status("comparing .ort and .onnx outputs")
             parity = _compare_logits(model_dir.onnx_path, tmp / ORT_FILE, model_dir)

@@ -349,7 +349,11 @@ def build(directory: Path | str, out: Path | str, config: QnnConfig = QnnConfig(
         else:
             gate["min_cosine"] = DEFAULT_MIN_COSINE
             passed_parity &= parity["cosine_min"] >= DEFAULT_MIN_COSINE
+        from edgepack.targets.tokenizer_check import check_tokenizer_files
+
         checks = {
+            # The app's tokenizer (Hugging Face tokenizers' bindings) reads the shipped files: same ids as the source's.
+            "tokenizer_files": check_tokenizer_files(tmp, tokenizer),
             "all_nodes_on_htp": {"nodes_on_htp": nodes_on, "nodes_total": nodes_total, "cpu_fallback": "disabled",
                                  "passed": nodes_on == nodes_total},
             "context_binary_reload": {"identical": all(g["reload_identical"] for g in graphs.values()),

@@ -51,6 +51,29 @@ def test_genai_runs_the_bundle_token_for_token(smollm2_export, tmp_path, cli, sc
         checks = read_json(mobile / "target.json")["checks"]
         assert checks["size_vs_onnx"]["ratio"] <= 1.05 and checks["parity_vs_onnx"]["max_abs_diff"] <= 1e-4
     assert report["checks"]["shared_kv_buffer"]["tokens_identical_to_copied_cache"] is True
+    # onnxruntime-genai's own tokenizer reads the bundle's tokenizer as Hugging Face does.
+    assert report["checks"]["tokenizer_genai"]["passed"] is True
+    assert report["checks"]["onnxruntime_genai"]["prompt_ids_identical"] is True
+    assert "Paris" in report["checks"]["onnxruntime_genai"]["genai_text"]  # genai alone: its tokenizer, template, decode
+    _genai_tokenizes_like_hugging_face(out)
+
+
+def _genai_tokenizes_like_hugging_face(bundle):
+    """An app's view: og.Tokenizer(og.Model(bundle)) on text with spaces, newlines, digits and unicode."""
+    import onnxruntime_genai as og
+    from transformers import AutoTokenizer
+
+    genai, hf = og.Tokenizer(og.Model(str(bundle))), AutoTokenizer.from_pretrained(str(bundle))
+    assert [int(i) for i in genai.encode("Hello world")] == hf("Hello world")["input_ids"] == [19556, 905]
+    sample = "Name three primary colors.\n\n  1. Red,  2. Blue — naïve café 日本 🙂 2024"
+    ids = hf(sample)["input_ids"]
+    assert [int(i) for i in genai.encode(sample)] == ids and genai.decode(ids) == sample
+    messages = [{"role": "user", "content": "Name three primary colors."}]
+    import json
+
+    chat = genai.apply_chat_template(messages=json.dumps(messages), add_generation_prompt=True)
+    assert chat == hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert hf.eos_token == "<|im_end|>"
 
 
 def test_ort_mobile_matches_onnx_within_5_percent_size(smollm2_export, tmp_path, cli):
