@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgepack.core.metrics import cosine_per_position, max_abs_diff
 from edgepack.runtime.model_dir import TEXT_GENERATION
 
 PARITY_PROMPTS = (
@@ -86,7 +87,7 @@ def decoder_parity(torch_model, session, prompts: list[list[int]], config) -> di
         for step in range(1 + config.decode_steps):
             logits, cache = decoder.forward(feed, cache, past)
             past += len(feed)
-            diffs.append(float(np.max(np.abs(logits[-1].astype(np.float64) - torch_logits[step]))))
+            diffs.append(max_abs_diff(logits[-1].astype(np.float64), torch_logits[step]))
             feed = [torch_tokens[step]]
 
         onnx_tokens = generate(decoder, prompt, max_new_tokens=config.greedy_tokens).tokens
@@ -133,10 +134,8 @@ def encoder_parity(torch_model, session, prompts: list[list[int]], config) -> di
         onnx_out = session.run([output_name], feeds)[0][0].astype(np.float64)
         with torch.no_grad():
             torch_out = torch_model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).last_hidden_state[0].double().numpy()
-        diff = float(np.max(np.abs(onnx_out - torch_out)))
-        cos = np.sum(onnx_out * torch_out, axis=-1) / (
-            np.linalg.norm(onnx_out, axis=-1) * np.linalg.norm(torch_out, axis=-1) + 1e-30
-        )
+        diff = max_abs_diff(onnx_out, torch_out)
+        cos = cosine_per_position(onnx_out, torch_out)
         max_diff, min_cos = max(max_diff, diff), min(min_cos, float(np.min(cos)))
         per_prompt.append({"prompt_tokens": len(prompt), "max_abs_diff": diff, "min_cosine": float(np.min(cos))})
     return {

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgepack.core.windows import split_windows
 from edgepack.errors import BadInputError
 
 DEFAULT_CALIBRATION_TEXT = "calib_en.txt"
@@ -68,13 +69,8 @@ def decoder_calibration_feeds(onnx_path: Path, token_ids: list[int], config: dic
     if len(token_ids) < prefill_len + decode_steps + 1:
         raise BadInputError(f"calibration text is too short: {len(token_ids)} tokens, need at least {prefill_len + decode_steps + 1}")
     decoder = DecoderSession(create_session(onnx_path), config)
-    stride = max(1, (len(token_ids) - prefill_len - decode_steps) // max(1, samples))
     feeds = []
-    for sample in range(samples):
-        start = sample * stride
-        window = token_ids[start : start + prefill_len + decode_steps]
-        if len(window) < prefill_len + decode_steps:
-            break
+    for window in split_windows(token_ids, prefill_len + decode_steps, count=samples, spread=True):
         cache, past = decoder.empty_cache(), 0
         chunks = [window[:prefill_len]] + [[t] for t in window[prefill_len:]]
         for chunk in chunks:
@@ -88,11 +84,4 @@ def decoder_calibration_feeds(onnx_path: Path, token_ids: list[int], config: dic
 def encoder_calibration_feeds(input_names: set[str], token_ids: list[int], *, samples: int, length: int = 64):
     from edgepack.runtime.generate import encoder_feeds
 
-    feeds = []
-    stride = max(1, (len(token_ids) - length) // max(1, samples))
-    for sample in range(samples):
-        window = token_ids[sample * stride : sample * stride + length]
-        if not window:
-            break
-        feeds.append(encoder_feeds(window, input_names))
-    return feeds
+    return [encoder_feeds(window, input_names) for window in split_windows(token_ids, length, count=samples, spread=True, min_length=1)]

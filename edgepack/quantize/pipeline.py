@@ -168,6 +168,7 @@ def gguf_source(model_dir) -> Path:
 
 
 def calibration_reader(model_dir, tokenizer, calibration_text: Path | None, samples: int):
+    from edgepack.core.windows import token_ids
     from edgepack.quantize.calibration import (
         DEFAULT_CALIBRATION_TEXT,
         DecoderCalibrationReader,
@@ -177,7 +178,7 @@ def calibration_reader(model_dir, tokenizer, calibration_text: Path | None, samp
     )
 
     text, _origin = read_text(calibration_text, DEFAULT_CALIBRATION_TEXT)
-    ids = list(tokenizer(text)["input_ids"])
+    ids = token_ids(tokenizer, text)
     if model_dir.task == TEXT_GENERATION:
         feeds = decoder_calibration_feeds(model_dir.onnx_path, ids, model_dir.config, samples=samples)
     else:

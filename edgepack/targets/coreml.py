@@ -213,11 +213,12 @@ def build(directory, out, config: CoreMLConfig = CoreMLConfig(), on_status=None)
         )
 
     tokens = _eval_tokens(tokenizer, config, source)
+    from edgepack.core.windows import split_windows
     from edgepack.targets.coreml_support import fp16 as fp16_pass
 
     status("fp16 safety pass: recording activation ranges on the evaluation text")
     t0 = time.perf_counter()
-    windows = [tokens[i : i + min(context, 512)] for i in range(0, len(tokens), min(context, 512))][:2]
+    windows = split_windows(tokens, min(context, 512), count=2, min_length=1)
     plan = fp16_pass.analyse(hf_model, windows, kind=kind, margin=config.fp16_margin, enabled=config.fp16_safety)
     timings["fp16_safety"] = time.perf_counter() - t0
 
@@ -329,12 +330,13 @@ def _table_column_weights(hf_model, tokenizer):
     column of the tied table contributes to the logits, to weight the fit of its 3-bit rows."""
     import torch
 
+    from edgepack.core.windows import token_ids
     from edgepack.quantize.calibration import DEFAULT_CALIBRATION_TEXT, read_text
 
     if tokenizer is None:
         return None
     text, _origin = read_text(None, DEFAULT_CALIBRATION_TEXT)
-    ids = tokenizer(text)["input_ids"][:512]
+    ids = token_ids(tokenizer, text)[:512]
     with torch.no_grad():
         hidden = hf_model.model(torch.tensor([ids])).last_hidden_state[0].double()
     return (hidden ** 2).mean(0).numpy()
@@ -372,13 +374,14 @@ def _check_architecture(model, source: _Source) -> None:
 
 
 def _eval_tokens(tokenizer, config: CoreMLConfig, source: _Source) -> list[int]:
+    from edgepack.core.windows import token_ids
     from edgepack.quantize.calibration import DEFAULT_EVAL_TEXT, read_text
 
     text, _origin = read_text(config.eval_text, DEFAULT_EVAL_TEXT)
     if tokenizer is None:
         vocab = int(source.config.get("vocab_size") or 100)
         return [(7 * i + 3) % vocab for i in range(1024)]
-    return list(tokenizer(text)["input_ids"])
+    return token_ids(tokenizer, text)
 
 
 def _verify(package: Path, hf_model, tokens: list[int], kind: str, context: int, config: CoreMLConfig) -> dict:
@@ -397,7 +400,7 @@ def _verify(package: Path, hf_model, tokens: list[int], kind: str, context: int,
             reference = hf_model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float().numpy()
         logits, timing = verify.run_decoder_mil(package, ids, steps)
         result["mil-reference"] = {"verified_by": "mil-reference", "prefill_tokens": n - steps, "decode_steps": steps,
-                                   **verify.decoder_figures(reference, logits), "seconds": timing}
+                                   **verify.fp16_logit_figures(reference, logits), "seconds": timing}
     else:
         n = min(context, len(tokens))
         ids = np.zeros((1, context), dtype=np.int32)
@@ -407,15 +410,15 @@ def _verify(package: Path, hf_model, tokens: list[int], kind: str, context: int,
         with torch.no_grad():
             reference = hf_model(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask, dtype=torch.long)).last_hidden_state[0].numpy()
         hidden = verify.run_encoder_mil(package, ids, mask)
-        result["mil-reference"] = {"verified_by": "mil-reference", **verify.encoder_figures(reference[:n], hidden[:n])}
+        result["mil-reference"] = {"verified_by": "mil-reference", **verify.fp16_hidden_state_figures(reference[:n], hidden[:n])}
     available, reason = verify.coreml_runtime_available()
     if available:
         if kind == "decoder":
             logits = verify.run_decoder_coreml(package, ids, steps, config.compute_units)
-            result["coreml-runtime"] = {"verified_by": "coreml-runtime", **verify.decoder_figures(reference, logits)}
+            result["coreml-runtime"] = {"verified_by": "coreml-runtime", **verify.fp16_logit_figures(reference, logits)}
         else:
             hidden = verify.run_encoder_coreml(package, ids, mask, config.compute_units)
-            result["coreml-runtime"] = {"verified_by": "coreml-runtime", **verify.encoder_figures(reference[:n], hidden[:n])}
+            result["coreml-runtime"] = {"verified_by": "coreml-runtime", **verify.fp16_hidden_state_figures(reference[:n], hidden[:n])}
     else:
         result["coreml-runtime"] = {"skipped": reason}
     result["verified_by"] = "coreml-runtime" if available else "mil-reference"

@@ -126,21 +126,18 @@ def _reference_encoder(model_dir, windows: list[list[int]]):
     return out
 
 
-def decoder_figures(reference: list, candidate: list, prefill_len: int) -> dict:
-    """Top-1, KL(fp32 || candidate) and max |logit diff| over every position, split prefill/decode."""
+def phase_logit_figures(reference: list, candidate: list, prefill_len: int) -> dict:
+    """Top-1, KL(fp32 || candidate) and max |logit diff| over every position, then split prefill/decode."""
     import numpy as np
 
-    from edgepack.quantize.quality import top1_figures
-    from edgepack.targets.qnn_support.quant import _log_softmax
+    from edgepack.core.metrics import kl_per_position, kl_summary, log_softmax, max_abs_diff, top1_agreement, top1_figures
 
     def stats(pairs):
         ref = np.concatenate([r for r, _ in pairs]).astype(np.float64)
         cand = np.concatenate([c for _, c in pairs]).astype(np.float64)
-        lp_ref, lp_c = _log_softmax(ref), _log_softmax(cand)
-        kl = np.maximum(np.sum(np.exp(lp_ref) * (lp_ref - lp_c), axis=-1), 0.0)
-        # top-1 with its 95% interval and fp32's near ties, as the quantize and Core ML reports give it
-        return {"positions": int(ref.shape[0]), **top1_figures(lp_ref, ref.argmax(-1) == cand.argmax(-1)),
-                "kl_mean": float(kl.mean()), "kl_max": float(kl.max()), "max_abs_logit_diff": float(np.max(np.abs(ref - cand)))}
+        lp_ref = log_softmax(ref)
+        return {"positions": int(ref.shape[0]), **top1_figures(lp_ref, top1_agreement(ref, cand)),
+                **kl_summary(kl_per_position(lp_ref, log_softmax(cand)), p99=False), "max_abs_logit_diff": max_abs_diff(ref, cand)}
 
     n = [len(c) for c in candidate]
     figures = stats([(r[: len(c)], c) for r, c in zip(reference, candidate)])
@@ -150,14 +147,17 @@ def decoder_figures(reference: list, candidate: list, prefill_len: int) -> dict:
     return figures
 
 
-def encoder_figures(reference: list, candidate: list) -> dict:
+def hidden_state_figures(reference: list, candidate: list) -> dict:
+    """Cosine and max |diff| of per-token hidden states over every window."""
     import numpy as np
+
+    from edgepack.core.metrics import cosine_per_position, max_abs_diff
 
     ref = np.concatenate(reference).astype(np.float64)
     cand = np.concatenate(candidate).astype(np.float64)
-    cos = np.sum(ref * cand, -1) / (np.linalg.norm(ref, axis=-1) * np.linalg.norm(cand, axis=-1) + 1e-30)
+    cos = cosine_per_position(ref, cand)
     return {"positions": int(ref.shape[0]), "cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()),
-            "max_abs_diff": float(np.max(np.abs(ref - cand)))}
+            "max_abs_diff": max_abs_diff(ref, cand)}
 
 
 def build(directory: Path | str, out: Path | str, config: QnnConfig = QnnConfig(), on_status=None):
@@ -172,7 +172,8 @@ def build(directory: Path | str, out: Path | str, config: QnnConfig = QnnConfig(
     from edgepack.targets.base import TargetArtifact, write_target_json
     from edgepack.targets.qnn_support import ep as qnn_ep
     from edgepack.targets.qnn_support import quant
-    from edgepack.targets.qnn_support.static_model import StaticDecoder, StaticEncoder, prepare_graphs, token_windows
+    from edgepack.core.windows import token_windows
+    from edgepack.targets.qnn_support.static_model import StaticDecoder, StaticEncoder, prepare_graphs
 
     status = on_status or (lambda message: None)
     start = time.perf_counter()
@@ -232,11 +233,11 @@ def build(directory: Path | str, out: Path | str, config: QnnConfig = QnnConfig(
         if decoder:
             reference = _reference_decoder(model_dir, eval_windows, prefix)
             static_out = [fp32_static.teacher_forced(w, config.decode_steps) for w in eval_windows]
-            static_figures = decoder_figures(reference, static_out, config.prefill_len)
+            static_figures = phase_logit_figures(reference, static_out, config.prefill_len)
         else:
             reference = _reference_encoder(model_dir, eval_windows)
             static_out = [fp32_static.run(w) for w in eval_windows]
-            static_figures = encoder_figures(reference, static_out)
+            static_figures = hidden_state_figures(reference, static_out)
         static_diff = static_figures.get("max_abs_logit_diff", static_figures.get("max_abs_diff"))
 
         # Accuracy rescue: which weights' quantization costs most, kept at 16 bits.
@@ -303,11 +304,11 @@ def build(directory: Path | str, out: Path | str, config: QnnConfig = QnnConfig(
             htp_model = StaticDecoder(specs, sessions, max_context)
             htp_model.use_prefix(prefix, prefix_kv)
             candidate = [htp_model.teacher_forced(w, config.decode_steps) for w in eval_windows]
-            parity = decoder_figures(reference, candidate, config.prefill_len)
+            parity = phase_logit_figures(reference, candidate, config.prefill_len)
         else:
             htp_model = StaticEncoder(specs[0], sessions["encoder"])
             candidate = [htp_model.run(w) for w in eval_windows]
-            parity = encoder_figures(reference, candidate)
+            parity = hidden_state_figures(reference, candidate)
         seconds["evaluate_on_htp"] = round(time.perf_counter() - t0, 3)
 
         for name in SIDE_FILES:

@@ -100,12 +100,12 @@ def test_llama_mil_reference_parity(llama_target):
         assert "macOS" in artifact.facts["verification"]["coreml-runtime"]["skipped"]
 
 
-def test_decoder_figures_count_near_ties_and_bound_top1():
+def test_fp16_logit_figures_count_near_ties_and_bound_top1():
     """Near ties (fp32 top-2 gap < 0.1 nats) are counted, and agreement on the other positions is reported apart."""
     import numpy as np
 
-    from edgepack.quantize.quality import NEAR_TIE_NATS, wilson_interval
-    from edgepack.targets.coreml_support.verify import decoder_figures
+    from edgepack.core.metrics import NEAR_TIE_NATS, wilson_interval
+    from edgepack.targets.coreml_support.verify import fp16_logit_figures
 
     rng = np.random.default_rng(0)
     reference = rng.normal(size=(10, 32)).astype(np.float32)
@@ -114,7 +114,7 @@ def test_decoder_figures_count_near_ties_and_bound_top1():
     candidate = reference.copy()
     candidate[:3, 1] += NEAR_TIE_NATS  # the candidate flips all three near ties
     candidate[9, 5] = candidate[9, 0] + 1.0  # and one decisive position
-    figures = decoder_figures(reference, candidate)
+    figures = fp16_logit_figures(reference, candidate)
     assert figures["top1_agreement"] == 0.6 and figures["near_tie_positions"] == 3
     assert abs(figures["top1_agreement_decisive"] - 6 / 7) < 1e-12
     assert figures["top1_ci95"] == wilson_interval(6, 10)

@@ -36,11 +36,11 @@ def _generate(model, tokenizer, count: int, tokens: int, seed: int):
     """`count` sampled continuations (temperature 1) of 4-token prompts taken from the calibration text."""
     import torch
 
+    from edgepack.core.windows import split_windows, token_ids
     from edgepack.quantize.calibration import DEFAULT_CALIBRATION_TEXT, read_text
 
     text, _origin = read_text(None, DEFAULT_CALIBRATION_TEXT)
-    ids = tokenizer(text)["input_ids"]
-    prompts = [ids[(4 * i) % max(len(ids) - 4, 1):][:4] for i in range(count)]
+    prompts = split_windows(token_ids(tokenizer, text), 4, count=count, cycle=True)
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
@@ -107,7 +107,8 @@ def tune_split_table(hf_model, tokenizer, fit: SplitTable, *, steps: int, projec
         q8 = u_frequent + (u_frequent.detach().round().clamp(-127, 127) - u_frequent).detach()
         return torch.cat([frequent_scale * q8, rare.reshape(rows, cols)])
 
-    def kl(target_lp, batch, weights):
+    def distillation_loss(target_lp, batch, weights):
+        """Mean KL(fp32 || student) over the batch's positions, differentiable (the training objective)."""
         embeddings = torch.nn.functional.embedding(batch, weights)
         hidden = student.model(inputs_embeds=embeddings).last_hidden_state
         lp = torch.log_softmax(hidden @ weights.T, -1)
@@ -124,11 +125,11 @@ def tune_split_table(hf_model, tokenizer, fit: SplitTable, *, steps: int, projec
             frequent = u_frequent.round().clamp(-127, 127).numpy().astype(np.int8)
         return SplitTable(frequent, fit.frequent_scale, index, scale16[..., 0].numpy(), offset16[..., 0].numpy(), fit.levels, fit.block)
 
-    def heldout_kl(candidate: SplitTable) -> float:
+    def heldout_loss(candidate: SplitTable) -> float:
         with torch.no_grad():
-            return float(kl(heldout_target, heldout, torch.from_numpy(candidate.dense())))
+            return float(distillation_loss(heldout_target, heldout, torch.from_numpy(candidate.dense())))
 
-    before = heldout_kl(fit)
+    before = heldout_loss(fit)
     best, best_kl, best_step = fit, before, 0
     # the rare rows' step in the same fraction of their level range whatever the levels (int8 quantiles span 254)
     spread = (int(fit.levels.max()) - int(fit.levels.min())) / 254
@@ -140,7 +141,7 @@ def tune_split_table(hf_model, tokenizer, fit: SplitTable, *, steps: int, projec
     losses = []
     for step in range(1, steps + 1):
         k = (step - 1) % len(batches)
-        loss = kl(targets[k].float(), batches[k], table())
+        loss = distillation_loss(targets[k].float(), batches[k], table())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -148,7 +149,7 @@ def tune_split_table(hf_model, tokenizer, fit: SplitTable, *, steps: int, projec
         if step % CHECK_EVERY == 0 or step == steps:
             # keep the stored table that does best on the held-out sequences (the training KL is noisy)
             candidate = stored()
-            candidate_kl = heldout_kl(candidate)
+            candidate_kl = heldout_loss(candidate)
             if candidate_kl < best_kl:
                 best, best_kl, best_step = candidate, candidate_kl, step
             status(f"table tuning: step {step}/{steps}, training KL {np.mean(losses[-CHECK_EVERY:]):.4f}, held-out KL {candidate_kl:.4f} (start {before:.4f})")

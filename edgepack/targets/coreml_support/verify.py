@@ -14,40 +14,40 @@ import time
 
 import numpy as np
 
-from edgepack.quantize.quality import top1_figures
+from edgepack.core.metrics import (
+    cosine_per_position,
+    kl_per_position,
+    kl_summary,
+    log_softmax,
+    max_abs_diff,
+    top1_agreement,
+    top1_figures,
+)
 
 
-def _log_softmax(x):
-    x = x.astype(np.float64)
-    x = x - x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
-
-
-def decoder_figures(reference: np.ndarray, candidate: np.ndarray) -> dict:
+def fp16_logit_figures(reference: np.ndarray, candidate: np.ndarray) -> dict:
+    """Logits of an fp16 program against fp32 ones: an overflow is reported (`finite`), not propagated."""
     candidate = candidate.astype(np.float32)
     finite = bool(np.isfinite(candidate).all())
-    lp_ref, lp = _log_softmax(reference), _log_softmax(np.nan_to_num(candidate, nan=0.0, posinf=6e4, neginf=-6e4))
-    kl = np.maximum(np.sum(np.exp(lp_ref) * (lp_ref - lp), axis=-1), 0.0)
-    agree = reference.argmax(-1) == candidate.argmax(-1)
+    lp_ref, lp = log_softmax(reference), log_softmax(np.nan_to_num(candidate, nan=0.0, posinf=6e4, neginf=-6e4))
     return {
         "positions": int(reference.shape[0]),
         "finite": finite,
-        "max_abs_logit_diff": float(np.abs(reference - candidate).max()) if finite else float("inf"),
-        **top1_figures(lp_ref, agree),  # with its 95% interval and fp32's near ties (quantize/quality.py)
-        "kl_mean": float(kl.mean()),
-        "kl_p99": float(np.percentile(kl, 99)),
-        "kl_max": float(kl.max()),
+        "max_abs_logit_diff": max_abs_diff(reference, candidate) if finite else float("inf"),
+        **top1_figures(lp_ref, top1_agreement(reference, candidate)),  # with its 95% interval and fp32's near ties
+        **kl_summary(kl_per_position(lp_ref, lp)),
     }
 
 
-def encoder_figures(reference: np.ndarray, candidate: np.ndarray) -> dict:
+def fp16_hidden_state_figures(reference: np.ndarray, candidate: np.ndarray) -> dict:
+    """Per-token hidden states of an fp16 program against fp32 ones: an overflow is reported, not propagated."""
     ref, cand = reference.astype(np.float64), candidate.astype(np.float64)
-    cos = np.sum(ref * cand, -1) / (np.linalg.norm(ref, axis=-1) * np.linalg.norm(cand, axis=-1) + 1e-30)
+    cos = cosine_per_position(ref, cand)
     finite = bool(np.isfinite(cand).all())
     return {
         "positions": int(ref.shape[0]),
         "finite": finite,
-        "max_abs_diff": float(np.abs(ref - cand).max()) if finite else float("inf"),
+        "max_abs_diff": max_abs_diff(ref, cand) if finite else float("inf"),
         "cosine_mean": float(np.nan_to_num(cos).mean()),
         "cosine_min": float(np.nan_to_num(cos).min()),
     }

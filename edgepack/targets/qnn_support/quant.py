@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgepack.core.metrics import cosine_per_position, kl_per_position, log_softmax
+
 PRECISIONS = ("w8a16", "w4a16", "w8a8", "fp16")
 
 
@@ -166,12 +168,6 @@ def _fake_quant(array: np.ndarray, bits: int, axis: int | None) -> np.ndarray:
     return (np.clip(np.round(array / scale), -qmax - 1, qmax) * scale).astype(array.dtype)
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    x = x - x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
-
-
 def sensitivity(fp32_path: Path, feeds: list[dict], precision: str, work: Path, output: str = "logits", limit: int | None = None) -> list[dict]:
     """Per-weight KL(fp32 || only that weight quantized) on CPU, most sensitive first."""
     import onnx
@@ -202,13 +198,11 @@ def sensitivity(fp32_path: Path, feeds: list[dict], precision: str, work: Path, 
         scores = []
         for feed, ref in zip(feeds, reference):
             out = session.run([output], {**feed, name: quantized})[0]
+            ref, out = ref.reshape(-1, ref.shape[-1]), out.reshape(-1, out.shape[-1])
             if decoder:
-                lp_ref, lp_q = _log_softmax(ref.reshape(-1, ref.shape[-1])), _log_softmax(out.reshape(-1, out.shape[-1]))
-                scores.append(float(np.maximum(np.sum(np.exp(lp_ref) * (lp_ref - lp_q), axis=-1), 0).mean()))
+                scores.append(float(kl_per_position(log_softmax(ref), log_softmax(out)).mean()))
             else:
-                a, b = ref.reshape(-1, ref.shape[-1]).astype(np.float64), out.reshape(-1, out.shape[-1]).astype(np.float64)
-                cos = np.sum(a * b, -1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-30)
-                scores.append(float(np.mean(1.0 - cos)))
+                scores.append(float(np.mean(1.0 - cosine_per_position(ref, out))))
         results.append({"tensor": name, "node": info["node"], "op": info["op"], "params": int(np.prod(info["dims"])),
                         "metric": "kl_mean" if decoder else "1-cosine", "score": float(np.mean(scores))})
     results.sort(key=lambda r: -r["score"])

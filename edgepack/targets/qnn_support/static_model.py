@@ -228,15 +228,3 @@ class StaticEncoder:
 
     def run(self, tokens: list[int]) -> np.ndarray:
         return self.session.run(None, self.feeds(tokens))[0][0, : len(tokens)]
-
-
-def token_windows(tokenizer, text: str, length: int, count: int, *, what: str, stride: int | None = None) -> list[list[int]]:
-    # Running text without special tokens: a BOS at the start of the first window only would put that window's
-    # massive activation (LLMs' attention-sink token, see StaticDecoder.make_prefix) into the ranges.
-    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    stride = stride or length
-    windows = [ids[start : start + length] for start in range(0, max(0, len(ids) - length + 1), stride)][:count]
-    if len(windows) < count:
-        raise BadInputError(f"{what} set too small: the text gives {len(windows)} window(s) of {length} tokens, "
-                            f"{count} needed (pass a longer text or fewer samples)")
-    return windows
