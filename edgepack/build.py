@@ -30,6 +30,14 @@ from edgepack.errors import BadInputError, UsageError
 BUNDLE_KIND = "edgepack.manifest"
 STAGES = ("convert", "quantize", "target", "profile", "check")
 FP32 = "fp32"
+# Targets whose bundle onnxruntime runs on this host: each is profiled as shipped (ort-mobile: its .ort file).
+PROFILED_TARGETS = ("ort", "ort-mobile")
+
+
+def profile_name(scheme: str, target: str | None) -> str:
+    """Key of a bundle's profile in the build (profiles/<key>.json, report figures and verdicts): the scheme for
+    the ort bundle (or the export when there is none), `<scheme>.<target>` for the other profiled targets."""
+    return scheme if target in (None, "ort") else f"{scheme}.{target}"
 
 
 @dataclass(frozen=True)
@@ -503,7 +511,7 @@ def build_recipe(recipe_path: Path | str, out: Path | str, config: BuildConfig =
     if last_stage >= 3 and (recipe.devices or recipe.budgets or recipe.profile):
         import platform
 
-        from edgepack.profiles.measure import ProfileConfig, profile_model
+        from edgepack.profiles.measure import ProfileConfig, profile_in_fresh_process
 
         prof = recipe.profile
         prompt_lens = prof.get("prompt_len", [128])
@@ -514,12 +522,17 @@ def build_recipe(recipe_path: Path | str, out: Path | str, config: BuildConfig =
         for scheme, (source_path, source_key) in sources.items():
             if scheme == FP32 and len(sources) > 1:
                 continue
-            measured = targets.get(("ort", scheme), source_path)
-            payload = {"model": [str(measured), source_key, "ort" if ("ort", scheme) in targets else "export"],
-                       "config": repr(pconfig), "host": [platform.node(), platform.processor(), os.cpu_count()]}
-            path = stage("profile", scheme, payload,
-                         lambda o, m=measured: (o.mkdir(), profile_model(m, o / "profile.json", pconfig)))
-            profiles[scheme] = json.loads((path / "profile.json").read_text())
+            # The ort bundle (or the export), plus every other bundle onnxruntime runs here (ort-mobile's .ort):
+            # each measured as shipped, in a fresh process, and projected from its own graph.
+            measured = [(scheme, targets.get(("ort", scheme), source_path), "ort" if ("ort", scheme) in targets else "export")]
+            measured += [(profile_name(scheme, target), path, target) for (target, s), path in targets.items()
+                         if s == scheme and target in PROFILED_TARGETS and target != "ort"]
+            for name, model_path, kind in measured:
+                payload = {"model": [str(model_path), source_key, kind], "config": repr(pconfig),
+                           "host": [platform.node(), platform.processor(), os.cpu_count()]}
+                path = stage("profile", name, payload,
+                             lambda o, m=model_path: (o.mkdir(), profile_in_fresh_process(m, o / "profile.json", pconfig)))
+                profiles[name] = json.loads((path / "profile.json").read_text())
 
     # check
     verdicts: dict[str, list] = {}

@@ -39,7 +39,9 @@ def _stdout_console():
 def _stderr_console():
     from rich.console import Console
 
-    return Console(stderr=True, highlight=False)
+    from edgepack._quiet import user_stderr
+
+    return Console(file=user_stderr(), highlight=False)
 
 
 class _Status:
@@ -109,8 +111,10 @@ class LazyGroup(click.Group):
     epilog=EXIT_CODES_HELP,
 )
 @click.version_option(__version__, prog_name="edgepack")
-@click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
-def cli(debug: bool) -> None:
+@click.option("--debug", is_flag=True, help="Show full tracebacks for errors, and the libraries' own output (onnxruntime, QNN, "
+              "Python loggers) on the terminal instead of in $EDGEPACK_CACHE/logs.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
     """Turn a Hugging Face transformer into verified on-device artifacts.
 
     \b
@@ -122,6 +126,10 @@ def cli(debug: bool) -> None:
       edgepack convert smollm2-135m -o build/smollm2
       edgepack run build/smollm2 --prompt "What is the capital of France?"
     """
+    from edgepack._quiet import third_party_output
+
+    # The libraries' log lines (onnxruntime, QNN, loggers set up on import) go to a log file unless --debug.
+    ctx.with_resource(third_party_output(ctx.invoked_subcommand or "", enabled=not (debug or os.environ.get("EDGEPACK_DEBUG"))))
 
 
 @cli.command()

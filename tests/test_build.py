@@ -90,7 +90,9 @@ def test_build_writes_a_verified_bundle_and_reuses_the_cache(tmp_path, tiny_mode
     manifest = read_json(out / "manifest.json")
     assert not any(s["reused"] for s in manifest["stages"])
     junit = ET.parse(tmp_path / "junit-copy.xml").getroot()
-    assert int(junit.find("testsuite[@name='edgepack.budgets']").get("tests")) == 4  # 2 schemes x 2 pixel-8 budgets
+    # 2 schemes x 2 bundles measured (ort, ort-mobile) x 2 pixel-8 budgets
+    assert int(junit.find("testsuite[@name='edgepack.budgets']").get("tests")) == 8
+    check_profiles_are_the_bundles_own(out, report)
 
     again = cli("build", path, "-o", out)
     assert again.exit_code == 0, again.stderr
@@ -98,6 +100,27 @@ def test_build_writes_a_verified_bundle_and_reuses_the_cache(tmp_path, tiny_mode
     assert stages and all(s["reused"] for s in stages)
     assert f"{len(stages)}/{len(stages)} stages reused" in again.stdout
     assert cli("verify", out).exit_code == 0
+
+
+def check_profiles_are_the_bundles_own(out: Path, report: dict) -> None:
+    from edgepack.profiles.measure import peak_rss_mb
+
+    profiles = {name: read_json(out / "profiles" / f"{name}.json") for name in ("int4", "int4.ort-mobile")}
+    for profile in profiles.values():
+        # Measured in a fresh process (the build ran in this one): peak RSS is that process's, below this one's.
+        assert profile["host"]["pid"] != os.getpid()
+        assert 0 < profile["host"]["peak_rss_mb"] < peak_rss_mb()
+    # The ort-mobile bundle is measured and projected from its own .ort, not from the ort bundle.
+    mobile = profiles["int4.ort-mobile"]
+    assert Path(mobile["model"]["dir"]).name == "out" and (Path(mobile["model"]["dir"]) / "model.ort").is_file()
+    assert mobile["model"]["facts"]["file_bytes"] == (out / "targets/ort-mobile/int4/model.ort").stat().st_size
+    assert mobile["model"]["facts"] != profiles["int4"]["model"]["facts"]
+    for target, name in (("ort", "int4"), ("ort-mobile", "int4.ort-mobile")):
+        host = next(r for r in report["summary"] if (r["scheme"], r["target"], r["device"]) == ("int4", target, "host"))
+        assert host["decode_ms_per_token"] == profiles[name]["host"]["by_prompt_len"][0]["decode_ms_per_token"]["p50"]
+        assert host["peak_memory_mb"] == profiles[name]["host"]["peak_rss_mb"]
+        pixel = next(r for r in report["summary"] if (r["scheme"], r["target"], r["device"]) == ("int4", target, "pixel-8"))
+        assert pixel["decode_ms_per_token"] == profiles[name]["projections"]["pixel-8"]["by_prompt_len"][0]["decode_ms_per_token"]
 
 
 def test_failing_budget_exits_1_with_junit_failures(tmp_path, tiny_model_factory, cache, cli):
@@ -110,7 +133,7 @@ def test_failing_budget_exits_1_with_junit_failures(tmp_path, tiny_model_factory
     assert report["passed"] is False
     suite = ET.parse(out / "junit.xml").getroot().find("testsuite[@name='edgepack.budgets']")
     failures = suite.findall("testcase/failure")
-    assert len(failures) == int(suite.get("failures")) == 2  # the decode budget, for each scheme
+    assert len(failures) == int(suite.get("failures")) == 4  # the decode budget, for each scheme's ort and ort-mobile
     assert cli("verify", out).exit_code == 0  # a failing verdict is still a complete bundle
 
 

@@ -83,7 +83,42 @@ def exact_prompt(tokenizer, length: int, vocab_size: int | None) -> list[int]:
     return [10 + (i * 7919) % (top - 10) for i in range(length)]
 
 
+class _TokenizerJson:
+    """tokenizer.json through the `tokenizers` library: the ids of transformers' fast tokenizer for the same file,
+    without importing transformers (and torch), which would dominate a fresh measuring process's start and memory."""
+
+    def __init__(self, path: Path):
+        from tokenizers import Tokenizer
+
+        self._tokenizer = Tokenizer.from_file(str(path))
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+        return {"input_ids": self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids}
+
+
+def _prompt_tokenizer(model_dir):
+    """What exact_prompt cuts prompts with; None when the folder has no usable tokenizer (ids alone then)."""
+    path = model_dir.folder / "tokenizer.json"
+    if path.is_file():
+        try:
+            return _TokenizerJson(path)
+        except Exception:  # a file the tokenizers library cannot read: let transformers try the folder
+            pass
+    try:
+        return model_dir.load_tokenizer()
+    except BadInputError:
+        return None
+
+
 def peak_rss_mb() -> float:
+    """This process's peak resident set. On Linux VmHWM, not getrusage's ru_maxrss: the kernel carries
+    ru_maxrss across exec, so a freshly spawned measuring process would report its parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / 1e6  # kB
+    except (OSError, ValueError, IndexError):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 1e6 if sys.platform == "darwin" else peak * 1024 / 1e6  # macOS: bytes, Linux: KiB
 
@@ -169,6 +204,25 @@ def profile_model(directory: Path | str, out: Path | str | None, config: Profile
     return ProfileResult(out=Path(out) if out is not None else None, report=report)
 
 
+def profile_in_fresh_process(directory: Path | str, out: Path | str | None, config: ProfileConfig = ProfileConfig()) -> ProfileResult:
+    """`profile_model` in a new interpreter, so that peak RSS, load time and latencies are those of this model
+    alone: a calling build process also holds exports, quantizers and other bundles in memory."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    try:
+        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            report = pool.submit(_profile_child, str(directory), None if out is None else str(out), config).result()
+    except BrokenProcessPool as exc:
+        raise BadInputError(f"the process profiling {directory} died ({exc}); `edgepack profile {directory}` shows why") from None
+    return ProfileResult(out=Path(out) if out is not None else None, report=report)
+
+
+def _profile_child(directory: str, out: str | None, config: ProfileConfig) -> dict:
+    return profile_model(directory, out, config).report
+
+
 def _validate(config: ProfileConfig) -> None:
     if not config.prompt_lens or any(p < 1 for p in config.prompt_lens):
         raise UsageError("--prompt-len needs positive lengths, e.g. 128,512")
@@ -184,10 +238,7 @@ def _measure_host(model_dir, facts, config: ProfileConfig, meter, status) -> dic
     from edgepack.runtime.session import create_session
 
     status("loading the tokenizer")
-    try:
-        tokenizer = model_dir.load_tokenizer()
-    except BadInputError:
-        tokenizer = None  # exact-length prompts can be built from ids alone
+    tokenizer = _prompt_tokenizer(model_dir)
     status("loading the model")
     begin = time.perf_counter()
     try:
@@ -265,7 +316,9 @@ def _measure_host(model_dir, facts, config: ProfileConfig, meter, status) -> dic
         "kind": "measured",
         "load_seconds": load_s,
         "peak_rss_mb": peak_rss_mb(),
-        "peak_rss_note": "process peak resident set (ru_maxrss) including Python, the tokenizer and onnxruntime",
+        "peak_rss_note": "peak resident set of the measuring process (VmHWM on Linux) including Python, the tokenizer and "
+                         "onnxruntime; `edgepack build` measures each bundle in a fresh process",
+        "pid": os.getpid(),
         "model_size_mb": facts.file_bytes / 1e6,
         "by_prompt_len": by_len,
     }

@@ -94,10 +94,15 @@ def model_facts(onnx_path: Path | str, config: dict | None = None) -> ModelFacts
     import onnx
 
     onnx_path = Path(onnx_path)
-    try:
-        model = onnx.load(str(onnx_path), load_external_data=False)
-    except Exception as exc:
-        raise BadInputError(f"{onnx_path} is not a readable ONNX model: {exc}") from exc
+    if onnx_path.suffix == ".ort":  # an ort-mobile bundle: cost the graph onnxruntime saved, folded as it ships
+        from edgepack.profiles.ort_format import read_ort_graph
+
+        model = read_ort_graph(onnx_path)
+    else:
+        try:
+            model = onnx.load(str(onnx_path), load_external_data=False)
+        except Exception as exc:
+            raise BadInputError(f"{onnx_path} is not a readable ONNX model: {exc}") from exc
     config = config or {}
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}

@@ -69,19 +69,25 @@ def build_report(recipe, sources, quality_reports, targets, profiles, verdicts, 
                             "path": f"targets/{target}/{scheme}"})
         if scheme == "fp32" and len(sources) > 1:
             own_rows.append(_own_compression_row(target, scheme, data))
+    from edgepack.build import profile_name
+
     figures, rows = {}, []
-    for scheme, profile in profiles.items():
+    for name, profile in profiles.items():  # keyed by build.profile_name: one profile per bundle measured
         devices = ["host"] + list((profile.get("projections") or {}))
-        figures[scheme] = {device: _figures(profile, device) for device in devices}
+        figures[name] = {device: _figures(profile, device) for device in devices}
     for scheme in sources:
         if scheme == "fp32" and len(sources) > 1:
             continue  # the fp32 export is the quality reference here, not a deliverable
         quality = (schemes[scheme].get("quality") or {})
         scheme_targets = [t for t in target_rows if t["scheme"] == scheme] or [{"target": None, "total_bytes": schemes[scheme]["size_bytes"], "passed": True}]
-        devices = figures.get(scheme) or {None: {}}
         for target in scheme_targets:
+            # A target's rows show the figures of its own bundle where it was profiled (ort-mobile: the .ort),
+            # else those of the scheme's ort bundle or export.
+            name = profile_name(scheme, target["target"])
+            name = name if name in figures else scheme
+            devices = figures.get(name) or {None: {}}
             for device, device_figures in devices.items():
-                device_verdicts = [v for v in verdicts.get(scheme, []) if v.device == device]
+                device_verdicts = [v for v in verdicts.get(name, []) if v.device == device]
                 rows.append({
                     "scheme": scheme,
                     "target": target["target"],

@@ -52,3 +52,33 @@ def test_encoder(exported_tiny_factory, tmp_path, cli):
     result = cli("target", "ort-mobile", exported_tiny_factory("bert"), "-o", out)
     assert result.exit_code == 0, result.stderr
     assert read_json(out / "target.json")["checks"]["parity_vs_onnx"]["passed"] is True
+
+
+def test_default_size_gate_passes_on_quantized_exports(tmp_path, cli):
+    # A quantized export stores its scales as fp16 + Cast and its zero points as ConstantOfShape; onnxruntime
+    # folds them to fp32 tensors, so the .ort is larger than the .onnx (1.2x here, beyond the format's fixed
+    # overhead at this size). The default gate compares the .ort with onnxruntime's own optimized graph
+    # of the same model, so the default settings pass, and the growth against the .onnx is still reported.
+    import torch
+    import transformers as tf
+
+    from edgepack.convert import ConvertConfig, convert_model
+    from tests.tiny_models import VOCAB_SIZE, build_tokenizer
+
+    source = tmp_path / "small-llama"
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(vocab_size=VOCAB_SIZE, bos_token_id=0, eos_token_id=2, pad_token_id=3, hidden_size=384,
+                            intermediate_size=1024, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
+                            max_position_embeddings=128, tie_word_embeddings=False)
+    tf.AutoModelForCausalLM.from_config(config).eval().save_pretrained(str(source))
+    build_tokenizer(source)
+    convert_model(str(source), tmp_path / "export", ConvertConfig(verify=False))
+    quantized = cli("quantize", tmp_path / "export", "-o", tmp_path / "int8", "--scheme", "int8-weight", "--no-eval")
+    assert quantized.exit_code == 0, quantized.stderr
+    result = cli("target", "ort-mobile", tmp_path / "int8", "-o", tmp_path / "mobile")
+    assert result.exit_code == 0, result.stderr
+    size = read_json(tmp_path / "mobile" / "target.json")["checks"]["size_vs_onnx"]
+    assert size["passed"] is True and size["max_ratio"] == 1.05
+    # The growth a gate against the .onnx failed: more than 5% and more than the format's fixed overhead.
+    assert size["ort_bytes"] > max(1.05 * size["onnx_bytes"], size["onnx_bytes"] + 262144)
+    assert size["ort_bytes"] <= max(1.05 * size["optimized_onnx_bytes"], size["optimized_onnx_bytes"] + 262144)

@@ -1,0 +1,42 @@
+"""The README's first run on the demo model: `edgepack init && edgepack build edgepack.toml -o build/release` passes.
+
+Slow on a cold cache (the whole starter recipe: export, two schemes with their quality reports, ort and
+ort-mobile bundles, four profiles); it shares $EDGEPACK_CACHE with other demo builds, so after one it
+mostly reuses their stages. The recipe is the starter as written: its gates are what this test is about.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import read_json
+from tests.test_quiet import foreign_lines
+
+pytestmark = pytest.mark.demo
+REPO = Path(__file__).parents[1]
+
+
+def test_init_then_build_the_starter_recipe_passes(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("EDGEPACK_DEBUG", None)
+
+    def edgepack(*args):
+        return subprocess.run([sys.executable, "-m", "edgepack", *map(str, args)], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=3600)
+
+    recipe, out = tmp_path / "edgepack.toml", tmp_path / "build" / "release"
+    assert edgepack("init", recipe).returncode == 0
+    result = edgepack("build", recipe, "-o", out)
+    assert result.returncode == 0, result.stderr
+    report = read_json(out / "report.json")
+    assert report["passed"] is True and report["failures"] == []
+    for scheme in ("int8-weight", "gguf"):
+        size = read_json(out / "targets" / "ort-mobile" / scheme / "target.json")["checks"]["size_vs_onnx"]
+        assert size["passed"] and size["max_ratio"] == 1.05
+        assert size["ratio"] > 1.05  # the growth of folding, which the default gate does not charge to the .ort
+    assert foreign_lines(result) == []  # the terminal shows edgepack's lines only
