@@ -205,9 +205,9 @@ class StageCache:
     """Stage results under `root/<stage>/<key>/out/`, each entry with a manifest of its files checked on reuse."""
 
     def __init__(self, root: Path | None = None):
-        from edgepack.sources import cache_root
+        from edgepack.sources import cache_folder
 
-        self.root = root or cache_root() / "build"
+        self.root = root or cache_folder("build")
 
     def entry(self, stage: str, key: str) -> Path:
         return self.root / stage / key

@@ -15,6 +15,7 @@ import click
 
 from edgepack import __version__
 from edgepack.errors import EXIT_INTERNAL, EXIT_USAGE, EdgepackError, GateFailedError, UsageError, classify
+from edgepack.options import FiniteFloatRange
 
 EXIT_CODES_HELP = """\b
 Exit codes:
@@ -138,7 +139,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--task", type=click.Choice(["auto", "text-generation", "feature-extraction"]), default="auto", show_default=True, help="Decoder LLM with KV cache, or encoder embeddings; auto picks from the architecture.")
 @click.option("--opset", type=click.IntRange(min=7), default=None, help="ONNX opset (default: optimum's choice for the architecture).")
 @click.option("--no-verify", is_flag=True, help="Skip the parity check against PyTorch.")
-@click.option("--atol", type=click.FloatRange(min=0), default=1e-3, show_default=True, help="Parity gate: max abs logit (or embedding) difference allowed.")
+@click.option("--atol", type=FiniteFloatRange(min=0), default=1e-3, show_default=True, help="Parity gate: max abs logit (or embedding) difference allowed.")
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder (only once the new export is complete).")
 @click.option("--allow-pickle", is_flag=True, help="Load pickle checkpoints (*.bin, *.pt). Unpickling runs code: only for sources you trust.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow models whose config needs their own Python code (auto_map). Review that code first.")
@@ -225,9 +226,9 @@ SCHEME_HELP = "int8-weight (default), int8-dynamic, int8-static, int4, fp16, ggu
 @click.option("--eval-text", type=click.Path(path_type=Path), default=None, help="UTF-8 text for the quality report (default: bundled English text).")
 @click.option("--eval-tokens", type=click.IntRange(min=16), default=512, show_default=True, help="Token positions scored for quality.")
 @click.option("--no-eval", is_flag=True, help="Skip the quality report (no gate possible).")
-@click.option("--max-kl", type=click.FloatRange(min=0), default=None, help="Gate: mean KL(fp32 || quantized) at most X.")
-@click.option("--min-top1", type=click.FloatRange(0, 1), default=None, help="Gate: top-1 agreement with fp32 at least Y.")
-@click.option("--max-ppl-ratio", type=click.FloatRange(min=0), default=None, help="Gate: perplexity / fp32 perplexity at most Z.")
+@click.option("--max-kl", type=FiniteFloatRange(min=0), default=None, help="Gate: mean KL(fp32 || quantized) at most X.")
+@click.option("--min-top1", type=FiniteFloatRange(0, 1), default=None, help="Gate: top-1 agreement with fp32 at least Y.")
+@click.option("--max-ppl-ratio", type=FiniteFloatRange(min=0), default=None, help="Gate: perplexity / fp32 perplexity at most Z.")
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
 def quantize(directory, out, scheme, block_size, symmetric, algorithm, accuracy_level, embeddings, lm_head, keep_8bit,
              activations, weights, per_channel, calibration_text, calibration_samples, allow_requantize, eval_text,
@@ -312,9 +313,9 @@ def _print_quantize_summary(result) -> None:
 @click.option("-p", "--prompt", required=True, help="The prompt (wrapped in the chat template when the tokenizer has one).")
 @click.option("-n", "--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True,
               help="Most tokens to generate; generation also stops at EOS or when the model's context is full.")
-@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True, help="0 = greedy decoding.")
+@click.option("--temperature", type=FiniteFloatRange(min=0), default=0.0, show_default=True, help="0 = greedy decoding.")
 @click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="Sample from the k most likely tokens (0 = all).")
-@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0, show_default=True, help="Nucleus sampling mass.")
+@click.option("--top-p", type=FiniteFloatRange(min=0, max=1, min_open=True), default=1.0, show_default=True, help="Nucleus sampling mass.")
 @click.option("--seed", type=int, default=None, help="Seed for sampling (same seed, same text).")
 @click.option("--no-chat", is_flag=True, help="Feed the prompt as raw text, without the chat template.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads (default: onnxruntime's choice).")

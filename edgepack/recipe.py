@@ -75,6 +75,23 @@ def _check_table(where: str, table: dict, keys: dict, required: tuple = ()) -> N
             raise UsageError(f"recipe key {where}.{key}: required ({_TYPE_NAMES[keys[key]]})")
 
 
+def _check_ranges(where: str, table: dict, command, names: dict | None = None) -> None:
+    """Hold recipe values to the ranges of the command-line options they stand for (`names`: recipe key ->
+    option name, default the same), so a recipe cannot pass what the command line refuses."""
+    import click
+
+    params = {param.name: param for param in command.params}
+    for key, value in table.items():
+        param = params.get((names or {}).get(key, key))
+        if param is None or not isinstance(param.type, (click.IntRange, click.FloatRange)) or isinstance(value, bool):
+            continue
+        for item in value if isinstance(value, list) else [value]:
+            try:
+                param.type.convert(item, param, None)
+            except click.BadParameter as exc:
+                raise UsageError(f"recipe key {where}.{key}: {exc.message} (as {param.opts[-1]})") from None
+
+
 def _dataclass_keys(cls) -> dict:
     """Option name -> python type, from a config dataclass's annotations (strings under `from __future__`)."""
     mapping = {"int": int, "str": str, "bool": bool, "float": float}
@@ -101,6 +118,8 @@ def target_config_class(module):
 def parse_recipe(data: dict, path: Path) -> Recipe:
     import importlib
 
+    from edgepack.cli import quantize as quantize_command
+    from edgepack.profiles.cli import profile as profile_command
     from edgepack.quantize.schemes import SCHEMES
     from edgepack.targets import registered_targets
 
@@ -123,6 +142,7 @@ def parse_recipe(data: dict, path: Path) -> Recipe:
             raise UsageError(f"recipe key {where}.scheme: unknown scheme {table['scheme']!r}; one of {', '.join(SCHEMES)}")
         keys = {"scheme": str, **_dataclass_keys(SCHEMES[table["scheme"]])}
         _check_table(where, table, keys)
+        _check_ranges(where, table, quantize_command)
 
     targets = data.get("targets", {})
     available = registered_targets()
@@ -138,6 +158,7 @@ def parse_recipe(data: dict, path: Path) -> Recipe:
         config_cls = target_config_class(module)
         if config_cls is not None:
             _check_table(where, options, {k: v for k, v in _dataclass_keys(config_cls).items() if k != "force"})
+        _check_ranges(where, options, module.command)
 
     devices = data.get("devices", [])
     for index, device in enumerate(devices):
@@ -161,6 +182,18 @@ def parse_recipe(data: dict, path: Path) -> Recipe:
     _check_table("evaluation", evaluation, EVALUATION_KEYS)
     _check_table("calibration", calibration, CALIBRATION_KEYS)
     _check_table("profile", profile, PROFILE_KEYS)
+    _check_ranges("evaluation", evaluation, quantize_command, {"tokens": "eval_tokens"})
+    _check_ranges("calibration", calibration, quantize_command, {"samples": "calibration_samples"})
+    _check_ranges("profile", profile, profile_command)
+    for where, table in (("evaluation", evaluation), ("calibration", calibration)):
+        # Checked now, not when a stage first reads it: after a long convert, or never when no stage does.
+        text = table.get("text")
+        if text is not None:
+            text_path = Path(text).expanduser()
+            text_path = text_path if text_path.is_absolute() else path.parent / text_path
+            if not text_path.is_file():
+                raise BadInputError(f"recipe key {where}.text: {text_path} is {'a folder' if text_path.is_dir() else 'missing'}; "
+                                    "expected a UTF-8 text file")
     return Recipe(path=path, model=data["model"], quantize=quantize, targets=targets, devices=devices, budgets=budgets,
                   evaluation=evaluation, calibration=calibration, profile=profile, raw=data)
 

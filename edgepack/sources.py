@@ -77,6 +77,19 @@ def cache_root() -> Path:
     return Path(os.environ.get("EDGEPACK_CACHE") or Path.home() / ".cache" / "edgepack").expanduser()
 
 
+def cache_folder(name: str) -> Path:
+    """`cache_root()/name`, created. A cache that cannot hold folders (EDGEPACK_CACHE naming a file, a
+    read-only or pseudo file system) is the user's setting to fix, not a broken input: a usage error."""
+    from edgepack.errors import UsageError, _reason
+
+    folder = cache_root() / name
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot use the cache {cache_root()} ({_reason(exc)}); set EDGEPACK_CACHE to a writable folder") from None
+    return folder
+
+
 def resolve_source(
     spec: str, *, allow_pickle: bool = False, trust_remote_code: bool = False, on_status=None
 ) -> ModelSource:
@@ -253,7 +266,7 @@ def gguf_to_hf_folder(gguf_path: Path, *, on_status=None) -> tuple[Path, str]:
         return target, sha
     if on_status:
         on_status(f"converting {gguf_path.name} to a Hugging Face folder (once; cached in {target.parent})")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    cache_folder("models")
     tmp = target.parent / f"{target.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:

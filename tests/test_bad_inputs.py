@@ -89,7 +89,10 @@ def inputs(tmp_path_factory, exported_tiny_factory, tiny_model_factory):
     paths["no_type_model"] = _write(root / "no-type-model" / "config.json", json.dumps({"hidden_size": 8})).parent
 
     # profiles and budgets for `check`
-    profile = {"schema_version": 1, "kind": "edgepack.profile", "host": {"by_prompt_len": []}, "projections": {}}
+    # A profile `check` accepts with GOOD_BUDGETS (exit 0), so a case fails for the reason its id names.
+    entry = {"prompt_len": 128, "gen_len": 64, "ttft_ms": 60.0, "decode_ms_per_token": 10.0, "tokens_per_s": 100.0}
+    profile = {"schema_version": 1, "kind": "edgepack.profile", "host": {"by_prompt_len": []},
+               "projections": {"pixel-8": {"by_prompt_len": [entry]}}}
     paths["good_profile"] = _write(root / "profile.json", json.dumps(profile))
     paths["garbage_profile"] = _write(root / "garbage-profile.json", "{\"kind\": ")
     paths["binary_profile"] = _write(root / "binary-profile.json", b"\x80\xff\x00")
@@ -113,6 +116,10 @@ def inputs(tmp_path_factory, exported_tiny_factory, tiny_model_factory):
     paths["negative_budgets"] = _write(root / "negative.toml", "[pixel-8]\nmax_decode_ms_per_token = -5\n")
     paths["text_budgets"] = _write(root / "text-budget.toml", "[pixel-8]\nmax_decode_ms_per_token = \"fast\"\n")
     paths["flat_budgets"] = _write(root / "flat.toml", "max_decode_ms_per_token = 5\n")
+    paths["nan_budgets"] = _write(root / "nan.toml", "[pixel-8]\nmax_decode_ms_per_token = nan\n")
+    paths["inf_budgets"] = _write(root / "inf.toml", "[pixel-8]\nmax_decode_ms_per_token = inf\n")
+    paths["absent_device_budgets"] = _write(root / "absent-device.toml", GOOD_BUDGETS + "[galaxy-s24]\nmax_ttft_ms = 500\n")
+    paths["unknown_device_budgets"] = _write(root / "unknown-device.toml", GOOD_BUDGETS + "[pixel-99]\nmax_ttft_ms = 500\n")
 
     # recipes for `build`
     model = paths["model"]
@@ -131,6 +138,34 @@ def inputs(tmp_path_factory, exported_tiny_factory, tiny_model_factory):
     paths["negative_option_recipe"] = _write(root / "negative-option.toml", RECIPE.format(model=model)
                                              + "[targets.ort]\nmax_context = -5\n")
     paths["garbage_model_recipe"] = _write(root / "garbage-model.toml", RECIPE.format(model=paths["bad_config_model"]))
+    for name, budget in {"nan_budget_recipe": "nan", "inf_budget_recipe": "inf", "minus_inf_budget_recipe": "-inf"}.items():
+        paths[name] = _write(root / f"{name}.toml", RECIPE.format(model=model) + f"[budgets.pixel-8]\nmax_decode_ms_per_token = {budget}\n")
+    paths["eval_text_missing_recipe"] = _write(root / "eval-text-missing.toml", RECIPE.format(model=model)
+                                               + f"[evaluation]\ntext = \"{root / 'no-such-text.txt'}\"\n")
+    paths["broken_tokenizer_recipe"] = _write(root / "broken-tokenizer.toml", RECIPE.format(model=root / "truncated-tokenizer-model"))
+    for name, extra in {
+        "eval_gate_nan_recipe": "[evaluation]\nmax_kl = nan\n",
+        "eval_tokens_zero_recipe": "[[quantize]]\nscheme = \"int8-weight\"\n[evaluation]\ntokens = 0\n",
+        "calibration_samples_zero_recipe": "[[quantize]]\nscheme = \"int8-static\"\n[calibration]\nsamples = 0\n",
+        "calibration_text_dir_recipe": f"[calibration]\ntext = \"{root / 'empty-dir'}\"\n",
+        "profile_runs_zero_recipe": "[profile]\nruns = 0\n",
+        "profile_prompt_len_negative_recipe": "[profile]\nprompt_len = [-8]\n",
+        "qnn_soc_negative_recipe": "[targets.qnn]\nsoc_model = -1\nhtp_arch = 75\n",
+        "coreml_block_size_odd_recipe": "[targets.coreml]\ncompress = \"int4-block\"\nblock_size = 7\n",
+        "ort_mobile_ratio_below_one_recipe": "[targets.ort-mobile]\nmax_size_ratio = 0.5\n",
+    }.items():
+        paths[name] = _write(root / f"{name}.toml", RECIPE.format(model=model) + extra)
+
+    # model folders whose tokenizer is broken, and a small GGUF for the cache cases
+    tokenizer = (paths["model"] / "tokenizer.json").read_text()
+    for name, data in {"truncated_tokenizer_model": tokenizer[: len(tokenizer) // 2], "text_tokenizer_model": "not json, a note\n",
+                       "empty_tokenizer_model": ""}.items():
+        paths[name] = root / name.replace("_", "-")
+        shutil.copytree(paths["model"], paths[name])
+        _write(paths[name] / "tokenizer.json", data)
+    from tests.gguf_fixtures import write_tiny_llama_gguf
+
+    paths["gguf"] = write_tiny_llama_gguf(root / "tiny.gguf")
 
     # bundles for `verify`
     for name, manifest in {"truncated_manifest": '{"files": {', "list_files_manifest": '{"files": [1, 2]}',
@@ -148,6 +183,26 @@ def inputs(tmp_path_factory, exported_tiny_factory, tiny_model_factory):
     write_manifest(tampered)
     _write(tampered / "a.txt", "changed!")
     paths["tampered_bundle"] = tampered
+    outside = _write(root / "outside.txt", "original")
+    linked = root / "linked-out-bundle"
+    _write(linked / "a.txt", "original")
+    write_manifest(linked)
+    (linked / "a.txt").unlink()
+    (linked / "a.txt").symlink_to(outside)  # same bytes, but the file now lives outside the bundle
+    paths["linked_out_bundle"] = linked
+    dangling = root / "dangling-link-bundle"
+    _write(dangling / "a.txt", "original")
+    write_manifest(dangling)
+    (dangling / "extra.txt").symlink_to(root / "nowhere.txt")
+    paths["dangling_link_bundle"] = dangling
+    for name, entry in {"dotdot_entry_manifest": "../outside.txt", "absolute_entry_manifest": str(root / "outside.txt")}.items():
+        bundle = root / name.replace("_", "-")
+        _write(bundle / "a.txt", "original")
+        write_manifest(bundle)
+        manifest = json.loads((bundle / "manifest.json").read_text())
+        manifest["files"][entry] = manifest["files"]["a.txt"]  # a path out of the bundle, with the right bytes and hash
+        _write(bundle / "manifest.json", json.dumps(manifest))
+        paths[name] = bundle
     dir_manifest = root / "dir-manifest"
     (dir_manifest / "manifest.json").mkdir(parents=True)
     paths["dir_manifest"] = dir_manifest
@@ -202,6 +257,13 @@ CASES = [
     ("convert-garbage-config-nested-out", ["convert", "{bad_config_model}", "-o", "{case}/build/nested/out"], 3),
     ("convert-full-disk!full", ["convert", "{model}", "-o", "{full_fs}/out", "--no-verify"], 2),
     ("convert-read-only-disk!ro", ["convert", "{model}", "-o", "{ro_fs}/out", "--no-verify"], 2),
+    ("convert-truncated-tokenizer", ["convert", "{truncated_tokenizer_model}", "-o", "{out}"], 3),
+    ("convert-tokenizer-not-json", ["convert", "{text_tokenizer_model}", "-o", "{out}"], 3),
+    ("convert-empty-tokenizer", ["convert", "{empty_tokenizer_model}", "-o", "{out}"], 3),
+    ("convert-atol-nan", ["convert", "{model}", "-o", "{out}", "--atol", "nan"], 2),
+    ("convert-gguf-cache-is-a-file", ["convert", "{gguf}", "-o", "{out}"], 2),
+    ("convert-gguf-cache-under-proc", ["convert", "{gguf}", "-o", "{out}"], 2),
+    ("convert-gguf-cache-is-proc", ["convert", "{gguf}", "-o", "{out}"], 2),
     # quantize
     ("quantize-missing-dir", ["quantize", "{missing}", "-o", "{out}"], 3),
     ("quantize-a-file", ["quantize", "{text_file}", "-o", "{out}"], 3),
@@ -237,6 +299,11 @@ CASES = [
     ("quantize-out-is-its-input", ["quantize", "{export}", "-o", "{export}", "--no-eval"], 2),
     ("quantize-full-disk!full", ["quantize", "{export}", "-o", "{full_fs}/out", "--no-eval"], 2),
     ("quantize-read-only-disk!ro", ["quantize", "{export}", "-o", "{ro_fs}/out", "--no-eval"], 2),
+    ("quantize-keep-8bit-invalid-regex", ["quantize", "{export}", "-o", "{out}", "--scheme", "int4", "--keep-8bit", "("], 2),
+    ("quantize-calibration-samples-zero", ["quantize", "{export}", "-o", "{out}", "--scheme", "int8-static", "--calibration-samples", "0"], 2),
+    ("quantize-max-kl-nan", ["quantize", "{export}", "-o", "{out}", "--max-kl", "nan"], 2),
+    ("quantize-min-top1-nan", ["quantize", "{export}", "-o", "{out}", "--min-top1", "nan"], 2),
+    ("quantize-max-ppl-ratio-inf", ["quantize", "{export}", "-o", "{out}", "--max-ppl-ratio", "inf"], 2),
     # run
     ("run-missing-dir", ["run", "{missing}", "-p", "hi"], 3),
     ("run-a-file", ["run", "{text_file}", "-p", "hi"], 3),
@@ -254,6 +321,12 @@ CASES = [
     ("run-negative-temperature", ["run", "{export}", "-p", "hi", "--temperature", "-1"], 2),
     ("run-zero-threads", ["run", "{export}", "-p", "hi", "--threads", "0"], 2),
     ("run-seed-text", ["run", "{export}", "-p", "hi", "--seed", "lucky"], 2),
+    ("run-huge-prompt", ["run", "{export}", "-p", "word " * 20000, "-n", "4"], 2),
+    ("run-empty-prompt", ["run", "{export}", "-p", ""], 2),
+    ("run-empty-prompt-no-chat", ["run", "{export}", "-p", "", "--no-chat"], 2),
+    ("run-temperature-nan", ["run", "{export}", "-p", "hi", "--temperature", "nan"], 2),
+    ("run-temperature-inf", ["run", "{export}", "-p", "hi", "--temperature", "inf"], 2),
+    ("run-top-p-nan", ["run", "{export}", "-p", "hi", "--top-p", "nan"], 2),
     # targets
     *[(f"target-{t}-missing-dir", ["target", t, "{missing}", "-o", "{out}", *TARGET_ARGS[t]], 3) for t in TARGETS],
     *[(f"target-{t}-empty-dir", ["target", t, "{empty_dir}", "-o", "{out}", *TARGET_ARGS[t]], 3) for t in TARGETS],
@@ -266,6 +339,25 @@ CASES = [
     ("target-ort-mobile-truncated-model", ["target", "ort-mobile", "{truncated_export}", "-o", "{out}"], 3),
     ("target-ort-garbage-model", ["target", "ort", "{garbage_onnx_export}", "-o", "{out}", "--graph", "optimum"], 3),
     ("target-ort-max-context-zero", ["target", "ort", "{export}", "-o", "{out}", "--max-context", "0"], 2),
+    ("target-ort-mobile-batch-size-zero", ["target", "ort-mobile", "{export}", "-o", "{out}", "--batch-size", "0"], 2),
+    ("target-ort-mobile-size-ratio-nan", ["target", "ort-mobile", "{export}", "-o", "{out}", "--max-size-ratio", "nan"], 2),
+    ("target-coreml-max-context-zero", ["target", "coreml", "{export}", "-o", "{out}", "--max-context", "0"], 2),
+    ("target-coreml-max-context-negative", ["target", "coreml", "{export}", "-o", "{out}", "--max-context", "-5"], 2),
+    ("target-coreml-max-context-huge", ["target", "coreml", "{export}", "-o", "{out}", "--max-context", "99999999999999999999"], 2),
+    ("target-coreml-block-size-odd", ["target", "coreml", "{export}", "-o", "{out}", "--compress", "int4-block", "--block-size", "7"], 2),
+    ("target-coreml-block-size-negative", ["target", "coreml", "{export}", "-o", "{out}", "--compress", "int4-block", "--block-size", "-32"], 2),
+    ("target-coreml-tune-steps-negative", ["target", "coreml", "{export}", "-o", "{out}", "--embedding", "split", "--compress", "int4-block", "--tune-steps", "-1"], 2),
+    ("target-coreml-compress-nonsense", ["target", "coreml", "{export}", "-o", "{out}", "--compress", "int2"], 2),
+    ("target-coreml-compute-units-nonsense", ["target", "coreml", "{export}", "-o", "{out}", "--compute-units", "tpu"], 2),
+    ("target-coreml-max-kl-nan", ["target", "coreml", "{export}", "-o", "{out}", "--max-kl", "nan"], 2),
+    ("target-qnn-max-context-one", ["target", "qnn", "{export}", "-o", "{out}", *TARGET_ARGS["qnn"], "--max-context", "1"], 2),
+    ("target-qnn-prefill-len-zero", ["target", "qnn", "{export}", "-o", "{out}", *TARGET_ARGS["qnn"], "--prefill-len", "0"], 2),
+    ("target-qnn-calibration-samples-zero", ["target", "qnn", "{export}", "-o", "{out}", *TARGET_ARGS["qnn"], "--calibration-samples", "0"], 2),
+    ("target-qnn-calibration-samples-negative", ["target", "qnn", "{export}", "-o", "{out}", *TARGET_ARGS["qnn"], "--calibration-samples", "-3"], 2),
+    ("target-qnn-soc-model-negative", ["target", "qnn", "{export}", "-o", "{out}", "--soc-model", "-1", "--htp-arch", "75"], 2),
+    ("target-qnn-htp-arch-zero", ["target", "qnn", "{export}", "-o", "{out}", "--soc-model", "57", "--htp-arch", "0"], 2),
+    ("target-qnn-unknown-device", ["target", "qnn", "{export}", "-o", "{out}", "--device", "pixel-99"], 2),
+    ("target-qnn-range-margin-nan", ["target", "qnn", "{export}", "-o", "{out}", *TARGET_ARGS["qnn"], "--range-margin", "nan"], 2),
     ("target-ort-graph-nonsense", ["target", "ort", "{export}", "-o", "{out}", "--graph", "magic"], 2),
     ("target-qnn-without-soc", ["target", "qnn", "{export}", "-o", "{out}"], 2),
     ("target-unknown", ["target", "tpu", "{export}", "-o", "{out}"], 2),
@@ -284,6 +376,22 @@ CASES = [
     ("build-recipe-negative-budget", ["build", "{negative_budget_recipe}", "-o", "{out}"], 2),
     ("build-recipe-text-option", ["build", "{text_option_recipe}", "-o", "{out}"], 2),
     ("build-recipe-negative-option", ["build", "{negative_option_recipe}", "-o", "{out}"], 2),
+    ("build-recipe-nan-budget", ["build", "{nan_budget_recipe}", "-o", "{out}"], 2),
+    ("build-recipe-inf-budget", ["build", "{inf_budget_recipe}", "-o", "{out}"], 2),
+    ("build-recipe-minus-inf-budget", ["build", "{minus_inf_budget_recipe}", "-o", "{out}"], 2),
+    ("build-recipe-eval-text-missing", ["build", "{eval_text_missing_recipe}", "-o", "{out}"], 3),
+    ("build-recipe-broken-tokenizer", ["build", "{broken_tokenizer_recipe}", "-o", "{out}"], 3),
+    ("build-cache-is-a-file", ["build", "{recipe}", "-o", "{out}"], 2),
+    ("build-cache-under-proc", ["build", "{recipe}", "-o", "{out}"], 2),
+    ("build-recipe-eval-gate-nan", ["build", "{eval_gate_nan_recipe}", "-o", "{out}"], 2),
+    ("build-recipe-eval-tokens-zero", ["build", "{eval_tokens_zero_recipe}", "-o", "{out}"], 2),
+    ("build-recipe-calibration-samples-zero", ["build", "{calibration_samples_zero_recipe}", "-o", "{out}"], 2),
+    ("build-recipe-calibration-text-is-a-dir", ["build", "{calibration_text_dir_recipe}", "-o", "{out}"], 3),
+    ("build-recipe-profile-runs-zero", ["build", "{profile_runs_zero_recipe}", "-o", "{out}"], 2),
+    ("build-recipe-profile-prompt-len-negative", ["build", "{profile_prompt_len_negative_recipe}", "-o", "{out}"], 2),
+    ("build-recipe-qnn-soc-negative", ["build", "{qnn_soc_negative_recipe}", "-o", "{out}"], 2),
+    ("build-recipe-coreml-block-size-odd", ["build", "{coreml_block_size_odd_recipe}", "-o", "{out}"], 2),
+    ("build-recipe-ort-mobile-ratio-below-one", ["build", "{ort_mobile_ratio_below_one_recipe}", "-o", "{out}"], 2),
     ("build-recipe-missing-source", ["build", "{missing_source_recipe}", "-o", "{out}"], 3),
     ("build-recipe-garbage-model", ["build", "{garbage_model_recipe}", "-o", "{out}"], 3),
     ("build-recipe-missing-source-nested-out", ["build", "{missing_source_recipe}", "-o", "{case}/build/release"], 3),
@@ -319,6 +427,10 @@ CASES = [
     ("verify-empty-manifest", ["verify", "{empty_manifest}"], 3),
     ("verify-manifest-is-a-dir", ["verify", "{dir_manifest}"], 3),
     ("verify-tampered-bundle", ["verify", "{tampered_bundle}"], 1),
+    ("verify-file-replaced-by-a-link-out", ["verify", "{linked_out_bundle}"], 1),
+    ("verify-dangling-link-added", ["verify", "{dangling_link_bundle}"], 1),
+    ("verify-manifest-entry-out-of-the-bundle", ["verify", "{dotdot_entry_manifest}"], 1),
+    ("verify-manifest-entry-absolute", ["verify", "{absolute_entry_manifest}"], 1),
     # devices
     ("devices-show-unknown", ["devices", "show", "pixel-99"], 2),
     ("devices-unknown-subcommand", ["devices", "explode"], 2),
@@ -330,6 +442,8 @@ CASES = [
     ("devices-calibrate-sizes-text", ["devices", "calibrate", "-o", "{out}.toml", "--sizes-mb", "big"], 2),
     ("devices-calibrate-sizes-negative", ["devices", "calibrate", "-o", "{out}.toml", "--sizes-mb", "-1"], 2),
     ("devices-calibrate-zero-repeats", ["devices", "calibrate", "-o", "{out}.toml", "--repeats", "0"], 2),
+    ("devices-calibrate-sizes-nan", ["devices", "calibrate", "-o", "{out}.toml", "--sizes-mb", "nan"], 2),
+    ("devices-calibrate-sizes-inf", ["devices", "calibrate", "-o", "{out}.toml", "--sizes-mb", "inf"], 2),
     # profile
     ("profile-missing-dir", ["profile", "{missing}", "-o", "{out}.json"], 3),
     ("profile-empty-dir", ["profile", "{empty_dir}", "-o", "{out}.json"], 3),
@@ -345,6 +459,10 @@ CASES = [
     ("profile-gen-len-one", ["profile", "{export}", "-o", "{out}.json", "--gen-len", "1"], 2),
     ("profile-unknown-device", ["profile", "{export}", "-o", "{out}.json", "--device", "pixel-99"], 2),
     ("profile-runs-zero", ["profile", "{export}", "-o", "{out}.json", "--runs", "0"], 2),
+    ("profile-prompt-len-negative", ["profile", "{export}", "-o", "{out}.json", "--prompt-len", "-8"], 2),
+    ("profile-prompt-len-empty", ["profile", "{export}", "-o", "{out}.json", "--prompt-len", ""], 2),
+    ("profile-cooldown-nan", ["profile", "{export}", "-o", "{out}.json", "--cooldown", "nan"], 2),
+    ("profile-context-huge", ["profile", "{export}", "-o", "{out}.json", "--context", "99999999999999999999"], 2),
     ("profile-read-only-disk!ro", ["profile", "{export}", "-o", "{ro_fs}/profile.json", "--runs", "1", "--gen-len", "2", "--prompt-len", "4"], 2),
     # check
     ("check-missing-profile", ["check", "{missing}", "--budgets", "{budgets}"], 3),
@@ -365,6 +483,10 @@ CASES = [
     ("check-negative-budget", ["check", "{good_profile}", "--budgets", "{negative_budgets}"], 2),
     ("check-text-budget", ["check", "{good_profile}", "--budgets", "{text_budgets}"], 2),
     ("check-flat-budgets", ["check", "{good_profile}", "--budgets", "{flat_budgets}"], 2),
+    ("check-nan-budget", ["check", "{good_profile}", "--budgets", "{nan_budgets}"], 2),
+    ("check-inf-budget", ["check", "{good_profile}", "--budgets", "{inf_budgets}"], 2),
+    ("check-budget-for-a-device-the-profile-lacks", ["check", "{good_profile}", "--budgets", "{absent_device_budgets}"], 2),
+    ("check-budget-for-an-unknown-device", ["check", "{good_profile}", "--budgets", "{unknown_device_budgets}"], 2),
     ("check-out-is-a-dir", ["check", "{good_profile}", "--budgets", "{budgets}", "-o", "{case}"], 2),
     ("check-junit-is-a-dir", ["check", "{good_profile}", "--budgets", "{budgets}", "--junit", "{case}"], 2),
     ("check-out-under-proc", ["check", "{good_profile}", "--budgets", "{budgets}", "-o", "/proc/verdicts.json"], 2),
@@ -375,6 +497,15 @@ CASES = [
     ("unknown-command", ["deploy", "{export}"], 2),
     ("unknown-option", ["--colour", "convert"], 2),
 ]
+
+# Environment a case runs with (on top of a fresh shared cache): the cache itself in the way.
+CASE_ENV = {
+    "convert-gguf-cache-is-a-file": {"EDGEPACK_CACHE": "{file}"},
+    "convert-gguf-cache-under-proc": {"EDGEPACK_CACHE": "/proc/edgepack-cache"},
+    "convert-gguf-cache-is-proc": {"EDGEPACK_CACHE": "/proc"},
+    "build-cache-is-a-file": {"EDGEPACK_CACHE": "{file}"},
+    "build-cache-under-proc": {"EDGEPACK_CACHE": "/proc/edgepack-cache"},
+}
 
 
 def _snapshot(root: Path) -> dict[str, str]:
@@ -406,6 +537,13 @@ def test_the_table_covers_every_command_and_enough_cases():
     assert {"ort", "ort-mobile", "coreml", "qnn"} <= targets
     assert len(CASES) >= 60
     assert len({case_id for case_id, _, _ in CASES}) == len(CASES)
+    assert set(CASE_ENV) <= {case_id for case_id, _, _ in CASES}
+
+
+def test_the_good_profile_and_budgets_pass_check(inputs, cli, tmp_path):
+    """The `check` cases change one thing against inputs that pass, so each fails for the reason its id names."""
+    result = cli("check", inputs["good_profile"], "--budgets", inputs["budgets"], "-o", tmp_path / "verdicts.json")
+    assert result.exit_code == 0, result.stderr
 
 
 @pytest.mark.parametrize("case_id, args, code", CASES, ids=[case[0] for case in CASES])
@@ -425,6 +563,8 @@ def test_bad_input(case_id, args, code, inputs, tmp_path, monkeypatch, cli):
     _write(case / "notes.txt", "a file, not a folder\n")
     values = {k: v for k, v in inputs.items() if k != "mounts"}
     values.update(out=str(case / "out"), prev=str(prev), file=str(case / "notes.txt"), case=str(case))
+    for name, value in CASE_ENV.get(case_id, {}).items():
+        monkeypatch.setenv(name, value.format(**values))
     argv = [arg.format(**values) for arg in args]
     shared = [Path(v) for k, v in values.items() if k not in ("out", "prev", "file", "case") and Path(v).exists()]
     before = _snapshot(case), {str(p): _snapshot(p) if p.is_dir() else p.read_bytes() for p in shared}

@@ -51,6 +51,7 @@ def test_bad_recipes_name_the_key(tmp_path, text, fragment):
 
 
 def test_paths_resolve_relative_to_the_recipe(tmp_path):
+    (tmp_path / "eval.txt").write_text("Some text to score.\n")
     recipe = load_recipe(write(tmp_path, '[model]\nsource = "x"\n[evaluation]\ntext = "eval.txt"\n'))
     assert recipe.resolve(recipe.evaluation["text"]) == tmp_path / "eval.txt"
 

@@ -13,6 +13,7 @@ import click
 from edgepack.cli import _Status, _stdout_console  # one console/spinner setup for every command
 
 from edgepack.errors import GateFailedError, UsageError
+from edgepack.options import FiniteFloatRange
 
 DEVICES_DIR_HELP = "Extra folder of device TOML files (repeatable); a file with a known id replaces the built-in one."
 
@@ -177,7 +178,7 @@ def _parse_floats(text: str, option: str) -> tuple[float, ...]:
         values = tuple(float(v) for v in str(text).split(",") if v.strip())
     except ValueError:
         raise UsageError(f"{option} takes comma-separated numbers; got {text!r}") from None
-    if not values or any(v <= 0 for v in values):
+    if not values or not all(0 < v < float("inf") for v in values):  # nan fails every comparison
         raise UsageError(f"{option} takes positive numbers; got {text!r}")
     return tuple(sorted(values))
 
@@ -192,7 +193,7 @@ def _parse_floats(text: str, option: str) -> tuple[float, ...]:
 @click.option("--runs", type=click.IntRange(min=1), default=5, show_default=True, help="Timed runs per prompt length.")
 @click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True, help="Untimed runs first.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads (default: onnxruntime's choice).")
-@click.option("--cooldown", "cooldown", type=click.FloatRange(min=0), default=0.0, show_default=True, help="Seconds of sleep between runs (thermals, shared hosts).")
+@click.option("--cooldown", "cooldown", type=FiniteFloatRange(min=0), default=0.0, show_default=True, help="Seconds of sleep between runs (thermals, shared hosts).")
 @click.option("--context", type=click.IntRange(min=1), default=None, help="Context (tokens) for the memory-fit projection (default: the model's maximum).")
 def profile(directory, out, device_ids, devices_dirs, prompt_len, gen_len, runs, warmup, threads, cooldown, context):
     """Measure latency, memory and energy here; project them onto devices.

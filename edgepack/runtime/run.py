@@ -39,6 +39,9 @@ def encode_prompt(tokenizer, prompt: str, chat: bool) -> tuple[list[int], str]:
 
 
 def run_prompt(directory: Path | str, prompt: str, config: RunConfig = RunConfig(), write=None) -> RunResult:
+    if not prompt:
+        # Through a chat template an empty message still makes a prompt, and the model answers nothing in particular.
+        raise UsageError("the prompt is empty")
     model_dir = load_model_dir(directory)
     if model_dir.task != TEXT_GENERATION:
         raise UsageError(f"{directory} holds a {model_dir.task} model; `edgepack run` generates text with decoder exports")

@@ -20,6 +20,7 @@ from pathlib import Path
 import click
 
 from edgepack.errors import BadInputError, GateFailedError, UnsupportedModelError, UsageError
+from edgepack.options import FiniteFloatRange
 
 SUMMARY = "Core ML .mlpackage (iOS 18/macOS 15): stateful KV cache, fp16-safe, compressed, ANE report, verified without a Mac."
 # Converts from the PyTorch weights with Core ML's own compression: `edgepack build` runs it once, on fp32.
@@ -527,8 +528,8 @@ Example:
 @click.option("--device", default=None, metavar="D", help="Device profile ID (e.g. iphone-15-pro): refuse a model larger than its app memory limit.")
 @click.option("--eval-text", type=click.Path(path_type=Path), default=None, help="UTF-8 text for the fp16 safety pass and verification (default: bundled English text).")
 @click.option("--eval-positions", type=click.IntRange(min=8), default=64, show_default=True, help="Token positions compared with PyTorch.")
-@click.option("--min-top1", type=click.FloatRange(0, 1), default=None, help="Gate: top-1 agreement with fp32 (default 0.99 for --compress none).")
-@click.option("--max-kl", type=click.FloatRange(min=0), default=None, help="Gate: mean KL(fp32 || Core ML) (default 0.001 for --compress none).")
+@click.option("--min-top1", type=FiniteFloatRange(0, 1), default=None, help="Gate: top-1 agreement with fp32 (default 0.99 for --compress none).")
+@click.option("--max-kl", type=FiniteFloatRange(min=0), default=None, help="Gate: mean KL(fp32 || Core ML) (default 0.001 for --compress none).")
 @click.option("--no-fp16-safety", is_flag=True, help="Do not rewrite overflowing ops (the report still lists them).")
 @click.option("--no-verify", is_flag=True, help="Skip the MIL reference / Core ML comparison with PyTorch.")
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder (only once the new one is complete).")

@@ -19,6 +19,7 @@ from pathlib import Path
 import click
 
 from edgepack.errors import BadInputError
+from edgepack.options import FiniteFloatRange
 from edgepack.runtime.model_dir import MODEL_FILE, TEXT_GENERATION, load_model_dir
 from edgepack.targets.base import TargetArtifact, write_target_json
 
@@ -314,7 +315,7 @@ def build(directory: Path | str, out: Path | str, config: OrtMobileConfig = OrtM
 @click.argument("directory", metavar="DIR", type=click.Path(path_type=Path))
 @click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="Bundle folder.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True, help="Value the batch dimension is fixed to.")
-@click.option("--max-size-ratio", type=click.FloatRange(min=1.0), default=1.05, show_default=True,
+@click.option("--max-size-ratio", type=FiniteFloatRange(min=1.0), default=1.05, show_default=True,
               help="Fail when the .ort exceeds onnxruntime's optimized graph (the .onnx as onnxruntime folds and runs it, saved "
                    "as ONNX) by more than this factor.")
 @click.option("--no-verify", is_flag=True, help="Skip the .ort vs .onnx output comparison.")

@@ -24,6 +24,7 @@ from pathlib import Path
 import click
 
 from edgepack.errors import BadInputError, UsageError
+from edgepack.options import FiniteFloatRange
 
 SUMMARY = "Qualcomm Hexagon NPU (QNN HTP): static QDQ graphs, KV cache, context binaries, checked in the HTP simulator"
 # Quantizes the fp32 export itself (QDQ for the HTP): `edgepack build` runs it once, on fp32.
@@ -82,6 +83,9 @@ def resolve_soc(config: QnnConfig) -> tuple[int, int, str]:
         raise UsageError("the QNN target needs the SoC to compile for: pass --device (e.g. galaxy-s24) or --soc-model and --htp-arch")
     if arch is None:
         raise UsageError(f"soc_model {soc} given without htp_arch: pass --htp-arch (e.g. 75 for Snapdragon 8 Gen 3)")
+    if int(soc) < 1 or int(arch) < 1:
+        # QNN takes any integer and falls back to a default SoC: a context binary for the wrong chip.
+        raise UsageError(f"soc_model {soc} / htp_arch {arch} ({origin}): both must be positive, e.g. 57 and 75 for Snapdragon 8 Gen 3")
     return int(soc), int(arch), origin
 
 
@@ -89,8 +93,8 @@ def _check_config(config: QnnConfig) -> None:
     if config.precision not in PRECISIONS:
         raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}")
     if config.calibration_samples < MIN_CALIBRATION_SAMPLES:
-        raise BadInputError(f"calibration set too small: {config.calibration_samples} window(s); at least "
-                            f"{MIN_CALIBRATION_SAMPLES} are needed for activation ranges that hold on other text")
+        raise UsageError(f"--calibration-samples {config.calibration_samples}: at least {MIN_CALIBRATION_SAMPLES} "
+                         "windows are needed for activation ranges that hold on other text")
     if config.prefill_len < 1 or config.eval_windows < 1 or config.decode_steps < 0 or config.rescue < 0:
         raise UsageError("--prefill-len and --eval-windows must be >= 1, --decode-steps and --rescue >= 0")
 
@@ -417,14 +421,14 @@ def build(directory: Path | str, out: Path | str, config: QnnConfig = QnnConfig(
 @click.option("--calibration-samples", type=int, default=8, show_default=True, help="Calibration windows of real text.")
 @click.option("--rescue", type=click.IntRange(min=0), default=8, show_default=True,
               help="Keep the N weights whose quantization costs most KL at 16 bits (0: off).")
-@click.option("--range-margin", type=click.FloatRange(min=0), default=None,
+@click.option("--range-margin", type=FiniteFloatRange(min=0), default=None,
               help="Widen calibrated activation ranges by this fraction of their span (default 0.25 at 16 bits, 0 at 8 bits).")
 @click.option("--eval-text", type=click.Path(path_type=Path), default=None, help="UTF-8 text for parity (default: bundled English text).")
 @click.option("--eval-windows", type=click.IntRange(min=1), default=2, show_default=True, help="Evaluation windows (prefill + decode steps each).")
 @click.option("--decode-steps", type=click.IntRange(min=0), default=4, show_default=True, help="Teacher-forced decode steps per window.")
-@click.option("--min-top1", type=click.FloatRange(0, 1), default=None,
+@click.option("--min-top1", type=FiniteFloatRange(0, 1), default=None,
               help="Gate: top-1 agreement with fp32 at least Y (exit 1; default floor 0.5, encoders: min cosine 0.9).")
-@click.option("--max-kl", type=click.FloatRange(min=0), default=None, help="Gate: mean KL(fp32 || HTP) at most X (exit 1).")
+@click.option("--max-kl", type=FiniteFloatRange(min=0), default=None, help="Gate: mean KL(fp32 || HTP) at most X (exit 1).")
 @click.option("--symmetric-activations", is_flag=True,
               help="Quantize activations with symmetric ranges (default: asymmetric, twice the resolution for one-sided tensors).")
 @click.option("--no-prefix", is_flag=True,
