@@ -50,7 +50,7 @@ class Int8Dynamic(Scheme):
     """onnxruntime quantize_dynamic: int8 weights, activations quantized per tensor at run time."""
 
     name: ClassVar[str] = "int8-dynamic"
-    summary: ClassVar[str] = "onnxruntime quantize_dynamic (QOperator), weights int8, uint8 activations per tensor at run time"
+    summary: ClassVar[str] = "onnxruntime quantize_dynamic (QOperator), weights int8 in a 7-bit range, uint8 activations per tensor at run time"
     per_channel: bool = True
 
 
