@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from edgepack import __version__
+from edgepack.core.console import Status, stderr_console, stdout_console
 from edgepack.errors import EXIT_INTERNAL, EXIT_USAGE, EdgepackError, GateFailedError, UsageError, classify
 from edgepack.options import FiniteFloatRange
 
@@ -26,45 +27,6 @@ Exit codes:
   4  a target cannot be built or checked on this host
   70 internal error (a bug; rerun with --debug and report it)
 """
-
-
-def _stdout_console():
-    from rich.console import Console
-
-    console = Console(highlight=False)
-    if not console.is_terminal:  # logs and pipes: do not squeeze tables into 80 columns
-        console = Console(highlight=False, width=160)
-    return console
-
-
-def _stderr_console():
-    from rich.console import Console
-
-    from edgepack._quiet import user_stderr
-
-    return Console(file=user_stderr(), highlight=False)
-
-
-class _Status:
-    """A rich spinner on stderr whose text follows the stage's progress messages."""
-
-    def __init__(self, first: str):
-        self.console = _stderr_console()
-        self.first = first
-        self.status = None
-
-    def __enter__(self):
-        self.status = self.console.status(self.first)
-        self.status.__enter__()
-        return self
-
-    def __call__(self, message: str) -> None:
-        # On a terminal the spinner shows the stage; elsewhere (CI logs, pipes) stderr stays for errors.
-        self.status.update(message)
-
-    def __exit__(self, *exc):
-        self.status.__exit__(*exc)
-        return False
 
 
 class LazyGroup(click.Group):
@@ -164,7 +126,7 @@ def convert(model, out, task, opset, no_verify, atol, force, allow_pickle, trust
         task=task, opset=opset, verify=not no_verify, force=force, allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code, atol=atol,
     )
-    with _Status(f"converting {model}") as status:
+    with Status(f"converting {model}") as status:
         result = convert_model(model, out, config, on_status=status)
     _print_convert_summary(result)
     if result.parity is not None and not result.parity["passed"]:
@@ -192,7 +154,7 @@ def _print_convert_summary(result) -> None:
             f"(atol {parity['atol']:g}); min cosine {parity['min_cosine']:.6f}"
         ))
     table.add_row("seconds", f"{result.seconds.get('total', 0):.1f}")
-    _stdout_console().print(table)
+    stdout_console().print(table)
 
 
 def _parity_failure(parity: dict) -> str:
@@ -267,7 +229,7 @@ def quantize(directory, out, scheme, block_size, symmetric, algorithm, accuracy_
         quality=QualityConfig(eval_text=eval_text, eval_tokens=eval_tokens),
         calibration_text=calibration_text, evaluate=not no_eval, force=force,
     )
-    with _Status(f"quantizing {directory}") as status:
+    with Status(f"quantizing {directory}") as status:
         result = quantize_model(directory, out, config, on_status=status)
     _print_quantize_summary(result)
     if result.gate_failures:
@@ -302,10 +264,10 @@ def _print_quantize_summary(result) -> None:
             top1, fmt(q.get("kl_mean"), ".4f"), fmt(q.get("kl_p99"), ".4f"),
             "PASS" if not entry["gate_failures"] else "FAIL",
         )
-    _stdout_console().print(table)
+    stdout_console().print(table)
     if report.get("auto"):
         picked = report["auto"]["picked"]
-        _stdout_console().print(f"auto picked: {picked}" if picked else "auto: no candidate met the budget")
+        stdout_console().print(f"auto picked: {picked}" if picked else "auto: no candidate met the budget")
 
 
 @cli.command()
@@ -347,7 +309,7 @@ def run(directory, prompt, max_new_tokens, temperature, top_k, top_p, seed, no_c
         stop = result.generation.stop_reason
         if stop == "context":
             stop = f"context full at {result.context_length} tokens"
-        _stderr_console().print(
+        stderr_console().print(
             f"[dim]{len(result.generation.prompt_tokens)} prompt tokens, {len(result.generation.tokens)} generated "
             f"(stop: {stop}); TTFT {1000 * result.generation.time_to_first_token_s:.0f} ms"
             + (f", decode {decode:.1f} ms/token" if decode else "")
@@ -378,8 +340,8 @@ def build(recipe, out, only, jobs, junit, force):
     """
     from edgepack.build import BuildConfig, build_recipe
 
-    console = _stderr_console()
-    with _Status(f"build {recipe}") as status:
+    console = stderr_console()
+    with Status(f"build {recipe}") as status:
         result = build_recipe(recipe, out, BuildConfig(only=only, jobs=jobs, junit=junit, force=force), on_status=status,
                               on_log=lambda line: console.print(f"[dim]{line}[/dim]"))
     _print_build_summary(result)
@@ -401,9 +363,9 @@ def _print_build_summary(result) -> None:
         table.add_row(scheme_label(row), row["target"] or "", row["device"] or "", fmt(row["size_mb"], ".1f"),
                       fmt(row["top1_agreement"], ".3f"), fmt(row["kl_mean"], ".4f"), fmt(row["decode_ms_per_token"], ".1f"),
                       fmt(row["ttft_ms"], ".0f"), fmt(row["energy_mj_per_token"], ".2f"), row["figure_kind"] or "", row["verdict"])
-    _stdout_console().print(table)
+    stdout_console().print(table)
     reused = sum(1 for r in result.records if r.reused)
-    _stdout_console().print(f"{reused}/{len(result.records)} stages reused from the cache; bundle verified by manifest.json")
+    stdout_console().print(f"{reused}/{len(result.records)} stages reused from the cache; bundle verified by manifest.json")
 
 
 @cli.command()
@@ -441,28 +403,6 @@ def verify(bundle):
     if not result.ok:
         raise GateFailedError(f"{bundle} does not match its manifest: " + "; ".join(result.problems()))
     click.echo(f"{bundle}: {result.checked} files match manifest.json")
-
-
-def report_target(artifact) -> None:
-    """Shared ending of every target command: print files, key facts and checks; exit 1 if a check failed."""
-    from rich.table import Table
-
-    report = artifact.to_json()
-    table = Table(title=f"edgepack target {artifact.target} -> {artifact.out}", show_header=False, title_justify="left")
-    table.add_row("files", f"{report['total_bytes'] / 1e6:.1f} MB in {len(report['files'])} files")
-    for key in ("graph_route", "graph_route_reason", "nodes", "nodes_on_htp", "nodes_total", "max_context", "weight_bytes_per_token",
-                "kv_bytes_per_token", "kv_bytes_at_max_context"):
-        if key in artifact.facts:
-            table.add_row(key, str(artifact.facts[key]))
-    for name, check in artifact.checks.items():
-        verdict = {True: "PASS", False: "FAIL", None: "skipped"}[check.get("passed")]
-        figures = ", ".join(f"{k}={v:.4g}" for k, v in check.items() if isinstance(v, float))
-        table.add_row(f"check {name}", f"{verdict} {figures}".strip())
-    table.add_row("seconds", f"{artifact.seconds.get('total', 0):.1f}")
-    _stdout_console().print(table)
-    failed = [name for name, check in artifact.checks.items() if check.get("passed") is False]
-    if failed:
-        raise GateFailedError(f"target {artifact.target}: check(s) failed: {', '.join(failed)}; see {artifact.out / 'target.json'}")
 
 
 def main(argv: list[str] | None = None) -> None:

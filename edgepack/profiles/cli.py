@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from edgepack.cli import _Status, _stdout_console  # one console/spinner setup for every command
+from edgepack.core.console import Status, stdout_console
 
 from edgepack.errors import GateFailedError, UsageError
 from edgepack.options import FiniteFloatRange
@@ -83,7 +83,7 @@ def list_devices(devices_dirs, as_json):
         table.add_row(device.id, device.name, device.device_class, cell(device, "memory", "ram_mb"),
                       cell(device, "memory", "app_memory_limit_mb"), cell(device, "memory", "bandwidth_gb_s"),
                       cell(device, "power", "sustained_w"), cell(device, "compute", "npu_int8_tops"), "; ".join(extra))
-    _stdout_console().print(table)
+    stdout_console().print(table)
 
 
 @devices.command("show")
@@ -111,7 +111,7 @@ def show_device(device_id, devices_dirs, as_json):
             table.add_row(f"{table_name}.{key}", _fmt(fig.value, ".4g"), "yes" if fig.verified else "no (estimate)", note)
     for key, value in device.coreml.items():
         table.add_row(f"coreml.{key}", str(value), "-", "Core ML setting for this device")
-    console = _stdout_console()
+    console = stdout_console()
     console.print(table)
     if device.notes:
         console.print(f"notes: {device.notes}")
@@ -143,7 +143,7 @@ def calibrate(out, threads, device_id, sizes_mb, repeats, quick, force):
     if quick:
         config = CalibrateConfig(threads=threads, sizes_mb=(2.0, 8.0), triad_mb=16, repeats=2, gemm_rows=32,
                                  dispatch_nodes=200, device_id=device_id, force=force)
-    with _Status("calibrating this host") as status:
+    with Status("calibrating this host") as status:
         result = calibrate_host(out, config, on_status=status)
     from rich.table import Table
 
@@ -160,7 +160,7 @@ def calibrate(out, threads, device_id, sizes_mb, repeats, quick, force):
     table.add_row("dispatch", f"{f['dispatch']['us_per_node']:.2f} us/node", f"{f['dispatch']['nodes']} tiny nodes")
     table.add_row("power", "measured (RAPL)" if f.get("power") else "estimated (no meter)", "")
     table.add_row("load average", f"{f.get('loadavg_before')} -> {f.get('loadavg_after')}", "a busy host lowers every figure")
-    _stdout_console().print(table)
+    stdout_console().print(table)
 
 
 def _parse_ints(text: str, option: str) -> tuple[int, ...]:
@@ -221,7 +221,7 @@ def profile(directory, out, device_ids, devices_dirs, prompt_len, gen_len, runs,
         devices=ids, prompt_lens=_parse_ints(prompt_len, "--prompt-len"), gen_len=gen_len, runs=runs, warmup=warmup,
         threads=threads, cooldown_s=cooldown, devices_dirs=tuple(devices_dirs), context=context,
     )
-    with _Status(f"profiling {directory}") as status:
+    with Status(f"profiling {directory}") as status:
         result = profile_model(directory, out, config, on_status=status)
     _print_profile(result.report, out)
 
@@ -231,7 +231,7 @@ def _print_profile(report: dict, out) -> None:
 
     host = report["host"]
     c = host["conditions"]
-    console = _stdout_console()
+    console = stdout_console()
     title = (f"edgepack profile -> {out}: {report['model']['scheme']}, {report['model']['facts']['weight_bytes_per_token'] / 1e6:.1f} MB "
              f"read per token + {report['model']['facts']['kv_bytes_per_position'] / 1e3:.1f} KB KV per position")
     table = Table(title=title, title_justify="left")
@@ -300,7 +300,7 @@ def check(profile_path, budgets_path, junit, out):
             v.device, v.budget, f"{v.limit:g} {v.unit}", "-" if v.value is None else f"{v.value:.4g}", v.kind,
             "-" if v.margin is None else f"{100 * v.margin:+.1f}%", "PASS" if v.passed else "FAIL", v.conditions,
         )
-    _stdout_console().print(table)
+    stdout_console().print(table)
     if result.failures:
         raise GateFailedError(
             f"{len(result.failures)} of {len(result.verdicts)} budgets failed: " + "; ".join(v.message for v in result.failures[:5])

@@ -543,9 +543,9 @@ def command(directory, out, compute_units, compress, block_size, embedding, spli
         fp16_safety=not no_fp16_safety, verify=not no_verify, force=force,
     )
     _validate(config)
-    from edgepack.cli import _Status
+    from edgepack.core.console import Status
 
-    with _Status(f"building Core ML target from {directory}") as status:
+    with Status(f"building Core ML target from {directory}") as status:
         artifact = build(directory, out, config, on_status=status)
     _print_summary(artifact)
     failed = [f"{name}: {'; '.join(check.get('failures') or check.get('unsafe') or ['failed'])}" for name, check in artifact.checks.items() if check.get("passed") is False]
@@ -554,7 +554,7 @@ def command(directory, out, compute_units, compress, block_size, embedding, spli
 
 
 def _print_summary(artifact) -> None:
-    from edgepack.cli import _stdout_console
+    from edgepack.core.console import stdout_console
 
     facts = artifact.facts
     lines = [f"edgepack target coreml -> {artifact.out}",
@@ -572,4 +572,4 @@ def _print_summary(artifact) -> None:
             lines.append(f"  parity ({parity['verified_by']}): min cosine {parity['cosine_min']:.5f}, max |diff| {parity['max_abs_diff']:.3g} -> {'PASS' if parity['passed'] else 'FAIL'}")
     for unit, verdict in facts["ane"]["verdicts"].items():
         lines.append(f"  {unit}: {verdict}")
-    _stdout_console().print("\n".join(lines), markup=False)
+    stdout_console().print("\n".join(lines), markup=False)

@@ -516,9 +516,9 @@ def command(directory, out, max_context, graph, compact, no_verify, force):
       edgepack target ort build/smollm2-q4 -o build/smollm2-ort
       edgepack target ort build/smollm2 -o build/smollm2-ort-fp32 --max-context 1024 --graph optimum
     """
-    from edgepack.cli import _Status, report_target
+    from edgepack.core.console import Status, report_target
 
     config = OrtTargetConfig(max_context=max_context, graph=graph, compact=compact, verify=not no_verify, force=force)
-    with _Status(f"target ort: {directory}") as status:
+    with Status(f"target ort: {directory}") as status:
         artifact = build(directory, out, config, on_status=status)
     report_target(artifact)

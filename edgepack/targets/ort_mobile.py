@@ -328,9 +328,9 @@ def command(directory, out, batch_size, max_size_ratio, no_verify, force):
       edgepack target ort-mobile build/smollm2-ort -o build/smollm2-ort-mobile
       edgepack target ort-mobile build/smollm2-q4 -o build/smollm2-mobile
     """
-    from edgepack.cli import _Status, report_target
+    from edgepack.core.console import Status, report_target
 
     config = OrtMobileConfig(batch_size=batch_size, verify=not no_verify, force=force, max_size_ratio=max_size_ratio)
-    with _Status(f"target ort-mobile: {directory}") as status:
+    with Status(f"target ort-mobile: {directory}") as status:
         artifact = build(directory, out, config, on_status=status)
     report_target(artifact)

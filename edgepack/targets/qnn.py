@@ -446,13 +446,13 @@ def command(directory, out, device, soc_model, htp_arch, precision, max_context,
       edgepack target qnn build/smollm2 -o build/smollm2-qnn --soc-model 57 --htp-arch 75 --max-context 128 --prefill-len 32
       edgepack target qnn build/bert -o build/bert-qnn --device galaxy-s24 --precision w8a8
     """
-    from edgepack.cli import _Status, report_target
+    from edgepack.core.console import Status, report_target
 
     config = QnnConfig(soc_model=soc_model, htp_arch=htp_arch, device=device, precision=precision, max_context=max_context,
                        prefill_len=prefill_len, calibration_text=calibration_text, calibration_samples=calibration_samples,
                        rescue=rescue, range_margin=range_margin, eval_text=eval_text, eval_windows=eval_windows, decode_steps=decode_steps,
                        min_top1=min_top1, max_kl=max_kl, prefix=not no_prefix,
                        symmetric_activations=symmetric_activations, force=force)
-    with _Status(f"target qnn: {directory}") as status:
+    with Status(f"target qnn: {directory}") as status:
         artifact = build(directory, out, config, on_status=status)
     report_target(artifact)

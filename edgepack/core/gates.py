@@ -1,0 +1,70 @@
+"""One value for every gate edgepack applies: parity, quality, target checks and device budgets.
+
+A gate compares one figure with one limit in one direction. Reports, the build summary, the exit code
+and JUnit are all written from these values, never parsed back from text.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+# direction -> (comparison that passes, sign shown when it fails)
+DIRECTIONS = {
+    "max": (lambda figure, limit: figure <= limit, ">"),  # figure at most limit
+    "min": (lambda figure, limit: figure >= limit, "<"),  # figure at least limit
+}
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """The outcome of one gate.
+
+    `passed` is None when the gate could not be evaluated (nothing to compare: the stage was skipped);
+    a gate whose figure is missing while a limit is set fails, with `message` saying why.
+    """
+
+    name: str  # what is gated, e.g. "top1_agreement", "max_decode_ms_per_token"
+    figure: float | None
+    limit: float | None
+    direction: str  # "max" | "min" (see DIRECTIONS)
+    passed: bool | None
+    subject: str = ""  # what the figure belongs to, e.g. "int4", "coreml/fp32", "pixel-8"
+    stage: str = ""  # convert | quantize | target | check
+    message: str = ""  # one line for people: figure, limit, and what broke
+    unit: str = ""
+    conditions: dict = field(default_factory=dict)
+
+    @property
+    def failed(self) -> bool:
+        return self.passed is False
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> GateResult:
+        return cls(**{key: data[key] for key in cls.__dataclass_fields__ if key in data})
+
+
+def evaluate_gate(name: str, figure: float | None, limit: float | None, direction: str, *, subject: str = "",
+                  stage: str = "", unit: str = "", option: str = "", conditions: dict | None = None) -> GateResult:
+    """Compare `figure` with `limit`: passes when within it; no limit means nothing to check (passed None)."""
+    if direction not in DIRECTIONS:
+        raise ValueError(f"gate direction must be one of {', '.join(DIRECTIONS)}, not {direction!r}")
+    shown = option or name
+    where = f"{subject}: " if subject else ""
+    if limit is None:
+        return GateResult(name, figure, None, direction, None, subject, stage, f"{where}{name} not gated", unit, conditions or {})
+    if figure is None or (isinstance(figure, float) and math.isnan(figure)):
+        return GateResult(name, None, limit, direction, False, subject, stage,
+                          f"{where}{name} is not measured for this model ({shown} {limit:g})", unit, conditions or {})
+    ok, sign = DIRECTIONS[direction]
+    passed = bool(ok(figure, limit))
+    relation = "within" if passed else sign
+    message = f"{where}{name} {figure:.4g}{(' ' + unit) if unit else ''} {relation} {shown} {limit:g}"
+    return GateResult(name, figure, limit, direction, passed, subject, stage, message, unit, conditions or {})
+
+
+def failed(gates) -> list[GateResult]:
+    return [gate for gate in gates if gate.passed is False]
