@@ -194,12 +194,14 @@ def quantize(directory, out, scheme, calibration_text, eval_text, eval_tokens, n
       edgepack quantize build/smollm2 -o build/smollm2-auto --scheme auto --max-kl 0.05
     """
     from edgepack.quantize import QualityConfig, QualityGate, QuantizeConfig, quantize_model
-    from edgepack.quantize.schemes import SCHEME_NAMES
+    from edgepack.quantize.schemes import SCHEME_NAMES, scheme_from_options
 
     if scheme not in SCHEME_NAMES:
         raise UsageError(f"unknown scheme {scheme!r}; choose one of: {', '.join(SCHEME_NAMES)}")
     unset = {spec.name: spec.default for spec in specs(SchemeOptions)}
     options = {key: value for key, value in cli_values(SchemeOptions, scheme_options).items() if value != unset[key]}
+    if scheme != "auto":
+        scheme_from_options(scheme, **options)  # the scheme's own rules, before anything is read or written
     config = QuantizeConfig(
         scheme=scheme, scheme_options=options,
         gate=QualityGate(max_kl=max_kl, min_top1=min_top1, max_ppl_ratio=max_ppl_ratio),

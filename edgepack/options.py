@@ -216,6 +216,8 @@ def recipe_value(spec: Spec, value, where: str, resolve_path=None):
         return tuple(value)
     if spec.base is Path:
         return resolve_path(value) if resolve_path is not None else Path(value)
+    if spec.base is bool:
+        return value
     param = click.Option([spec.flag], type=spec.click_type())
     try:
         return param.type.convert(value, param, None)
