@@ -288,3 +288,15 @@ def option_rows(cls) -> list[dict]:
             "note": opt.note,
         })
     return rows
+
+
+def options_markdown(cls) -> str:
+    """The option reference of a config as a Markdown table (command-line option, recipe key, type, default, help)."""
+    lines = ["| option | recipe key | type | default | description |", "|---|---|---|---|---|"]
+    for row in option_rows(cls):
+        cells = [f"`{row['option']}`" if row["option"] else "(recipe only)", f"`{row['key']}`" if row["key"] else "(command line only)",
+                 row["type"] + (f", {row['unit']}" if row["unit"] else ""), "" if row["default"] is None else f"`{row['default']}`",
+                 row["help"] + (f" ({row['note']})" if row["note"] else "")]
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+    return "\n".join(lines) + "\n"
+

@@ -25,8 +25,6 @@ from edgepack.errors import BadInputError, UsageError
 from edgepack.options import check_type as _check_type
 from edgepack.options import construct, option, recipe_value, recipe_values, specs
 
-_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "an array", dict: "a table"}
-
 PROFILE_KEYS = {"prompt_len": (int, list), "gen_len": int, "runs": int, "warmup": int, "threads": int}
 # Target tables not set here take the recipe's [evaluation] and [calibration] texts (field -> (table, key)).
 SHARED_TEXTS = {"eval_text": ("evaluation", "text"), "calibration_text": ("calibration", "text")}
@@ -92,14 +90,11 @@ class Recipe:
         return values
 
 
-def _check_table(where: str, table: dict, keys: dict, required: tuple = ()) -> None:
+def _check_table(where: str, table: dict, keys: dict) -> None:
     for key, value in table.items():
         if key not in keys:
             raise UsageError(f"recipe key {where}.{key}: unknown key; expected one of {', '.join(sorted(keys))}")
         _check_type(f"{where}.{key}", value, keys[key])
-    for key in required:
-        if key not in table:
-            raise UsageError(f"recipe key {where}.{key}: required ({_TYPE_NAMES[keys[key]]})")
 
 
 def _check_against_command(where: str, table: dict, command) -> None:

@@ -376,3 +376,14 @@ def test_build_passes_the_recipe_texts_to_the_target_config(tmp_path, tiny_model
 def _write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+def test_every_option_has_help_and_a_reference_row():
+    from edgepack.convert.config import ConvertConfig
+    from edgepack.options import option_rows, options_markdown
+    from edgepack.quantize.schemes import SchemeOptions
+
+    for cls in [*(_target(name)[1] for name in TARGETS), SchemeOptions, ConvertConfig]:
+        rows = option_rows(cls)
+        assert [row["key"] or row["option"] for row in rows] and all(row["help"] for row in rows), cls.__name__
+        assert len(options_markdown(cls).splitlines()) == len(dataclasses.fields(cls)) + 2
