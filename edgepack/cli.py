@@ -18,7 +18,7 @@ from edgepack.convert.config import ConvertConfig
 from edgepack.core.console import Status, stderr_console, stdout_console
 from edgepack.errors import EXIT_INTERNAL, EXIT_USAGE, EdgepackError, GateFailedError, UsageError, classify
 from edgepack.options import FiniteFloatRange, cli_values, click_options, config_from_cli, specs
-from edgepack.quantize.schemes import SchemeOptions
+from edgepack.quantize.schemes import QualityOptions, SchemeOptions
 
 EXIT_CODES_HELP = """\b
 Exit codes:
@@ -166,16 +166,9 @@ SCHEME_HELP = "int8-weight (default), int8-dynamic, int8-static, int4, fp16, ggu
 @click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="Output folder (a runnable export plus quantize.json).")
 @click.option("--scheme", default="int8-weight", show_default=True, help=SCHEME_HELP)
 @click_options(SchemeOptions)
-@click.option("--calibration-text", type=click.Path(path_type=Path), default=None, help="UTF-8 text for int8-static/GPTQ calibration (default: bundled English text).")
-@click.option("--eval-text", type=click.Path(path_type=Path), default=None, help="UTF-8 text for the quality report (default: bundled English text).")
-@click.option("--eval-tokens", type=click.IntRange(min=16), default=512, show_default=True, help="Token positions scored for quality.")
-@click.option("--no-eval", is_flag=True, help="Skip the quality report (no gate possible).")
-@click.option("--max-kl", type=FiniteFloatRange(min=0), default=None, help="Gate: mean KL(fp32 || quantized) at most X.")
-@click.option("--min-top1", type=FiniteFloatRange(0, 1), default=None, help="Gate: top-1 agreement with fp32 at least Y.")
-@click.option("--max-ppl-ratio", type=FiniteFloatRange(min=0), default=None, help="Gate: perplexity / fp32 perplexity at most Z.")
+@click_options(QualityOptions)
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
-def quantize(directory, out, scheme, calibration_text, eval_text, eval_tokens, no_eval, max_kl, min_top1, max_ppl_ratio, force,
-             **scheme_options):
+def quantize(directory, out, scheme, force, **options):
     """Quantize an fp32 export and report its price against fp32.
 
     Writes OUT/model.onnx + model.onnx.data (runnable with `edgepack run`), the tokenizer and
@@ -199,14 +192,15 @@ def quantize(directory, out, scheme, calibration_text, eval_text, eval_tokens, n
     if scheme not in SCHEME_NAMES:
         raise UsageError(f"unknown scheme {scheme!r}; choose one of: {', '.join(SCHEME_NAMES)}")
     unset = {spec.name: spec.default for spec in specs(SchemeOptions)}
-    options = {key: value for key, value in cli_values(SchemeOptions, scheme_options).items() if value != unset[key]}
+    scheme_options = {key: value for key, value in cli_values(SchemeOptions, options).items() if value != unset[key]}
     if scheme != "auto":
-        scheme_from_options(scheme, **options)  # the scheme's own rules, before anything is read or written
+        scheme_from_options(scheme, **scheme_options)  # the scheme's own rules, before anything is read or written
+    quality = QualityOptions(**cli_values(QualityOptions, options))
     config = QuantizeConfig(
-        scheme=scheme, scheme_options=options,
-        gate=QualityGate(max_kl=max_kl, min_top1=min_top1, max_ppl_ratio=max_ppl_ratio),
-        quality=QualityConfig(eval_text=eval_text, eval_tokens=eval_tokens),
-        calibration_text=calibration_text, evaluate=not no_eval, force=force,
+        scheme=scheme, scheme_options=scheme_options,
+        gate=QualityGate(max_kl=quality.max_kl, min_top1=quality.min_top1, max_ppl_ratio=quality.max_ppl_ratio),
+        quality=QualityConfig(eval_text=quality.eval_text, eval_tokens=quality.eval_tokens),
+        calibration_text=quality.calibration_text, evaluate=quality.evaluate, force=force,
     )
     with Status(f"quantizing {directory}") as status:
         result = quantize_model(directory, out, config, on_status=status)

@@ -23,30 +23,18 @@ from pathlib import Path
 
 from edgepack.errors import BadInputError, UsageError
 from edgepack.options import check_type as _check_type
-from edgepack.options import construct, option, recipe_value, recipe_values, specs
+from edgepack.options import construct, recipe_value, recipe_values, specs
 
 PROFILE_KEYS = {"prompt_len": (int, list), "gen_len": int, "runs": int, "warmup": int, "threads": int}
 # Target tables not set here take the recipe's [evaluation] and [calibration] texts (field -> (table, key)).
 SHARED_TEXTS = {"eval_text": ("evaluation", "text"), "calibration_text": ("calibration", "text")}
 
 
-@dataclass(frozen=True)
-class EvaluationTable:
-    """[evaluation]: the quality report and gate of every scheme (`edgepack quantize`'s options of the same meaning)."""
-
-    text: Path | None = option(None, cli="--eval-text", help="UTF-8 text for the quality report (default: bundled English text).")
-    tokens: int = option(512, min=16, cli="--eval-tokens", help="Token positions scored for quality.")
-    max_kl: float | None = option(None, min=0, help="Gate: mean KL(fp32 || quantized) at most X.")
-    min_top1: float | None = option(None, min=0, max=1, help="Gate: top-1 agreement with fp32 at least Y.")
-    max_ppl_ratio: float | None = option(None, min=0, help="Gate: perplexity / fp32 perplexity at most Z.")
-
-
-@dataclass(frozen=True)
-class CalibrationTable:
-    """[calibration]: the text and windows static quantization (and QNN, unless its table says otherwise) calibrates on."""
-
-    text: Path | None = option(None, cli="--calibration-text", help="UTF-8 calibration text (default: bundled English text).")
-    samples: int | None = option(None, min=1, cli="--calibration-samples", help="Calibration windows (default 16 static, 8 GPTQ).")
+# [evaluation] and [calibration] keys -> the `edgepack quantize` option each stands for (class, field).
+EVALUATION_KEYS = {"text": ("QualityOptions", "eval_text"), "tokens": ("QualityOptions", "eval_tokens"),
+                   "max_kl": ("QualityOptions", "max_kl"), "min_top1": ("QualityOptions", "min_top1"),
+                   "max_ppl_ratio": ("QualityOptions", "max_ppl_ratio")}
+CALIBRATION_KEYS = {"text": ("QualityOptions", "calibration_text"), "samples": ("SchemeOptions", "calibration_samples")}
 
 
 TOP_KEYS = {"model": dict, "quantize": list, "targets": dict, "devices": list, "budgets": dict,
@@ -134,6 +122,20 @@ def _resolver(path: Path):
         return resolved if resolved.is_absolute() else path.parent / resolved
 
     return resolve
+
+
+def shared_values(where: str, table: dict, keys: dict, resolve_path=None) -> dict:
+    """An [evaluation] or [calibration] table, each key checked as the quantize option it stands for."""
+    from edgepack.quantize import schemes
+
+    values = {}
+    for key, value in table.items():
+        if key not in keys:
+            raise UsageError(f"recipe key {where}.{key}: unknown key; expected one of {', '.join(sorted(keys))}")
+        cls_name, name = keys[key]
+        spec = next(spec for spec in specs(getattr(schemes, cls_name)) if spec.name == name)
+        values[key] = recipe_value(spec, value, f"{where}.{key}", resolve_path)
+    return values
 
 
 def scheme_values(table: dict, where: str, resolve_path=None) -> dict:
@@ -240,8 +242,8 @@ def parse_recipe(data: dict, path: Path) -> Recipe:
         parse_budgets(budgets, where="recipe key budgets")
 
     evaluation, calibration, profile = data.get("evaluation", {}), data.get("calibration", {}), data.get("profile", {})
-    for where, table, cls in (("evaluation", evaluation, EvaluationTable), ("calibration", calibration, CalibrationTable)):
-        text = recipe_values(cls, table, where, resolve).get("text")
+    for where, table, keys in (("evaluation", evaluation, EVALUATION_KEYS), ("calibration", calibration, CALIBRATION_KEYS)):
+        text = shared_values(where, table, keys, resolve).get("text")
         if text is not None:
             _check_text_file(f"{where}.text", text)
     _check_table("profile", profile, PROFILE_KEYS)

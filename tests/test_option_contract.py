@@ -20,6 +20,7 @@ from edgepack.targets import registered_targets
 # (stage, field) -> why the field is on only one side. Anything else must be on both.
 CLI_ONLY = {
     "force": "a bundle replaces its own previous output; --force is for a folder edgepack did not write",
+    "evaluate": "quantize --no-eval: a recipe's schemes are always evaluated, the bundle reports their quality",
 }
 RECIPE_ONLY = {
     ("ort", "eval_tokens"): "tuning of the verification, not a per-bundle choice",
@@ -387,3 +388,40 @@ def test_every_option_has_help_and_a_reference_row():
         rows = option_rows(cls)
         assert [row["key"] or row["option"] for row in rows] and all(row["help"] for row in rows), cls.__name__
         assert len(options_markdown(cls).splitlines()) == len(dataclasses.fields(cls)) + 2
+
+
+def test_evaluation_and_calibration_keys_are_the_quantize_options(tmp_path, cli):
+    """[evaluation] and [calibration] stand for quantize's quality and calibration options: every one of them
+    has a key (--no-eval excepted, see its declaration), and each key takes what its option takes."""
+    from edgepack.cli import quantize
+    from edgepack.errors import UsageError
+    from edgepack.options import cli_values
+    from edgepack.quantize import schemes
+    from edgepack.recipe import CALIBRATION_KEYS, EVALUATION_KEYS
+
+    mapped = {**{("evaluation", k): v for k, v in EVALUATION_KEYS.items()}, **{("calibration", k): v for k, v in CALIBRATION_KEYS.items()}}
+    quality_fields = {s.name for s in specs(schemes.QualityOptions) if s.option.in_recipe}
+    assert {name for cls, name in mapped.values() if cls == "QualityOptions"} == quality_fields
+    text_file = tmp_path / "text.txt"
+    text_file.write_text("Some text.\n")
+    problems = []
+    for (table, key), (cls_name, name) in mapped.items():
+        cls = getattr(schemes, cls_name)
+        spec = next(s for s in specs(cls) if s.name == name)
+        for value in _probes(spec, text_file):
+            label = f"{table}.{key} = {value!r}"
+            try:
+                ctx = quantize.make_context("quantize", ["DIR", "-o", "OUT", *_cli_args(spec, value)])
+                cli_value = cli_values(cls, ctx.params)[name]
+            except (click.ClickException, UsageError):
+                cli_value = None
+            recipe_text = f'[model]\nsource = "x"\n[{table}]\n{key} = {_toml(value)}\n'
+            recipe = _recipe_accepts(recipe_text, tmp_path)
+            if (cli_value is None) != (recipe is None):
+                problems.append(f"{label}: command line {'refuses' if cli_value is None else 'accepts'}, "
+                                f"recipe {'refuses' if recipe is None else 'accepts'}")
+            elif cli_value is None:
+                _check_refusal(cli, recipe_text, tmp_path, f"{table}.{key}", problems, label)
+            elif getattr(recipe, table)[key] != (str(cli_value) if spec.base is Path else cli_value):
+                problems.append(f"{label}: the recipe holds {getattr(recipe, table)[key]!r}, the command line {cli_value!r}")
+    assert not problems, "\n".join(problems)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import ClassVar
 
 from edgepack.errors import UsageError
@@ -60,6 +61,21 @@ class SchemeOptions:
                                 note="recipe only: minmax is the method the quality figures are measured with")
     keep_io_types: bool | None = option(None, in_cli=False, help="fp16: keep fp32 model inputs and outputs (default true).",
                                         note="recipe only: fp32 inputs and outputs are what every runner feeds")
+
+
+@dataclass(frozen=True)
+class QualityOptions:
+    """`edgepack quantize`'s calibration text, quality report and gate; a recipe's [calibration] text and
+    [evaluation] table (recipe.py maps its keys onto these fields)."""
+
+    calibration_text: Path | None = option(None, help="UTF-8 text for int8-static/GPTQ calibration (default: bundled English text).")
+    eval_text: Path | None = option(None, help="UTF-8 text for the quality report (default: bundled English text).")
+    eval_tokens: int = option(512, min=16, help="Token positions scored for quality.")
+    evaluate: bool = option(True, cli="--no-eval", help="Skip the quality report (no gate possible).", in_recipe=False,
+                            note="a recipe's schemes are always evaluated: the bundle reports their quality")
+    max_kl: float | None = option(None, min=0, help="Gate: mean KL(fp32 || quantized) at most X.")
+    min_top1: float | None = option(None, min=0, max=1, help="Gate: top-1 agreement with fp32 at least Y.")
+    max_ppl_ratio: float | None = option(None, min=0, help="Gate: perplexity / fp32 perplexity at most Z.")
 
 
 @dataclass(frozen=True)
