@@ -419,8 +419,7 @@ def build_recipe(recipe_path: Path | str, out: Path | str, config: BuildConfig =
 
     model = recipe.model
     convert_payload = {"source": source_fingerprint(model["source"]), "options": {k: v for k, v in model.items() if k != "source"}}
-    convert_config = ConvertConfig(task=model.get("task", "auto"), opset=model.get("opset"), allow_pickle=model.get("allow_pickle", False),
-                                   trust_remote_code=model.get("trust_remote_code", False))
+    convert_config = ConvertConfig(**recipe.convert_options())
     export = stage("convert", "export", convert_payload, lambda o: convert_model(model["source"], o, convert_config))
     convert_key = result.records[-1].key
 
@@ -473,12 +472,18 @@ def build_recipe(recipe_path: Path | str, out: Path | str, config: BuildConfig =
             target_name, scheme, module, options = task
             source_path, source_key = sources[scheme]
             payload = {"source": source_key, "target": target_name, "options": options}
+            # The table's values as the config takes them, with the recipe's [evaluation]/[calibration] texts
+            # for text fields the table leaves unset; the key holds the content of every text a target reads.
+            kwargs = recipe.target_options(module, target_name)
+            texts = {key: _text_fingerprint(recipe, str(value)) for key, value in kwargs.items() if isinstance(value, Path)}
+            if texts:
+                payload["texts"] = texts
 
             def produce(out_path):
                 if workers is None:
-                    _build_target(module.__name__, source_path, out_path, options)
+                    _build_target(module.__name__, source_path, out_path, kwargs)
                 else:
-                    workers.submit(_build_target, module.__name__, source_path, out_path, options).result()
+                    workers.submit(_build_target, module.__name__, source_path, out_path, kwargs).result()
 
             return task, stage("target", f"{target_name}/{scheme}", payload, produce)
 

@@ -14,9 +14,11 @@ from pathlib import Path
 import click
 
 from edgepack import __version__
+from edgepack.convert.config import ConvertConfig
 from edgepack.core.console import Status, stderr_console, stdout_console
 from edgepack.errors import EXIT_INTERNAL, EXIT_USAGE, EdgepackError, GateFailedError, UsageError, classify
-from edgepack.options import FiniteFloatRange
+from edgepack.options import FiniteFloatRange, cli_values, click_options, config_from_cli, specs
+from edgepack.quantize.schemes import QualityOptions, SchemeOptions
 
 EXIT_CODES_HELP = """\b
 Exit codes:
@@ -98,14 +100,8 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @cli.command()
 @click.argument("model")
 @click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="Output folder (must not exist or be empty, unless --force).")
-@click.option("--task", type=click.Choice(["auto", "text-generation", "feature-extraction"]), default="auto", show_default=True, help="Decoder LLM with KV cache, or encoder embeddings; auto picks from the architecture.")
-@click.option("--opset", type=click.IntRange(min=7), default=None, help="ONNX opset (default: optimum's choice for the architecture).")
-@click.option("--no-verify", is_flag=True, help="Skip the parity check against PyTorch.")
-@click.option("--atol", type=FiniteFloatRange(min=0), default=1e-3, show_default=True, help="Parity gate: max abs logit (or embedding) difference allowed.")
-@click.option("--force", is_flag=True, help="Replace a non-empty output folder (only once the new export is complete).")
-@click.option("--allow-pickle", is_flag=True, help="Load pickle checkpoints (*.bin, *.pt). Unpickling runs code: only for sources you trust.")
-@click.option("--trust-remote-code", is_flag=True, help="Allow models whose config needs their own Python code (auto_map). Review that code first.")
-def convert(model, out, task, opset, no_verify, atol, force, allow_pickle, trust_remote_code):
+@click_options(ConvertConfig)
+def convert(model, out, **options):
     """Export MODEL to ONNX and check it against PyTorch.
 
     Writes OUT/model.onnx with its KV cache as inputs/outputs (decoders) or
@@ -120,12 +116,9 @@ def convert(model, out, task, opset, no_verify, atol, force, allow_pickle, trust
       edgepack convert ./my-hf-model -o build/my-model
       edgepack convert model.Q4_1.gguf -o build/from-gguf --force
     """
-    from edgepack.convert import ConvertConfig, convert_model
+    from edgepack.convert import convert_model
 
-    config = ConvertConfig(
-        task=task, opset=opset, verify=not no_verify, force=force, allow_pickle=allow_pickle,
-        trust_remote_code=trust_remote_code, atol=atol,
-    )
+    config = config_from_cli(ConvertConfig, options)
     with Status(f"converting {model}") as status:
         result = convert_model(model, out, config, on_status=status)
     _print_convert_summary(result)
@@ -172,29 +165,10 @@ SCHEME_HELP = "int8-weight (default), int8-dynamic, int8-static, int4, fp16, ggu
 @click.argument("directory", metavar="DIR", type=click.Path(path_type=Path))
 @click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="Output folder (a runnable export plus quantize.json).")
 @click.option("--scheme", default="int8-weight", show_default=True, help=SCHEME_HELP)
-@click.option("--block-size", type=int, default=None, help="int4/int8-weight block size: 16, 32 (default), 64 or 128.")
-@click.option("--symmetric/--asymmetric", default=None, help="int4/int8-weight: symmetric blocks, or with zero points (int4 default: asymmetric).")
-@click.option("--algorithm", type=click.Choice(["rtn", "hqq", "gptq", "k-quant"]), default=None, help="int4 algorithm (default hqq: float zero points, no calibration).")
-@click.option("--accuracy-level", type=click.IntRange(0, 4), default=None, help="MatMulNBits accuracy_level: 0 = exact float compute (default for every scheme), 4 = int8 activations inside the kernel (faster, approximate).")
-@click.option("--embeddings", type=click.Choice(["int4", "int8", "fp32"]), default=None, help="Embedding table precision (default int8).")
-@click.option("--lm-head", type=click.Choice(["int4", "int8", "fp32"]), default=None, help="int4: lm_head precision, tied or not (default int8).")
-@click.option("--keep-8bit", multiple=True, metavar="REGEX", help="int4: nodes whose name matches stay 8-bit (repeatable), e.g. 'layers\\.0/'.")
-@click.option("--activations", type=click.Choice(["uint8", "uint16"]), default=None, help="int8-static activation type (default uint16).")
-@click.option("--weights", type=click.Choice(["int8", "uint8"]), default=None, help="int8-static weight type (default int8).")
-@click.option("--per-channel/--per-tensor", default=None, help="int8-dynamic/int8-static weight granularity (default per channel).")
-@click.option("--calibration-text", type=click.Path(path_type=Path), default=None, help="UTF-8 text for int8-static/GPTQ calibration (default: bundled English text).")
-@click.option("--calibration-samples", type=click.IntRange(min=1), default=None, help="Calibration windows (default 16 static, 8 GPTQ).")
-@click.option("--allow-requantize", is_flag=True, help="gguf: re-quantize tensor types that cannot be imported losslessly instead of failing.")
-@click.option("--eval-text", type=click.Path(path_type=Path), default=None, help="UTF-8 text for the quality report (default: bundled English text).")
-@click.option("--eval-tokens", type=click.IntRange(min=16), default=512, show_default=True, help="Token positions scored for quality.")
-@click.option("--no-eval", is_flag=True, help="Skip the quality report (no gate possible).")
-@click.option("--max-kl", type=FiniteFloatRange(min=0), default=None, help="Gate: mean KL(fp32 || quantized) at most X.")
-@click.option("--min-top1", type=FiniteFloatRange(0, 1), default=None, help="Gate: top-1 agreement with fp32 at least Y.")
-@click.option("--max-ppl-ratio", type=FiniteFloatRange(min=0), default=None, help="Gate: perplexity / fp32 perplexity at most Z.")
+@click_options(SchemeOptions)
+@click_options(QualityOptions)
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
-def quantize(directory, out, scheme, block_size, symmetric, algorithm, accuracy_level, embeddings, lm_head, keep_8bit,
-             activations, weights, per_channel, calibration_text, calibration_samples, allow_requantize, eval_text,
-             eval_tokens, no_eval, max_kl, min_top1, max_ppl_ratio, force):
+def quantize(directory, out, scheme, force, **options):
     """Quantize an fp32 export and report its price against fp32.
 
     Writes OUT/model.onnx + model.onnx.data (runnable with `edgepack run`), the tokenizer and
@@ -213,21 +187,20 @@ def quantize(directory, out, scheme, block_size, symmetric, algorithm, accuracy_
       edgepack quantize build/smollm2 -o build/smollm2-auto --scheme auto --max-kl 0.05
     """
     from edgepack.quantize import QualityConfig, QualityGate, QuantizeConfig, quantize_model
-    from edgepack.quantize.schemes import SCHEME_NAMES
+    from edgepack.quantize.schemes import SCHEME_NAMES, scheme_from_options
 
     if scheme not in SCHEME_NAMES:
         raise UsageError(f"unknown scheme {scheme!r}; choose one of: {', '.join(SCHEME_NAMES)}")
-    options = dict(
-        block_size=block_size, symmetric=symmetric, algorithm=algorithm, accuracy_level=accuracy_level,
-        embeddings=embeddings, lm_head=lm_head, keep_8bit=tuple(keep_8bit) or None, activations=activations,
-        weights=weights, per_channel=per_channel, calibration_samples=calibration_samples,
-        allow_requantize=allow_requantize or None,
-    )
+    unset = {spec.name: spec.default for spec in specs(SchemeOptions)}
+    scheme_options = {key: value for key, value in cli_values(SchemeOptions, options).items() if value != unset[key]}
+    if scheme != "auto":
+        scheme_from_options(scheme, **scheme_options)  # the scheme's own rules, before anything is read or written
+    quality = QualityOptions(**cli_values(QualityOptions, options))
     config = QuantizeConfig(
-        scheme=scheme, scheme_options={k: v for k, v in options.items() if v is not None},
-        gate=QualityGate(max_kl=max_kl, min_top1=min_top1, max_ppl_ratio=max_ppl_ratio),
-        quality=QualityConfig(eval_text=eval_text, eval_tokens=eval_tokens),
-        calibration_text=calibration_text, evaluate=not no_eval, force=force,
+        scheme=scheme, scheme_options=scheme_options,
+        gate=QualityGate(max_kl=quality.max_kl, min_top1=quality.min_top1, max_ppl_ratio=quality.max_ppl_ratio),
+        quality=QualityConfig(eval_text=quality.eval_text, eval_tokens=quality.eval_tokens),
+        calibration_text=quality.calibration_text, evaluate=quality.evaluate, force=force,
     )
     with Status(f"quantizing {directory}") as status:
         result = quantize_model(directory, out, config, on_status=status)

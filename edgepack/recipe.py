@@ -1,8 +1,12 @@
 """`edgepack.toml` -> a validated Recipe. Every error names the key path and what was expected.
 
-    [model]          source (MODEL: folder, .gguf or demo name), task, opset
+    [model]          source (MODEL: folder, .gguf or demo name) plus `edgepack convert`'s options
     [[quantize]]     one table per scheme: scheme = "int8-weight" | "int4" | "gguf" | ... plus its parameters
     [targets.NAME]   one table per target (ort, ort-mobile, coreml, qnn) with that target's options
+                     (paths relative to the recipe; text fields left unset take [evaluation]/[calibration] text)
+
+Option keys are the config fields of the stage (edgepack.options): a recipe takes what the command line takes,
+checked the same way; `force` is command-line only.
     devices          device IDs from the device database (`edgepack devices`)
     [budgets.ID]     per-device budgets (docs/budgets.md keys)
     [evaluation]     text, tokens, and the quality gate: max_kl, min_top1, max_ppl_ratio
@@ -13,19 +17,26 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgepack.errors import BadInputError, UsageError
+from edgepack.options import check_type as _check_type
+from edgepack.options import construct, recipe_value, recipe_values, specs
 
-_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "an array", dict: "a table"}
-
-MODEL_KEYS = {"source": str, "task": str, "opset": int, "allow_pickle": bool, "trust_remote_code": bool}
-EVALUATION_KEYS = {"text": str, "tokens": int, "max_kl": float, "min_top1": float, "max_ppl_ratio": float}
-CALIBRATION_KEYS = {"text": str, "samples": int}
 PROFILE_KEYS = {"prompt_len": (int, list), "gen_len": int, "runs": int, "warmup": int, "threads": int}
+# Target tables not set here take the recipe's [evaluation] and [calibration] texts (field -> (table, key)).
+SHARED_TEXTS = {"eval_text": ("evaluation", "text"), "calibration_text": ("calibration", "text")}
+
+
+# [evaluation] and [calibration] keys -> the `edgepack quantize` option each stands for (class, field).
+EVALUATION_KEYS = {"text": ("QualityOptions", "eval_text"), "tokens": ("QualityOptions", "eval_tokens"),
+                   "max_kl": ("QualityOptions", "max_kl"), "min_top1": ("QualityOptions", "min_top1"),
+                   "max_ppl_ratio": ("QualityOptions", "max_ppl_ratio")}
+CALIBRATION_KEYS = {"text": ("QualityOptions", "calibration_text"), "samples": ("SchemeOptions", "calibration_samples")}
+
+
 TOP_KEYS = {"model": dict, "quantize": list, "targets": dict, "devices": list, "budgets": dict,
             "evaluation": dict, "calibration": dict, "profile": dict}
 
@@ -50,39 +61,37 @@ class Recipe:
         path = Path(value).expanduser()
         return path if path.is_absolute() else (self.path.parent / path)
 
+    def convert_options(self) -> dict:
+        """Keyword arguments of the ConvertConfig the [model] table asks for."""
+        return convert_values(self.model)
 
-def _check_type(where: str, value, expected) -> None:
-    expected = expected if isinstance(expected, tuple) else (expected,)
-    ok = any(
-        (isinstance(value, float) or (isinstance(value, int) and not isinstance(value, bool))) if t is float
-        else (isinstance(value, t) and not (t is int and isinstance(value, bool)))
-        for t in expected
-    )
-    if not ok:
-        names = " or ".join(_TYPE_NAMES[t] for t in expected)
-        raise UsageError(f"recipe key {where}: expected {names}, got {type(value).__name__} {value!r}")
-    if isinstance(value, float) and not math.isfinite(value):  # TOML's nan and inf: no gate or option means them
-        raise UsageError(f"recipe key {where}: expected a finite number, got {value}")
+    def target_options(self, module, name: str) -> dict:
+        """Keyword arguments of target `name`'s config: its table, paths resolved, and the recipe's [evaluation] and
+        [calibration] texts for the text fields the table leaves unset."""
+        values = target_values(module, name, self.targets.get(name, {}), self.path)
+        config_cls = target_config_class(module)
+        fields = {f.name for f in dataclasses.fields(config_cls)} if config_cls is not None else set()
+        for key, (table, text_key) in SHARED_TEXTS.items():
+            text = getattr(self, table).get(text_key)
+            if key in fields and key not in values and text is not None:
+                values[key] = self.resolve(text)
+        return values
 
 
-def _check_table(where: str, table: dict, keys: dict, required: tuple = ()) -> None:
+def _check_table(where: str, table: dict, keys: dict) -> None:
     for key, value in table.items():
         if key not in keys:
             raise UsageError(f"recipe key {where}.{key}: unknown key; expected one of {', '.join(sorted(keys))}")
         _check_type(f"{where}.{key}", value, keys[key])
-    for key in required:
-        if key not in table:
-            raise UsageError(f"recipe key {where}.{key}: required ({_TYPE_NAMES[keys[key]]})")
 
 
-def _check_ranges(where: str, table: dict, command, names: dict | None = None) -> None:
-    """Hold recipe values to the ranges of the command-line options they stand for (`names`: recipe key ->
-    option name, default the same), so a recipe cannot pass what the command line refuses."""
+def _check_against_command(where: str, table: dict, command) -> None:
+    """Hold recipe values to the ranges of the command-line options of the same name (the [profile] table)."""
     import click
 
     params = {param.name: param for param in command.params}
     for key, value in table.items():
-        param = params.get((names or {}).get(key, key))
+        param = params.get(key)
         if param is None or not isinstance(param.type, (click.IntRange, click.FloatRange)) or isinstance(value, bool):
             continue
         for item in value if isinstance(value, list) else [value]:
@@ -92,18 +101,10 @@ def _check_ranges(where: str, table: dict, command, names: dict | None = None) -
                 raise UsageError(f"recipe key {where}.{key}: {exc.message} (as {param.opts[-1]})") from None
 
 
-def _dataclass_keys(cls) -> dict:
-    """Option name -> python type, from a config dataclass's annotations (strings under `from __future__`)."""
-    mapping = {"int": int, "str": str, "bool": bool, "float": float}
-    keys = {}
-    for f in dataclasses.fields(cls):
-        annotation = str(f.type).replace(" ", "")
-        base = annotation.split("|")[0]
-        if base.startswith("tuple"):
-            keys[f.name] = list
-        elif base in mapping:
-            keys[f.name] = mapping[base]
-    return keys
+def _check_text_file(where: str, path: Path) -> None:
+    # Checked now, not when a stage first reads it: after a long convert, or never when no stage does.
+    if not path.is_file():
+        raise BadInputError(f"recipe key {where}: {path} is {'a folder' if path.is_dir() else 'missing'}; expected a UTF-8 text file")
 
 
 def target_config_class(module):
@@ -115,21 +116,86 @@ def target_config_class(module):
     return None
 
 
+def _resolver(path: Path):
+    def resolve(value: str) -> Path:
+        resolved = Path(value).expanduser()
+        return resolved if resolved.is_absolute() else path.parent / resolved
+
+    return resolve
+
+
+def shared_values(where: str, table: dict, keys: dict, resolve_path=None) -> dict:
+    """An [evaluation] or [calibration] table, each key checked as the quantize option it stands for."""
+    from edgepack.quantize import schemes
+
+    values = {}
+    for key, value in table.items():
+        if key not in keys:
+            raise UsageError(f"recipe key {where}.{key}: unknown key; expected one of {', '.join(sorted(keys))}")
+        cls_name, name = keys[key]
+        spec = next(spec for spec in specs(getattr(schemes, cls_name)) if spec.name == name)
+        values[key] = recipe_value(spec, value, f"{where}.{key}", resolve_path)
+    return values
+
+
+def scheme_values(table: dict, where: str, resolve_path=None) -> dict:
+    """A `[[quantize]]` table's parameters (scheme excluded), checked as `edgepack quantize` checks its options."""
+    from edgepack.quantize.schemes import SCHEMES, SchemeOptions, scheme_from_options
+
+    name = table["scheme"]
+    allowed = {f.name for f in dataclasses.fields(SCHEMES[name])}
+    schema = {spec.name: spec for spec in specs(SchemeOptions) if spec.name in allowed}
+    values = {}
+    for key, value in table.items():
+        if key == "scheme":
+            continue
+        if key not in schema:
+            raise UsageError(f"recipe key {where}.{key}: unknown key; expected one of {', '.join(sorted([*schema, 'scheme']))}")
+        values[key] = recipe_value(schema[key], value, f"{where}.{key}", resolve_path)
+    construct(lambda **kw: scheme_from_options(name, **kw), values, where)  # the scheme's own rules (block sizes, regexes)
+    return values
+
+
+def convert_values(model: dict) -> dict:
+    """The [model] table's options (source excluded) as ConvertConfig takes them, checked as `edgepack convert` checks them."""
+    from edgepack.convert.config import ConvertConfig
+
+    return recipe_values(ConvertConfig, model, "model", extra=("source",))
+
+
+def target_values(module, name: str, table: dict, recipe_path: Path) -> dict:
+    """A target table as its config takes it: checked like the command line, paths resolved against the recipe."""
+    from edgepack.options import config_from_recipe
+
+    config_cls = target_config_class(module)
+    if config_cls is None:
+        return dict(table)
+    where = f"targets.{name}"
+    values = recipe_values(config_cls, table, where, _resolver(recipe_path))
+    config_from_recipe(config_cls, table, where, _resolver(recipe_path))  # cross-field rules, named by the table
+    return values
+
+
 def parse_recipe(data: dict, path: Path) -> Recipe:
     import importlib
 
-    from edgepack.cli import quantize as quantize_command
     from edgepack.profiles.cli import profile as profile_command
     from edgepack.quantize.schemes import SCHEMES
     from edgepack.targets import registered_targets
 
+    resolve = _resolver(path)
     for key, value in data.items():
         if key not in TOP_KEYS:
             raise UsageError(f"recipe key {key}: unknown key; expected one of {', '.join(TOP_KEYS)}")
         _check_type(key, value, TOP_KEYS[key])
     if "model" not in data:
         raise UsageError("recipe key model: required (a table with source = MODEL)")
-    _check_table("model", data["model"], MODEL_KEYS, required=("source",))
+    model = data["model"]
+    if "source" in model:
+        _check_type("model.source", model["source"], str)
+    convert_values(model)
+    if "source" not in model:
+        raise UsageError("recipe key model.source: required (a string)")
 
     quantize = data.get("quantize", [])
     for index, table in enumerate(quantize):
@@ -140,9 +206,7 @@ def parse_recipe(data: dict, path: Path) -> Recipe:
         _check_type(f"{where}.scheme", table["scheme"], str)
         if table["scheme"] not in SCHEMES:
             raise UsageError(f"recipe key {where}.scheme: unknown scheme {table['scheme']!r}; one of {', '.join(SCHEMES)}")
-        keys = {"scheme": str, **_dataclass_keys(SCHEMES[table["scheme"]])}
-        _check_table(where, table, keys)
-        _check_ranges(where, table, quantize_command)
+        scheme_values(table, where, resolve)
 
     targets = data.get("targets", {})
     available = registered_targets()
@@ -155,10 +219,9 @@ def parse_recipe(data: dict, path: Path) -> Recipe:
             module = importlib.import_module(available[name])
         except ImportError as exc:
             raise UsageError(f"recipe key {where}: target {name!r} cannot be loaded here ({exc})") from None
-        config_cls = target_config_class(module)
-        if config_cls is not None:
-            _check_table(where, options, {k: v for k, v in _dataclass_keys(config_cls).items() if k != "force"})
-        _check_ranges(where, options, module.command)
+        for key, value in target_values(module, name, options, path).items():
+            if isinstance(value, Path):
+                _check_text_file(f"{where}.{key}", value)
 
     devices = data.get("devices", [])
     for index, device in enumerate(devices):
@@ -179,21 +242,12 @@ def parse_recipe(data: dict, path: Path) -> Recipe:
         parse_budgets(budgets, where="recipe key budgets")
 
     evaluation, calibration, profile = data.get("evaluation", {}), data.get("calibration", {}), data.get("profile", {})
-    _check_table("evaluation", evaluation, EVALUATION_KEYS)
-    _check_table("calibration", calibration, CALIBRATION_KEYS)
-    _check_table("profile", profile, PROFILE_KEYS)
-    _check_ranges("evaluation", evaluation, quantize_command, {"tokens": "eval_tokens"})
-    _check_ranges("calibration", calibration, quantize_command, {"samples": "calibration_samples"})
-    _check_ranges("profile", profile, profile_command)
-    for where, table in (("evaluation", evaluation), ("calibration", calibration)):
-        # Checked now, not when a stage first reads it: after a long convert, or never when no stage does.
-        text = table.get("text")
+    for where, table, keys in (("evaluation", evaluation, EVALUATION_KEYS), ("calibration", calibration, CALIBRATION_KEYS)):
+        text = shared_values(where, table, keys, resolve).get("text")
         if text is not None:
-            text_path = Path(text).expanduser()
-            text_path = text_path if text_path.is_absolute() else path.parent / text_path
-            if not text_path.is_file():
-                raise BadInputError(f"recipe key {where}.text: {text_path} is {'a folder' if text_path.is_dir() else 'missing'}; "
-                                    "expected a UTF-8 text file")
+            _check_text_file(f"{where}.text", text)
+    _check_table("profile", profile, PROFILE_KEYS)
+    _check_against_command("profile", profile, profile_command)
     return Recipe(path=path, model=data["model"], quantize=quantize, targets=targets, devices=devices, budgets=budgets,
                   evaluation=evaluation, calibration=calibration, profile=profile, raw=data)
 

@@ -12,6 +12,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from edgepack.convert.config import ConvertConfig
 from edgepack.errors import BadInputError, UnsupportedModelError, UsageError
 from edgepack.outputs import prepare_output, replace_dir, staging_dir
 from edgepack.runtime.model_dir import CONVERT_REPORT, FEATURE_EXTRACTION, MODEL_FILE, TEXT_GENERATION
@@ -21,20 +22,6 @@ TASKS = ("auto", TEXT_GENERATION, FEATURE_EXTRACTION)
 # optimum's task name for each of ours: decoders always carry their KV cache.
 _OPTIMUM_TASK = {TEXT_GENERATION: "text-generation-with-past", FEATURE_EXTRACTION: "feature-extraction"}
 REPORT_SCHEMA_VERSION = 1
-
-
-@dataclass(frozen=True)
-class ConvertConfig:
-    task: str = "auto"
-    opset: int | None = None
-    verify: bool = True
-    force: bool = False
-    allow_pickle: bool = False
-    trust_remote_code: bool = False
-    # Parity gate: fp32 ONNX against fp32 PyTorch on the same tokens.
-    atol: float = 1e-3
-    greedy_tokens: int = 32
-    decode_steps: int = 8
 
 
 @dataclass

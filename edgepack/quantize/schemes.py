@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import ClassVar
 
 from edgepack.errors import UsageError
+from edgepack.options import option
 
 INT4_ALGORITHMS = ("rtn", "hqq", "gptq", "k-quant")
 EMBEDDING_PRECISIONS = ("int4", "int8", "fp32")
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+STATIC_METHODS = ("minmax", "percentile")
 
 
 def check_block_size(block_size: int) -> int:
@@ -30,6 +33,49 @@ def check_regexes(patterns: tuple[str, ...]) -> tuple[str, ...]:
         except re.error as exc:
             raise UsageError(f"--keep-8bit {pattern!r} is not a valid regular expression: {exc}") from None
     return tuple(patterns)
+
+
+@dataclass(frozen=True)
+class SchemeOptions:
+    """Every scheme parameter, declared once: `edgepack quantize` takes each as an option (unset: the scheme's
+    own default) and a recipe's `[[quantize]]` table takes the parameters of its scheme as keys, checked alike."""
+
+    block_size: int | None = option(None, help="int4/int8-weight block size: 16, 32 (default), 64 or 128.")
+    symmetric: bool | None = option(None, cli="--symmetric/--asymmetric",
+                                    help="int4/int8-weight: symmetric blocks, or with zero points (int4 default: asymmetric).")
+    algorithm: str | None = option(None, choices=INT4_ALGORITHMS, help="int4 algorithm (default hqq: float zero points, no calibration).")
+    accuracy_level: int | None = option(None, min=0, max=4,
+                                        help="MatMulNBits accuracy_level: 0 = exact float compute (default for every scheme), "
+                                             "4 = int8 activations inside the kernel (faster, approximate).")
+    embeddings: str | None = option(None, choices=EMBEDDING_PRECISIONS, help="Embedding table precision (default int8).")
+    lm_head: str | None = option(None, choices=EMBEDDING_PRECISIONS, help="int4: lm_head precision, tied or not (default int8).")
+    keep_8bit: tuple[str, ...] = option(default_factory=tuple, metavar="REGEX",
+                                        help="int4: nodes whose name matches stay 8-bit (repeatable), e.g. 'layers\\.0/'.")
+    activations: str | None = option(None, choices=("uint8", "uint16"), help="int8-static activation type (default uint16).")
+    weights: str | None = option(None, choices=("int8", "uint8"), help="int8-static weight type (default int8).")
+    per_channel: bool | None = option(None, cli="--per-channel/--per-tensor",
+                                      help="int8-dynamic/int8-static weight granularity (default per channel).")
+    calibration_samples: int | None = option(None, min=1, help="Calibration windows (default 16 static, 8 GPTQ).")
+    allow_requantize: bool = option(False, help="gguf: re-quantize tensor types that cannot be imported losslessly instead of failing.")
+    method: str | None = option(None, choices=STATIC_METHODS, in_cli=False, help="int8-static calibration method (default minmax).",
+                                note="recipe only: minmax is the method the quality figures are measured with")
+    keep_io_types: bool | None = option(None, in_cli=False, help="fp16: keep fp32 model inputs and outputs (default true).",
+                                        note="recipe only: fp32 inputs and outputs are what every runner feeds")
+
+
+@dataclass(frozen=True)
+class QualityOptions:
+    """`edgepack quantize`'s calibration text, quality report and gate; a recipe's [calibration] text and
+    [evaluation] table (recipe.py maps its keys onto these fields)."""
+
+    calibration_text: Path | None = option(None, help="UTF-8 text for int8-static/GPTQ calibration (default: bundled English text).")
+    eval_text: Path | None = option(None, help="UTF-8 text for the quality report (default: bundled English text).")
+    eval_tokens: int = option(512, min=16, help="Token positions scored for quality.")
+    evaluate: bool = option(True, cli="--no-eval", help="Skip the quality report (no gate possible).", in_recipe=False,
+                            note="a recipe's schemes are always evaluated: the bundle reports their quality")
+    max_kl: float | None = option(None, min=0, help="Gate: mean KL(fp32 || quantized) at most X.")
+    min_top1: float | None = option(None, min=0, max=1, help="Gate: top-1 agreement with fp32 at least Y.")
+    max_ppl_ratio: float | None = option(None, min=0, help="Gate: perplexity / fp32 perplexity at most Z.")
 
 
 @dataclass(frozen=True)

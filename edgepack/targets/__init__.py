@@ -2,7 +2,9 @@
 
 A target module (imported only when its target is used) provides:
   * `SUMMARY`: one line for `edgepack target --help`;
-  * `command`: a click command named after the target (its options are the target's options);
+  * a config dataclass (name ending in `Config`) whose fields are declared with `edgepack.options.option`:
+    its command-line options, recipe keys (`[targets.NAME]`) and option reference come from it;
+  * `command`: a click command named after the target, its options generated from the config (`click_options`);
   * an entry function `build(directory, out, config, on_status=None) -> TargetArtifact`.
 Third-party targets register the same way through the `edgepack.targets` entry-point group
 (name -> "package.module").

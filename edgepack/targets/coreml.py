@@ -20,7 +20,7 @@ from pathlib import Path
 import click
 
 from edgepack.errors import BadInputError, GateFailedError, UnsupportedModelError, UsageError
-from edgepack.options import FiniteFloatRange
+from edgepack.options import click_options, config_from_cli, option
 
 SUMMARY = "Core ML .mlpackage (iOS 18/macOS 15): stateful KV cache, fp16-safe, compressed, ANE report, verified without a Mac."
 # Converts from the PyTorch weights with Core ML's own compression: `edgepack build` runs it once, on fp32.
@@ -46,28 +46,45 @@ FP16_MIN_TOP1, FP16_MAX_KL, ENCODER_MIN_COSINE = 0.99, 0.001, 0.999
 
 @dataclass(frozen=True)
 class CoreMLConfig:
-    compute_units: str = "all"
-    compress: str = "none"
-    block_size: int = 32  # int4-block
-    embedding: str = "same"  # int4-block: "same" (uint4 affine per block), "row" (uint4 per row), "int8" (per channel) or "split"
-    integer_offsets: bool = False  # int4-block: uint4 offsets + int4 rounding residue (saves ~3 MB on SmolLM2)
-    split_rows: int = 6000  # embedding "split": ids below this in int8
-    split_block: int = 48  # embedding "split": block of the rare rows' scale and offset
-    split_bits: int = 3  # embedding "split": bits of the rare rows (3 or 4)
-    split_levels: str = "normal"  # embedding "split": rare rows' levels, "normal" quantiles (LUT, iOS 26) or "uniform" (4 bits, iOS 18)
-    block_scales: str = "fp16"  # int4-block: "fp16" per block, or "uint8" codes applied to block sums (4.5 bits a weight)
-    tune_steps: int = 0  # embedding "split": distillation steps for the table's stored values (table_tuning.py)
-    max_context: int | None = None  # decoders: KV-cache length; encoders: sequence length
-    device: str | None = None
-    eval_text: Path | None = None
-    eval_positions: int = 64
-    decode_steps: int = 8
-    fp16_safety: bool = True
-    fp16_margin: float = 4.0
-    verify: bool = True
-    min_top1: float | None = None
-    max_kl: float | None = None
-    force: bool = False
+    # compute_units and compress are checked in __post_init__ (not as click choices): their error names the choices.
+    compute_units: str = option("all", help="all | cpu_and_ne | cpu_and_gpu | cpu_only (stored in the model; the ANE report gives a verdict for each).")
+    compress: str = option("none", help="none (fp16) | int8 (per channel) | int4-block (uint4, fp16 scale+offset per block) | palettize4.")
+    block_size: int = option(32, help="int4-block block size (16, 32, 64, 128).")
+    # int4-block: "same" (uint4 affine per block), "row" (uint4 per row), "int8" (per channel) or "split"
+    embedding: str = option("same", choices=("same", "row", "int8", "split"),
+                            help="int4-block: embedding/lm_head table as uint4 per block like the projections, uint4 with one scale/offset per row (smaller), "
+                                 "int8 per channel, or split: ids below --split-rows int8, the rest --split-bits bits with a scale and offset per --split-block entries.")
+    split_rows: int = option(6000, min=1, help="--embedding split: token ids below this stay int8 (BPE ids come in merge order: the low ones are the frequent tokens).")
+    split_block: int = option(48, min=8, help="--embedding split: entries per fp16 scale/offset of the rare rows (must divide the hidden size).")
+    split_bits: int = option(3, choices=(3, 4), help="--embedding split: bits of the rare rows' indices into normal-quantile levels (4: +0.5 bit an entry, ~3 MB more for SmolLM2).")
+    split_levels: str = option("normal", choices=("normal", "uniform"),
+                               help="--embedding split: rare rows' levels: normal quantiles through a LUT (iOS 26), or uniform = plain uint4 codes "
+                                    "with the per-block scale and offset (needs --split-bits 4; iOS 18).")
+    tune_steps: int = option(0, help="--embedding split: distillation steps that tune the table's stored values against the fp32 model on text it generates "
+                                     "itself (2 sequences of 256 tokens a step; SmolLM2: ~5 s a step on 2 cores; see docs/coreml.md for what it gains). 0: least-squares fit only.")
+    integer_offsets: bool = option(False, help="int4-block: uint4 offsets plus the rounding residue in int4 (three small ops per projection; ~3 MB less for SmolLM2).")
+    block_scales: str = option("fp16", choices=("fp16", "uint8"),
+                               help="int4-block: fp16 scale per block in the weight op, or uint8 codes into a per-weight log-spaced table, applied to "
+                                    "per-block partial sums with the offsets in uint8 (4.5 bits a weight against 5 by default and 4.75 with --integer-offsets; "
+                                    "SmolLM2: 6.6 and 3.3 MB less; see docs/coreml.md).")
+    max_context: int | None = option(None, unit="tokens",
+                                     help="Decoders: KV-cache length (default min(512, max positions)); encoders: sequence length (default 128).")
+    device: str | None = option(None, metavar="D", help="Device profile ID (e.g. iphone-15-pro): refuse a model larger than its app memory limit.")
+    eval_text: Path | None = option(None, help="UTF-8 text for the fp16 safety pass and verification (default: bundled English text).")
+    eval_positions: int = option(64, min=8, help="Token positions compared with PyTorch.")
+    min_top1: float | None = option(None, min=0, max=1, help="Gate: top-1 agreement with fp32 (default 0.99 for --compress none).")
+    max_kl: float | None = option(None, min=0, help="Gate: mean KL(fp32 || Core ML) (default 0.001 for --compress none).")
+    fp16_safety: bool = option(True, cli="--no-fp16-safety", help="Do not rewrite overflowing ops (the report still lists them).")
+    verify: bool = option(True, cli="--no-verify", help="Skip the MIL reference / Core ML comparison with PyTorch.")
+    force: bool = option(False, help="Replace a non-empty output folder (only once the new one is complete).", in_recipe=False,
+                         note="a bundle replaces its own previous output; --force is for a folder edgepack did not write")
+    decode_steps: int = option(8, min=0, in_cli=False, help="Decode steps compared with PyTorch after the prefill.",
+                               note="tuning of the verification, not a choice a user makes per bundle")
+    fp16_margin: float = option(4.0, min=1, in_cli=False, help="Headroom factor below the fp16 limit that the safety pass keeps activations within.",
+                                note="tuning of the fp16 safety pass, not a choice a user makes per bundle")
+
+    def __post_init__(self):
+        _validate(self)
 
 
 @dataclass
@@ -503,46 +520,9 @@ Example:
 """)
 @click.argument("directory", metavar="DIR", type=click.Path(path_type=Path))
 @click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="Output folder (must not exist or be empty, unless --force).")
-@click.option("--compute-units", default="all", show_default=True, help="all | cpu_and_ne | cpu_and_gpu | cpu_only (stored in the model; the ANE report gives a verdict for each).")
-@click.option("--compress", default="none", show_default=True, help="none (fp16) | int8 (per channel) | int4-block (uint4, fp16 scale+offset per block) | palettize4.")
-@click.option("--block-size", type=int, default=32, show_default=True, help="int4-block block size (16, 32, 64, 128).")
-@click.option("--embedding", type=click.Choice(["same", "row", "int8", "split"]), default="same", show_default=True,
-              help="int4-block: embedding/lm_head table as uint4 per block like the projections, uint4 with one scale/offset per row (smaller), "
-                   "int8 per channel, or split: ids below --split-rows int8, the rest --split-bits bits with a scale and offset per --split-block entries.")
-@click.option("--split-rows", type=click.IntRange(min=1), default=6000, show_default=True, help="--embedding split: token ids below this stay int8 (BPE ids come in merge order: the low ones are the frequent tokens).")
-@click.option("--split-block", type=click.IntRange(min=8), default=48, show_default=True, help="--embedding split: entries per fp16 scale/offset of the rare rows (must divide the hidden size).")
-@click.option("--split-bits", type=click.Choice(["3", "4"]), default="3", show_default=True,
-              help="--embedding split: bits of the rare rows' indices into normal-quantile levels (4: +0.5 bit an entry, ~3 MB more for SmolLM2).")
-@click.option("--split-levels", type=click.Choice(["normal", "uniform"]), default="normal", show_default=True,
-              help="--embedding split: rare rows' levels: normal quantiles through a LUT (iOS 26), or uniform = plain uint4 codes "
-                   "with the per-block scale and offset (needs --split-bits 4; iOS 18).")
-@click.option("--tune-steps", type=int, default=0, show_default=True,
-              help="--embedding split: distillation steps that tune the table's stored values against the fp32 model on text it generates "
-                   "itself (2 sequences of 256 tokens a step; SmolLM2: ~5 s a step on 2 cores; see docs/coreml.md for what it gains). 0: least-squares fit only.")
-@click.option("--integer-offsets", is_flag=True, help="int4-block: uint4 offsets plus the rounding residue in int4 (three small ops per projection; ~3 MB less for SmolLM2).")
-@click.option("--block-scales", type=click.Choice(["fp16", "uint8"]), default="fp16", show_default=True,
-              help="int4-block: fp16 scale per block in the weight op, or uint8 codes into a per-weight log-spaced table, applied to "
-                   "per-block partial sums with the offsets in uint8 (4.5 bits a weight against 5 by default and 4.75 with --integer-offsets; "
-                   "SmolLM2: 6.6 and 3.3 MB less; see docs/coreml.md).")
-@click.option("--max-context", type=int, default=None, help="Decoders: KV-cache length (default min(512, max positions)); encoders: sequence length (default 128).")
-@click.option("--device", default=None, metavar="D", help="Device profile ID (e.g. iphone-15-pro): refuse a model larger than its app memory limit.")
-@click.option("--eval-text", type=click.Path(path_type=Path), default=None, help="UTF-8 text for the fp16 safety pass and verification (default: bundled English text).")
-@click.option("--eval-positions", type=click.IntRange(min=8), default=64, show_default=True, help="Token positions compared with PyTorch.")
-@click.option("--min-top1", type=FiniteFloatRange(0, 1), default=None, help="Gate: top-1 agreement with fp32 (default 0.99 for --compress none).")
-@click.option("--max-kl", type=FiniteFloatRange(min=0), default=None, help="Gate: mean KL(fp32 || Core ML) (default 0.001 for --compress none).")
-@click.option("--no-fp16-safety", is_flag=True, help="Do not rewrite overflowing ops (the report still lists them).")
-@click.option("--no-verify", is_flag=True, help="Skip the MIL reference / Core ML comparison with PyTorch.")
-@click.option("--force", is_flag=True, help="Replace a non-empty output folder (only once the new one is complete).")
-def command(directory, out, compute_units, compress, block_size, embedding, split_rows, split_block, split_bits, split_levels, tune_steps, integer_offsets,
-            block_scales, max_context, device, eval_text, eval_positions, min_top1, max_kl, no_fp16_safety, no_verify, force):
-    config = CoreMLConfig(
-        compute_units=compute_units, compress=compress, block_size=block_size, embedding=embedding, split_rows=split_rows,
-        split_block=split_block, split_bits=int(split_bits), split_levels=split_levels, tune_steps=tune_steps, integer_offsets=integer_offsets,
-        block_scales=block_scales, max_context=max_context,
-        device=device, eval_text=eval_text, eval_positions=eval_positions, min_top1=min_top1, max_kl=max_kl,
-        fp16_safety=not no_fp16_safety, verify=not no_verify, force=force,
-    )
-    _validate(config)
+@click_options(CoreMLConfig)
+def command(directory, out, **options):
+    config = config_from_cli(CoreMLConfig, options)
     from edgepack.core.console import Status
 
     with Status(f"building Core ML target from {directory}") as status:

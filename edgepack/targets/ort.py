@@ -24,6 +24,7 @@ from pathlib import Path
 import click
 
 from edgepack.errors import BadInputError, NotOnThisHostError, UsageError
+from edgepack.options import click_options, config_from_cli, option
 from edgepack.runtime.model_dir import CONVERT_REPORT, MODEL_FILE, TEXT_GENERATION, ExportedModelDir, load_model_dir
 from edgepack.targets.base import TargetArtifact, write_target_json
 
@@ -41,13 +42,20 @@ GENAI_GENERIC_TYPES = {"llama", "mistral", "qwen2", "qwen3", "phi", "phi3", "gem
 
 @dataclass(frozen=True)
 class OrtTargetConfig:
-    max_context: int = 2048
-    graph: str = "auto"
-    verify: bool = True
-    force: bool = False
-    eval_tokens: int = 128  # positions compared against the source model
-    genai_tokens: int = 24  # greedy tokens compared between onnxruntime-genai and edgepack's runtime
-    compact: bool = False  # keep the quantized layout's compact form (fp16 scales, zero points made at load) instead of saving it optimized
+    max_context: int = option(2048, min=16, unit="tokens",
+                              help="Context length the runtime allocates KV buffers for (never the model's full context by default).")
+    graph: str = option("auto", choices=GRAPH_ROUTES,
+                        help="builder: onnxruntime-genai's fused graph; optimum: the export, optimized offline; auto: builder when possible.")
+    compact: bool = option(False, help="Builder graphs: keep the quantized layout's compact form (fp16 scales, zero points made at load; "
+                                       "10-21% smaller for quantized graphs) instead of saving the graph as onnxruntime optimizes it. "
+                                       "Its ORT-format conversion then grows by that much.")
+    verify: bool = option(True, cli="--no-verify", help="Skip the parity and onnxruntime-genai checks.")
+    force: bool = option(False, help="Replace a non-empty output folder.", in_recipe=False,
+                         note="a bundle replaces its own previous output; --force is for a folder edgepack did not write")
+    eval_tokens: int = option(128, min=16, in_cli=False, help="Positions compared against the source model.",
+                              note="tuning of the verification, not a choice a user makes per bundle")
+    genai_tokens: int = option(24, min=1, in_cli=False, help="Greedy tokens compared between onnxruntime-genai and edgepack's runtime.",
+                               note="tuning of the verification, not a choice a user makes per bundle")
 
 
 def _read_json(path: Path) -> dict:
@@ -499,16 +507,8 @@ def _genai_version() -> dict:
 @click.command("ort")
 @click.argument("directory", metavar="DIR", type=click.Path(path_type=Path))
 @click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="Bundle folder.")
-@click.option("--max-context", type=click.IntRange(min=16), default=2048, show_default=True,
-              help="Context length the runtime allocates KV buffers for (never the model's full context by default).")
-@click.option("--graph", type=click.Choice(GRAPH_ROUTES), default="auto", show_default=True,
-              help="builder: onnxruntime-genai's fused graph; optimum: the export, optimized offline; auto: builder when possible.")
-@click.option("--compact", is_flag=True,
-              help="Builder graphs: keep the quantized layout's compact form (fp16 scales, zero points made at load; 10-21% smaller for quantized graphs) "
-                   "instead of saving the graph as onnxruntime optimizes it. Its ORT-format conversion then grows by that much.")
-@click.option("--no-verify", is_flag=True, help="Skip the parity and onnxruntime-genai checks.")
-@click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
-def command(directory, out, max_context, graph, compact, no_verify, force):
+@click_options(OrtTargetConfig)
+def command(directory, out, **options):
     """ONNX Runtime bundle (model.onnx, tokenizer, genai_config.json, target.json).
 
     \b
@@ -518,7 +518,7 @@ def command(directory, out, max_context, graph, compact, no_verify, force):
     """
     from edgepack.core.console import Status, report_target
 
-    config = OrtTargetConfig(max_context=max_context, graph=graph, compact=compact, verify=not no_verify, force=force)
+    config = config_from_cli(OrtTargetConfig, options)
     with Status(f"target ort: {directory}") as status:
         artifact = build(directory, out, config, on_status=status)
     report_target(artifact)

@@ -19,7 +19,7 @@ from pathlib import Path
 import click
 
 from edgepack.errors import BadInputError
-from edgepack.options import FiniteFloatRange
+from edgepack.options import click_options, config_from_cli, option
 from edgepack.runtime.model_dir import MODEL_FILE, TEXT_GENERATION, load_model_dir
 from edgepack.targets.base import TargetArtifact, write_target_json
 
@@ -39,16 +39,19 @@ COPY_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.jso
 
 @dataclass(frozen=True)
 class OrtMobileConfig:
-    batch_size: int = 1
-    verify: bool = True
-    force: bool = False
-    atol: float = 1e-4
+    batch_size: int = option(1, min=1, help="Value the batch dimension is fixed to.")
     # The .ort may exceed the graph onnxruntime runs by this factor: the same .onnx optimized by onnxruntime at the
     # converter's level and saved as ONNX. Folding is not the conversion's cost: quantized exports store
     # fp16-exact scales as fp16 + Cast and zero points as ConstantOfShape, which onnxruntime folds to fp32 tensors
     # whether it loads the .onnx (in memory) or writes the .ort (on disk), so the .ort of a quantized export is
     # larger than its .onnx by design. What the format adds beyond that graph is the conversion's own cost.
-    max_size_ratio: float = 1.05
+    max_size_ratio: float = option(1.05, min=1.0, help="Fail when the .ort exceeds onnxruntime's optimized graph (the .onnx as "
+                                   "onnxruntime folds and runs it, saved as ONNX) by more than this factor.")
+    verify: bool = option(True, cli="--no-verify", help="Skip the .ort vs .onnx output comparison.")
+    force: bool = option(False, help="Replace a non-empty output folder.", in_recipe=False,
+                         note="a bundle replaces its own previous output; --force is for a folder edgepack did not write")
+    atol: float = option(1e-4, min=0, in_cli=False, help="Largest absolute output difference between the .ort and the .onnx.",
+                         note="tuning of the verification, not a choice a user makes per bundle")
 
 
 def _matmul_transb(model, node, x: str, weight: str) -> None:
@@ -314,13 +317,8 @@ def build(directory: Path | str, out: Path | str, config: OrtMobileConfig = OrtM
 @click.command("ort-mobile")
 @click.argument("directory", metavar="DIR", type=click.Path(path_type=Path))
 @click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="Bundle folder.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True, help="Value the batch dimension is fixed to.")
-@click.option("--max-size-ratio", type=FiniteFloatRange(min=1.0), default=1.05, show_default=True,
-              help="Fail when the .ort exceeds onnxruntime's optimized graph (the .onnx as onnxruntime folds and runs it, saved "
-                   "as ONNX) by more than this factor.")
-@click.option("--no-verify", is_flag=True, help="Skip the .ort vs .onnx output comparison.")
-@click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
-def command(directory, out, batch_size, max_size_ratio, no_verify, force):
+@click_options(OrtMobileConfig)
+def command(directory, out, **options):
     """ORT-format bundle (model.ort, required_operators.config, mobile_usability.json, target.json).
 
     \b
@@ -330,7 +328,7 @@ def command(directory, out, batch_size, max_size_ratio, no_verify, force):
     """
     from edgepack.core.console import Status, report_target
 
-    config = OrtMobileConfig(batch_size=batch_size, verify=not no_verify, force=force, max_size_ratio=max_size_ratio)
+    config = config_from_cli(OrtMobileConfig, options)
     with Status(f"target ort-mobile: {directory}") as status:
         artifact = build(directory, out, config, on_status=status)
     report_target(artifact)

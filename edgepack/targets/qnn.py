@@ -24,7 +24,7 @@ from pathlib import Path
 import click
 
 from edgepack.errors import BadInputError, UsageError
-from edgepack.options import FiniteFloatRange
+from edgepack.options import click_options, config_from_cli, option
 
 SUMMARY = "Qualcomm Hexagon NPU (QNN HTP): static QDQ graphs, KV cache, context binaries, checked in the HTP simulator"
 # Quantizes the fp32 export itself (QDQ for the HTP): `edgepack build` runs it once, on fp32.
@@ -44,24 +44,33 @@ DEFAULT_MIN_COSINE = 0.9  # encoders' parity floor (min cosine of hidden states)
 
 @dataclass(frozen=True)
 class QnnConfig:
-    soc_model: int | None = None
-    htp_arch: int | None = None
-    device: str | None = None
-    precision: str = "w8a16"
-    max_context: int | None = None  # decoders: KV-cache slots; encoders: sequence length
-    prefill_len: int = 32
-    calibration_text: Path | None = None
-    calibration_samples: int = 8
-    rescue: int = 8  # weights kept at 16 bits, most sensitive first (0: off)
-    symmetric_activations: bool = False  # 16-bit activations: asymmetric ranges use the whole code range
-    prefix: bool = True  # decoders: position 0 (BOS) computed in fp32 at build time, shipped as prefix_kv.npz
-    range_margin: float | None = None  # widen calibrated activation ranges (None: 0.25 at 16 bits, 0 at 8 bits)
-    eval_text: Path | None = None
-    eval_windows: int = 2
-    decode_steps: int = 4  # decode steps per evaluation window (after a full prefill)
-    min_top1: float | None = None
-    max_kl: float | None = None
-    force: bool = False
+    device: str | None = option(None, help="Device profile giving soc_model/htp_arch (e.g. galaxy-s24; see `edgepack devices`).")
+    soc_model: int | None = option(None, help="QNN soc_model (e.g. 57 = SM8650, Snapdragon 8 Gen 3); overrides --device.")
+    htp_arch: int | None = option(None, help="QNN htp_arch (e.g. 75 = Hexagon v75); overrides --device.")
+    precision: str = option("w8a16", choices=PRECISIONS, help="weights/activations: w8a16, w4a16, w8a8 (QDQ), or fp16 (HTP fp16 mode).")
+    max_context: int | None = option(None, min=2, unit="tokens",  # decoders: KV-cache slots; encoders: sequence length
+                                     help="Decoders: KV-cache slots (default 256); encoders: sequence length (default 128). Capped by the model.")
+    prefill_len: int = option(32, min=1, unit="tokens", help="Tokens per prefill call (decoders).")
+    calibration_text: Path | None = option(None, help="UTF-8 calibration text (default: bundled English text).")
+    # Checked in __post_init__, not as a click range: the error says why fewer windows do not work.
+    calibration_samples: int = option(8, help="Calibration windows of real text.")
+    rescue: int = option(8, min=0, help="Keep the N weights whose quantization costs most KL at 16 bits (0: off).")
+    range_margin: float | None = option(None, min=0,  # None: 0.25 at 16 bits, 0 at 8 bits
+                                        help="Widen calibrated activation ranges by this fraction of their span (default 0.25 at 16 bits, 0 at 8 bits).")
+    eval_text: Path | None = option(None, help="UTF-8 text for parity (default: bundled English text).")
+    eval_windows: int = option(2, min=1, help="Evaluation windows (prefill + decode steps each).")
+    decode_steps: int = option(4, min=0, help="Teacher-forced decode steps per window.")
+    min_top1: float | None = option(None, min=0, max=1,
+                                    help="Gate: top-1 agreement with fp32 at least Y (exit 1; default floor 0.5, encoders: min cosine 0.9).")
+    max_kl: float | None = option(None, min=0, help="Gate: mean KL(fp32 || HTP) at most X (exit 1).")
+    symmetric_activations: bool = option(False, help="Quantize activations with symmetric ranges (default: asymmetric, twice the resolution for one-sided tensors).")
+    prefix: bool = option(True, cli="--no-prefix",
+                          help="Decoders: quantize position 0 too, instead of computing the BOS prefix in fp32 (prefix_kv.npz).")
+    force: bool = option(False, help="Replace a non-empty output folder.", in_recipe=False,
+                         note="a bundle replaces its own previous output; --force is for a folder edgepack did not write")
+
+    def __post_init__(self):
+        _check_config(self)
 
 
 def resolve_soc(config: QnnConfig) -> tuple[int, int, str]:
@@ -97,6 +106,10 @@ def _check_config(config: QnnConfig) -> None:
                          "windows are needed for activation ranges that hold on other text")
     if config.prefill_len < 1 or config.eval_windows < 1 or config.decode_steps < 0 or config.rescue < 0:
         raise UsageError("--prefill-len and --eval-windows must be >= 1, --decode-steps and --rescue >= 0")
+    for flag, value in (("--soc-model", config.soc_model), ("--htp-arch", config.htp_arch)):
+        if value is not None and value < 1:
+            # QNN takes any integer and falls back to a default SoC: a context binary for the wrong chip.
+            raise UsageError(f"{flag} {value}: must be positive, e.g. --soc-model 57 --htp-arch 75 for Snapdragon 8 Gen 3")
 
 
 def _reference_decoder(model_dir, windows: list[list[int]], prefix: list[int] = ()):
@@ -409,33 +422,8 @@ def build(directory: Path | str, out: Path | str, config: QnnConfig = QnnConfig(
 @click.command("qnn")
 @click.argument("directory", metavar="DIR", type=click.Path(path_type=Path))
 @click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="Bundle folder.")
-@click.option("--device", default=None, help="Device profile giving soc_model/htp_arch (e.g. galaxy-s24; see `edgepack devices`).")
-@click.option("--soc-model", type=int, default=None, help="QNN soc_model (e.g. 57 = SM8650, Snapdragon 8 Gen 3); overrides --device.")
-@click.option("--htp-arch", type=int, default=None, help="QNN htp_arch (e.g. 75 = Hexagon v75); overrides --device.")
-@click.option("--precision", type=click.Choice(PRECISIONS), default="w8a16", show_default=True,
-              help="weights/activations: w8a16, w4a16, w8a8 (QDQ), or fp16 (HTP fp16 mode).")
-@click.option("--max-context", type=click.IntRange(min=2), default=None,
-              help="Decoders: KV-cache slots (default 256); encoders: sequence length (default 128). Capped by the model.")
-@click.option("--prefill-len", type=click.IntRange(min=1), default=32, show_default=True, help="Tokens per prefill call (decoders).")
-@click.option("--calibration-text", type=click.Path(path_type=Path), default=None, help="UTF-8 calibration text (default: bundled English text).")
-@click.option("--calibration-samples", type=int, default=8, show_default=True, help="Calibration windows of real text.")
-@click.option("--rescue", type=click.IntRange(min=0), default=8, show_default=True,
-              help="Keep the N weights whose quantization costs most KL at 16 bits (0: off).")
-@click.option("--range-margin", type=FiniteFloatRange(min=0), default=None,
-              help="Widen calibrated activation ranges by this fraction of their span (default 0.25 at 16 bits, 0 at 8 bits).")
-@click.option("--eval-text", type=click.Path(path_type=Path), default=None, help="UTF-8 text for parity (default: bundled English text).")
-@click.option("--eval-windows", type=click.IntRange(min=1), default=2, show_default=True, help="Evaluation windows (prefill + decode steps each).")
-@click.option("--decode-steps", type=click.IntRange(min=0), default=4, show_default=True, help="Teacher-forced decode steps per window.")
-@click.option("--min-top1", type=FiniteFloatRange(0, 1), default=None,
-              help="Gate: top-1 agreement with fp32 at least Y (exit 1; default floor 0.5, encoders: min cosine 0.9).")
-@click.option("--max-kl", type=FiniteFloatRange(min=0), default=None, help="Gate: mean KL(fp32 || HTP) at most X (exit 1).")
-@click.option("--symmetric-activations", is_flag=True,
-              help="Quantize activations with symmetric ranges (default: asymmetric, twice the resolution for one-sided tensors).")
-@click.option("--no-prefix", is_flag=True,
-              help="Decoders: quantize position 0 too, instead of computing the BOS prefix in fp32 (prefix_kv.npz).")
-@click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
-def command(directory, out, device, soc_model, htp_arch, precision, max_context, prefill_len, calibration_text,
-            calibration_samples, rescue, range_margin, eval_text, eval_windows, decode_steps, min_top1, max_kl, symmetric_activations, no_prefix, force):
+@click_options(QnnConfig)
+def command(directory, out, **options):
     """QNN HTP bundle: *_ctx.onnx + .bin context binaries, host_*.onnx, qnn_config.json, target.json.
 
     Needs onnxruntime-qnn (Linux x86-64 runs the HTP as a simulator; exit 4 without it).
@@ -448,11 +436,7 @@ def command(directory, out, device, soc_model, htp_arch, precision, max_context,
     """
     from edgepack.core.console import Status, report_target
 
-    config = QnnConfig(soc_model=soc_model, htp_arch=htp_arch, device=device, precision=precision, max_context=max_context,
-                       prefill_len=prefill_len, calibration_text=calibration_text, calibration_samples=calibration_samples,
-                       rescue=rescue, range_margin=range_margin, eval_text=eval_text, eval_windows=eval_windows, decode_steps=decode_steps,
-                       min_top1=min_top1, max_kl=max_kl, prefix=not no_prefix,
-                       symmetric_activations=symmetric_activations, force=force)
+    config = config_from_cli(QnnConfig, options)
     with Status(f"target qnn: {directory}") as status:
         artifact = build(directory, out, config, on_status=status)
     report_target(artifact)
