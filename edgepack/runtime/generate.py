@@ -166,6 +166,9 @@ def sample_next(logits: np.ndarray, sampling: SamplingConfig, rng: np.random.Gen
         scores = np.where(scores < kth, -np.inf, scores)
     probs = np.exp(scores - np.max(scores))
     probs /= probs.sum()
+    if not np.isfinite(probs).all():  # NaN or infinite logits: a broken graph (e.g. fp16 overflow), nothing to sample
+        raise BadInputError("the model's next-token logits are not finite (NaN or infinite): the graph is broken, "
+                            "nothing can be sampled from it")
     if sampling.top_p < 1.0:
         order = np.argsort(-probs)
         cumulative = np.cumsum(probs[order])
