@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from edgepack.errors import BadInputError
+from edgepack.errors import BadInputError, UsageError
 from edgepack.runtime.generate import SamplingConfig, sample_next
 
 
@@ -37,6 +37,14 @@ def _poison_final_norm(folder) -> None:
 def test_sampling_non_finite_logits_is_bad_input(logits):
     with pytest.raises(BadInputError, match="not finite"):
         sample_next(np.array(logits, dtype=np.float32), SamplingConfig(temperature=1.0, seed=0), np.random.default_rng(0))
+
+
+def test_sampling_skips_ruled_out_tokens_and_refuses_an_overflowing_temperature():
+    rng = np.random.default_rng(0)
+    logits = np.array([-np.inf, 2.0, -np.inf], dtype=np.float32)
+    assert sample_next(logits, SamplingConfig(temperature=1.0), rng) == 1
+    with pytest.raises(UsageError, match="temperature 1e-310 is too small"):
+        sample_next(np.array([0.0, 5.0, 1.0], dtype=np.float32), SamplingConfig(temperature=1e-310), rng)
 
 
 def test_run_of_a_model_with_nan_logits_is_exit_3(exported_tiny_factory, tmp_path, cli):
