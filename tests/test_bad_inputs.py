@@ -350,6 +350,8 @@ CASES = [
     ("target-coreml-compress-nonsense", ["target", "coreml", "{export}", "-o", "{out}", "--compress", "int2"], 2),
     ("target-coreml-compute-units-nonsense", ["target", "coreml", "{export}", "-o", "{out}", "--compute-units", "tpu"], 2),
     ("target-coreml-max-kl-nan", ["target", "coreml", "{export}", "-o", "{out}", "--max-kl", "nan"], 2),
+    ("target-coreml-devices-dir-missing", ["target", "coreml", "{export}", "-o", "{out}", "--device", "iphone-15-pro", "--devices-dir", "{missing}"], 2),
+    ("target-coreml-devices-dir-garbage", ["target", "coreml", "{export}", "-o", "{out}", "--device", "iphone-15-pro", "--devices-dir", "{garbage_devices}"], 3),
     ("target-qnn-max-context-one", ["target", "qnn", "{export}", "-o", "{out}", *TARGET_ARGS["qnn"], "--max-context", "1"], 2),
     ("target-qnn-prefill-len-zero", ["target", "qnn", "{export}", "-o", "{out}", *TARGET_ARGS["qnn"], "--prefill-len", "0"], 2),
     ("target-qnn-calibration-samples-zero", ["target", "qnn", "{export}", "-o", "{out}", *TARGET_ARGS["qnn"], "--calibration-samples", "0"], 2),

@@ -20,6 +20,7 @@ from edgepack.targets import registered_targets
 # (stage, field) -> why the field is on only one side. Anything else must be on both.
 CLI_ONLY = {
     "force": "a bundle replaces its own previous output; --force is for a folder edgepack did not write",
+    "devices_dirs": "coreml --devices-dir: a recipe names devices of the built-in database",
     "evaluate": "quantize --no-eval: a recipe's schemes are always evaluated, the bundle reports their quality",
 }
 RECIPE_ONLY = {

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from edgepack.convert.config import ConvertConfig
+from edgepack.core.files import tokenizer_files
 from edgepack.errors import BadInputError, UnsupportedModelError, UsageError
 from edgepack.outputs import prepare_output, replace_dir, staging_dir
 from edgepack.runtime.model_dir import CONVERT_REPORT, FEATURE_EXTRACTION, MODEL_FILE, TEXT_GENERATION
@@ -233,15 +234,6 @@ def load_torch_model(source: ModelSource, task: str, *, trust_remote_code: bool)
         reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
         raise BadInputError(f"the tokenizer in {source.hf_dir} does not load ({', '.join(files)}): {reason}") from exc
     return model, tokenizer
-
-
-# Files a Hugging Face tokenizer is read from; a folder with none of them is exported without a tokenizer.
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
-                    "vocab.json", "merges.txt", "vocab.txt", "special_tokens_map.json", "added_tokens.json")
-
-
-def tokenizer_files(folder: Path) -> list[str]:
-    return [name for name in _TOKENIZER_FILES if (Path(folder) / name).is_file()]
 
 
 def export_onnx(torch_model, out: Path, task: str, opset: int | None) -> int:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edgepack.quantize.graph import save_model, untie_lm_head
+from edgepack.core.onnx_io import save_model
+from edgepack.quantize.graph import untie_lm_head
 from edgepack.quantize.schemes import Fp16, Int8Dynamic, Int8Static
 
 

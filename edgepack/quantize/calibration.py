@@ -7,35 +7,12 @@ phases of generation, not just of a cache-less forward pass.
 
 from __future__ import annotations
 
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
 from edgepack.core.windows import split_windows
 from edgepack.errors import BadInputError
-
-DEFAULT_CALIBRATION_TEXT = "calib_en.txt"
-DEFAULT_EVAL_TEXT = "eval_en.txt"
-# Both texts were written for edgepack and ship under its licence (Apache-2.0).
-BUNDLED_TEXT_ORIGIN = "written for edgepack, shipped in edgepack/quantize/data/ (Apache-2.0)"
-
-
-def read_text(path: Path | None, default_name: str) -> tuple[str, str]:
-    """(text, origin) from a user file or the bundled default; empty files are refused."""
-    if path is None:
-        text = resources.files("edgepack.quantize").joinpath("data", default_name).read_text(encoding="utf-8")
-        return text, f"edgepack/quantize/data/{default_name}: {BUNDLED_TEXT_ORIGIN}"
-    path = Path(path)
-    if not path.is_file():
-        raise BadInputError(f"text file not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise BadInputError(f"{path} is not UTF-8 text: {exc}") from exc
-    if not text.strip():
-        raise BadInputError(f"{path} is empty: calibration and evaluation need real text")
-    return text, str(path)
 
 
 class DecoderCalibrationReader:

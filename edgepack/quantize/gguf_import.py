@@ -645,7 +645,7 @@ def _model_bytes(path: Path) -> int:
 
 def _save(model, out: Path) -> None:
     """Graph in `out`, weights beside it in `out`.data (mapped at load, like every quantized export)."""
-    from edgepack.quantize.graph import save_model
+    from edgepack.core.onnx_io import save_model
 
     out.parent.mkdir(parents=True, exist_ok=True)
     save_model(model, out, external_data=True)

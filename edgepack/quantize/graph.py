@@ -82,31 +82,6 @@ def matching_names(names, patterns: tuple[str, ...]) -> set[str]:
     return {name for name in names if any(c.search(name) for c in compiled)}
 
 
-def op_counts(model) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for node in model.graph.node:
-        key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
-        counts[key] = counts.get(key, 0) + 1
-    return dict(sorted(counts.items()))
-
-
-def save_model(model, path, *, external_data: bool = False) -> None:
-    """Save as one file when it fits protobuf's 2 GB limit, else with external data beside it (`path.name`.data).
-
-    `external_data=True` always writes the weights beside the graph: for models users load, since
-    onnxruntime then maps them instead of parsing them out of one protobuf (3 loads each, 2-core CI machine,
-    SmolLM2 int4 level-4 `ort` bundle: peak RSS at session creation 231 vs 276 MB, 0.3 vs 0.4 s; fp32
-    790 vs 876 MB, 0.6 vs 1.3 s). It empties
-    the tensors of the in-memory `model` (onnx moves their bytes out): do not use the model afterwards.
-    """
-    import onnx
-
-    if external_data or model.ByteSize() >= 2_000_000_000:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=f"{path.name}.data")
-    else:
-        onnx.save_model(model, str(path))
-
-
 def validate_with_onnxruntime(path) -> None:
     """Load the model in onnxruntime: the validator that matters (onnx.checker rejects graphs that use
     onnxruntime's ops in the default domain, e.g. SimplifiedLayerNormalization from onnxruntime-genai's builder)."""

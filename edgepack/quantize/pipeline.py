@@ -116,7 +116,7 @@ def apply_scheme(scheme: Scheme, model_dir, tokenizer, out_onnx: Path, work_dir:
     """Write `out_onnx` quantized with `scheme`; return facts about what was done."""
     import onnx
 
-    from edgepack.quantize.graph import save_model
+    from edgepack.core.onnx_io import save_model
 
     if isinstance(scheme, Gguf):
         from edgepack.quantize.gguf_import import import_gguf_weights
@@ -168,16 +168,15 @@ def gguf_source(model_dir) -> Path:
 
 
 def calibration_reader(model_dir, tokenizer, calibration_text: Path | None, samples: int):
+    from edgepack.core.texts import calibration_text as read_calibration_text
     from edgepack.core.windows import token_ids
     from edgepack.quantize.calibration import (
-        DEFAULT_CALIBRATION_TEXT,
         DecoderCalibrationReader,
         decoder_calibration_feeds,
         encoder_calibration_feeds,
-        read_text,
     )
 
-    text, _origin = read_text(calibration_text, DEFAULT_CALIBRATION_TEXT)
+    text, _origin = read_calibration_text(calibration_text)
     ids = token_ids(tokenizer, text)
     if model_dir.task == TEXT_GENERATION:
         feeds = decoder_calibration_feeds(model_dir.onnx_path, ids, model_dir.config, samples=samples)
@@ -273,7 +272,7 @@ def quantize_model(directory: Path | str, out: Path | str, config: QuantizeConfi
         for leftover in tmp.glob(".candidate-*"):
             shutil.rmtree(leftover, ignore_errors=True)
 
-        from edgepack.quantize.graph import op_counts
+        from edgepack.core.onnx_io import op_counts
         import onnx
 
         scheme = next(c for c in candidates if c.to_json() == chosen["scheme"])

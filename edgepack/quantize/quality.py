@@ -25,9 +25,9 @@ from edgepack.core.metrics import (
     top1_agreement,
     top1_figures,
 )
+from edgepack.core.texts import eval_text
 from edgepack.core.windows import split_windows, token_ids
 from edgepack.errors import BadInputError
-from edgepack.quantize.calibration import DEFAULT_EVAL_TEXT, read_text
 from edgepack.runtime.model_dir import TEXT_GENERATION
 
 
@@ -45,7 +45,7 @@ class QualityEvaluator:
     def __init__(self, reference_onnx: Path, model_dir, tokenizer, config: QualityConfig = QualityConfig()):
         self.config = config
         self.model_dir = model_dir
-        text, self.origin = read_text(config.eval_text, DEFAULT_EVAL_TEXT)
+        text, self.origin = eval_text(config.eval_text)
         self.text_sha256 = hashlib.sha256(text.encode()).hexdigest()
         ids = token_ids(tokenizer, text) if tokenizer is not None else []
         max_pos = int(model_dir.config.get("max_position_embeddings") or model_dir.config.get("n_positions") or config.context)

@@ -160,12 +160,20 @@ def encoder_feeds(token_ids, input_names) -> dict[str, np.ndarray]:
 def sample_next(logits: np.ndarray, sampling: SamplingConfig, rng: np.random.Generator) -> int:
     if sampling.greedy:
         return int(np.argmax(logits))
-    scores = logits.astype(np.float64) / sampling.temperature
-    if sampling.top_k and sampling.top_k < scores.shape[-1]:
-        kth = np.partition(scores, -sampling.top_k)[-sampling.top_k]
-        scores = np.where(scores < kth, -np.inf, scores)
-    probs = np.exp(scores - np.max(scores))
-    probs /= probs.sum()
+    # -inf marks a token the graph rules out; NaN, +inf or no finite logit at all is a broken graph (e.g. fp16 overflow).
+    if np.isnan(logits).any() or np.isposinf(logits).any() or not np.isfinite(logits).any():
+        raise BadInputError("the model's next-token logits are not finite (NaN or infinite): the graph is broken, "
+                            "nothing can be sampled from it")
+    with np.errstate(over="ignore", invalid="ignore"):
+        scores = logits.astype(np.float64) / sampling.temperature
+        if sampling.top_k and sampling.top_k < scores.shape[-1]:
+            kth = np.partition(scores, -sampling.top_k)[-sampling.top_k]
+            scores = np.where(scores < kth, -np.inf, scores)
+        probs = np.exp(scores - np.max(scores))
+        probs /= probs.sum()
+    if not np.isfinite(probs).all():
+        raise UsageError(f"temperature {sampling.temperature:g} is too small to sample with (the scaled logits overflow); "
+                         "use 0 for greedy decoding")
     if sampling.top_p < 1.0:
         order = np.argsort(-probs)
         cumulative = np.cumsum(probs[order])

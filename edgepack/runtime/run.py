@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgepack.errors import UsageError
+from edgepack.errors import BadInputError, UsageError
 from edgepack.runtime.generate import DecoderSession, GenerationResult, SamplingConfig, TextStreamer, generate, new_token_limit
 from edgepack.runtime.model_dir import TEXT_GENERATION, load_model_dir
 from edgepack.runtime.session import create_session
@@ -33,7 +33,13 @@ class RunResult:
 def encode_prompt(tokenizer, prompt: str, chat: bool) -> tuple[list[int], str]:
     """Token ids for the prompt: through the chat template when asked and the tokenizer has one."""
     if chat and getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        from jinja2 import TemplateError
+
+        try:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        except TemplateError as exc:  # the template is the model folder's, and may be broken or refuse a lone user turn
+            reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+            raise BadInputError(f"the model's chat template fails on the prompt: {reason} (--no-chat sends the prompt without it)") from exc
         return list(tokenizer(text, add_special_tokens=False)["input_ids"]), text
     return list(tokenizer(prompt)["input_ids"]), prompt
 

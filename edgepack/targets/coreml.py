@@ -12,13 +12,13 @@ Heavy libraries (coremltools, torch, transformers) are imported inside `build`.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import click
 
+from edgepack.core.files import copy_side_files
 from edgepack.errors import BadInputError, GateFailedError, UnsupportedModelError, UsageError
 from edgepack.options import click_options, config_from_cli, option
 
@@ -36,10 +36,6 @@ COMPUTE_UNITS = ("all", "cpu_and_ne", "cpu_and_gpu", "cpu_only")
 COMPRESSIONS = ("none", "int8", "int4-block", "palettize4")
 DECODER_TYPES = ("llama", "mistral", "qwen2")
 ENCODER_TYPES = ("bert",)
-# Files copied next to the package so an app has the tokenizer and configs.
-SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-              "special_tokens_map.json", "chat_template.jinja", "vocab.txt", "merges.txt", "vocab.json")
-DEVICES_DIR = Path(__file__).resolve().parent.parent / "profiles" / "devices"
 # Default gates for the uncompressed fp16 program (the issue's acceptance): compressed schemes report only.
 FP16_MIN_TOP1, FP16_MAX_KL, ENCODER_MIN_COSINE = 0.99, 0.001, 0.999
 
@@ -70,6 +66,9 @@ class CoreMLConfig:
     max_context: int | None = option(None, unit="tokens",
                                      help="Decoders: KV-cache length (default min(512, max positions)); encoders: sequence length (default 128).")
     device: str | None = option(None, metavar="D", help="Device profile ID (e.g. iphone-15-pro): refuse a model larger than its app memory limit.")
+    devices_dirs: tuple[Path, ...] = option((), cli="--devices-dir", metavar="DIR", in_recipe=False,
+                                            help="Extra folder of device TOML files for --device (repeatable); a file with a known id replaces the built-in one.",
+                                            note="a recipe names devices of the built-in database")
     eval_text: Path | None = option(None, help="UTF-8 text for the fp16 safety pass and verification (default: bundled English text).")
     eval_positions: int = option(64, min=8, help="Token positions compared with PyTorch.")
     min_top1: float | None = option(None, min=0, max=1, help="Gate: top-1 agreement with fp32 (default 0.99 for --compress none).")
@@ -120,26 +119,15 @@ def read_source(directory: Path) -> _Source:
     return _Source(hf_dir=hf_dir, config=config, model_type=model_type, task=task, report=report)
 
 
-def device_memory_limit(device_id: str) -> tuple[int | None, str]:
-    """(app memory limit in bytes or None, note) from edgepack/profiles/devices/<id>.toml, read directly."""
-    import tomllib
+def device_memory_limit(device_id: str, devices_dirs: tuple[Path, ...] = ()) -> tuple[int | None, str]:
+    """(app memory limit in bytes or None, note) from the device database: built-in devices, then `devices_dirs`."""
+    from edgepack.profiles.devices import get_device, load_devices
 
-    if not DEVICES_DIR.is_dir():
-        return None, "no device profiles installed: memory check skipped"
-    path = DEVICES_DIR / f"{device_id}.toml"
-    if not path.is_file():
-        known = sorted(p.stem for p in DEVICES_DIR.glob("*.toml"))
-        raise UsageError(f"unknown device {device_id!r}; known devices: {', '.join(known) or '(none)'}")
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise BadInputError(f"{path} is not valid TOML: {exc}") from exc
-    figure = (data.get("memory") or {}).get("app_memory_limit_mb")
-    value = figure.get("value") if isinstance(figure, dict) else figure
-    if not isinstance(value, (int, float)):
-        return None, f"{path.name} has no memory.app_memory_limit_mb: memory check skipped"
-    source = figure.get("source", "") if isinstance(figure, dict) else ""
-    return int(value * 1024 * 1024), f"{device_id}: app memory limit {value} MB ({source})"
+    device = get_device(device_id, load_devices(devices_dirs))
+    figure = device.figure("memory", "app_memory_limit_mb")
+    if figure is None or not isinstance(figure.value, (int, float)):
+        return None, f"{device.path.name} has no memory.app_memory_limit_mb: memory check skipped"
+    return int(figure.value * 1024 * 1024), f"{device_id}: app memory limit {figure.value} MB ({figure.source})"
 
 
 _BITS = {"none": 16, "int8": 8.25, "int4-block": 5, "palettize4": 4.1}
@@ -191,7 +179,7 @@ def build(directory, out, config: CoreMLConfig = CoreMLConfig(), on_status=None)
 
     device_note, limit = None, None
     if config.device:
-        limit, device_note = device_memory_limit(config.device)
+        limit, device_note = device_memory_limit(config.device, config.devices_dirs)
 
     from edgepack._quiet import quiet_libraries
 
@@ -280,11 +268,7 @@ def build(directory, out, config: CoreMLConfig = CoreMLConfig(), on_status=None)
         package = tmp / PACKAGE
         mlmodel.save(str(package))
         compat.make_package_reproducible(package)
-        for name in SIDE_FILES:
-            for folder in (Path(directory), source.hf_dir):
-                if (folder / name).is_file():
-                    shutil.copy2(folder / name, tmp / name)
-                    break
+        copy_side_files(tmp, Path(directory), source.hf_dir)
         package_bytes = sum(p.stat().st_size for p in package.rglob("*") if p.is_file())
 
         status("ANE readiness report (static inspection of the saved program)")
@@ -348,12 +332,12 @@ def _table_column_weights(hf_model, tokenizer):
     column of the tied table contributes to the logits, to weight the fit of its 3-bit rows."""
     import torch
 
+    from edgepack.core.texts import calibration_text
     from edgepack.core.windows import token_ids
-    from edgepack.quantize.calibration import DEFAULT_CALIBRATION_TEXT, read_text
 
     if tokenizer is None:
         return None
-    text, _origin = read_text(None, DEFAULT_CALIBRATION_TEXT)
+    text, _origin = calibration_text()
     ids = token_ids(tokenizer, text)[:512]
     with torch.no_grad():
         hidden = hf_model.model(torch.tensor([ids])).last_hidden_state[0].double()
@@ -392,10 +376,10 @@ def _check_architecture(model, source: _Source) -> None:
 
 
 def _eval_tokens(tokenizer, config: CoreMLConfig, source: _Source) -> list[int]:
+    from edgepack.core.texts import eval_text
     from edgepack.core.windows import token_ids
-    from edgepack.quantize.calibration import DEFAULT_EVAL_TEXT, read_text
 
-    text, _origin = read_text(config.eval_text, DEFAULT_EVAL_TEXT)
+    text, _origin = eval_text(config.eval_text)
     if tokenizer is None:
         vocab = int(source.config.get("vocab_size") or 100)
         return [(7 * i + 3) % vocab for i in range(1024)]
@@ -406,10 +390,10 @@ def _verify(package: Path, hf_model, tokens: list[int], kind: str, context: int,
     import numpy as np
     import torch
 
-    from edgepack.quantize.calibration import DEFAULT_EVAL_TEXT
+    from edgepack.core.texts import EVAL_TEXT, text_label
     from edgepack.targets.coreml_support import verify
 
-    result: dict = {"eval_text": str(config.eval_text) if config.eval_text else f"edgepack/quantize/data/{DEFAULT_EVAL_TEXT}"}
+    result: dict = {"eval_text": text_label(config.eval_text, EVAL_TEXT)}
     if kind == "decoder":
         n = min(config.eval_positions, context, len(tokens))
         steps = min(config.decode_steps, n - 1)

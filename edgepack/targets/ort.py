@@ -23,6 +23,7 @@ from pathlib import Path
 
 import click
 
+from edgepack.core.files import PROVENANCE_FILES, copy_side_files
 from edgepack.errors import BadInputError, NotOnThisHostError, UsageError
 from edgepack.options import click_options, config_from_cli, option
 from edgepack.runtime.model_dir import CONVERT_REPORT, MODEL_FILE, TEXT_GENERATION, ExportedModelDir, load_model_dir
@@ -30,10 +31,6 @@ from edgepack.targets.base import TargetArtifact, write_target_json
 
 SUMMARY = "ONNX Runtime CPU bundle (fused decoding graph) that onnxruntime-genai loads unchanged"
 GRAPH_ROUTES = ("auto", "builder", "optimum")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "tokenizer.model", "vocab.json", "merges.txt", "config.json", "generation_config.json",
-                   # provenance: what the graph was made from and the scheme's measured price (checked below to hold)
-                   "convert.json", "quantize.json")
 GENAI_CHECK_PROMPT = "What is the capital of France?"
 # onnxruntime-genai model types served by its generic decoder-only class (inputs/outputs named in the config).
 # Others (gpt2 means an older combined-KV layout there) are declared as "llama", which is that generic class.
@@ -100,7 +97,7 @@ def _builder_graph(model_dir: ExportedModelDir, hf_dir: Path, scheme, work: Path
     """Builder fp32 graph -> (scheme applied) -> out_model. Returns facts."""
     import onnx
 
-    from edgepack.quantize.graph import save_model
+    from edgepack.core.onnx_io import save_model
     from edgepack.quantize.pipeline import apply_scheme
     from edgepack.targets.genai_builder import run_builder
 
@@ -150,7 +147,7 @@ def _save_optimized(model_path: Path, work: Path) -> dict:
     import onnx
     import onnxruntime as ort
 
-    from edgepack.quantize.graph import save_model
+    from edgepack.core.onnx_io import save_model
     from edgepack.targets.ort_mobile import gather_table_without_transpose, transposed_gather_tables
 
     before = sum(p.stat().st_size for p in model_path.parent.glob(model_path.name + "*"))
@@ -378,9 +375,9 @@ def verify_bundle(bundle: Path, model_dir: ExportedModelDir, config: OrtTargetCo
 def build(directory: Path | str, out: Path | str, config: OrtTargetConfig = OrtTargetConfig(), on_status=None) -> TargetArtifact:
     from edgepack._quiet import quiet_libraries
     from edgepack.convert.export import tool_versions
+    from edgepack.core.onnx_io import op_counts
     from edgepack.outputs import prepare_output, replace_dir, staging_dir
     from edgepack.profiles.model_facts import model_facts
-    from edgepack.quantize.graph import op_counts
 
     status = on_status or (lambda message: None)
     start = time.perf_counter()
@@ -433,9 +430,7 @@ def build(directory: Path | str, out: Path | str, config: OrtTargetConfig = OrtT
             facts.update(_optimum_graph(model_dir, tmp / MODEL_FILE, status))
             genai_config = genai_config_for(model_dir, tmp / MODEL_FILE, max_context) if model_dir.task == TEXT_GENERATION else None
         graph_seconds = time.perf_counter() - t0
-        for name in TOKENIZER_FILES:
-            if (model_dir.folder / name).is_file():
-                shutil.copy2(model_dir.folder / name, tmp / name)
+        copy_side_files(tmp, model_dir.folder, extra=PROVENANCE_FILES)
         if genai_config is not None:
             facts["genai_token_ids"] = settle_token_ids(genai_config, model_dir, tokenizer)
             (tmp / "genai_config.json").write_text(json.dumps(genai_config, indent=4) + "\n")

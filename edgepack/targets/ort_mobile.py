@@ -18,6 +18,7 @@ from pathlib import Path
 
 import click
 
+from edgepack.core.files import PROVENANCE_FILES, copy_side_files
 from edgepack.errors import BadInputError
 from edgepack.options import click_options, config_from_cli, option
 from edgepack.runtime.model_dir import MODEL_FILE, TEXT_GENERATION, load_model_dir
@@ -33,8 +34,6 @@ NOT_REPRODUCIBLE = {
               "entry order changes with address-space randomization (same graph, weights and outputs; two runs under "
               "`setarch -R` give identical bytes)",
 }
-COPY_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "config.json",
-              "generation_config.json", "convert.json", "quantize.json")
 
 
 @dataclass(frozen=True)
@@ -216,7 +215,7 @@ def build(directory: Path | str, out: Path | str, config: OrtMobileConfig = OrtM
     from edgepack._quiet import quiet_libraries
     from edgepack.convert.export import tool_versions
     from edgepack.outputs import prepare_output, replace_dir, staging_dir
-    from edgepack.quantize.graph import save_model
+    from edgepack.core.onnx_io import save_model
 
     status = on_status or (lambda message: None)
     start = time.perf_counter()
@@ -263,9 +262,7 @@ def build(directory: Path | str, out: Path | str, config: OrtMobileConfig = OrtM
         status("checking mobile execution-provider coverage")
         usability = usability_report(work / MODEL_FILE)
         (tmp / USABILITY_FILE).write_text(json.dumps(usability, indent=2) + "\n")
-        for name in COPY_FILES:
-            if (model_dir.folder / name).is_file():
-                shutil.copy2(model_dir.folder / name, tmp / name)
+        copy_side_files(tmp, model_dir.folder, extra=PROVENANCE_FILES)
         if (model_dir.folder / "genai_config.json").is_file():
             genai = json.loads((model_dir.folder / "genai_config.json").read_text())
             genai["model"]["decoder"]["filename"] = ORT_FILE

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import click
 
+from edgepack.core.files import copy_side_files
 from edgepack.errors import BadInputError, UsageError
 from edgepack.options import click_options, config_from_cli, option
 
@@ -33,8 +34,6 @@ TARGET = "qnn"
 PRECISIONS = ("w8a16", "w4a16", "w8a8", "fp16")
 CONFIG_FILE = "qnn_config.json"
 PREFIX_FILE = "prefix_kv.npz"
-SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-              "special_tokens_map.json", "chat_template.jinja", "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model")
 MIN_CALIBRATION_SAMPLES = 2
 DEFAULT_CONTEXT = {"decoder": 256, "encoder": 128}
 CALIBRATION_DECODE_STEPS = 4  # decode feeds per calibration window (the decode graph's activation ranges)
@@ -183,7 +182,7 @@ def build(directory: Path | str, out: Path | str, config: QnnConfig = QnnConfig(
     from edgepack._quiet import quiet_libraries
     from edgepack.convert.export import tool_versions
     from edgepack.outputs import prepare_output, replace_dir, staging_dir
-    from edgepack.quantize.calibration import DEFAULT_CALIBRATION_TEXT, DEFAULT_EVAL_TEXT, read_text
+    from edgepack.core import texts
     from edgepack.runtime.model_dir import TEXT_GENERATION, load_model_dir
     from edgepack.runtime.session import create_session
     from edgepack.targets.base import TargetArtifact, write_target_json
@@ -226,7 +225,7 @@ def build(directory: Path | str, out: Path | str, config: QnnConfig = QnnConfig(
 
         # Calibration windows from real text, run through the fp32 static graphs (real KV cache for decode).
         prefix, prefix_kv = [], {}
-        calib_text, calib_origin = read_text(config.calibration_text, DEFAULT_CALIBRATION_TEXT)
+        calib_text, calib_origin = texts.calibration_text(config.calibration_text)
         if decoder:
             window_len = config.prefill_len + CALIBRATION_DECODE_STEPS
             windows = token_windows(tokenizer, calib_text, window_len, config.calibration_samples, what="calibration")
@@ -244,7 +243,7 @@ def build(directory: Path | str, out: Path | str, config: QnnConfig = QnnConfig(
             feeds = {"encoder": [fp32_static.feeds(w) for w in windows]}
 
         # Evaluation windows and the fp32 reference (the dynamic export on CPU).
-        eval_text, eval_origin = read_text(config.eval_text, DEFAULT_EVAL_TEXT)
+        eval_text, eval_origin = texts.eval_text(config.eval_text)
         eval_len = config.prefill_len + config.decode_steps if decoder else min(max_context, 64)
         eval_windows = token_windows(tokenizer, eval_text, eval_len, config.eval_windows, what="evaluation")
         if decoder:
@@ -328,9 +327,7 @@ def build(directory: Path | str, out: Path | str, config: QnnConfig = QnnConfig(
             parity = hidden_state_figures(reference, candidate)
         seconds["evaluate_on_htp"] = round(time.perf_counter() - t0, 3)
 
-        for name in SIDE_FILES:
-            if (model_dir.folder / name).is_file():
-                shutil.copy2(model_dir.folder / name, tmp / name)
+        copy_side_files(tmp, model_dir.folder)
         from edgepack.targets.qnn_support.graph import MASK_VALUE
 
         if prefix_kv:

@@ -301,7 +301,7 @@ def test_bert_encoder_fixed_shape(exported_tiny_factory, tmp_path):
     assert artifact.checks["parity"]["passed"] and mil["cosine_min"] > 0.999
 
 
-def test_cli_builds_and_errors(cli, exported_tiny_factory, tiny_model_factory, tmp_path, monkeypatch):
+def test_cli_builds_and_errors(cli, exported_tiny_factory, tiny_model_factory, tmp_path):
     export = exported_tiny_factory("llama")
     bad_units = cli("target", "coreml", export, "-o", tmp_path / "x", "--compute-units", "npu")
     assert bad_units.exit_code == 2 and bad_units.stderr_lines == [bad_units.stderr_lines[0]] and "compute units" in bad_units.stderr
@@ -317,20 +317,39 @@ def test_cli_builds_and_errors(cli, exported_tiny_factory, tiny_model_factory, t
     assert "'gpt2'" in gpt2.stderr and "GPT2Attention" in gpt2.stderr
     assert not (tmp_path / "g").exists()
 
-    import edgepack.targets.coreml as coreml
-
-    devices = tmp_path / "devices"
-    devices.mkdir()
-    (devices / "tiny-phone.toml").write_text('id = "tiny-phone"\n[memory]\napp_memory_limit_mb = { value = 0.01, source = "test" }\n')
-    monkeypatch.setattr(coreml, "DEVICES_DIR", devices)
-    unknown = cli("target", "coreml", export, "-o", tmp_path / "x", "--device", "iphone-0")
+    devices = _tiny_phone_devices(tmp_path)
+    unknown = cli("target", "coreml", export, "-o", tmp_path / "x", "--device", "iphone-0", "--devices-dir", devices)
     assert unknown.exit_code == 2 and "tiny-phone" in unknown.stderr
-    too_big = cli("target", "coreml", export, "-o", tmp_path / "x", "--device", "tiny-phone")
+    too_big = cli("target", "coreml", export, "-o", tmp_path / "x", "--device", "tiny-phone", "--devices-dir", devices)
     assert too_big.exit_code == 3 and "too large for tiny-phone" in too_big.stderr
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("x")
     again = cli("target", "coreml", export, "-o", tmp_path / "full", "--no-verify")
     assert again.exit_code == 2 and "--force" in again.stderr
+
+
+def _tiny_phone_devices(tmp_path: Path) -> Path:
+    """A devices folder holding one phone the built-in database does not know, with a tiny app memory limit."""
+    devices = tmp_path / "devices"
+    devices.mkdir()
+    (devices / "tiny-phone.toml").write_text(
+        'id = "tiny-phone"\nname = "Tiny phone"\n[memory]\n'
+        'bandwidth_gb_s = { value = 10, source = "test fixture", verified = true }\n'
+        'app_memory_limit_mb = { value = 0.01, source = "test fixture", verified = true }\n')
+    return devices
+
+
+def test_device_memory_limit_uses_the_device_database(tmp_path):
+    from edgepack.errors import UsageError
+    from edgepack.targets.coreml import device_memory_limit
+
+    devices = _tiny_phone_devices(tmp_path)
+    limit, note = device_memory_limit("tiny-phone", (devices,))
+    assert limit == int(0.01 * 1024 * 1024) and note == "tiny-phone: app memory limit 0.01 MB (test fixture)"
+    with pytest.raises(UsageError, match="unknown device 'tiny-phone'"):
+        device_memory_limit("tiny-phone")  # only in the custom folder
+    limit, note = device_memory_limit("iphone-15-pro")
+    assert limit == 4096 * 1024 * 1024 and note.startswith("iphone-15-pro: app memory limit 4096 MB (")
 
 
 def test_module_imports_light():

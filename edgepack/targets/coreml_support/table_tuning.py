@@ -36,10 +36,10 @@ def _generate(model, tokenizer, count: int, tokens: int, seed: int):
     """`count` sampled continuations (temperature 1) of 4-token prompts taken from the calibration text."""
     import torch
 
+    from edgepack.core.texts import calibration_text
     from edgepack.core.windows import split_windows, token_ids
-    from edgepack.quantize.calibration import DEFAULT_CALIBRATION_TEXT, read_text
 
-    text, _origin = read_text(None, DEFAULT_CALIBRATION_TEXT)
+    text, _origin = calibration_text()
     prompts = split_windows(token_ids(tokenizer, text), 4, count=count, cycle=True)
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)

@@ -48,7 +48,7 @@ def constant_fold(model, work: Path, name: str):
     import onnx
     import onnxruntime as ort
 
-    from edgepack.quantize.graph import save_model
+    from edgepack.core.onnx_io import save_model
 
     src, dst = work / f"{name}.static.onnx", work / f"{name}.folded.onnx"
     save_model(model, src)

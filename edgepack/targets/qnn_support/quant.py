@@ -173,7 +173,7 @@ def sensitivity(fp32_path: Path, feeds: list[dict], precision: str, work: Path, 
     import onnx
     from onnx import helper, numpy_helper
 
-    from edgepack.quantize.graph import save_model
+    from edgepack.core.onnx_io import save_model
     from edgepack.runtime.session import create_session
 
     bits = {"w8a16": 8, "w8a8": 8, "w4a16": 4}[precision]

@@ -47,7 +47,7 @@ class GraphSpec:
 def prepare_graphs(onnx_path: Path, task_is_decoder: bool, *, prefill_len: int, max_context: int, work: Path) -> list[GraphSpec]:
     import onnx
 
-    from edgepack.quantize.graph import save_model
+    from edgepack.core.onnx_io import save_model
 
     specs = []
     shapes = [("prefill", prefill_len), ("decode", 1)] if task_is_decoder else [("encoder", max_context)]
