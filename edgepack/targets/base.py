@@ -86,9 +86,17 @@ def flag_gate(target: str, check: str, name: str, passed: bool | None, message: 
     return GateResult(f"{check}.{name}", float(bool(passed)), 1.0, "min", bool(passed), target, "target", text)
 
 
+FINDINGS = {  # what a failed yes/no check means, for checks that carry no error text of their own
+    "tokenizer_files": "the shipped tokenizer files do not tokenize as the source's tokenizer does",
+    "tokenizer_genai": "onnxruntime-genai's tokenizer reads the shipped files differently from Hugging Face's",
+    "onnxruntime_genai": "onnxruntime-genai's prompt ids or greedy tokens differ from edgepack's runtime",
+    "shared_kv_buffer": "decoding into one shared KV buffer gives other tokens than copying the cache",
+}
+
+
 def check_gate(target: str, check: str, entry: dict) -> GateResult:
-    """The gate of a check whose verdict a shared helper decided (tokenizer checks, load checks)."""
-    reason = entry.get("error") or entry.get("skipped") or "failed"
+    """The gate of a check whose verdict a shared helper decided (tokenizer checks, load and generation checks)."""
+    reason = entry.get("error") or entry.get("skipped") or FINDINGS.get(check, "failed")
     return flag_gate(target, check, "passed", entry.get("passed"), str(reason))
 
 
