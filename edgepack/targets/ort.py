@@ -416,9 +416,9 @@ class _Graph:
 
 
 def _read_source(directory, config: OrtTargetConfig) -> _Source:
-    model_dir = load_model_dir(directory)
     from edgepack._quiet import quiet_libraries
 
+    model_dir = load_model_dir(directory)
     quiet_libraries()
     convert_report = _read_json(model_dir.folder / CONVERT_REPORT)
     quantize_report = _read_json(model_dir.folder / "quantize.json")
