@@ -64,6 +64,6 @@ def report_target(artifact) -> None:
         table.add_row(f"check {name}", f"{verdict} {figures}".strip())
     table.add_row("seconds", f"{artifact.seconds.get('total', 0):.1f}")
     stdout_console().print(table)
-    failed = [name for name, check in artifact.checks.items() if check.get("passed") is False]
-    if failed:
-        raise GateFailedError(f"target {artifact.target}: check(s) failed: {', '.join(failed)}; see {artifact.out / 'target.json'}")
+    failure = artifact.failure_message(f"target {artifact.target}: check(s) failed")
+    if failure:
+        raise GateFailedError(failure)

@@ -162,35 +162,61 @@ def _validate(config: CoreMLConfig) -> None:
         raise UsageError(f"--max-context must be between 8 and 32768, not {config.max_context}")
 
 
-def build(directory, out, config: CoreMLConfig = CoreMLConfig(), on_status=None):
-    from edgepack.outputs import prepare_output, replace_dir, staging_dir
-    from edgepack.targets.base import TargetArtifact, write_target_json
+@dataclass
+class _Plan:
+    """Step 1 (read source): the Hugging Face source, its kind, the context and the device's memory limit."""
 
-    status = on_status or (lambda message: None)
-    start = time.perf_counter()
-    timings: dict[str, float] = {}
-    _validate(config)
-    out = Path(out)
-    prepare_output(out, config.force)
+    source: _Source
+    kind: str | None  # "decoder" | "encoder" (None: not a supported architecture)
+    context: int
+    limit: int | None  # app memory limit in bytes (--device)
+    device_note: str | None
+
+
+@dataclass
+class _Compression:
+    """Step 4: the compression scheme, and for the split embedding its fitted (and tuned) table."""
+
+    scheme: object  # cm_convert.CompressionScheme
+    applied_fixes: list  # coremltools compatibility fixes in effect for the conversion
+    column_weights: object = None
+    split_table: object = None
+    tuning: dict | None = None
+
+
+@dataclass
+class _Package:
+    """Step 5 (convert + save): the saved .mlpackage and what was applied to make it."""
+
+    path: Path
+    bytes: int
+    flexible: list
+
+
+def _plan(directory, config: CoreMLConfig) -> _Plan:
     source = read_source(Path(directory))
     kind = "decoder" if source.model_type in DECODER_TYPES else "encoder" if source.model_type in ENCODER_TYPES else None
     max_pos = int(source.config.get("max_position_embeddings") or 512)
     context = min(config.max_context or (512 if kind == "decoder" else 128), max_pos)
-
     device_note, limit = None, None
     if config.device:
-        limit, device_note = device_memory_limit(config.device, config.devices_dirs)
+        limit, device_note = device_memory_limit(config.device)
+    return _Plan(source, kind, context, limit, device_note)
 
+
+def _load_checked(plan: _Plan, config: CoreMLConfig, timings: dict, status):
+    """Step 2 (load): the fp32 PyTorch model and tokenizer, refused unless the converter takes them."""
     from edgepack._quiet import quiet_libraries
+    from edgepack.targets.base import timed
 
     quiet_libraries()
     from edgepack.targets.coreml_support import compat
 
     compat.quiet()
+    source, kind = plan.source, plan.kind
     status(f"loading {source.model_type} weights from {source.hf_dir}")
-    t0 = time.perf_counter()
-    hf_model, tokenizer = _load(source, kind)
-    timings["load"] = time.perf_counter() - t0
+    with timed(timings, "load", digits=None):
+        hf_model, tokenizer = _load(source, kind)
     if kind is None:
         attention = next((type(m).__name__ for m in hf_model.modules() if type(m).__name__.endswith("Attention")), type(hf_model).__name__)
         raise UnsupportedModelError(
@@ -204,120 +230,211 @@ def build(directory, out, config: CoreMLConfig = CoreMLConfig(), on_status=None)
             raise UsageError(f"--embedding split needs a decoder whose hidden size ({hidden}) is a multiple of 32 and of --split-block ({config.split_block})")
         if not 0 < config.split_rows < vocab:
             raise UsageError(f"--split-rows must be between 1 and the vocabulary size ({vocab}), not {config.split_rows}")
+    return hf_model, tokenizer
 
-    params = sum(p.numel() for n, p in hf_model.named_parameters() if "lm_head" not in n or not source.config.get("tie_word_embeddings", True))
+
+def _check_memory(hf_model, plan: _Plan, config: CoreMLConfig) -> int:
+    """Step 3: refuse a model larger than the device's app memory limit before converting; returns the KV-state bytes."""
+    params = sum(p.numel() for n, p in hf_model.named_parameters() if "lm_head" not in n or not plan.source.config.get("tie_word_embeddings", True))
     state_bytes = 0
-    if kind == "decoder":
+    if plan.kind == "decoder":
         cfg = hf_model.config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        state_bytes = 2 * cfg.num_hidden_layers * (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads) * context * head_dim * 2
+        state_bytes = 2 * cfg.num_hidden_layers * (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads) * plan.context * head_dim * 2
     estimate = int(params * _BITS[config.compress] / 8) + state_bytes
-    if limit is not None and estimate > limit:
+    if plan.limit is not None and estimate > plan.limit:
         raise BadInputError(
             f"model too large for {config.device}: about {estimate / 2**20:.0f} MB (weights at {config.compress} + KV cache) "
-            f"> app memory limit {limit / 2**20:.0f} MB; try --compress int4-block or a smaller --max-context"
+            f"> app memory limit {plan.limit / 2**20:.0f} MB; try --compress int4-block or a smaller --max-context"
         )
+    return state_bytes
 
-    tokens = _eval_tokens(tokenizer, config, source)
+
+def _fp16_plan(hf_model, tokens: list[int], plan: _Plan, config: CoreMLConfig, timings: dict, status):
+    """Step 4a (fp16 safety): activation ranges on the evaluation text decide which ops to rewrite."""
     from edgepack.core.windows import split_windows
+    from edgepack.targets.base import timed
     from edgepack.targets.coreml_support import fp16 as fp16_pass
 
     status("fp16 safety pass: recording activation ranges on the evaluation text")
-    t0 = time.perf_counter()
-    windows = split_windows(tokens, min(context, 512), count=2, min_length=1)
-    plan = fp16_pass.analyse(hf_model, windows, kind=kind, margin=config.fp16_margin, enabled=config.fp16_safety)
-    timings["fp16_safety"] = time.perf_counter() - t0
+    with timed(timings, "fp16_safety", digits=None):
+        windows = split_windows(tokens, min(plan.context, 512), count=2, min_length=1)
+        return fp16_pass.analyse(hf_model, windows, kind=plan.kind, margin=config.fp16_margin, enabled=config.fp16_safety)
 
+
+def _compression(hf_model, tokenizer, plan: _Plan, config: CoreMLConfig, timings: dict, status) -> _Compression:
+    """Step 4b: the scheme (coremltools' compatibility fixes applied); the split embedding's table is fitted (and tuned) here, before conversion."""
+    from edgepack.targets.base import timed
+    from edgepack.targets.coreml_support import compat
     from edgepack.targets.coreml_support import convert as cm_convert
 
     applied_fixes = compat.apply()
     scheme = cm_convert.CompressionScheme(
         config.compress, config.block_size, config.embedding, integer_offsets=config.integer_offsets, split_rows=config.split_rows,
         split_block=config.split_block, split_bits=config.split_bits, split_levels=config.split_levels, block_scales=config.block_scales)
-    column_weights, split_table, tuning = None, None, None
-    if config.compress == "int4-block" and config.embedding == "split" and kind == "decoder":
-        from edgepack.targets.coreml_support.table_tuning import SEQUENCE_TOKENS, tune_split_table
+    result = _Compression(scheme, applied_fixes)
+    if not (config.compress == "int4-block" and config.embedding == "split" and plan.kind == "decoder"):
+        return result
+    from edgepack.targets.coreml_support.table_tuning import SEQUENCE_TOKENS, tune_split_table
 
-        column_weights = _table_column_weights(hf_model, tokenizer)
-        table = hf_model.get_input_embeddings().weight.detach().float().numpy()
-        split_table = cm_convert.fit_split_table(table, config.split_rows, config.split_block, column_weights, config.split_bits, config.split_levels)
-        if config.tune_steps:
-            t0 = time.perf_counter()
-            split_table, tuning = tune_split_table(hf_model, tokenizer, split_table, steps=config.tune_steps, projection_block=config.block_size,
-                                                   integer_offsets=config.integer_offsets, block_scales=config.block_scales,
-                                                   sequence_tokens=min(SEQUENCE_TOKENS, context),
-                                                   on_status=status)
-            timings["table_tuning"] = time.perf_counter() - t0
-    with staging_dir(out) as tmp:
-        status(f"converting to a Core ML ML Program ({'stateful KV cache' if kind == 'decoder' else 'fixed shape'}, fp16)")
-        t0 = time.perf_counter()
+    result.column_weights = _table_column_weights(hf_model, tokenizer)
+    table = hf_model.get_input_embeddings().weight.detach().float().numpy()
+    result.split_table = cm_convert.fit_split_table(table, config.split_rows, config.split_block, result.column_weights,
+                                                    config.split_bits, config.split_levels)
+    if config.tune_steps:
+        with timed(timings, "table_tuning", digits=None):
+            result.split_table, result.tuning = tune_split_table(
+                hf_model, tokenizer, result.split_table, steps=config.tune_steps, projection_block=config.block_size,
+                integer_offsets=config.integer_offsets, block_scales=config.block_scales,
+                sequence_tokens=min(SEQUENCE_TOKENS, plan.context), on_status=status)
+    return result
+
+
+def _convert_and_save(hf_model, fp16_plan, compression: _Compression, plan: _Plan, directory,
+                      config: CoreMLConfig, tmp: Path, timings: dict, status) -> _Package:
+    """Step 5: the ML Program (stateful KV cache or fixed shape), compressed, saved with the side files."""
+    from edgepack.targets.base import timed
+    from edgepack.targets.coreml_support import compat
+    from edgepack.targets.coreml_support import convert as cm_convert
+
+    kind, source, scheme = plan.kind, plan.source, compression.scheme
+    status(f"converting to a Core ML ML Program ({'stateful KV cache' if kind == 'decoder' else 'fixed shape'}, fp16)")
+    with timed(timings, "convert", digits=None):
         if kind == "decoder":
-            mlmodel = cm_convert.convert_decoder(hf_model, model_type=source.model_type, max_context=context, plan=plan,
+            mlmodel = cm_convert.convert_decoder(hf_model, model_type=source.model_type, max_context=plan.context, plan=fp16_plan,
                                                  compute_units=config.compute_units, deployment_target=scheme.deployment_target)
             flexible = ["input_ids[1]", "causal_mask[2]", "causal_mask[3]"]
         else:
-            mlmodel = cm_convert.convert_encoder(hf_model, model_type=source.model_type, seq_len=context, plan=plan, compute_units=config.compute_units)
+            mlmodel = cm_convert.convert_encoder(hf_model, model_type=source.model_type, seq_len=plan.context, plan=fp16_plan,
+                                                 compute_units=config.compute_units)
             flexible = []
-        timings["convert"] = time.perf_counter() - t0
-        if config.compress != "none":
-            status(f"compressing weights ({config.compress})")
-            t0 = time.perf_counter()
-            mlmodel = cm_convert.compress(mlmodel, scheme, column_weights=column_weights, split_table=split_table)
-            timings["compress"] = time.perf_counter() - t0
-        _describe(mlmodel, source, kind, context, scheme)
-        package = tmp / PACKAGE
-        mlmodel.save(str(package))
-        compat.make_package_reproducible(package)
-        copy_side_files(tmp, Path(directory), source.hf_dir)
-        package_bytes = sum(p.stat().st_size for p in package.rglob("*") if p.is_file())
+    if config.compress != "none":
+        status(f"compressing weights ({config.compress})")
+        with timed(timings, "compress", digits=None):
+            mlmodel = cm_convert.compress(mlmodel, scheme, column_weights=compression.column_weights, split_table=compression.split_table)
+    _describe(mlmodel, source, kind, plan.context, scheme)
+    package = tmp / PACKAGE
+    mlmodel.save(str(package))
+    compat.make_package_reproducible(package)
+    copy_side_files(tmp, Path(directory), source.hf_dir)
+    package_bytes = sum(p.stat().st_size for p in package.rglob("*") if p.is_file())
+    return _Package(package, package_bytes, flexible)
 
-        status("ANE readiness report (static inspection of the saved program)")
-        from edgepack.targets.coreml_support import ane
-        from edgepack.targets.coreml_support.mil_reference import load_program
 
-        program = load_program(package)
-        ane_report = ane.report(program.function, size_bytes=package_bytes, flexible_inputs=flexible)
+def _ane_report(package: _Package, status) -> dict:
+    """Step 6: ANE readiness, by static inspection of the saved program."""
+    from edgepack.targets.coreml_support import ane
+    from edgepack.targets.coreml_support.mil_reference import load_program
 
-        checks: dict = {"fp16_safety": {"passed": not plan.unsafe, "unsafe": plan.unsafe, "low_headroom": plan.warnings, "rewritten_ops": len(plan.rewrites)}}
-        from edgepack.targets.tokenizer_check import check_tokenizer_files
+    status("ANE readiness report (static inspection of the saved program)")
+    program = load_program(package.path)
+    return ane.report(program.function, size_bytes=package.bytes, flexible_inputs=package.flexible)
 
-        # The app's tokenizer (swift-transformers) reads the shipped files: they must tokenize as the source does.
-        checks["tokenizer_files"] = check_tokenizer_files(tmp, tokenizer)
-        if limit is not None:
-            need = package_bytes + state_bytes
-            checks["device_memory"] = {"passed": need <= limit, "device": config.device, "bytes_needed": need, "limit_bytes": limit,
-                                       "basis": "package size + fp16 KV-cache state; activations not counted"}
-        verification = None
-        if config.verify:
-            status("verifying with the MIL reference interpreter against fp32 PyTorch")
-            t0 = time.perf_counter()
-            verification = _verify(package, hf_model, tokens, kind, context, config)
-            timings["verify"] = time.perf_counter() - t0
-            checks["parity"] = _gate(verification, kind, config)
 
+def coreml_gates(fp16_plan, tokenizer_check: dict, need: int | None, plan: _Plan, parity_figures: dict | None,
+                 config: CoreMLConfig) -> list:
+    """Every pass/fail decision of the Core ML target, as gates named `<check>.<figure>`.
+
+    Parity has default limits only for the uncompressed fp16 program; compressed schemes report figures."""
+    from edgepack.targets.base import check_gate, figure_gate, flag_gate
+
+    gates = [flag_gate(TARGET, "fp16_safety", "safe", not fp16_plan.unsafe, "ops overflow fp16: " + "; ".join(fp16_plan.unsafe)),
+             check_gate(TARGET, "tokenizer_files", tokenizer_check)]
+    if plan.limit is not None:
+        gates.append(figure_gate(TARGET, "device_memory", "bytes_needed", need, plan.limit, "max", option="app memory limit", unit="B"))
+    if parity_figures is None:
+        return gates
+    fp16 = config.compress == "none"
+    if plan.kind == "decoder":
+        min_top1 = config.min_top1 if config.min_top1 is not None else (FP16_MIN_TOP1 if fp16 else None)
+        max_kl = config.max_kl if config.max_kl is not None else (FP16_MAX_KL if fp16 else None)
+        gates += [flag_gate(TARGET, "parity", "finite", parity_figures["finite"], "non-finite logits (fp16 overflow)"),
+                  figure_gate(TARGET, "parity", "top1_agreement", parity_figures["top1_agreement"], min_top1, "min", option="--min-top1"),
+                  figure_gate(TARGET, "parity", "kl_mean", parity_figures["kl_mean"], max_kl, "max", option="--max-kl")]
+    else:
+        min_cos = ENCODER_MIN_COSINE if fp16 else None
+        gates += [flag_gate(TARGET, "parity", "finite", parity_figures["finite"], "non-finite hidden states (fp16 overflow)"),
+                  figure_gate(TARGET, "parity", "cosine_min", parity_figures["cosine_min"], min_cos, "min", option="min cosine")]
+    return gates
+
+
+def _checks(fp16_plan, package: _Package, state_bytes: int, tokenizer, hf_model, tokens, plan: _Plan, config: CoreMLConfig,
+            tmp: Path, timings: dict, status) -> tuple[dict, list, dict | None]:
+    """Step 7 (verify): target.json `checks`, the gates that decide them, and the verification figures."""
+    from edgepack.targets.base import timed, verdict
+    from edgepack.targets.tokenizer_check import check_tokenizer_files
+
+    # The app's tokenizer (swift-transformers) reads the shipped files: they must tokenize as the source does.
+    tokenizer_check = check_tokenizer_files(tmp, tokenizer)
+    need = package.bytes + state_bytes
+    verification, figures = None, None
+    if config.verify:
+        status("verifying with the MIL reference interpreter against fp32 PyTorch")
+        with timed(timings, "verify", digits=None):
+            verification = _verify(package.path, hf_model, tokens, plan.kind, plan.context, config)
+        figures = _parity_figures(verification)
+    gates = coreml_gates(fp16_plan, tokenizer_check, need, plan, figures, config)
+    checks: dict = {"fp16_safety": {"passed": verdict(gates, "fp16_safety"), "unsafe": fp16_plan.unsafe, "low_headroom": fp16_plan.warnings,
+                                    "rewritten_ops": len(fp16_plan.rewrites)},
+                    "tokenizer_files": {**tokenizer_check, "passed": verdict(gates, "tokenizer_files")}}
+    if plan.limit is not None:
+        checks["device_memory"] = {"passed": verdict(gates, "device_memory"), "device": config.device, "bytes_needed": need,
+                                   "limit_bytes": plan.limit, "basis": "package size + fp16 KV-cache state; activations not counted"}
+    if verification is not None:
+        checks["parity"] = _parity_check(verification, figures, plan.kind, gates)
+    return checks, gates, verification
+
+
+def _facts(plan: _Plan, package: _Package, compression: _Compression, fp16_plan, ane_report: dict, state_bytes: int,
+           verification, config: CoreMLConfig) -> dict:
+    scheme, tuning, kind = compression.scheme, compression.tuning, plan.kind
+    return {
+        "format": "mlprogram (.mlpackage)",
+        "deployment_target": {"iOS18": "iOS 18 / macOS 15", "iOS26": "iOS 26 / macOS 26"}[scheme.deployment_target],
+        "kind": kind,
+        "model_type": plan.source.model_type,
+        "compute_units": config.compute_units,
+        "compute_precision": "fp16",
+        "compression": scheme.describe() | ({"table_tuning": tuning} if tuning else {}),
+        "io": _io_facts(kind, plan.context, ane_report),
+        "package_bytes": package.bytes,
+        "kv_cache_bytes": state_bytes,
+        "fp16_safety": fp16_plan.to_json(),
+        "ane": ane_report,
+        "verification": verification,
+        "device": {"id": config.device, "note": plan.device_note} if config.device else None,
+        "compat_fixes": compression.applied_fixes,
+    }
+
+
+def build(directory, out, config: CoreMLConfig = CoreMLConfig(), on_status=None):
+    """read source -> load -> memory check -> fp16 plan + compression -> convert + save -> ANE report -> verify -> write."""
+    from edgepack.outputs import prepare_output, replace_dir, staging_dir
+    from edgepack.targets.base import TargetArtifact, write_target_json
+
+    status = on_status or (lambda message: None)
+    start = time.perf_counter()
+    timings: dict[str, float] = {}
+    out = Path(out)
+    prepare_output(out, config.force)
+    plan = _plan(directory, config)
+    hf_model, tokenizer = _load_checked(plan, config, timings, status)
+    state_bytes = _check_memory(hf_model, plan, config)
+    tokens = _eval_tokens(tokenizer, config, plan.source)
+    fp16_plan = _fp16_plan(hf_model, tokens, plan, config, timings, status)
+    compression = _compression(hf_model, tokenizer, plan, config, timings, status)
+    with staging_dir(out) as tmp:
+        package = _convert_and_save(hf_model, fp16_plan, compression, plan, directory, config, tmp, timings, status)
+        ane_report = _ane_report(package, status)
+        checks, gates, verification = _checks(fp16_plan, package, state_bytes, tokenizer, hf_model, tokens, plan, config, tmp,
+                                              timings, status)
         artifact = TargetArtifact(
-            out=out, target=TARGET,
-            facts={
-                "format": "mlprogram (.mlpackage)",
-                "deployment_target": {"iOS18": "iOS 18 / macOS 15", "iOS26": "iOS 26 / macOS 26"}[scheme.deployment_target],
-                "kind": kind,
-                "model_type": source.model_type,
-                "compute_units": config.compute_units,
-                "compute_precision": "fp16",
-                "compression": scheme.describe() | ({"table_tuning": tuning} if tuning else {}),
-                "io": _io_facts(kind, context, ane_report),
-                "package_bytes": package_bytes,
-                "kv_cache_bytes": state_bytes,
-                "fp16_safety": plan.to_json(),
-                "ane": ane_report,
-                "verification": verification,
-                "device": {"id": config.device, "note": device_note} if config.device else None,
-                "compat_fixes": applied_fixes,
-            },
+            out=out, target=TARGET, facts=_facts(plan, package, compression, fp16_plan, ane_report, state_bytes, verification, config),
             checks=checks,
-            source={"directory": str(Path(directory).resolve()), "hf_dir": str(source.hf_dir), "convert": source.report.get("source")},
+            source={"directory": str(Path(directory).resolve()), "hf_dir": str(plan.source.hf_dir), "convert": plan.source.report.get("source")},
             versions=_versions(),
             seconds={},
+            gates=gates,
         )
         timings["total"] = time.perf_counter() - start
         artifact.seconds = {k: round(v, 2) for k, v in timings.items()}
@@ -427,30 +544,26 @@ def _verify(package: Path, hf_model, tokens: list[int], kind: str, context: int,
     return result
 
 
-def _gate(verification: dict, kind: str, config: CoreMLConfig) -> dict:
-    figures = verification.get("coreml-runtime") if "verified_by" in verification.get("coreml-runtime", {}) else verification["mil-reference"]
-    failures = []
+def _parity_figures(verification: dict) -> dict:
+    """The figures parity is gated on: Core ML's own when it ran (macOS), else the MIL reference's."""
+    runtime = verification.get("coreml-runtime", {})
+    return runtime if "verified_by" in runtime else verification["mil-reference"]
+
+
+def _parity_check(verification: dict, figures: dict, kind: str, gates: list) -> dict:
+    """target.json's `parity` entry: the verdict and limits of the parity gates, with the figures they read."""
+    from edgepack.targets.base import gate_check, verdict
+
+    parity = {gate.name.split(".", 1)[1]: gate for gate in gates if gate_check(gate) == "parity"}
+    failures = [gate.message for gate in parity.values() if gate.failed]
     if kind == "decoder":
-        min_top1 = config.min_top1 if config.min_top1 is not None else (FP16_MIN_TOP1 if config.compress == "none" else None)
-        max_kl = config.max_kl if config.max_kl is not None else (FP16_MAX_KL if config.compress == "none" else None)
-        if not figures["finite"]:
-            failures.append("non-finite logits (fp16 overflow)")
-        if min_top1 is not None and figures["top1_agreement"] < min_top1:
-            failures.append(f"top-1 agreement {figures['top1_agreement']:.3f} < {min_top1}")
-        if max_kl is not None and figures["kl_mean"] > max_kl:
-            failures.append(f"mean KL {figures['kl_mean']:.4g} > {max_kl}")
-        gate = {"min_top1": min_top1, "max_kl": max_kl}
+        gate = {"min_top1": parity["top1_agreement"].limit, "max_kl": parity["kl_mean"].limit}
         summary = {"top1_agreement": figures["top1_agreement"], "top1_ci95": figures["top1_ci95"], "near_tie_positions": figures["near_tie_positions"],
                    "kl_mean": figures["kl_mean"], "max_abs_logit_diff": figures["max_abs_logit_diff"]}
     else:
-        min_cos = ENCODER_MIN_COSINE if config.compress == "none" else None
-        if not figures["finite"]:
-            failures.append("non-finite hidden states (fp16 overflow)")
-        if min_cos is not None and figures["cosine_min"] < min_cos:
-            failures.append(f"min cosine {figures['cosine_min']:.5f} < {min_cos}")
-        gate = {"min_cosine": min_cos}
+        gate = {"min_cosine": parity["cosine_min"].limit}
         summary = {"cosine_min": figures["cosine_min"], "max_abs_diff": figures["max_abs_diff"]}
-    return {"passed": not failures, "verified_by": verification["verified_by"], "gate": gate, "failures": failures,
+    return {"passed": verdict(gates, "parity"), "verified_by": verification["verified_by"], "gate": gate, "failures": failures,
             "positions": figures["positions"], **summary}
 
 
@@ -512,9 +625,9 @@ def command(directory, out, **options):
     with Status(f"building Core ML target from {directory}") as status:
         artifact = build(directory, out, config, on_status=status)
     _print_summary(artifact)
-    failed = [f"{name}: {'; '.join(check.get('failures') or check.get('unsafe') or ['failed'])}" for name, check in artifact.checks.items() if check.get("passed") is False]
-    if failed:
-        raise GateFailedError("Core ML target check failed: " + " | ".join(failed) + f"; see {out}/target.json")
+    failure = artifact.failure_message("Core ML target check failed")
+    if failure:
+        raise GateFailedError(failure)
 
 
 def _print_summary(artifact) -> None:

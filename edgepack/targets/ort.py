@@ -27,8 +27,10 @@ from edgepack.core.files import PROVENANCE_FILES, copy_side_files
 from edgepack.errors import BadInputError, NotOnThisHostError, UsageError
 from edgepack.options import click_options, config_from_cli, option
 from edgepack.runtime.model_dir import CONVERT_REPORT, MODEL_FILE, TEXT_GENERATION, ExportedModelDir, load_model_dir
-from edgepack.targets.base import TargetArtifact, write_target_json
+from edgepack.core.gates import GateResult
+from edgepack.targets.base import TargetArtifact, check_gate, figure_gate, write_target_json
 
+TARGET = "ort"
 SUMMARY = "ONNX Runtime CPU bundle (fused decoding graph) that onnxruntime-genai loads unchanged"
 GRAPH_ROUTES = ("auto", "builder", "optimum")
 GENAI_CHECK_PROMPT = "What is the capital of France?"
@@ -311,11 +313,30 @@ def parity_vs_source(graph: Path, model_dir: ExportedModelDir, tokenizer, config
     same = evaluator.evaluate(graph)
     # fp32 graphs must agree; a quantized graph computes the same weights through other kernels.
     limit_kl = 1e-3 if not quantize_report else 0.02
-    return {
+    check = {
         "reference": str(model_dir.folder), "positions": same["positions"], "top1_agreement": same["top1_agreement"],
         "kl_mean": same["kl_mean"], "max_abs_logit_diff": same["max_abs_logit_diff"], "max_kl_mean": limit_kl,
-        "passed": same["kl_mean"] <= limit_kl,
     }
+    check["passed"] = parity_gate(check).passed
+    return check
+
+
+def parity_gate(check: dict) -> GateResult:
+    """The graph computes what its source computes: mean KL within the check's `max_kl_mean`."""
+    return figure_gate(TARGET, "parity_vs_source", "kl_mean", check["kl_mean"], check["max_kl_mean"], "max", option="max_kl_mean")
+
+
+def quality_gate(check: dict) -> GateResult:
+    """The scheme's measured price holds on this graph: KL within 25% (or 0.005) of the source's."""
+    source_kl = check["source"]["kl_mean"]
+    return figure_gate(TARGET, "quality_vs_fp32", "kl_mean", check["bundle"]["kl_mean"], max(1.25 * source_kl, source_kl + 0.005), "max",
+                       option="the source's KL + 25% (or + 0.005)")
+
+
+def ort_gates(checks: dict) -> list[GateResult]:
+    """Every pass/fail decision of the ort target: figures against limits, and the runtime checks' findings."""
+    figures = {"parity_vs_source": parity_gate, "quality_vs_fp32": quality_gate}
+    return [figures[name](check) if name in figures else check_gate(TARGET, name, check) for name, check in checks.items()]
 
 
 def verify_bundle(bundle: Path, model_dir: ExportedModelDir, config: OrtTargetConfig, quantize_report: dict, status,
@@ -335,13 +356,12 @@ def verify_bundle(bundle: Path, model_dir: ExportedModelDir, config: OrtTargetCo
         status("measuring the bundle's quality against fp32")
         fp32_eval = QualityEvaluator(fp32_dir.onnx_path, fp32_dir, tokenizer, QualityConfig(eval_tokens=config.eval_tokens, context=256))
         mine, source = fp32_eval.evaluate(bundle / MODEL_FILE), fp32_eval.evaluate(model_dir.onnx_path)
-        checks["quality_vs_fp32"] = {
+        quality = {
             "reference": str(fp32_dir.folder), "positions": mine["positions"],
             "bundle": {k: mine[k] for k in ("top1_agreement", "kl_mean", "kl_p99", "ppl", "ppl_reference")},
             "source": {k: source[k] for k in ("top1_agreement", "kl_mean", "kl_p99", "ppl", "ppl_reference")},
-            # The scheme's price must hold on this graph: KL within 25% (or 0.005) of the source's.
-            "passed": mine["kl_mean"] <= max(1.25 * source["kl_mean"], source["kl_mean"] + 0.005),
         }
+        checks["quality_vs_fp32"] = {**quality, "passed": quality_gate(quality).passed}
 
     status("running the bundle with onnxruntime-genai and with edgepack's runtime")
     chat = bool(getattr(tokenizer, "chat_template", None))
@@ -372,19 +392,37 @@ def verify_bundle(bundle: Path, model_dir: ExportedModelDir, config: OrtTargetCo
     return checks
 
 
-def build(directory: Path | str, out: Path | str, config: OrtTargetConfig = OrtTargetConfig(), on_status=None) -> TargetArtifact:
-    from edgepack._quiet import quiet_libraries
-    from edgepack.convert.export import tool_versions
-    from edgepack.core.onnx_io import op_counts
-    from edgepack.outputs import prepare_output, replace_dir, staging_dir
-    from edgepack.profiles.model_facts import model_facts
+@dataclass
+class _Source:
+    """Step 1 (read source): the export, its reports, and the graph route chosen for it."""
 
-    status = on_status or (lambda message: None)
-    start = time.perf_counter()
-    out = Path(out)
-    if config.max_context < 16:
-        raise UsageError("--max-context must be at least 16")
-    prepare_output(out, config.force)
+    model_dir: ExportedModelDir
+    convert_report: dict
+    quantize_report: dict
+    route: str
+    route_reason: str
+    hf_dir: Path
+    scheme: object  # the source's quantization scheme (None: fp32)
+    max_context: int
+    model_positions: int | None
+    tokenizer: object
+
+
+@dataclass
+class _Graph:
+    """Step 2 (build graph): model.onnx written, by which route, and its genai_config (None: not a decoder)."""
+
+    route: str
+    route_reason: str
+    facts: dict
+    genai_config: dict | None
+    builder_parity: dict | None  # the builder graph's parity check, already run (auto route)
+    seconds: float = 0.0
+
+
+def _read_source(directory, config: OrtTargetConfig) -> _Source:
+    from edgepack._quiet import quiet_libraries
+
     model_dir = load_model_dir(directory)
     quiet_libraries()
     convert_report = _read_json(model_dir.folder / CONVERT_REPORT)
@@ -397,85 +435,130 @@ def build(directory: Path | str, out: Path | str, config: OrtTargetConfig = OrtT
     scheme = _scheme_of(quantize_report)
     model_positions = model_dir.config.get("max_position_embeddings") or model_dir.config.get("n_positions")
     max_context = min(config.max_context, int(model_positions)) if model_positions else config.max_context
-
     tokenizer = _optional_tokenizer(model_dir) if model_dir.task == TEXT_GENERATION else None
+    return _Source(model_dir, convert_report, quantize_report, route, route_reason, hf_dir, scheme, max_context, model_positions, tokenizer)
+
+
+def _builder_route(src: _Source, config: OrtTargetConfig, tmp: Path, work: Path, status) -> _Graph:
+    """The builder's fused graph; with --graph auto it must pass parity with the source, else optimum is used."""
+    facts = _builder_graph(src.model_dir, src.hf_dir, src.scheme, work, tmp / MODEL_FILE, status)
+    genai_config = _set_context(_read_json(work / "builder" / "genai_config.json"), src.max_context)
+    if not config.compact:
+        status("saving the graph as onnxruntime optimizes it (basic level)")
+        facts["saved_optimized"] = _save_optimized(tmp / MODEL_FILE, work)
+    graph = _Graph("builder", src.route_reason, facts, genai_config, None)
+    if config.graph != "auto" or src.tokenizer is None:
+        return graph
+    # Auto promises the faster graph only when it computes what the source computes: the builder
+    # has produced wrong graphs for some configurations, and both runtimes would run them alike.
+    status("checking the builder's graph against the source before choosing it")
+    parity = parity_vs_source(tmp / MODEL_FILE, src.model_dir, src.tokenizer, config, src.quantize_report)
+    if parity["passed"]:
+        graph.builder_parity = parity
+        return graph
+    reason = (f"auto: onnxruntime-genai's builder graph failed parity with the source (KL "
+              f"{parity['kl_mean']:.3g} > {parity['max_kl_mean']:g}, top-1 "
+              f"{parity['top1_agreement']:.3f}); fell back to the optimum route")
+    status(reason.removeprefix("auto: "))
+    for stale in tmp.glob(MODEL_FILE + "*"):
+        stale.unlink()
+    return _Graph("optimum", reason, {"builder_rejected": {"parity_vs_source": parity, "builder_files": facts.get("builder_files")}},
+                  None, None)
+
+
+def _make_graph(src: _Source, config: OrtTargetConfig, tmp: Path, work: Path, status) -> _Graph:
+    t0 = time.perf_counter()
+    graph = _Graph(src.route, src.route_reason, {}, None, None)
+    if src.route == "builder":
+        graph = _builder_route(src, config, tmp, work, status)
+    if graph.route == "optimum":
+        graph.facts.update(_optimum_graph(src.model_dir, tmp / MODEL_FILE, status))
+        graph.genai_config = genai_config_for(src.model_dir, tmp / MODEL_FILE, src.max_context) if src.model_dir.task == TEXT_GENERATION else None
+    graph.seconds = time.perf_counter() - t0
+    return graph
+
+
+def _write_side_files(src: _Source, graph: _Graph, tmp: Path) -> None:
+    """Tokenizer and provenance files, and genai_config.json with token ids onnxruntime-genai accepts."""
+    copy_side_files(tmp, src.model_dir.folder, extra=PROVENANCE_FILES)
+    if graph.genai_config is not None:
+        graph.facts["genai_token_ids"] = settle_token_ids(graph.genai_config, src.model_dir, src.tokenizer)
+        (tmp / "genai_config.json").write_text(json.dumps(graph.genai_config, indent=4) + "\n")
+
+
+def _graph_facts(src: _Source, graph: _Graph, config: OrtTargetConfig, tmp: Path) -> dict:
+    import onnx
+
+    from edgepack.profiles.model_facts import model_facts
+    from edgepack.core.onnx_io import op_counts
+
+    model = onnx.load(str(tmp / MODEL_FILE), load_external_data=False)
+    cost = model_facts(tmp / MODEL_FILE, src.model_dir.config)
+    return {
+        "format": "onnx",
+        "graph_route": graph.route,
+        "graph_route_reason": graph.route_reason,
+        "scheme": src.quantize_report.get("scheme") if src.quantize_report else None,
+        "nodes": len(model.graph.node),
+        "ops": op_counts(model),
+        "max_context": src.max_context,
+        "max_context_requested": config.max_context,
+        "model_max_positions": src.model_positions,
+        "kv_bytes_per_token": cost.kv_bytes_per_position,
+        "kv_bytes_at_max_context": cost.kv_bytes_per_position * src.max_context,
+        "weight_bytes_per_token": cost.weight_bytes_per_token,
+        "genai_config": graph.genai_config is not None,
+        "execution_provider": "CPUExecutionProvider",
+    }
+
+
+def _checks(src: _Source, graph: _Graph, config: OrtTargetConfig, tmp: Path, status) -> dict:
+    """Step 4 (verify): what onnxruntime-genai makes of the bundle and, unless --no-verify, parity and generation."""
+    checks = {}
+    if graph.genai_config is not None:
+        from edgepack.targets.tokenizer_check import check_genai_tokenizer
+
+        # Even unverified, a bundle must be one onnxruntime-genai opens, and its tokenizer must read
+        # the shipped files as Hugging Face does (both take seconds).
+        checks["onnxruntime_genai_loads"] = _genai_load_check(tmp)
+        status("checking onnxruntime-genai's tokenizer against Hugging Face's")
+        checks["tokenizer_genai"] = check_genai_tokenizer(tmp, src.tokenizer)
+    if config.verify and src.model_dir.task == TEXT_GENERATION:
+        checks.update(verify_bundle(tmp, src.model_dir, config, src.quantize_report, status, parity=graph.builder_parity))
+    return checks
+
+
+def build(directory: Path | str, out: Path | str, config: OrtTargetConfig = OrtTargetConfig(), on_status=None) -> TargetArtifact:
+    """read source -> build graph (builder or optimum) -> side files -> facts -> verify -> write."""
+    from edgepack.convert.export import tool_versions
+    from edgepack.outputs import prepare_output, replace_dir, staging_dir
+
+    status = on_status or (lambda message: None)
+    start = time.perf_counter()
+    out = Path(out)
+    if config.max_context < 16:
+        raise UsageError("--max-context must be at least 16")
+    prepare_output(out, config.force)
+    src = _read_source(directory, config)
 
     with staging_dir(out) as tmp:
         work = tmp / ".work"
         work.mkdir()
-        t0 = time.perf_counter()
-        builder_parity, facts = None, {}
-        if route == "builder":
-            facts = _builder_graph(model_dir, hf_dir, scheme, work, tmp / MODEL_FILE, status)
-            genai_config = _set_context(_read_json(work / "builder" / "genai_config.json"), max_context)
-            if not config.compact:
-                status("saving the graph as onnxruntime optimizes it (basic level)")
-                facts["saved_optimized"] = _save_optimized(tmp / MODEL_FILE, work)
-            if config.graph == "auto" and tokenizer is not None:
-                # Auto promises the faster graph only when it computes what the source computes: the builder
-                # has produced wrong graphs for some configurations, and both runtimes would run them alike.
-                status("checking the builder's graph against the source before choosing it")
-                builder_parity = parity_vs_source(tmp / MODEL_FILE, model_dir, tokenizer, config, quantize_report)
-                if not builder_parity["passed"]:
-                    route = "optimum"
-                    route_reason = (f"auto: onnxruntime-genai's builder graph failed parity with the source (KL "
-                                    f"{builder_parity['kl_mean']:.3g} > {builder_parity['max_kl_mean']:g}, top-1 "
-                                    f"{builder_parity['top1_agreement']:.3f}); fell back to the optimum route")
-                    status(route_reason.removeprefix("auto: "))
-                    facts = {"builder_rejected": {"parity_vs_source": builder_parity, "builder_files": facts.get("builder_files")}}
-                    for stale in tmp.glob(MODEL_FILE + "*"):
-                        stale.unlink()
-                    builder_parity = None
-        if route == "optimum":
-            facts.update(_optimum_graph(model_dir, tmp / MODEL_FILE, status))
-            genai_config = genai_config_for(model_dir, tmp / MODEL_FILE, max_context) if model_dir.task == TEXT_GENERATION else None
-        graph_seconds = time.perf_counter() - t0
-        copy_side_files(tmp, model_dir.folder, extra=PROVENANCE_FILES)
-        if genai_config is not None:
-            facts["genai_token_ids"] = settle_token_ids(genai_config, model_dir, tokenizer)
-            (tmp / "genai_config.json").write_text(json.dumps(genai_config, indent=4) + "\n")
-
-        import onnx
-
-        graph = onnx.load(str(tmp / MODEL_FILE), load_external_data=False)
-        cost = model_facts(tmp / MODEL_FILE, model_dir.config)
-        facts.update({
-            "format": "onnx",
-            "graph_route": route,
-            "graph_route_reason": route_reason,
-            "scheme": quantize_report.get("scheme") if quantize_report else None,
-            "nodes": len(graph.graph.node),
-            "ops": op_counts(graph),
-            "max_context": max_context,
-            "max_context_requested": config.max_context,
-            "model_max_positions": model_positions,
-            "kv_bytes_per_token": cost.kv_bytes_per_position,
-            "kv_bytes_at_max_context": cost.kv_bytes_per_position * max_context,
-            "weight_bytes_per_token": cost.weight_bytes_per_token,
-            "genai_config": genai_config is not None,
-            "execution_provider": "CPUExecutionProvider",
-        })
-        del graph
+        graph = _make_graph(src, config, tmp, work, status)
+        _write_side_files(src, graph, tmp)
+        facts = graph.facts
+        facts.update(_graph_facts(src, graph, config, tmp))
         shutil.rmtree(work)
-        checks = {}
         t0 = time.perf_counter()
-        if genai_config is not None:
-            from edgepack.targets.tokenizer_check import check_genai_tokenizer
-
-            # Even unverified, a bundle must be one onnxruntime-genai opens, and its tokenizer must read
-            # the shipped files as Hugging Face does (both take seconds).
-            checks["onnxruntime_genai_loads"] = _genai_load_check(tmp)
-            status("checking onnxruntime-genai's tokenizer against Hugging Face's")
-            checks["tokenizer_genai"] = check_genai_tokenizer(tmp, tokenizer)
-        if config.verify and model_dir.task == TEXT_GENERATION:
-            checks.update(verify_bundle(tmp, model_dir, config, quantize_report, status, parity=builder_parity))
+        checks = _checks(src, graph, config, tmp, status)
         artifact = TargetArtifact(
-            out=out, target="ort", facts=facts, checks=checks,
-            source={"dir": str(Path(directory).resolve()), "convert": convert_report.get("source"),
-                    "scheme": quantize_report.get("scheme_label") if quantize_report else "fp32"},
+            out=out, target=TARGET, facts=facts, checks=checks,
+            source={"dir": str(Path(directory).resolve()), "convert": src.convert_report.get("source"),
+                    "scheme": src.quantize_report.get("scheme_label") if src.quantize_report else "fp32"},
             versions={**tool_versions(), **_genai_version()},
-            seconds={"graph": round(graph_seconds, 3), "verify": round(time.perf_counter() - t0, 3),
+            seconds={"graph": round(graph.seconds, 3), "verify": round(time.perf_counter() - t0, 3),
                      "total": round(time.perf_counter() - start, 3)},
+            gates=ort_gates(checks),
         )
         artifact.facts["config"] = asdict(config)
         write_target_json(tmp, artifact)

@@ -22,12 +22,15 @@ from edgepack.core.files import PROVENANCE_FILES, copy_side_files
 from edgepack.errors import BadInputError
 from edgepack.options import click_options, config_from_cli, option
 from edgepack.runtime.model_dir import MODEL_FILE, TEXT_GENERATION, load_model_dir
-from edgepack.targets.base import TargetArtifact, write_target_json
+from edgepack.core.gates import GateResult
+from edgepack.targets.base import TargetArtifact, check_gate, figure_gate, write_target_json
 
+TARGET = "ort-mobile"
 SUMMARY = "ORT format (.ort) for onnxruntime mobile / minimal builds, with a reduced-operator config and usability report"
 ORT_FILE = "model.ort"
 OPS_CONFIG = "required_operators.config"
 USABILITY_FILE = "mobile_usability.json"
+ALLOWED_OVERHEAD_BYTES = 262144  # the ORT format's fixed overhead, which dominates for tiny models
 # Files that differ between two builds of the same model, and why (collected into the build manifest).
 NOT_REPRODUCIBLE = {
     ORT_FILE: "onnxruntime's ORT-format writer orders its kernel type-string table by a hash of memory addresses: the "
@@ -208,14 +211,132 @@ def _compare_logits(onnx_path: Path, ort_path: Path, model_dir) -> dict:
     return {"max_abs_diff": max(diffs), "per_step": diffs}
 
 
-def build(directory: Path | str, out: Path | str, config: OrtMobileConfig = OrtMobileConfig(), on_status=None) -> TargetArtifact:
+@dataclass
+class _Prepared:
+    """Step 1 (prepare graph): the export with a fixed batch and a tied lm_head kept single, in the work folder."""
+
+    path: Path
+    fixed_dims: list
+    tied_rewritten: int
+
+
+@dataclass
+class _Converted:
+    """Step 2 (convert): the .ort in the bundle and whether a reduced-operator config came with it."""
+
+    path: Path
+    ops_config: bool
+
+
+def _prepare_graph(model_dir, config: OrtMobileConfig, work: Path, status) -> _Prepared:
     import onnx
+
+    from edgepack.core.onnx_io import save_model
+
+    status("preparing the graph for mobile (fixed batch, tied weights kept single)")
+    model = onnx.load(str(model_dir.onnx_path))
+    fixed = fix_batch_dimension(model, config.batch_size)
+    tied = tie_lm_head_without_copy(model)
+    # Shape hints are optional and onnxruntime re-infers them; the genai builder's graphs carry some that
+    # onnx's own shape inference (run by the usability checker) rejects, e.g. a rank-0 hint on a [1] Constant.
+    del model.graph.value_info[:]
+    save_model(model, work / MODEL_FILE)
+    del model
+    return _Prepared(work / MODEL_FILE, fixed, tied)
+
+
+def _convert(model_dir, prepared: _Prepared, work: Path, tmp: Path, status) -> _Converted:
+    import contextlib
+    import io
+    import logging
+
     from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
 
+    status("converting to ORT format with onnxruntime's converter")
+    for name in ("ort_format_model", "ort_format_model.utils"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    with contextlib.redirect_stdout(io.StringIO()):  # the converter prints progress lines
+        # The optimized .onnx is the size reference: the same graph and optimizations, in ONNX format.
+        convert_onnx_models_to_ort(prepared.path, output_dir=work, optimization_styles=[OptimizationStyle.Fixed],
+                                   enable_type_reduction=True, save_optimized_onnx_model=True)
+    produced = sorted(work.glob("*.ort"))
+    if not produced:
+        raise BadInputError(f"onnxruntime's converter produced no .ort file for {model_dir.onnx_path}")
+    shutil.move(str(produced[0]), tmp / ORT_FILE)
+    configs = sorted(work.glob("*.config"))
+    if configs:
+        # The converter's header names the model by its temporary build path; name it as shipped
+        # so the same model gives the same file.
+        lines = configs[0].read_text().splitlines(keepends=True)
+        lines = [f"# - {ORT_FILE}\n" if line.startswith("# - ") else line for line in lines]
+        (tmp / OPS_CONFIG).write_text("".join(lines))
+    return _Converted(tmp / ORT_FILE, bool(configs))
+
+
+def _write_side_files(model_dir, tmp: Path) -> None:
+    """Tokenizer and provenance files; a genai_config.json is kept, pointing at the .ort."""
+    copy_side_files(tmp, model_dir.folder, extra=PROVENANCE_FILES)
+    if (model_dir.folder / "genai_config.json").is_file():
+        genai = json.loads((model_dir.folder / "genai_config.json").read_text())
+        genai["model"]["decoder"]["filename"] = ORT_FILE
+        (tmp / "genai_config.json").write_text(json.dumps(genai, indent=4) + "\n")
+
+
+def _sizes(model_dir, converted: _Converted, config: OrtMobileConfig, work: Path) -> dict:
+    """Step 3: the .ort's size against the source .onnx and against onnxruntime's optimized graph saved as ONNX."""
+    onnx_bytes = sum(p.stat().st_size for p in model_dir.folder.glob(MODEL_FILE + "*"))
+    ort_bytes = converted.path.stat().st_size
+    optimized = sorted(work.glob("*.optimized.onnx"))
+    if not optimized:
+        raise BadInputError(f"onnxruntime's converter saved no optimized graph for {model_dir.onnx_path}")
+    optimized_bytes = sum(p.stat().st_size for p in work.glob(optimized[0].name + "*"))
+    return {"onnx_bytes": onnx_bytes, "ort_bytes": ort_bytes, "ratio": ort_bytes / onnx_bytes,
+            "optimized_onnx_bytes": optimized_bytes, "ratio_vs_optimized": ort_bytes / optimized_bytes,
+            "max_ratio": config.max_size_ratio, "allowed_overhead_bytes": ALLOWED_OVERHEAD_BYTES}
+
+
+def size_gate(check: dict) -> GateResult:
+    """Within max_size_ratio of the optimized graph, or within the format's fixed overhead (which dominates
+    for tiny test models). `ratio` (against the source .onnx) shows what onnxruntime's folding added."""
+    limit = max(check["max_ratio"] * check["optimized_onnx_bytes"], check["optimized_onnx_bytes"] + check["allowed_overhead_bytes"])
+    return figure_gate(TARGET, "size_vs_onnx", "ort_bytes", check["ort_bytes"], limit, "max", unit="B",
+                       option="--max-size-ratio x optimized graph (or + overhead)")
+
+
+def parity_gate(check: dict) -> GateResult:
+    return figure_gate(TARGET, "parity_vs_onnx", "max_abs_diff", check["max_abs_diff"], check["atol"], "max", option="atol")
+
+
+def ort_mobile_gates(checks: dict) -> list[GateResult]:
+    """Every pass/fail decision of the ort-mobile target."""
+    figures = {"size_vs_onnx": size_gate, "parity_vs_onnx": parity_gate}
+    return [figures[name](check) if name in figures else check_gate(TARGET, name, check) for name, check in checks.items()]
+
+
+def _checks(model_dir, size: dict, config: OrtMobileConfig, tmp: Path, status) -> dict:
+    """Step 4 (verify): size against onnxruntime's own graph, the shipped tokenizer, .ort against .onnx outputs."""
+    from edgepack.targets.tokenizer_check import check_genai_tokenizer, check_tokenizer_files, reference_tokenizer
+
+    checks = {"size_vs_onnx": {**size, "passed": size_gate(size).passed}}
+    reference = reference_tokenizer(model_dir.folder)
+    if (tmp / "genai_config.json").is_file():
+        # Shipped for onnxruntime-genai: its tokenizer must read the files as Hugging Face does.
+        status("checking onnxruntime-genai's tokenizer against Hugging Face's")
+        checks["tokenizer_genai"] = check_genai_tokenizer(tmp, reference)
+    else:
+        checks["tokenizer_files"] = check_tokenizer_files(tmp, reference)
+    if config.verify:
+        status("comparing .ort and .onnx outputs")
+        parity = {**_compare_logits(model_dir.onnx_path, tmp / ORT_FILE, model_dir), "atol": config.atol}
+        checks["parity_vs_onnx"] = {**parity, "passed": parity_gate(parity).passed}
+    return checks
+
+
+def build(directory: Path | str, out: Path | str, config: OrtMobileConfig = OrtMobileConfig(), on_status=None) -> TargetArtifact:
+    """prepare graph -> convert to .ort -> usability report -> side files -> verify -> write."""
     from edgepack._quiet import quiet_libraries
     from edgepack.convert.export import tool_versions
     from edgepack.outputs import prepare_output, replace_dir, staging_dir
-    from edgepack.core.onnx_io import save_model
 
     status = on_status or (lambda message: None)
     start = time.perf_counter()
@@ -228,84 +349,28 @@ def build(directory: Path | str, out: Path | str, config: OrtMobileConfig = OrtM
     with staging_dir(out) as tmp:
         work = tmp / ".work"
         work.mkdir()
-        status("preparing the graph for mobile (fixed batch, tied weights kept single)")
-        model = onnx.load(str(model_dir.onnx_path))
-        fixed = fix_batch_dimension(model, config.batch_size)
-        tied = tie_lm_head_without_copy(model)
-        # Shape hints are optional and onnxruntime re-infers them; the genai builder's graphs carry some that
-        # onnx's own shape inference (run by the usability checker) rejects, e.g. a rank-0 hint on a [1] Constant.
-        del model.graph.value_info[:]
-        save_model(model, work / MODEL_FILE)
-        del model
-        status("converting to ORT format with onnxruntime's converter")
-        import contextlib
-        import io
-        import logging
-
-        for name in ("ort_format_model", "ort_format_model.utils"):
-            logging.getLogger(name).setLevel(logging.WARNING)
-        with contextlib.redirect_stdout(io.StringIO()):  # the converter prints progress lines
-            # The optimized .onnx is the size reference: the same graph and optimizations, in ONNX format.
-            convert_onnx_models_to_ort(work / MODEL_FILE, output_dir=work, optimization_styles=[OptimizationStyle.Fixed],
-                                       enable_type_reduction=True, save_optimized_onnx_model=True)
-        produced = sorted(work.glob("*.ort"))
-        if not produced:
-            raise BadInputError(f"onnxruntime's converter produced no .ort file for {model_dir.onnx_path}")
-        shutil.move(str(produced[0]), tmp / ORT_FILE)
-        configs = sorted(work.glob("*.config"))
-        if configs:
-            # The converter's header names the model by its temporary build path; name it as shipped
-            # so the same model gives the same file.
-            lines = configs[0].read_text().splitlines(keepends=True)
-            lines = [f"# - {ORT_FILE}\n" if line.startswith("# - ") else line for line in lines]
-            (tmp / OPS_CONFIG).write_text("".join(lines))
+        prepared = _prepare_graph(model_dir, config, work, status)
+        converted = _convert(model_dir, prepared, work, tmp, status)
         status("checking mobile execution-provider coverage")
-        usability = usability_report(work / MODEL_FILE)
+        usability = usability_report(prepared.path)
         (tmp / USABILITY_FILE).write_text(json.dumps(usability, indent=2) + "\n")
-        copy_side_files(tmp, model_dir.folder, extra=PROVENANCE_FILES)
-        if (model_dir.folder / "genai_config.json").is_file():
-            genai = json.loads((model_dir.folder / "genai_config.json").read_text())
-            genai["model"]["decoder"]["filename"] = ORT_FILE
-            (tmp / "genai_config.json").write_text(json.dumps(genai, indent=4) + "\n")
-        onnx_bytes = sum(p.stat().st_size for p in model_dir.folder.glob(MODEL_FILE + "*"))
-        ort_bytes = (tmp / ORT_FILE).stat().st_size
-        optimized = sorted(work.glob("*.optimized.onnx"))
-        if not optimized:
-            raise BadInputError(f"onnxruntime's converter saved no optimized graph for {model_dir.onnx_path}")
-        optimized_bytes = sum(p.stat().st_size for p in work.glob(optimized[0].name + "*"))
-        # Within max_size_ratio of the optimized graph, or within the format's fixed overhead (which dominates
-        # for tiny test models). `ratio` (against the source .onnx) shows what onnxruntime's folding added.
-        checks = {"size_vs_onnx": {"onnx_bytes": onnx_bytes, "ort_bytes": ort_bytes, "ratio": ort_bytes / onnx_bytes,
-                                   "optimized_onnx_bytes": optimized_bytes, "ratio_vs_optimized": ort_bytes / optimized_bytes,
-                                   "max_ratio": config.max_size_ratio, "allowed_overhead_bytes": 262144,
-                                   "passed": ort_bytes <= max(config.max_size_ratio * optimized_bytes, optimized_bytes + 262144)}}
-        from edgepack.targets.tokenizer_check import check_genai_tokenizer, check_tokenizer_files, reference_tokenizer
-
-        reference = reference_tokenizer(model_dir.folder)
-        if (tmp / "genai_config.json").is_file():
-            # Shipped for onnxruntime-genai: its tokenizer must read the files as Hugging Face does.
-            status("checking onnxruntime-genai's tokenizer against Hugging Face's")
-            checks["tokenizer_genai"] = check_genai_tokenizer(tmp, reference)
-        else:
-            checks["tokenizer_files"] = check_tokenizer_files(tmp, reference)
-        if config.verify:
-            status("comparing .ort and .onnx outputs")
-            parity = _compare_logits(model_dir.onnx_path, tmp / ORT_FILE, model_dir)
-            checks["parity_vs_onnx"] = {**parity, "atol": config.atol, "passed": parity["max_abs_diff"] <= config.atol}
+        _write_side_files(model_dir, tmp)
+        size = _sizes(model_dir, converted, config, work)
+        checks = _checks(model_dir, size, config, tmp, status)
         shutil.rmtree(work)
         facts = {
             "format": "ort",
             "optimization_style": "Fixed",
-            "fixed_dims": {param: config.batch_size for param in fixed},
-            "tied_lm_head_rewritten": tied,
-            "reduced_operator_config": OPS_CONFIG if configs else None,
+            "fixed_dims": {param: config.batch_size for param in prepared.fixed_dims},
+            "tied_lm_head_rewritten": prepared.tied_rewritten,
+            "reduced_operator_config": OPS_CONFIG if converted.ops_config else None,
             "usability": {name: {k: v for k, v in p.items() if k in ("nodes_supported", "nodes_total", "partitions", "recommendation")}
                           for name, p in usability["providers"].items()},
             "config": asdict(config),
         }
-        artifact = TargetArtifact(out=out, target="ort-mobile", facts=facts, checks=checks,
+        artifact = TargetArtifact(out=out, target=TARGET, facts=facts, checks=checks,
                                   source={"dir": str(Path(directory).resolve())}, versions=tool_versions(),
-                                  seconds={"total": round(time.perf_counter() - start, 3)})
+                                  seconds={"total": round(time.perf_counter() - start, 3)}, gates=ort_mobile_gates(checks))
         write_target_json(tmp, artifact)
         replace_dir(tmp, out)
     return artifact

@@ -39,6 +39,7 @@ DEFAULT_CONTEXT = {"decoder": 256, "encoder": 128}
 CALIBRATION_DECODE_STEPS = 4  # decode feeds per calibration window (the decode graph's activation ranges)
 DEFAULT_MIN_TOP1 = 0.5  # decoders' parity floor without --min-top1
 DEFAULT_MIN_COSINE = 0.9  # encoders' parity floor (min cosine of hidden states)
+STATIC_ATOL = 1e-3  # fp32 static graphs + host loop vs the dynamic export: same arithmetic, reordered
 
 
 @dataclass(frozen=True)
@@ -176,25 +177,69 @@ def hidden_state_figures(reference: list, candidate: list) -> dict:
             "max_abs_diff": max_abs_diff(ref, cand)}
 
 
-def build(directory: Path | str, out: Path | str, config: QnnConfig = QnnConfig(), on_status=None):
-    import numpy as np
+@dataclass
+class _Source:
+    """Step 1 (read source): the export, what kind of model it is, and the SoC to compile for."""
 
+    model_dir: object  # ExportedModelDir
+    decoder: bool
+    kind: str  # "decoder" | "encoder"
+    max_context: int
+    soc_model: int
+    htp_arch: int
+    soc_origin: str
+    qnn_versions: dict
+    htp: object  # qnn_ep.HtpOptions
+    tokenizer: object
+
+
+@dataclass
+class _Calibration:
+    """Step 3 (calibrate): calibration feeds per graph, from real text run through the fp32 static graphs."""
+
+    text_origin: str
+    windows: list
+    window_len: int
+    feeds: dict  # graph name -> list of feeds
+    fp32_static: object  # StaticDecoder | StaticEncoder over the CPU sessions
+    prefix: list
+    prefix_kv: dict
+
+
+@dataclass
+class _Reference:
+    """Step 4: evaluation windows, the fp32 export's outputs on them, and the static graphs' difference."""
+
+    text_origin: str
+    windows: list
+    outputs: list
+    static_diff: float
+
+
+@dataclass
+class _Rescue:
+    """Step 5 (accuracy rescue): weights whose quantization costs most, kept at 16 bits."""
+
+    sensitivities: list
+    keep16: set
+
+
+@dataclass
+class _Compiled:
+    """Step 6 (quantize + compile): per graph its facts, HTP placement, quantization facts and reloaded session."""
+
+    graphs: dict
+    placements: dict
+    quant_facts: dict
+    sessions: dict
+
+
+def _read_source(directory, out: Path, config: QnnConfig) -> _Source:
     from edgepack._quiet import quiet_libraries
-    from edgepack.convert.export import tool_versions
-    from edgepack.outputs import prepare_output, replace_dir, staging_dir
-    from edgepack.core import texts
+    from edgepack.outputs import prepare_output
     from edgepack.runtime.model_dir import TEXT_GENERATION, load_model_dir
-    from edgepack.runtime.session import create_session
-    from edgepack.targets.base import TargetArtifact, write_target_json
     from edgepack.targets.qnn_support import ep as qnn_ep
-    from edgepack.targets.qnn_support import quant
-    from edgepack.core.windows import token_windows
-    from edgepack.targets.qnn_support.static_model import StaticDecoder, StaticEncoder, prepare_graphs
 
-    status = on_status or (lambda message: None)
-    start = time.perf_counter()
-    out = Path(out)
-    _check_config(config)
     soc_model, htp_arch, soc_origin = resolve_soc(config)
     qnn_versions = qnn_ep.qnn_versions()  # exit 4 here, before any work, when onnxruntime-qnn is missing
     prepare_output(out, config.force)
@@ -211,206 +256,302 @@ def build(directory: Path | str, out: Path | str, config: QnnConfig = QnnConfig(
         raise UsageError(f"--prefill-len {config.prefill_len} must be smaller than --max-context {max_context}")
     htp = qnn_ep.HtpOptions(soc_model=soc_model, htp_arch=htp_arch, fp16=config.precision == "fp16")
     quiet_libraries()
-    tokenizer = model_dir.load_tokenizer()
+    return _Source(model_dir, decoder, kind, max_context, soc_model, htp_arch, soc_origin, qnn_versions, htp,
+                   model_dir.load_tokenizer())
+
+
+def _calibrate(src: _Source, specs, cpu: dict, config: QnnConfig, status) -> _Calibration:
+    from edgepack.core.windows import token_windows
+    from edgepack.core.texts import calibration_text
+    from edgepack.targets.qnn_support.static_model import StaticDecoder, StaticEncoder
+
+    prefix, prefix_kv = [], {}
+    text, origin = calibration_text(config.calibration_text)
+    if src.decoder:
+        window_len = config.prefill_len + CALIBRATION_DECODE_STEPS
+        windows = token_windows(src.tokenizer, text, window_len, config.calibration_samples, what="calibration")
+        fp32_static = StaticDecoder(specs, cpu, src.max_context)
+        prefix = attention_sink_prefix(src.tokenizer, config.prefix)
+        if prefix:
+            status(f"computing the attention-sink prefix (token {prefix}) in fp32")
+            prefix_kv = fp32_static.make_prefix(prefix)
+        status(f"calibrating on {len(windows)} windows of real text through the fp32 static graphs")
+        feeds = fp32_static.calibration_feeds(windows, CALIBRATION_DECODE_STEPS)
+    else:
+        window_len = min(src.max_context, 64)
+        windows = token_windows(src.tokenizer, text, window_len, config.calibration_samples, what="calibration")
+        fp32_static = StaticEncoder(specs[0], cpu["encoder"])
+        feeds = {"encoder": [fp32_static.feeds(w) for w in windows]}
+    return _Calibration(origin, windows, window_len, feeds, fp32_static, prefix, prefix_kv)
+
+
+def _reference(src: _Source, calibration: _Calibration, config: QnnConfig) -> _Reference:
+    """The fp32 reference is the dynamic export on CPU; the fp32 static graphs must already match it."""
+    from edgepack.core.windows import token_windows
+    from edgepack.core.texts import eval_text
+
+    text, origin = eval_text(config.eval_text)
+    length = config.prefill_len + config.decode_steps if src.decoder else min(src.max_context, 64)
+    windows = token_windows(src.tokenizer, text, length, config.eval_windows, what="evaluation")
+    static = calibration.fp32_static
+    if src.decoder:
+        reference = _reference_decoder(src.model_dir, windows, calibration.prefix)
+        figures = phase_logit_figures(reference, [static.teacher_forced(w, config.decode_steps) for w in windows], config.prefill_len)
+    else:
+        reference = _reference_encoder(src.model_dir, windows)
+        figures = hidden_state_figures(reference, [static.run(w) for w in windows])
+    return _Reference(origin, windows, reference, figures.get("max_abs_logit_diff", figures.get("max_abs_diff")))
+
+
+def _rescue(src: _Source, specs, cpu: dict, feeds: dict, config: QnnConfig, work: Path, seconds: dict, status) -> _Rescue:
+    from edgepack.targets.base import timed
+    from edgepack.targets.qnn_support import quant
+
+    if config.precision == "fp16" or config.rescue <= 0:
+        return _Rescue([], set())
+    status("measuring per-weight quantization sensitivity on CPU (accuracy rescue)")
+    with timed(seconds, "sensitivity"):
+        main = "prefill" if src.decoder else "encoder"
+        output = "logits" if src.decoder else cpu["encoder"].get_outputs()[0].name
+        sensitivities = quant.sensitivity(next(s.npu_path for s in specs if s.name == main), feeds[main][:4],
+                                          config.precision, work, output=output)
+    return _Rescue(sensitivities, {entry["tensor"] for entry in sensitivities[: config.rescue]})
+
+
+def _quantize(spec, feeds: list, keep16: set, config: QnnConfig, work: Path, seconds: dict, status) -> tuple[Path, dict]:
+    """One graph to QDQ at config.precision (fp16 stays as is: the HTP's fp16 mode); returns (path, facts)."""
+    from edgepack.targets.base import timed
+    from edgepack.targets.qnn_support import quant
+
+    if config.precision == "fp16":
+        return spec.npu_path, {"precision": "fp16", "quantized": False}
+    margin = config.range_margin if config.range_margin is not None else (0.0 if config.precision == "w8a8" else 0.25)
+    status(f"quantizing the {spec.name} graph ({config.precision}, {len(feeds)} calibration feeds)")
+    model_path = work / f"{spec.name}.qdq.onnx"
+    with timed(seconds, f"quantize_{spec.name}"):
+        facts = quant.quantize_qdq(spec.npu_path, model_path, feeds, config.precision, keep16, range_margin=margin, work=work,
+                                   activation_symmetric=config.symmetric_activations)
+    return model_path, facts
+
+
+def _compile(spec, model_path: Path, probe: dict, src: _Source, tmp: Path, seconds: dict, status) -> tuple[dict, object, object]:
+    """Compile one graph for the HTP, reload its context binary and check both give the same outputs.
+
+    Returns (graph facts, placement, reloaded session)."""
+    import numpy as np
+
+    from edgepack.targets.qnn_support import ep as qnn_ep
+
+    status(f"compiling the {spec.name} graph for the HTP (soc_model {src.soc_model}, htp_arch {src.htp_arch}); CPU fallback disabled")
+    context_path = tmp / f"{spec.name}_ctx.onnx"
+    session, where, compile_s = qnn_ep.compile_on_htp(model_path, src.htp, context_path)
+    seconds[f"compile_{spec.name}"] = round(compile_s, 3)
+    binaries = sorted(p.name for p in tmp.glob(f"{spec.name}_ctx*.bin"))
+    if not context_path.is_file() or not binaries:
+        raise BadInputError(f"QNN wrote no context binary for the {spec.name} graph")
+    # The context binary must reload and give exactly what the compiling session gives.
+    status(f"reloading the {spec.name} context binary and comparing outputs")
+    reloaded, reload_s = qnn_ep.load_context(context_path, src.htp)
+    t0 = time.perf_counter()
+    first = session.run(None, probe)
+    seconds[f"run_{spec.name}"] = round(time.perf_counter() - t0, 3)
+    second = reloaded.run(None, probe)
+    identical = all(np.array_equal(a, b) for a, b in zip(first, second))
+    del session
+    if spec.host_path is not None:
+        shutil.copy2(spec.host_path, tmp / spec.host_path.name)
+    facts = {
+        "context_model": context_path.name, "context_binaries": binaries,
+        "host_prep": spec.host_path.name if spec.host_path else None, "host_inputs": spec.host_inputs,
+        "npu_inputs": {i.name: list(i.shape) for i in reloaded.get_inputs()},
+        "npu_outputs": {o.name: list(o.shape) for o in reloaded.get_outputs()},
+        "seq_len": spec.seq_len, "past_len": spec.past_len, "nodes_fp32": spec.nodes_fp32,
+        "placement": where.to_json(), "compile_seconds": round(compile_s, 3), "reload_seconds": round(reload_s, 4),
+        "reload_identical": identical, "surgery": spec.facts,
+    }
+    return facts, where, reloaded
+
+
+def _quantize_and_compile(src: _Source, specs, calibration: _Calibration, rescue: _Rescue, config: QnnConfig, work: Path,
+                          tmp: Path, seconds: dict, status) -> _Compiled:
+    compiled = _Compiled({}, {}, {}, {})
+    for spec in specs:
+        model_path, compiled.quant_facts[spec.name] = _quantize(spec, calibration.feeds[spec.name], rescue.keep16, config, work,
+                                                                seconds, status)
+        probe = calibration.feeds[spec.name][0]
+        compiled.graphs[spec.name], compiled.placements[spec.name], compiled.sessions[spec.name] = _compile(
+            spec, model_path, probe, src, tmp, seconds, status)
+    return compiled
+
+
+def _evaluate_on_htp(src: _Source, specs, compiled: _Compiled, calibration: _Calibration, reference: _Reference,
+                     config: QnnConfig) -> dict:
+    """The evaluation windows through the context binaries on the HTP, compared with the fp32 export."""
+    from edgepack.targets.qnn_support.static_model import StaticDecoder, StaticEncoder
+
+    if src.decoder:
+        htp_model = StaticDecoder(specs, compiled.sessions, src.max_context)
+        htp_model.use_prefix(calibration.prefix, calibration.prefix_kv)
+        candidate = [htp_model.teacher_forced(w, config.decode_steps) for w in reference.windows]
+        return phase_logit_figures(reference.outputs, candidate, config.prefill_len)
+    htp_model = StaticEncoder(specs[0], compiled.sessions["encoder"])
+    return hidden_state_figures(reference.outputs, [htp_model.run(w) for w in reference.windows])
+
+
+def _write_runtime_files(src: _Source, compiled: _Compiled, calibration: _Calibration, config: QnnConfig, tmp: Path) -> None:
+    """Side files, the attention-sink prefix and qnn_config.json (what an app needs to run the graphs)."""
+    import numpy as np
+
+    from edgepack.targets.qnn_support.graph import MASK_VALUE
+
+    copy_side_files(tmp, src.model_dir.folder)
+    prefix, prefix_kv, decoder = calibration.prefix, calibration.prefix_kv, src.decoder
+    if prefix_kv:
+        np.savez(tmp / PREFIX_FILE, **{name.replace(".", "_"): kv for name, kv in prefix_kv.items()})
+    runtime_config = {
+        "kind": src.kind, "max_context": src.max_context, "prefill_len": config.prefill_len if decoder else None,
+        "prefix": {"token_ids": prefix, "kv_file": PREFIX_FILE,
+                   "kv_names": {name.replace(".", "_"): name for name in prefix_kv},
+                   "use": "copy each array into slots 0..len(token_ids)-1 of its cache; the prompt starts at position "
+                          "len(token_ids) (position 0's massive activations stay out of the quantized graphs)"} if prefix_kv else None,
+        "mask_value": MASK_VALUE, "graphs": {k: {key: v[key] for key in ("context_model", "context_binaries", "host_prep",
+                                                                        "host_inputs", "npu_inputs", "npu_outputs", "seq_len", "past_len")}
+                                             for k, v in compiled.graphs.items()},
+        "kv_cache": ("slot j holds position j; feed past_key_values[:, :, :past_len]; write present.* (this call's "
+                     "keys/values) into slots position..position+n; attention_mask marks filled slots, then the new tokens") if decoder else None,
+        "soc_model": src.soc_model, "htp_arch": src.htp_arch, "qnn_sdk": src.qnn_versions.get("qnn_sdk"),
+    }
+    (tmp / CONFIG_FILE).write_text(json.dumps(runtime_config, indent=2) + "\n")
+
+
+def qnn_gates(src: _Source, compiled: _Compiled, static_diff: float, parity: dict, tokenizer_check: dict,
+              config: QnnConfig) -> list:
+    """Every pass/fail decision of the QNN target, as gates named `<check>.<figure>`."""
+    from edgepack.targets.base import check_gate, figure_gate, flag_gate
+
+    nodes_on = sum(p.nodes_on_htp for p in compiled.placements.values())
+    nodes_total = sum(p.nodes_total for p in compiled.placements.values())
+    identical = all(g["reload_identical"] for g in compiled.graphs.values())
+    gates = [
+        check_gate(TARGET, "tokenizer_files", tokenizer_check),
+        figure_gate(TARGET, "all_nodes_on_htp", "nodes_on_htp", nodes_on, nodes_total, "min", option="nodes_total"),
+        flag_gate(TARGET, "context_binary_reload", "identical", identical,
+                  "a reloaded context binary gives other outputs than the session that compiled it"),
+        figure_gate(TARGET, "static_graphs_vs_export", "max_abs_diff", static_diff, STATIC_ATOL, "max", option="atol"),
+    ]
+    if src.decoder:
+        # A default floor, so that a binary that computes noise can never pass silently; --min-top1 replaces it.
+        min_top1 = config.min_top1 if config.min_top1 is not None else DEFAULT_MIN_TOP1
+        gates.append(figure_gate(TARGET, "parity_vs_fp32", "top1_agreement", parity["top1_agreement"], min_top1, "min",
+                                 option="--min-top1"))
+        if config.max_kl is not None:
+            gates.append(figure_gate(TARGET, "parity_vs_fp32", "kl_mean", parity["kl_mean"], config.max_kl, "max", option="--max-kl"))
+    else:
+        gates.append(figure_gate(TARGET, "parity_vs_fp32", "cosine_min", parity["cosine_min"], DEFAULT_MIN_COSINE, "min",
+                                 option="min cosine"))
+    return gates
+
+
+def _checks(src: _Source, compiled: _Compiled, reference: _Reference, parity: dict, tmp: Path, config: QnnConfig) -> tuple[dict, list]:
+    """target.json `checks` (figures) and the gates that decide them."""
+    from edgepack.targets.base import verdict
+    from edgepack.targets.tokenizer_check import check_tokenizer_files
+
+    # The app's tokenizer (Hugging Face tokenizers' bindings) reads the shipped files: same ids as the source's.
+    tokenizer_check = check_tokenizer_files(tmp, src.tokenizer)
+    gates = qnn_gates(src, compiled, reference.static_diff, parity, tokenizer_check, config)
+    nodes_on = sum(p.nodes_on_htp for p in compiled.placements.values())
+    nodes_total = sum(p.nodes_total for p in compiled.placements.values())
+    graphs, decoder = compiled.graphs, src.decoder
+    limits = {gate.name.split(".", 1)[1]: gate.limit for gate in gates if gate.name.startswith("parity_vs_fp32.")}
+    gate = {{"top1_agreement": "min_top1", "kl_mean": "max_kl", "cosine_min": "min_cosine"}[k]: v for k, v in limits.items()}
+    checks = {
+        "tokenizer_files": {**tokenizer_check, "passed": verdict(gates, "tokenizer_files")},
+        "all_nodes_on_htp": {"nodes_on_htp": nodes_on, "nodes_total": nodes_total, "cpu_fallback": "disabled",
+                             "passed": verdict(gates, "all_nodes_on_htp")},
+        "context_binary_reload": {"identical": all(g["reload_identical"] for g in graphs.values()),
+                                  "reload_seconds": {k: g["reload_seconds"] for k, g in graphs.items()},
+                                  "passed": verdict(gates, "context_binary_reload")},
+        "static_graphs_vs_export": {"reference": "fp32 export on CPU", "candidate": "fp32 static graphs + host loop on CPU",
+                                    "max_abs_diff": reference.static_diff, "atol": STATIC_ATOL,
+                                    "passed": verdict(gates, "static_graphs_vs_export")},
+        "parity_vs_fp32": {"reference": "fp32 export on CPU (onnxruntime)", "candidate": f"{config.precision} context binaries on the QNN HTP",
+                           "eval_text": reference.text_origin, "windows": len(reference.windows),
+                           "prefill_len": config.prefill_len if decoder else None,
+                           "decode_steps": config.decode_steps if decoder else None,
+                           **parity, "gate": gate or None, "passed": verdict(gates, "parity_vs_fp32")},
+    }
+    return checks, gates
+
+
+def _facts(src: _Source, compiled: _Compiled, calibration: _Calibration, rescue: _Rescue, seconds: dict, config: QnnConfig) -> dict:
+    placements, graphs, decoder, prefix = compiled.placements, compiled.graphs, src.decoder, calibration.prefix
+    return {
+        "format": "onnx-ep-context (QNN HTP context binary, embed mode 0)",
+        "kind": src.kind, "precision": config.precision, "soc_model": src.soc_model, "htp_arch": src.htp_arch, "soc_from": src.soc_origin,
+        "device": config.device, "max_context": src.max_context, "prefill_len": config.prefill_len if decoder else None,
+        "nodes_on_htp": sum(p.nodes_on_htp for p in placements.values()),
+        "nodes_total": sum(p.nodes_total for p in placements.values()),
+        "not_on_htp_by_op": {op: n for p in placements.values() for op, n in p.not_on_htp.items()},
+        "compile_seconds": {k: g["compile_seconds"] for k, g in graphs.items()},
+        "simulator_seconds_per_run": {k.removeprefix("run_"): v for k, v in seconds.items() if k.startswith("run_")},
+        "weights_shared_between_graphs": False,
+        "attention_sink_prefix": {"token_ids": prefix, "file": PREFIX_FILE, "computed": "fp32 static decode graph on CPU, at build time"}
+        if prefix else None,
+        "graphs": graphs,
+        "quantization": compiled.quant_facts,
+        "calibration": {"text": calibration.text_origin, "windows": len(calibration.windows), "window_tokens": calibration.window_len,
+                        "decode_steps_per_window": CALIBRATION_DECODE_STEPS if decoder else None,
+                        "feeds": {k: len(v) for k, v in calibration.feeds.items()}},
+        "rescue": {"kept_16bit": sorted(rescue.keep16), "requested": config.rescue,
+                   "method": "each weight quantized alone in the fp32 prefill graph on CPU; score = mean KL vs fp32 (encoders: 1 - cosine)",
+                   "sensitivity_top": rescue.sensitivities[:12]} if rescue.sensitivities else {"kept_16bit": [], "requested": config.rescue},
+        "host": ("HTP simulator on x86-64: timings are not device latency" if platform.machine() in ("x86_64", "AMD64")
+                 else f"{platform.system()} {platform.machine()}"),
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
+    }
+
+
+def build(directory: Path | str, out: Path | str, config: QnnConfig = QnnConfig(), on_status=None):
+    """read source -> static graphs -> calibrate -> fp32 reference -> rescue -> quantize + compile -> evaluate -> write."""
+    from edgepack.convert.export import tool_versions
+    from edgepack.outputs import replace_dir, staging_dir
+    from edgepack.runtime.session import create_session
+    from edgepack.targets.base import TargetArtifact, timed, write_target_json
+    from edgepack.targets.qnn_support.static_model import prepare_graphs
+
+    status = on_status or (lambda message: None)
+    start = time.perf_counter()
+    out = Path(out)
+    src = _read_source(directory, out, config)
     seconds: dict = {}
 
     with staging_dir(out) as tmp:
         work = tmp / ".work"
         work.mkdir()
-        status(f"fixing shapes ({'prefill ' + str(config.prefill_len) + ' + decode 1, ' if decoder else ''}context {max_context}) and folding constants")
-        t0 = time.perf_counter()
-        specs = prepare_graphs(model_dir.onnx_path, decoder, prefill_len=config.prefill_len, max_context=max_context, work=work)
-        seconds["static_graphs"] = round(time.perf_counter() - t0, 3)
+        status(f"fixing shapes ({'prefill ' + str(config.prefill_len) + ' + decode 1, ' if src.decoder else ''}"
+               f"context {src.max_context}) and folding constants")
+        with timed(seconds, "static_graphs"):
+            specs = prepare_graphs(src.model_dir.onnx_path, src.decoder, prefill_len=config.prefill_len,
+                                   max_context=src.max_context, work=work)
         cpu = {spec.name: create_session(spec.npu_path) for spec in specs}
-
-        # Calibration windows from real text, run through the fp32 static graphs (real KV cache for decode).
-        prefix, prefix_kv = [], {}
-        calib_text, calib_origin = texts.calibration_text(config.calibration_text)
-        if decoder:
-            window_len = config.prefill_len + CALIBRATION_DECODE_STEPS
-            windows = token_windows(tokenizer, calib_text, window_len, config.calibration_samples, what="calibration")
-            fp32_static = StaticDecoder(specs, cpu, max_context)
-            prefix = attention_sink_prefix(tokenizer, config.prefix)
-            if prefix:
-                status(f"computing the attention-sink prefix (token {prefix}) in fp32")
-                prefix_kv = fp32_static.make_prefix(prefix)
-            status(f"calibrating on {len(windows)} windows of real text through the fp32 static graphs")
-            feeds = fp32_static.calibration_feeds(windows, CALIBRATION_DECODE_STEPS)
-        else:
-            window_len = min(max_context, 64)
-            windows = token_windows(tokenizer, calib_text, window_len, config.calibration_samples, what="calibration")
-            fp32_static = StaticEncoder(specs[0], cpu["encoder"])
-            feeds = {"encoder": [fp32_static.feeds(w) for w in windows]}
-
-        # Evaluation windows and the fp32 reference (the dynamic export on CPU).
-        eval_text, eval_origin = texts.eval_text(config.eval_text)
-        eval_len = config.prefill_len + config.decode_steps if decoder else min(max_context, 64)
-        eval_windows = token_windows(tokenizer, eval_text, eval_len, config.eval_windows, what="evaluation")
-        if decoder:
-            reference = _reference_decoder(model_dir, eval_windows, prefix)
-            static_out = [fp32_static.teacher_forced(w, config.decode_steps) for w in eval_windows]
-            static_figures = phase_logit_figures(reference, static_out, config.prefill_len)
-        else:
-            reference = _reference_encoder(model_dir, eval_windows)
-            static_out = [fp32_static.run(w) for w in eval_windows]
-            static_figures = hidden_state_figures(reference, static_out)
-        static_diff = static_figures.get("max_abs_logit_diff", static_figures.get("max_abs_diff"))
-
-        # Accuracy rescue: which weights' quantization costs most, kept at 16 bits.
-        sensitivities, keep16 = [], set()
-        if config.precision != "fp16" and config.rescue > 0:
-            status("measuring per-weight quantization sensitivity on CPU (accuracy rescue)")
-            t0 = time.perf_counter()
-            main = "prefill" if decoder else "encoder"
-            output = "logits" if decoder else cpu["encoder"].get_outputs()[0].name
-            sensitivities = quant.sensitivity(next(s.npu_path for s in specs if s.name == main), feeds[main][:4],
-                                              config.precision, work, output=output)
-            keep16 = {entry["tensor"] for entry in sensitivities[: config.rescue]}
-            seconds["sensitivity"] = round(time.perf_counter() - t0, 3)
-
-        margin = config.range_margin if config.range_margin is not None else (0.0 if config.precision == "w8a8" else 0.25)
-        graphs, placements, quant_facts = {}, {}, {}
-        sessions = {}
-        for spec in specs:
-            if config.precision == "fp16":
-                model_path = spec.npu_path
-                quant_facts[spec.name] = {"precision": "fp16", "quantized": False}
-            else:
-                status(f"quantizing the {spec.name} graph ({config.precision}, {len(feeds[spec.name])} calibration feeds)")
-                model_path = work / f"{spec.name}.qdq.onnx"
-                t0 = time.perf_counter()
-                quant_facts[spec.name] = quant.quantize_qdq(spec.npu_path, model_path, feeds[spec.name], config.precision, keep16,
-                                                               range_margin=margin, work=work,
-                                                               activation_symmetric=config.symmetric_activations)
-                seconds[f"quantize_{spec.name}"] = round(time.perf_counter() - t0, 3)
-            status(f"compiling the {spec.name} graph for the HTP (soc_model {soc_model}, htp_arch {htp_arch}); CPU fallback disabled")
-            context_path = tmp / f"{spec.name}_ctx.onnx"
-            session, where, compile_s = qnn_ep.compile_on_htp(model_path, htp, context_path)
-            seconds[f"compile_{spec.name}"] = round(compile_s, 3)
-            placements[spec.name] = where
-            binaries = sorted(p.name for p in tmp.glob(f"{spec.name}_ctx*.bin"))
-            if not context_path.is_file() or not binaries:
-                raise BadInputError(f"QNN wrote no context binary for the {spec.name} graph")
-            # The context binary must reload and give exactly what the compiling session gives.
-            status(f"reloading the {spec.name} context binary and comparing outputs")
-            reloaded, reload_s = qnn_ep.load_context(context_path, htp)
-            probe = feeds[spec.name][0]
-            t0 = time.perf_counter()
-            first = session.run(None, probe)
-            seconds[f"run_{spec.name}"] = round(time.perf_counter() - t0, 3)
-            second = reloaded.run(None, probe)
-            identical = all(np.array_equal(a, b) for a, b in zip(first, second))
-            del session
-            sessions[spec.name] = reloaded
-            if spec.host_path is not None:
-                shutil.copy2(spec.host_path, tmp / spec.host_path.name)
-            graphs[spec.name] = {
-                "context_model": context_path.name, "context_binaries": binaries,
-                "host_prep": spec.host_path.name if spec.host_path else None, "host_inputs": spec.host_inputs,
-                "npu_inputs": {i.name: list(i.shape) for i in reloaded.get_inputs()},
-                "npu_outputs": {o.name: list(o.shape) for o in reloaded.get_outputs()},
-                "seq_len": spec.seq_len, "past_len": spec.past_len, "nodes_fp32": spec.nodes_fp32,
-                "placement": where.to_json(), "compile_seconds": round(compile_s, 3), "reload_seconds": round(reload_s, 4),
-                "reload_identical": identical, "surgery": spec.facts,
-            }
-
+        calibration = _calibrate(src, specs, cpu, config, status)
+        reference = _reference(src, calibration, config)
+        rescue = _rescue(src, specs, cpu, calibration.feeds, config, work, seconds, status)
+        compiled = _quantize_and_compile(src, specs, calibration, rescue, config, work, tmp, seconds, status)
         status("running the evaluation windows on the HTP and comparing with fp32")
-        t0 = time.perf_counter()
-        if decoder:
-            htp_model = StaticDecoder(specs, sessions, max_context)
-            htp_model.use_prefix(prefix, prefix_kv)
-            candidate = [htp_model.teacher_forced(w, config.decode_steps) for w in eval_windows]
-            parity = phase_logit_figures(reference, candidate, config.prefill_len)
-        else:
-            htp_model = StaticEncoder(specs[0], sessions["encoder"])
-            candidate = [htp_model.run(w) for w in eval_windows]
-            parity = hidden_state_figures(reference, candidate)
-        seconds["evaluate_on_htp"] = round(time.perf_counter() - t0, 3)
-
-        copy_side_files(tmp, model_dir.folder)
-        from edgepack.targets.qnn_support.graph import MASK_VALUE
-
-        if prefix_kv:
-            np.savez(tmp / PREFIX_FILE, **{name.replace(".", "_"): kv for name, kv in prefix_kv.items()})
-        runtime_config = {
-            "kind": kind, "max_context": max_context, "prefill_len": config.prefill_len if decoder else None,
-            "prefix": {"token_ids": prefix, "kv_file": PREFIX_FILE,
-                       "kv_names": {name.replace(".", "_"): name for name in prefix_kv},
-                       "use": "copy each array into slots 0..len(token_ids)-1 of its cache; the prompt starts at position "
-                              "len(token_ids) (position 0's massive activations stay out of the quantized graphs)"} if prefix_kv else None,
-            "mask_value": MASK_VALUE, "graphs": {k: {key: v[key] for key in ("context_model", "context_binaries", "host_prep",
-                                                                            "host_inputs", "npu_inputs", "npu_outputs", "seq_len", "past_len")}
-                                                 for k, v in graphs.items()},
-            "kv_cache": ("slot j holds position j; feed past_key_values[:, :, :past_len]; write present.* (this call's "
-                         "keys/values) into slots position..position+n; attention_mask marks filled slots, then the new tokens") if decoder else None,
-            "soc_model": soc_model, "htp_arch": htp_arch, "qnn_sdk": qnn_versions.get("qnn_sdk"),
-        }
-        (tmp / CONFIG_FILE).write_text(json.dumps(runtime_config, indent=2) + "\n")
+        with timed(seconds, "evaluate_on_htp"):
+            parity = _evaluate_on_htp(src, specs, compiled, calibration, reference, config)
+        _write_runtime_files(src, compiled, calibration, config, tmp)
         shutil.rmtree(work)
 
-        nodes_on = sum(p.nodes_on_htp for p in placements.values())
-        nodes_total = sum(p.nodes_total for p in placements.values())
-        gate = {}
-        passed_parity = True
-        if decoder:
-            # A default floor, so that a binary that computes noise (the first SmolLM2 binaries: top-1 0.03)
-            # can never pass silently; --min-top1 replaces it.
-            min_top1 = config.min_top1 if config.min_top1 is not None else DEFAULT_MIN_TOP1
-            gate["min_top1"] = min_top1
-            passed_parity &= parity["top1_agreement"] >= min_top1
-            if config.max_kl is not None:
-                gate["max_kl"] = config.max_kl
-                passed_parity &= parity["kl_mean"] <= config.max_kl
-        else:
-            gate["min_cosine"] = DEFAULT_MIN_COSINE
-            passed_parity &= parity["cosine_min"] >= DEFAULT_MIN_COSINE
-        from edgepack.targets.tokenizer_check import check_tokenizer_files
-
-        checks = {
-            # The app's tokenizer (Hugging Face tokenizers' bindings) reads the shipped files: same ids as the source's.
-            "tokenizer_files": check_tokenizer_files(tmp, tokenizer),
-            "all_nodes_on_htp": {"nodes_on_htp": nodes_on, "nodes_total": nodes_total, "cpu_fallback": "disabled",
-                                 "passed": nodes_on == nodes_total},
-            "context_binary_reload": {"identical": all(g["reload_identical"] for g in graphs.values()),
-                                      "reload_seconds": {k: g["reload_seconds"] for k, g in graphs.items()},
-                                      "passed": all(g["reload_identical"] for g in graphs.values())},
-            "static_graphs_vs_export": {"reference": "fp32 export on CPU", "candidate": "fp32 static graphs + host loop on CPU",
-                                        "max_abs_diff": static_diff, "atol": 1e-3, "passed": static_diff <= 1e-3},
-            "parity_vs_fp32": {"reference": "fp32 export on CPU (onnxruntime)", "candidate": f"{config.precision} context binaries on the QNN HTP",
-                               "eval_text": eval_origin, "windows": len(eval_windows),
-                               "prefill_len": config.prefill_len if decoder else None,
-                               "decode_steps": config.decode_steps if decoder else None,
-                               **parity, "gate": gate or None, "passed": bool(passed_parity)},
-        }
-        facts = {
-            "format": "onnx-ep-context (QNN HTP context binary, embed mode 0)",
-            "kind": kind, "precision": config.precision, "soc_model": soc_model, "htp_arch": htp_arch, "soc_from": soc_origin,
-            "device": config.device, "max_context": max_context, "prefill_len": config.prefill_len if decoder else None,
-            "nodes_on_htp": nodes_on, "nodes_total": nodes_total,
-            "not_on_htp_by_op": {op: n for p in placements.values() for op, n in p.not_on_htp.items()},
-            "compile_seconds": {k: g["compile_seconds"] for k, g in graphs.items()},
-            "simulator_seconds_per_run": {k.removeprefix("run_"): v for k, v in seconds.items() if k.startswith("run_")},
-            "weights_shared_between_graphs": False,
-            "attention_sink_prefix": {"token_ids": prefix, "file": PREFIX_FILE, "computed": "fp32 static decode graph on CPU, at build time"}
-            if prefix else None,
-            "graphs": graphs,
-            "quantization": quant_facts,
-            "calibration": {"text": calib_origin, "windows": len(windows), "window_tokens": window_len,
-                            "decode_steps_per_window": CALIBRATION_DECODE_STEPS if decoder else None,
-                            "feeds": {k: len(v) for k, v in feeds.items()}},
-            "rescue": {"kept_16bit": sorted(keep16), "requested": config.rescue,
-                       "method": "each weight quantized alone in the fp32 prefill graph on CPU; score = mean KL vs fp32 (encoders: 1 - cosine)",
-                       "sensitivity_top": sensitivities[:12]} if sensitivities else {"kept_16bit": [], "requested": config.rescue},
-            "host": ("HTP simulator on x86-64: timings are not device latency" if platform.machine() in ("x86_64", "AMD64")
-                     else f"{platform.system()} {platform.machine()}"),
-            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
-        }
-        versions = {**tool_versions(), **qnn_versions}
+        checks, gates = _checks(src, compiled, reference, parity, tmp, config)
+        facts = _facts(src, compiled, calibration, rescue, seconds, config)
         seconds["total"] = round(time.perf_counter() - start, 3)
         artifact = TargetArtifact(out=out, target=TARGET, facts=facts, checks=checks,
-                                  source={"dir": str(Path(directory).resolve()), "task": model_dir.task},
-                                  versions=versions, seconds=seconds)
-        sessions.clear()
+                                  source={"dir": str(Path(directory).resolve()), "task": src.model_dir.task},
+                                  versions={**tool_versions(), **src.qnn_versions}, seconds=seconds, gates=gates)
+        compiled.sessions.clear()
         write_target_json(tmp, artifact)
         replace_dir(tmp, out)
     return artifact
