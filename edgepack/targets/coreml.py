@@ -200,7 +200,7 @@ def _plan(directory, config: CoreMLConfig) -> _Plan:
     context = min(config.max_context or (512 if kind == "decoder" else 128), max_pos)
     device_note, limit = None, None
     if config.device:
-        limit, device_note = device_memory_limit(config.device)
+        limit, device_note = device_memory_limit(config.device, config.devices_dirs)
     return _Plan(source, kind, context, limit, device_note)
 
 
