@@ -6,7 +6,6 @@ and JUnit are all written from these values, never parsed back from text.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field, fields
 
 # direction -> (comparison that passes, sign shown when it fails)
@@ -68,11 +67,11 @@ def evaluate_gate(name: str, figure: float | None, limit: float | None, directio
     where = f"{subject}: " if subject else ""
     if limit is None:
         return GateResult(name, figure, None, direction, None, subject, stage, f"{where}{name} not gated", unit, conditions or {})
-    if figure is None or (isinstance(figure, float) and math.isnan(figure)):
+    if figure is None:
         return GateResult(name, None, limit, direction, False, subject, stage,
                           f"{where}{name} is not measured for this model ({shown} {limit:g})", unit, conditions or {})
     ok, sign = DIRECTIONS[direction]
-    passed = bool(ok(figure, limit))
+    passed = bool(ok(figure, limit))  # a nan figure (a model that overflowed) fails in either direction
     relation = "within" if passed else sign
     message = f"{where}{name} {figure:.4g}{(' ' + unit) if unit else ''} {relation} {shown} {limit:g}"
     return GateResult(name, figure, limit, direction, passed, subject, stage, message, unit, conditions or {})

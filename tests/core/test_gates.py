@@ -29,11 +29,16 @@ def test_a_figure_beyond_its_limit_fails_naming_figure_and_limit():
     assert low.failed and low.message == "tokens_per_s 12 tokens/s < tokens_per_s 20"
 
 
-@pytest.mark.parametrize("figure", [None, math.nan])
-def test_a_missing_figure_with_a_limit_fails(figure):
-    gate = evaluate_gate("ppl_ratio", figure, 1.05, "max", option="--max-ppl-ratio")
+def test_a_missing_figure_with_a_limit_fails():
+    gate = evaluate_gate("ppl_ratio", None, 1.05, "max", option="--max-ppl-ratio")
     assert gate.passed is False and gate.figure is None
     assert gate.message == "ppl_ratio is not measured for this model (--max-ppl-ratio 1.05)"
+
+
+@pytest.mark.parametrize("direction", ["max", "min"])
+def test_a_nan_figure_fails_either_way(direction):
+    gate = evaluate_gate("kl_mean", math.nan, 0.05, direction, option="--max-kl")
+    assert gate.passed is False and math.isnan(gate.figure) and gate.message.startswith("kl_mean nan ")
 
 
 def test_no_limit_is_not_a_gate():
