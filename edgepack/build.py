@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgepack.core.gates import GateResult, check_gates, failed
 from edgepack.errors import BadInputError, UsageError
 
 BUNDLE_KIND = "edgepack.manifest"
@@ -64,8 +65,12 @@ class BuildResult:
     out: Path
     records: list[StageRecord] = field(default_factory=list)
     rows: list[dict] = field(default_factory=list)
-    failures: list[str] = field(default_factory=list)
+    gates: list[GateResult] = field(default_factory=list)  # every gate the build applied, passed or not
     report: dict = field(default_factory=dict)
+
+    @property
+    def failures(self) -> list[GateResult]:
+        return failed(self.gates)
 
     @property
     def passed(self) -> bool:
@@ -446,8 +451,7 @@ def build_recipe(recipe_path: Path | str, out: Path | str, config: BuildConfig =
             sources[name] = (path, result.records[-1].key)
             report = json.loads((path / "quantize.json").read_text())
             quality_reports[name] = report
-            for reason in gate.failures(report.get("quality")):
-                result.failures.append(f"quality gate, {name}: {reason}")
+            result.gates.extend(gate.gates(report.get("quality"), subject=name))
 
     # targets
     available = registered_targets()
@@ -507,9 +511,7 @@ def build_recipe(recipe_path: Path | str, out: Path | str, config: BuildConfig =
         for (target_name, scheme, *_), path in finished:
             targets[(target_name, scheme)] = path
             report = json.loads((path / "target.json").read_text())
-            for check_name, check in report.get("checks", {}).items():
-                if check.get("passed") is False:
-                    result.failures.append(f"target {target_name}/{scheme}: check {check_name} failed")
+            result.gates.extend(check_gates(report.get("checks", {}), f"{target_name}/{scheme}"))
 
     # profile
     profiles: dict[str, dict] = {}
@@ -542,14 +544,12 @@ def build_recipe(recipe_path: Path | str, out: Path | str, config: BuildConfig =
     # check
     verdicts: dict[str, list] = {}
     if last_stage >= 4 and recipe.budgets:
-        from edgepack.profiles.budgets import evaluate, parse_budgets
+        from edgepack.profiles.budgets import build_gates, evaluate, parse_budgets
 
         budgets = parse_budgets(recipe.budgets, where="recipe key budgets")
         for scheme, profile in profiles.items():
             verdicts[scheme] = evaluate(profile, budgets)
-            for verdict in verdicts[scheme]:
-                if not verdict.passed:
-                    result.failures.append(f"budget, {scheme}: {verdict.message}")
+            result.gates.extend(build_gates(scheme, verdicts[scheme]))
 
     # bundle
     from edgepack.report import build_report, write_reports
@@ -567,7 +567,7 @@ def build_recipe(recipe_path: Path | str, out: Path | str, config: BuildConfig =
         report = build_report(recipe, sources, quality_reports, targets, profiles, verdicts, result, time.perf_counter() - start)
         result.report = report
         result.rows = report["summary"]
-        write_reports(tmp, report, verdicts, result.failures)
+        write_reports(tmp, report, result.gates)
         write_manifest(tmp, {"recipe": recipe.raw, "versions": _versions_fingerprint(),
                              "not_reproducible": not_reproducible(tmp, targets, available),
                              "stages": [{"stage": r.stage, "name": r.name, "key": r.key, "reused": r.reused, **({"rebuilt": r.rebuilt} if r.rebuilt else {})}

@@ -151,11 +151,10 @@ def _print_convert_summary(result) -> None:
 
 
 def _parity_failure(parity: dict) -> str:
-    if parity.get("greedy_tokens_identical") is False:
-        return f"parity failed: greedy tokens differ from PyTorch (max |logit diff| {parity['max_abs_logit_diff']:.3g}); see convert.json"
-    if parity.get("max_abs_logit_diff") is not None:
-        return f"parity failed: max |logit diff| {parity['max_abs_logit_diff']:.3g} > atol {parity['atol']:g}; see convert.json"
-    return f"parity failed: max |embedding diff| {parity['max_abs_embedding_diff']:.3g}, min cosine {parity['min_cosine']:.6f}; see convert.json"
+    from edgepack.convert.parity import parity_gates
+    from edgepack.core.gates import failed
+
+    return f"parity failed: {failed(parity_gates(parity))[0].message}; see convert.json"
 
 
 SCHEME_HELP = "int8-weight (default), int8-dynamic, int8-static, int4, fp16, gguf, auto"
@@ -318,9 +317,10 @@ def build(recipe, out, only, jobs, junit, force):
         result = build_recipe(recipe, out, BuildConfig(only=only, jobs=jobs, junit=junit, force=force), on_status=status,
                               on_log=lambda line: console.print(f"[dim]{line}[/dim]"))
     _print_build_summary(result)
-    if result.failures:
-        raise GateFailedError(f"build {recipe}: {len(result.failures)} gate(s) failed: " + "; ".join(result.failures[:3])
-                              + (" ..." if len(result.failures) > 3 else "") + f" (see {out / 'report.html'})")
+    failures = result.failures
+    if failures:
+        raise GateFailedError(f"build {recipe}: {len(failures)} gate(s) failed: " + "; ".join(g.message for g in failures[:3])
+                              + (" ..." if len(failures) > 3 else "") + f" (see {out / 'report.html'})")
 
 
 def _print_build_summary(result) -> None:

@@ -134,6 +134,13 @@ def test_failing_budget_exits_1_with_junit_failures(tmp_path, tiny_model_factory
     suite = ET.parse(out / "junit.xml").getroot().find("testsuite[@name='edgepack.budgets']")
     failures = suite.findall("testcase/failure")
     assert len(failures) == int(suite.get("failures")) == 4  # the decode budget, for each scheme's ort and ort-mobile
+    # The report, junit.xml and the error line come from the same gate values: one message each.
+    junit = ET.parse(out / "junit.xml").getroot()
+    messages = [failure.get("message") for failure in junit.iter("failure")]
+    assert messages == report["failures"] and all(m.startswith("budget, ") for m in messages)
+    assert messages[0] in result.stderr_lines[-1]
+    targets = junit.find("testsuite[@name='edgepack.targets']")
+    assert int(targets.get("tests")) > 0 and targets.get("failures") == "0"  # one case per check in each target.json
     assert cli("verify", out).exit_code == 0  # a failing verdict is still a complete bundle
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgepack.core.gates import DIRECTIONS, GateResult, boolean_gate, evaluate_gate, failed
 from edgepack.core.metrics import cosine_per_position, max_abs_diff
 from edgepack.runtime.model_dir import TEXT_GENERATION
 
@@ -107,7 +108,7 @@ def decoder_parity(torch_model, session, prompts: list[list[int]], config) -> di
                 "onnx_tokens": onnx_tokens,
             }
         )
-    return {
+    report = {
         "method": (
             f"prefill + {config.decode_steps} cached decode steps compared logit by logit (teacher-forced); "
             f"greedy generation of {config.greedy_tokens} tokens compared token by token, EOS ignored; fp32, CPU"
@@ -116,9 +117,11 @@ def decoder_parity(torch_model, session, prompts: list[list[int]], config) -> di
         "atol": config.atol,
         "max_abs_logit_diff": max_diff,
         "greedy_tokens_identical": all_identical,
-        "passed": bool(all_identical and max_diff <= config.atol),
+        "passed": None,
         "per_prompt": per_prompt,
     }
+    report["passed"] = not failed(parity_gates(report))
+    return report
 
 
 def encoder_parity(torch_model, session, prompts: list[list[int]], config) -> dict:
@@ -138,7 +141,7 @@ def encoder_parity(torch_model, session, prompts: list[list[int]], config) -> di
         cos = cosine_per_position(onnx_out, torch_out)
         max_diff, min_cos = max(max_diff, diff), min(min_cos, float(np.min(cos)))
         per_prompt.append({"prompt_tokens": len(prompt), "max_abs_diff": diff, "min_cosine": float(np.min(cos))})
-    return {
+    report = {
         "method": f"last_hidden_state per token, {output_name}; fp32, CPU",
         "prompts": len(prompts),
         "atol": config.atol,
@@ -147,6 +150,32 @@ def encoder_parity(torch_model, session, prompts: list[list[int]], config) -> di
         "min_cosine": min_cos,
         "max_abs_logit_diff": None,
         "greedy_tokens_identical": None,
-        "passed": bool(max_diff <= config.atol and min_cos >= MIN_COSINE),
+        "passed": None,
         "per_prompt": per_prompt,
     }
+    report["passed"] = not failed(parity_gates(report))
+    return report
+
+
+def parity_gates(parity: dict) -> list[GateResult]:
+    """The gates of a parity report (convert.json `parity`), the first failing one first in what it explains.
+
+    Decoders: greedy tokens identical, a yes/no gate (figure 1 when every prompt's tokens match, else 0,
+    limit 1), then max |logit diff| at most `atol`. Encoders: max |embedding diff| at most `atol`, then
+    min cosine at least MIN_COSINE.
+    """
+    atol = parity["atol"]
+    if parity.get("greedy_tokens_identical") is not None:
+        diff = parity["max_abs_logit_diff"]
+        greedy = boolean_gate("greedy_tokens_identical", parity["greedy_tokens_identical"], stage="convert",
+                              message=f"greedy tokens differ from PyTorch (max |logit diff| {diff:.3g})")
+        return [greedy, _gate("max_abs_logit_diff", "max |logit diff|", diff, atol, "max", "atol")]
+    return [_gate("max_abs_embedding_diff", "max |embedding diff|", parity["max_abs_embedding_diff"], atol, "max", "atol"),
+            _gate("min_cosine", "min cosine", parity["min_cosine"], parity.get("min_cosine_required", MIN_COSINE), "min", "required")]
+
+
+def _gate(name: str, label: str, figure: float, limit: float, direction: str, option: str) -> GateResult:
+    gate = evaluate_gate(name, figure, limit, direction, stage="convert", option=option)
+    relation = "within" if gate.passed else DIRECTIONS[direction][1]
+    number = f"{figure:.6f}" if name == "min_cosine" else f"{figure:.3g}"
+    return gate.reframed("", f"{label} {number} {relation} {option} {limit:g}")

@@ -13,6 +13,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgepack.core.gates import GateResult, evaluate_gate
 from edgepack.errors import BadInputError, UsageError
 
 HOST = "host"
@@ -36,30 +37,67 @@ class Budget:
     limit: float
 
 
-@dataclass
-class Verdict:
-    device: str
-    budget: str
-    limit: float
-    value: float | None
-    kind: str  # measured | projected | estimated | missing
-    passed: bool
-    margin: float | None  # fraction of the limit left (positive) or exceeded (negative)
-    unit: str
-    conditions: str = ""
+class Verdict(GateResult):
+    """One device x budget gate: subject is the device, name the budget key.
+
+    The kind of figure (measured | projected | estimated | missing), the margin (fraction of the limit
+    left, positive, or exceeded, negative) and the figure's conditions as text are in `conditions`.
+    A budget without a figure fails (passed False), never passes None.
+    """
+
+    @property
+    def device(self) -> str:
+        return self.subject
+
+    @property
+    def budget(self) -> str:
+        return self.name
+
+    @property
+    def value(self) -> float | None:
+        return self.figure
+
+    @property
+    def kind(self) -> str:
+        return self.conditions["kind"]
+
+    @property
+    def margin(self) -> float | None:
+        return self.conditions["margin"]
+
+    @property
+    def detail(self) -> str:
+        return self.conditions["detail"]
+
+    def describe(self) -> str:
+        return f"{self.kind}: value {self.value} {self.unit}, limit {self.limit:g}; {self.detail}"
 
     def to_json(self) -> dict:
         return {
             "device": self.device, "budget": self.budget, "limit": self.limit, "value": self.value, "unit": self.unit,
-            "kind": self.kind, "passed": self.passed, "margin": self.margin, "conditions": self.conditions,
+            "kind": self.kind, "passed": self.passed, "margin": self.margin, "conditions": self.detail,
         }
 
-    @property
-    def message(self) -> str:
-        if self.value is None:
-            return f"{self.device}.{self.budget}: no figure in the profile ({self.conditions})"
-        sign = "<=" if BUDGET_KEYS[self.budget][0] == "max" else ">="
-        return f"{self.device}.{self.budget}: {self.value:.4g} {self.unit} ({self.kind}) must be {sign} {self.limit:g}"
+
+def verdict(budget: Budget, value: float | None, kind: str, detail: str) -> Verdict:
+    direction, unit, _ = BUDGET_KEYS[budget.key]
+    gate = evaluate_gate(budget.key, value, budget.limit, direction, subject=budget.device, stage="check", unit=unit)
+    # A budget without a figure fails (evaluate_gate): a release gate must not go green on missing data.
+    margin = None
+    if gate.figure is not None and budget.limit:
+        margin = (budget.limit - value if direction == "max" else value - budget.limit) / budget.limit
+    if gate.figure is None:
+        message = f"{budget.device}.{budget.key}: no figure in the profile ({detail})"
+    else:
+        sign = "<=" if direction == "max" else ">="
+        message = f"{budget.device}.{budget.key}: {value:.4g} {unit} ({kind}) must be {sign} {budget.limit:g}"
+    return Verdict(gate.name, gate.figure, gate.limit, direction, bool(gate.passed), budget.device, "check", message, unit,
+                   {"kind": kind, "margin": margin, "detail": detail})
+
+
+def build_gates(profile_name: str, verdicts: list[Verdict]) -> list[GateResult]:
+    """A build's budget gates for one measured bundle: subject `<profile>/<device>`, messages naming the profile."""
+    return [v.reframed(f"{profile_name}/{v.device}", f"budget, {profile_name}: {v.message}") for v in verdicts]
 
 
 @dataclass(frozen=True)
@@ -292,41 +330,7 @@ def evaluate(profile: dict, budgets: list[Budget]) -> list[Verdict]:
             f"(its devices: {', '.join(profiled)}); fix the device id or profile with "
             + " ".join(f"--device {d}" for d in unknown)
         )
-    verdicts = []
-    for budget in budgets:
-        direction, unit, _ = BUDGET_KEYS[budget.key]
-        value, kind, conditions = figure_for(profile, budget.device, budget.key)
-        if value is None:
-            # A budget without a figure cannot pass: a release gate must not go green on missing data.
-            verdicts.append(Verdict(budget.device, budget.key, budget.limit, None, kind, False, None, unit, conditions))
-            continue
-        if direction == "max":
-            passed = value <= budget.limit
-            margin = (budget.limit - value) / budget.limit if budget.limit else None
-        else:
-            passed = value >= budget.limit
-            margin = (value - budget.limit) / budget.limit if budget.limit else None
-        verdicts.append(Verdict(budget.device, budget.key, budget.limit, value, kind, passed, margin, unit, conditions))
-    return verdicts
-
-
-def junit_xml(verdicts: list[Verdict], suite: str = "edgepack.check") -> str:
-    """One <testcase> per device x budget; a <failure> for each failed one."""
-    import xml.etree.ElementTree as ET
-
-    failures = sum(1 for v in verdicts if not v.passed)
-    root = ET.Element("testsuites", name="edgepack", tests=str(len(verdicts)), failures=str(failures))
-    ts = ET.SubElement(root, "testsuite", name=suite, tests=str(len(verdicts)), failures=str(failures), errors="0", skipped="0")
-    for v in verdicts:
-        case = ET.SubElement(ts, "testcase", classname=f"{suite}.{v.device}", name=v.budget, time="0")
-        detail = f"{v.kind}: value {v.value} {v.unit}, limit {v.limit:g}; {v.conditions}"
-        if not v.passed:
-            failure = ET.SubElement(case, "failure", message=v.message, type="BudgetExceeded")
-            failure.text = detail
-        out = ET.SubElement(case, "system-out")
-        out.text = detail
-    ET.indent(root)
-    return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
+    return [verdict(budget, *figure_for(profile, budget.device, budget.key)) for budget in budgets]
 
 
 def check_profile(profile_path: Path | str, budgets_path: Path | str, config: CheckConfig = CheckConfig()) -> CheckResult:
@@ -350,7 +354,9 @@ def check_profile(profile_path: Path | str, budgets_path: Path | str, config: Ch
         "counts": {"total": len(verdicts), "passed": len(verdicts) - len(failures), "failed": len(failures)},
         "verdicts": [v.to_json() for v in verdicts],
     }
-    for path, text in ((config.out, json.dumps(report, indent=2) + "\n"), (config.junit, junit_xml(verdicts))):
+    from edgepack.report.junit import junit_xml
+
+    for path, text in ((config.out, json.dumps(report, indent=2) + "\n"), (config.junit, junit_xml({"edgepack.check": verdicts}))):
         if path is None:
             continue
         write_output_file(path, text)

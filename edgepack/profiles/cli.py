@@ -298,7 +298,7 @@ def check(profile_path, budgets_path, junit, out):
     for v in result.verdicts:
         table.add_row(
             v.device, v.budget, f"{v.limit:g} {v.unit}", "-" if v.value is None else f"{v.value:.4g}", v.kind,
-            "-" if v.margin is None else f"{100 * v.margin:+.1f}%", "PASS" if v.passed else "FAIL", v.conditions,
+            "-" if v.margin is None else f"{100 * v.margin:+.1f}%", "PASS" if v.passed else "FAIL", v.detail,
         )
     stdout_console().print(table)
     if result.failures:

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgepack.core.gates import GateResult, evaluate_gate, failure_messages
 from edgepack.errors import BadInputError, UsageError
 from edgepack.outputs import prepare_output, replace_dir, staging_dir
 from edgepack.quantize.quality import QualityConfig
@@ -33,27 +34,23 @@ class QualityGate:
     def active(self) -> bool:
         return any(v is not None for v in (self.max_kl, self.min_top1, self.max_ppl_ratio))
 
-    def failures(self, quality: dict | None) -> list[str]:
-        """One readable reason per broken limit, naming the figure and the limit."""
-        if not self.active:
-            return []
-        if quality is None:
-            return ["quality was not evaluated (--no-eval) but a quality gate was set"]
-        reasons = []
-        checks = (
-            ("kl_mean", self.max_kl, lambda v, lim: v <= lim, ">", "--max-kl"),
-            ("top1_agreement", self.min_top1, lambda v, lim: v >= lim, "<", "--min-top1"),
-            ("ppl_ratio", self.max_ppl_ratio, lambda v, lim: v <= lim, ">", "--max-ppl-ratio"),
-        )
-        for key, limit, ok, sign, option in checks:
+    def gates(self, quality: dict | None, subject: str = "") -> list[GateResult]:
+        """One gate per limit set, naming the figure and the limit; `subject` (a build's scheme) prefixes the messages."""
+        gates = []
+        for key, limit, direction, option in (
+            ("kl_mean", self.max_kl, "max", "--max-kl"),
+            ("top1_agreement", self.min_top1, "min", "--min-top1"),
+            ("ppl_ratio", self.max_ppl_ratio, "max", "--max-ppl-ratio"),
+        ):
             if limit is None:
                 continue
-            value = quality.get(key)
-            if value is None:
-                reasons.append(f"{key} is not measured for this model ({option} {limit:g})")
-            elif not ok(value, limit):
-                reasons.append(f"{key} {value:.4g} {sign} {option} {limit:g}")
-        return reasons
+            gate = evaluate_gate(key, None if quality is None else quality.get(key), limit, direction, stage="quantize", option=option)
+            if quality is None:
+                gate = gate.reframed("", "quality was not evaluated (--no-eval) but a quality gate was set")
+            if subject:
+                gate = gate.reframed(subject, f"quality gate, {subject}: {gate.message}")
+            gates.append(gate)
+        return gates
 
     def to_json(self) -> dict:
         return {"max_kl": self.max_kl, "min_top1": self.min_top1, "max_ppl_ratio": self.max_ppl_ratio}
@@ -77,8 +74,9 @@ class QuantizedModel:
     size_bytes: int
     reference_size_bytes: int
     quality: dict | None
-    gate_failures: list[str]
+    gate_failures: list[str]  # the failed gates' messages, as in quantize.json `gate.failures`
     report: dict
+    gates: list[GateResult] = field(default_factory=list)
 
     @property
     def gate_passed(self) -> bool:
@@ -244,7 +242,8 @@ def quantize_model(directory: Path | str, out: Path | str, config: QuantizeConfi
                 quality = evaluator.evaluate(work / MODEL_FILE)
                 eval_seconds = time.perf_counter() - t0
             size = _model_bytes(work)
-            failures = config.gate.failures(quality)
+            gates = config.gate.gates(quality)
+            failures = failure_messages(gates)
             entry = {
                 "scheme": scheme.to_json(), "label": scheme.label(), "size_bytes": size,
                 "size_ratio": size / reference_bytes, "quality": quality, "gate_failures": failures,
@@ -254,7 +253,7 @@ def quantize_model(directory: Path | str, out: Path | str, config: QuantizeConfi
             if chosen is None or not failures or _better(entry, chosen):
                 if chosen is not None:
                     shutil.rmtree(chosen["_work"], ignore_errors=True)
-                chosen = {**entry, "_work": work}
+                chosen = {**entry, "_work": work, "_gates": gates}
             else:
                 shutil.rmtree(work, ignore_errors=True)
             if not failures:
@@ -262,7 +261,7 @@ def quantize_model(directory: Path | str, out: Path | str, config: QuantizeConfi
         if chosen is None:
             raise BadInputError("no quantization scheme could be applied: " + "; ".join(t.get("skipped", "") for t in tried))
 
-        work = chosen.pop("_work")
+        work, gates = chosen.pop("_work"), chosen.pop("_gates")
         for item in model_dir.folder.iterdir():  # tokenizer, configs, convert.json: everything but the graph
             if item.is_file() and not item.name.startswith(MODEL_FILE):
                 shutil.copy2(item, tmp / item.name)
@@ -300,7 +299,7 @@ def quantize_model(directory: Path | str, out: Path | str, config: QuantizeConfi
         }
         (tmp / QUANTIZE_REPORT).write_text(json.dumps(report, indent=2) + "\n")
         replace_dir(tmp, out)
-    return QuantizedModel(out, scheme, report["size_bytes"], reference_bytes, report["quality"], chosen["gate_failures"], report)
+    return QuantizedModel(out, scheme, report["size_bytes"], reference_bytes, report["quality"], chosen["gate_failures"], report, gates)
 
 
 def _better(entry: dict, chosen: dict) -> bool:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 REPORT_SCHEMA_VERSION = 1
@@ -108,7 +107,7 @@ def build_report(recipe, sources, quality_reports, targets, profiles, verdicts, 
         "recipe": str(recipe.path),
         "model": recipe.model.get("source"),
         "passed": result.passed,
-        "failures": list(result.failures),
+        "failures": [gate.message for gate in result.failures],
         "schemes": schemes,
         "targets": target_rows,
         "summary": rows,
@@ -119,35 +118,16 @@ def build_report(recipe, sources, quality_reports, targets, profiles, verdicts, 
     }
 
 
-def junit(report: dict, verdicts: dict) -> str:
-    """One testsuite per gate family; one testcase per scheme quality gate, target check, device x budget."""
-    root = ET.Element("testsuites", name="edgepack.build")
-
-    def suite(name: str, cases: list[tuple[str, str, str | None]]):
-        failures = sum(1 for c in cases if c[2])
-        ts = ET.SubElement(root, "testsuite", name=name, tests=str(len(cases)), failures=str(failures), errors="0")
-        for classname, case_name, failure in cases:
-            case = ET.SubElement(ts, "testcase", classname=classname, name=case_name, time="0")
-            if failure:
-                ET.SubElement(case, "failure", message=failure, type="GateFailed").text = failure
-
-    quality_cases = []
-    for scheme, info in report["schemes"].items():
-        reasons = [f for f in report["failures"] if f.startswith(f"quality gate, {scheme}:")]
-        if info["quality"] is not None or reasons:
-            quality_cases.append((f"edgepack.quality.{scheme}", "quality_gate", "; ".join(reasons) or None))
-    suite("edgepack.quality", quality_cases)
-    suite("edgepack.targets", [(f"edgepack.target.{t['target']}", t["scheme"],
-                                None if t["passed"] else f"target {t['target']}/{t['scheme']} failed a check") for t in report["targets"]])
-    suite("edgepack.budgets", [(f"edgepack.budget.{scheme}.{v.device}", v.budget, None if v.passed else v.message)
-                               for scheme, vs in verdicts.items() for v in vs])
-    ET.indent(root)
-    return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
+# build stage of a gate -> the junit.xml testsuite it is written in
+JUNIT_SUITES = {"quantize": "edgepack.quality", "target": "edgepack.targets", "check": "edgepack.budgets"}
 
 
-def write_reports(folder: Path, report: dict, verdicts: dict, failures: list[str]) -> None:
+def write_reports(folder: Path, report: dict, gates: list) -> None:
+    """report.json, junit.xml (one test case per gate: scheme quality limit, target check, bundle x device x budget) and report.html."""
     from edgepack.report.html import render_html
+    from edgepack.report.junit import junit_xml
 
+    suites = {suite: [gate for gate in gates if gate.stage == stage] for stage, suite in JUNIT_SUITES.items()}
     (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (folder / "junit.xml").write_text(junit(report, verdicts))
+    (folder / "junit.xml").write_text(junit_xml(suites, name="edgepack.build"))
     (folder / "report.html").write_text(render_html(report, folder))

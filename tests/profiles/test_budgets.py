@@ -8,7 +8,8 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from edgepack.errors import UsageError
-from edgepack.profiles.budgets import BUDGET_KEYS, Budget, evaluate, junit_xml, parse_budgets
+from edgepack.profiles.budgets import BUDGET_KEYS, Budget, evaluate, parse_budgets
+from edgepack.report.junit import junit_xml
 
 
 def synthetic_profile() -> dict:
@@ -76,7 +77,7 @@ def test_all_keys_parse_and_pass():
 def test_worst_prompt_length_decides_and_margin_is_relative():
     verdicts = {(v.device, v.budget): v for v in _verdicts(PASSING)}
     ttft = verdicts[("pixel-8", "max_ttft_ms")]
-    assert ttft.value == 240.0 and ttft.kind == "projected" and "prompt 512" in ttft.conditions
+    assert ttft.value == 240.0 and ttft.kind == "projected" and "prompt 512" in ttft.detail
     assert ttft.margin == pytest.approx((300 - 240) / 300)
     tps = verdicts[("pixel-8", "min_tokens_per_s")]
     assert tps.value == 80.0 and tps.margin == pytest.approx((80 - 20) / 20)
@@ -141,7 +142,7 @@ def test_recipe_budget_section():
 
 def test_junit_has_one_case_per_budget_and_one_failure_per_failed_budget():
     verdicts = _verdicts(PASSING.replace("max_decode_ms_per_token = 30\nmin", "max_decode_ms_per_token = 5\nmin").replace("max_kl = 0.05", "max_kl = 0.01"))
-    root = ET.fromstring(junit_xml(verdicts))
+    root = ET.fromstring(junit_xml({"edgepack.check": verdicts}))
     cases = root.findall(".//testcase")
     assert len(cases) == len(verdicts) == 10
     failures = root.findall(".//testcase/failure")
