@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgepack.core.gates import GateResult, evaluate_gate
+from edgepack.core.gates import GateResult, boolean_gate, evaluate_gate
 
 TARGET_REPORT = "target.json"
 REPORT_SCHEMA_VERSION = 1
@@ -79,11 +79,8 @@ def figure_gate(target: str, check: str, figure_name: str, figure, limit, direct
 
 
 def flag_gate(target: str, check: str, name: str, passed: bool | None, message: str) -> GateResult:
-    """A yes/no finding as a gate: figure 1 when it holds, 0 when not, limit 1 (None: not evaluated)."""
-    if passed is None:
-        return GateResult(f"{check}.{name}", None, None, "min", None, target, "target", f"{target}: {check}: {message}")
-    text = f"{target}: {check}: {'ok' if passed else message}"
-    return GateResult(f"{check}.{name}", float(bool(passed)), 1.0, "min", bool(passed), target, "target", text)
+    """A yes/no finding of check `check` as a gate (see `boolean_gate`); `message` says what a failure means."""
+    return boolean_gate(f"{check}.{name}", passed, subject=target, stage="target", message=f"{target}: {check}: {message}")
 
 
 FINDINGS = {  # what a failed yes/no check means, for checks that carry no error text of their own
