@@ -343,9 +343,46 @@ def write_gguf_tokenizer(gguf_path: Path, folder: Path) -> dict:
     kind = _gguf_field(reader, "tokenizer.ggml.model")
     if kind != "gpt2":
         return {"layout": GGUF_TOKENIZER_LAYOUT, "written_by": "transformers", "gguf_tokenizer_model": kind}
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
+    vocab = _read_gguf_vocab(reader)
+    backend = _byte_level_bpe(vocab)
+    split = _previous_split(folder / "tokenizer.json")
+    if split is not None:
+        data = json.loads(backend.to_str())
+        data["pre_tokenizer"] = split
+        backend = Tokenizer.from_str(json.dumps(data))
+
+    chat_template = _gguf_field(reader, "tokenizer.chat_template")
+    context = _gguf_field(reader, f"{_gguf_field(reader, 'general.architecture', '')}.context_length")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=vocab.bos, eos_token=vocab.eos, pad_token=vocab.pad, add_bos_token=vocab.add_bos,
+        add_eos_token=vocab.add_eos, clean_up_tokenization_spaces=False, **({"model_max_length": int(context)} if context else {}),
+    )
+    if chat_template:
+        fast.chat_template = chat_template
+    _save_tokenizer(fast, folder)
+    return {"layout": GGUF_TOKENIZER_LAYOUT, "written_by": "edgepack", "gguf_tokenizer_model": kind, "pre_tokenizer": vocab.pre,
+            "add_bos_token": vocab.add_bos, "add_eos_token": vocab.add_eos, "bos_token": vocab.bos, "eos_token": vocab.eos}
+
+
+@dataclass(frozen=True)
+class _GgufVocab:
+    """A GGUF's byte-level BPE vocabulary, as its tokenizer.ggml.* fields give it."""
+
+    tokens: list[str]
+    merges: list[tuple]
+    token_types: list[int]  # 3: control (special), 4: user-defined (matched whole)
+    pre: str  # llama.cpp's pre-tokenizer name
+    bos: str | None
+    eos: str | None
+    pad: str | None
+    add_bos: bool
+    add_eos: bool
+
+
+def _read_gguf_vocab(reader) -> _GgufVocab:
     tokens = list(_gguf_field(reader, "tokenizer.ggml.tokens"))
     merges = [tuple(m.split(" ", 1)) for m in _gguf_field(reader, "tokenizer.ggml.merges", [])]
     token_types = list(_gguf_field(reader, "tokenizer.ggml.token_type", [1] * len(tokens)))
@@ -359,8 +396,16 @@ def write_gguf_tokenizer(gguf_path: Path, folder: Path) -> dict:
     # llama.cpp's default for byte-level BPE vocabularies is no BOS unless the file asks for one.
     add_bos = bool(_gguf_field(reader, "tokenizer.ggml.add_bos_token", False)) and bos is not None
     add_eos = bool(_gguf_field(reader, "tokenizer.ggml.add_eos_token", False)) and eos is not None
+    return _GgufVocab(tokens, merges, token_types, pre, bos, eos, pad, add_bos, add_eos)
 
-    backend = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=False, byte_fallback=False))
+
+def _byte_level_bpe(vocab: _GgufVocab):
+    """The tokenizers backend: BPE on the GGUF's tokens and merges, byte-level split and decoder, special and
+    user-defined tokens, BOS/EOS added as the GGUF asks."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    tokens, token_types, bos, eos, add_bos, add_eos = vocab.tokens, vocab.token_types, vocab.bos, vocab.eos, vocab.add_bos, vocab.add_eos
+    backend = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, vocab.merges, fuse_unk=False, byte_fallback=False))
     # The split before BPE stays the one transformers chose for the architecture (GPT-2's regex for llama,
     # Qwen's for qwen): it is what Hugging Face's tokenizer has always applied to these files, and what
     # onnxruntime-genai applies too. llama.cpp's extra digit split of some vocabularies (`smollm`,
@@ -380,21 +425,11 @@ def write_gguf_tokenizer(gguf_path: Path, folder: Path) -> dict:
         backend.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=list(special.items()))
     else:
         backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    return backend
 
-    split = _previous_split(folder / "tokenizer.json")
-    if split is not None:
-        data = json.loads(backend.to_str())
-        data["pre_tokenizer"] = split
-        backend = Tokenizer.from_str(json.dumps(data))
 
-    chat_template = _gguf_field(reader, "tokenizer.chat_template")
-    context = _gguf_field(reader, f"{_gguf_field(reader, 'general.architecture', '')}.context_length")
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token=bos, eos_token=eos, pad_token=pad, add_bos_token=add_bos, add_eos_token=add_eos,
-        clean_up_tokenization_spaces=False, **({"model_max_length": int(context)} if context else {}),
-    )
-    if chat_template:
-        fast.chat_template = chat_template
+def _save_tokenizer(fast, folder: Path) -> None:
+    """The tokenizer files into `folder`, staged beside it, replacing any older tokenizer files."""
     staged = folder / f".tokenizer.tmp-{os.getpid()}"
     shutil.rmtree(staged, ignore_errors=True)
     staged.mkdir()
@@ -406,8 +441,6 @@ def write_gguf_tokenizer(gguf_path: Path, folder: Path) -> dict:
             os.replace(path, folder / path.name)
     finally:
         shutil.rmtree(staged, ignore_errors=True)
-    return {"layout": GGUF_TOKENIZER_LAYOUT, "written_by": "edgepack", "gguf_tokenizer_model": kind, "pre_tokenizer": pre,
-            "add_bos_token": add_bos, "add_eos_token": add_eos, "bos_token": bos, "eos_token": eos}
 
 
 def _previous_split(path: Path) -> dict | None:

@@ -233,75 +233,20 @@ def _validate(config: ProfileConfig) -> None:
 
 
 def _measure_host(model_dir, facts, config: ProfileConfig, meter, status) -> dict:
-    from edgepack.profiles.energy import HOST_DRAM_PJ_PER_BYTE, HOST_POWER_BASIS, HOST_WATTS_PER_ACTIVE_CORE, estimate_energy_mj
-    from edgepack.runtime.generate import DecoderSession, generate
-    from edgepack.runtime.session import create_session
-
-    status("loading the tokenizer")
-    tokenizer = _prompt_tokenizer(model_dir)
-    status("loading the model")
-    begin = time.perf_counter()
-    try:
-        session = create_session(model_dir.onnx_path, threads=config.threads)
-    except Exception as exc:
-        raise BadInputError(f"onnxruntime cannot load {model_dir.onnx_path}: {exc}") from exc
-    decoder = DecoderSession(session, model_dir.config, share_kv_buffer=model_dir.share_kv_buffer)
-    load_s = time.perf_counter() - begin
+    tokenizer, decoder, load_s = _load_decoder(model_dir, config, status)
     threads_used = config.threads or os.cpu_count() or 1
     vocab = model_dir.config.get("vocab_size")
 
     by_len = []
     for prompt_len in config.prompt_lens:
         prompt = exact_prompt(tokenizer, prompt_len, vocab)
-        for i in range(config.warmup):
-            status(f"prompt {prompt_len}: warmup {i + 1}/{config.warmup}")
-            generate(decoder, prompt, max_new_tokens=config.gen_len)
-        ttfts, steps = [], []
-        prefill_j = decode_j = 0.0
-        for i in range(config.runs):
-            if config.cooldown_s and (i or config.warmup):
-                time.sleep(config.cooldown_s)  # let clocks and temperature settle between runs
-            status(f"prompt {prompt_len}: run {i + 1}/{config.runs}")
-            marks = {}
-            if meter is not None:
-                meter.start()
-
-            def on_token(_token, marks=marks):
-                if "prefill_j" not in marks and meter is not None:
-                    marks["prefill_j"] = meter.read_j()
-
-            # No EOS: exactly gen_len tokens every run, so runs are comparable.
-            result = generate(decoder, prompt, max_new_tokens=config.gen_len, eos_token_ids=frozenset(), on_token=on_token)
-            if meter is not None:
-                total_j = meter.stop()
-                prefill_j += marks.get("prefill_j", 0.0)
-                decode_j += total_j - marks.get("prefill_j", 0.0)
-            ttfts.append(result.time_to_first_token_s)
-            steps.extend(result.step_seconds[1:])
-        ttft = _stats_ms(ttfts)
-        decode = _stats_ms(steps)
-        decoded_tokens = len(steps)
-        mean_position = prompt_len + config.gen_len / 2
+        runs = _timed_runs(decoder, prompt, prompt_len, config, meter, status)
+        ttft = _stats_ms(runs.ttfts)
+        decode = _stats_ms(runs.steps)
         if meter is not None:
-            energy = {
-                "kind": "measured",
-                "meter": meter.name,
-                "scope": meter.scope,
-                "prefill_mj_per_token": 1e3 * prefill_j / (prompt_len * config.runs),
-                "decode_mj_per_token": 1e3 * decode_j / max(decoded_tokens, 1),
-                "basis": f"{meter.scope}: whole-package energy during the runs (includes anything else running)",
-            }
+            energy = _measured_energy(meter, runs, prompt_len, config)
         else:
-            prefill_mj = estimate_energy_mj(ttft["p50"] / 1e3, facts.decode_bytes(0), threads_used)
-            decode_mj = estimate_energy_mj(decode["p50"] / 1e3, facts.decode_bytes(int(mean_position)), threads_used)
-            energy = {
-                "kind": "estimated",
-                "meter": None,
-                "prefill_mj_per_token": prefill_mj / prompt_len,
-                "decode_mj_per_token": decode_mj,
-                "basis": HOST_POWER_BASIS.format(watts_per_core=HOST_WATTS_PER_ACTIVE_CORE, threads=threads_used, pj=HOST_DRAM_PJ_PER_BYTE)
-                + "; p50 times",
-            }
+            energy = _estimated_energy(facts, ttft, decode, prompt_len, config, threads_used)
         by_len.append({
             "prompt_len": prompt_len,
             "gen_len": config.gen_len,
@@ -321,6 +266,92 @@ def _measure_host(model_dir, facts, config: ProfileConfig, meter, status) -> dic
         "pid": os.getpid(),
         "model_size_mb": facts.file_bytes / 1e6,
         "by_prompt_len": by_len,
+    }
+
+
+def _load_decoder(model_dir, config: ProfileConfig, status):
+    """(prompt tokenizer, DecoderSession, seconds the onnxruntime session took to load)."""
+    from edgepack.runtime.generate import DecoderSession
+    from edgepack.runtime.session import create_session
+
+    status("loading the tokenizer")
+    tokenizer = _prompt_tokenizer(model_dir)
+    status("loading the model")
+    begin = time.perf_counter()
+    try:
+        session = create_session(model_dir.onnx_path, threads=config.threads)
+    except Exception as exc:
+        raise BadInputError(f"onnxruntime cannot load {model_dir.onnx_path}: {exc}") from exc
+    decoder = DecoderSession(session, model_dir.config, share_kv_buffer=model_dir.share_kv_buffer)
+    return tokenizer, decoder, time.perf_counter() - begin
+
+
+@dataclass
+class _Runs:
+    """What the timed runs of one prompt length recorded."""
+
+    ttfts: list[float] = field(default_factory=list)  # seconds, one per run
+    steps: list[float] = field(default_factory=list)  # seconds per decoded token, all runs
+    prefill_j: float = 0.0  # metered energy, summed over runs (0 without a meter)
+    decode_j: float = 0.0
+
+
+def _timed_runs(decoder, prompt, prompt_len: int, config: ProfileConfig, meter, status) -> _Runs:
+    """Warmup, then `config.runs` generations of exactly gen_len tokens, metered when a meter is given."""
+    from edgepack.runtime.generate import generate
+
+    for i in range(config.warmup):
+        status(f"prompt {prompt_len}: warmup {i + 1}/{config.warmup}")
+        generate(decoder, prompt, max_new_tokens=config.gen_len)
+    runs = _Runs()
+    for i in range(config.runs):
+        if config.cooldown_s and (i or config.warmup):
+            time.sleep(config.cooldown_s)  # let clocks and temperature settle between runs
+        status(f"prompt {prompt_len}: run {i + 1}/{config.runs}")
+        marks = {}
+        if meter is not None:
+            meter.start()
+
+        def on_token(_token, marks=marks):
+            if "prefill_j" not in marks and meter is not None:
+                marks["prefill_j"] = meter.read_j()
+
+        # No EOS: exactly gen_len tokens every run, so runs are comparable.
+        result = generate(decoder, prompt, max_new_tokens=config.gen_len, eos_token_ids=frozenset(), on_token=on_token)
+        if meter is not None:
+            total_j = meter.stop()
+            runs.prefill_j += marks.get("prefill_j", 0.0)
+            runs.decode_j += total_j - marks.get("prefill_j", 0.0)
+        runs.ttfts.append(result.time_to_first_token_s)
+        runs.steps.extend(result.step_seconds[1:])
+    return runs
+
+
+def _measured_energy(meter, runs: _Runs, prompt_len: int, config: ProfileConfig) -> dict:
+    return {
+        "kind": "measured",
+        "meter": meter.name,
+        "scope": meter.scope,
+        "prefill_mj_per_token": 1e3 * runs.prefill_j / (prompt_len * config.runs),
+        "decode_mj_per_token": 1e3 * runs.decode_j / max(len(runs.steps), 1),
+        "basis": f"{meter.scope}: whole-package energy during the runs (includes anything else running)",
+    }
+
+
+def _estimated_energy(facts, ttft: dict, decode: dict, prompt_len: int, config: ProfileConfig, threads_used: int) -> dict:
+    """Energy from the p50 times and the host power model, at the prompt's end and at the decode's mean position."""
+    from edgepack.profiles.energy import HOST_DRAM_PJ_PER_BYTE, HOST_POWER_BASIS, HOST_WATTS_PER_ACTIVE_CORE, estimate_energy_mj
+
+    mean_position = prompt_len + config.gen_len / 2
+    prefill_mj = estimate_energy_mj(ttft["p50"] / 1e3, facts.decode_bytes(0), threads_used)
+    decode_mj = estimate_energy_mj(decode["p50"] / 1e3, facts.decode_bytes(int(mean_position)), threads_used)
+    return {
+        "kind": "estimated",
+        "meter": None,
+        "prefill_mj_per_token": prefill_mj / prompt_len,
+        "decode_mj_per_token": decode_mj,
+        "basis": HOST_POWER_BASIS.format(watts_per_core=HOST_WATTS_PER_ACTIVE_CORE, threads=threads_used, pj=HOST_DRAM_PJ_PER_BYTE)
+        + "; p50 times",
     }
 
 

@@ -695,13 +695,9 @@ def rewrite_for_cpu(model, *, tied_embeddings: dict[str, str] | None = None, int
     Every rewritten weight is checked bit for bit against the MatMulNBits node it replaces; a node that
     fails the check is left as it was and listed under `not_exact`.
     """
-    from onnx import helper
-
     tied_embeddings = dict(tied_embeddings or {})
     snapped = snap_for_exact_layout(model)
     g = GraphEdit(model)
-    heads = set(tied_embeddings.values())
-    packed_by_output: dict[str, Packed] = {}
     removed: set[str] = set()
     facts = {
         "float_zero_points": 0, "split_8bit": 0, "kept_8bit": 0, "repacked_for_embedding": 0, "unchanged": 0,
@@ -709,6 +705,16 @@ def rewrite_for_cpu(model, *, tied_embeddings: dict[str, str] | None = None, int
         "fp16_scale_tensors": 0, "embeddings_shared": [], "embeddings_int8": [],
         "offset_columns": 0, "offset_columns_max_rel_error": 0.0,
     }
+    packed_by_output = _rewrite_matmuls(g, set(tied_embeddings.values()), facts, removed)
+    _rewrite_embeddings(g, tied_embeddings, int8_embeddings, embedding_block_size, packed_by_output, facts, removed)
+    g.finish(removed)
+    return facts
+
+
+def _rewrite_matmuls(g: GraphEdit, heads: set[str], facts: dict, removed: set[str]) -> dict[str, Packed]:
+    """Every MatMulNBits that needs it, into the exact CPU layout (counted in `facts`); returns the packed
+    weights of the rewritten nodes by output name (the lm_heads' are what the tied embeddings share)."""
+    packed_by_output: dict[str, Packed] = {}
     for node in list(g.graph.node):
         if node.op_type != "MatMulNBits":
             continue
@@ -744,6 +750,14 @@ def rewrite_for_cpu(model, *, tied_embeddings: dict[str, str] | None = None, int
             facts["split_8bit" if len(packed.planes) == 2 else "kept_8bit"] += 1
         else:
             facts["repacked_for_embedding"] += 1
+    return packed_by_output
+
+
+def _rewrite_embeddings(g: GraphEdit, tied_embeddings: dict[str, str], int8_embeddings: tuple[str, ...], embedding_block_size: int,
+                        packed_by_output: dict[str, Packed], facts: dict, removed: set[str]) -> None:
+    """Embedding Gathers -> GatherBlockQuantized: on the tied lm_head's packed weight, or on 8-bit RTN blocks."""
+    from onnx import helper
+
     for node in g.graph.node:
         if node.op_type != "Gather":
             continue
@@ -763,8 +777,6 @@ def rewrite_for_cpu(model, *, tied_embeddings: dict[str, str] | None = None, int
             g.replacements[id(node)] = gather_block_quantized_nodes(g, node, packed)
             removed.add(node.input[0])
             facts["embeddings_int8"].append(node.name)
-    g.finish(removed)
-    return facts
 
 
 def rtn_blocks(rows: np.ndarray, bits: int, block: int) -> Blocks:

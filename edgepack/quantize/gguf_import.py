@@ -61,7 +61,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -165,8 +165,26 @@ def _decompose(gguf_type: str, raw: np.ndarray, cols: int) -> _Blocks:
     qk, type_size = GGML_QUANT_SIZES[GGMLQuantizationType[gguf_type]]
     rows = raw.shape[0]
     b = np.ascontiguousarray(raw).reshape(-1, type_size)  # one GGML block per row
-    n = b.shape[0]
     bits, block = _FORMATS[gguf_type]
+    if gguf_type not in _BLOCK_PARSERS:  # pragma: no cover - guarded by _FORMATS
+        raise AssertionError(gguf_type)
+    codes, scale, offset = _BLOCK_PARSERS[gguf_type](gguf_type, b)
+    nb_row = cols // block
+    return _Blocks(
+        gguf_type,
+        bits,
+        block,
+        codes.astype(np.uint8).reshape(rows, cols),
+        scale.astype(np.float32).reshape(rows, nb_row),
+        None if offset is None else offset.astype(np.float32).reshape(rows, nb_row),
+    )
+
+
+# Each parser: GGML blocks (one per row of `b`) -> (codes, scale per block, offset per block or None).
+
+
+def _legacy_blocks(gguf_type: str, b: np.ndarray):
+    """Q4_0, Q4_1, Q5_0, Q5_1, Q8_0: one fp16 scale (and minimum) per block of 32."""
     offset = None
     if gguf_type == "Q4_0":
         d, qs = _split(b, [2, 16])
@@ -183,62 +201,75 @@ def _decompose(gguf_type: str, raw: np.ndarray, cols: int) -> _Blocks:
         q = _nibbles32(qs) | (_high_bits32(qh) << 4)  # 0..31
         # Q5_0: w = d*(q-16) = d*((q+112) - 128); Q5_1: w = d*q + m = d*((q+128) - 128) + m.
         codes, scale = q + (112 if gguf_type == "Q5_0" else 128), _f16(d)
-    elif gguf_type == "Q8_0":
+    else:  # Q8_0
         d, qs = _split(b, [2, 32])
         codes, scale = qs ^ 0x80, _f16(d)  # int8 q -> uint8 q + 128
-    elif gguf_type == "Q2_K":
-        sc, qs, d, dmin = _split(b, [16, 64, 2, 2])
-        scale = _f16(d)[:, None] * (sc & 0x0F).astype(np.float32)
-        offset = -(_f16(dmin)[:, None] * (sc >> 4).astype(np.float32))
-        shift = np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)
-        codes = ((qs.reshape(n, -1, 1, 32) >> shift) & 3).reshape(n, 256)
-    elif gguf_type == "Q3_K":
-        hmask, qs, sc, d = _split(b, [32, 64, 12, 2])
-        lsc, hsc = np.hsplit(sc, [8])
-        lsc = (lsc.reshape(n, 1, 8) >> np.array([0, 4], dtype=np.uint8).reshape(1, 2, 1)).reshape(n, 16)
-        hsc = (hsc.reshape(n, 1, 4) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 4, 1)).reshape(n, 16)
-        sc6 = (lsc & 0x0F) | ((hsc & 0x03) << 4)
-        scale = _f16(d)[:, None] * (sc6.astype(np.int8) - np.int8(32)).astype(np.float32)
-        ql = qs.reshape(n, -1, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)
-        qh = hmask.reshape(n, -1, 1, 32) >> np.array(range(8), dtype=np.uint8).reshape(1, 1, 8, 1)
-        ql = ql.reshape(n, 16, 16) & 3
-        qh = (qh.reshape(n, 16, 16) & 1) ^ 1  # the -4 offset applies when the mask bit is 0
-        q = ql.astype(np.int8) - (qh << 2).astype(np.int8)  # -4..3
-        codes = (q + 8).astype(np.uint8).reshape(n, 256)
-    elif gguf_type in ("Q4_K", "Q5_K"):
-        from gguf.quants import Q4_K
+    return codes, scale, offset
 
-        if gguf_type == "Q4_K":
-            d, dmin, sc, qs = _split(b, [2, 2, 12, 128])
-        else:
-            d, dmin, sc, qh, qs = _split(b, [2, 2, 12, 32, 128])
-        sc6, mn6 = Q4_K.get_scale_min(np.ascontiguousarray(sc))
-        scale = _f16(d)[:, None] * sc6.astype(np.float32)
-        offset = -(_f16(dmin)[:, None] * mn6.astype(np.float32))
-        q = (qs.reshape(n, -1, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)) & 0x0F
-        q = q.reshape(n, 8, 32)
-        if gguf_type == "Q5_K":
-            h = (qh.reshape(n, -1, 1, 32) >> np.array(range(8), dtype=np.uint8).reshape(1, 1, 8, 1)) & 1
-            q = (q | (h.reshape(n, 8, 32) << 4)) + 128  # w = s*((q+128) - 128) + offset
-        codes = q.reshape(n, 256)
-    elif gguf_type == "Q6_K":
-        ql, qh, sc, d = _split(b, [128, 64, 16, 2])
-        scale = _f16(d)[:, None] * sc.view(np.int8).astype(np.float32)
-        ql = (ql.reshape(n, -1, 1, 64) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)) & 0x0F
-        qh = (qh.reshape(n, -1, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)) & 3
-        q = ql.reshape(n, -1, 32) | (qh.reshape(n, -1, 32) << 4)  # 0..63, w = s*(q-32)
-        codes = (q + 96).reshape(n, 256)  # (q+96) - 128 = q - 32
-    else:  # pragma: no cover - guarded by _FORMATS
-        raise AssertionError(gguf_type)
-    nb_row = cols // block
-    return _Blocks(
-        gguf_type,
-        bits,
-        block,
-        codes.astype(np.uint8).reshape(rows, cols),
-        scale.astype(np.float32).reshape(rows, nb_row),
-        None if offset is None else offset.astype(np.float32).reshape(rows, nb_row),
-    )
+
+def _q2_k_blocks(gguf_type: str, b: np.ndarray):
+    n = b.shape[0]
+    sc, qs, d, dmin = _split(b, [16, 64, 2, 2])
+    scale = _f16(d)[:, None] * (sc & 0x0F).astype(np.float32)
+    offset = -(_f16(dmin)[:, None] * (sc >> 4).astype(np.float32))
+    shift = np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)
+    codes = ((qs.reshape(n, -1, 1, 32) >> shift) & 3).reshape(n, 256)
+    return codes, scale, offset
+
+
+def _q3_k_blocks(gguf_type: str, b: np.ndarray):
+    n = b.shape[0]
+    hmask, qs, sc, d = _split(b, [32, 64, 12, 2])
+    lsc, hsc = np.hsplit(sc, [8])
+    lsc = (lsc.reshape(n, 1, 8) >> np.array([0, 4], dtype=np.uint8).reshape(1, 2, 1)).reshape(n, 16)
+    hsc = (hsc.reshape(n, 1, 4) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 4, 1)).reshape(n, 16)
+    sc6 = (lsc & 0x0F) | ((hsc & 0x03) << 4)
+    scale = _f16(d)[:, None] * (sc6.astype(np.int8) - np.int8(32)).astype(np.float32)
+    ql = qs.reshape(n, -1, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)
+    qh = hmask.reshape(n, -1, 1, 32) >> np.array(range(8), dtype=np.uint8).reshape(1, 1, 8, 1)
+    ql = ql.reshape(n, 16, 16) & 3
+    qh = (qh.reshape(n, 16, 16) & 1) ^ 1  # the -4 offset applies when the mask bit is 0
+    q = ql.astype(np.int8) - (qh << 2).astype(np.int8)  # -4..3
+    codes = (q + 8).astype(np.uint8).reshape(n, 256)
+    return codes, scale, None
+
+
+def _q4_5_k_blocks(gguf_type: str, b: np.ndarray):
+    """Q4_K and Q5_K: 6-bit scales and minimums per block of 32 (Q5_K adds a fifth bit plane)."""
+    from gguf.quants import Q4_K
+
+    n = b.shape[0]
+    if gguf_type == "Q4_K":
+        d, dmin, sc, qs = _split(b, [2, 2, 12, 128])
+    else:
+        d, dmin, sc, qh, qs = _split(b, [2, 2, 12, 32, 128])
+    sc6, mn6 = Q4_K.get_scale_min(np.ascontiguousarray(sc))
+    scale = _f16(d)[:, None] * sc6.astype(np.float32)
+    offset = -(_f16(dmin)[:, None] * mn6.astype(np.float32))
+    q = (qs.reshape(n, -1, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)) & 0x0F
+    q = q.reshape(n, 8, 32)
+    if gguf_type == "Q5_K":
+        h = (qh.reshape(n, -1, 1, 32) >> np.array(range(8), dtype=np.uint8).reshape(1, 1, 8, 1)) & 1
+        q = (q | (h.reshape(n, 8, 32) << 4)) + 128  # w = s*((q+128) - 128) + offset
+    codes = q.reshape(n, 256)
+    return codes, scale, offset
+
+
+def _q6_k_blocks(gguf_type: str, b: np.ndarray):
+    n = b.shape[0]
+    ql, qh, sc, d = _split(b, [128, 64, 16, 2])
+    scale = _f16(d)[:, None] * sc.view(np.int8).astype(np.float32)
+    ql = (ql.reshape(n, -1, 1, 64) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)) & 0x0F
+    qh = (qh.reshape(n, -1, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)) & 3
+    q = ql.reshape(n, -1, 32) | (qh.reshape(n, -1, 32) << 4)  # 0..63, w = s*(q-32)
+    codes = (q + 96).reshape(n, 256)  # (q+96) - 128 = q - 32
+    return codes, scale, None
+
+
+_BLOCK_PARSERS = {
+    "Q4_0": _legacy_blocks, "Q4_1": _legacy_blocks, "Q5_0": _legacy_blocks, "Q5_1": _legacy_blocks, "Q8_0": _legacy_blocks,
+    "Q2_K": _q2_k_blocks, "Q3_K": _q3_k_blocks, "Q4_K": _q4_5_k_blocks, "Q5_K": _q4_5_k_blocks, "Q6_K": _q6_k_blocks,
+}
 
 
 def _requantize(values: np.ndarray, gguf_type: str) -> _Blocks:
@@ -422,16 +453,7 @@ def import_gguf_weights(
     status = on_status or (lambda message: None)
     onnx_in, gguf_path, onnx_out = Path(onnx_in), Path(gguf_path), Path(onnx_out)
     start = time.perf_counter()
-    if not onnx_in.is_file():
-        raise BadInputError(f"{onnx_in} does not exist")
-    if not gguf_path.is_file():
-        raise BadInputError(f"{gguf_path} does not exist")
-    import gguf
-
-    try:
-        reader = gguf.GGUFReader(str(gguf_path))
-    except Exception as exc:
-        raise BadInputError(f"{gguf_path} is not a readable GGUF file: {exc}") from exc
+    reader = _open_gguf(onnx_in, gguf_path)
     result = GgufImportResult(onnx_in, gguf_path, onnx_out, bytes_in=_model_bytes(onnx_in))
 
     status(f"indexing {len(reader.tensors)} GGUF tensors by value")
@@ -440,11 +462,60 @@ def import_gguf_weights(
     model = onnx.load(str(onnx_in))
     g = _Graph(model, const_prefix="gguf_import")
 
-    sites = list(_weight_sites(g))
-    matched: list[tuple[str, object, str, _GgufTensor, np.ndarray]] = []
-    transposed_of: dict[int, bool] = {}
-    for kind, node, init_name, transposed in sites:
-        transposed_of[id(node)] = transposed
+    matched = _match_weights(g, by_signature, result)
+    if not matched:
+        raise BadInputError(
+            f"no weight of {onnx_in} matches a tensor of {gguf_path}: the ONNX model was not exported from this GGUF"
+        )
+    _refuse_inexact_types(matched, gguf_path, allow_requantize)  # before writing anything
+
+    status(f"writing {len(matched)} GGUF tensors into the graph")
+    writer = _WeightWriter(g, result, _GgufBlocks(result), accuracy_level)
+    for match in _label_tied_lm_head(matched):
+        writer.write(match)
+
+    result.gguf_types = dict(Counter(writer.used_tensors.values()))
+    g.finish(writer.removed)
+    status(f"saving {onnx_out}")
+    _save(model, onnx_out)
+    from edgepack.quantize.graph import validate_with_onnxruntime
+
+    validate_with_onnxruntime(onnx_out)  # a failure here is a bug, not the user's input
+    result.bytes = _model_bytes(onnx_out)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _open_gguf(onnx_in: Path, gguf_path: Path):
+    """The GGUF reader, once both inputs exist and the GGUF parses (BadInputError otherwise)."""
+    if not onnx_in.is_file():
+        raise BadInputError(f"{onnx_in} does not exist")
+    if not gguf_path.is_file():
+        raise BadInputError(f"{gguf_path} does not exist")
+    import gguf
+
+    try:
+        return gguf.GGUFReader(str(gguf_path))
+    except Exception as exc:
+        raise BadInputError(f"{gguf_path} is not a readable GGUF file: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class _Match:
+    """A float weight of the graph and the GGUF tensor it came from."""
+
+    kind: str  # "matmul", "embedding", or "lm_head" (see _label_tied_lm_head)
+    node: object  # the MatMul or Gather node
+    init_name: str  # its float weight initializer
+    tensor: _GgufTensor | _FusedTensor
+    perm: np.ndarray  # the weight's rows are the tensor's rows in this order
+    transposed: bool  # the initializer is [K, N]: its columns are the tensor's rows
+
+
+def _match_weights(g: _Graph, by_signature, result: GgufImportResult) -> list[_Match]:
+    """Every weight site with its GGUF tensor, by value; sites with none go to `result.unmatched`."""
+    matched = []
+    for kind, node, init_name, transposed in list(_weight_sites(g)):
         weight = g.np.to_array(g.inits[init_name])
         rows = weight.T if transposed else weight
         found = _find(by_signature, rows)
@@ -454,14 +525,18 @@ def import_gguf_weights(
             result.unmatched.append(f"{kind}:{node.name or init_name}")
             continue
         tensor, perm = found
-        matched.append((kind, node, init_name, tensor, perm))
-    if not matched:
-        raise BadInputError(
-            f"no weight of {onnx_in} matches a tensor of {gguf_path}: the ONNX model was not exported from this GGUF"
-        )
+        matched.append(_Match(kind, node, init_name, tensor, perm, transposed))
+    return matched
 
-    # Refuse before writing anything if a type cannot be imported exactly.
-    parts = [p for _, _, _, t, _ in matched for p, _ in getattr(t, "parts", [(t, None)])]
+
+def _parts(tensor) -> list:
+    """(GGUF tensor, row permutation) of each part of a fused tensor; a plain tensor is its own one part."""
+    return getattr(tensor, "parts", [(tensor, None)])
+
+
+def _refuse_inexact_types(matched: list[_Match], gguf_path: Path, allow_requantize: bool) -> None:
+    """BadInputError naming the matched tensors whose GGUF type has no exact MatMulNBits form (unless requantizing)."""
+    parts = [p for m in matched for p, _ in _parts(m.tensor)]
     unsupported = sorted({(t.name, t.gguf_type) for t in parts if t.gguf_type not in SUPPORTED_GGUF_TYPES})
     if unsupported and not allow_requantize:
         listed = ", ".join(f"{name} ({kind})" for name, kind in unsupported)
@@ -470,95 +545,113 @@ def import_gguf_weights(
             f"supported: {', '.join(SUPPORTED_GGUF_TYPES)} (pass allow_requantize to requantize them with onnxruntime's RTN)"
         )
 
-    status(f"writing {len(matched)} GGUF tensors into the graph")
-    cache: dict[tuple[str, bytes], _Packed] = {}
-    decomposed: dict[str, _Blocks] = {}
-    removed: set[str] = set()
-    used_tensors: dict[str, str] = {}
 
-    def blocks_of(tensor: _GgufTensor) -> _Blocks:
-        blocks = decomposed.get(tensor.name)
+def _label_tied_lm_head(matched: list[_Match]) -> list[_Match]:
+    """The builder writes a tied lm_head as a plain MatMul on [H, V] (and the embedding as Gather(Transpose)):
+    a MatMul on the embedding's tensor is the lm_head."""
+    embedding_tensors = {m.tensor.name for m in matched if m.kind == "embedding"}
+    return [replace(m, kind="lm_head") if m.kind == "matmul" and m.tensor.name in embedding_tensors else m for m in matched]
+
+
+class _GgufBlocks:
+    """The integer blocks of each GGUF tensor, decomposed once; types without an exact form are requantized
+    (onnxruntime RTN) and listed in `result.requantized`."""
+
+    def __init__(self, result: GgufImportResult):
+        self.result = result
+        self.decomposed: dict[str, _Blocks] = {}
+
+    def of(self, tensor: _GgufTensor) -> _Blocks:
+        blocks = self.decomposed.get(tensor.name)
         if blocks is None:
             rows, cols = tensor.shape
             if tensor.gguf_type in _FORMATS:
                 blocks = _decompose(tensor.gguf_type, np.asarray(tensor.raw), cols)
             else:
+                import gguf
                 from gguf.quants import dequantize
 
                 qtype = gguf.GGMLQuantizationType[tensor.gguf_type]
                 values = dequantize(np.asarray(tensor.raw), qtype).reshape(rows, cols)
                 blocks = _requantize(values, tensor.gguf_type)
-                result.requantized.append(
+                self.result.requantized.append(
                     {"tensor": tensor.name, "gguf_type": tensor.gguf_type, "bits": _REQUANT_BITS, "block_size": _REQUANT_BLOCK, "method": "onnxruntime RTN (asymmetric)"}
                 )
-            decomposed[tensor.name] = blocks
+            self.decomposed[tensor.name] = blocks
         return blocks
 
-    # The builder writes a tied lm_head as a plain MatMul on [H, V] (and the embedding as Gather(Transpose)).
-    embedding_tensors = {t.name for kind, _, _, t, _ in matched if kind == "embedding"}
-    matched = [("lm_head" if kind == "matmul" and t.name in embedding_tensors else kind, n, i, t, p) for kind, n, i, t, p in matched]
-    for kind, node, init_name, tensor, perm in matched:
-        for part, _ in getattr(tensor, "parts", [(tensor, None)]):
-            used_tensors[part.name] = part.gguf_type
+
+class _WeightWriter:
+    """Replaces matched weights in the graph: MatMulNBits / GatherBlockQuantized on the GGUF's blocks, each
+    (tensor, row order) packed once and shared by its users; float GGUF tensors stay float ops."""
+
+    def __init__(self, g: _Graph, result: GgufImportResult, blocks: _GgufBlocks, accuracy_level: int | None):
+        self.g, self.result, self.blocks, self.accuracy_level = g, result, blocks, accuracy_level
+        self.packed: dict[tuple[str, bytes], _Packed] = {}
+        self.removed: set[str] = set()  # float initializers no longer used
+        self.used_tensors: dict[str, str] = {}  # GGUF tensor name -> its type
+
+    def write(self, match: _Match) -> None:
+        kind, node, tensor = match.kind, match.node, match.tensor
+        for part, _ in _parts(tensor):
+            self.used_tensors[part.name] = part.gguf_type
         label = node.name or node.output[0]
         float_part = any(t.gguf_type in _FLOAT_TYPES for t, _ in getattr(tensor, "parts", []))
         if tensor.gguf_type in _FLOAT_TYPES or float_part:
             if kind != "embedding":
-                result.matmuls_kept_float.append(label)
-            _describe(result, kind, tensor, None, shared=False)
-            continue
+                self.result.matmuls_kept_float.append(label)
+            _describe(self.result, kind, tensor, None, shared=False)
+            return
         if isinstance(tensor, _FusedTensor):
-            pieces = [blocks_of(t) if _is_identity(p) else blocks_of(t).take_rows(p) for t, p in tensor.parts]
-            exact = all(b.zero is None for b in pieces)  # requantized parts only approximate the GGUF
-            if exact and not np.array_equal(np.concatenate([b.dequantize() for b in pieces]), g.np.to_array(g.inits[init_name]).T):
-                raise AssertionError(f"GGUF tensors {tensor.name} do not reproduce {init_name} exactly")
-            one_matmul = _compatible(pieces)
-            if one_matmul:  # one MatMulNBits over the stacked blocks, as fast as the fused MatMul
-                packed = _pack(g, _concat_rows(pieces), _safe(label + ".fused"), single_8bit=accuracy_level == 4)
-                g.replacements[id(node)] = _matmul_nbits(g, node, packed, accuracy_level)
-            else:  # mixed formats (Q4_K_M keeps attn_v at Q6_K): one MatMulNBits per part, outputs concatenated
-                g.replacements[id(node)] = _split_matmul(g, node, [
-                    _pack(g, piece, _safe(t.name) + ("" if _is_identity(p) else "_rowperm"), single_8bit=accuracy_level == 4)
-                    for piece, (t, p) in zip(pieces, tensor.parts)
-                ], accuracy_level)
-            result.fused.append({"node": label, "gguf_tensors": [t.name for t, _ in tensor.parts], "one_matmul": one_matmul})
-            result.matmuls_replaced += 1
-            removed.add(init_name)
-            continue
-        key = (tensor.name, perm.tobytes() if not _is_identity(perm) else b"")
-        packed = cache.get(key)
-        if packed is None:
-            blocks = blocks_of(tensor)
-            blocks = blocks if _is_identity(perm) else blocks.take_rows(perm)
-            if blocks.zero is None:
-                # Exactness check: our codes and scales must give back the very weights in the ONNX graph.
-                weight = g.np.to_array(g.inits[init_name])
-                expected = weight.T if transposed_of[id(node)] else weight
-                if not np.array_equal(blocks.dequantize(), expected):
-                    raise AssertionError(f"GGUF tensor {tensor.name} ({tensor.gguf_type}) does not reproduce {init_name} exactly")
-            packed = _pack(g, blocks, _safe(tensor.name) + ("" if _is_identity(perm) else "_rowperm"), single_8bit=accuracy_level == 4)
-            cache[key] = packed
-            shared = False
-        else:
-            shared = True
+            self._write_fused(match, label)
+            return
+        packed, shared = self._packed(match)
         if kind == "embedding":
-            g.replacements[id(node)] = _gather_block_quantized(g, node, packed)
+            self.g.replacements[id(node)] = _gather_block_quantized(self.g, node, packed)
         else:
-            g.replacements[id(node)] = _matmul_nbits(g, node, packed, accuracy_level)
-            result.matmuls_replaced += 1
-        removed.add(init_name)
-        _describe(result, kind, tensor, packed, shared=shared)
+            self.g.replacements[id(node)] = _matmul_nbits(self.g, node, packed, self.accuracy_level)
+            self.result.matmuls_replaced += 1
+        self.removed.add(match.init_name)
+        _describe(self.result, kind, tensor, packed, shared=shared)
 
-    result.gguf_types = dict(Counter(used_tensors.values()))
-    g.finish(removed)
-    status(f"saving {onnx_out}")
-    _save(model, onnx_out)
-    from edgepack.quantize.graph import validate_with_onnxruntime
+    def _packed(self, match: _Match) -> tuple[_Packed, bool]:
+        """The packed blocks of the match's tensor in its row order, and whether an earlier match packed them."""
+        tensor, perm, g = match.tensor, match.perm, self.g
+        key = (tensor.name, perm.tobytes() if not _is_identity(perm) else b"")
+        packed = self.packed.get(key)
+        if packed is not None:
+            return packed, True
+        blocks = self.blocks.of(tensor)
+        blocks = blocks if _is_identity(perm) else blocks.take_rows(perm)
+        if blocks.zero is None:
+            # Exactness check: our codes and scales must give back the very weights in the ONNX graph.
+            weight = g.np.to_array(g.inits[match.init_name])
+            expected = weight.T if match.transposed else weight
+            if not np.array_equal(blocks.dequantize(), expected):
+                raise AssertionError(f"GGUF tensor {tensor.name} ({tensor.gguf_type}) does not reproduce {match.init_name} exactly")
+        packed = _pack(g, blocks, _safe(tensor.name) + ("" if _is_identity(perm) else "_rowperm"), single_8bit=self.accuracy_level == 4)
+        self.packed[key] = packed
+        return packed, False
 
-    validate_with_onnxruntime(onnx_out)  # a failure here is a bug, not the user's input
-    result.bytes = _model_bytes(onnx_out)
-    result.seconds = time.perf_counter() - start
-    return result
+    def _write_fused(self, match: _Match, label: str) -> None:
+        """A MatMul whose weight stacks several GGUF tensors (fused q/k/v)."""
+        g, node, tensor, init_name, level = self.g, match.node, match.tensor, match.init_name, self.accuracy_level
+        pieces = [self.blocks.of(t) if _is_identity(p) else self.blocks.of(t).take_rows(p) for t, p in tensor.parts]
+        exact = all(b.zero is None for b in pieces)  # requantized parts only approximate the GGUF
+        if exact and not np.array_equal(np.concatenate([b.dequantize() for b in pieces]), g.np.to_array(g.inits[init_name]).T):
+            raise AssertionError(f"GGUF tensors {tensor.name} do not reproduce {init_name} exactly")
+        one_matmul = _compatible(pieces)
+        if one_matmul:  # one MatMulNBits over the stacked blocks, as fast as the fused MatMul
+            packed = _pack(g, _concat_rows(pieces), _safe(label + ".fused"), single_8bit=level == 4)
+            g.replacements[id(node)] = _matmul_nbits(g, node, packed, level)
+        else:  # mixed formats (Q4_K_M keeps attn_v at Q6_K): one MatMulNBits per part, outputs concatenated
+            g.replacements[id(node)] = _split_matmul(g, node, [
+                _pack(g, piece, _safe(t.name) + ("" if _is_identity(p) else "_rowperm"), single_8bit=level == 4)
+                for piece, (t, p) in zip(pieces, tensor.parts)
+            ], level)
+        self.result.fused.append({"node": label, "gguf_tensors": [t.name for t, _ in tensor.parts], "one_matmul": one_matmul})
+        self.result.matmuls_replaced += 1
+        self.removed.add(init_name)
 
 
 def _describe(result: GgufImportResult, kind: str, tensor: _GgufTensor, packed: _Packed | None, *, shared: bool) -> None:

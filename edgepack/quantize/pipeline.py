@@ -189,7 +189,6 @@ def calibration_reader(model_dir, tokenizer, calibration_text: Path | None, samp
 
 
 def quantize_model(directory: Path | str, out: Path | str, config: QuantizeConfig = QuantizeConfig(), on_status=None) -> QuantizedModel:
-    from edgepack._quiet import quiet_libraries
     from edgepack.convert.export import tool_versions
 
     status = on_status or (lambda message: None)
@@ -200,23 +199,9 @@ def quantize_model(directory: Path | str, out: Path | str, config: QuantizeConfi
             raise UsageError("--scheme auto needs a quality budget: set --max-kl, --min-top1 and/or --max-ppl-ratio")
         if not config.evaluate:
             raise UsageError("--scheme auto picks by measured quality; it cannot be combined with --no-eval")
-    model_dir = load_model_dir(directory)
-    check_quantizable(model_dir)
-    quiet_libraries()
-    tokenizer = model_dir.load_tokenizer()
-
-    if config.scheme == "auto":
-        has_gguf = bool(_convert_source(model_dir).get("gguf_file"))
-        candidates = auto_candidates(has_gguf)
-    else:
-        candidates = [scheme_from_options(config.scheme, **config.scheme_options)]
-
-    evaluator = None
-    if config.evaluate:
-        from edgepack.quantize.quality import QualityEvaluator
-
-        status("measuring the fp32 reference on the evaluation text")
-        evaluator = QualityEvaluator(model_dir.onnx_path, model_dir, tokenizer, config.quality)
+    model_dir, tokenizer = _load_export(directory)
+    candidates = _candidates(config, model_dir)
+    evaluator = _reference_evaluator(config, model_dir, tokenizer, status)
 
     reference_bytes = _model_bytes(model_dir.folder)
     with staging_dir(out) as tmp:
@@ -224,23 +209,12 @@ def quantize_model(directory: Path | str, out: Path | str, config: QuantizeConfi
         for index, scheme in enumerate(candidates):
             work = tmp / f".candidate-{index}"
             work.mkdir()
-            status(f"quantizing: {scheme.label()}")
-            t0 = time.perf_counter()
-            try:
-                facts = apply_scheme(scheme, model_dir, tokenizer, work / MODEL_FILE, work, config.calibration_text)
-            except (BadInputError, UsageError) as exc:
-                if config.scheme != "auto":
-                    raise
-                tried.append({"scheme": scheme.to_json(), "label": scheme.label(), "skipped": str(exc)})
+            run = _run_candidate(scheme, model_dir, tokenizer, work, config, evaluator, status)
+            if run.skipped is not None:
+                tried.append({"scheme": scheme.to_json(), "label": scheme.label(), "skipped": run.skipped})
                 shutil.rmtree(work)
                 continue
-            quantize_seconds = time.perf_counter() - t0
-            quality, eval_seconds = None, 0.0
-            if evaluator is not None:
-                status(f"measuring quality: {scheme.label()}")
-                t0 = time.perf_counter()
-                quality = evaluator.evaluate(work / MODEL_FILE)
-                eval_seconds = time.perf_counter() - t0
+            facts, quality, quantize_seconds, eval_seconds = run.facts, run.quality, run.quantize_seconds, run.eval_seconds
             size = _model_bytes(work)
             gates = config.gate.gates(quality)
             failures = failure_messages(gates)
@@ -262,14 +236,7 @@ def quantize_model(directory: Path | str, out: Path | str, config: QuantizeConfi
             raise BadInputError("no quantization scheme could be applied: " + "; ".join(t.get("skipped", "") for t in tried))
 
         work, gates = chosen.pop("_work"), chosen.pop("_gates")
-        for item in model_dir.folder.iterdir():  # tokenizer, configs, convert.json: everything but the graph
-            if item.is_file() and not item.name.startswith(MODEL_FILE):
-                shutil.copy2(item, tmp / item.name)
-        for item in work.iterdir():
-            item.rename(tmp / item.name)
-        shutil.rmtree(work)
-        for leftover in tmp.glob(".candidate-*"):
-            shutil.rmtree(leftover, ignore_errors=True)
+        _assemble_output(tmp, work, model_dir)
 
         from edgepack.core.onnx_io import op_counts
         import onnx
@@ -300,6 +267,76 @@ def quantize_model(directory: Path | str, out: Path | str, config: QuantizeConfi
         (tmp / QUANTIZE_REPORT).write_text(json.dumps(report, indent=2) + "\n")
         replace_dir(tmp, out)
     return QuantizedModel(out, scheme, report["size_bytes"], reference_bytes, report["quality"], chosen["gate_failures"], report, gates)
+
+
+def _load_export(directory):
+    """The export folder (checked quantizable) and its tokenizer."""
+    from edgepack._quiet import quiet_libraries
+
+    model_dir = load_model_dir(directory)
+    check_quantizable(model_dir)
+    quiet_libraries()
+    return model_dir, model_dir.load_tokenizer()
+
+
+def _candidates(config: QuantizeConfig, model_dir) -> list[Scheme]:
+    """The schemes to try in order: the requested one, or auto's list (gguf first when the export came from a GGUF)."""
+    if config.scheme == "auto":
+        has_gguf = bool(_convert_source(model_dir).get("gguf_file"))
+        return auto_candidates(has_gguf)
+    return [scheme_from_options(config.scheme, **config.scheme_options)]
+
+
+def _reference_evaluator(config: QuantizeConfig, model_dir, tokenizer, status):
+    """A QualityEvaluator holding the fp32 reference figures, or None with --no-eval."""
+    if not config.evaluate:
+        return None
+    from edgepack.quantize.quality import QualityEvaluator
+
+    status("measuring the fp32 reference on the evaluation text")
+    return QualityEvaluator(model_dir.onnx_path, model_dir, tokenizer, config.quality)
+
+
+@dataclass
+class _CandidateRun:
+    """One scheme applied into its work folder, and its measured quality (None without an evaluator)."""
+
+    facts: dict | None = None
+    quality: dict | None = None
+    quantize_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    skipped: str | None = None  # auto only: why the scheme does not apply to this export
+
+
+def _run_candidate(scheme: Scheme, model_dir, tokenizer, work: Path, config: QuantizeConfig, evaluator, status) -> _CandidateRun:
+    """Quantize into `work` with `scheme` and measure it; with --scheme auto a scheme that cannot apply is skipped."""
+    status(f"quantizing: {scheme.label()}")
+    t0 = time.perf_counter()
+    try:
+        facts = apply_scheme(scheme, model_dir, tokenizer, work / MODEL_FILE, work, config.calibration_text)
+    except (BadInputError, UsageError) as exc:
+        if config.scheme != "auto":
+            raise
+        return _CandidateRun(skipped=str(exc))
+    run = _CandidateRun(facts=facts, quantize_seconds=time.perf_counter() - t0)
+    if evaluator is not None:
+        status(f"measuring quality: {scheme.label()}")
+        t0 = time.perf_counter()
+        run.quality = evaluator.evaluate(work / MODEL_FILE)
+        run.eval_seconds = time.perf_counter() - t0
+    return run
+
+
+def _assemble_output(tmp: Path, work: Path, model_dir) -> None:
+    """The chosen candidate's graph with the export's side files (tokenizer, configs, convert.json) in `tmp`."""
+    for item in model_dir.folder.iterdir():  # everything but the graph
+        if item.is_file() and not item.name.startswith(MODEL_FILE):
+            shutil.copy2(item, tmp / item.name)
+    for item in work.iterdir():
+        item.rename(tmp / item.name)
+    shutil.rmtree(work)
+    for leftover in tmp.glob(".candidate-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _better(entry: dict, chosen: dict) -> bool:

@@ -360,238 +360,320 @@ def fit_split_table(table: np.ndarray, split_rows: int, block: int, column_weigh
     return SplitTable(frequent, frequent_scale, index, scale, offset, levels, block)
 
 
+@dataclass(frozen=True)
+class _ScaledSumWeights:
+    """MIL vars of one projection with uint8 block scales: int4 codes [blocks, 32, N], the coded scales and
+    offsets [blocks, 1, N], and the shared shape/axis constants the per-block sums use."""
+
+    weight: object
+    scales: object
+    offsets: object
+    split: object
+    perm: object
+    last: object
+    first: object
+
+
+class _Int4BlockRewrites:
+    """The int4-block graph pass's work, one method per rewrite (the pass class itself is built lazily:
+    its base class is in coremltools, which the module does not import at load time)."""
+
+    def __init__(self, scheme: CompressionScheme, column_weights: np.ndarray | None = None, split_table=None):
+        super().__init__()
+        self.split_table = split_table  # a SplitTable fitted (or tuned) outside, else fitted here
+        self.scheme = scheme
+        self.block, self.embedding = scheme.block_size, scheme.embedding
+        self.replaced = 0
+        self.column_weights = column_weights  # E[h^2] per table column, weighting the split table's fit
+        self._indicators: dict = {}
+
+    def apply(self, prog):
+        for function in prog.functions.values():
+            self._indicators = {}
+            for op in list(function.operations):
+                var = _compressible_weight(op)
+                if var is None:
+                    continue
+                with function:
+                    done = self._rewrite(function, op, var, var.val)
+                if done:
+                    self.replaced += 1
+
+    def _rewrite(self, function, op, var, value) -> bool:
+        """One weight const, by the layout its consumers and the scheme call for; False when left as it is."""
+        children = var.child_ops
+        is_embedding = any(c.op_type == "gather" for c in children)
+        blocked_linear = not is_embedding and value.shape[1] % self.block == 0 and all(c.op_type == "linear" for c in children)
+        if is_embedding and self.embedding == "split":
+            return self._split_table(function, op, var, value)
+        if blocked_linear and self.scheme.block_scales == "uint8":
+            return self._scaled_sum_projection(function, op, var, value)
+        if blocked_linear and self.scheme.integer_offsets:
+            return self._residue_projection(function, op, var, value)
+        return self._replace(function, op, var, value, is_embedding)
+
+    def _replace(self, function, op, var, value, is_embedding) -> bool:
+        from coremltools.converters.mil import Builder as mb
+        from coremltools.converters.mil.mil import types
+
+        cols = value.shape[1]
+        if is_embedding and self.embedding == "int8":
+            absmax = np.abs(value.astype(np.float32)).max(axis=1, keepdims=True)
+            scale = np.where(absmax > 0, absmax / 127.0, 1.0)
+            data = np.clip(np.rint(value / scale), -127, 127).astype(np.int8)
+            new = mb.constexpr_blockwise_shift_scale(data=data, scale=scale.astype(value.dtype), before_op=op, name=op.name + "_int8")
+        elif cols % self.block == 0 or (is_embedding and self.embedding == "row"):
+            q, scale, offset = affine_blocks(value, cols if is_embedding and self.embedding == "row" else self.block)
+            new = mb.constexpr_blockwise_shift_scale(
+                data=q.astype(types.np_uint4_dtype), scale=scale.astype(value.dtype),
+                offset=offset.astype(value.dtype), before_op=op, name=op.name + "_uint4")
+        else:
+            return False
+        function.replace_uses_of_var_after_op(anchor_op=op, old_var=var, new_var=new, no_check_var_types=True)
+        function.remove_ops([op])
+        return True
+
+    def _block_indicator(self, cols: int, before_op):
+        """-1/16 at [b, k] for k in block b: linear(x, it) gives minus a sixteenth of each block's sum."""
+        from coremltools.converters.mil import Builder as mb
+
+        if cols not in self._indicators:
+            indicator = np.zeros((cols // self.block, cols), np.float16)
+            for b in range(cols // self.block):
+                indicator[b, b * self.block:(b + 1) * self.block] = -1.0 / 16
+            self._indicators[cols] = mb.const(val=indicator, before_op=before_op, name=f"block_sums_{cols}")
+        return self._indicators[cols]
+
+    def _residue_projection(self, function, op, var, value) -> bool:
+        """uint4 codes with integer (uint4) offsets, plus the offsets' rounding residue.
+
+        A block w = s * (q - z) with a fractional offset z (GGUF Q4_1, or any min/max fit) is
+        s * (q - round(z)) - s * r with |r| <= 1/2. The first term is one constexpr_blockwise_shift_scale
+        with uint4 offsets (4 bits per block where fp16 offsets take 16); r is stored as int4 sixteenths
+        k = round(16 r), so the second term is s * k / 16 per (row, block), shared scale s. For an input
+        x: x @ W.T = linear(x, s * (q - round(z))) + linear(-blocksum(x) / 16, s * k): two small
+        linears and an add per projection. The residue's own rounding (|r - k/16| <= 1/32 of a step)
+        is the only change to the weights.
+        """
+        from coremltools.converters.mil import Builder as mb
+        from coremltools.converters.mil.mil import types
+
+        q, scale, offset = affine_blocks(value, self.block)
+        zero, k = integer_offsets(offset)
+        dtype = value.dtype
+        shared_scale = mb.const(val=scale.astype(dtype), before_op=op, name=op.name + "_scale")
+        weight = mb.constexpr_blockwise_shift_scale(
+            data=q.astype(types.np_uint4_dtype), scale=shared_scale, offset=zero.astype(types.np_uint4_dtype),
+            before_op=op, name=op.name + "_uint4")
+        residue = mb.constexpr_blockwise_shift_scale(
+            data=k.astype(types.np_int4_dtype), scale=shared_scale, before_op=op, name=op.name + "_residue")
+        indicator = self._block_indicator(value.shape[1], op)
+        for child in list(var.child_ops):
+            kwargs = {"bias": child.bias} if child.bias is not None else {}
+            main = mb.linear(x=child.x, weight=weight, before_op=child, name=child.name + "_q", **kwargs)
+            sums = mb.linear(x=child.x, weight=indicator, before_op=child, name=child.name + "_block_sums")
+            correction = mb.linear(x=sums, weight=residue, before_op=child, name=child.name + "_residue")
+            out = mb.add(x=main, y=correction, before_op=child, name=child.name + "_sum")
+            function.replace_uses_of_var_after_op(anchor_op=child, old_var=child.outputs[0], new_var=out)
+            function.remove_ops([child])
+        function.remove_ops([op])
+        return True
+
+    def _shared_const(self, value: np.ndarray, name: str, before_op):
+        """One const per value and function (shapes, per-tensor scales): the spec stores each const op."""
+        from coremltools.converters.mil import Builder as mb
+
+        key = (name, value.dtype.str, value.shape, value.tobytes())
+        if key not in self._indicators:
+            self._indicators[key] = mb.const(val=value, before_op=before_op, name=f"{name}_{len(self._indicators)}")
+        return self._indicators[key]
+
+    def _scaled_sum_projection(self, function, op, var, value) -> bool:
+        """int4 codes with the block scales in 8 bits: the scale multiplies each block's partial sum.
+
+        constexpr_blockwise_shift_scale takes fp16 scales per block (0.5 bit a weight at blocks of 32, 6.6 MB
+        for SmolLM2). Written out per block instead, x @ W.T = sum_b s_b * (x_b @ (q_b - 8) - (z_b - 8) * sum(x_b)):
+        one matmul batched over the blocks ([blocks, M, 32] @ [blocks, 32, N], int4 codes with a per-tensor
+        scale of 1), the block sums, then the offsets (uint8 sixteenths) and the scales (uint8 codes into a
+        per-tensor fp16 table, constexpr_lut_to_dense) as elementwise ops on [blocks, M, N] and a sum over
+        the blocks. Weights stay compressed and decoding reads 4.5 bits a weight (5 by default, 4.75 with --integer-offsets);
+        the cost is a [blocks, M, N] intermediate (on-chip-sized when decoding one token; M tokens x that in prefill).
+        Codes are centred (q - 8, z - 8) so the fp16 partial sums do not cancel.
+        """
+        rows = value.shape[0]
+        out_shapes = _flexible_out_shapes(var, rows)
+        if out_shapes is None:
+            return False  # (not reached for the wrappers here: one flexible dimension at most)
+        parts = self._scaled_sum_weights(op, value)
+        for child in list(var.child_ops):
+            out = self._scaled_sum_child(child, parts, out_shapes[id(child)])
+            function.replace_uses_of_var_after_op(anchor_op=child, old_var=child.outputs[0], new_var=out)
+            function.remove_ops([child])
+        function.remove_ops([op])
+        return True
+
+    def _scaled_sum_weights(self, op, value) -> _ScaledSumWeights:
+        """The compressed weight and the shared constants every consumer of `value` reads (before `op`)."""
+        from coremltools.converters.mil import Builder as mb
+        from coremltools.converters.mil.mil import types
+
+        rows, cols = value.shape
+        blocks, dtype = cols // self.block, value.dtype
+        q, codes, table, zero16 = scaled_blocks(value, self.block)
+        data = (q.reshape(rows, blocks, self.block).astype(np.int8) - 8).transpose(1, 2, 0)  # [blocks, 32, N]
+        one = self._shared_const(np.ones((1, 1, 1), dtype), "unit_scale", op)
+        weight = mb.constexpr_blockwise_shift_scale(data=data.astype(types.np_int4_dtype), scale=one,
+                                                    before_op=op, name=op.name + "_int4")
+        scales = mb.constexpr_lut_to_dense(indices=codes.T.reshape(blocks, 1, rows), lut=table.astype(dtype).reshape(1, 1, 1, 256, 1),
+                                           before_op=op, name=op.name + "_scales")
+        sixteenth = self._shared_const(np.full((1, 1, 1), 1 / 16, dtype), "sixteenth", op)
+        centre = self._shared_const(np.full((1, 1, 1), 136, np.uint8), "offset_centre", op)
+        offsets = mb.constexpr_blockwise_shift_scale(data=zero16.T.reshape(blocks, 1, rows), scale=sixteenth, offset=centre,
+                                                     before_op=op, name=op.name + "_offsets")
+        split = self._shared_const(np.array([-1, blocks, self.block], np.int32), "block_shape", op)
+        perm = self._shared_const(np.array([1, 0, 2], np.int32), "block_perm", op)
+        last, first = self._shared_const(np.array([-1], np.int32), "axis_last", op), self._shared_const(np.array([0], np.int32), "axis_first", op)
+        return _ScaledSumWeights(weight, scales, offsets, split, perm, last, first)
+
+    @staticmethod
+    def _scaled_sum_child(child, parts: _ScaledSumWeights, out_shape: list[int]):
+        """The ops replacing one linear consumer: per-block partial sums, offsets and scales, summed over blocks."""
+        from coremltools.converters.mil import Builder as mb
+
+        name, x = child.name, child.x
+        blocked = mb.transpose(x=mb.reshape(x=x, shape=parts.split, before_op=child, name=name + "_b"), perm=parts.perm,
+                               before_op=child, name=name + "_bt")
+        partial = mb.matmul(x=blocked, y=parts.weight, before_op=child, name=name + "_bp")
+        sums = mb.reduce_sum(x=blocked, axes=parts.last, keep_dims=True, before_op=child, name=name + "_bs")
+        shifted = mb.sub(x=partial, y=mb.mul(x=sums, y=parts.offsets, before_op=child, name=name + "_bo"),
+                         before_op=child, name=name + "_bz")
+        total = mb.reduce_sum(x=mb.mul(x=shifted, y=parts.scales, before_op=child, name=name + "_bd"), axes=parts.first,
+                              keep_dims=False, before_op=child, name=name + "_br")
+        out = mb.reshape(x=total, shape=np.array(out_shape, np.int32), before_op=child, name=name + "_by")
+        if child.bias is not None and (child.bias.val is None or np.any(child.bias.val)):  # zero biases: no op
+            out = mb.add(x=out, y=child.bias, before_op=child, name=name + "_bb")
+        return out
+
+    def _split_table(self, function, op, var, value) -> bool:
+        """Tied table in two parts: ids < F in int8 per block of 32, the rest 3-bit (see lut3_blocks).
+
+        Lookups become two gathers and a select; the logits two linears and a concat.
+        """
+        f, block = self.scheme.split_rows, self.scheme.split_block
+        rows, cols = value.shape
+        if not 0 < f < rows or cols % block or cols % 32:
+            return False
+        if any(c.op_type == "gather" and int(c.axis.val) not in (0, -2) for c in var.child_ops):
+            return False
+        table = self._program_split_table(value)
+        frequent, rare = self._split_parts(op, table, value.dtype)
+        for child in list(var.child_ops):
+            if child.op_type == "gather":
+                out = _split_lookup(child, frequent, rare, f)
+            else:
+                out = _split_logits(child, frequent, rare, f)
+            function.replace_uses_of_var_after_op(anchor_op=child, old_var=child.outputs[0], new_var=out)
+            function.remove_ops([child])
+        function.remove_ops([op])
+        return True
+
+    def _program_split_table(self, value) -> SplitTable:
+        """The split table for the program's table `value`: the one given (checked to be this table), else fitted here."""
+        f, block = self.scheme.split_rows, self.scheme.split_block
+        rows, cols = value.shape
+        table = self.split_table if self.split_table is not None else fit_split_table(
+            value, f, block, self.column_weights, self.scheme.split_bits, self.scheme.split_levels)
+        if table.frequent.shape[0] != f or table.frequent.shape[0] + table.index.shape[0] != rows or table.index.shape[1] != cols:
+            raise ValueError(f"the fitted split table does not match the program's table {value.shape} (split at {f})")
+        if self.split_table is not None:  # fitted outside from the PyTorch weights: it must be this table
+            error = np.sqrt(np.mean((table.dense() - value.astype(np.float32)) ** 2)) / max(float(np.std(value.astype(np.float32))), 1e-12)
+            if error > 0.5:
+                raise ValueError(f"the fitted split table is not the program's table (relative RMS error {error:.2f})")
+        return table
+
+    @staticmethod
+    def _split_parts(op, table: SplitTable, dtype):
+        """The table's two parts as constexpr weights (before `op`): int8 frequent rows, and the rare rows' levels
+        (uint4 codes when uniform, else indices through a LUT) with their per-block scale and offset."""
+        from coremltools.converters.mil import Builder as mb
+        from coremltools.converters.mil.mil import types
+
+        data8, scale8, index, scale3, offset3 = table.frequent, table.frequent_scale, table.index, table.scale, table.offset
+        frequent = mb.constexpr_blockwise_shift_scale(data=data8, scale=scale8.astype(dtype), before_op=op, name=op.name + "_frequent")
+        count = len(table.levels)
+        index_type = {8: types.np_uint3_dtype, 16: types.np_uint4_dtype}[count]
+        if table.uniform:  # the codes themselves: uint4 data with the per-block scale and offset (iOS 18)
+            levels = index.astype(index_type)
+        else:
+            levels = mb.constexpr_lut_to_dense(indices=index.astype(index_type), lut=table.levels.astype(np.int8).reshape(1, 1, count, 1),
+                                               before_op=op, name=op.name + "_levels")
+        rare = mb.constexpr_blockwise_shift_scale(data=levels, scale=scale3.astype(dtype), offset=offset3.astype(dtype),
+                                                  before_op=op, name=op.name + "_rare")
+        return frequent, rare
+
+
 def _make_pass_class():
     from coremltools.converters.mil.mil.passes.graph_pass import AbstractGraphPass
 
-    class _Pass(AbstractGraphPass):
-        def __init__(self, scheme: CompressionScheme, column_weights: np.ndarray | None = None, split_table=None):
-            super().__init__()
-            self.split_table = split_table  # a SplitTable fitted (or tuned) outside, else fitted here
-            self.scheme = scheme
-            self.block, self.embedding = scheme.block_size, scheme.embedding
-            self.replaced = 0
-            self.column_weights = column_weights  # E[h^2] per table column, weighting the split table's fit
-            self._indicators: dict = {}
-
-        def apply(self, prog):
-            for function in prog.functions.values():
-                self._indicators = {}
-                for op in list(function.operations):
-                    if op.op_type != "const" or op.outputs[0].val is None:
-                        continue
-                    var = op.outputs[0]
-                    children = var.child_ops
-                    value = var.val
-                    if not children or not isinstance(value, np.ndarray) or value.ndim != 2 or value.dtype.kind != "f":
-                        continue
-                    if any(c.op_type not in WEIGHT_CONSUMERS or not _is_weight_input(c, var) for c in children):
-                        continue
-                    is_embedding = any(c.op_type == "gather" for c in children)
-                    with function:
-                        if is_embedding and self.embedding == "split":
-                            done = self._split_table(function, op, var, value)
-                        elif not is_embedding and self.scheme.block_scales == "uint8" and value.shape[1] % self.block == 0 \
-                                and all(c.op_type == "linear" for c in children):
-                            done = self._scaled_sum_projection(function, op, var, value)
-                        elif not is_embedding and self.scheme.integer_offsets and value.shape[1] % self.block == 0 \
-                                and all(c.op_type == "linear" for c in children):
-                            done = self._residue_projection(function, op, var, value)
-                        else:
-                            done = self._replace(function, op, var, value, is_embedding)
-                    if done:
-                        self.replaced += 1
-
-        def _replace(self, function, op, var, value, is_embedding) -> bool:
-            from coremltools.converters.mil import Builder as mb
-            from coremltools.converters.mil.mil import types
-
-            cols = value.shape[1]
-            if is_embedding and self.embedding == "int8":
-                absmax = np.abs(value.astype(np.float32)).max(axis=1, keepdims=True)
-                scale = np.where(absmax > 0, absmax / 127.0, 1.0)
-                data = np.clip(np.rint(value / scale), -127, 127).astype(np.int8)
-                new = mb.constexpr_blockwise_shift_scale(data=data, scale=scale.astype(value.dtype), before_op=op, name=op.name + "_int8")
-            elif cols % self.block == 0 or (is_embedding and self.embedding == "row"):
-                q, scale, offset = affine_blocks(value, cols if is_embedding and self.embedding == "row" else self.block)
-                new = mb.constexpr_blockwise_shift_scale(
-                    data=q.astype(types.np_uint4_dtype), scale=scale.astype(value.dtype),
-                    offset=offset.astype(value.dtype), before_op=op, name=op.name + "_uint4")
-            else:
-                return False
-            function.replace_uses_of_var_after_op(anchor_op=op, old_var=var, new_var=new, no_check_var_types=True)
-            function.remove_ops([op])
-            return True
-
-        def _block_indicator(self, cols: int, before_op):
-            """-1/16 at [b, k] for k in block b: linear(x, it) gives minus a sixteenth of each block's sum."""
-            from coremltools.converters.mil import Builder as mb
-
-            if cols not in self._indicators:
-                indicator = np.zeros((cols // self.block, cols), np.float16)
-                for b in range(cols // self.block):
-                    indicator[b, b * self.block:(b + 1) * self.block] = -1.0 / 16
-                self._indicators[cols] = mb.const(val=indicator, before_op=before_op, name=f"block_sums_{cols}")
-            return self._indicators[cols]
-
-        def _residue_projection(self, function, op, var, value) -> bool:
-            """uint4 codes with integer (uint4) offsets, plus the offsets' rounding residue.
-
-            A block w = s * (q - z) with a fractional offset z (GGUF Q4_1, or any min/max fit) is
-            s * (q - round(z)) - s * r with |r| <= 1/2. The first term is one constexpr_blockwise_shift_scale
-            with uint4 offsets (4 bits per block where fp16 offsets take 16); r is stored as int4 sixteenths
-            k = round(16 r), so the second term is s * k / 16 per (row, block), shared scale s. For an input
-            x: x @ W.T = linear(x, s * (q - round(z))) + linear(-blocksum(x) / 16, s * k): two small
-            linears and an add per projection. The residue's own rounding (|r - k/16| <= 1/32 of a step)
-            is the only change to the weights.
-            """
-            from coremltools.converters.mil import Builder as mb
-            from coremltools.converters.mil.mil import types
-
-            q, scale, offset = affine_blocks(value, self.block)
-            zero, k = integer_offsets(offset)
-            dtype = value.dtype
-            shared_scale = mb.const(val=scale.astype(dtype), before_op=op, name=op.name + "_scale")
-            weight = mb.constexpr_blockwise_shift_scale(
-                data=q.astype(types.np_uint4_dtype), scale=shared_scale, offset=zero.astype(types.np_uint4_dtype),
-                before_op=op, name=op.name + "_uint4")
-            residue = mb.constexpr_blockwise_shift_scale(
-                data=k.astype(types.np_int4_dtype), scale=shared_scale, before_op=op, name=op.name + "_residue")
-            indicator = self._block_indicator(value.shape[1], op)
-            for child in list(var.child_ops):
-                kwargs = {"bias": child.bias} if child.bias is not None else {}
-                main = mb.linear(x=child.x, weight=weight, before_op=child, name=child.name + "_q", **kwargs)
-                sums = mb.linear(x=child.x, weight=indicator, before_op=child, name=child.name + "_block_sums")
-                correction = mb.linear(x=sums, weight=residue, before_op=child, name=child.name + "_residue")
-                out = mb.add(x=main, y=correction, before_op=child, name=child.name + "_sum")
-                function.replace_uses_of_var_after_op(anchor_op=child, old_var=child.outputs[0], new_var=out)
-                function.remove_ops([child])
-            function.remove_ops([op])
-            return True
-
-        def _shared_const(self, value: np.ndarray, name: str, before_op):
-            """One const per value and function (shapes, per-tensor scales): the spec stores each const op."""
-            from coremltools.converters.mil import Builder as mb
-
-            key = (name, value.dtype.str, value.shape, value.tobytes())
-            if key not in self._indicators:
-                self._indicators[key] = mb.const(val=value, before_op=before_op, name=f"{name}_{len(self._indicators)}")
-            return self._indicators[key]
-
-        def _scaled_sum_projection(self, function, op, var, value) -> bool:
-            """int4 codes with the block scales in 8 bits: the scale multiplies each block's partial sum.
-
-            constexpr_blockwise_shift_scale takes fp16 scales per block (0.5 bit a weight at blocks of 32, 6.6 MB
-            for SmolLM2). Written out per block instead, x @ W.T = sum_b s_b * (x_b @ (q_b - 8) - (z_b - 8) * sum(x_b)):
-            one matmul batched over the blocks ([blocks, M, 32] @ [blocks, 32, N], int4 codes with a per-tensor
-            scale of 1), the block sums, then the offsets (uint8 sixteenths) and the scales (uint8 codes into a
-            per-tensor fp16 table, constexpr_lut_to_dense) as elementwise ops on [blocks, M, N] and a sum over
-            the blocks. Weights stay compressed and decoding reads 4.5 bits a weight (5 by default, 4.75 with --integer-offsets);
-            the cost is a [blocks, M, N] intermediate (on-chip-sized when decoding one token; M tokens x that in prefill).
-            Codes are centred (q - 8, z - 8) so the fp16 partial sums do not cancel.
-            """
-            from coremltools.converters.mil import Builder as mb
-            from coremltools.converters.mil.mil import types
-
-            rows, cols = value.shape
-            out_shapes = {}
-            for child in var.child_ops:  # the output shape, with its one flexible dimension (if any) as -1
-                lead = list(child.x.shape[:-1])
-                symbolic = [i for i, d in enumerate(lead) if not isinstance(d, (int, np.integer))]
-                if len(symbolic) > 1:
-                    return False  # (not reached for the wrappers here: one flexible dimension at most)
-                out_shapes[id(child)] = [-1 if i in symbolic else int(d) for i, d in enumerate(lead)] + [rows]
-            blocks, dtype = cols // self.block, value.dtype
-            q, codes, table, zero16 = scaled_blocks(value, self.block)
-            data = (q.reshape(rows, blocks, self.block).astype(np.int8) - 8).transpose(1, 2, 0)  # [blocks, 32, N]
-            one = self._shared_const(np.ones((1, 1, 1), dtype), "unit_scale", op)
-            weight = mb.constexpr_blockwise_shift_scale(data=data.astype(types.np_int4_dtype), scale=one,
-                                                        before_op=op, name=op.name + "_int4")
-            scales = mb.constexpr_lut_to_dense(indices=codes.T.reshape(blocks, 1, rows), lut=table.astype(dtype).reshape(1, 1, 1, 256, 1),
-                                               before_op=op, name=op.name + "_scales")
-            sixteenth = self._shared_const(np.full((1, 1, 1), 1 / 16, dtype), "sixteenth", op)
-            centre = self._shared_const(np.full((1, 1, 1), 136, np.uint8), "offset_centre", op)
-            offsets = mb.constexpr_blockwise_shift_scale(data=zero16.T.reshape(blocks, 1, rows), scale=sixteenth, offset=centre,
-                                                         before_op=op, name=op.name + "_offsets")
-            split = self._shared_const(np.array([-1, blocks, self.block], np.int32), "block_shape", op)
-            perm = self._shared_const(np.array([1, 0, 2], np.int32), "block_perm", op)
-            last, first = self._shared_const(np.array([-1], np.int32), "axis_last", op), self._shared_const(np.array([0], np.int32), "axis_first", op)
-            for child in list(var.child_ops):
-                name, x, out_shape = child.name, child.x, out_shapes[id(child)]
-                blocked = mb.transpose(x=mb.reshape(x=x, shape=split, before_op=child, name=name + "_b"), perm=perm,
-                                       before_op=child, name=name + "_bt")
-                partial = mb.matmul(x=blocked, y=weight, before_op=child, name=name + "_bp")
-                sums = mb.reduce_sum(x=blocked, axes=last, keep_dims=True, before_op=child, name=name + "_bs")
-                shifted = mb.sub(x=partial, y=mb.mul(x=sums, y=offsets, before_op=child, name=name + "_bo"),
-                                 before_op=child, name=name + "_bz")
-                total = mb.reduce_sum(x=mb.mul(x=shifted, y=scales, before_op=child, name=name + "_bd"), axes=first,
-                                      keep_dims=False, before_op=child, name=name + "_br")
-                out = mb.reshape(x=total, shape=np.array(out_shape, np.int32), before_op=child, name=name + "_by")
-                if child.bias is not None and (child.bias.val is None or np.any(child.bias.val)):  # zero biases: no op
-                    out = mb.add(x=out, y=child.bias, before_op=child, name=name + "_bb")
-                function.replace_uses_of_var_after_op(anchor_op=child, old_var=child.outputs[0], new_var=out)
-                function.remove_ops([child])
-            function.remove_ops([op])
-            return True
-
-        def _split_table(self, function, op, var, value) -> bool:
-            """Tied table in two parts: ids < F in int8 per block of 32, the rest 3-bit (see lut3_blocks).
-
-            Lookups become two gathers and a select; the logits two linears and a concat.
-            """
-            from coremltools.converters.mil import Builder as mb
-            from coremltools.converters.mil.mil import types
-
-            f, block = self.scheme.split_rows, self.scheme.split_block
-            rows, cols = value.shape
-            if not 0 < f < rows or cols % block or cols % 32:
-                return False
-            if any(c.op_type == "gather" and int(c.axis.val) not in (0, -2) for c in var.child_ops):
-                return False
-            dtype = value.dtype
-            table = self.split_table if self.split_table is not None else fit_split_table(
-                value, f, block, self.column_weights, self.scheme.split_bits, self.scheme.split_levels)
-            if table.frequent.shape[0] != f or table.frequent.shape[0] + table.index.shape[0] != rows or table.index.shape[1] != cols:
-                raise ValueError(f"the fitted split table does not match the program's table {value.shape} (split at {f})")
-            if self.split_table is not None:  # fitted outside from the PyTorch weights: it must be this table
-                error = np.sqrt(np.mean((table.dense() - value.astype(np.float32)) ** 2)) / max(float(np.std(value.astype(np.float32))), 1e-12)
-                if error > 0.5:
-                    raise ValueError(f"the fitted split table is not the program's table (relative RMS error {error:.2f})")
-            data8, scale8, index, scale3, offset3 = table.frequent, table.frequent_scale, table.index, table.scale, table.offset
-            frequent = mb.constexpr_blockwise_shift_scale(data=data8, scale=scale8.astype(dtype), before_op=op, name=op.name + "_frequent")
-            count = len(table.levels)
-            index_type = {8: types.np_uint3_dtype, 16: types.np_uint4_dtype}[count]
-            if table.uniform:  # the codes themselves: uint4 data with the per-block scale and offset (iOS 18)
-                levels = index.astype(index_type)
-            else:
-                levels = mb.constexpr_lut_to_dense(indices=index.astype(index_type), lut=table.levels.astype(np.int8).reshape(1, 1, count, 1),
-                                                   before_op=op, name=op.name + "_levels")
-            rare = mb.constexpr_blockwise_shift_scale(data=levels, scale=scale3.astype(dtype), offset=offset3.astype(dtype),
-                                                      before_op=op, name=op.name + "_rare")
-            for child in list(var.child_ops):
-                if child.op_type == "gather":
-                    ids = child.indices  # coremltools may have narrowed them (uint16): compare in int32
-                    if ids.dtype != types.int32:
-                        ids = mb.cast(x=ids, dtype="int32", before_op=child, name=child.name + "_ids_int32")
-                    first = mb.minimum(x=ids, y=np.int32(f - 1), before_op=child, name=child.name + "_ids_frequent")
-                    shifted = mb.sub(x=ids, y=np.int32(f), before_op=child, name=child.name + "_ids_shift")
-                    second = mb.maximum(x=shifted, y=np.int32(0), before_op=child, name=child.name + "_ids_rare")
-                    a = mb.gather(x=frequent, indices=first, axis=0, before_op=child, name=child.name + "_frequent")
-                    b = mb.gather(x=rare, indices=second, axis=0, before_op=child, name=child.name + "_rare")
-                    is_frequent = mb.less(x=ids, y=np.int32(f), before_op=child, name=child.name + "_is_frequent")
-                    cond = mb.expand_dims(x=is_frequent, axes=[-1], before_op=child, name=child.name + "_cond")
-                    out = mb.select(cond=cond, a=a, b=b, before_op=child, name=child.name + "_split")
-                else:  # linear: logits of both parts, in id order
-                    kwargs_a = {"bias": mb.const(val=child.bias.val[:f], before_op=child)} if child.bias is not None else {}
-                    kwargs_b = {"bias": mb.const(val=child.bias.val[f:], before_op=child)} if child.bias is not None else {}
-                    a = mb.linear(x=child.x, weight=frequent, before_op=child, name=child.name + "_frequent", **kwargs_a)
-                    b = mb.linear(x=child.x, weight=rare, before_op=child, name=child.name + "_rare", **kwargs_b)
-                    out = mb.concat(values=[a, b], axis=-1, before_op=child, name=child.name + "_split")
-                function.replace_uses_of_var_after_op(anchor_op=child, old_var=child.outputs[0], new_var=out)
-                function.remove_ops([child])
-            function.remove_ops([op])
-            return True
+    class _Pass(_Int4BlockRewrites, AbstractGraphPass):
+        pass
 
     return _Pass
+
+
+def _split_lookup(child, frequent, rare, f: int):
+    """A gather from the split table: both parts gathered with clamped ids, the right one selected per id."""
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil import types
+
+    ids = child.indices  # coremltools may have narrowed them (uint16): compare in int32
+    if ids.dtype != types.int32:
+        ids = mb.cast(x=ids, dtype="int32", before_op=child, name=child.name + "_ids_int32")
+    first = mb.minimum(x=ids, y=np.int32(f - 1), before_op=child, name=child.name + "_ids_frequent")
+    shifted = mb.sub(x=ids, y=np.int32(f), before_op=child, name=child.name + "_ids_shift")
+    second = mb.maximum(x=shifted, y=np.int32(0), before_op=child, name=child.name + "_ids_rare")
+    a = mb.gather(x=frequent, indices=first, axis=0, before_op=child, name=child.name + "_frequent")
+    b = mb.gather(x=rare, indices=second, axis=0, before_op=child, name=child.name + "_rare")
+    is_frequent = mb.less(x=ids, y=np.int32(f), before_op=child, name=child.name + "_is_frequent")
+    cond = mb.expand_dims(x=is_frequent, axes=[-1], before_op=child, name=child.name + "_cond")
+    return mb.select(cond=cond, a=a, b=b, before_op=child, name=child.name + "_split")
+
+
+def _split_logits(child, frequent, rare, f: int):
+    """A linear on the split table: the logits of both parts, concatenated in id order."""
+    from coremltools.converters.mil import Builder as mb
+
+    kwargs_a = {"bias": mb.const(val=child.bias.val[:f], before_op=child)} if child.bias is not None else {}
+    kwargs_b = {"bias": mb.const(val=child.bias.val[f:], before_op=child)} if child.bias is not None else {}
+    a = mb.linear(x=child.x, weight=frequent, before_op=child, name=child.name + "_frequent", **kwargs_a)
+    b = mb.linear(x=child.x, weight=rare, before_op=child, name=child.name + "_rare", **kwargs_b)
+    return mb.concat(values=[a, b], axis=-1, before_op=child, name=child.name + "_split")
+
+
+def _flexible_out_shapes(var, rows: int) -> dict | None:
+    """Output shape per consumer of `var` (by id), its one flexible dimension (if any) as -1; None for more than one."""
+    out_shapes = {}
+    for child in var.child_ops:
+        lead = list(child.x.shape[:-1])
+        symbolic = [i for i, d in enumerate(lead) if not isinstance(d, (int, np.integer))]
+        if len(symbolic) > 1:
+            return None
+        out_shapes[id(child)] = [-1 if i in symbolic else int(d) for i, d in enumerate(lead)] + [rows]
+    return out_shapes
+
+
+def _compressible_weight(op):
+    """The output var of a 2-D float const that feeds only weight inputs of linear/matmul/gather, else None."""
+    if op.op_type != "const" or op.outputs[0].val is None:
+        return None
+    var = op.outputs[0]
+    children = var.child_ops
+    value = var.val
+    if not children or not isinstance(value, np.ndarray) or value.ndim != 2 or value.dtype.kind != "f":
+        return None
+    if any(c.op_type not in WEIGHT_CONSUMERS or not _is_weight_input(c, var) for c in children):
+        return None
+    return var
 
 
 def _is_weight_input(child, var) -> bool:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -60,95 +61,34 @@ def tune_split_table(hf_model, tokenizer, fit: SplitTable, *, steps: int, projec
                      block_scales: str = "fp16", sequence_tokens: int = SEQUENCE_TOKENS, seed: int = 0, on_status=None) -> tuple[SplitTable, dict]:
     """Tune `fit` for `steps` Adam steps of KL(fp32 || package) on self-generated text; returns the tuned
     table and a report (held-out KL before and after, on generated sequences not trained on)."""
-    import torch
-
-    from edgepack.targets.coreml_support.convert import stored_projection
-
     status = on_status or (lambda message: None)
     started = time.perf_counter()
     reference = hf_model.eval()
     status(f"table tuning: generating {TRAIN_SEQUENCES + HELDOUT_SEQUENCES} sequences of {sequence_tokens} tokens from the fp32 model")
-    text = _generate(reference, tokenizer, TRAIN_SEQUENCES + HELDOUT_SEQUENCES, sequence_tokens, seed)
-    train, heldout = text[:TRAIN_SEQUENCES], text[TRAIN_SEQUENCES:]
-    batches = [train[i:i + BATCH] for i in range(0, len(train), BATCH)]
-    with torch.no_grad():
-        targets = [torch.log_softmax(reference(b).logits.float(), -1).half() for b in batches]  # fp16: 1/2 the memory
-        heldout_target = torch.log_softmax(reference(heldout).logits.float(), -1)
-
-    # The model as the package computes it: projections as stored; the table is set per step below.
-    student = copy.deepcopy(reference)
-    for module in student.model.layers.modules():
-        if isinstance(module, torch.nn.Linear) and module.weight.shape[1] % projection_block == 0:
-            as_stored = stored_projection(module.weight.detach().numpy(), projection_block, residue=integer_offsets, block_scales=block_scales)
-            module.weight.data = torch.from_numpy(as_stored).to(module.weight.dtype)
-    for p in student.parameters():
-        p.requires_grad_(False)
-
-    levels = torch.from_numpy(fit.levels.astype(np.float32))
-    rows, cols = fit.index.shape
-    blocks = cols // fit.block
-    scale0 = torch.from_numpy(fit.scale.astype(np.float32))[..., None]
-    offset0 = torch.from_numpy(fit.offset.astype(np.float32))[..., None]
-    source_table = hf_model.get_input_embeddings().weight.detach().float()
-    rare_ref = source_table[-rows:].reshape(rows, blocks, fit.block)
-    # level coordinates u with w = scale * (u - offset); start from the weights' own coordinates, not the rounded ones
-    u_rare = torch.nn.Parameter(rare_ref / scale0 + offset0)
-    log_scale = torch.nn.Parameter(scale0.abs().clamp_min(1e-12).log())
-    sign = torch.sign(scale0)
-    offset = torch.nn.Parameter(offset0.clone())
-    frequent_scale = torch.from_numpy(fit.frequent_scale.astype(np.float32)).repeat_interleave(32, dim=1)
-    u_frequent = torch.nn.Parameter(source_table[: fit.frequent.shape[0]] / frequent_scale)
-
-    def nearest_level(u):
-        return levels[(u.detach()[..., None] - levels).abs().argmin(-1)]
-
-    def table():
-        rare = sign * log_scale.exp() * (u_rare + (nearest_level(u_rare) - u_rare).detach() - offset)
-        q8 = u_frequent + (u_frequent.detach().round().clamp(-127, 127) - u_frequent).detach()
-        return torch.cat([frequent_scale * q8, rare.reshape(rows, cols)])
-
-    def distillation_loss(target_lp, batch, weights):
-        """Mean KL(fp32 || student) over the batch's positions, differentiable (the training objective)."""
-        embeddings = torch.nn.functional.embedding(batch, weights)
-        hidden = student.model(inputs_embeds=embeddings).last_hidden_state
-        lp = torch.log_softmax(hidden @ weights.T, -1)
-        return (target_lp.exp() * (target_lp - lp)).sum(-1).mean()
-
-    def stored() -> SplitTable:
-        """The table as the package stores it: fp16 scale and offset, each weight at its nearest level under them."""
-        with torch.no_grad():
-            scale = sign * log_scale.exp()
-            weight = scale * (u_rare - offset)
-            scale16, offset16 = scale.half(), offset.half()
-            u16 = weight / scale16.float() + offset16.float()
-            index = (u16[..., None] - levels).abs().argmin(-1).reshape(rows, cols).numpy().astype(np.uint8)
-            frequent = u_frequent.round().clamp(-127, 127).numpy().astype(np.int8)
-        return SplitTable(frequent, fit.frequent_scale, index, scale16[..., 0].numpy(), offset16[..., 0].numpy(), fit.levels, fit.block)
+    data = _distillation_data(reference, tokenizer, sequence_tokens, seed)
+    student = _stored_student(reference, projection_block, integer_offsets, block_scales)
+    params = _TableParameters(fit, hf_model.get_input_embeddings().weight.detach().float())
 
     def heldout_loss(candidate: SplitTable) -> float:
+        import torch
+
         with torch.no_grad():
-            return float(distillation_loss(heldout_target, heldout, torch.from_numpy(candidate.dense())))
+            return float(_distillation_loss(student, data.heldout_target, data.heldout, torch.from_numpy(candidate.dense())))
 
     before = heldout_loss(fit)
     best, best_kl, best_step = fit, before, 0
-    # the rare rows' step in the same fraction of their level range whatever the levels (int8 quantiles span 254)
-    spread = (int(fit.levels.max()) - int(fit.levels.min())) / 254
-    optimizer = torch.optim.Adam([
-        {"params": [u_rare, offset], "lr": LR_LEVELS * spread},
-        {"params": [u_frequent], "lr": LR_LEVELS},
-        {"params": [log_scale], "lr": LR_LOG_SCALE},
-    ])
+    optimizer = params.optimizer()
     losses = []
     for step in range(1, steps + 1):
-        k = (step - 1) % len(batches)
-        loss = distillation_loss(targets[k].float(), batches[k], table())
+        k = (step - 1) % len(data.batches)
+        loss = _distillation_loss(student, data.targets[k].float(), data.batches[k], params.table())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
         if step % CHECK_EVERY == 0 or step == steps:
             # keep the stored table that does best on the held-out sequences (the training KL is noisy)
-            candidate = stored()
+            candidate = params.stored()
             candidate_kl = heldout_loss(candidate)
             if candidate_kl < best_kl:
                 best, best_kl, best_step = candidate, candidate_kl, step
@@ -161,3 +101,111 @@ def tune_split_table(hf_model, tokenizer, fit: SplitTable, *, steps: int, projec
         "seconds": round(time.perf_counter() - started, 1),
     }
     return best, report
+
+
+@dataclass
+class _DistillationData:
+    """Self-generated token sequences and the fp32 model's next-token log-probabilities on them."""
+
+    batches: list  # training batches of BATCH sequences
+    targets: list  # their log-probabilities, fp16 (half the memory)
+    heldout: object  # sequences never trained on
+    heldout_target: object
+
+
+def _distillation_data(reference, tokenizer, sequence_tokens: int, seed: int) -> _DistillationData:
+    import torch
+
+    text = _generate(reference, tokenizer, TRAIN_SEQUENCES + HELDOUT_SEQUENCES, sequence_tokens, seed)
+    train, heldout = text[:TRAIN_SEQUENCES], text[TRAIN_SEQUENCES:]
+    batches = [train[i:i + BATCH] for i in range(0, len(train), BATCH)]
+    with torch.no_grad():
+        targets = [torch.log_softmax(reference(b).logits.float(), -1).half() for b in batches]
+        heldout_target = torch.log_softmax(reference(heldout).logits.float(), -1)
+    return _DistillationData(batches, targets, heldout, heldout_target)
+
+
+def _stored_student(reference, projection_block: int, integer_offsets: bool, block_scales: str):
+    """A frozen copy of the model computing as the package does: projections as stored (the table is passed per step)."""
+    import torch
+
+    from edgepack.targets.coreml_support.convert import stored_projection
+
+    student = copy.deepcopy(reference)
+    for module in student.model.layers.modules():
+        if isinstance(module, torch.nn.Linear) and module.weight.shape[1] % projection_block == 0:
+            as_stored = stored_projection(module.weight.detach().numpy(), projection_block, residue=integer_offsets, block_scales=block_scales)
+            module.weight.data = torch.from_numpy(as_stored).to(module.weight.dtype)
+    for p in student.parameters():
+        p.requires_grad_(False)
+    return student
+
+
+def _distillation_loss(student, target_lp, batch, weights):
+    """Mean KL(fp32 || student) over the batch's positions, differentiable (the training objective)."""
+    import torch
+
+    embeddings = torch.nn.functional.embedding(batch, weights)
+    hidden = student.model(inputs_embeds=embeddings).last_hidden_state
+    lp = torch.log_softmax(hidden @ weights.T, -1)
+    return (target_lp.exp() * (target_lp - lp)).sum(-1).mean()
+
+
+class _TableParameters:
+    """The split table's trainable values: level coordinates u with w = scale * (u - offset) for the rare rows
+    (log scale, sign kept), int8 coordinates for the frequent rows; rounding is straight-through."""
+
+    def __init__(self, fit: SplitTable, source_table):
+        import torch
+
+        self.fit = fit
+        self.levels = torch.from_numpy(fit.levels.astype(np.float32))
+        self.rows, self.cols = fit.index.shape
+        blocks = self.cols // fit.block
+        scale0 = torch.from_numpy(fit.scale.astype(np.float32))[..., None]
+        offset0 = torch.from_numpy(fit.offset.astype(np.float32))[..., None]
+        rare_ref = source_table[-self.rows:].reshape(self.rows, blocks, fit.block)
+        # start from the weights' own coordinates, not the rounded ones
+        self.u_rare = torch.nn.Parameter(rare_ref / scale0 + offset0)
+        self.log_scale = torch.nn.Parameter(scale0.abs().clamp_min(1e-12).log())
+        self.sign = torch.sign(scale0)
+        self.offset = torch.nn.Parameter(offset0.clone())
+        self.frequent_scale = torch.from_numpy(fit.frequent_scale.astype(np.float32)).repeat_interleave(32, dim=1)
+        self.u_frequent = torch.nn.Parameter(source_table[: fit.frequent.shape[0]] / self.frequent_scale)
+
+    def optimizer(self):
+        import torch
+
+        # the rare rows' step in the same fraction of their level range whatever the levels (int8 quantiles span 254)
+        spread = (int(self.fit.levels.max()) - int(self.fit.levels.min())) / 254
+        return torch.optim.Adam([
+            {"params": [self.u_rare, self.offset], "lr": LR_LEVELS * spread},
+            {"params": [self.u_frequent], "lr": LR_LEVELS},
+            {"params": [self.log_scale], "lr": LR_LOG_SCALE},
+        ])
+
+    def _nearest_level(self, u):
+        return self.levels[(u.detach()[..., None] - self.levels).abs().argmin(-1)]
+
+    def table(self):
+        """The dense table the student computes with (differentiable, straight-through rounding)."""
+        import torch
+
+        u_rare, u_frequent = self.u_rare, self.u_frequent
+        rare = self.sign * self.log_scale.exp() * (u_rare + (self._nearest_level(u_rare) - u_rare).detach() - self.offset)
+        q8 = u_frequent + (u_frequent.detach().round().clamp(-127, 127) - u_frequent).detach()
+        return torch.cat([self.frequent_scale * q8, rare.reshape(self.rows, self.cols)])
+
+    def stored(self) -> SplitTable:
+        """The table as the package stores it: fp16 scale and offset, each weight at its nearest level under them."""
+        import torch
+
+        fit = self.fit
+        with torch.no_grad():
+            scale = self.sign * self.log_scale.exp()
+            weight = scale * (self.u_rare - self.offset)
+            scale16, offset16 = scale.half(), self.offset.half()
+            u16 = weight / scale16.float() + offset16.float()
+            index = (u16[..., None] - self.levels).abs().argmin(-1).reshape(self.rows, self.cols).numpy().astype(np.uint8)
+            frequent = self.u_frequent.round().clamp(-127, 127).numpy().astype(np.int8)
+        return SplitTable(frequent, fit.frequent_scale, index, scale16[..., 0].numpy(), offset16[..., 0].numpy(), fit.levels, fit.block)
