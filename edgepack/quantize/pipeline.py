@@ -193,7 +193,7 @@ def calibration_reader(model_dir, tokenizer, calibration_text: Path | None, samp
 
 def quantize_model(directory: Path | str, out: Path | str, config: QuantizeConfig = QuantizeConfig(), on_status=None) -> QuantizedModel:
     from edgepack._quiet import quiet_libraries
-    from edgepack.convert.export import tool_versions
+    from edgepack.core.versions import tool_versions
 
     status = on_status or (lambda message: None)
     out, start = Path(out), time.perf_counter()

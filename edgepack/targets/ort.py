@@ -369,7 +369,7 @@ def verify_bundle(bundle: Path, model_dir: ExportedModelDir, config: OrtTargetCo
 
 def build(directory: Path | str, out: Path | str, config: OrtTargetConfig = OrtTargetConfig(), on_status=None) -> TargetArtifact:
     from edgepack._quiet import quiet_libraries
-    from edgepack.convert.export import tool_versions
+    from edgepack.core.versions import tool_versions
     from edgepack.outputs import prepare_output, replace_dir, staging_dir
     from edgepack.profiles.model_facts import model_facts
     from edgepack.quantize.graph import op_counts

@@ -211,7 +211,7 @@ def build(directory: Path | str, out: Path | str, config: OrtMobileConfig = OrtM
     from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
 
     from edgepack._quiet import quiet_libraries
-    from edgepack.convert.export import tool_versions
+    from edgepack.core.versions import tool_versions
     from edgepack.outputs import prepare_output, replace_dir, staging_dir
     from edgepack.quantize.graph import save_model
 

@@ -168,7 +168,7 @@ def build(directory: Path | str, out: Path | str, config: QnnConfig = QnnConfig(
     import numpy as np
 
     from edgepack._quiet import quiet_libraries
-    from edgepack.convert.export import tool_versions
+    from edgepack.core.versions import tool_versions
     from edgepack.outputs import prepare_output, replace_dir, staging_dir
     from edgepack.quantize.calibration import DEFAULT_CALIBRATION_TEXT, DEFAULT_EVAL_TEXT, read_text
     from edgepack.runtime.model_dir import TEXT_GENERATION, load_model_dir
