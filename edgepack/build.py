@@ -1,13 +1,26 @@
-"""`edgepack build RECIPE -o OUT`: convert -> quantize (each scheme) -> targets -> profile -> check.
+"""`edgepack build RECIPE -o OUT`: convert -> quantize (each scheme) -> targets -> profile -> check -> bundle.
 
-Each stage's result is cached under `$EDGEPACK_CACHE/build/<stage>/<key>/`, where the key is the
-sha256 of the stage's inputs (the content of the source model, the keys of the stages it consumes),
-its configuration and the tool versions. A cache entry is written in a temporary folder and renamed
-when complete, under a per-entry file lock, so an interrupted build leaves nothing half-written and
-two builds sharing a cache wait for each other instead of corrupting it. The entry's `.complete`
-marker, written last, lists its files with size and sha256; they are checked before each reuse, so a
-corrupted entry is rebuilt (and the log says why) rather than shipped. Temporary folders of a killed
-build are removed by the next one.
+The build is the list `BUILD_STAGES`, one function per stage over a shared `_Build`. Each stage's result is
+cached under `$EDGEPACK_CACHE/build/<stage>/<key>/`. The key (`compute_key`) is the sha256 of:
+  * the stage's payload: its inputs (the content of the source model, the keys of the stages it consumes)
+    and its configuration;
+  * the versions of Python and of the packages the stage declares (`StageDeclaration.packages`: coremltools
+    for Core ML, onnxruntime-qnn and its QNN SDK for QNN, onnxruntime-genai and the builder environment's for
+    the ort target's builder route, ...), so an upgrade invalidates the stages it can change and no other;
+  * the source of the modules the stage uses: its entry modules, every edgepack module they import,
+    transitively (found by reading the `import edgepack...` / `from edgepack... import` statements, those
+    inside functions included, without running them) with the `__init__.py` of their packages, and the data
+    files of those packages (non-Python files in the package folder and its non-package subfolders, e.g.
+    quantize/data/*.txt, profiles/devices/*.toml). A comment edited in one target's module re-runs that
+    target only; an edit in a shared module re-runs every stage that imports it.
+build.py itself is not hashed: what it hands a stage is in the payload, and `KEY_FORMAT` is bumped when
+that changes in a way the payload does not show.
+
+A cache entry is written in a temporary folder and renamed when complete, under a per-entry file lock, so
+an interrupted build leaves nothing half-written and two builds sharing a cache wait for each other instead
+of corrupting it. The entry's `.complete` marker, written last, lists its files with size and sha256; they
+are checked before each reuse, so a corrupted entry is rebuilt (and the log says why) rather than shipped.
+Temporary folders of a killed build are removed by the next one.
 
 The bundle holds the deliverables only (targets, quality and profile reports, verdicts, reports and a
 manifest); intermediate exports stay in the cache. It is assembled in a temporary sibling of OUT and
@@ -17,16 +30,18 @@ renamed into place last, so a killed build leaves either no bundle or the previo
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgepack.core.gates import GateResult, check_gates, failed
-from edgepack.errors import BadInputError, UsageError
+from edgepack.errors import UsageError
 
 BUNDLE_KIND = "edgepack.manifest"
 STAGES = ("convert", "quantize", "target", "profile", "check")
@@ -81,8 +96,8 @@ class BuildResult:
 
 
 def _versions_fingerprint() -> dict:
-    """Library versions plus a hash of edgepack's own code: a changed stage implementation invalidates its cache."""
-    from edgepack.convert.export import tool_versions
+    """Library versions plus a hash of edgepack's own code, recorded in the bundle's manifest."""
+    from edgepack.core.versions import tool_versions
 
     package = Path(__file__).parent
     digest = hashlib.sha256()
@@ -93,9 +108,180 @@ def _versions_fingerprint() -> dict:
     return {**tool_versions(), "edgepack_code_sha256": digest.hexdigest()}
 
 
-def stage_key(stage: str, payload: dict) -> str:
-    blob = json.dumps({"stage": stage, "payload": payload, "versions": _versions_fingerprint()}, sort_keys=True, default=str)
+# ------------------------------------------------------------------------------------------ stage keys
+
+# Bump when build.py changes what it hands a stage in a way the stage's payload does not show.
+KEY_FORMAT = 2
+PACKAGE_ROOT = Path(__file__).parent
+# Version lookups that are not a distribution of this environment.
+EXTRA_VERSIONS = ("qnn-sdk", "genai-builder:onnxruntime-genai")
+
+
+@dataclass(frozen=True)
+class StageDeclaration:
+    """What a stage uses, besides its payload: its entry modules (edgepack's own, followed through their
+    imports) and the distributions whose versions shape its result (pip names, or one of `EXTRA_VERSIONS`)."""
+
+    stage: str
+    modules: tuple[str, ...]
+    packages: tuple[str, ...]
+
+
+# What edgepack's shared modules (model folders, tokenizers, GGUF sources, sessions) import: every stage that
+# loads a model through them.
+_MODEL_PACKAGES = ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "numpy", "tokenizers", "gguf")
+CONVERT = StageDeclaration("convert", ("edgepack.convert",), (*_MODEL_PACKAGES, "onnxscript"))  # torch.onnx's exporter
+QUANTIZE = StageDeclaration("quantize", ("edgepack.quantize",), _MODEL_PACKAGES)
+PROFILE = StageDeclaration("profile", ("edgepack.profiles.measure",), ("onnxruntime-genai", *_MODEL_PACKAGES))
+_TARGET_PACKAGES = {
+    "ort": ("onnxruntime-genai", "genai-builder:onnxruntime-genai", *_MODEL_PACKAGES),
+    "ort-mobile": ("onnxruntime-genai", *_MODEL_PACKAGES),
+    "coreml": ("coremltools", "onnxruntime-genai", *_MODEL_PACKAGES),
+    "qnn": ("onnxruntime-qnn", "qnn-sdk", "onnxruntime-genai", *_MODEL_PACKAGES),
+}
+
+
+def target_declaration(target: str, module_name: str, options: dict) -> StageDeclaration:
+    """The target stage of `target`: its module, and the packages of `_TARGET_PACKAGES` (a target registered by
+    another package may declare `CACHE_PACKAGES`; otherwise every reported tool counts)."""
+    import importlib
+
+    from edgepack.core.versions import REPORTED_PACKAGES
+
+    packages = _TARGET_PACKAGES.get(target)
+    if packages is None:
+        packages = tuple(getattr(importlib.import_module(module_name), "CACHE_PACKAGES", REPORTED_PACKAGES))
+    if target == "ort" and options.get("graph") == "optimum":
+        packages = tuple(p for p in packages if not p.startswith("genai-builder:"))  # the builder is not run
+    return StageDeclaration("target", (module_name,), tuple(dict.fromkeys(packages)))
+
+
+def stage_versions(declaration: StageDeclaration) -> dict[str, str]:
+    """Python's version and that of each package the stage declares, as installed here."""
+    from edgepack.core.versions import NOT_INSTALLED, package_version, python_version, qnn_sdk_version, venv_package_version
+
+    versions = {"python": python_version()}
+    for name in declaration.packages:
+        if name == "qnn-sdk":
+            versions[name] = qnn_sdk_version()
+        elif name.startswith("genai-builder:"):
+            from edgepack.targets.genai_builder import builder_python
+
+            python = builder_python()
+            version = NOT_INSTALLED if python is None else venv_package_version(python, name.partition(":")[2])
+            # An interpreter outside a virtual environment (EDGEPACK_GENAI_BUILDER_PYTHON): at least its path.
+            versions[name] = f"{version} ({python})" if python is not None and version == NOT_INSTALLED else version
+        else:
+            versions[name] = package_version(name)
+    return versions
+
+
+def _module_file(root: Path, name: str) -> Path | None:
+    """The file of module `name` (edgepack.x.y) under the package folder `root`, or None when there is none."""
+    base = root.joinpath(*name.split(".")[1:])
+    for path in (base / "__init__.py", base.with_suffix(".py")):
+        if path.is_file():
+            return path
+    return None
+
+
+_PARSE_LOCK = threading.Lock()
+
+
+@functools.lru_cache(maxsize=512)  # stages share most modules: each source is parsed once per process
+def _edgepack_imports(source: bytes, name: str, is_package: bool) -> frozenset[str]:
+    """Modules of edgepack that `source` (module `name`) imports anywhere, function bodies included; for
+    `from edgepack.x import y`, both edgepack.x and edgepack.x.y (when y is a module, it is one)."""
+    import ast
+
+    with _PARSE_LOCK:  # CPython 3.11's ast.parse is not safe in concurrent threads (build --jobs keys targets in threads)
+        statements = list(ast.parse(source).body)
+    found = set()
+    while statements:  # import statements sit in bodies of statements only, never inside expressions
+        node = statements.pop()
+        for name_ in ("body", "orelse", "finalbody", "handlers", "cases"):
+            children = getattr(node, name_, None)
+            if isinstance(children, list):
+                statements.extend(children)
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names if alias.name.split(".")[0] == "edgepack")
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if node.level:
+                package = name if is_package else name.rpartition(".")[0]
+                for _ in range(node.level - 1):
+                    package = package.rpartition(".")[0]
+                module = f"{package}.{module}" if module else package
+            if module.split(".")[0] == "edgepack":
+                found.add(module)
+                found.update(f"{module}.{alias.name}" for alias in node.names)
+    return frozenset(found)
+
+
+def module_sources(modules, root: Path = PACKAGE_ROOT, read=None) -> dict[str, bytes]:
+    """Source of the modules a stage uses: its entry `modules`, the edgepack modules they import transitively
+    (with their parent packages' `__init__.py`, which Python runs first), and the data files of every package
+    among them (non-Python files in the package folder and its non-package subfolders).
+
+    Keyed by path relative to `root` (the edgepack package folder); `read(path) -> bytes` reads a file. A module
+    outside edgepack (a target registered by another package) contributes its own file.
+    """
+    import importlib.util
+
+    read = read or Path.read_bytes
+    sources: dict[str, bytes] = {}
+    seen: set[str] = set()
+    packages: set[Path] = set()
+    todo = list(modules)
+    while todo:
+        name = todo.pop()
+        if not name.startswith("edgepack.") and name != "edgepack":
+            spec = importlib.util.find_spec(name)
+            if spec is not None and spec.origin and Path(spec.origin).is_file():
+                source = read(Path(spec.origin))
+                sources[f"<{name}>"] = source
+                todo.extend(_edgepack_imports(source, name, spec.submodule_search_locations is not None))
+            continue
+        parts = name.split(".")
+        for depth in range(1, len(parts) + 1):
+            module = ".".join(parts[:depth])
+            if module in seen:
+                continue
+            seen.add(module)
+            path = _module_file(root, module)
+            if path is None:
+                continue  # a name imported from a module, not a module
+            source = read(path)
+            sources[path.relative_to(root).as_posix()] = source
+            packages.add(path.parent)
+            todo.extend(_edgepack_imports(source, module, path.name == "__init__.py"))
+    for package in sorted(packages):
+        for path in sorted(_data_files(package)):
+            sources[path.relative_to(root).as_posix()] = read(path)
+    return sources
+
+
+def _data_files(package: Path):
+    for path in package.iterdir():
+        if path.name == "__pycache__" or path.name.startswith("."):
+            continue
+        if path.is_file() and path.suffix not in (".py", ".pyc"):
+            yield path
+        elif path.is_dir() and not (path / "__init__.py").exists():
+            yield from _data_files(path)
+
+
+def compute_key(declaration: StageDeclaration, payload: dict, versions: dict, sources: dict[str, bytes]) -> str:
+    """The cache key of a stage: a pure function of its declaration, payload, package versions and module sources."""
+    blob = json.dumps({"format": KEY_FORMAT, "stage": declaration.stage, "payload": payload, "versions": versions,
+                       "sources": {path: hashlib.sha256(source).hexdigest() for path, source in sources.items()}},
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def stage_key(declaration: StageDeclaration, payload: dict, root: Path = PACKAGE_ROOT, read=None) -> str:
+    """The cache key of a stage as installed here: its versions and the current source of its modules."""
+    return compute_key(declaration, payload, stage_versions(declaration), module_sources(declaration.modules, root, read))
 
 
 @contextlib.contextmanager
@@ -307,18 +493,31 @@ def scheme_names(recipe) -> list[tuple[str, dict]]:
     return names
 
 
-def _build_target(module_name: str, source_path: Path, out_path: Path, options: dict) -> None:
-    """Build one target (module-level so a worker process can run it)."""
+def _build_target(module_name: str, source_path: Path, out_path: Path, options: dict, running: Path | None = None,
+                  label: str = "") -> None:
+    """Build one target (module-level so a worker process can run it).
+
+    In a worker, `running` is a folder where the process notes which target it builds (a file named by its PID,
+    removed when done): if the process dies, the build names that target.
+    """
     import importlib
 
     from edgepack.recipe import target_config_class
 
-    module = importlib.import_module(module_name)
-    config_cls = target_config_class(module)
-    if config_cls is None:
-        module.build(source_path, out_path)
-    else:
-        module.build(source_path, out_path, config_cls(**options))
+    note = None
+    if running is not None:
+        note = running / str(os.getpid())
+        note.write_text(label)
+    try:
+        module = importlib.import_module(module_name)
+        config_cls = target_config_class(module)
+        if config_cls is None:
+            module.build(source_path, out_path)
+        else:
+            module.build(source_path, out_path, config_cls(**options))
+    finally:
+        if note is not None:
+            note.unlink(missing_ok=True)
 
 
 REPORTS_NOT_REPRODUCIBLE = {
@@ -379,11 +578,284 @@ def _target_uses_schemes(module) -> bool:
 # ----------------------------------------------------------------------------------------------- build
 
 
-def build_recipe(recipe_path: Path | str, out: Path | str, config: BuildConfig = BuildConfig(), on_status=None, on_log=None) -> BuildResult:
+@dataclass
+class _Build:
+    """What the stages of one build share: the recipe, the cache, what each stage produced and the result."""
+
+    recipe: object
+    config: BuildConfig
+    cache: StageCache
+    result: BuildResult
+    last_stage: int
+    status: object
+    log: object
+    available: dict
+    start: float = field(default_factory=time.perf_counter)
+    sources: dict[str, tuple[Path, str]] = field(default_factory=dict)  # scheme -> (model folder, its stage key)
+    quality_reports: dict[str, dict] = field(default_factory=dict)
+    targets: dict[tuple[str, str], Path] = field(default_factory=dict)  # (target, scheme) -> bundle folder
+    profiles: dict[str, dict] = field(default_factory=dict)
+    verdicts: dict[str, list] = field(default_factory=dict)
+    _inputs: dict = field(default_factory=dict)  # declaration -> (versions, module sources)
+
+    def reaches(self, stage: str) -> bool:
+        return self.last_stage >= STAGES.index(stage)
+
+    def key(self, declaration: StageDeclaration, payload: dict) -> str:
+        if declaration not in self._inputs:  # read once per build
+            self._inputs[declaration] = (stage_versions(declaration), module_sources(declaration.modules, PACKAGE_ROOT))
+        versions, sources = self._inputs[declaration]
+        return compute_key(declaration, payload, versions, sources)
+
+    def run_stage(self, declaration: StageDeclaration, name: str, payload: dict, produce) -> tuple[Path, str]:
+        """(the stage's cached output folder, its key): reused when its cache entry is intact, else produced."""
+        stage_name = declaration.stage
+        key = self.key(declaration, payload)
+        t0 = time.perf_counter()
+        self.status(f"{stage_name}: {name}")
+        path, reused, rebuilt = self.cache.run(stage_name, key, produce, force=False)
+        record = StageRecord(stage_name, name, key, reused, time.perf_counter() - t0, path, rebuilt)
+        self.result.records.append(record)
+        done = "reused from cache" if reused else f"built in {record.seconds:.1f} s"
+        self.log(f"{stage_name:<8} {name:<28} {f'{rebuilt} in {record.seconds:.1f} s' if rebuilt else done}")
+        return path, key
+
+
+def convert_payload(model: dict) -> dict:
+    """The convert stage's payload for the recipe's [model] table: the source's content and the options."""
+    return {"source": source_fingerprint(model["source"]), "options": {k: v for k, v in model.items() if k != "source"}}
+
+
+def _convert_stage(build: _Build) -> None:
+    from edgepack.convert import ConvertConfig, convert_model
+
+    model = build.recipe.model
+    payload = convert_payload(model)
+    convert_config = ConvertConfig(**build.recipe.convert_options())
+    build.sources[FP32] = build.run_stage(CONVERT, "export", payload, lambda o: convert_model(model["source"], o, convert_config))
+
+
+def _quantize_stage(build: _Build) -> None:
+    from edgepack.quantize import QualityConfig, QualityGate, QuantizeConfig, quantize_model
+
+    if not build.reaches("quantize"):
+        return
+    recipe, result = build.recipe, build.result
+    export, convert_key = build.sources[FP32]
+    evaluation, calibration = recipe.evaluation, recipe.calibration
+    gate = QualityGate(evaluation.get("max_kl"), evaluation.get("min_top1"), evaluation.get("max_ppl_ratio"))
+    quality = QualityConfig(eval_text=recipe.resolve(evaluation.get("text")), eval_tokens=evaluation.get("tokens", 512))
+    for name, table in scheme_names(recipe):
+        if name == FP32:
+            continue
+        options = {k: v for k, v in table.items() if k != "scheme"}
+        if "keep_8bit" in options:
+            options["keep_8bit"] = tuple(options["keep_8bit"])
+        qconfig = QuantizeConfig(scheme=table["scheme"], scheme_options=options, quality=quality,
+                                 calibration_text=recipe.resolve(calibration.get("text")))
+        payload = {"export": convert_key, "scheme": table, "eval": [_text_fingerprint(recipe, evaluation.get("text")), evaluation.get("tokens", 512)],
+                   "calibration": [_text_fingerprint(recipe, calibration.get("text")), calibration.get("samples")]}
+        path, key = build.run_stage(QUANTIZE, name, payload, lambda o, c=qconfig: quantize_model(export, o, c))
+        build.sources[name] = (path, key)
+        report = json.loads((path / "quantize.json").read_text())
+        build.quality_reports[name] = report
+        result.gates.extend(gate.gates(report.get("quality"), subject=name))
+
+
+def _target_tasks(build: _Build) -> list[tuple]:
+    """(target, scheme, module, options) for every bundle the recipe asks for, slow conversions first."""
     import importlib
 
+    tasks = []
+    for target_name, options in build.recipe.targets.items():
+        module = importlib.import_module(build.available[target_name])
+        uses_schemes = _target_uses_schemes(module)
+        schemes = [s for s in build.sources if s != FP32 or len(build.sources) == 1] if uses_schemes else [FP32]
+        tasks.extend((target_name, scheme, module, options) for scheme in schemes)
+    # Slow conversions from the PyTorch weights (coreml, qnn) start first so parallel jobs pack well.
+    tasks.sort(key=lambda task: _target_uses_schemes(task[2]))
+    return tasks
+
+
+def _target_stage(build: _Build) -> None:
+    if not build.reaches("target"):
+        return
+    result = build.result
+    tasks = _target_tasks(build)
+    if build.config.jobs > 1 and len(tasks) > 1:
+        finished = _run_in_workers(build, tasks)
+    else:
+        finished = [_run_target(build, task, None) for task in tasks]
+    for (target_name, scheme, *_), path in finished:
+        build.targets[(target_name, scheme)] = path
+        report = json.loads((path / "target.json").read_text())
+        result.gates.extend(check_gates(report.get("checks", {}), f"{target_name}/{scheme}"))
+
+
+def _run_target(build: _Build, task: tuple, workers) -> tuple[tuple, Path]:
+    """Build (or reuse) one target bundle; in a worker process of `workers` (a `_Workers`) when given."""
+    target_name, scheme, module, options = task
+    source_path, source_key = build.sources[scheme]
+    label = f"{target_name}/{scheme}"
+    payload = {"source": source_key, "target": target_name, "options": options}
+    # The table's values as the config takes them, with the recipe's [evaluation]/[calibration] texts for text
+    # fields the table leaves unset; the key holds the content of every text a target reads.
+    kwargs = build.recipe.target_options(module, target_name)
+    texts = {key: _text_fingerprint(build.recipe, str(value)) for key, value in kwargs.items() if isinstance(value, Path)}
+    if texts:
+        payload["texts"] = texts
+
+    def produce(out_path):
+        if workers is None:
+            _build_target(module.__name__, source_path, out_path, kwargs)
+        else:
+            workers.pool.submit(_build_target, module.__name__, source_path, out_path, kwargs, workers.running, label).result()
+
+    path, _ = build.run_stage(target_declaration(target_name, module.__name__, options), label, payload, produce)
+    return task, path
+
+
+@dataclass
+class _Workers:
+    """The process pool of `build --jobs N`, and the folder where each worker notes the target it builds."""
+
+    pool: object
+    running: Path
+    processes: dict  # the pool's own {pid: Process}, kept to read exit codes after the pool broke
+
+
+def _run_in_workers(build: _Build, tasks: list[tuple]) -> list[tuple[tuple, Path]]:
+    # Worker processes, not threads: the quantizers and converters the targets call are mostly Python and hold
+    # the GIL. Caching, locking and renaming stay in this process, one thread per job.
+    import tempfile
+    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    with tempfile.TemporaryDirectory(prefix="edgepack-workers-") as running:
+        pool = target_workers(build.config.jobs)
+        workers = _Workers(pool, Path(running), pool._processes)
+        try:
+            with pool, ThreadPoolExecutor(max_workers=build.config.jobs) as threads:
+                try:
+                    return list(threads.map(lambda task: _run_target(build, task, workers), tasks))
+                except (KeyboardInterrupt, SystemExit):
+                    # Interrupted: end the targets in flight now rather than wait for them. (After an ordinary
+                    # error they finish, so the rerun finds them in the cache.)
+                    kill_workers(pool)
+                    raise
+        except BrokenProcessPool:
+            raise _worker_crash(workers) from None
+
+
+def _worker_crash(workers: _Workers):
+    """The error for a worker process that died: which target it was building and how it ended."""
+    import signal
+
+    from edgepack.errors import InternalError
+
+    building = {}
+    for note in workers.running.iterdir():
+        with contextlib.suppress(OSError, ValueError):
+            building[int(note.name)] = note.read_text()
+    ended = {pid: process.exitcode for pid, process in list(workers.processes.items())}
+    # The pool terminates (SIGTERM) the workers still alive once one died: the one that died ended otherwise.
+    dead = [pid for pid, code in ended.items() if pid in building and code not in (None, 0, -signal.SIGTERM)]
+    dead = dead or [pid for pid in ended if pid in building]
+    if not dead:
+        return InternalError("a worker process building targets died; rerun with --jobs 1 to see which target and why")
+    pid = dead[0]
+    code = ended.get(pid)
+    if code is None:
+        how = "ended"
+    elif code < 0:
+        how = f"signal {-code}"
+        with contextlib.suppress(ValueError):
+            how += f", {signal.Signals(-code).name}"
+    else:
+        how = f"exit status {code}"
+    return InternalError(f"the worker building target {building[pid]} died ({how}); rerun with --jobs 1 to see why")
+
+
+def _profile_stage(build: _Build) -> None:
+    recipe = build.recipe
+    if not (build.reaches("profile") and (recipe.devices or recipe.budgets or recipe.profile)):
+        return
+    import platform
+
+    from edgepack.profiles.measure import ProfileConfig, profile_in_fresh_process
+
+    prof = recipe.profile
+    prompt_lens = prof.get("prompt_len", [128])
+    devices = tuple(dict.fromkeys(list(recipe.devices) + [d for d in recipe.budgets if d != "host"]))
+    pconfig = ProfileConfig(devices=devices, prompt_lens=tuple(prompt_lens if isinstance(prompt_lens, list) else [prompt_lens]),
+                            gen_len=prof.get("gen_len", 64), runs=prof.get("runs", 3), warmup=prof.get("warmup", 1),
+                            threads=prof.get("threads"))
+    targets = build.targets
+    for scheme, (source_path, source_key) in build.sources.items():
+        if scheme == FP32 and len(build.sources) > 1:
+            continue
+        # The ort bundle (or the export), plus every other bundle onnxruntime runs here (ort-mobile's .ort):
+        # each measured as shipped, in a fresh process, and projected from its own graph.
+        measured = [(scheme, targets.get(("ort", scheme), source_path), "ort" if ("ort", scheme) in targets else "export")]
+        measured += [(profile_name(scheme, target), path, target) for (target, s), path in targets.items()
+                     if s == scheme and target in PROFILED_TARGETS and target != "ort"]
+        for name, model_path, kind in measured:
+            payload = {"model": [str(model_path), source_key, kind], "config": repr(pconfig),
+                       "host": [platform.node(), platform.processor(), os.cpu_count()]}
+            path, _ = build.run_stage(PROFILE, name, payload,
+                                      lambda o, m=model_path: (o.mkdir(), profile_in_fresh_process(m, o / "profile.json", pconfig)))
+            build.profiles[name] = json.loads((path / "profile.json").read_text())
+
+
+def _check_stage(build: _Build) -> None:
+    if not (build.reaches("check") and build.recipe.budgets):
+        return
+    from edgepack.profiles.budgets import build_gates, evaluate, parse_budgets
+
+    result = build.result
+    budgets = parse_budgets(build.recipe.budgets, where="recipe key budgets")
+    for scheme, profile in build.profiles.items():
+        build.verdicts[scheme] = evaluate(profile, budgets)
+        result.gates.extend(build_gates(scheme, build.verdicts[scheme]))
+
+
+def _bundle_stage(build: _Build) -> None:
+    """Assemble the bundle in a staging folder next to OUT and rename it into place."""
     from edgepack.bundle import write_manifest
-    from edgepack.outputs import prepare_output, replace_dir, staging_dir
+    from edgepack.outputs import replace_dir, staging_dir
+    from edgepack.report import build_report, write_reports
+
+    recipe, result, out = build.recipe, build.result, build.result.out
+    with staging_dir(out) as tmp:
+        for (target_name, scheme), path in build.targets.items():
+            shutil.copytree(path, tmp / "targets" / target_name / scheme)
+        for scheme, report in build.quality_reports.items():
+            (tmp / "quality").mkdir(exist_ok=True)
+            (tmp / "quality" / f"{scheme}.json").write_text(json.dumps(report, indent=2) + "\n")
+        for scheme, profile in build.profiles.items():
+            (tmp / "profiles").mkdir(exist_ok=True)
+            (tmp / "profiles" / f"{scheme}.json").write_text(json.dumps(profile, indent=2) + "\n")
+        shutil.copy2(recipe.path, tmp / "recipe.toml")
+        report = build_report(recipe, build.sources, build.quality_reports, build.targets, build.profiles, build.verdicts, result,
+                              time.perf_counter() - build.start)
+        result.report = report
+        result.rows = report["summary"]
+        write_reports(tmp, report, result.gates)
+        write_manifest(tmp, {"recipe": recipe.raw, "versions": _versions_fingerprint(),
+                             "not_reproducible": not_reproducible(tmp, build.targets, build.available),
+                             "stages": [{"stage": r.stage, "name": r.name, "key": r.key, "reused": r.reused, **({"rebuilt": r.rebuilt} if r.rebuilt else {})}
+                                        for r in result.records],
+                             "figures": report["figures"]})
+        replace_dir(tmp, out)
+
+
+# The build, in order. Each stage reads what the earlier ones left in the shared `_Build` and skips itself
+# when `--only` stops before it (the bundle is always written).
+BUILD_STAGES = (_convert_stage, _quantize_stage, _target_stage, _profile_stage, _check_stage, _bundle_stage)
+
+
+def build_recipe(recipe_path: Path | str, out: Path | str, config: BuildConfig = BuildConfig(), on_status=None, on_log=None) -> BuildResult:
+    from edgepack.outputs import prepare_output
     from edgepack.recipe import load_recipe
     from edgepack.targets import registered_targets
 
@@ -405,177 +877,12 @@ def build_recipe(recipe_path: Path | str, out: Path | str, config: BuildConfig =
     cache = StageCache()
     for stale in cache.remove_stale():
         log(f"cache    removed {stale.relative_to(cache.root)}, left by a build that was killed")
-    result = BuildResult(out=out)
-    start = time.perf_counter()
-
-    def stage(stage_name: str, name: str, payload: dict, produce) -> Path:
-        key = stage_key(stage_name, payload)
-        t0 = time.perf_counter()
-        status(f"{stage_name}: {name}")
-        path, reused, rebuilt = cache.run(stage_name, key, produce, force=False)
-        record = StageRecord(stage_name, name, key, reused, time.perf_counter() - t0, path, rebuilt)
-        result.records.append(record)
-        done = "reused from cache" if reused else f"built in {record.seconds:.1f} s"
-        log(f"{stage_name:<8} {name:<28} {f'{rebuilt} in {record.seconds:.1f} s' if rebuilt else done}")
-        return path
-
-    # convert
-    from edgepack.convert import ConvertConfig, convert_model
-
-    model = recipe.model
-    convert_payload = {"source": source_fingerprint(model["source"]), "options": {k: v for k, v in model.items() if k != "source"}}
-    convert_config = ConvertConfig(**recipe.convert_options())
-    export = stage("convert", "export", convert_payload, lambda o: convert_model(model["source"], o, convert_config))
-    convert_key = result.records[-1].key
-
-    # quantize
-    from edgepack.quantize import QualityConfig, QualityGate, QuantizeConfig, quantize_model
-
-    evaluation, calibration = recipe.evaluation, recipe.calibration
-    gate = QualityGate(evaluation.get("max_kl"), evaluation.get("min_top1"), evaluation.get("max_ppl_ratio"))
-    quality = QualityConfig(eval_text=recipe.resolve(evaluation.get("text")), eval_tokens=evaluation.get("tokens", 512))
-    sources: dict[str, tuple[Path, str]] = {FP32: (export, convert_key)}
-    quality_reports: dict[str, dict] = {}
-    if last_stage >= 1:
-        for name, table in scheme_names(recipe):
-            if name == FP32:
-                continue
-            options = {k: v for k, v in table.items() if k != "scheme"}
-            if "keep_8bit" in options:
-                options["keep_8bit"] = tuple(options["keep_8bit"])
-            qconfig = QuantizeConfig(scheme=table["scheme"], scheme_options=options, quality=quality,
-                                     calibration_text=recipe.resolve(calibration.get("text")))
-            payload = {"export": convert_key, "scheme": table, "eval": [_text_fingerprint(recipe, evaluation.get("text")), evaluation.get("tokens", 512)],
-                       "calibration": [_text_fingerprint(recipe, calibration.get("text")), calibration.get("samples")]}
-            path = stage("quantize", name, payload, lambda o, c=qconfig: quantize_model(export, o, c))
-            sources[name] = (path, result.records[-1].key)
-            report = json.loads((path / "quantize.json").read_text())
-            quality_reports[name] = report
-            result.gates.extend(gate.gates(report.get("quality"), subject=name))
-
-    # targets
-    available = registered_targets()
-    targets: dict[tuple[str, str], Path] = {}
-    if last_stage >= 2:
-        tasks = []
-        for target_name, options in recipe.targets.items():
-            module = importlib.import_module(available[target_name])
-            schemes = [s for s in sources if s != FP32 or len(sources) == 1] if _target_uses_schemes(module) else [FP32]
-            for scheme in schemes:
-                tasks.append((target_name, scheme, module, options))
-
-        # Slow conversions from the PyTorch weights (coreml, qnn) start first so parallel jobs pack well.
-        tasks.sort(key=lambda task: _target_uses_schemes(task[2]))
-        workers = None
-        if config.jobs > 1 and len(tasks) > 1:
-            # Worker processes, not threads: the quantizers and converters the targets call are mostly
-            # Python and hold the GIL. Caching, locking and renaming stay in this process.
-            workers = target_workers(config.jobs)
-
-        def run_target(task):
-            target_name, scheme, module, options = task
-            source_path, source_key = sources[scheme]
-            payload = {"source": source_key, "target": target_name, "options": options}
-            # The table's values as the config takes them, with the recipe's [evaluation]/[calibration] texts
-            # for text fields the table leaves unset; the key holds the content of every text a target reads.
-            kwargs = recipe.target_options(module, target_name)
-            texts = {key: _text_fingerprint(recipe, str(value)) for key, value in kwargs.items() if isinstance(value, Path)}
-            if texts:
-                payload["texts"] = texts
-
-            def produce(out_path):
-                if workers is None:
-                    _build_target(module.__name__, source_path, out_path, kwargs)
-                else:
-                    workers.submit(_build_target, module.__name__, source_path, out_path, kwargs).result()
-
-            return task, stage("target", f"{target_name}/{scheme}", payload, produce)
-
-        if workers is not None:
-            from concurrent.futures import ThreadPoolExecutor
-            from concurrent.futures.process import BrokenProcessPool
-
-            try:
-                with workers, ThreadPoolExecutor(max_workers=config.jobs) as pool:
-                    try:
-                        finished = list(pool.map(run_target, tasks))
-                    except (KeyboardInterrupt, SystemExit):
-                        # Interrupted: end the targets in flight now rather than wait for them. (After an
-                        # ordinary error they finish, so the rerun finds them in the cache.)
-                        kill_workers(workers)
-                        raise
-            except BrokenProcessPool as exc:
-                raise BadInputError(f"a target worker process died ({exc}); rerun with --jobs 1 to see which target") from None
-        else:
-            finished = [run_target(task) for task in tasks]
-        for (target_name, scheme, *_), path in finished:
-            targets[(target_name, scheme)] = path
-            report = json.loads((path / "target.json").read_text())
-            result.gates.extend(check_gates(report.get("checks", {}), f"{target_name}/{scheme}"))
-
-    # profile
-    profiles: dict[str, dict] = {}
-    if last_stage >= 3 and (recipe.devices or recipe.budgets or recipe.profile):
-        import platform
-
-        from edgepack.profiles.measure import ProfileConfig, profile_in_fresh_process
-
-        prof = recipe.profile
-        prompt_lens = prof.get("prompt_len", [128])
-        devices = tuple(dict.fromkeys(list(recipe.devices) + [d for d in recipe.budgets if d != "host"]))
-        pconfig = ProfileConfig(devices=devices, prompt_lens=tuple(prompt_lens if isinstance(prompt_lens, list) else [prompt_lens]),
-                                gen_len=prof.get("gen_len", 64), runs=prof.get("runs", 3), warmup=prof.get("warmup", 1),
-                                threads=prof.get("threads"))
-        for scheme, (source_path, source_key) in sources.items():
-            if scheme == FP32 and len(sources) > 1:
-                continue
-            # The ort bundle (or the export), plus every other bundle onnxruntime runs here (ort-mobile's .ort):
-            # each measured as shipped, in a fresh process, and projected from its own graph.
-            measured = [(scheme, targets.get(("ort", scheme), source_path), "ort" if ("ort", scheme) in targets else "export")]
-            measured += [(profile_name(scheme, target), path, target) for (target, s), path in targets.items()
-                         if s == scheme and target in PROFILED_TARGETS and target != "ort"]
-            for name, model_path, kind in measured:
-                payload = {"model": [str(model_path), source_key, kind], "config": repr(pconfig),
-                           "host": [platform.node(), platform.processor(), os.cpu_count()]}
-                path = stage("profile", name, payload,
-                             lambda o, m=model_path: (o.mkdir(), profile_in_fresh_process(m, o / "profile.json", pconfig)))
-                profiles[name] = json.loads((path / "profile.json").read_text())
-
-    # check
-    verdicts: dict[str, list] = {}
-    if last_stage >= 4 and recipe.budgets:
-        from edgepack.profiles.budgets import build_gates, evaluate, parse_budgets
-
-        budgets = parse_budgets(recipe.budgets, where="recipe key budgets")
-        for scheme, profile in profiles.items():
-            verdicts[scheme] = evaluate(profile, budgets)
-            result.gates.extend(build_gates(scheme, verdicts[scheme]))
-
-    # bundle
-    from edgepack.report import build_report, write_reports
-
-    with staging_dir(out) as tmp:
-        for (target_name, scheme), path in targets.items():
-            shutil.copytree(path, tmp / "targets" / target_name / scheme)
-        for scheme, report in quality_reports.items():
-            (tmp / "quality").mkdir(exist_ok=True)
-            (tmp / "quality" / f"{scheme}.json").write_text(json.dumps(report, indent=2) + "\n")
-        for scheme, profile in profiles.items():
-            (tmp / "profiles").mkdir(exist_ok=True)
-            (tmp / "profiles" / f"{scheme}.json").write_text(json.dumps(profile, indent=2) + "\n")
-        shutil.copy2(recipe.path, tmp / "recipe.toml")
-        report = build_report(recipe, sources, quality_reports, targets, profiles, verdicts, result, time.perf_counter() - start)
-        result.report = report
-        result.rows = report["summary"]
-        write_reports(tmp, report, result.gates)
-        write_manifest(tmp, {"recipe": recipe.raw, "versions": _versions_fingerprint(),
-                             "not_reproducible": not_reproducible(tmp, targets, available),
-                             "stages": [{"stage": r.stage, "name": r.name, "key": r.key, "reused": r.reused, **({"rebuilt": r.rebuilt} if r.rebuilt else {})}
-                                        for r in result.records],
-                             "figures": report["figures"]})
-        replace_dir(tmp, out)
+    build = _Build(recipe=recipe, config=config, cache=cache, result=BuildResult(out=out), last_stage=last_stage,
+                   status=status, log=log, available=registered_targets())
+    for run in BUILD_STAGES:
+        run(build)
     if junit is not None:
         from edgepack.outputs import write_output_file
 
         write_output_file(junit / "junit.xml" if junit.is_dir() else junit, (out / "junit.xml").read_bytes())
-    return result
+    return build.result

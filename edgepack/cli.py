@@ -402,7 +402,8 @@ def main(argv: list[str] | None = None) -> None:
     except EdgepackError as exc:
         if debug:
             traceback.print_exc()
-        click.echo(f"error: {exc.message}", err=True)
+        kind = "internal error" if exc.exit_code == EXIT_INTERNAL else "error"  # edgepack's failure, not the user's
+        click.echo(f"{kind}: {exc.message}", err=True)
         code = exc.exit_code
     except KeyboardInterrupt:
         click.echo("error: interrupted", err=True)

@@ -50,6 +50,12 @@ class GateFailedError(EdgepackError):
     exit_code = EXIT_GATE_FAILED
 
 
+class InternalError(EdgepackError):
+    """A failure that is edgepack's, not the user's (a worker process died): exit 70, with what was running."""
+
+    exit_code = EXIT_INTERNAL
+
+
 class OutputError(UsageError):
     """An output cannot be written where the user asked (full or read-only disk, a file in the way, /proc)."""
 

@@ -5,6 +5,7 @@ are removed by the next build."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -134,3 +135,155 @@ def test_build_rebuilds_a_corrupted_entry_instead_of_shipping_it(tmp_path, tiny_
     assert cli("verify", out).exit_code == 0
     again = cli("build", recipe, "-o", out)
     assert again.exit_code == 0 and "2/2 stages reused" in again.stdout
+
+
+# ------------------------------------------------------------------------------------ stage cache keys
+# Each stage's key covers its payload, the versions of the packages it declares and the source of the
+# modules it uses (its entry modules and the edgepack modules they import), computed here over a copy of
+# the package so that its files can be edited.
+
+
+def _package_copy(tmp_path) -> Path:
+    from edgepack.build import PACKAGE_ROOT
+
+    copy = tmp_path / "edgepack"
+    shutil.copytree(PACKAGE_ROOT, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    return copy
+
+
+def _declarations() -> dict:
+    from edgepack.build import CONVERT, PROFILE, QUANTIZE, target_declaration
+    from edgepack.targets import TARGETS
+
+    declarations = {"convert": CONVERT, "quantize": QUANTIZE, "profile": PROFILE}
+    declarations.update({f"target {name}": target_declaration(name, module, {}) for name, module in TARGETS.items()})
+    return declarations
+
+
+def _keys(root: Path, versions: dict) -> dict[str, str]:
+    from edgepack.build import compute_key, module_sources
+
+    payload = {"source": "0123", "options": {}}
+    return {name: compute_key(declaration, payload, versions[name], module_sources(declaration.modules, root))
+            for name, declaration in _declarations().items()}
+
+
+def _versions() -> dict[str, dict]:
+    from edgepack.build import stage_versions
+
+    return {name: stage_versions(declaration) for name, declaration in _declarations().items()}
+
+
+def _edit_a_comment(path: Path) -> None:
+    lines = path.read_text().splitlines(keepends=True)
+    at = next(i for i, line in enumerate(lines) if line.lstrip().startswith("# "))
+    lines[at] = lines[at].rstrip("\n") + " (reworded)\n"
+    path.write_text("".join(lines))
+
+
+def test_a_comment_edited_in_the_qnn_target_changes_the_qnn_key_only(tmp_path):
+    from edgepack.build import PACKAGE_ROOT
+
+    copy, versions = _package_copy(tmp_path), _versions()
+    before = _keys(copy, versions)
+    assert before == _keys(PACKAGE_ROOT, versions)  # the copy hashes as the installed package does
+    assert len(set(before.values())) == len(before)
+    _edit_a_comment(copy / "targets" / "qnn.py")
+    after = _keys(copy, versions)
+    assert {name for name in before if before[name] != after[name]} == {"target qnn"}
+    # A module the QNN target shares with the other stages re-runs each stage that imports it.
+    _edit_a_comment(copy / "quantize" / "calibration.py")
+    shared = _keys(copy, versions)
+    assert {name for name in after if after[name] != shared[name]} == {"quantize", "profile", "target ort", "target ort-mobile",
+                                                                       "target coreml", "target qnn"}
+    # So do the package's data files that a stage reads (the bundled calibration and evaluation texts).
+    data = next((copy / "quantize" / "data").glob("*.txt"))
+    data.write_text(data.read_text() + "\n")
+    edited = _keys(copy, versions)
+    assert edited["quantize"] != shared["quantize"] and edited["convert"] == shared["convert"]
+
+
+def test_a_changed_coremltools_version_changes_the_core_ml_key_only(tmp_path, monkeypatch):
+    from importlib import metadata
+
+    root = _package_copy(tmp_path)
+    before = _keys(root, _versions())
+    installed = metadata.version
+
+    def upgraded(name):
+        return "99.0" if name == "coremltools" else installed(name)
+
+    monkeypatch.setattr(metadata, "version", upgraded)
+    after = _keys(root, _versions())
+    assert {name for name in before if before[name] != after[name]} == {"target coreml"}
+
+
+def test_every_package_a_stage_imports_is_declared():
+    # The modules a stage uses (found the way the key finds them) import only packages the stage declares
+    # (click and rich only draw the console). An import name is taken as its distribution's name.
+    import ast
+    from importlib import metadata
+
+    from edgepack.build import PACKAGE_ROOT, module_sources
+
+    top_level: dict[str, set] = {}  # module file -> the top-level names it imports
+
+    def imports(path: str, source: bytes) -> set:
+        if path not in top_level:
+            top_level[path] = set()
+            for node in ast.walk(ast.parse(source)):
+                if isinstance(node, ast.Import):
+                    top_level[path].update(alias.name.split(".")[0] for alias in node.names)
+                elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                    top_level[path].add(node.module.split(".")[0])
+        return top_level[path]
+
+    for name, declaration in _declarations().items():
+        imported = set()
+        for path, source in module_sources(declaration.modules, PACKAGE_ROOT).items():
+            if path.endswith(".py"):
+                imported |= imports(path, source)
+        needed = set()
+        for module in imported - set(sys.stdlib_module_names) - {"click", "rich", "edgepack"}:
+            try:
+                metadata.version(module.replace("_", "-"))
+            except metadata.PackageNotFoundError:
+                continue  # not a distribution's name (a module inside one, such as onnxruntime's flatbuffers)
+            needed.add(module.replace("_", "-"))
+        assert needed and needed <= set(declaration.packages), (name, sorted(needed - set(declaration.packages)))
+
+
+def test_the_ort_key_follows_the_builder_environment_only_when_the_builder_may_run():
+    from edgepack.build import target_declaration
+
+    assert "genai-builder:onnxruntime-genai" in target_declaration("ort", "edgepack.targets.ort", {"graph": "auto"}).packages
+    assert "genai-builder:onnxruntime-genai" not in target_declaration("ort", "edgepack.targets.ort", {"graph": "optimum"}).packages
+    assert "qnn-sdk" in target_declaration("qnn", "edgepack.targets.qnn", {}).packages
+
+
+def test_a_build_over_an_edited_package_reuses_every_stage_the_edit_does_not_touch(tmp_path, tiny_model_factory, exported_tiny_factory,
+                                                                                     monkeypatch, cli):
+    # The real build, its key computed over a copy of the package: a comment edited in the QNN target
+    # leaves the convert and ort-mobile entries valid; one edited in the ort-mobile target rebuilds that
+    # target only.
+    import edgepack.build
+    from edgepack.build import CONVERT, convert_payload, stage_key
+
+    monkeypatch.setenv("EDGEPACK_CACHE", str(tmp_path / "cache"))
+    source = str(tiny_model_factory("llama"))
+    recipe, out = tmp_path / "edgepack.toml", tmp_path / "bundle"
+    recipe.write_text(f'[model]\nsource = "{source}"\n\n[targets.ort-mobile]\n')
+    copy = _package_copy(tmp_path)
+    monkeypatch.setattr(edgepack.build, "PACKAGE_ROOT", copy)
+    # The session's export, in the cache where the build finds it.
+    key = stage_key(CONVERT, convert_payload({"source": source}), root=copy)
+    StageCache(tmp_path / "cache" / "build").run("convert", key, lambda o: shutil.copytree(exported_tiny_factory("llama"), o))
+    assert cli("build", recipe, "-o", out).exit_code == 0
+    _edit_a_comment(copy / "targets" / "qnn.py")
+    result = cli("build", recipe, "-o", out)
+    assert result.exit_code == 0 and "2/2 stages reused" in result.stdout, result.stdout
+    _edit_a_comment(copy / "targets" / "ort_mobile.py")
+    result = cli("build", recipe, "-o", out)
+    assert result.exit_code == 0, result.stderr
+    stages = {s["stage"]: s["reused"] for s in read_json(out / "manifest.json")["stages"]}
+    assert stages == {"convert": True, "target": False}

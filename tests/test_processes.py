@@ -4,6 +4,7 @@ the worker pool of `build --jobs N`, and onnxruntime-genai's model builder."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -171,3 +172,50 @@ def test_the_genai_model_builder_dies_when_its_parent_is_killed(tmp_path, tiny_m
     parent.kill()
     parent.wait()
     _assert_all_end([pid])
+
+
+def _stop_mid_target(tmp: Path):
+    """(note, pid) of a build worker stopped (SIGSTOP) while its note says it builds a target, or None."""
+    for note in tmp.glob("edgepack-workers-*/*"):
+        pid = int(note.name)
+        try:
+            os.kill(pid, signal.SIGSTOP)
+        except ProcessLookupError:
+            continue
+        if note.exists():  # the worker removes its note when the target is done: it is mid-target
+            return note, pid
+        os.kill(pid, signal.SIGCONT)
+    return None
+
+
+def test_a_build_worker_killed_mid_target_is_an_internal_error_naming_the_target(tmp_path, tiny_model_factory, exported_tiny_factory):
+    # A worker of `build --jobs 2` that dies (here SIGKILL, as the kernel's OOM killer sends it) is
+    # edgepack's failure, not the user's input: exit 70, one line naming the target it was building.
+    recipe, out, cache, tmp = tmp_path / "edgepack.toml", tmp_path / "bundle", tmp_path / "cache", tmp_path / "tmp"
+    recipe.write_text(f'[model]\nsource = "{tiny_model_factory("llama")}"\n\n'
+                      '[targets.ort]\nmax_context = 32\ngraph = "optimum"\n\n[targets.ort-mobile]\n')
+    tmp.mkdir()
+    # The export is the session's, put in the cache where the build finds it: the build starts at the targets.
+    from edgepack.build import CONVERT, StageCache, convert_payload, stage_key
+
+    key = stage_key(CONVERT, convert_payload({"source": str(tiny_model_factory("llama"))}))
+    StageCache(cache / "build").run("convert", key, lambda o: shutil.copytree(exported_tiny_factory("llama"), o))
+    env = {**os.environ, "EDGEPACK_CACHE": str(cache), "TMPDIR": str(tmp), "HF_HUB_OFFLINE": "1"}
+    build = subprocess.Popen([sys.executable, "-m", "edgepack", "build", str(recipe), "-o", str(out), "--jobs", "2"],
+                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # Each worker notes the target it builds in the build's worker folder (a file named by its PID).
+        note, pid = _wait_for(lambda: _stop_mid_target(tmp), "a worker to start a target", timeout=240)
+        label = note.read_text()
+        assert _stat(pid)[1] == str(build.pid) and label in ("ort/fp32", "ort-mobile/fp32")
+        os.kill(pid, signal.SIGKILL)
+        stdout, stderr = build.communicate(timeout=120)
+    finally:
+        if build.poll() is None:
+            build.kill()
+            build.wait()
+    assert build.returncode == 70, stderr
+    assert stderr.strip().splitlines()[-1] == (f"internal error: the worker building target {label} died (signal 9, SIGKILL); "
+                                               "rerun with --jobs 1 to see why")
+    assert "Traceback" not in stderr and not out.exists()
+    assert not list(cache.glob("build/*/*.tmp-*")) and not list(tmp.glob("edgepack-workers-*"))

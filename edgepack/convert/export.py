@@ -14,6 +14,7 @@ from pathlib import Path
 
 from edgepack.convert.config import ConvertConfig
 from edgepack.core.files import tokenizer_files
+from edgepack.core.versions import tool_versions
 from edgepack.errors import BadInputError, UnsupportedModelError, UsageError
 from edgepack.outputs import prepare_output, replace_dir, staging_dir
 from edgepack.runtime.model_dir import CONVERT_REPORT, FEATURE_EXTRACTION, MODEL_FILE, TEXT_GENERATION
@@ -61,20 +62,6 @@ class ExportedModel:
             "versions": self.versions,
             "seconds": self.seconds,
         }
-
-
-def tool_versions() -> dict[str, str]:
-    """Versions of everything that shapes an export, read from package metadata (no imports)."""
-    import platform
-    from importlib import metadata
-
-    versions = {"python": platform.python_version()}
-    for dist in ("edgepack", "torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "numpy", "tokenizers"):
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            versions[dist] = "not installed"
-    return versions
 
 
 def resolve_task(source: ModelSource, requested: str) -> str:

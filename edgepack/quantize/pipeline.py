@@ -189,7 +189,7 @@ def calibration_reader(model_dir, tokenizer, calibration_text: Path | None, samp
 
 
 def quantize_model(directory: Path | str, out: Path | str, config: QuantizeConfig = QuantizeConfig(), on_status=None) -> QuantizedModel:
-    from edgepack.convert.export import tool_versions
+    from edgepack.core.versions import tool_versions
 
     status = on_status or (lambda message: None)
     out, start = Path(out), time.perf_counter()

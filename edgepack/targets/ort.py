@@ -530,7 +530,7 @@ def _checks(src: _Source, graph: _Graph, config: OrtTargetConfig, tmp: Path, sta
 
 def build(directory: Path | str, out: Path | str, config: OrtTargetConfig = OrtTargetConfig(), on_status=None) -> TargetArtifact:
     """read source -> build graph (builder or optimum) -> side files -> facts -> verify -> write."""
-    from edgepack.convert.export import tool_versions
+    from edgepack.core.versions import tool_versions
     from edgepack.outputs import prepare_output, replace_dir, staging_dir
 
     status = on_status or (lambda message: None)

@@ -335,7 +335,7 @@ def _checks(model_dir, size: dict, config: OrtMobileConfig, tmp: Path, status) -
 def build(directory: Path | str, out: Path | str, config: OrtMobileConfig = OrtMobileConfig(), on_status=None) -> TargetArtifact:
     """prepare graph -> convert to .ort -> usability report -> side files -> verify -> write."""
     from edgepack._quiet import quiet_libraries
-    from edgepack.convert.export import tool_versions
+    from edgepack.core.versions import tool_versions
     from edgepack.outputs import prepare_output, replace_dir, staging_dir
 
     status = on_status or (lambda message: None)

@@ -514,7 +514,7 @@ def _facts(src: _Source, compiled: _Compiled, calibration: _Calibration, rescue:
 
 def build(directory: Path | str, out: Path | str, config: QnnConfig = QnnConfig(), on_status=None):
     """read source -> static graphs -> calibrate -> fp32 reference -> rescue -> quantize + compile -> evaluate -> write."""
-    from edgepack.convert.export import tool_versions
+    from edgepack.core.versions import tool_versions
     from edgepack.outputs import replace_dir, staging_dir
     from edgepack.runtime.session import create_session
     from edgepack.targets.base import TargetArtifact, timed, write_target_json
