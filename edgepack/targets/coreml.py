@@ -518,12 +518,12 @@ Example:
                    "with the per-block scale and offset (needs --split-bits 4; iOS 18).")
 @click.option("--tune-steps", type=int, default=0, show_default=True,
               help="--embedding split: distillation steps that tune the table's stored values against the fp32 model on text it generates "
-                   "itself (2 sequences of 256 tokens a step; SmolLM2: ~5 s a step on 2 cores; see docs/coreml.md for what it gains). 0: least-squares fit only.")
+                   "itself (2 sequences of 256 tokens a step, each a forward and backward pass of the model; see docs/coreml.md). 0: least-squares fit only.")
 @click.option("--integer-offsets", is_flag=True, help="int4-block: uint4 offsets plus the rounding residue in int4 (three small ops per projection; ~3 MB less for SmolLM2).")
 @click.option("--block-scales", type=click.Choice(["fp16", "uint8"]), default="fp16", show_default=True,
               help="int4-block: fp16 scale per block in the weight op, or uint8 codes into a per-weight log-spaced table, applied to "
                    "per-block partial sums with the offsets in uint8 (4.5 bits a weight against 5 by default and 4.75 with --integer-offsets; "
-                   "SmolLM2: 6.6 and 3.3 MB less; see docs/coreml.md).")
+                   "see docs/coreml.md).")
 @click.option("--max-context", type=int, default=None, help="Decoders: KV-cache length (default min(512, max positions)); encoders: sequence length (default 128).")
 @click.option("--device", default=None, metavar="D", help="Device profile ID (e.g. iphone-15-pro): refuse a model larger than its app memory limit.")
 @click.option("--eval-text", type=click.Path(path_type=Path), default=None, help="UTF-8 text for the fp16 safety pass and verification (default: bundled English text).")

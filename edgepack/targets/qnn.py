@@ -343,8 +343,8 @@ def build(directory: Path | str, out: Path | str, config: QnnConfig = QnnConfig(
         gate = {}
         passed_parity = True
         if decoder:
-            # A default floor, so that a binary that computes noise (the first SmolLM2 binaries: top-1 0.03)
-            # can never pass silently; --min-top1 replaces it.
+            # A default floor, so that a binary that computes noise (top-1 near chance) can never pass
+            # silently; --min-top1 replaces it.
             min_top1 = config.min_top1 if config.min_top1 is not None else DEFAULT_MIN_TOP1
             gate["min_top1"] = min_top1
             passed_parity &= parity["top1_agreement"] >= min_top1
