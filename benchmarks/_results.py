@@ -20,6 +20,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
+# Measure this checkout's edgepack (the commit recorded below), not another installed copy.
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 SCHEMA = "edgepack.benchmark/1"
 
 # The packages whose versions decide the figures (absent ones are recorded as null).
