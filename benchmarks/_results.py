@@ -43,6 +43,10 @@ def commit() -> dict:
     return {"sha": head, "dirty": bool(status) if status is not None else None}
 
 
+# Taken when the script starts: the code that runs is the code of this commit.
+START_COMMIT = commit()
+
+
 def versions() -> dict:
     found = {}
     for name in PACKAGES:
@@ -90,7 +94,7 @@ def write(name: str, *, title: str, threads: int | None, conditions: dict, rows:
         "title": title,
         "command": " ".join(["python", *sys.argv]),
         "recorded_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "commit": commit(),
+        "commit": START_COMMIT,
         "versions": versions(),
         "host": host(),
         "threads": threads,

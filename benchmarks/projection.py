@@ -52,6 +52,7 @@ def main(argv=None) -> int:
     devices_dir.mkdir(parents=True, exist_ok=True)
     host_toml = devices_dir / "host.toml"
     start = time.perf_counter()
+    calibration_load = None
     if args.host_profile:
         host_toml.write_text(args.host_profile.read_text())
         print(f"host profile: {args.host_profile}")
@@ -59,6 +60,7 @@ def main(argv=None) -> int:
         print(f"calibrating this host with {args.threads} threads ...", flush=True)
         cal = calibrate_host(host_toml, CalibrateConfig(threads=args.threads, force=True), on_status=lambda m: print("  " + m, flush=True))
         f = cal.figures
+        calibration_load = {"before": f["loadavg_before"], "after": f["loadavg_after"]}
         # A second profile from the best (least disturbed) runs: on a shared host the median carries the
         # neighbours' load, the best run approximates the machine alone. Compared with measured min.
         import copy
@@ -151,6 +153,7 @@ def main(argv=None) -> int:
                                    "prompt_len": args.prompt_len, "gen_len": args.gen_len, "runs": args.runs,
                                    "tolerance": args.tolerance, "host_profile": "calibrated in the same run"
                                    if not args.host_profile else str(args.host_profile),
+                                   "calibration_loadavg": calibration_load,
                                    "loadavg_before": cond.get("loadavg_before"),
                                    "loadavg_after": rows[-1][1]["host"]["conditions"].get("loadavg_after")},
                        notes="The projection is met when projected/measured is within 1 +- tolerance. "
