@@ -5,7 +5,7 @@ Not a test (the MIL reference interpreter takes minutes per variant on 2 cores).
     EDGEPACK_CACHE=/tmp/epcache edgepack convert smollm2-135m -o /tmp/cm/smol --no-verify
     python benchmarks/coreml.py /tmp/cm/smol --work /tmp/cm/bench [--variants fp16,int4-block,...]
     python benchmarks/coreml.py /tmp/cm/smol --variants int4-split,int4-split-tuned --more-positions 128,256
-    # issue #5's figures: 1024 positions of the bundled text, then the same counts of a second text
+    # the under-80 MB variants over 1024 positions of the bundled text, then the same counts of a second text
     python benchmarks/coreml.py /tmp/cm/smol --variants int4-scaled-split4u,int4-scaled-split4,int4-split --max-context 1024 --positions 1024 \
         --more-positions 64,128,256,512 --second-text benchmarks/data/eval_alt_en.txt
 
@@ -15,7 +15,8 @@ are within 0.1 nats: 6 of the first 64 of the bundled text): read it with its 95
 --block-scales uint8, whose per-block intermediates are mostly elementwise work).
 
 Prints one row per variant (package size, top-1 agreement and KL against fp32 PyTorch over the
-positions verified by the MIL reference) and writes the rows to WORK/coreml-bench.json.
+positions verified by the MIL reference) and writes the rows to WORK/coreml-bench.json and
+benchmarks/results/coreml.json (for docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import _results
+
 VARIANTS = {
     "fp16-unsafe": dict(compress="none", fp16_safety=False),
     "fp16": dict(compress="none"),
@@ -35,7 +38,7 @@ VARIANTS = {
     "int4-block": dict(compress="int4-block"),
     "int4-block+int8-emb": dict(compress="int4-block", embedding="int8"),
     "int4-block+row-emb": dict(compress="int4-block", embedding="row"),
-    # issue #5's <= 80 MB point: split table (ids < 6000 int8, the rest 3-bit per 48) + uint4 offsets with residue
+    # a <= 80 MB point: split table (ids < 6000 int8, the rest 3-bit per 48) + uint4 offsets with residue
     "int4-split": dict(compress="int4-block", embedding="split", integer_offsets=True),
     # the same with its stored values tuned by distillation (--tune-steps 200: ~18 min on 2 cores)
     "int4-split-tuned": dict(compress="int4-block", embedding="split", integer_offsets=True, tune_steps=200),
@@ -103,6 +106,13 @@ def main() -> int:
             (args.work / "fp16-safety.json").write_text(json.dumps(facts["fp16_safety"], indent=2))
             (args.work / "ane.json").write_text(json.dumps(facts["ane"], indent=2))
     (args.work / "coreml-bench.json").write_text(json.dumps(rows, indent=2) + "\n")
+    _results.write("coreml", title="Core ML target: package size and parity with fp32 PyTorch (MIL reference interpreter)",
+                   threads=None, rows=rows,
+                   conditions={"export": str(args.export), "max_context": args.max_context, "positions": args.positions,
+                               "more_positions": args.more_positions or None,
+                               "second_text": str(args.second_text) if args.second_text else None,
+                               "variants": {name: VARIANTS[name] for name in args.variants.split(",")}},
+                   notes="top-1 comes with its 95% interval and the count of positions where fp32 itself is a near tie.")
     print(f"\n{'variant':<22} {'MB':>7} {'MiB':>7} {'pos':>4} {'top-1':>7} {'KL mean':>10} {'max|dlogit|':>11}")
     for r in rows:
         print(f"{r['variant']:<22} {r['package_MB']:>7} {r['package_MiB']:>7} {r['positions']:>4} {r['top1_agreement']:>7.4f} "

@@ -1,4 +1,4 @@
-"""Issue #5 study: can a 4-bit SmolLM2 Core ML package be <= 80 MB with top-1 >= 0.9 against fp32?
+"""Study: can a 4-bit SmolLM2 Core ML package be <= 80 MB with top-1 >= 0.9 against fp32?
 
 Not a test and not a Core ML build: it simulates, in PyTorch fp32, the weight formats Core ML's iOS 18
 constexpr ops can hold, and scores each on the bundled evaluation text (top-1 agreement and KL against
@@ -23,6 +23,8 @@ Table formats (the tied embedding / lm_head, 49152 x 576):
 
     python benchmarks/coreml_table_study.py ~/.cache/edgepack/bench-decode/export-fp32 \\
         exact/int8row exact/split:4000:32:nf res16/split:6000:64:nf res16/split:8000:64:nf
+
+The table also goes to benchmarks/results/coreml-table-study.json for docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import argparse
 import json
 from pathlib import Path
 
+import _results
 import numpy as np
 
 DATA = Path(__file__).resolve().parents[1] / "edgepack" / "quantize" / "data"
@@ -142,6 +145,7 @@ def main() -> int:
 
     print("| projections | table | package MB (est.) | top-1 | top-1 first 64 | first 256 | mean KL |")
     print("|---|---|---|---|---|---|---|")
+    rows = []
     for variant in args.variants:
         proj, spec = variant.split("/")
         for n, p in model.named_parameters():
@@ -155,6 +159,12 @@ def main() -> int:
         agree = (out.argmax(-1) == ref_top).double()
         base = args.base_mb - (res16_saving if proj == "res16" else 0.0)
         print(f"| {proj} | {spec} | {base + table_mb:.1f} | {agree.mean():.3f} | {agree[:64].mean():.3f} | {agree[:256].mean():.3f} | {kl:.4f} |", flush=True)
+        rows.append({"projections": proj, "table": spec, "package MB (est.)": base + table_mb, "top-1": agree.mean().item(),
+                     "top-1 first 64": agree[:64].mean().item(), "top-1 first 256": agree[:256].mean().item(), "mean KL": kl})
+    _results.write("coreml-table-study", title="Core ML weight formats simulated in PyTorch fp32 (size against top-1)",
+                   threads=torch.get_num_threads(), rows=rows,
+                   conditions={"model": "SmolLM2-135M-Instruct", "positions": len(ids), "eval_text": "edgepack/quantize/data/eval_en.txt",
+                               "base_mb": args.base_mb, "sizes": "estimated: base bytes plus the table's bytes"})
     return 0
 
 

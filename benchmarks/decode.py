@@ -10,7 +10,8 @@ variant's), variants are interleaved round by round so the machine's drift hits 
 variant gets one warm-up run before the timed runs. Printed: TTFT for a prompt of --prompt-len
 tokens, decode ms/token over --gen-len tokens (median and spread of --runs), peak RSS, the ratio to the
 onnxruntime-genai builder at the same precision, the speed-up over the fp32 optimum export, and the floor
-(weight bytes read per token / best triad bandwidth measured in the same run).
+(weight bytes read per token / best triad bandwidth measured in the same run). The table also goes to
+benchmarks/results/decode.json for docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import statistics
 import sys
 import time
 from pathlib import Path
+
+import _results
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -245,6 +248,7 @@ def main() -> int:
     print("| precision | variant | TTFT ms | decode ms/token (min-max) | vs genai builder | speed-up vs fp32 optimum export "
           "| peak RSS MB | floor ms/token |")
     print("|---|---|---|---|---|---|---|---|")
+    result_rows = []
     for precision in precisions:
         builder = median_decode("genai-builder", precision)
         floor = bytes_per_token[precision] / (bw * 1e9) * 1000
@@ -259,8 +263,22 @@ def main() -> int:
             print(f"| {precision} | {variant} | {statistics.median(s['ttft_ms'] for s in runs):.0f} | "
                   f"{median:.1f} ({min(decode):.1f}-{max(decode):.1f}) | {vs_builder} | {speedup} | "
                   f"{max(s['peak_rss_mb'] for s in runs):.0f} | {floor:.1f} |")
-    print("\nedgepack-export fp32 is optimum-onnx's export run by edgepack's runtime (the issue's 'fp32 optimum "
+            result_rows.append({"precision": precision, "variant": variant, "TTFT ms": statistics.median(s["ttft_ms"] for s in runs),
+                                "decode ms/token": median, "decode min": min(decode), "decode max": max(decode),
+                                "vs genai builder": median / builder if builder else None,
+                                "speed-up vs fp32 export": fp32_export / median if fp32_export else None,
+                                "peak RSS MB": max(s["peak_rss_mb"] for s in runs), "floor ms/token": floor})
+    print("\nedgepack-export fp32 is optimum-onnx's export run by edgepack's runtime (the 'fp32 optimum "
           "export'); optimum-ort is the same file through optimum's ORTModelForCausalLM.")
+    _results.write(
+        "decode", title="Decode speed of edgepack's bundles against their peers", threads=args.threads, rows=result_rows,
+        conditions={"model": "SmolLM2-135M-Instruct", "prompt_len": args.prompt_len, "gen_len": args.gen_len, "runs": args.runs,
+                    "warmup_runs": 1, "order": "variants interleaved round by round, each in a fresh process",
+                    "triad_GB_s": bw, "precisions": {p: PRECISIONS[p][0] and {"scheme": PRECISIONS[p][0][0], **PRECISIONS[p][0][1]}
+                                                      for p in precisions}, "loadavg_end": _results.loadavg()},
+        notes="edgepack-export fp32 is optimum-onnx's export run by edgepack's runtime; optimum-ort is the same file through "
+              "optimum's ORTModelForCausalLM. floor = weight bytes read per token / triad bandwidth. Absolute figures move "
+              "with the machine's load; ratios within one run are the comparison.")
     return 0
 
 

@@ -19,6 +19,8 @@ import json
 import time
 from pathlib import Path
 
+import _results
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -62,6 +64,15 @@ def main() -> None:
         })
         print(json.dumps(rows[-1]), flush=True)
     (args.out / "bench.json").write_text(json.dumps(rows, indent=2) + "\n")
+    _results.write("qnn", title="QNN target in the HTP simulator: sensitivity rescue against the naive graph", threads=None,
+                   rows=[{k: v for k, v in r.items() if k != "sensitivity_top"} for r in rows],
+                   conditions={"export": str(args.export), "precision": args.precision, "soc_model": args.soc_model,
+                               "htp_arch": args.htp_arch, "max_context": args.max_context, "prefill_len": args.prefill_len,
+                               "decode_steps": args.decode_steps, "eval_windows": args.eval_windows,
+                               "calibration_samples": args.calibration_samples, "range_margin": args.range_margin,
+                               "runtime": "onnxruntime-qnn HTP simulator (x86-64 Linux), CPU fallback disabled"},
+                   notes="top-1 and KL against fp32 over the evaluation windows; rescue N keeps the N most sensitive "
+                         "nodes at 16 bits.")
     print(f"\n{'rescue':>6} {'on HTP':>11} {'top-1':>6} {'KL':>8} {'max|d|':>7} {'prefill':>7} {'decode':>7} {'reload==':>8} {'total s':>8}")
     for r in rows:
         print(f"{r['rescue']:>6} {r['nodes_on_htp']:>5}/{r['nodes_total']:<5} {r['top1']:>6.3f} {r['kl_mean']:>8.4f} "

@@ -4,8 +4,9 @@
 
 Exports the demo model once (fp32, cached in --work), quantizes it with each scheme through
 `edgepack.quantize.quantize_model`, and prints: scheme | MB | ratio to fp32 | ppl | top-1 | mean KL |
-p99 KL | quantize seconds. The onnxruntime-genai model builder INT4 row is the figure measured for
-issue #3 (its 0.18 builder needs transformers 5, which our pins exclude), shown for comparison.
+p99 KL | quantize seconds. The same table goes to benchmarks/results/quality.json for
+docs/benchmarks.md. onnxruntime-genai's own model builder is compared in benchmarks/decode.py (it runs
+in its own environment, see edgepack/targets/genai_builder.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import os
 import sys
 import time
 from pathlib import Path
+
+import _results
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -31,7 +34,6 @@ CONFIGS = {
     "fp16": ("fp16", {}),
     "gguf": ("gguf", {}),
 }
-BUILDER_INT4 = {"MB": 86.5, "top1": 0.645, "kl_mean": 0.42}  # measured for issue #3, same eval method
 
 
 def main() -> int:
@@ -79,9 +81,16 @@ def main() -> int:
             print(f"| {name:<18} | failed: {error}")
             continue
         print(f"| {name:<18} | {mb:6.1f} | {ratio:5.3f} | {ppl:7.2f} | {top1:5.3f} | {kl:7.4f} | {p99:7.4f} | {seconds:7.1f} |")
-    b = BUILDER_INT4
-    print(f"| {'genai builder int4*':<18} | {b['MB']:6.1f} | {b['MB'] / fp32_mb:5.3f} | {'':>7} | {b['top1']:5.3f} | {b['kl_mean']:7.4f} | {'':>7} | {'':>7} |")
-    print("\n* measured for issue #3 with onnxruntime-genai 0.18's model builder (not re-run here: it needs transformers 5).")
+    _results.write(
+        "quality", title="Size and quality of every quantization scheme against fp32", threads=None,
+        conditions={"model": "SmolLM2-135M-Instruct", "eval_tokens": args.eval_tokens, "eval_text": "edgepack/quantize/data/eval_en.txt",
+                    "fp32_MB": fp32_mb, "fp32_ppl": ppl_ref, "runtime": "onnxruntime CPU",
+                    "schemes": {name: {"scheme": CONFIGS[name][0], **CONFIGS[name][1]} for name in args.schemes.split(",")}},
+        rows=[{"scheme": name, "MB": mb, "ratio to fp32": ratio, "ppl": ppl, "top-1": top1, "mean KL": kl, "p99 KL": p99,
+               "quantize s": seconds, **({"error": error} if error else {})}
+              for name, mb, ratio, ppl, top1, kl, p99, seconds, error in rows],
+        notes="top-1 is the share of positions where the quantized model's most likely next token equals fp32's; "
+              "KL is KL(fp32 || quantized) per position.")
     return 0
 
 

@@ -129,9 +129,9 @@ class StageDeclaration:
 
 # What edgepack's shared modules (model folders, tokenizers, GGUF sources, sessions) import: every stage that
 # loads a model through them.
-_MODEL_PACKAGES = ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "numpy", "tokenizers", "gguf")
-CONVERT = StageDeclaration("convert", ("edgepack.convert",), (*_MODEL_PACKAGES, "onnxscript"))  # torch.onnx's exporter
-QUANTIZE = StageDeclaration("quantize", ("edgepack.quantize",), _MODEL_PACKAGES)
+_MODEL_PACKAGES = ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "numpy", "tokenizers", "gguf", "jinja2")
+CONVERT = StageDeclaration("convert", ("edgepack.convert.export",), (*_MODEL_PACKAGES, "onnxscript"))  # torch.onnx's exporter
+QUANTIZE = StageDeclaration("quantize", ("edgepack.quantize.pipeline",), _MODEL_PACKAGES)
 PROFILE = StageDeclaration("profile", ("edgepack.profiles.measure",), ("onnxruntime-genai", *_MODEL_PACKAGES))
 _TARGET_PACKAGES = {
     "ort": ("onnxruntime-genai", "genai-builder:onnxruntime-genai", *_MODEL_PACKAGES),

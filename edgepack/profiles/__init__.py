@@ -1,1 +1,1 @@
-"""Device database, measurement, energy and budgets (issue #7)."""
+"""Device database, measurement, energy and budgets."""

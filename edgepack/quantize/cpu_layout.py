@@ -2,7 +2,7 @@
 
 onnxruntime 1.32's CPU MatMulNBits is fast only for 4-bit weights with integer or default zero points.
 Float zero points (what onnxruntime's HQQ quantizer emits) run ~25x slower, 8-bit weights at
-accuracy_level 0 ~20x slower: both slower than the fp32 MatMul (measured on SmolLM2-135M). Every
+accuracy_level 0 ~20x slower: both slower than the fp32 MatMul they replace. Every
 weight is therefore re-expressed, value for value, as 4-bit pieces:
 
   * w = s*(u - zp), float zp       -> 4-bit codes with zero point 0 and a block minimum m = -s*zp, added
@@ -397,10 +397,9 @@ def gather_block_quantized_nodes(g: GraphEdit, node, packed: Packed) -> list:
 # ----------------------------------------------------------------------------------------------
 
 _SCALE_BITS = 11  # significant bits kept by the snap: fp16's mantissa, so snapped scales store as fp16
-# Residue planes of `offset_columns` (SmolLM2, builder graph, level 4, 2 threads, medians of 5 interleaved
-# decode runs on the 2-core CI machine, 2026-11-27): 1 plane 98.5 MB, 11.2 ms/token,
-# chat-position mean KL 0.0098; 2 planes (each quantizing what the first left) 102.6 MB, 12.6 ms/token, KL 0.0067;
-# the exact MatMul + Add layout 105 MB, 13.3 ms/token, KL 0.0060; builder int4 14.2 ms/token. Speed first.
+# Residue planes of `offset_columns`: each further plane quantizes what the planes before it left, so
+# it lowers KL against the exact layout but adds columns (size and decode time). One plane: speed first
+# (level 4 is the fast, approximate setting; the exact layout is level 0).
 OFFSET_PLANES = 1
 _GRID_BITS = 13  # |u - zp| * 2**g < 2**13: with 11-bit scales every product fits fp32's 24 bits
 
@@ -564,7 +563,7 @@ def offset_columns(w: NBitsWeight, planes: int = OFFSET_PLANES) -> tuple[np.ndar
     The residue term is sum_b r[n, b] * blocksum(A)[b]: appended to A as extra features (the block sums,
     zero-padded to whole blocks) and to W as extra columns, quantized to 4 bits with integer zero points
     like every other block, it rides inside the same MatMulNBits. That replaces the exact fp32
-    `blocksum(A) @ minimums` MatMul + Add per weight (~2 ms/token on SmolLM2: two small nodes per weight),
+    `blocksum(A) @ minimums` MatMul + Add per weight (two small nodes per weight, each with its dispatch cost),
     at an error of at most half a step of the residue's own 4-bit grid (|r| <= s/2, so that step is about
     max s / 30 of the row's blocks instead of the s/2 zero-point rounding of plain RTN). Only at
     accuracy_level 4, which already quantizes the activations to int8 and is approximate anyway.

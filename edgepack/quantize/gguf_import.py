@@ -45,8 +45,8 @@ small float MatMul with the [k_blocks, N] minimums. Every weight value stays exa
 Storage: scales and minimums that are exact in fp16 (the GGUF's own fp16 d and m for Q4_0/Q4_1/Q8_0...)
 are stored as fp16 and Cast to fp32 in the graph; zero-point tensors of 0 are ConstantOfShape.
 onnxruntime constant-folds these at session creation, so MatMulNBits still sees constant inputs. This
-keeps the file the size of the GGUF (SmolLM2: fp32 scales and minimums would add ~15 MB and miss the
-100 MB budget).
+keeps the file the size of the GGUF (fp32 scales and minimums would add one bit a weight to a
+32-weight Q4_1 block's five).
 
 Embedding and tied lm_head are stored once: the lm_head MatMulNBits B tensor [V, k_blocks, blob] is
 also the `data` of GatherBlockQuantized (gather_axis 0, quantize_axis 2, scales reshaped to

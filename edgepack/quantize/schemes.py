@@ -110,7 +110,7 @@ class Int8Weight(Scheme):
     symmetric: bool = True
     # 0 = float compute: the 8-bit codes run as two exact 4-bit planes (cpu_layout), faster than fp32.
     # Level 4 keeps one 8-bit plane but quantizes activations to int8 per block inside MatMulNBits,
-    # which on SmolLM2 costs top-1 0.972 -> 0.947 and mean KL 0.0015 -> 0.0043.
+    # which adds an activation rounding error on top of the weights' (lower top-1, higher KL).
     accuracy_level: int = 0
     embeddings: str = "int8"
 
@@ -137,9 +137,9 @@ class Int4(Scheme):
     block_size: int = 32
     symmetric: bool = False
     algorithm: str = "hqq"
-    # 0 = float compute: the model computes exactly with its quantized weights (SmolLM2: top-1 0.981,
-    # mean KL 0.0005). 4 = int8 activations inside MatMulNBits: ~1.4x faster decode, approximate
-    # (SmolLM2: top-1 0.949, mean KL 0.0035).
+    # 0 = float compute: the model computes exactly with its quantized weights. 4 = int8 activations
+    # inside MatMulNBits: faster decode (integer kernels), approximate (activations rounded as well).
+    # benchmarks/quality.py and decode.py measure both.
     accuracy_level: int = 0
     embeddings: str = "int8"
     lm_head: str = "int8"
@@ -160,8 +160,8 @@ class Gguf(Scheme):
 
     name: ClassVar[str] = "gguf"
     summary: ClassVar[str] = "the GGUF source's own quantized blocks written as MatMulNBits (lossless import)"
-    # 0: float compute, the ONNX model computes exactly what the GGUF holds (SmolLM2: top-1 1.000, KL 0.0000).
-    # 4: int8 activations inside MatMulNBits; faster, approximate (SmolLM2: top-1 0.961, KL 0.0031).
+    # 0: float compute, the ONNX model computes exactly what the GGUF holds (no loss against the GGUF).
+    # 4: int8 activations inside MatMulNBits; faster, approximate (activations rounded as well).
     accuracy_level: int = 0
     allow_requantize: bool = False
 

@@ -55,9 +55,8 @@ class DecoderSession:
     target's builder graph, marked `past_present_share_buffer` in its genai_config.json): the cache is then
     one fixed-size buffer per layer, bound as both past input and present output through IO binding, so
     GroupQueryAttention appends each step's keys and values in place, as onnxruntime-genai does. The
-    default copies the whole cache into new present tensors every step (about 15% of a SmolLM2 int4
-    decode step at a 190-token context: 5 interleaved pairs, 2 threads, the 2-core CI machine), which is
-    what any other graph needs.
+    default copies the whole cache into new present tensors every step (a cost that grows with the
+    context), which is what any other graph needs.
     """
 
     def __init__(self, session, config: dict | None = None, *, share_kv_buffer: bool = False):

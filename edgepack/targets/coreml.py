@@ -52,17 +52,17 @@ class CoreMLConfig:
                                  "int8 per channel, or split: ids below --split-rows int8, the rest --split-bits bits with a scale and offset per --split-block entries.")
     split_rows: int = option(6000, min=1, help="--embedding split: token ids below this stay int8 (BPE ids come in merge order: the low ones are the frequent tokens).")
     split_block: int = option(48, min=8, help="--embedding split: entries per fp16 scale/offset of the rare rows (must divide the hidden size).")
-    split_bits: int = option(3, choices=(3, 4), help="--embedding split: bits of the rare rows' indices into normal-quantile levels (4: +0.5 bit an entry, ~3 MB more for SmolLM2).")
+    split_bits: int = option(3, choices=(3, 4), help="--embedding split: bits of the rare rows' indices into normal-quantile levels (4: +0.5 bit an entry).")
     split_levels: str = option("normal", choices=("normal", "uniform"),
                                help="--embedding split: rare rows' levels: normal quantiles through a LUT (iOS 26), or uniform = plain uint4 codes "
                                     "with the per-block scale and offset (needs --split-bits 4; iOS 18).")
     tune_steps: int = option(0, help="--embedding split: distillation steps that tune the table's stored values against the fp32 model on text it generates "
-                                     "itself (2 sequences of 256 tokens a step; SmolLM2: ~5 s a step on 2 cores; see docs/coreml.md for what it gains). 0: least-squares fit only.")
-    integer_offsets: bool = option(False, help="int4-block: uint4 offsets plus the rounding residue in int4 (three small ops per projection; ~3 MB less for SmolLM2).")
+                                     "itself (2 sequences of 256 tokens a step, each a forward and backward pass of the model; see docs/coreml.md). 0: least-squares fit only.")
+    integer_offsets: bool = option(False, help="int4-block: uint4 offsets plus the rounding residue in int4 (three small ops per projection).")
     block_scales: str = option("fp16", choices=("fp16", "uint8"),
                                help="int4-block: fp16 scale per block in the weight op, or uint8 codes into a per-weight log-spaced table, applied to "
                                     "per-block partial sums with the offsets in uint8 (4.5 bits a weight against 5 by default and 4.75 with --integer-offsets; "
-                                    "SmolLM2: 6.6 and 3.3 MB less; see docs/coreml.md).")
+                                    "see docs/coreml.md).")
     max_context: int | None = option(None, unit="tokens",
                                      help="Decoders: KV-cache length (default min(512, max positions)); encoders: sequence length (default 128).")
     device: str | None = option(None, metavar="D", help="Device profile ID (e.g. iphone-15-pro): refuse a model larger than its app memory limit.")

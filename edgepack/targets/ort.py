@@ -141,8 +141,8 @@ def _save_optimized(model_path: Path, work: Path) -> dict:
     the model: fp16-stored scales (Cast to the fp32 the CPU kernels read), negated and transposed block
     minimums, all-zero zero points made by ConstantOfShape. Saved already optimized, the bundle holds
     them as onnxruntime does: nothing left to fold at load, and its ORT-format conversion (which saves
-    the folded tensors) is the same size. The price is disk: SmolLM2 int4 level-4 99.5 -> 110.0 MB,
-    gguf 99.5 -> 126.4 MB, int8-weight 152.2 -> 179.1 MB; `--compact` keeps the compact form. A table the
+    the folded tensors) is the same size. The price is disk (quantized graphs grow by their expanded
+    scales, minimums and zero points); `--compact` keeps the compact form. A table the
     builder ties as Gather(Transpose(lm_head)) is first stored in the gather's layout, with the lm_head
     reading it transposed (FusedMatMul transB), so folding does not store it twice.
     """

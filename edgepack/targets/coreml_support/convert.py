@@ -59,7 +59,7 @@ class CompressionScheme:
                     "offset": ("uint8 per block, in sixteenths of the coded scale (w = scale * (q - offset))" if coded
                                else "fp16 per block (w = scale * (q - offset))"),
                     "fit": ("per block min/max affine: the int4 codes are GGUF Q4_1's when the source was Q4_1; each scale is coded "
-                            "within half a step of a log-spaced table (SmolLM2: within 0.25-0.8%) and the offset refitted to it" if coded else
+                            "within half a step of a log-spaced table and the offset refitted to it" if coded else
                             "per block min/max affine: reproduces GGUF Q4_1 blocks exactly when the source was Q4_1"),
                     "embedding": {"same": "uint4 affine per block", "row": "uint4 affine per row (one scale and offset per token)", "int8": "int8 per channel",
                                   "split": (f"ids < {self.split_rows}: int8 per block of 32; the rest: " + (

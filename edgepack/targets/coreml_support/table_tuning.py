@@ -1,10 +1,10 @@
 """Distillation of the split table's stored values (`--embedding split --tune-steps N`).
 
 The least-squares fit (`convert.lut3_blocks`) fits each 3-bit block on its own, weighted by E[h^2]; what a
-release is judged on is the model's next-token distribution. On SmolLM2 (issue #5; PyTorch simulation
-of the formats, 1024 positions of the evaluation text), most of the split table's loss comes from where
-rare tokens are *inputs* (3-bit rows in the embedding alone: -0.061 top-1; in the lm_head alone: -0.036),
-and a per-block fit cannot see that. So this tunes the stored values end to end: the
+release is judged on is the model's next-token distribution. The table is tied: the same rows are the
+embedding (where a rare token is an *input*, and its error flows through every layer) and the lm_head,
+so a row's loss depends on how the model uses it, and a per-block fit cannot see that
+(benchmarks/coreml_table_study.py simulates the formats and separates the two effects). So this tunes the stored values end to end: the
 package's projections as it stores them, the table as it stores it (int8 rows, 3-bit rows), and a KL loss
 against the fp32 model's own next-token distribution on text the fp32 model generates itself from
 calibration-text prompts (nothing downloaded, the evaluation text never seen).

@@ -4,7 +4,7 @@ Registration goes through onnxruntime's plugin-EP API: `register_execution_provi
 device from `get_ep_devices()`, `SessionOptions.add_provider_for_devices`. The older
 `providers=["QNNExecutionProvider"]` runs silently on CPU with onnxruntime-qnn 2.x, so it is never used.
 CPU fallback is disabled (`session.disable_cpu_ep_fallback`): a node the HTP cannot take is an error,
-named from `get_provider_graph_assignment_info()` of a second session that allows fallback.
+named from `get_provider_graph_assignment_info()` of another session, one that allows fallback.
 """
 
 from __future__ import annotations

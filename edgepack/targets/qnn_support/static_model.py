@@ -129,8 +129,8 @@ class StaticDecoder:
 
         Why: LLMs put "massive activations" on the first position (SmolLM2's residual stream reaches ~25,000
         there, against a few hundred elsewhere), and one 16-bit scale per tensor cannot cover both: the
-        ordinary positions lose 40x in resolution (SmolLM2 on CPU-QDQ: relative error of the residual stream
-        2% before the massive position appears, 15% after). With the first position's keys/values computed
+        ordinary positions lose 40x in resolution, and the residual stream's error grows once the massive
+        position is in the window. With the first position's keys/values computed
         once in fp32 and shipped (a few KB), the NPU graphs only see ordinary positions and are calibrated on
         them (PrefixQuant, arXiv:2410.05265). The prefix is the tokenizer's BOS token, which prompts start with.
         """
