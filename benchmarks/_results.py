@@ -93,7 +93,7 @@ def write(name: str, *, title: str, threads: int | None, conditions: dict, rows:
         "benchmark": name,
         "title": title,
         "command": " ".join(["python", *sys.argv]),
-        "recorded_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "recorded_utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "commit": START_COMMIT,
         "versions": versions(),
         "host": host(),

@@ -70,7 +70,7 @@ def main() -> int:
         config = CoreMLConfig(max_context=args.max_context, eval_positions=args.positions, force=True, **VARIANTS[name])
         t0 = time.perf_counter()
         try:
-            artifact = build(args.export, args.work / name, config, on_status=lambda m: print(f"  [{name}] {m}", file=sys.stderr, flush=True))
+            artifact = build(args.export, args.work / name, config, on_status=lambda m, name=name: print(f"  [{name}] {m}", file=sys.stderr, flush=True))
         except EdgepackError as exc:
             print(f"{name}: error: {exc}", flush=True)
             continue

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -119,7 +118,7 @@ def main(argv=None) -> int:
     print(f"target: projected within +-{args.tolerance:.0%} of measured")
     print()
     print("Prefill (information): measured TTFT p50 vs projected")
-    for variant, report, measured, projected in rows:
+    for variant, _report, measured, projected in rows:
         p = projected["prefill_detail"]
         print(f"  {variant:5} measured {measured['ttft_ms']['p50']:8.1f} ms   projected {projected['ttft_ms']:8.1f} ms "
               f"({p['bound']} bound: compute {p['compute_ms']:.1f}, memory {p['memory_ms']:.1f}, dispatch {p['dispatch_ms']:.1f})")

@@ -48,7 +48,7 @@ def main() -> None:
                            eval_windows=args.eval_windows, calibration_samples=args.calibration_samples,
                            rescue=rescue, range_margin=args.range_margin, force=True)
         start = time.perf_counter()
-        artifact = build(args.export, args.out / f"rescue-{rescue}", config, on_status=lambda m: print(f"  [{rescue}] {m}", flush=True))
+        artifact = build(args.export, args.out / f"rescue-{rescue}", config, on_status=lambda m, rescue=rescue: print(f"  [{rescue}] {m}", flush=True))
         parity = artifact.checks["parity_vs_fp32"]
         rows.append({
             "rescue": rescue, "kept_16bit": len(artifact.facts["rescue"]["kept_16bit"]),

@@ -193,9 +193,9 @@ def _filesystem_problem(out) -> str | None:
 
 def _from_library_write_error(exc: BaseException) -> EdgepackError | None:
     """A library (onnxruntime saving external data, a converter) failed to write into an output being staged."""
-    from edgepack.outputs import declared_outputs
-
     import os
+
+    from edgepack.outputs import declared_outputs
 
     message = " ".join(str(exc).split())
     if "write" not in message.lower() and "save" not in message.lower():

@@ -55,8 +55,9 @@ def _median_and_best(samples: list[float]) -> tuple[float, float]:
 
 def measure_triad(size_mb: float, threads: int, repeats: int) -> dict:
     """STREAM triad bandwidth in GB/s, 3 arrays x 4 bytes per element per pass."""
-    import numpy as np
     from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
 
     n = int(size_mb * 1e6 / 4)
     b = np.full(n, 1.0, dtype=np.float32)
@@ -247,9 +248,8 @@ def calibrate_host(out: Path | str, config: CalibrateConfig = CalibrateConfig(),
     """Measure this host and write `out` (a device TOML loadable with --devices-dir)."""
     import onnxruntime as ort
 
-    from edgepack.profiles.energy import RaplMeter
-
     from edgepack.outputs import check_output_file, write_output_file
+    from edgepack.profiles.energy import RaplMeter
 
     out = check_output_file(out)
     if out.exists() and not config.force:
@@ -258,7 +258,7 @@ def calibrate_host(out: Path | str, config: CalibrateConfig = CalibrateConfig(),
     threads = config.threads or os.cpu_count() or 1
     start = time.perf_counter()
     host = host_description()
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     conditions = f"edgepack devices calibrate on {host['cpu']}, {threads} threads, onnxruntime {ort.__version__} CPU, {stamp}"
     load_before = _loadavg()
 
@@ -362,7 +362,8 @@ def render_host_toml(device_id: str, host: dict, conditions: str, figures: dict,
         lines.append(f"app_memory_limit_mb = {_fig(round(host['ram_mb'] * 0.8), 'no per-app limit on a Linux host', False, '80% of MemTotal, leaving room for the OS')}")
     triad_source = f"{measured}; STREAM-like triad, {triad['array_mb']:g} MB arrays, median of runs (best {triad['best_gb_s']:.3g} GB/s)"
     lines.append(f"bandwidth_gb_s = {_fig(bw, triad_source, True)}")
-    lines.append(f"dram_pj_per_byte = {_fig(20, 'edgepack estimate (docs/devices.md, Energy)', False, 'about 2.5 pJ/bit for server DDR4/DDR5 access energy, an order-of-magnitude figure')}")
+    dram_basis = "about 2.5 pJ/bit for server DDR4/DDR5 access energy, an order-of-magnitude figure"
+    lines.append(f"dram_pj_per_byte = {_fig(20, 'edgepack estimate (docs/devices.md, Energy)', False, dram_basis)}")
     lines += ["", "[compute]"]
     gemm = figures["gemm"]
     rows = gemm["fp32"]["rows"]
@@ -377,14 +378,16 @@ def render_host_toml(device_id: str, host: dict, conditions: str, figures: dict,
     else:
         from edgepack.profiles.energy import HOST_WATTS_PER_ACTIVE_CORE as per_core
 
-        lines.append(f"sustained_w = {_fig(per_core * threads, 'no energy meter readable on this host', False, f'{per_core:g} W per active thread x {threads} threads (x86 server/desktop core at all-core load)')}")
+        basis = f"{per_core:g} W per active thread x {threads} threads (x86 server/desktop core at all-core load)"
+        lines.append(f"sustained_w = {_fig(per_core * threads, 'no energy meter readable on this host', False, basis)}")
         lines.append(f"idle_w = {_fig(1.0 * threads, 'no energy meter readable on this host', False, 'about 1 W per core idle, order of magnitude')}")
     lines += ["", "[efficiency]"]
     for fmt in FORMAT_NAMES:
         last = figures["gemv"][fmt][-1]
         source = f"{measured}; {fmt} GEMV at {last['working_set_mb']:.0f} MB / triad"
         lines.append(f"decode_bandwidth_{fmt} = {_fig(last['gb_s'] / bw, source, True)}")
-    lines.append(f"prefill_compute = {_fig(1.0, 'the compute peaks above are measured GEMM throughput', False, 'no derating beyond the measured GEMM rate; attention and elementwise work are not in it')}")
+    prefill_basis = "no derating beyond the measured GEMM rate; attention and elementwise work are not in it"
+    lines.append(f"prefill_compute = {_fig(1.0, 'the compute peaks above are measured GEMM throughput', False, prefill_basis)}")
     lines += ["", "[runtime]"]
     d = figures["dispatch"]
     dispatch_source = f"{measured}; chain of {d['nodes']} tiny Add/Mul nodes, median"

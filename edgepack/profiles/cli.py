@@ -11,7 +11,6 @@ from pathlib import Path
 import click
 
 from edgepack.core.console import Status, stdout_console
-
 from edgepack.errors import GateFailedError, UsageError
 from edgepack.options import FiniteFloatRange
 
@@ -186,7 +185,8 @@ def _parse_floats(text: str, option: str) -> tuple[float, ...]:
 @click.command()
 @click.argument("directory", metavar="DIR", type=click.Path(path_type=Path))
 @click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="profile.json to write (schema: docs/profile-json.md).")
-@click.option("--device", "device_ids", multiple=True, help="Device id to project onto (repeatable; default: iphone-15-pro, pixel-8, galaxy-s24, raspberry-pi-5). `all` for every device.")
+@click.option("--device", "device_ids", multiple=True, help="Device id to project onto (repeatable; default: iphone-15-pro, pixel-8, galaxy-s24, "
+              "raspberry-pi-5). `all` for every device.")
 @click.option("--devices-dir", "devices_dirs", multiple=True, type=click.Path(path_type=Path), help=DEVICES_DIR_HELP)
 @click.option("--prompt-len", default="128,512", show_default=True, help="Prompt lengths in tokens (comma-separated); prompts are built to exactly this many tokens.")
 @click.option("--gen-len", type=click.IntRange(min=2), default=64, show_default=True, help="Tokens generated per run (EOS ignored so every run is the same length).")

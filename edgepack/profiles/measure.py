@@ -149,12 +149,11 @@ def host_conditions(threads: int | None) -> dict:
 
 def profile_model(directory: Path | str, out: Path | str | None, config: ProfileConfig = ProfileConfig(), on_status=None) -> ProfileResult:
     """Measure DIR here, project it onto config.devices, write `out` (profile.json) when given."""
+    from edgepack.outputs import check_output_file, write_output_file
     from edgepack.profiles.devices import get_device, load_devices
     from edgepack.profiles.energy import RAPL_ROOT, find_meter
     from edgepack.profiles.model_facts import model_facts
     from edgepack.runtime.model_dir import TEXT_GENERATION, load_model_dir
-
-    from edgepack.outputs import check_output_file, write_output_file
 
     status = on_status or (lambda message: None)
     _validate(config)
@@ -173,7 +172,7 @@ def profile_model(directory: Path | str, out: Path | str | None, config: Profile
         raise UsageError(f"--prompt-len {max(config.prompt_lens)} + --gen-len {config.gen_len} = {longest} exceeds the model's context {model_context}")
     meter, meters = find_meter(config.rapl_root or RAPL_ROOT)
 
-    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     loadavg_before = _loadavg()
     host = _measure_host(model_dir, facts, config, meter, status)
     host["conditions"] = {

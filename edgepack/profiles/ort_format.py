@@ -19,10 +19,9 @@ def _text(value) -> str:
 
 
 def _attribute(fb):
-    from onnx import AttributeProto, helper
-
-    from onnxruntime.tools.ort_format_model import ort_flatbuffers_py  # noqa: F401  (puts the bindings on sys.path)
     import ort_flatbuffers_py.fbs as fbs
+    from onnx import AttributeProto, helper
+    from onnxruntime.tools.ort_format_model import ort_flatbuffers_py  # noqa: F401  (puts the bindings on sys.path)
 
     kind, name = fb.Type(), _text(fb.Name())
     types = fbs.AttributeType.AttributeType
@@ -52,10 +51,9 @@ def _tensor(fb):
 
 
 def _value_info(name: str, node_arg):
-    from onnx import helper
-
-    from onnxruntime.tools.ort_format_model import ort_flatbuffers_py  # noqa: F401
     import ort_flatbuffers_py.fbs as fbs
+    from onnx import helper
+    from onnxruntime.tools.ort_format_model import ort_flatbuffers_py  # noqa: F401
 
     info = helper.make_empty_tensor_value_info(name)
     kind = node_arg.Type() if node_arg is not None else None
@@ -78,10 +76,9 @@ def _value_info(name: str, node_arg):
 
 def read_ort_graph(path: Path | str):
     """An onnx.ModelProto with the .ort file's graph structure and initializer shapes (no weight values)."""
-    from onnx import helper
-
-    from onnxruntime.tools.ort_format_model import ort_flatbuffers_py  # noqa: F401
     import ort_flatbuffers_py.fbs as fbs
+    from onnx import helper
+    from onnxruntime.tools.ort_format_model import ort_flatbuffers_py  # noqa: F401
 
     path = Path(path)
     try:

@@ -46,7 +46,7 @@ class DeviceModel:
     weight_overhead_us: dict | None = None
 
     @classmethod
-    def from_device(cls, device: Device) -> "DeviceModel":
+    def from_device(cls, device: Device) -> DeviceModel:
         eff = {}
         for fmt in FORMATS:
             value = device.value("efficiency", f"decode_bandwidth_{fmt}")

@@ -81,7 +81,7 @@ class Blocks:
                 w = w + self.offset[..., None]
         return w.reshape(rows, self.cols)
 
-    def take_rows(self, perm: np.ndarray) -> "Blocks":
+    def take_rows(self, perm: np.ndarray) -> Blocks:
         pick = lambda a: None if a is None else a[perm]  # noqa: E731
         return Blocks(self.source, self.bits, self.block, self.codes[perm], self.scale[perm], pick(self.offset), pick(self.zero))
 

@@ -238,8 +238,9 @@ def quantize_model(directory: Path | str, out: Path | str, config: QuantizeConfi
         work, gates = chosen.pop("_work"), chosen.pop("_gates")
         _assemble_output(tmp, work, model_dir)
 
-        from edgepack.core.onnx_io import op_counts
         import onnx
+
+        from edgepack.core.onnx_io import op_counts
 
         scheme = next(c for c in candidates if c.to_json() == chosen["scheme"])
         report = {

@@ -59,7 +59,6 @@ def _run_quantizer(model, *, bits: int, block_size: int, symmetric: bool, accura
 
 def quantize_weight_only(model, scheme: Int4 | Int8Weight, calibration_reader=None) -> tuple[object, dict]:
     """Apply `scheme` to an in-memory ModelProto; return (new model, facts about what was quantized)."""
-    import onnx
 
     untied = untie_lm_head(model)
     lm_head = lm_head_node(model)

@@ -144,13 +144,14 @@ def render_html(report: dict, folder: Path) -> str:
         failures += f"<li class=note>plots unavailable: {html.escape(str(exc))}</li>"
     plot_html = "".join(f"<figure><img alt='{html.escape(t)}' src='{src}'><figcaption class=note>{html.escape(t)}</figcaption></figure>"
                         for t, src in plots)
-    stages = "".join(f"<tr><td class=l>{s['stage']}</td><td class=l>{html.escape(s['name'])}</td><td class=l>{'reused' if s['reused'] else 'built'}</td><td>{s['seconds']:.1f}</td></tr>"
+    stages = "".join(f"<tr><td class=l>{s['stage']}</td><td class=l>{html.escape(s['name'])}</td>"
+                     f"<td class=l>{'reused' if s['reused'] else 'built'}</td><td>{s['seconds']:.1f}</td></tr>"
                      for s in report["stages"])
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>edgepack report: {html.escape(str(report['model']))}</title>
 <style>{CSS}</style></head><body>
 <h1>edgepack build: {html.escape(str(report['model']))} <span class="verdict {verdict}">{verdict.upper()}</span></h1>
-<p class=note>recipe {html.escape(report['recipe'])} · {report['seconds']:.0f} s · host figures are measured, device figures projected from the device database (docs/devices.md)</p>
+<p class=note>recipe {html.escape(report['recipe'])} · {report['seconds']:.0f} s · host figures measured, device figures projected from the device database (docs/devices.md)</p>
 <h2>Summary: scheme × target × device</h2>
 <table><tr><th class=l>scheme</th><th class=l>target</th><th class=l>device</th><th>MB</th><th>top-1</th><th>mean KL</th>
 <th>decode ms/token</th><th>TTFT ms</th><th>mJ/token</th><th class=l>kind</th><th class=l>verdict</th></tr>

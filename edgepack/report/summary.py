@@ -72,7 +72,7 @@ def build_report(recipe, sources, quality_reports, targets, profiles, verdicts, 
 
     figures, rows = {}, []
     for name, profile in profiles.items():  # keyed by build.profile_name: one profile per bundle measured
-        devices = ["host"] + list((profile.get("projections") or {}))
+        devices = ["host"] + list(profile.get("projections") or {})
         figures[name] = {device: _figures(profile, device) for device in devices}
     for scheme in sources:
         if scheme == "fp32" and len(sources) > 1:

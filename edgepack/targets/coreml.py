@@ -646,7 +646,8 @@ def _print_summary(artifact) -> None:
                          f"(95% CI {low:.3f}-{high:.3f}; {parity['near_tie_positions']} near ties in fp32), "
                          f"KL {parity['kl_mean']:.2e}, max |logit diff| {parity['max_abs_logit_diff']:.3g} -> {'PASS' if parity['passed'] else 'FAIL'}")
         else:
-            lines.append(f"  parity ({parity['verified_by']}): min cosine {parity['cosine_min']:.5f}, max |diff| {parity['max_abs_diff']:.3g} -> {'PASS' if parity['passed'] else 'FAIL'}")
+            lines.append(f"  parity ({parity['verified_by']}): min cosine {parity['cosine_min']:.5f}, max |diff| {parity['max_abs_diff']:.3g} "
+                         f"-> {'PASS' if parity['passed'] else 'FAIL'}")
     for unit, verdict in facts["ane"]["verdicts"].items():
         lines.append(f"  {unit}: {verdict}")
     stdout_console().print("\n".join(lines), markup=False)

@@ -24,10 +24,10 @@ from pathlib import Path
 import click
 
 from edgepack.core.files import PROVENANCE_FILES, copy_side_files
+from edgepack.core.gates import GateResult
 from edgepack.errors import BadInputError, NotOnThisHostError, UsageError
 from edgepack.options import click_options, config_from_cli, option
 from edgepack.runtime.model_dir import CONVERT_REPORT, MODEL_FILE, TEXT_GENERATION, ExportedModelDir, load_model_dir
-from edgepack.core.gates import GateResult
 from edgepack.targets.base import TargetArtifact, check_gate, figure_gate, write_target_json
 
 TARGET = "ort"
@@ -489,8 +489,8 @@ def _write_side_files(src: _Source, graph: _Graph, tmp: Path) -> None:
 def _graph_facts(src: _Source, graph: _Graph, config: OrtTargetConfig, tmp: Path) -> dict:
     import onnx
 
-    from edgepack.profiles.model_facts import model_facts
     from edgepack.core.onnx_io import op_counts
+    from edgepack.profiles.model_facts import model_facts
 
     model = onnx.load(str(tmp / MODEL_FILE), load_external_data=False)
     cost = model_facts(tmp / MODEL_FILE, src.model_dir.config)

@@ -19,10 +19,10 @@ from pathlib import Path
 import click
 
 from edgepack.core.files import PROVENANCE_FILES, copy_side_files
+from edgepack.core.gates import GateResult
 from edgepack.errors import BadInputError
 from edgepack.options import click_options, config_from_cli, option
 from edgepack.runtime.model_dir import MODEL_FILE, TEXT_GENERATION, load_model_dir
-from edgepack.core.gates import GateResult
 from edgepack.targets.base import TargetArtifact, check_gate, figure_gate, write_target_json
 
 TARGET = "ort-mobile"

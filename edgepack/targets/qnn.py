@@ -261,8 +261,8 @@ def _read_source(directory, out: Path, config: QnnConfig) -> _Source:
 
 
 def _calibrate(src: _Source, specs, cpu: dict, config: QnnConfig, status) -> _Calibration:
-    from edgepack.core.windows import token_windows
     from edgepack.core.texts import calibration_text
+    from edgepack.core.windows import token_windows
     from edgepack.targets.qnn_support.static_model import StaticDecoder, StaticEncoder
 
     prefix, prefix_kv = [], {}
@@ -287,8 +287,8 @@ def _calibrate(src: _Source, specs, cpu: dict, config: QnnConfig, status) -> _Ca
 
 def _reference(src: _Source, calibration: _Calibration, config: QnnConfig) -> _Reference:
     """The fp32 reference is the dynamic export on CPU; the fp32 static graphs must already match it."""
-    from edgepack.core.windows import token_windows
     from edgepack.core.texts import eval_text
+    from edgepack.core.windows import token_windows
 
     text, origin = eval_text(config.eval_text)
     length = config.prefill_len + config.decode_steps if src.decoder else min(src.max_context, 64)

@@ -7,7 +7,12 @@ from pathlib import Path
 import pytest
 
 from edgepack.profiles.energy import (
-    AndroidRailsMeter, JetsonInaMeter, PowermetricsMeter, RaplMeter, estimate_energy_mj, find_meter,
+    AndroidRailsMeter,
+    JetsonInaMeter,
+    PowermetricsMeter,
+    RaplMeter,
+    estimate_energy_mj,
+    find_meter,
 )
 
 MAX_RANGE = 262_143_328_850  # a real package counter's max_energy_range_uj

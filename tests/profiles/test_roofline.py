@@ -7,7 +7,13 @@ import pytest
 from edgepack.profiles.devices import load_devices
 from edgepack.profiles.model_facts import ModelFacts, model_facts
 from edgepack.profiles.roofline import (
-    DeviceModel, effective_bandwidth, interpolate_log, memory_fit, project_decode, project_energy, project_prefill,
+    DeviceModel,
+    effective_bandwidth,
+    interpolate_log,
+    memory_fit,
+    project_decode,
+    project_energy,
+    project_prefill,
 )
 
 

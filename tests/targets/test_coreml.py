@@ -377,7 +377,7 @@ def test_int4_block_uint8_block_scales_and_4bit_split_table(exported_tiny_factor
 
     from edgepack.targets.coreml import CoreMLConfig, build
     from edgepack.targets.coreml_support import verify
-    from edgepack.targets.coreml_support.convert import fit_split_table, stored_projection
+    from edgepack.targets.coreml_support.convert import stored_projection
     from edgepack.targets.coreml_support.mil_reference import load_program
 
     export = exported_tiny_factory("llama-tied")
@@ -412,7 +412,7 @@ def test_int4_block_uint8_block_scales_and_4bit_split_table(exported_tiny_factor
     table = np.concatenate([frequent.materialized_val_inference(), rare.materialized_val_inference()]).astype(np.float32)
     with torch.no_grad():
         model.model.embed_tokens.weight.copy_(torch.from_numpy(table))
-        for name, module in model.model.layers.named_modules():
+        for module in model.model.layers.modules():
             if isinstance(module, torch.nn.Linear):
                 module.weight.copy_(torch.from_numpy(stored_projection(module.weight.numpy(), 32, False, block_scales="uint8")))
         tokens = list(range(5, 21))

@@ -90,9 +90,7 @@ def quantize_qdq(fp32_path: Path, out_path: Path, feeds: list[dict], precision: 
     """
     import onnx
     from onnxruntime.quantization import QuantType, quantize
-    from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
-
-    from onnxruntime.quantization.execution_providers.qnn import qnn_preprocess_model
+    from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config, qnn_preprocess_model
 
     weight_type, activation_type = _types(precision)
     if activation_symmetric is None:
