@@ -59,23 +59,13 @@ def versions() -> dict:
 
 
 def host() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    ram_mb = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                ram_mb = round(int(line.split()[1]) / 1024)
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "machine": platform.machine(), "system": platform.system(),
-            "ram_mb": ram_mb}
+    """The host's CPU, cores, RAM and OS, as `edgepack devices calibrate` records them."""
+    from edgepack.profiles.calibrate import host_description
+
+    described = host_description()
+    ram_mb = described["ram_mb"]
+    return {"cpu": described["cpu"], "cores": described["cores"], "machine": described["machine"], "system": described["system"],
+            "ram_mb": round(ram_mb) if ram_mb is not None else None}
 
 
 def loadavg() -> list[float] | None:
