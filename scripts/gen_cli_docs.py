@@ -47,7 +47,10 @@ def render() -> str:
     """The full text of docs/cli.md as the installed command line describes itself now."""
     from edgepack.cli import cli
 
-    root = click.Context(cli, info_name="edgepack", terminal_width=WIDTH, max_content_width=WIDTH)
+    # The root's context settings (-h as well as --help), as `edgepack` itself runs: click caches each command's
+    # help option with the names of the first context that asks for it, so other names would leak into later runs.
+    settings = {k: v for k, v in cli.context_settings.items() if k == "help_option_names"}
+    root = click.Context(cli, info_name="edgepack", terminal_width=WIDTH, max_content_width=WIDTH, **settings)
     parts = [HEADER]
     index, sections = [], []
     for ctx, command in _walk(cli, root):
