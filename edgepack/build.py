@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgepack.core.gates import GateResult, check_gates, failed
+from edgepack.core.versions import MODEL_PACKAGES
 from edgepack.errors import UsageError
 
 BUNDLE_KIND = "edgepack.manifest"
@@ -127,30 +128,19 @@ class StageDeclaration:
     packages: tuple[str, ...]
 
 
-# What edgepack's shared modules (model folders, tokenizers, GGUF sources, sessions) import: every stage that
-# loads a model through them.
-_MODEL_PACKAGES = ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "numpy", "tokenizers", "gguf", "jinja2")
-CONVERT = StageDeclaration("convert", ("edgepack.convert.export",), (*_MODEL_PACKAGES, "onnxscript"))  # torch.onnx's exporter
-QUANTIZE = StageDeclaration("quantize", ("edgepack.quantize.pipeline",), _MODEL_PACKAGES)
-PROFILE = StageDeclaration("profile", ("edgepack.profiles.measure",), ("onnxruntime-genai", *_MODEL_PACKAGES))
-_TARGET_PACKAGES = {
-    "ort": ("onnxruntime-genai", "genai-builder:onnxruntime-genai", *_MODEL_PACKAGES),
-    "ort-mobile": ("onnxruntime-genai", *_MODEL_PACKAGES),
-    "coreml": ("coremltools", "onnxruntime-genai", *_MODEL_PACKAGES),
-    "qnn": ("onnxruntime-qnn", "qnn-sdk", "onnxruntime-genai", *_MODEL_PACKAGES),
-}
+CONVERT = StageDeclaration("convert", ("edgepack.convert.export",), (*MODEL_PACKAGES, "onnxscript"))  # torch.onnx's exporter
+QUANTIZE = StageDeclaration("quantize", ("edgepack.quantize.pipeline",), MODEL_PACKAGES)
+PROFILE = StageDeclaration("profile", ("edgepack.profiles.measure",), ("onnxruntime-genai", *MODEL_PACKAGES))
 
 
 def target_declaration(target: str, module_name: str, options: dict) -> StageDeclaration:
-    """The target stage of `target`: its module, and the packages of `_TARGET_PACKAGES` (a target registered by
-    another package may declare `CACHE_PACKAGES`; otherwise every reported tool counts)."""
+    """The target stage of `target`: its module, and the packages its module declares in `CACHE_PACKAGES`
+    (a target that declares none is keyed on every reported tool)."""
     import importlib
 
     from edgepack.core.versions import REPORTED_PACKAGES
 
-    packages = _TARGET_PACKAGES.get(target)
-    if packages is None:
-        packages = tuple(getattr(importlib.import_module(module_name), "CACHE_PACKAGES", REPORTED_PACKAGES))
+    packages = tuple(getattr(importlib.import_module(module_name), "CACHE_PACKAGES", REPORTED_PACKAGES))
     if target == "ort" and options.get("graph") == "optimum":
         packages = tuple(p for p in packages if not p.startswith("genai-builder:"))  # the builder is not run
     return StageDeclaration("target", (module_name,), tuple(dict.fromkeys(packages)))

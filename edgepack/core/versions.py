@@ -8,6 +8,9 @@ from __future__ import annotations
 
 NOT_INSTALLED = "not installed"
 # Recorded in every stage report: the packages that shape an export and its quantized variants.
+# What edgepack's shared modules (model folders, tokenizers, GGUF sources, sessions) import: every stage that
+# loads a model through them has these in its cache key.
+MODEL_PACKAGES = ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "numpy", "tokenizers", "gguf", "jinja2")
 REPORTED_PACKAGES = ("edgepack", "torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "numpy", "tokenizers")
 
 

@@ -5,7 +5,12 @@ A target module (imported only when its target is used) provides:
   * a config dataclass (name ending in `Config`) whose fields are declared with `edgepack.options.option`:
     its command-line options, recipe keys (`[targets.NAME]`) and option reference come from it;
   * `command`: a click command named after the target, its options generated from the config (`click_options`);
-  * an entry function `build(directory, out, config, on_status=None) -> TargetArtifact`.
+  * an entry function `build(directory, out, config, on_status=None) -> TargetArtifact`, made of named steps
+    that return typed results; its pass/fail decisions are `GateResult` values (`<target>_gates`) from which
+    target.json's `checks` and the exit-1 line are written;
+  * optionally `CACHE_PACKAGES` (the packages whose versions key its cached builds), `USES_QUANTIZED_SOURCE =
+    False` (it compresses the fp32 export itself: `edgepack build` runs it once) and `NOT_REPRODUCIBLE` (file
+    pattern -> why a rebuild does not reproduce it byte for byte).
 Third-party targets register the same way through the `edgepack.targets` entry-point group
 (name -> "package.module").
 """

@@ -19,6 +19,7 @@ from pathlib import Path
 import click
 
 from edgepack.core.files import copy_side_files
+from edgepack.core.versions import MODEL_PACKAGES
 from edgepack.errors import BadInputError, GateFailedError, UnsupportedModelError, UsageError
 from edgepack.options import click_options, config_from_cli, option
 
@@ -26,6 +27,9 @@ SUMMARY = "Core ML .mlpackage (iOS 18/macOS 15): stateful KV cache, fp16-safe, c
 # Converts from the PyTorch weights with Core ML's own compression: `edgepack build` runs it once, on fp32.
 USES_QUANTIZED_SOURCE = False
 TARGET = "coreml"
+# Packages whose versions key this target's cached builds (`genai-builder:` the builder venv's, `qnn-sdk` the
+# QNN SDK onnxruntime-qnn carries).
+CACHE_PACKAGES = ("coremltools", "onnxruntime-genai", *MODEL_PACKAGES)
 PACKAGE = "model.mlpackage"
 # Files that differ between two builds of the same model, and why (collected into the build manifest).
 NOT_REPRODUCIBLE = {

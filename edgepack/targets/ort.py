@@ -25,12 +25,16 @@ import click
 
 from edgepack.core.files import PROVENANCE_FILES, copy_side_files
 from edgepack.core.gates import GateResult
+from edgepack.core.versions import MODEL_PACKAGES
 from edgepack.errors import BadInputError, NotOnThisHostError, UsageError
 from edgepack.options import click_options, config_from_cli, option
 from edgepack.runtime.model_dir import CONVERT_REPORT, MODEL_FILE, TEXT_GENERATION, ExportedModelDir, load_model_dir
 from edgepack.targets.base import TargetArtifact, check_gate, figure_gate, write_target_json
 
 TARGET = "ort"
+# Packages whose versions key this target's cached builds (`genai-builder:` the builder venv's, `qnn-sdk` the
+# QNN SDK onnxruntime-qnn carries).
+CACHE_PACKAGES = ("onnxruntime-genai", "genai-builder:onnxruntime-genai", *MODEL_PACKAGES)
 SUMMARY = "ONNX Runtime CPU bundle (fused decoding graph) that onnxruntime-genai loads unchanged"
 GRAPH_ROUTES = ("auto", "builder", "optimum")
 GENAI_CHECK_PROMPT = "What is the capital of France?"

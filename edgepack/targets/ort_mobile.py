@@ -20,12 +20,16 @@ import click
 
 from edgepack.core.files import PROVENANCE_FILES, copy_side_files
 from edgepack.core.gates import GateResult
+from edgepack.core.versions import MODEL_PACKAGES
 from edgepack.errors import BadInputError
 from edgepack.options import click_options, config_from_cli, option
 from edgepack.runtime.model_dir import MODEL_FILE, TEXT_GENERATION, load_model_dir
 from edgepack.targets.base import TargetArtifact, check_gate, figure_gate, write_target_json
 
 TARGET = "ort-mobile"
+# Packages whose versions key this target's cached builds (`genai-builder:` the builder venv's, `qnn-sdk` the
+# QNN SDK onnxruntime-qnn carries).
+CACHE_PACKAGES = ("onnxruntime-genai", *MODEL_PACKAGES)
 SUMMARY = "ORT format (.ort) for onnxruntime mobile / minimal builds, with a reduced-operator config and usability report"
 ORT_FILE = "model.ort"
 OPS_CONFIG = "required_operators.config"

@@ -24,6 +24,7 @@ from pathlib import Path
 import click
 
 from edgepack.core.files import copy_side_files
+from edgepack.core.versions import MODEL_PACKAGES
 from edgepack.errors import BadInputError, UsageError
 from edgepack.options import click_options, config_from_cli, option
 
@@ -31,6 +32,9 @@ SUMMARY = "Qualcomm Hexagon NPU (QNN HTP): static QDQ graphs, KV cache, context 
 # Quantizes the fp32 export itself (QDQ for the HTP): `edgepack build` runs it once, on fp32.
 USES_QUANTIZED_SOURCE = False
 TARGET = "qnn"
+# Packages whose versions key this target's cached builds (`genai-builder:` the builder venv's, `qnn-sdk` the
+# QNN SDK onnxruntime-qnn carries).
+CACHE_PACKAGES = ("onnxruntime-qnn", "qnn-sdk", "onnxruntime-genai", *MODEL_PACKAGES)
 PRECISIONS = ("w8a16", "w4a16", "w8a8", "fp16")
 CONFIG_FILE = "qnn_config.json"
 PREFIX_FILE = "prefix_kv.npz"
