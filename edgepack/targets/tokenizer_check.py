@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from edgepack.errors import BadInputError
+
 TOKENIZER_SAMPLE = (
     "Hello world",
     "The capital of France is Paris.\nThe capital of Italy is Rome.\n\n",
@@ -49,7 +51,14 @@ def _special_samples(reference) -> list[str]:
 def _reference_chat(reference) -> str | None:
     if not getattr(reference, "chat_template", None):
         return None
-    return reference.apply_chat_template(CHAT_MESSAGES, tokenize=False, add_generation_prompt=True)
+    from jinja2 import TemplateError
+
+    try:
+        return reference.apply_chat_template(CHAT_MESSAGES, tokenize=False, add_generation_prompt=True)
+    except TemplateError as exc:  # the model folder's template: broken, or refusing a plain conversation
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+        raise BadInputError(f"the model's chat template fails on a plain user turn: {reason}; an app using it would fail "
+                            "the same way (fix chat_template in tokenizer_config.json or chat_template.jinja)") from exc
 
 
 def check_genai_tokenizer(bundle: Path, reference) -> dict:

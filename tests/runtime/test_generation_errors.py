@@ -70,3 +70,16 @@ def test_broken_chat_template_is_exit_3(exported_tiny_factory, tmp_path, cli, te
     assert len(result.stderr_lines) == 1 and words in result.stderr and "chat template" in result.stderr
     plain = cli("run", folder, "-p", "hi", "-n", "2", "--no-chat")  # the template is the only problem
     assert plain.exit_code == 0, plain.stderr
+
+
+def test_a_target_of_a_model_whose_chat_template_fails_is_exit_3(exported_tiny_factory, tmp_path, cli):
+    """The targets' tokenizer check renders the chat template too: a broken one is the model's fault, not a bug."""
+    folder = _copy_export(exported_tiny_factory, tmp_path)
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{{ raise_exception('roles must alternate') }}"
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    result = cli("target", "ort-mobile", folder, "-o", tmp_path / "mobile")
+    assert result.exit_code == 3, result.stderr
+    assert len(result.stderr_lines) == 1 and "roles must alternate" in result.stderr and "chat template" in result.stderr
+    assert not (tmp_path / "mobile").exists()
