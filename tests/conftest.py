@@ -53,31 +53,38 @@ def cli():
 
 @pytest.fixture(scope="session")
 def tiny_model_factory(tmp_path_factory):
-    """tiny_model_factory(arch) -> a Hugging Face folder (safetensors + tokenizer), built once per session."""
-    root = tmp_path_factory.mktemp("tiny-models")
-    built: dict[str, Path] = {}
+    """tiny_model_factory(arch, **config) -> a Hugging Face folder (safetensors + tokenizer), built once per session.
 
-    def factory(arch: str) -> Path:
-        if arch not in built:
-            built[arch] = tiny_models.build(arch, root / arch)
-        return built[arch]
+    `arch` is a model_type of tests/tiny_models.py; `config` overrides its tiny config (e.g. sliding_window=16).
+    """
+    root = tmp_path_factory.mktemp("tiny-models")
+    built: dict[tuple, Path] = {}
+
+    def factory(arch: str, **config) -> Path:
+        key = (arch, *sorted(config.items()))
+        if key not in built:
+            name = arch + "".join(f"-{k}={v}" for k, v in sorted(config.items()))
+            built[key] = tiny_models.build(arch, root / name, **config)
+        return built[key]
 
     return factory
 
 
 @pytest.fixture(scope="session")
 def exported_tiny_factory(tmp_path_factory, tiny_model_factory):
-    """exported_tiny_factory(arch) -> an `edgepack convert` output folder, built once per session."""
+    """exported_tiny_factory(arch, **config) -> an `edgepack convert` output folder, built once per session."""
     root = tmp_path_factory.mktemp("tiny-exports")
-    built: dict[str, Path] = {}
+    built: dict[tuple, Path] = {}
 
-    def factory(arch: str) -> Path:
-        if arch not in built:
+    def factory(arch: str, **config) -> Path:
+        key = (arch, *sorted(config.items()))
+        if key not in built:
             from edgepack.convert import ConvertConfig, convert_model
 
-            convert_model(str(tiny_model_factory(arch)), root / arch, ConvertConfig())
-            built[arch] = root / arch
-        return built[arch]
+            name = arch + "".join(f"-{k}={v}" for k, v in sorted(config.items()))
+            convert_model(str(tiny_model_factory(arch, **config)), root / name, ConvertConfig())
+            built[key] = root / name
+        return built[key]
 
     return factory
 

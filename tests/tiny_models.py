@@ -34,14 +34,18 @@ def _config(arch: str, **overrides):
         return tf.Qwen2Config(**common, **{"num_key_value_heads": 1, "use_sliding_window": False, **decoder})
     if arch == "qwen3":
         return tf.Qwen3Config(**common, **{"num_key_value_heads": 2, "head_dim": 16, "use_sliding_window": False, **decoder})
-    if arch == "granite":
-        return tf.GraniteConfig(**common, **decoder, num_key_value_heads=2)
+    if arch == "granite":  # multipliers away from 1 so that a target dropping one of them fails parity
+        return tf.GraniteConfig(**common, **{"num_key_value_heads": 2, "embedding_multiplier": 4.0, "residual_multiplier": 0.5,
+                                             "attention_multiplier": 0.0625, "logits_scaling": 2.0, **decoder})
     if arch == "mistral":
         return tf.MistralConfig(**common, **decoder, num_key_value_heads=2, sliding_window=None)
     if arch == "phi3":
         return tf.Phi3Config(**common, **decoder, num_key_value_heads=4, original_max_position_embeddings=256)
     if arch == "gemma":
-        return tf.GemmaConfig(**common, **decoder, num_key_value_heads=1, head_dim=16)
+        return tf.GemmaConfig(**common, **{"num_key_value_heads": 1, "head_dim": 16, **decoder})
+    if arch == "gemma2":  # query_pre_attn_scalar != head_dim and caps low enough to bite on random weights
+        return tf.Gemma2Config(**common, **{"num_key_value_heads": 2, "head_dim": 16, "query_pre_attn_scalar": 32,
+                                            "attn_logit_softcapping": 5.0, "final_logit_softcapping": 15.0, "sliding_window": 128, **decoder})
     if arch == "gpt2":
         return tf.GPT2Config(**{"vocab_size": VOCAB_SIZE, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 256,
                                 "bos_token_id": 0, "eos_token_id": 2, **overrides})
@@ -88,6 +92,10 @@ def build(arch: str, out: Path, *, safe_serialization: bool = True, seed: int = 
         # Random init gives near-flat logits; widen them so greedy decoding has clear winners, as real models do.
         with torch.no_grad():
             model.get_output_embeddings().weight.mul_(8.0)
+            if arch == "gemma2":  # attention logits large enough for attn_logit_softcapping to change the output
+                for layer in model.model.layers:
+                    layer.self_attn.q_proj.weight.mul_(8.0)
+                    layer.self_attn.k_proj.weight.mul_(8.0)
     model.save_pretrained(str(out), safe_serialization=safe_serialization)
     build_tokenizer(out)
     return out

@@ -1,6 +1,6 @@
 """Core ML target: an ML Program `.mlpackage` for iOS 18 / macOS 15 and the Apple Neural Engine.
 
-Decoder LLMs (llama, mistral, qwen2) get a stateful KV cache (`ct.StateType`): one function takes a
+Decoder LLMs (llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, granite: edgepack/targets/architectures.py) get a stateful KV cache (`ct.StateType`): one function takes a
 prefill of any length up to --max-context or one decode token. Encoders (bert) get a fixed-shape model.
 The program is fp16; an fp16 safety pass rewrites ops whose activations would overflow fp16.
 Verified without a Mac: the saved program is executed by a MIL reference interpreter and compared with
@@ -22,6 +22,7 @@ from edgepack.core.files import copy_side_files
 from edgepack.core.versions import MODEL_PACKAGES
 from edgepack.errors import BadInputError, GateFailedError, UnsupportedModelError, UsageError
 from edgepack.options import click_options, config_from_cli, option
+from edgepack.targets.architectures import DECODER_TYPES, check_decoder
 
 SUMMARY = "Core ML .mlpackage (iOS 18/macOS 15): stateful KV cache, fp16-safe, compressed, ANE report, verified without a Mac."
 # Converts from the PyTorch weights with Core ML's own compression: `edgepack build` runs it once, on fp32.
@@ -38,7 +39,6 @@ NOT_REPRODUCIBLE = {
 }
 COMPUTE_UNITS = ("all", "cpu_and_ne", "cpu_and_gpu", "cpu_only")
 COMPRESSIONS = ("none", "int8", "int4-block", "palettize4")
-DECODER_TYPES = ("llama", "mistral", "qwen2")
 ENCODER_TYPES = ("bert",)
 # Default gates for the uncompressed fp16 program (the issue's acceptance): compressed schemes report only.
 FP16_MIN_TOP1, FP16_MAX_KL, ENCODER_MIN_COSINE = 0.99, 0.001, 0.999
@@ -175,6 +175,7 @@ class _Plan:
     context: int
     limit: int | None  # app memory limit in bytes (--device)
     device_note: str | None
+    architecture: dict = field(default_factory=dict)  # decoders: architectures.check_decoder facts (sliding window)
 
 
 @dataclass
@@ -205,7 +206,8 @@ def _plan(directory, config: CoreMLConfig) -> _Plan:
     device_note, limit = None, None
     if config.device:
         limit, device_note = device_memory_limit(config.device, config.devices_dirs)
-    return _Plan(source, kind, context, limit, device_note)
+    architecture = check_decoder(source.config, context, TARGET) if kind == "decoder" else {}
+    return _Plan(source, kind, context, limit, device_note, architecture)
 
 
 def _load_checked(plan: _Plan, config: CoreMLConfig, timings: dict, status):
@@ -397,6 +399,7 @@ def _facts(plan: _Plan, package: _Package, compression: _Compression, fp16_plan,
         "deployment_target": {"iOS18": "iOS 18 / macOS 15", "iOS26": "iOS 26 / macOS 26"}[scheme.deployment_target],
         "kind": kind,
         "model_type": plan.source.model_type,
+        **({"architecture": plan.architecture} if plan.architecture else {}),
         "compute_units": config.compute_units,
         "compute_precision": "fp16",
         "compression": scheme.describe() | ({"table_tuning": tuning} if tuning else {}),
@@ -482,16 +485,17 @@ def _load(source: _Source, kind):
 
 
 def _check_architecture(model, source: _Source) -> None:
-    cfg = source.config
     if source.model_type in DECODER_TYPES:
-        if cfg.get("sliding_window") and cfg.get("use_sliding_window", source.model_type == "mistral"):
-            raise UnsupportedModelError(f"model_type {source.model_type!r}: sliding-window attention is not supported by the Core ML converter")
-        layer = model.model.layers[0]
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            if not hasattr(layer.self_attn, name):
-                raise UnsupportedModelError(f"model_type {source.model_type!r}: attention op {type(layer.self_attn).__name__} has no {name}")
-        if getattr(model.config, "hidden_act", "silu") != "silu":
-            raise UnsupportedModelError(f"model_type {source.model_type!r}: activation op {model.config.hidden_act!r} is not supported (silu only)")
+        from edgepack.targets.architectures import ACTIVATIONS, DECODERS
+
+        arch, layer = DECODERS[source.model_type], model.model.layers[0]
+        for owner, names in ((layer.self_attn, arch.attention_modules()), (layer.mlp, arch.mlp_modules()), (layer, arch.layer_norms())):
+            for name in names:
+                if not hasattr(owner, name):
+                    raise UnsupportedModelError(f"model_type {source.model_type!r}: op {type(owner).__name__} has no {name}")
+        act = getattr(model.config, "hidden_act", None) or getattr(model.config, "hidden_activation", None) or "silu"
+        if act not in ACTIVATIONS:
+            raise UnsupportedModelError(f"model_type {source.model_type!r}: activation op {act!r} is not supported ({', '.join(ACTIVATIONS)})")
     if source.model_type == "bert" and getattr(model.config, "position_embedding_type", "absolute") != "absolute":
         raise UnsupportedModelError(f"model_type 'bert': position embedding op {model.config.position_embedding_type!r} is not supported")
 

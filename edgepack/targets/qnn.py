@@ -256,6 +256,10 @@ def _read_source(directory, out: Path, config: QnnConfig) -> _Source:
     max_context = config.max_context or DEFAULT_CONTEXT[kind]
     if max_positions:
         max_context = min(max_context, int(max_positions))
+    if decoder:
+        from edgepack.targets.architectures import check_decoder
+
+        check_decoder(model_dir.config, max_context, TARGET)  # exit 3: a model_type outside the table, or a context above its sliding window
     if decoder and not config.prefill_len < max_context:
         raise UsageError(f"--prefill-len {config.prefill_len} must be smaller than --max-context {max_context}")
     htp = qnn_ep.HtpOptions(soc_model=soc_model, htp_arch=htp_arch, fp16=config.precision == "fp16")

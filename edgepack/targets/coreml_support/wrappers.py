@@ -2,9 +2,10 @@
 
 transformers' own attention-mask and cache code breaks `torch.jit.trace` (and `torch.export`) in
 coremltools 9.0 / transformers 4.57, so the forward pass is written here explicitly, re-using the
-model's own `nn.Linear`/`nn.Embedding`/norm weights:
+model's own `nn.Linear`/`nn.Embedding`/norm weights, activation modules, attention scaling and rotary tables:
 
-* `StatefulDecoder` (Llama family: llama, mistral, qwen2): the KV cache is two registered buffers that
+* `StatefulDecoder` (the decoders of `edgepack/targets/architectures.py`: llama, mistral, qwen2, qwen3,
+  phi3, gemma, gemma2, granite; that table says where each departs from Llama): the KV cache is two registered buffers that
   become Core ML states (`ct.StateType`, iOS 18), updated by slice assignment; inputs are
   `input_ids` (1, q) and an explicit additive `causal_mask` (1, 1, q, end) whose last dimension says how
   long the sequence is after this call (`past = end - q`), the layout of Apple's stateful Llama example.
@@ -22,7 +23,6 @@ import math
 import torch
 from torch import nn
 
-DECODER_TYPES = ("llama", "mistral", "qwen2")
 ENCODER_TYPES = ("bert",)
 
 
@@ -51,9 +51,14 @@ def layer_norm(x, weight, bias, eps: float, rescale: bool):
 
 
 class StatefulDecoder(nn.Module):
+    """Any decoder of `architectures.DECODERS`: the table says where it departs from Llama."""
+
     def __init__(self, hf_model, max_context: int, plan=None):
         super().__init__()
+        from edgepack.targets.architectures import DECODERS
+
         config = hf_model.config
+        self.arch = arch = DECODERS[config.model_type]
         self.plan = plan  # fp16.SafetyPlan or None
         inner = hf_model.model
         self.embed_tokens = inner.embed_tokens
@@ -65,15 +70,61 @@ class StatefulDecoder(nn.Module):
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
         self.eps = float(getattr(config, "rms_norm_eps", 1e-6))
         self.max_context = max_context
+        attn = self.layers[0].self_attn
+        # The attention module's own scaling: 1/sqrt(head_dim), granite's attention_multiplier, gemma2's query_pre_attn_scalar.
+        self.attn_scale = float(getattr(attn, "scaling", self.head_dim ** -0.5))
+        self.attn_softcap = getattr(attn, "attn_logit_softcapping", None)
+        self.embed_factor = arch.embedding_factor(config)
+        self.residual_factor = arch.residual_factor(config)
+        self.logits_factor = arch.logits_factor(config)
+        self.logit_softcap = arch.logit_softcap(config)
         shape = (config.num_hidden_layers, 1, self.num_kv_heads, max_context, self.head_dim)
         self.register_buffer("key_cache", torch.zeros(shape, dtype=torch.float32))
         self.register_buffer("value_cache", torch.zeros(shape, dtype=torch.float32))
         cos, sin = rope_tables(hf_model, max_context)
+        self.rotary_dim = cos.shape[-1]  # < head_dim: partial rotary (the rest of each head passes through)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
     def _rescale(self, name: str) -> bool:
         return self.plan is not None and name in self.plan.rescale_norms
+
+    def _norm(self, module, x, name: str):
+        eps = getattr(module, "variance_epsilon", None) or getattr(module, "eps", None) or self.eps
+        weight = module.weight + self.arch.norm_offset if self.arch.norm_offset else module.weight
+        return rms_norm(x, weight, float(eps), self._rescale(name))
+
+    def _rope(self, x, cos, sin):
+        if self.rotary_dim == self.head_dim:
+            return x * cos + rotate_half(x) * sin
+        rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
+        return torch.cat((rot * cos + rotate_half(rot) * sin, rest), dim=-1)
+
+    def _qkv(self, attn, x, q_len: int, prefix: str):
+        if self.arch.fused_qkv:
+            q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+            qkv = attn.qkv_proj(x)
+            q, k, v = qkv[..., :q_size], qkv[..., q_size : q_size + kv_size], qkv[..., q_size + kv_size :]
+        else:
+            q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+        q = q.view(1, q_len, self.num_heads, self.head_dim)
+        k = k.view(1, q_len, self.num_kv_heads, self.head_dim)
+        v = v.view(1, q_len, self.num_kv_heads, self.head_dim)
+        if self.arch.qk_norm:
+            q = self._norm(attn.q_norm, q, f"{prefix}.self_attn.q_norm")
+            k = self._norm(attn.k_norm, k, f"{prefix}.self_attn.k_norm")
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def _mlp(self, mlp, x, prefix: str):
+        if self.arch.fused_gate_up:
+            gate, up = mlp.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+        act = getattr(mlp, "act_fn", None) or mlp.activation_fn  # the model's own activation module
+        divisor = None if self.plan is None else self.plan.mlp_divisors.get(prefix)
+        if divisor:  # act(gate) * up overflows fp16: shrink the product, grow the projection back
+            return mlp.down_proj(act(gate) * (up * (1.0 / divisor))) * divisor
+        return mlp.down_proj(act(gate) * up)
 
     @torch.no_grad()
     def forward(self, input_ids, causal_mask):
@@ -81,21 +132,19 @@ class StatefulDecoder(nn.Module):
         end = causal_mask.shape[-1]
         past = end - q_len
         hidden = self.embed_tokens(input_ids)
-        cos = self.rope_cos[past:end].view(1, 1, q_len, self.head_dim)
-        sin = self.rope_sin[past:end].view(1, 1, q_len, self.head_dim)
+        if self.embed_factor != 1.0:
+            hidden = hidden * self.embed_factor
+        cos = self.rope_cos[past:end].view(1, 1, q_len, self.rotary_dim)
+        sin = self.rope_sin[past:end].view(1, 1, q_len, self.rotary_dim)
         groups = self.num_heads // self.num_kv_heads
+        default_scale = abs(self.attn_scale - self.head_dim ** -0.5) < 1e-9 and not self.attn_softcap
         for index, layer in enumerate(self.layers):
             prefix = f"model.layers.{index}"
             attn = layer.self_attn
-            x = rms_norm(hidden, layer.input_layernorm.weight, self.eps, self._rescale(f"{prefix}.input_layernorm"))
-            q = attn.q_proj(x)
-            k = attn.k_proj(x)
-            v = attn.v_proj(x)
-            q = q.view(1, q_len, self.num_heads, self.head_dim).transpose(1, 2)
-            k = k.view(1, q_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
-            v = v.view(1, q_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
+            x = self._norm(layer.input_layernorm, hidden, f"{prefix}.input_layernorm")
+            q, k, v = self._qkv(attn, x, q_len, prefix)
+            q = self._rope(q, cos, sin)
+            k = self._rope(k, cos, sin)
             self.key_cache[index : index + 1, :, :, past:end, :] = k.unsqueeze(0)
             self.value_cache[index : index + 1, :, :, past:end, :] = v.unsqueeze(0)
             keys = self.key_cache[index, :, :, :end, :]
@@ -103,26 +152,35 @@ class StatefulDecoder(nn.Module):
             if groups > 1:
                 keys = keys.repeat_interleave(groups, dim=1)
                 values = values.repeat_interleave(groups, dim=1)
-            if self.plan is not None and prefix in self.plan.prescale_queries:
-                # Scores overflow fp16: fold 1/sqrt(d) into q before the product (softmax sees the same values).
-                scores = torch.matmul(q * (1.0 / math.sqrt(self.head_dim)), keys.transpose(-1, -2)) + causal_mask
-                out = torch.matmul(torch.softmax(scores, dim=-1), values)
-            else:
+            if default_scale and not (self.plan is not None and prefix in self.plan.prescale_queries):
                 out = nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=causal_mask)
-            out = out.transpose(1, 2).reshape(1, q_len, self.num_heads * self.head_dim)
-            hidden = hidden + attn.o_proj(out)
-            mlp = layer.mlp
-            x = rms_norm(hidden, layer.post_attention_layernorm.weight, self.eps, self._rescale(f"{prefix}.post_attention_layernorm"))
-            gate = mlp.gate_proj(x)
-            up = mlp.up_proj(x)
-            divisor = None if self.plan is None else self.plan.mlp_divisors.get(prefix)
-            if divisor:  # act(gate) * up overflows fp16: shrink the product, grow the projection back
-                act = nn.functional.silu(gate) * (up * (1.0 / divisor))
-                hidden = hidden + mlp.down_proj(act) * divisor
             else:
-                hidden = hidden + mlp.down_proj(nn.functional.silu(gate) * up)
-        hidden = rms_norm(hidden, self.norm.weight, self.eps, self._rescale("model.norm"))
-        return self.lm_head(hidden)
+                # The scale folded into q before the product (scores stay in fp16 range; softmax sees the same values),
+                # then the model's own logit softcap if it has one (gemma2), then the mask.
+                scores = torch.matmul(q * self.attn_scale, keys.transpose(-1, -2))
+                if self.attn_softcap:
+                    scores = torch.tanh(scores * (1.0 / self.attn_softcap)) * self.attn_softcap
+                out = torch.matmul(torch.softmax(scores + causal_mask, dim=-1), values)
+            out = out.transpose(1, 2).reshape(1, q_len, self.num_heads * self.head_dim)
+            out = attn.o_proj(out)
+            if self.arch.sandwich_norms:
+                out = self._norm(layer.post_attention_layernorm, out, f"{prefix}.post_attention_layernorm")
+                hidden = hidden + out
+                x = self._norm(layer.pre_feedforward_layernorm, hidden, f"{prefix}.pre_feedforward_layernorm")
+                out = self._norm(layer.post_feedforward_layernorm, self._mlp(layer.mlp, x, prefix), f"{prefix}.post_feedforward_layernorm")
+                hidden = hidden + out
+                continue
+            hidden = hidden + (out * self.residual_factor if self.residual_factor != 1.0 else out)
+            x = self._norm(layer.post_attention_layernorm, hidden, f"{prefix}.post_attention_layernorm")
+            out = self._mlp(layer.mlp, x, prefix)
+            hidden = hidden + (out * self.residual_factor if self.residual_factor != 1.0 else out)
+        hidden = self._norm(self.norm, hidden, "model.norm")
+        logits = self.lm_head(hidden)
+        if self.logits_factor != 1.0:
+            logits = logits * self.logits_factor
+        if self.logit_softcap:
+            logits = torch.tanh(logits * (1.0 / self.logit_softcap)) * self.logit_softcap
+        return logits
 
 
 def rotate_half(x):

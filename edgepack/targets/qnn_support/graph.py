@@ -206,6 +206,83 @@ def drop_nan_guards(model) -> int:
     return removed
 
 
+def rotary_positions_as_input(model) -> bool:
+    """An export without a `position_ids` input (optimum's gemma/gemma2 configs) gets one, feeding the rotary embedding.
+
+    Why: such an export computes positions as past_length + i, which the static layout breaks: slot j of the
+    fixed cache holds position j, so the new tokens sit in slots past..past+S whatever their real positions.
+    The causal mask keeps the slot index (it must, to line up with the cache slots), but the rotary embedding
+    must see the real positions, as in exports that take `position_ids` (llama, phi3, qwen): the rotary
+    subgraph's one non-constant outside input is redirected to a new `position_ids` input, which the host
+    graph then turns into cos/sin like theirs. Returns whether the graph was changed.
+    """
+    import onnx
+    from onnx import helper
+
+    graph = model.graph
+    if any(i.name == "position_ids" for i in graph.input):
+        return False
+    rotary = [n for n in graph.node if "/rotary_emb/" in n.name]
+    produced = {o for n in rotary for o in n.output}
+    constants = {i.name for i in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    outside = {i for n in rotary for i in n.input if i and i not in produced and i not in constants}
+    if len(outside) != 1:
+        return False
+    positions = outside.pop()
+    for node in rotary:
+        for index, name in enumerate(node.input):
+            if name == positions:
+                node.input[index] = "position_ids"
+    graph.input.append(helper.make_tensor_value_info("position_ids", onnx.TensorProto.INT64, ["batch_size", "sequence_length"]))
+    return True
+
+
+def drop_empty_concat_inputs(model) -> int:
+    """Concat inputs with a zero-size dimension removed (a Concat left with one input: its uses read that input).
+
+    Why: a rotary embedding over the whole head still concatenates the empty pass-through part
+    (phi3's `torch.cat([q_rot * cos + ..., q[..., rotary_dim:]])`); the HTP takes no empty tensor, so the
+    Slice producing it and the Concat around it would stay off the NPU. Returns how many inputs went.
+    """
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    infos = list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)
+    empty = {v.name for v in infos if any(d.HasField("dim_value") and d.dim_value == 0 for d in v.type.tensor_type.shape.dim)}
+    empty |= {i.name for i in model.graph.initializer if 0 in i.dims}
+    outputs = {o.name for o in model.graph.output}
+    removed = 0
+    for node in list(model.graph.node):
+        if node.op_type != "Concat" or not any(i in empty for i in node.input):
+            continue
+        rest = [i for i in node.input if i not in empty]
+        if not rest:
+            continue
+        removed += len(node.input) - len(rest)
+        if len(rest) == 1 and node.output[0] not in outputs:
+            _rename_uses(model, node.output[0], rest[0])
+            model.graph.node.remove(node)
+        else:
+            del node.input[:]
+            node.input.extend(rest)
+    if removed:
+        _drop_dead_nodes(model)
+    return removed
+
+
+def _drop_dead_nodes(model) -> None:
+    """Nodes none of whose outputs is read (by a node or as a graph output), repeatedly; then unread initializers."""
+    outputs = {o.name for o in model.graph.output}
+    while True:
+        used = {name for n in model.graph.node for name in n.input} | outputs
+        dead = [n for n in model.graph.node if not any(o in used for o in n.output)]
+        if not dead:
+            break
+        for node in dead:
+            model.graph.node.remove(node)
+    _drop_unread_initializers(model)
+
+
 def _rename_uses(model, old: str, new: str) -> None:
     for node in model.graph.node:
         for index, name in enumerate(node.input):

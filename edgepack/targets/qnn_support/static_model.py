@@ -61,6 +61,8 @@ def prepare_graphs(onnx_path: Path, task_is_decoder: bool, *, prefill_len: int, 
                          "past_sequence_length + 1": max_context, "total_sequence_length": max_context})
         else:
             dims.update({"encoder_sequence_length": seq})
+        if task_is_decoder:
+            G.rotary_positions_as_input(model)
         # Only dims that occur are fixed; unknown names are ignored by onnxruntime's helper.
         G.fix_dims(model, dims)
         model = G.constant_fold(model, work, name)
@@ -68,6 +70,7 @@ def prepare_graphs(onnx_path: Path, task_is_decoder: bool, *, prefill_len: int, 
         guards = G.drop_nan_guards(model)
         norms = G.scale_free_rms_norms(model)
         squares = G.squares_as_mul(model)
+        G.drop_empty_concat_inputs(model)
         kv = G.new_kv_outputs(model) if task_is_decoder else {}
         npu, host, host_inputs, bridge = G.split_host_prep(model)
         bad = G.unsupported_inputs(npu)
