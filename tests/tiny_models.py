@@ -27,9 +27,9 @@ def _config(arch: str, **overrides):
     common.update({k: v for k, v in overrides.items() if k in common})
     decoder.update({k: v for k, v in overrides.items() if k not in common})
     if arch == "llama":
-        return tf.LlamaConfig(**common, **decoder, num_key_value_heads=2, tie_word_embeddings=False)
+        return tf.LlamaConfig(**common, **{"num_key_value_heads": 2, "tie_word_embeddings": False, **decoder})
     if arch == "llama-tied":  # one table for embedding and lm_head, like SmolLM2 (not in ARCHITECTURES)
-        return tf.LlamaConfig(**common, **decoder, num_key_value_heads=2, tie_word_embeddings=True)
+        return tf.LlamaConfig(**common, **{"num_key_value_heads": 2, "tie_word_embeddings": True, **decoder})
     if arch == "qwen2":
         return tf.Qwen2Config(**common, **{"num_key_value_heads": 1, "use_sliding_window": False, **decoder})
     if arch == "qwen3":
@@ -38,9 +38,9 @@ def _config(arch: str, **overrides):
         return tf.GraniteConfig(**common, **{"num_key_value_heads": 2, "embedding_multiplier": 4.0, "residual_multiplier": 0.5,
                                              "attention_multiplier": 0.0625, "logits_scaling": 2.0, **decoder})
     if arch == "mistral":
-        return tf.MistralConfig(**common, **decoder, num_key_value_heads=2, sliding_window=None)
+        return tf.MistralConfig(**common, **{"num_key_value_heads": 2, "sliding_window": None, **decoder})
     if arch == "phi3":
-        return tf.Phi3Config(**common, **decoder, num_key_value_heads=4, original_max_position_embeddings=256)
+        return tf.Phi3Config(**common, **{"num_key_value_heads": 4, "original_max_position_embeddings": 256, **decoder})
     if arch == "gemma":
         return tf.GemmaConfig(**common, **{"num_key_value_heads": 1, "head_dim": 16, **decoder})
     if arch == "gemma2":  # query_pre_attn_scalar != head_dim and caps low enough to bite on random weights

@@ -84,7 +84,10 @@ def run_builder(hf_dir: Path, out: Path, *, precision: str = "fp32", max_context
         raise UnsupportedModelError(
             f"onnxruntime-genai's builder does not take model_type {config.get('model_type')!r}; use --graph optimum"
         )
-    extra = ["enable_cuda_graph=0"]
+    # windowed_kv_cache=0: sliding-window layers (gemma2) keep a cache as long as the others, as the graph's other
+    # runtimes expect. The builder's default bounds those layers' cache to the window, which only onnxruntime-genai's
+    # own buffer management feeds; edgepack's runtime (which verifies every bundle) grows one cache per sequence.
+    extra = ["enable_cuda_graph=0", "windowed_kv_cache=0"]
     if max_context:
         extra.append(f"context_length={max_context}")
     command = [
