@@ -86,6 +86,8 @@ def analyse(hf_model, token_windows: list[list[int]], *, kind: str, margin: floa
         if kind == "decoder" and cls.endswith("Attention") and hasattr(module, "q_proj"):
             hooks.append(module.q_proj.register_forward_hook(lambda m, i, o, n=name, a=module: record(f"{n}.q_norm", _head_norm(o, a))))
             hooks.append(module.k_proj.register_forward_hook(lambda m, i, o, n=name, a=module: record(f"{n}.k_norm", _head_norm(o, a))))
+        elif kind == "decoder" and cls.endswith("Attention") and hasattr(module, "qkv_proj"):  # fused (phi3): q | k | v
+            hooks.append(module.qkv_proj.register_forward_hook(lambda m, i, o, n=name, a=module: _record_fused(record, n, o, a)))
         if kind == "decoder" and cls.endswith("MLP") and hasattr(module, "down_proj"):
             hooks.append(module.down_proj.register_forward_hook(lambda m, i, o, n=name: record(f"{n}.product", i[0].detach().abs().max())))
     try:
@@ -140,3 +142,10 @@ def _head_norm(output, attention) -> float:
     head_dim = getattr(attention, "head_dim", None) or output.shape[-1]
     heads = output.detach().reshape(*output.shape[:-1], -1, head_dim)
     return float(heads.norm(dim=-1).max())
+
+
+def _record_fused(record, name: str, output, attention) -> None:
+    q_size = attention.config.num_attention_heads * attention.head_dim
+    k_size = attention.config.num_key_value_heads * attention.head_dim
+    record(f"{name}.q_norm", _head_norm(output[..., :q_size], attention))
+    record(f"{name}.k_norm", _head_norm(output[..., q_size : q_size + k_size], attention))
