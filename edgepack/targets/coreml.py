@@ -1,7 +1,7 @@
 """Core ML target: an ML Program `.mlpackage` for iOS 18 / macOS 15 and the Apple Neural Engine.
 
-Decoder LLMs (llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, granite: edgepack/targets/architectures.py) get a stateful KV cache (`ct.StateType`): one function takes a
-prefill of any length up to --max-context or one decode token. Encoders (bert) get a fixed-shape model.
+Decoder LLMs (the architectures of edgepack/targets/architectures.py) get a stateful KV cache
+(`ct.StateType`): one function takes a prefill of any length up to --max-context or one decode token. Encoders (bert) get a fixed-shape model.
 The program is fp16; an fp16 safety pass rewrites ops whose activations would overflow fp16.
 Verified without a Mac: the saved program is executed by a MIL reference interpreter and compared with
 the fp32 PyTorch model (on macOS, also with Core ML itself). target.json holds the ANE readiness report.
@@ -609,8 +609,9 @@ def _versions() -> dict:
 @click.command(name="coreml", help="""Build a Core ML .mlpackage (ML Program, iOS 18 / macOS 15) from an export.
 
 \b
-Decoder LLMs (llama, mistral, qwen2): stateful KV cache (ct.StateType), one
-function for prefill (q tokens) and decode (q = 1). Encoders (bert): fixed
+Decoder LLMs (llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, granite):
+stateful KV cache (ct.StateType), one function for prefill (q tokens) and
+decode (q = 1); other decoders are refused (exit 3). Encoders (bert): fixed
 shape. fp16 program, made safe by rewriting ops whose activations overflow
 fp16; compressed weights optional. Verified against fp32 PyTorch by a MIL
 reference interpreter (any host) and, on macOS, by Core ML itself. OUT gets

@@ -126,6 +126,43 @@ def test_model_without_bos_gets_a_genai_config_genai_loads(tmp_path, cli, arch):
     og.Model(str(out))
 
 
+def _greedy_with_genai(bundle, prompt: list[int], steps: int) -> list[int]:
+    import onnxruntime_genai as og
+
+    model = og.Model(str(bundle))
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=len(prompt) + steps)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt)
+    while not generator.is_done():
+        generator.generate_next_token()
+    return list(generator.get_sequence(0))[len(prompt):]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("graph", ["optimum", pytest.param("builder", marks=needs_builder)])
+def test_config_with_null_bos_builds_a_verified_bundle_genai_runs(tmp_path, cli, graph):
+    """config.json `"bos_token_id": null` (and no BOS in the tokenizer): both graph routes, verification on, genai generates."""
+    export = _tiny_export(tmp_path, "llama", bos_token_id=None)
+    for name, key in (("tokenizer_config.json", "bos_token"), ("special_tokens_map.json", "bos_token")):
+        data = json.loads((export / name).read_text())
+        data.pop(key, None)
+        (export / name).write_text(json.dumps(data))
+    assert json.loads((export / "config.json").read_text())["bos_token_id"] is None
+    out = tmp_path / "ort"
+    result = cli("target", "ort", export, "-o", out, "--graph", graph, "--max-context", "64")
+    assert result.exit_code == 0, result.stderr
+    report = read_json(out / "target.json")
+    assert report["facts"]["graph_route"] == graph and report["passed"] is True
+    assert report["checks"]["onnxruntime_genai_loads"]["passed"] is True
+    genai = json.loads((out / "genai_config.json").read_text())["model"]
+    if graph == "optimum":
+        assert "bos_token_id" not in genai
+    else:  # the builder writes a BOS of its own choosing; one onnxruntime-genai accepts lies in the vocabulary
+        assert genai.get("bos_token_id", 0) in range(tiny_models.VOCAB_SIZE)
+    assert len(_greedy_with_genai(out, [5, 17, 99, 23], 4)) == 4
+
+
 def test_eos_outside_the_vocabulary(tmp_path, cli):
     """gpt2-style configs (eos 50256 over a 512-token vocabulary): the tokenizer's EOS is used; none at all is refused."""
     export = _tiny_export(tmp_path, "gpt2", bos_token_id=50256, eos_token_id=50256)
