@@ -244,9 +244,7 @@ def drop_empty_concat_inputs(model) -> int:
     (phi3's `torch.cat([q_rot * cos + ..., q[..., rotary_dim:]])`); the HTP takes no empty tensor, so the
     Slice producing it and the Concat around it would stay off the NPU. Returns how many inputs went.
     """
-    import onnx
-
-    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    inferred = _shapes_without_weights(model)
     infos = list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)
     empty = {v.name for v in infos if any(d.HasField("dim_value") and d.dim_value == 0 for d in v.type.tensor_type.shape.dim)}
     empty |= {i.name for i in model.graph.initializer if 0 in i.dims}
@@ -268,6 +266,24 @@ def drop_empty_concat_inputs(model) -> int:
     if removed:
         _drop_dead_nodes(model)
     return removed
+
+
+def _shapes_without_weights(model, small: int = 1024):
+    """onnx shape inference on a copy whose large initializers are typed graph inputs instead.
+
+    Why: `infer_shapes` serializes the model it is given, weights included (twice the memory, and a
+    protobuf cannot pass 2 GB); shapes need only the weights' types and dims, and the small constants
+    (Slice bounds, Reshape targets) that data propagation reads.
+    """
+    import onnx
+    from onnx import helper
+
+    graph = model.graph
+    kept = [i for i in graph.initializer if int(np.prod(i.dims)) <= small]
+    typed = [helper.make_tensor_value_info(i.name, i.data_type, list(i.dims)) for i in graph.initializer if int(np.prod(i.dims)) > small]
+    light = helper.make_graph(graph.node, graph.name, list(graph.input) + typed, list(graph.output), kept)
+    return onnx.shape_inference.infer_shapes(helper.make_model(light, opset_imports=list(model.opset_import), ir_version=model.ir_version),
+                                             data_prop=True)
 
 
 def _drop_dead_nodes(model) -> None:
