@@ -29,19 +29,21 @@ def _causal_mask(q_len: int, end: int):
     return mask.view(1, 1, q_len, end)
 
 
-@pytest.mark.parametrize("arch", DECODER_TYPES)
-def test_core_ml_wrapper_computes_what_transformers_computes(tiny_model_factory, arch):
+@pytest.mark.parametrize(("arch", "config"), [(arch, {}) for arch in DECODER_TYPES] + [("phi3", {"partial_rotary_factor": 0.5})])
+def test_core_ml_wrapper_computes_what_transformers_computes(tiny_model_factory, arch, config):
     """The traced forward (prefill, then decode steps through the stateful cache) against the model's own forward."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from edgepack.targets.coreml_support.wrappers import StatefulDecoder
 
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_factory(arch)), attn_implementation="eager").eval()
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_factory(arch, **config)), attn_implementation="eager").eval()
     ids = torch.tensor([[5, 17, 99, 23, 301, 7, 44, 12, 9, 100]])
     with torch.no_grad():
         expected = model(input_ids=ids).logits
     wrapper = StatefulDecoder(model, 16).eval()
+    if "partial_rotary_factor" in config:  # RoPE on part of each head, the rest passed through
+        assert wrapper.rotary_dim == int(wrapper.head_dim * config["partial_rotary_factor"]) < wrapper.head_dim
     prefill = 7
     rows = [wrapper(ids[:, :prefill].int(), _causal_mask(prefill, prefill))]
     for end in range(prefill + 1, ids.shape[1] + 1):
