@@ -68,6 +68,9 @@ class QnnConfig:
                                     help="Gate: top-1 agreement with fp32 at least Y (exit 1; default floor 0.5, encoders: min cosine 0.9).")
     max_kl: float | None = option(None, min=0, help="Gate: mean KL(fp32 || HTP) at most X (exit 1).")
     symmetric_activations: bool = option(False, help="Quantize activations with symmetric ranges (default: asymmetric, twice the resolution for one-sided tensors).")
+    share_weights: bool = option(True, cli="--no-share-weights",
+                                 help="Decoders: ship one context binary holding the prefill and decode graphs with their weights once "
+                                      "(runs on a device; the x86-64 HTP simulator cannot load it), instead of one binary per graph.")
     prefix: bool = option(True, cli="--no-prefix",
                           help="Decoders: quantize position 0 too, instead of computing the BOS prefix in fp32 (prefix_kv.npz).")
     force: bool = option(False, help="Replace a non-empty output folder.", in_recipe=False,
@@ -236,6 +239,8 @@ class _Compiled:
     placements: dict
     quant_facts: dict
     sessions: dict
+    shared: bool = False  # every graph in one context binary, identical weights stored once
+    binary_bytes: int = 0
 
 
 def _read_source(directory, out: Path, config: QnnConfig) -> _Source:
@@ -338,30 +343,31 @@ def _quantize(spec, feeds: list, keep16: set, config: QnnConfig, work: Path, sec
     return model_path, facts
 
 
-def _compile(spec, model_path: Path, probe: dict, src: _Source, tmp: Path, seconds: dict, status) -> tuple[dict, object, object]:
-    """Compile one graph for the HTP, reload its context binary and check both give the same outputs.
+def _compile(spec, model_path: Path, probe: dict, src: _Source, folder: Path, tmp: Path, seconds: dict, status) -> tuple[dict, object, object]:
+    """Compile one graph alone for the HTP into `folder`, reload its context binary and check both give the same outputs.
 
-    Returns (graph facts, placement, reloaded session)."""
+    Returns (graph facts, placement, reloaded session). One compiled graph is in memory at a time: the
+    compiling session is dropped once it has run the probe."""
     import numpy as np
 
     from edgepack.targets.qnn_support import ep as qnn_ep
 
     status(f"compiling the {spec.name} graph for the HTP (soc_model {src.soc_model}, htp_arch {src.htp_arch}); CPU fallback disabled")
-    context_path = tmp / f"{spec.name}_ctx.onnx"
+    context_path = folder / f"{spec.name}_ctx.onnx"
     session, where, compile_s = qnn_ep.compile_on_htp(model_path, src.htp, context_path)
     seconds[f"compile_{spec.name}"] = round(compile_s, 3)
-    binaries = sorted(p.name for p in tmp.glob(f"{spec.name}_ctx*.bin"))
-    if not context_path.is_file() or not binaries:
+    binaries = qnn_ep.context_binaries(context_path) if context_path.is_file() else []
+    if not binaries or not all((folder / name).is_file() for name in binaries):
         raise BadInputError(f"QNN wrote no context binary for the {spec.name} graph")
-    # The context binary must reload and give exactly what the compiling session gives.
-    status(f"reloading the {spec.name} context binary and comparing outputs")
-    reloaded, reload_s = qnn_ep.load_context(context_path, src.htp)
     t0 = time.perf_counter()
     first = session.run(None, probe)
     seconds[f"run_{spec.name}"] = round(time.perf_counter() - t0, 3)
+    del session
+    # The context binary must reload and give exactly what the compiling session gives.
+    status(f"reloading the {spec.name} context binary and comparing outputs")
+    reloaded, reload_s = qnn_ep.load_context(context_path, src.htp)
     second = reloaded.run(None, probe)
     identical = all(np.array_equal(a, b) for a, b in zip(first, second))
-    del session
     if spec.host_path is not None:
         shutil.copy2(spec.host_path, tmp / spec.host_path.name)
     facts = {
@@ -376,15 +382,49 @@ def _compile(spec, model_path: Path, probe: dict, src: _Source, tmp: Path, secon
     return facts, where, reloaded
 
 
+def _compile_shared(specs, models: dict, compiled: _Compiled, src: _Source, tmp: Path, seconds: dict, status) -> None:
+    """Compile every graph again, one after another into one context binary that stores identical weights once.
+
+    The graphs are the QDQ models just checked in the simulator, each compiled alone: the x86-64 HTP simulator
+    cannot load a weight-shared context binary (QNN_COMMON_ERROR_NOT_SUPPORTED; onnxruntime-qnn turns HTP
+    weight sharing on for offline generation on x86-64), so the shipped binary runs on a device only."""
+    from edgepack.targets.base import timed
+    from edgepack.targets.qnn_support import ep as qnn_ep
+
+    status(f"compiling {' + '.join(s.name for s in specs)} into one context binary (weights stored once)")
+    with timed(seconds, "compile_shared"):
+        for index, spec in enumerate(specs):
+            session, _, _ = qnn_ep.compile_on_htp(models[spec.name], src.htp, tmp / f"{spec.name}_ctx.onnx", share=True,
+                                                  last=index == len(specs) - 1)
+            del session
+    binaries = set()
+    for spec in specs:
+        graph = compiled.graphs[spec.name]
+        graph["context_binaries"] = qnn_ep.context_binaries(tmp / graph["context_model"])
+        binaries.update(graph["context_binaries"])
+    if len(binaries) != 1 or not (tmp / next(iter(binaries))).is_file():
+        raise BadInputError(f"QNN wrote {len(binaries)} context binaries for graphs compiled to share one: {sorted(binaries)}")
+    compiled.shared = True
+
+
 def _quantize_and_compile(src: _Source, specs, calibration: _Calibration, rescue: _Rescue, config: QnnConfig, work: Path,
                           tmp: Path, seconds: dict, status) -> _Compiled:
+    """One graph at a time: quantize, compile, reload and compare; decoders' graphs then go into one context binary."""
     compiled = _Compiled({}, {}, {}, {})
+    share = len(specs) > 1 and config.share_weights
+    folder = work / "simulator" if share else tmp  # shared: the per-graph binaries are only the simulator's
+    folder.mkdir(exist_ok=True)
+    models = {}
     for spec in specs:
-        model_path, compiled.quant_facts[spec.name] = _quantize(spec, calibration.feeds[spec.name], rescue.keep16, config, work,
-                                                                seconds, status)
+        models[spec.name], compiled.quant_facts[spec.name] = _quantize(spec, calibration.feeds[spec.name], rescue.keep16, config,
+                                                                       work, seconds, status)
         probe = calibration.feeds[spec.name][0]
         compiled.graphs[spec.name], compiled.placements[spec.name], compiled.sessions[spec.name] = _compile(
-            spec, model_path, probe, src, tmp, seconds, status)
+            spec, models[spec.name], probe, src, folder, tmp, seconds, status)
+    if share:
+        _compile_shared(specs, models, compiled, src, tmp, seconds, status)
+    binaries = {name for graph in compiled.graphs.values() for name in graph["context_binaries"]}
+    compiled.binary_bytes = sum((tmp / name).stat().st_size for name in binaries)
     return compiled
 
 
@@ -406,6 +446,7 @@ def _write_runtime_files(src: _Source, compiled: _Compiled, calibration: _Calibr
     """Side files, the attention-sink prefix and qnn_config.json (what an app needs to run the graphs)."""
     import numpy as np
 
+    from edgepack.targets.qnn_support.ep import SHARE_CONTEXTS
     from edgepack.targets.qnn_support.graph import MASK_VALUE
 
     copy_side_files(tmp, src.model_dir.folder)
@@ -424,6 +465,10 @@ def _write_runtime_files(src: _Source, compiled: _Compiled, calibration: _Calibr
         "kv_cache": ("slot j holds position j; feed past_key_values[:, :, :past_len]; write present.* (this call's "
                      "keys/values) into slots position..position+n; attention_mask marks filled slots, then the new tokens") if decoder else None,
         "soc_model": src.soc_model, "htp_arch": src.htp_arch, "qnn_sdk": src.qnn_versions.get("qnn_sdk"),
+        "weights_shared_between_graphs": compiled.shared,
+        # Every session of a shared context binary is created with these session config entries: the first loads
+        # the binary and hands its other graphs to the next session, so the weights are in memory once.
+        "session_config": dict(SHARE_CONTEXTS) if compiled.shared else {},
     }
     (tmp / CONFIG_FILE).write_text(json.dumps(runtime_config, indent=2) + "\n")
 
@@ -499,7 +544,11 @@ def _facts(src: _Source, compiled: _Compiled, calibration: _Calibration, rescue:
         "not_on_htp_by_op": {op: n for p in placements.values() for op, n in p.not_on_htp.items()},
         "compile_seconds": {k: g["compile_seconds"] for k, g in graphs.items()},
         "simulator_seconds_per_run": {k.removeprefix("run_"): v for k, v in seconds.items() if k.startswith("run_")},
-        "weights_shared_between_graphs": False,
+        "weights_shared_between_graphs": compiled.shared,
+        "context_binary_bytes": compiled.binary_bytes,
+        "simulator_check": ("each graph compiled alone from the same QDQ model (the x86-64 HTP simulator cannot load a "
+                            "weight-shared context binary); the shipped binary holds every graph, for a device") if compiled.shared
+        else "the shipped context binaries",
         "attention_sink_prefix": {"token_ids": prefix, "file": PREFIX_FILE, "computed": "fp32 static decode graph on CPU, at build time"}
         if prefix else None,
         "graphs": graphs,

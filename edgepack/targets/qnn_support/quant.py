@@ -115,8 +115,11 @@ def quantize_qdq(fp32_path: Path, out_path: Path, feeds: list[dict], precision: 
         graph_inputs = {i.name: i for i in model.graph.input}
         # Softmax outputs get [0, 1] from the quantizer itself.
         fixed = {n.output[0] for n in model.graph.node if n.op_type == "Softmax"}
+        initializers = {i.name for i in model.graph.initializer}
         for name, (low, high) in activation_ranges(fp32_path, feeds, work or out_path.parent).items():
-            if name in weights or name in overrides or name in fixed or (
+            # Constants keep parameters computed from their own values: the same in every graph cut from one
+            # export, so graphs compiled into one context binary share them.
+            if name in initializers or name in overrides or name in fixed or (
                     name in graph_inputs and graph_inputs[name].type.tensor_type.elem_type != 1):
                 continue
             span = max(high - low, 1e-6)
