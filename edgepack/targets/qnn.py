@@ -18,6 +18,7 @@ import json
 import platform
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -565,12 +566,45 @@ def _facts(src: _Source, compiled: _Compiled, calibration: _Calibration, rescue:
     }
 
 
+def _proc_status_mb(field: str) -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return round(int(line.split()[1]) / 1024, 1)  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+class _Steps:
+    """Wall seconds and resident memory of each build step: the peak within the step (Linux lets a process reset its
+    high-water mark through /proc/self/clear_refs) and what the step leaves held, so the step that sets a build's
+    peak, and what it keeps, can be read from target.json."""
+
+    def __init__(self, seconds: dict):
+        self.seconds, self.memory = seconds, {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            since = "step"
+        except OSError:
+            since = "process start"
+        t0 = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - t0, 3)
+        peak, held = _proc_status_mb("VmHWM"), _proc_status_mb("VmRSS")
+        if peak is not None:
+            self.memory[name] = {"peak": peak, "held_after": held, "peak_since": since}
+
+
 def build(directory: Path | str, out: Path | str, config: QnnConfig = QnnConfig(), on_status=None):
     """read source -> static graphs -> calibrate -> fp32 reference -> rescue -> quantize + compile -> evaluate -> write."""
     from edgepack.core.versions import tool_versions
     from edgepack.outputs import replace_dir, staging_dir
     from edgepack.runtime.session import create_session
-    from edgepack.targets.base import TargetArtifact, timed, write_target_json
+    from edgepack.targets.base import TargetArtifact, write_target_json
     from edgepack.targets.qnn_support.static_model import prepare_graphs
 
     status = on_status or (lambda message: None)
@@ -582,24 +616,30 @@ def build(directory: Path | str, out: Path | str, config: QnnConfig = QnnConfig(
     with staging_dir(out) as tmp:
         work = tmp / ".work"
         work.mkdir()
+        step = _Steps(seconds)
         status(f"fixing shapes ({'prefill ' + str(config.prefill_len) + ' + decode 1, ' if src.decoder else ''}"
                f"context {src.max_context}) and folding constants")
-        with timed(seconds, "static_graphs"):
+        with step("static_graphs"):
             specs = prepare_graphs(src.model_dir.onnx_path, src.decoder, prefill_len=config.prefill_len,
                                    max_context=src.max_context, work=work)
-        cpu = {spec.name: create_session(spec.npu_path) for spec in specs}
-        calibration = _calibrate(src, specs, cpu, config, status)
-        reference = _reference(src, calibration, config)
-        rescue = _rescue(src, specs, cpu, calibration.feeds, config, work, seconds, status)
-        compiled = _quantize_and_compile(src, specs, calibration, rescue, config, work, tmp, seconds, status)
+        with step("calibrate"):
+            cpu = {spec.name: create_session(spec.npu_path) for spec in specs}
+            calibration = _calibrate(src, specs, cpu, config, status)
+        with step("reference"):
+            reference = _reference(src, calibration, config)
+        with step("rescue"):
+            rescue = _rescue(src, specs, cpu, calibration.feeds, config, work, seconds, status)
+        with step("quantize_and_compile"):
+            compiled = _quantize_and_compile(src, specs, calibration, rescue, config, work, tmp, seconds, status)
         status("running the evaluation windows on the HTP and comparing with fp32")
-        with timed(seconds, "evaluate_on_htp"):
+        with step("evaluate_on_htp"):
             parity = _evaluate_on_htp(src, specs, compiled, calibration, reference, config)
         _write_runtime_files(src, compiled, calibration, config, tmp)
         shutil.rmtree(work)
 
         checks, gates = _checks(src, compiled, reference, parity, tmp, config)
         facts = _facts(src, compiled, calibration, rescue, seconds, config)
+        facts["memory_mb"] = step.memory
         seconds["total"] = round(time.perf_counter() - start, 3)
         artifact = TargetArtifact(out=out, target=TARGET, facts=facts, checks=checks,
                                   source={"dir": str(Path(directory).resolve()), "task": src.model_dir.task},
