@@ -295,25 +295,33 @@ def _calibrate(src: _Source, specs, cpu: dict, config: QnnConfig, status) -> _Ca
     return _Calibration(origin, windows, window_len, feeds, fp32_static, prefix, prefix_kv)
 
 
-def _reference(src: _Source, calibration: _Calibration, config: QnnConfig) -> _Reference:
-    """The fp32 reference is the dynamic export on CPU; the fp32 static graphs must already match it."""
+def _reference(src: _Source, config: QnnConfig) -> _Reference:
+    """The fp32 reference: the dynamic export on CPU, alone in memory (its session is dropped on return)."""
     from edgepack.core.texts import eval_text
     from edgepack.core.windows import token_windows
 
     text, origin = eval_text(config.eval_text)
     length = config.prefill_len + config.decode_steps if src.decoder else min(src.max_context, 64)
     windows = token_windows(src.tokenizer, text, length, config.eval_windows, what="evaluation")
-    static = calibration.fp32_static
     if src.decoder:
-        reference = _reference_decoder(src.model_dir, windows, calibration.prefix)
-        figures = phase_logit_figures(reference, [static.teacher_forced(w, config.decode_steps) for w in windows], config.prefill_len)
+        reference = _reference_decoder(src.model_dir, windows, attention_sink_prefix(src.tokenizer, config.prefix))
     else:
         reference = _reference_encoder(src.model_dir, windows)
-        figures = hidden_state_figures(reference, [static.run(w) for w in windows])
-    return _Reference(origin, windows, reference, figures.get("max_abs_logit_diff", figures.get("max_abs_diff")))
+    return _Reference(origin, windows, reference, float("nan"))
 
 
-def _rescue(src: _Source, specs, cpu: dict, feeds: dict, config: QnnConfig, work: Path, seconds: dict, status) -> _Rescue:
+def _static_diff(src: _Source, calibration: _Calibration, reference: _Reference, config: QnnConfig) -> float:
+    """The fp32 static graphs (+ host loop) on the evaluation windows against the export: must already match."""
+    static = calibration.fp32_static
+    if src.decoder:
+        figures = phase_logit_figures(reference.outputs, [static.teacher_forced(w, config.decode_steps) for w in reference.windows],
+                                      config.prefill_len)
+    else:
+        figures = hidden_state_figures(reference.outputs, [static.run(w) for w in reference.windows])
+    return figures.get("max_abs_logit_diff", figures.get("max_abs_diff"))
+
+
+def _rescue(src: _Source, specs, output: str, feeds: dict, config: QnnConfig, work: Path, seconds: dict, status) -> _Rescue:
     from edgepack.targets.base import timed
     from edgepack.targets.qnn_support import quant
 
@@ -322,7 +330,6 @@ def _rescue(src: _Source, specs, cpu: dict, feeds: dict, config: QnnConfig, work
     status("measuring per-weight quantization sensitivity on CPU (accuracy rescue)")
     with timed(seconds, "sensitivity"):
         main = "prefill" if src.decoder else "encoder"
-        output = "logits" if src.decoder else cpu["encoder"].get_outputs()[0].name
         sensitivities = quant.sensitivity(next(s.npu_path for s in specs if s.name == main), feeds[main][:4],
                                           config.precision, work, output=output)
     return _Rescue(sensitivities, {entry["tensor"] for entry in sensitivities[: config.rescue]})
@@ -622,13 +629,19 @@ def build(directory: Path | str, out: Path | str, config: QnnConfig = QnnConfig(
         with step("static_graphs"):
             specs = prepare_graphs(src.model_dir.onnx_path, src.decoder, prefill_len=config.prefill_len,
                                    max_context=src.max_context, work=work)
+        # One model in memory at a time where the steps allow it: the export for the reference, then both static
+        # graphs (calibration runs prefill then decode), dropped before quantization.
+        with step("reference"):
+            reference = _reference(src, config)
         with step("calibrate"):
             cpu = {spec.name: create_session(spec.npu_path) for spec in specs}
+            output = "logits" if src.decoder else cpu["encoder"].get_outputs()[0].name
             calibration = _calibrate(src, specs, cpu, config, status)
-        with step("reference"):
-            reference = _reference(src, calibration, config)
+            reference.static_diff = _static_diff(src, calibration, reference, config)
+            calibration.fp32_static = None
+            del cpu
         with step("rescue"):
-            rescue = _rescue(src, specs, cpu, calibration.feeds, config, work, seconds, status)
+            rescue = _rescue(src, specs, output, calibration.feeds, config, work, seconds, status)
         with step("quantize_and_compile"):
             compiled = _quantize_and_compile(src, specs, calibration, rescue, config, work, tmp, seconds, status)
         status("running the evaluation windows on the HTP and comparing with fp32")

@@ -61,20 +61,27 @@ def _types(precision: str):
     return weight, activation
 
 
-def activation_ranges(fp32_path: Path, feeds: list[dict], work: Path) -> dict[str, tuple[float, float]]:
-    """MinMax ranges of every float activation over the calibration feeds (onnxruntime's calibrator)."""
+def calibrate(fp32_path: Path, feeds: list[dict], work: Path):
+    """MinMax ranges of every float tensor over the calibration feeds (onnxruntime's calibrator), as its TensorsData.
+
+    The augmented model (the graph plus a ReduceMin/ReduceMax per tensor) is written with external data and
+    the calibrator is dropped on return: its model and session are in memory only during this call."""
     from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
 
     from edgepack.quantize.ort_quant_compat import linear_quantizer_edits
 
     with linear_quantizer_edits():
         calibrator = create_calibrator(str(fp32_path), None, augmented_model_path=str(work / f"{fp32_path.stem}.augmented.onnx"),
-                                       calibrate_method=CalibrationMethod.MinMax, providers=["CPUExecutionProvider"])
-    calibrator.collect_data(_Reader(feeds))
-    ranges = {name: (float(np.min(data.range_value[0])), float(np.max(data.range_value[1])))
-              for name, data in calibrator.compute_data().data.items()}
+                                       calibrate_method=CalibrationMethod.MinMax, use_external_data_format=True,
+                                       providers=["CPUExecutionProvider"])
+        calibrator.collect_data(_Reader(feeds))
+        data = calibrator.compute_data()
     del calibrator
-    return ranges
+    return data
+
+
+def _ranges(data) -> dict[str, tuple[float, float]]:
+    return {name: (float(np.min(item.range_value[0])), float(np.max(item.range_value[1]))) for name, item in data.data.items()}
 
 
 def quantize_qdq(fp32_path: Path, out_path: Path, feeds: list[dict], precision: str, keep_16bit: set[str] = frozenset(),
@@ -87,19 +94,30 @@ def quantize_qdq(fp32_path: Path, out_path: Path, feeds: list[dict], precision: 
     Done through the quantizer's rmin/rmax tensor overrides, so it keeps the parameters that must match
     (Reshape, Transpose, Concat ...) consistent. (Scaling the scales of the finished QDQ model instead
     broke the tiny Llama: max |logit diff| 0.64.)
+
+    Memory: the calibration runs once, here, and reaches onnxruntime's quantizer as its calibration cache
+    (`quantize_static(calibration_cache_path=...)`), so the quantizer does not build a second augmented model
+    and session; the graph is read here without its weights (structure, names and shapes are all that is needed).
     """
+    import logging
+
     import onnx
-    from onnxruntime.quantization import QuantType, quantize
+    from onnxruntime.quantization import QuantType, quantize_static
+    from onnxruntime.quantization.calibrate import save_tensors_data
     from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config, qnn_preprocess_model
 
+    from edgepack.quantize.ort_quant_compat import linear_quantizer_edits
+
+    work = work or out_path.parent
     weight_type, activation_type = _types(precision)
     if activation_symmetric is None:
         activation_symmetric = activation_type == QuantType.QUInt16
     # onnxruntime's QNN preprocessing: Erf sequences -> Gelu, ReduceL2 -> LpNormalization (ops the HTP runs).
     prepped = out_path.parent / f"{fp32_path.stem}.qnnprep.onnx"
-    if qnn_preprocess_model(str(fp32_path), str(prepped)):
+    if qnn_preprocess_model(str(fp32_path), str(prepped), save_as_external_data=True, all_tensors_to_one_file=True,
+                            external_data_location=f"{prepped.name}.data"):
         fp32_path = prepped
-    model = onnx.load(str(fp32_path))
+    model = onnx.load(str(fp32_path), load_external_data=False)
     weights = weight_tensors(model)
     overrides: dict[str, list[dict]] = {}
     for name, info in weights.items():
@@ -110,13 +128,14 @@ def quantize_qdq(fp32_path: Path, out_path: Path, feeds: list[dict], precision: 
         elif name in keep_16bit or precision == "w4a16":
             # Gather tables stay per-tensor; int4 tables are not worth their loss, they go to int8 at least.
             overrides[name] = [{"quant_type": QuantType.QInt16 if name in keep_16bit else QuantType.QInt8, "symmetric": True}]
+    data = calibrate(fp32_path, feeds, work)
     widened = 0
     if range_margin > 0:
         graph_inputs = {i.name: i for i in model.graph.input}
         # Softmax outputs get [0, 1] from the quantizer itself.
         fixed = {n.output[0] for n in model.graph.node if n.op_type == "Softmax"}
         initializers = {i.name for i in model.graph.initializer}
-        for name, (low, high) in activation_ranges(fp32_path, feeds, work or out_path.parent).items():
+        for name, (low, high) in _ranges(data).items():
             # Constants keep parameters computed from their own values: the same in every graph cut from one
             # export, so graphs compiled into one context binary share them.
             if name in initializers or name in overrides or name in fixed or (
@@ -134,20 +153,26 @@ def quantize_qdq(fp32_path: Path, out_path: Path, feeds: list[dict], precision: 
             for name in node.input[1:3]:
                 if name in inits and name not in overrides:
                     overrides[name] = [{"quant_type": QuantType.QInt8, "symmetric": True}]
+    del model
     config = get_qnn_qdq_config(
         str(fp32_path), _Reader(feeds), activation_type=activation_type, weight_type=weight_type,
         activation_symmetric=activation_symmetric, weight_symmetric=True, init_overrides=overrides,
     )
-    import logging
-
-    from edgepack.quantize.ort_quant_compat import linear_quantizer_edits
-
+    cache = work / f"{out_path.stem}.calibration.json"
+    save_tensors_data(data, cache)
+    del data
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # the quantizer's "consider pre-processing" / opset-upgrade advice, on the root logger
     try:
         with linear_quantizer_edits():
-            quantize(str(fp32_path), str(out_path), config)
+            quantize_static(
+                str(fp32_path), str(out_path), None, calibrate_method=config.calibrate_method,
+                quant_format=config.quant_format, activation_type=config.activation_type, weight_type=config.weight_type,
+                op_types_to_quantize=config.op_types_to_quantize, nodes_to_quantize=config.nodes_to_quantize,
+                nodes_to_exclude=config.nodes_to_exclude, per_channel=config.per_channel, reduce_range=config.reduce_range,
+                use_external_data_format=config.use_external_data_format, calibration_providers=config.calibration_providers,
+                extra_options=config.extra_options, calibration_cache_path=str(cache))
     finally:
         root.setLevel(level)
     return {
