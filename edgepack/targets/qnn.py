@@ -610,9 +610,8 @@ def build(directory: Path | str, out: Path | str, config: QnnConfig = QnnConfig(
     """read source -> static graphs -> calibrate -> fp32 reference -> rescue -> quantize + compile -> evaluate -> write."""
     from edgepack.core.versions import tool_versions
     from edgepack.outputs import replace_dir, staging_dir
-    from edgepack.runtime.session import create_session
     from edgepack.targets.base import TargetArtifact, write_target_json
-    from edgepack.targets.qnn_support.static_model import prepare_graphs
+    from edgepack.targets.qnn_support.static_model import cpu_sessions, prepare_graphs
 
     status = on_status or (lambda message: None)
     start = time.perf_counter()
@@ -634,7 +633,7 @@ def build(directory: Path | str, out: Path | str, config: QnnConfig = QnnConfig(
         with step("reference"):
             reference = _reference(src, config)
         with step("calibrate"):
-            cpu = {spec.name: create_session(spec.npu_path) for spec in specs}
+            cpu = cpu_sessions(specs)
             output = "logits" if src.decoder else cpu["encoder"].get_outputs()[0].name
             calibration = _calibrate(src, specs, cpu, config, status)
             reference.static_diff = _static_diff(src, calibration, reference, config)

@@ -150,10 +150,9 @@ def _model_source(model_path: Path, tag: str | None = None):
 
     model = onnx.load(str(model_path), load_external_data=False)
     if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
-        return str(model_path)
+        return str(model_path)  # named after its (distinct) path
     if tag is None:
         return model_path.read_bytes()
-    model = onnx.load(str(model_path))
     outputs = {o.name for o in model.graph.output}
     node = next(n for n in model.graph.node if n.output and n.output[0] and n.output[0] not in outputs)
     old, new = node.output[0], f"{node.output[0]}/{tag}"
@@ -180,8 +179,8 @@ def compile_on_htp(model_path: Path, options: HtpOptions, context_path: Path, *,
 
     start = time.perf_counter()
     try:
-        session = ort.InferenceSession(_model_source(model_path, context_path.stem if share else None), _session_options(options, fallback=False, context_path=context_path,
-                                                                                   share=share, last=last))
+        so = _session_options(options, fallback=False, context_path=context_path, share=share, last=last)
+        session = ort.InferenceSession(_model_source(model_path, context_path.stem if share else None), so)
     except Exception as exc:
         message = " ".join(str(exc).split())
         if "fallback to CPU EP has been explicitly disabled" in message or "assigned to the default CPU EP" in message:

@@ -80,6 +80,16 @@ def calibrate(fp32_path: Path, feeds: list[dict], work: Path):
     return data
 
 
+def _external_bytes(model_path: Path) -> int:
+    """Bytes of the external data files a model reads (0 for a self-contained model)."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    files = {ExternalDataInfo(t).location for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+    return sum((model_path.parent / name).stat().st_size for name in files)
+
+
 def _ranges(data) -> dict[str, tuple[float, float]]:
     return {name: (float(np.min(item.range_value[0])), float(np.max(item.range_value[1]))) for name, item in data.data.items()}
 
@@ -158,6 +168,10 @@ def quantize_qdq(fp32_path: Path, out_path: Path, feeds: list[dict], precision: 
         str(fp32_path), _Reader(feeds), activation_type=activation_type, weight_type=weight_type,
         activation_symmetric=activation_symmetric, weight_symmetric=True, init_overrides=overrides,
     )
+    # The QDQ model in one file while its quantized weights fit protobuf's limit with room to spare: compiled from
+    # bytes, its context graph gets a name that does not depend on the build folder (see ep._model_source).
+    bits = {"w8a16": 8, "w8a8": 8, "w4a16": 4}[precision]
+    external = _external_bytes(fp32_path) * max(bits, 8) / 32 > 1.5e9
     cache = work / f"{out_path.stem}.calibration.json"
     save_tensors_data(data, cache)
     del data
@@ -171,7 +185,7 @@ def quantize_qdq(fp32_path: Path, out_path: Path, feeds: list[dict], precision: 
                 quant_format=config.quant_format, activation_type=config.activation_type, weight_type=config.weight_type,
                 op_types_to_quantize=config.op_types_to_quantize, nodes_to_quantize=config.nodes_to_quantize,
                 nodes_to_exclude=config.nodes_to_exclude, per_channel=config.per_channel, reduce_range=config.reduce_range,
-                use_external_data_format=config.use_external_data_format, calibration_providers=config.calibration_providers,
+                use_external_data_format=external, calibration_providers=config.calibration_providers,
                 extra_options=config.extra_options, calibration_cache_path=str(cache))
     finally:
         root.setLevel(level)
