@@ -208,33 +208,53 @@ def _fake_quant(array: np.ndarray, bits: int, axis: int | None) -> np.ndarray:
     return (np.clip(np.round(array / scale), -qmax - 1, qmax) * scale).astype(array.dtype)
 
 
+def _read(tensor, folder: Path) -> np.ndarray:
+    """One initializer's values, read from its external data file (only this tensor) or from the graph."""
+    import onnx
+    from onnx import numpy_helper
+    from onnx.external_data_helper import ExternalDataInfo
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return numpy_helper.to_array(tensor)
+    info = ExternalDataInfo(tensor)
+    dtype = np.dtype(tensor_dtype_to_np_dtype(tensor.data_type))
+    count = int(np.prod(tensor.dims))
+    with (folder / info.location).open("rb") as f:
+        f.seek(int(info.offset or 0))
+        return np.fromfile(f, dtype=dtype, count=count).reshape(tuple(tensor.dims))
+
+
 def sensitivity(fp32_path: Path, feeds: list[dict], precision: str, work: Path, output: str = "logits", limit: int | None = None) -> list[dict]:
     """Per-weight KL(fp32 || only that weight quantized) on CPU, most sensitive first."""
     import onnx
-    from onnx import helper, numpy_helper
-
-    from edgepack.core.onnx_io import save_model
-    from edgepack.runtime.session import create_session
+    import onnxruntime as ort
+    from onnx import helper
 
     bits = {"w8a16": 8, "w8a8": 8, "w4a16": 4}[precision]
-    model = onnx.load(str(fp32_path))
+    # Memory: the graph is read without its weights; the session maps them from the graph's data file (weights
+    # that are graph inputs are not prepacked, so not copied), and each trial reads one weight from that file.
+    model = onnx.load(str(fp32_path), load_external_data=False)
     weights = weight_tensors(model)
     inits = {i.name: i for i in model.graph.initializer}
-    originals = {name: numpy_helper.to_array(inits[name]) for name in weights}
     # Weights become overridable (graph inputs with a default), so one session serves every trial.
     for name in weights:
         model.graph.input.append(helper.make_tensor_value_info(name, inits[name].data_type, list(inits[name].dims)))
-    probe = work / "sensitivity.onnx"
-    save_model(model, probe)
+    probe = fp32_path.parent / "sensitivity.onnx"  # beside the graph: its external tensors resolve the same way
+    onnx.save_model(model, str(probe))
+    originals = {name: inits[name] for name in weights}
     del model
-    session = create_session(probe)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.disable_prepacking", "1")
+    session = ort.InferenceSession(str(probe), sess_options=options, providers=["CPUExecutionProvider"])
     reference = [session.run([output], feed)[0] for feed in feeds]
     decoder = output == "logits"
     results = []
     for name, info in weights.items():
         axis = len(info["dims"]) - 1 if info["op"] == "MatMul" else None
         trial_bits = bits if info["op"] == "MatMul" else 8
-        quantized = _fake_quant(originals[name], trial_bits, axis)
+        quantized = _fake_quant(_read(originals[name], fp32_path.parent), trial_bits, axis)
         scores = []
         for feed, ref in zip(feeds, reference):
             out = session.run([output], {**feed, name: quantized})[0]
