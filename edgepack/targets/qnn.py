@@ -584,26 +584,36 @@ def _proc_status_mb(field: str) -> float | None:
 
 
 class _Steps:
-    """Wall seconds and resident memory of each build step: the peak within the step (Linux lets a process reset its
-    high-water mark through /proc/self/clear_refs) and what the step leaves held, so the step that sets a build's
-    peak, and what it keeps, can be read from target.json."""
+    """Wall seconds and resident memory of each build step: its peak (sampled every 20 ms by a thread; the
+    kernel's own high-water mark covers the whole process) and what it leaves held, so the step that sets a
+    build's peak, and what it keeps, can be read from target.json."""
 
     def __init__(self, seconds: dict):
         self.seconds, self.memory = seconds, {}
 
     @contextmanager
     def __call__(self, name: str):
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-            since = "step"
-        except OSError:
-            since = "process start"
+        import threading
+
+        peak = [_proc_status_mb("VmRSS") or 0.0]
+        done = threading.Event()
+
+        def sample():
+            while not done.wait(0.02):
+                peak[0] = max(peak[0], _proc_status_mb("VmRSS") or 0.0)
+
+        thread = threading.Thread(target=sample, daemon=True)
+        thread.start()
         t0 = time.perf_counter()
-        yield
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
         self.seconds[name] = round(time.perf_counter() - t0, 3)
-        peak, held = _proc_status_mb("VmHWM"), _proc_status_mb("VmRSS")
-        if peak is not None:
-            self.memory[name] = {"peak": peak, "held_after": held, "peak_since": since}
+        held = _proc_status_mb("VmRSS")
+        if held is not None:
+            self.memory[name] = {"peak": max(peak[0], held), "held_after": held}
 
 
 def build(directory: Path | str, out: Path | str, config: QnnConfig = QnnConfig(), on_status=None):
