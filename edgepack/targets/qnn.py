@@ -416,7 +416,7 @@ def _compile_shared(specs, models: dict, compiled: _Compiled, src: _Source, tmp:
 
 
 def _quantize_and_compile(src: _Source, specs, calibration: _Calibration, rescue: _Rescue, config: QnnConfig, work: Path,
-                          tmp: Path, seconds: dict, status) -> _Compiled:
+                          tmp: Path, seconds: dict, status, step) -> _Compiled:
     """One graph at a time: quantize, compile, reload and compare; decoders' graphs then go into one context binary."""
     compiled = _Compiled({}, {}, {}, {})
     share = len(specs) > 1 and config.share_weights
@@ -424,13 +424,16 @@ def _quantize_and_compile(src: _Source, specs, calibration: _Calibration, rescue
     folder.mkdir(exist_ok=True)
     models = {}
     for spec in specs:
-        models[spec.name], compiled.quant_facts[spec.name] = _quantize(spec, calibration.feeds[spec.name], rescue.keep16, config,
-                                                                       work, seconds, status)
+        with step(f"quantize_{spec.name}", record_seconds=False):
+            models[spec.name], compiled.quant_facts[spec.name] = _quantize(spec, calibration.feeds[spec.name], rescue.keep16, config,
+                                                                           work, seconds, status)
         probe = calibration.feeds[spec.name][0]
-        compiled.graphs[spec.name], compiled.placements[spec.name], compiled.sessions[spec.name] = _compile(
-            spec, models[spec.name], probe, src, folder, tmp, seconds, status)
+        with step(f"compile_{spec.name}", record_seconds=False):
+            compiled.graphs[spec.name], compiled.placements[spec.name], compiled.sessions[spec.name] = _compile(
+                spec, models[spec.name], probe, src, folder, tmp, seconds, status)
     if share:
-        _compile_shared(specs, models, compiled, src, tmp, seconds, status)
+        with step("compile_shared", record_seconds=False):
+            _compile_shared(specs, models, compiled, src, tmp, seconds, status)
     binaries = {name for graph in compiled.graphs.values() for name in graph["context_binaries"]}
     compiled.binary_bytes = sum((tmp / name).stat().st_size for name in binaries)
     return compiled
@@ -592,7 +595,7 @@ class _Steps:
         self.seconds, self.memory = seconds, {}
 
     @contextmanager
-    def __call__(self, name: str):
+    def __call__(self, name: str, *, record_seconds: bool = True):
         import threading
 
         peak = [_proc_status_mb("VmRSS") or 0.0]
@@ -610,7 +613,8 @@ class _Steps:
         finally:
             done.set()
             thread.join()
-        self.seconds[name] = round(time.perf_counter() - t0, 3)
+        if record_seconds:
+            self.seconds[name] = round(time.perf_counter() - t0, 3)
         held = _proc_status_mb("VmRSS")
         if held is not None:
             self.memory[name] = {"peak": max(peak[0], held), "held_after": held}
@@ -652,7 +656,7 @@ def build(directory: Path | str, out: Path | str, config: QnnConfig = QnnConfig(
         with step("rescue"):
             rescue = _rescue(src, specs, output, calibration.feeds, config, work, seconds, status)
         with step("quantize_and_compile"):
-            compiled = _quantize_and_compile(src, specs, calibration, rescue, config, work, tmp, seconds, status)
+            compiled = _quantize_and_compile(src, specs, calibration, rescue, config, work, tmp, seconds, status, step)
         status("running the evaluation windows on the HTP and comparing with fp32")
         with step("evaluate_on_htp"):
             parity = _evaluate_on_htp(src, specs, compiled, calibration, reference, config)
