@@ -62,22 +62,51 @@ def _types(precision: str):
 
 
 def calibrate(fp32_path: Path, feeds: list[dict], work: Path):
-    """MinMax ranges of every float tensor over the calibration feeds (onnxruntime's calibrator), as its TensorsData.
+    """MinMax ranges of every float tensor over the calibration feeds, as onnxruntime's TensorsData (what its
+    MinMaxCalibrater computes: a ReduceMin and a ReduceMax per float tensor that is not a constant, min and max
+    over the feeds).
 
-    The augmented model (the graph plus a ReduceMin/ReduceMax per tensor) is written with external data and
-    the calibrator is dropped on return: its model and session are in memory only during this call."""
-    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
+    Written here rather than with onnxruntime's calibrator because of memory: that one loads the model with its
+    weights, keeps it and an augmented copy, and runs a session holding another (prepacked) copy. Here the
+    augmented graph is built without weights and its session maps them from the graph's data file."""
+    import onnx
+    from onnx import TensorProto, helper
+    from onnxruntime.quantization.calibrate import CalibrationMethod, TensorsData
 
-    from edgepack.quantize.ort_quant_compat import linear_quantizer_edits
+    from edgepack.targets.qnn_support.static_model import mapped_sessions
 
-    with linear_quantizer_edits():
-        calibrator = create_calibrator(str(fp32_path), None, augmented_model_path=str(work / f"{fp32_path.stem}.augmented.onnx"),
-                                       calibrate_method=CalibrationMethod.MinMax, use_external_data_format=True,
-                                       providers=["CPUExecutionProvider"])
-        calibrator.collect_data(_Reader(feeds))
-        data = calibrator.compute_data()
-    del calibrator
-    return data
+    model = onnx.load(str(fp32_path), load_external_data=False)
+    inferred = onnx.shape_inference.infer_shapes(model)
+    value_infos = {vi.name: vi for vi in inferred.graph.value_info}
+    value_infos.update({o.name: o for o in inferred.graph.output})
+    value_infos.update({i.name: i for i in inferred.graph.input})
+    del inferred
+    constants = {init.name for init in model.graph.initializer}
+    tensors = sorted({name for node in model.graph.node for name in (*node.input, *node.output)
+                      if name in value_infos and name not in constants
+                      and value_infos[name].type.tensor_type.elem_type in (TensorProto.FLOAT, TensorProto.FLOAT16)})
+    outputs = []
+    for name in tensors:
+        for op in ("ReduceMin", "ReduceMax"):
+            output = f"{name}.edgepack_{op}"
+            model.graph.node.append(helper.make_node(op, [name], [output], name=output, keepdims=0))
+            model.graph.output.append(helper.make_tensor_value_info(output, value_infos[name].type.tensor_type.elem_type, []))
+            outputs.append(output)
+    augmented = fp32_path.parent / f"{fp32_path.stem}.augmented.onnx"  # beside the graph: same external data
+    onnx.save_model(model, str(augmented))
+    del model
+    session = mapped_sessions({"augmented": augmented})["augmented"]
+    low, high = {}, {}
+    for feed in feeds:
+        for name, value in zip(outputs, session.run(outputs, feed)):
+            tensor, op = name.rsplit(".edgepack_", 1)
+            if op == "ReduceMin":
+                low[tensor] = min(low.get(tensor, np.inf), float(np.min(value)))
+            else:
+                high[tensor] = max(high.get(tensor, -np.inf), float(np.max(value)))
+    del session
+    augmented.unlink()
+    return TensorsData(CalibrationMethod.MinMax, {name: (np.float32(low[name]), np.float32(high[name])) for name in tensors})
 
 
 def _external_bytes(model_path: Path) -> int:

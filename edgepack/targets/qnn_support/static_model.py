@@ -145,9 +145,14 @@ def share_external_data(first: Path, other: Path) -> int:
 
 
 def cpu_sessions(specs: list[GraphSpec]) -> dict:
-    """fp32 CPU sessions of the static graphs whose external weights are mapped from disk once and handed to every
-    session (`SessionOptions.add_initializer`, no copy; weight prepacking off, it would copy them per session):
-    the graphs' weights are in memory once however many sessions read them."""
+    """fp32 CPU sessions of the static graphs, their weights in memory once (see mapped_sessions)."""
+    return mapped_sessions({spec.name: spec.npu_path for spec in specs})
+
+
+def mapped_sessions(paths: dict[str, Path]) -> dict:
+    """CPU sessions of models whose external weights are mapped from disk once and handed to every session
+    (`SessionOptions.add_initializer`, no copy; weight prepacking off, it would copy them per session): the
+    weights are in memory once however many sessions read them."""
     import onnx
     import onnxruntime as ort
     from onnx.helper import tensor_dtype_to_np_dtype
@@ -155,8 +160,8 @@ def cpu_sessions(specs: list[GraphSpec]) -> dict:
     maps: dict[Path, np.memmap] = {}
     values: dict[tuple, object] = {}
     sessions = {}
-    for spec in specs:
-        model = onnx.load(str(spec.npu_path), load_external_data=False)
+    for key_name, model_path in paths.items():
+        model = onnx.load(str(model_path), load_external_data=False)
         options = ort.SessionOptions()
         options.log_severity_level = 3
         options.add_session_config_entry("session.disable_prepacking", "1")
@@ -164,7 +169,7 @@ def cpu_sessions(specs: list[GraphSpec]) -> dict:
         keep = []
         for name, (location, offset, length) in _external(model).items():
             dtype, dims = dtypes[name]
-            path = spec.npu_path.parent / location
+            path = model_path.parent / location
             key = (path, offset, length)
             if key not in values:
                 if path not in maps:
@@ -176,9 +181,10 @@ def cpu_sessions(specs: list[GraphSpec]) -> dict:
                 values[key] = (array, ort.OrtValue.ortvalue_from_numpy(array))
             options.add_initializer(name, values[key][1])
             keep.append(values[key])
-        session = ort.InferenceSession(str(spec.npu_path), sess_options=options, providers=["CPUExecutionProvider"])
+        del model
+        session = ort.InferenceSession(str(model_path), sess_options=options, providers=["CPUExecutionProvider"])
         session.edgepack_shared_weights = keep  # the mapped arrays must outlive the session
-        sessions[spec.name] = session
+        sessions[key_name] = session
     return sessions
 
 
