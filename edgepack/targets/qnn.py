@@ -387,7 +387,8 @@ def _compile(spec, model_path: Path, probe: dict, src: _Source, folder: Path, tm
         "placement": where.to_json(), "compile_seconds": round(compile_s, 3), "reload_seconds": round(reload_s, 4),
         "reload_identical": identical, "surgery": spec.facts,
     }
-    return facts, where, reloaded
+    del reloaded
+    return facts, where, _OnDemand(context_path, src.htp)
 
 
 def _compile_shared(specs, models: dict, compiled: _Compiled, src: _Source, tmp: Path, seconds: dict, status) -> None:
@@ -439,18 +440,73 @@ def _quantize_and_compile(src: _Source, specs, calibration: _Calibration, rescue
     return compiled
 
 
+class _OnDemand:
+    """A context model's HTP session, created at its first run and dropped by `release`, so that one compiled graph
+    at a time is in memory; its inputs and outputs (names, shapes) come from the context model itself."""
+
+    def __init__(self, context_path: Path, htp):
+        import onnx
+
+        graph = onnx.load(str(context_path), load_external_data=False).graph
+        self.path, self.htp, self.session = context_path, htp, None
+        self._inputs = [_Arg(v.name, [d.dim_value for d in v.type.tensor_type.shape.dim]) for v in graph.input]
+        self._outputs = [_Arg(v.name, [d.dim_value for d in v.type.tensor_type.shape.dim]) for v in graph.output]
+
+    def get_inputs(self):
+        return self._inputs
+
+    def get_outputs(self):
+        return self._outputs
+
+    def run(self, names, feeds):
+        from edgepack.targets.qnn_support import ep as qnn_ep
+
+        if self.session is None:
+            self.session, _ = qnn_ep.load_context(self.path, self.htp)
+        return self.session.run(names, feeds)
+
+    def release(self) -> None:
+        self.session = None
+
+
+@dataclass(frozen=True)
+class _Arg:
+    name: str
+    shape: list
+
+
 def _evaluate_on_htp(src: _Source, specs, compiled: _Compiled, calibration: _Calibration, reference: _Reference,
                      config: QnnConfig) -> dict:
-    """The evaluation windows through the context binaries on the HTP, compared with the fp32 export."""
+    """The evaluation windows through the context binaries on the HTP, compared with the fp32 export.
+
+    Decoders run every window's prefill first, then every window's decode steps (the same teacher-forced
+    sequence per window as StaticDecoder.teacher_forced), so one graph's session is in memory at a time."""
+    import numpy as np
+
     from edgepack.targets.qnn_support.static_model import StaticDecoder, StaticEncoder
 
+    sessions = compiled.sessions
     if src.decoder:
-        htp_model = StaticDecoder(specs, compiled.sessions, src.max_context)
+        htp_model = StaticDecoder(specs, sessions, src.max_context)
         htp_model.use_prefix(calibration.prefix, calibration.prefix_kv)
-        candidate = [htp_model.teacher_forced(w, config.decode_steps) for w in reference.windows]
+        states = []
+        for window in reference.windows:
+            cache, start = htp_model.start()
+            logits, cache = htp_model.run("prefill", window[: config.prefill_len], cache, start)
+            states.append(([logits], cache, start + min(len(window), config.prefill_len)))
+        sessions["prefill"].release()
+        for (rows, cache, position), window in zip(states, reference.windows):
+            for token in window[config.prefill_len: config.prefill_len + config.decode_steps]:
+                step, cache = htp_model.run("decode", [token], cache, position)
+                rows.append(step)
+                position += 1
+        sessions["decode"].release()
+        candidate = [np.concatenate(rows, axis=0) for rows, _, _ in states]
         return phase_logit_figures(reference.outputs, candidate, config.prefill_len)
-    htp_model = StaticEncoder(specs[0], compiled.sessions["encoder"])
-    return hidden_state_figures(reference.outputs, [htp_model.run(w) for w in reference.windows])
+    htp_model = StaticEncoder(specs[0], sessions["encoder"])
+    figures = hidden_state_figures(reference.outputs, [htp_model.run(w) for w in reference.windows])
+    sessions["encoder"].release()
+    return figures
 
 
 def _write_runtime_files(src: _Source, compiled: _Compiled, calibration: _Calibration, config: QnnConfig, tmp: Path) -> None:
