@@ -152,9 +152,15 @@ def quantize_qdq(fp32_path: Path, out_path: Path, feeds: list[dict], precision: 
     if activation_symmetric is None:
         activation_symmetric = activation_type == QuantType.QUInt16
     # onnxruntime's QNN preprocessing: Erf sequences -> Gelu, ReduceL2 -> LpNormalization (ops the HTP runs).
+    # It loads the whole model (three copies of the weights at its peak), so it runs only on graphs holding what its
+    # fusions look for: Erf (Gelu), ReduceL2 (LpNormalization), a 6-D Transpose (SpaceToDepth).
+    graph = onnx.load(str(fp32_path), load_external_data=False).graph
+    fusable = any(n.op_type in ("Erf", "ReduceL2") or (n.op_type == "Transpose" and any(
+        len(a.ints) == 6 for a in n.attribute if a.name == "perm")) for n in graph.node)
+    del graph
     prepped = out_path.parent / f"{fp32_path.stem}.qnnprep.onnx"
-    if qnn_preprocess_model(str(fp32_path), str(prepped), save_as_external_data=True, all_tensors_to_one_file=True,
-                            external_data_location=f"{prepped.name}.data"):
+    if fusable and qnn_preprocess_model(str(fp32_path), str(prepped), save_as_external_data=True, all_tensors_to_one_file=True,
+                                        external_data_location=f"{prepped.name}.data"):
         fp32_path = prepped
     model = onnx.load(str(fp32_path), load_external_data=False)
     weights = weight_tensors(model)
