@@ -48,6 +48,9 @@ def test_prefill_and_decode_share_one_context_binary(llama_bundle, llama_bundle_
         assert ep.context_binaries(out / f"{graph}_ctx.onnx") == binaries
         assert facts["graphs"][graph]["context_binaries"] == binaries
     assert facts["context_binary_bytes"] == (out / binaries[0]).stat().st_size
+    memory = facts["memory_mb"]  # each step's peak and held RSS, so the step that sets a build's peak is known
+    assert {"static_graphs", "reference", "calibrate", "quantize_and_compile", "evaluate_on_htp"} <= set(memory)
+    assert all(0 < step["held_after"] <= step["peak"] for step in memory.values())
     # Weights stored once: the shared binary is well under the two per-graph binaries together.
     alone_bytes = sum(p.stat().st_size for p in alone.glob("*.bin"))
     assert len(list(alone.glob("*.bin"))) == 2 and per_graph["facts"]["context_binary_bytes"] == alone_bytes
@@ -280,3 +283,42 @@ def test_context_binary_on_a_full_disk_is_an_output_error(tmp_path):
     os.symlink("/dev/full", full / "matmul_ctx_qnn.bin")
     with pytest.raises(UsageError, match=r"cannot write .*full/matmul_ctx\.onnx .*Failed to write context cache file"):
         compile_on_htp(model, options, full / "matmul_ctx.onnx")
+
+
+def test_static_graphs_read_the_weights_once_and_calibrate_like_onnxruntime(exported_tiny_factory, tmp_path):
+    """An export with external data: both static graphs read one folded data file, their CPU sessions share it, and
+    the weightless calibration gives onnxruntime's MinMax ranges."""
+    import onnx
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
+
+    from edgepack.runtime.session import create_session
+    from edgepack.targets.qnn_support import quant
+    from edgepack.targets.qnn_support.static_model import StaticDecoder, _external, cpu_sessions, prepare_graphs
+
+    export = tmp_path / "export"
+    export.mkdir()
+    model = onnx.load(str(exported_tiny_factory("llama") / "model.onnx"))
+    onnx.save_model(model, str(export / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx_data", size_threshold=1024)
+    work = tmp_path / "work"
+    work.mkdir()
+    specs = prepare_graphs(export / "model.onnx", True, prefill_len=8, max_context=32, work=work)
+    locations = {name: {loc for loc, _, _ in _external(onnx.load(str(s.npu_path), load_external_data=False)).values()}
+                 for name, s in ((s.name, s) for s in specs)}
+    assert locations == {"prefill": {"prefill.folded.onnx.data"}, "decode": {"prefill.folded.onnx.data"}}
+    assert not (work / "decode.folded.onnx.data").exists()
+    shared = cpu_sessions(specs)
+    plain = {s.name: create_session(s.npu_path) for s in specs}
+    feeds = StaticDecoder(specs, shared, 32).calibration_feeds([[5, 17, 42, 7, 9, 11, 13, 15, 3, 4]], 2)
+    for name in ("prefill", "decode"):
+        for feed in feeds[name]:
+            for a, b in zip(shared[name].run(None, feed), plain[name].run(None, feed)):
+                np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    mine = quant.calibrate(specs[0].npu_path, feeds["prefill"], work)
+    calibrator = create_calibrator(str(specs[0].npu_path), None, augmented_model_path=str(work / "aug.onnx"),
+                                   calibrate_method=CalibrationMethod.MinMax)
+    calibrator.collect_data(quant._Reader(feeds["prefill"]))
+    theirs = calibrator.compute_data()
+    assert set(mine.data) == set(theirs.data)
+    for name, data in theirs.data.items():
+        assert np.allclose([np.min(v) for v in mine.data[name].range_value], [np.min(v) for v in data.range_value], atol=1e-6)
