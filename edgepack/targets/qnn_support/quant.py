@@ -163,6 +163,15 @@ def quantize_qdq(fp32_path: Path, out_path: Path, feeds: list[dict], precision: 
                                         external_data_location=f"{prepped.name}.data"):
         fp32_path = prepped
     model = onnx.load(str(fp32_path), load_external_data=False)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 21)
+    if opset < 21 and (activation_type == QuantType.QUInt16 or keep_16bit):
+        # 16-bit QDQ needs opset 21. onnxruntime's quantizer upgrades the model itself, with its weights (the
+        # version converter and a shape-inference reload: several copies of them); the graph alone upgrades the
+        # same way and keeps reading the weights from their file beside it.
+        model = onnx.version_converter.convert_version(model, 21)
+        upgraded = fp32_path.parent / f"{fp32_path.stem}.opset21.onnx"
+        onnx.save_model(model, str(upgraded))
+        fp32_path = upgraded
     weights = weight_tensors(model)
     overrides: dict[str, list[dict]] = {}
     for name, info in weights.items():
