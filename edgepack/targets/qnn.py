@@ -441,7 +441,7 @@ def _quantize_and_compile(src: _Source, specs, calibration: _Calibration, rescue
 
 
 class _OnDemand:
-    """A context model's HTP session, created at its first run and dropped by `release`, so that one compiled graph
+    """A context model's HTP session, created on demand and dropped by `release`, so that one compiled graph
     at a time is in memory; its inputs and outputs (names, shapes) come from the context model itself."""
 
     def __init__(self, context_path: Path, htp):
