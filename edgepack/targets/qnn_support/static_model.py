@@ -52,6 +52,18 @@ def prepare_graphs(onnx_path: Path, task_is_decoder: bool, *, prefill_len: int, 
 
     specs = []
     shapes = [("prefill", prefill_len), ("decode", 1)] if task_is_decoder else [("encoder", max_context)]
+    staged = None
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    if not any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.initializer):
+        # A one-file export: its weights move to a data file once, so that every graph below is folded from the
+        # weights on disk instead of from the whole model in memory (protobuf bytes, parsed copy, onnxruntime's).
+        del graph
+        model = onnx.load(str(onnx_path))
+        staged = work / "export.onnx"
+        onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=f"{staged.name}.data", size_threshold=1024)
+        del model
+        onnx_path = staged
     for name, seq in shapes:
         model = onnx.load(str(onnx_path), load_external_data=False)  # the weights stay in the export's files until folded
         dims = {"batch_size": 1, "sequence_length": seq}
@@ -87,6 +99,9 @@ def prepare_graphs(onnx_path: Path, task_is_decoder: bool, *, prefill_len: int, 
                                 "kv_outputs_new_only": len(kv), "host_nodes": len(host.graph.node) if host is not None else 0}))
     for spec in specs[1:]:
         share_external_data(specs[0].npu_path, spec.npu_path)
+    if staged is not None:  # nothing reads it any more: the graphs read their folded data files
+        staged.unlink()
+        (work / f"{staged.name}.data").unlink()
     return specs
 
 
