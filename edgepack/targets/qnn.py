@@ -18,6 +18,7 @@ import json
 import platform
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -68,6 +69,9 @@ class QnnConfig:
                                     help="Gate: top-1 agreement with fp32 at least Y (exit 1; default floor 0.5, encoders: min cosine 0.9).")
     max_kl: float | None = option(None, min=0, help="Gate: mean KL(fp32 || HTP) at most X (exit 1).")
     symmetric_activations: bool = option(False, help="Quantize activations with symmetric ranges (default: asymmetric, twice the resolution for one-sided tensors).")
+    share_weights: bool = option(True, cli="--no-share-weights",
+                                 help="Decoders: ship one context binary holding the prefill and decode graphs with their weights once "
+                                      "(runs on a device; the x86-64 HTP simulator cannot load it), instead of one binary per graph.")
     prefix: bool = option(True, cli="--no-prefix",
                           help="Decoders: quantize position 0 too, instead of computing the BOS prefix in fp32 (prefix_kv.npz).")
     force: bool = option(False, help="Replace a non-empty output folder.", in_recipe=False,
@@ -236,6 +240,8 @@ class _Compiled:
     placements: dict
     quant_facts: dict
     sessions: dict
+    shared: bool = False  # every graph in one context binary, identical weights stored once
+    binary_bytes: int = 0
 
 
 def _read_source(directory, out: Path, config: QnnConfig) -> _Source:
@@ -293,25 +299,33 @@ def _calibrate(src: _Source, specs, cpu: dict, config: QnnConfig, status) -> _Ca
     return _Calibration(origin, windows, window_len, feeds, fp32_static, prefix, prefix_kv)
 
 
-def _reference(src: _Source, calibration: _Calibration, config: QnnConfig) -> _Reference:
-    """The fp32 reference is the dynamic export on CPU; the fp32 static graphs must already match it."""
+def _reference(src: _Source, config: QnnConfig) -> _Reference:
+    """The fp32 reference: the dynamic export on CPU, alone in memory (its session is dropped on return)."""
     from edgepack.core.texts import eval_text
     from edgepack.core.windows import token_windows
 
     text, origin = eval_text(config.eval_text)
     length = config.prefill_len + config.decode_steps if src.decoder else min(src.max_context, 64)
     windows = token_windows(src.tokenizer, text, length, config.eval_windows, what="evaluation")
-    static = calibration.fp32_static
     if src.decoder:
-        reference = _reference_decoder(src.model_dir, windows, calibration.prefix)
-        figures = phase_logit_figures(reference, [static.teacher_forced(w, config.decode_steps) for w in windows], config.prefill_len)
+        reference = _reference_decoder(src.model_dir, windows, attention_sink_prefix(src.tokenizer, config.prefix))
     else:
         reference = _reference_encoder(src.model_dir, windows)
-        figures = hidden_state_figures(reference, [static.run(w) for w in windows])
-    return _Reference(origin, windows, reference, figures.get("max_abs_logit_diff", figures.get("max_abs_diff")))
+    return _Reference(origin, windows, reference, float("nan"))
 
 
-def _rescue(src: _Source, specs, cpu: dict, feeds: dict, config: QnnConfig, work: Path, seconds: dict, status) -> _Rescue:
+def _static_diff(src: _Source, calibration: _Calibration, reference: _Reference, config: QnnConfig) -> float:
+    """The fp32 static graphs (+ host loop) on the evaluation windows against the export: must already match."""
+    static = calibration.fp32_static
+    if src.decoder:
+        figures = phase_logit_figures(reference.outputs, [static.teacher_forced(w, config.decode_steps) for w in reference.windows],
+                                      config.prefill_len)
+    else:
+        figures = hidden_state_figures(reference.outputs, [static.run(w) for w in reference.windows])
+    return figures.get("max_abs_logit_diff", figures.get("max_abs_diff"))
+
+
+def _rescue(src: _Source, specs, output: str, feeds: dict, config: QnnConfig, work: Path, seconds: dict, status) -> _Rescue:
     from edgepack.targets.base import timed
     from edgepack.targets.qnn_support import quant
 
@@ -320,7 +334,6 @@ def _rescue(src: _Source, specs, cpu: dict, feeds: dict, config: QnnConfig, work
     status("measuring per-weight quantization sensitivity on CPU (accuracy rescue)")
     with timed(seconds, "sensitivity"):
         main = "prefill" if src.decoder else "encoder"
-        output = "logits" if src.decoder else cpu["encoder"].get_outputs()[0].name
         sensitivities = quant.sensitivity(next(s.npu_path for s in specs if s.name == main), feeds[main][:4],
                                           config.precision, work, output=output)
     return _Rescue(sensitivities, {entry["tensor"] for entry in sensitivities[: config.rescue]})
@@ -342,30 +355,31 @@ def _quantize(spec, feeds: list, keep16: set, config: QnnConfig, work: Path, sec
     return model_path, facts
 
 
-def _compile(spec, model_path: Path, probe: dict, src: _Source, tmp: Path, seconds: dict, status) -> tuple[dict, object, object]:
-    """Compile one graph for the HTP, reload its context binary and check both give the same outputs.
+def _compile(spec, model_path: Path, probe: dict, src: _Source, folder: Path, tmp: Path, seconds: dict, status) -> tuple[dict, object, object]:
+    """Compile one graph alone for the HTP into `folder`, reload its context binary and check both give the same outputs.
 
-    Returns (graph facts, placement, reloaded session)."""
+    Returns (graph facts, placement, reloaded session). One compiled graph is in memory at a time: the
+    compiling session is dropped once it has run the probe."""
     import numpy as np
 
     from edgepack.targets.qnn_support import ep as qnn_ep
 
     status(f"compiling the {spec.name} graph for the HTP (soc_model {src.soc_model}, htp_arch {src.htp_arch}); CPU fallback disabled")
-    context_path = tmp / f"{spec.name}_ctx.onnx"
+    context_path = folder / f"{spec.name}_ctx.onnx"
     session, where, compile_s = qnn_ep.compile_on_htp(model_path, src.htp, context_path)
     seconds[f"compile_{spec.name}"] = round(compile_s, 3)
-    binaries = sorted(p.name for p in tmp.glob(f"{spec.name}_ctx*.bin"))
-    if not context_path.is_file() or not binaries:
+    binaries = qnn_ep.context_binaries(context_path) if context_path.is_file() else []
+    if not binaries or not all((folder / name).is_file() for name in binaries):
         raise BadInputError(f"QNN wrote no context binary for the {spec.name} graph")
-    # The context binary must reload and give exactly what the compiling session gives.
-    status(f"reloading the {spec.name} context binary and comparing outputs")
-    reloaded, reload_s = qnn_ep.load_context(context_path, src.htp)
     t0 = time.perf_counter()
     first = session.run(None, probe)
     seconds[f"run_{spec.name}"] = round(time.perf_counter() - t0, 3)
+    del session
+    # The context binary must reload and give exactly what the compiling session gives.
+    status(f"reloading the {spec.name} context binary and comparing outputs")
+    reloaded, reload_s = qnn_ep.load_context(context_path, src.htp)
     second = reloaded.run(None, probe)
     identical = all(np.array_equal(a, b) for a, b in zip(first, second))
-    del session
     if spec.host_path is not None:
         shutil.copy2(spec.host_path, tmp / spec.host_path.name)
     facts = {
@@ -377,39 +391,133 @@ def _compile(spec, model_path: Path, probe: dict, src: _Source, tmp: Path, secon
         "placement": where.to_json(), "compile_seconds": round(compile_s, 3), "reload_seconds": round(reload_s, 4),
         "reload_identical": identical, "surgery": spec.facts,
     }
-    return facts, where, reloaded
+    del reloaded
+    return facts, where, _OnDemand(context_path, src.htp)
+
+
+def _compile_shared(specs, models: dict, compiled: _Compiled, src: _Source, tmp: Path, seconds: dict, status) -> None:
+    """Compile every graph again, one after another into one context binary that stores identical weights once.
+
+    The graphs are the QDQ models just checked in the simulator, each compiled alone: the x86-64 HTP simulator
+    cannot load a weight-shared context binary (QNN_COMMON_ERROR_NOT_SUPPORTED; onnxruntime-qnn turns HTP
+    weight sharing on for offline generation on x86-64), so the shipped binary runs on a device only."""
+    from edgepack.targets.base import timed
+    from edgepack.targets.qnn_support import ep as qnn_ep
+
+    status(f"compiling {' + '.join(s.name for s in specs)} into one context binary (weights stored once)")
+    with timed(seconds, "compile_shared"):
+        for index, spec in enumerate(specs):
+            session, _, _ = qnn_ep.compile_on_htp(models[spec.name], src.htp, tmp / f"{spec.name}_ctx.onnx", share=True,
+                                                  last=index == len(specs) - 1)
+            del session
+    binaries = set()
+    for spec in specs:
+        graph = compiled.graphs[spec.name]
+        graph["context_binaries"] = qnn_ep.context_binaries(tmp / graph["context_model"])
+        binaries.update(graph["context_binaries"])
+    if len(binaries) != 1 or not (tmp / next(iter(binaries))).is_file():
+        raise BadInputError(f"QNN wrote {len(binaries)} context binaries for graphs compiled to share one: {sorted(binaries)}")
+    compiled.shared = True
 
 
 def _quantize_and_compile(src: _Source, specs, calibration: _Calibration, rescue: _Rescue, config: QnnConfig, work: Path,
-                          tmp: Path, seconds: dict, status) -> _Compiled:
+                          tmp: Path, seconds: dict, status, step) -> _Compiled:
+    """One graph at a time: quantize, compile, reload and compare; decoders' graphs then go into one context binary."""
     compiled = _Compiled({}, {}, {}, {})
+    share = len(specs) > 1 and config.share_weights
+    folder = work / "simulator" if share else tmp  # shared: the per-graph binaries are only the simulator's
+    folder.mkdir(exist_ok=True)
+    models = {}
     for spec in specs:
-        model_path, compiled.quant_facts[spec.name] = _quantize(spec, calibration.feeds[spec.name], rescue.keep16, config, work,
-                                                                seconds, status)
+        with step(f"quantize_{spec.name}", record_seconds=False):
+            models[spec.name], compiled.quant_facts[spec.name] = _quantize(spec, calibration.feeds[spec.name], rescue.keep16, config,
+                                                                           work, seconds, status)
         probe = calibration.feeds[spec.name][0]
-        compiled.graphs[spec.name], compiled.placements[spec.name], compiled.sessions[spec.name] = _compile(
-            spec, model_path, probe, src, tmp, seconds, status)
+        with step(f"compile_{spec.name}", record_seconds=False):
+            compiled.graphs[spec.name], compiled.placements[spec.name], compiled.sessions[spec.name] = _compile(
+                spec, models[spec.name], probe, src, folder, tmp, seconds, status)
+    if share:
+        with step("compile_shared", record_seconds=False):
+            _compile_shared(specs, models, compiled, src, tmp, seconds, status)
+    binaries = {name for graph in compiled.graphs.values() for name in graph["context_binaries"]}
+    compiled.binary_bytes = sum((tmp / name).stat().st_size for name in binaries)
     return compiled
+
+
+class _OnDemand:
+    """A context model's HTP session, created on demand and dropped by `release`, so that one compiled graph
+    at a time is in memory; its inputs and outputs (names, shapes) come from the context model itself."""
+
+    def __init__(self, context_path: Path, htp):
+        import onnx
+
+        graph = onnx.load(str(context_path), load_external_data=False).graph
+        self.path, self.htp, self.session = context_path, htp, None
+        self._inputs = [_Arg(v.name, [d.dim_value for d in v.type.tensor_type.shape.dim]) for v in graph.input]
+        self._outputs = [_Arg(v.name, [d.dim_value for d in v.type.tensor_type.shape.dim]) for v in graph.output]
+
+    def get_inputs(self):
+        return self._inputs
+
+    def get_outputs(self):
+        return self._outputs
+
+    def run(self, names, feeds):
+        from edgepack.targets.qnn_support import ep as qnn_ep
+
+        if self.session is None:
+            self.session, _ = qnn_ep.load_context(self.path, self.htp)
+        return self.session.run(names, feeds)
+
+    def release(self) -> None:
+        self.session = None
+
+
+@dataclass(frozen=True)
+class _Arg:
+    name: str
+    shape: list
 
 
 def _evaluate_on_htp(src: _Source, specs, compiled: _Compiled, calibration: _Calibration, reference: _Reference,
                      config: QnnConfig) -> dict:
-    """The evaluation windows through the context binaries on the HTP, compared with the fp32 export."""
+    """The evaluation windows through the context binaries on the HTP, compared with the fp32 export.
+
+    Decoders run every window's prefill first, then every window's decode steps (the same teacher-forced
+    sequence per window as StaticDecoder.teacher_forced), so one graph's session is in memory at a time."""
+    import numpy as np
+
     from edgepack.targets.qnn_support.static_model import StaticDecoder, StaticEncoder
 
+    sessions = compiled.sessions
     if src.decoder:
-        htp_model = StaticDecoder(specs, compiled.sessions, src.max_context)
+        htp_model = StaticDecoder(specs, sessions, src.max_context)
         htp_model.use_prefix(calibration.prefix, calibration.prefix_kv)
-        candidate = [htp_model.teacher_forced(w, config.decode_steps) for w in reference.windows]
+        states = []
+        for window in reference.windows:
+            cache, start = htp_model.start()
+            logits, cache = htp_model.run("prefill", window[: config.prefill_len], cache, start)
+            states.append(([logits], cache, start + min(len(window), config.prefill_len)))
+        sessions["prefill"].release()
+        for (rows, cache, position), window in zip(states, reference.windows):
+            for token in window[config.prefill_len: config.prefill_len + config.decode_steps]:
+                step, cache = htp_model.run("decode", [token], cache, position)
+                rows.append(step)
+                position += 1
+        sessions["decode"].release()
+        candidate = [np.concatenate(rows, axis=0) for rows, _, _ in states]
         return phase_logit_figures(reference.outputs, candidate, config.prefill_len)
-    htp_model = StaticEncoder(specs[0], compiled.sessions["encoder"])
-    return hidden_state_figures(reference.outputs, [htp_model.run(w) for w in reference.windows])
+    htp_model = StaticEncoder(specs[0], sessions["encoder"])
+    figures = hidden_state_figures(reference.outputs, [htp_model.run(w) for w in reference.windows])
+    sessions["encoder"].release()
+    return figures
 
 
 def _write_runtime_files(src: _Source, compiled: _Compiled, calibration: _Calibration, config: QnnConfig, tmp: Path) -> None:
     """Side files, the attention-sink prefix and qnn_config.json (what an app needs to run the graphs)."""
     import numpy as np
 
+    from edgepack.targets.qnn_support.ep import SHARE_CONTEXTS
     from edgepack.targets.qnn_support.graph import MASK_VALUE
 
     copy_side_files(tmp, src.model_dir.folder)
@@ -428,6 +536,10 @@ def _write_runtime_files(src: _Source, compiled: _Compiled, calibration: _Calibr
         "kv_cache": ("slot j holds position j; feed past_key_values[:, :, :past_len]; write present.* (this call's "
                      "keys/values) into slots position..position+n; attention_mask marks filled slots, then the new tokens") if decoder else None,
         "soc_model": src.soc_model, "htp_arch": src.htp_arch, "qnn_sdk": src.qnn_versions.get("qnn_sdk"),
+        "weights_shared_between_graphs": compiled.shared,
+        # Every session of a shared context binary is created with these session config entries: the first loads
+        # the binary and hands its other graphs to the next session, so the weights are in memory once.
+        "session_config": dict(SHARE_CONTEXTS) if compiled.shared else {},
     }
     (tmp / CONFIG_FILE).write_text(json.dumps(runtime_config, indent=2) + "\n")
 
@@ -503,7 +615,11 @@ def _facts(src: _Source, compiled: _Compiled, calibration: _Calibration, rescue:
         "not_on_htp_by_op": {op: n for p in placements.values() for op, n in p.not_on_htp.items()},
         "compile_seconds": {k: g["compile_seconds"] for k, g in graphs.items()},
         "simulator_seconds_per_run": {k.removeprefix("run_"): v for k, v in seconds.items() if k.startswith("run_")},
-        "weights_shared_between_graphs": False,
+        "weights_shared_between_graphs": compiled.shared,
+        "context_binary_bytes": compiled.binary_bytes,
+        "simulator_check": ("each graph compiled alone from the same QDQ model (the x86-64 HTP simulator cannot load a "
+                            "weight-shared context binary); the shipped binary holds every graph, for a device") if compiled.shared
+        else "the shipped context binaries",
         "attention_sink_prefix": {"token_ids": prefix, "file": PREFIX_FILE, "computed": "fp32 static decode graph on CPU, at build time"}
         if prefix else None,
         "graphs": graphs,
@@ -520,13 +636,56 @@ def _facts(src: _Source, compiled: _Compiled, calibration: _Calibration, rescue:
     }
 
 
+def _proc_status_mb(field: str) -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return round(int(line.split()[1]) / 1024, 1)  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+class _Steps:
+    """Wall seconds and resident memory of each build step: its peak (sampled every 20 ms by a thread; the
+    kernel's own high-water mark covers the whole process) and what it leaves held, so the step that sets a
+    build's peak, and what it keeps, can be read from target.json."""
+
+    def __init__(self, seconds: dict):
+        self.seconds, self.memory = seconds, {}
+
+    @contextmanager
+    def __call__(self, name: str, *, record_seconds: bool = True):
+        import threading
+
+        peak = [_proc_status_mb("VmRSS") or 0.0]
+        done = threading.Event()
+
+        def sample():
+            while not done.wait(0.02):
+                peak[0] = max(peak[0], _proc_status_mb("VmRSS") or 0.0)
+
+        thread = threading.Thread(target=sample, daemon=True)
+        thread.start()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
+        if record_seconds:
+            self.seconds[name] = round(time.perf_counter() - t0, 3)
+        held = _proc_status_mb("VmRSS")
+        if held is not None:
+            self.memory[name] = {"peak": max(peak[0], held), "held_after": held}
+
+
 def build(directory: Path | str, out: Path | str, config: QnnConfig = QnnConfig(), on_status=None):
     """read source -> static graphs -> calibrate -> fp32 reference -> rescue -> quantize + compile -> evaluate -> write."""
     from edgepack.core.versions import tool_versions
     from edgepack.outputs import replace_dir, staging_dir
-    from edgepack.runtime.session import create_session
-    from edgepack.targets.base import TargetArtifact, timed, write_target_json
-    from edgepack.targets.qnn_support.static_model import prepare_graphs
+    from edgepack.targets.base import TargetArtifact, write_target_json
+    from edgepack.targets.qnn_support.static_model import cpu_sessions, prepare_graphs
 
     status = on_status or (lambda message: None)
     start = time.perf_counter()
@@ -537,24 +696,36 @@ def build(directory: Path | str, out: Path | str, config: QnnConfig = QnnConfig(
     with staging_dir(out) as tmp:
         work = tmp / ".work"
         work.mkdir()
+        step = _Steps(seconds)
         status(f"fixing shapes ({'prefill ' + str(config.prefill_len) + ' + decode 1, ' if src.decoder else ''}"
                f"context {src.max_context}) and folding constants")
-        with timed(seconds, "static_graphs"):
+        with step("static_graphs"):
             specs = prepare_graphs(src.model_dir.onnx_path, src.decoder, prefill_len=config.prefill_len,
                                    max_context=src.max_context, work=work)
-        cpu = {spec.name: create_session(spec.npu_path) for spec in specs}
-        calibration = _calibrate(src, specs, cpu, config, status)
-        reference = _reference(src, calibration, config)
-        rescue = _rescue(src, specs, cpu, calibration.feeds, config, work, seconds, status)
-        compiled = _quantize_and_compile(src, specs, calibration, rescue, config, work, tmp, seconds, status)
+        # One model in memory at a time where the steps allow it: the export for the reference, then both static
+        # graphs (calibration runs prefill then decode), dropped before quantization.
+        with step("reference"):
+            reference = _reference(src, config)
+        with step("calibrate"):
+            cpu = cpu_sessions(specs)
+            output = "logits" if src.decoder else cpu["encoder"].get_outputs()[0].name
+            calibration = _calibrate(src, specs, cpu, config, status)
+            reference.static_diff = _static_diff(src, calibration, reference, config)
+            calibration.fp32_static = None
+            del cpu
+        with step("rescue"):
+            rescue = _rescue(src, specs, output, calibration.feeds, config, work, seconds, status)
+        with step("quantize_and_compile"):
+            compiled = _quantize_and_compile(src, specs, calibration, rescue, config, work, tmp, seconds, status, step)
         status("running the evaluation windows on the HTP and comparing with fp32")
-        with timed(seconds, "evaluate_on_htp"):
+        with step("evaluate_on_htp"):
             parity = _evaluate_on_htp(src, specs, compiled, calibration, reference, config)
         _write_runtime_files(src, compiled, calibration, config, tmp)
         shutil.rmtree(work)
 
         checks, gates = _checks(src, compiled, reference, parity, tmp, config)
         facts = _facts(src, compiled, calibration, rescue, seconds, config)
+        facts["memory_mb"] = step.memory
         seconds["total"] = round(time.perf_counter() - start, 3)
         artifact = TargetArtifact(out=out, target=TARGET, facts=facts, checks=checks,
                                   source={"dir": str(Path(directory).resolve()), "task": src.model_dir.task},

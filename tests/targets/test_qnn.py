@@ -21,6 +21,51 @@ def llama_bundle(exported_tiny_factory, tmp_path_factory):
     return out, result
 
 
+@pytest.fixture(scope="module")
+def llama_bundle_per_graph(exported_tiny_factory, tmp_path_factory):
+    """The same build with one context binary per graph: the x86-64 simulator loads these, not a shared one."""
+    from tests.conftest import run_cli
+
+    out = tmp_path_factory.mktemp("qnn") / "llama-per-graph"
+    result = run_cli("target", "qnn", exported_tiny_factory("llama"), "-o", out, *SOC, "--max-context", "64", "--prefill-len", "8",
+                     "--no-share-weights")
+    return out, result
+
+
+@needs_qnn
+def test_prefill_and_decode_share_one_context_binary(llama_bundle, llama_bundle_per_graph):
+    from edgepack.errors import NotOnThisHostError
+    from edgepack.targets.qnn_support import ep
+
+    (out, result), (alone, alone_result) = llama_bundle, llama_bundle_per_graph
+    assert result.exit_code == 0 and alone_result.exit_code == 0, result.stderr + alone_result.stderr
+    report, per_graph = read_json(out / "target.json"), read_json(alone / "target.json")
+    facts = report["facts"]
+    assert facts["weights_shared_between_graphs"] is True and per_graph["facts"]["weights_shared_between_graphs"] is False
+    binaries = sorted(p.name for p in out.glob("*.bin"))
+    assert len(binaries) == 1
+    for graph in ("prefill", "decode"):  # both EP context models read the one binary
+        assert ep.context_binaries(out / f"{graph}_ctx.onnx") == binaries
+        assert facts["graphs"][graph]["context_binaries"] == binaries
+    assert facts["context_binary_bytes"] == (out / binaries[0]).stat().st_size
+    memory = facts["memory_mb"]  # each step's peak and held RSS, so the step that sets a build's peak is known
+    assert {"static_graphs", "reference", "calibrate", "quantize_and_compile", "evaluate_on_htp"} <= set(memory)
+    assert all(0 < step["held_after"] <= step["peak"] for step in memory.values())
+    # Weights stored once: the shared binary is well under the two per-graph binaries together.
+    alone_bytes = sum(p.stat().st_size for p in alone.glob("*.bin"))
+    assert len(list(alone.glob("*.bin"))) == 2 and per_graph["facts"]["context_binary_bytes"] == alone_bytes
+    assert facts["context_binary_bytes"] < 0.75 * alone_bytes
+    # The same QDQ graphs were checked in the simulator: the same parity as the per-graph build.
+    assert report["checks"]["parity_vs_fp32"]["max_abs_logit_diff"] == per_graph["checks"]["parity_vs_fp32"]["max_abs_logit_diff"]
+    assert report["checks"]["parity_vs_fp32"]["top1_agreement"] == 1.0
+    config = read_json(out / "qnn_config.json")
+    assert config["weights_shared_between_graphs"] is True and config["session_config"] == {"ep.share_ep_contexts": "1"}
+    assert read_json(alone / "qnn_config.json")["session_config"] == {}
+    # The simulator cannot load a weight-shared binary: a clear "not on this host", never a crash.
+    with pytest.raises(NotOnThisHostError, match="device only"):
+        ep.load_context(out / "prefill_ctx.onnx", ep.HtpOptions(soc_model=57, htp_arch=75), share=True)
+
+
 @needs_qnn
 def test_llama_context_binaries_all_on_htp_and_parity(llama_bundle):
     out, result = llama_bundle
@@ -29,7 +74,6 @@ def test_llama_context_binaries_all_on_htp_and_parity(llama_bundle):
     assert report["target"] == "qnn" and report["passed"] is True
     for graph in ("prefill", "decode"):
         assert (out / f"{graph}_ctx.onnx").is_file()
-        assert list(out.glob(f"{graph}_ctx*.bin")), f"no context binary for {graph}"
         assert (out / f"host_{graph}.onnx").is_file()
     facts = report["facts"]
     assert facts["nodes_total"] > 0 and facts["nodes_on_htp"] == facts["nodes_total"]
@@ -65,11 +109,11 @@ def test_llama_context_binaries_all_on_htp_and_parity(llama_bundle):
 
 
 @needs_qnn
-def test_context_binary_reloads_from_the_bundle(llama_bundle):
+def test_context_binary_reloads_from_the_bundle(llama_bundle_per_graph):
     from edgepack.targets.qnn_support import ep
     from edgepack.targets.qnn_support.static_model import GraphSpec, StaticDecoder
 
-    out, result = llama_bundle
+    out, result = llama_bundle_per_graph
     assert result.exit_code == 0, result.stderr
     config = read_json(out / "qnn_config.json")
     options = ep.HtpOptions(soc_model=57, htp_arch=75)
@@ -239,3 +283,42 @@ def test_context_binary_on_a_full_disk_is_an_output_error(tmp_path):
     os.symlink("/dev/full", full / "matmul_ctx_qnn.bin")
     with pytest.raises(UsageError, match=r"cannot write .*full/matmul_ctx\.onnx .*Failed to write context cache file"):
         compile_on_htp(model, options, full / "matmul_ctx.onnx")
+
+
+def test_static_graphs_read_the_weights_once_and_calibrate_like_onnxruntime(exported_tiny_factory, tmp_path):
+    """An export with external data: both static graphs read one folded data file, their CPU sessions share it, and
+    the weightless calibration gives onnxruntime's MinMax ranges."""
+    import onnx
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
+
+    from edgepack.runtime.session import create_session
+    from edgepack.targets.qnn_support import quant
+    from edgepack.targets.qnn_support.static_model import StaticDecoder, _external, cpu_sessions, prepare_graphs
+
+    export = tmp_path / "export"
+    export.mkdir()
+    model = onnx.load(str(exported_tiny_factory("llama") / "model.onnx"))
+    onnx.save_model(model, str(export / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx_data", size_threshold=1024)
+    work = tmp_path / "work"
+    work.mkdir()
+    specs = prepare_graphs(export / "model.onnx", True, prefill_len=8, max_context=32, work=work)
+    locations = {name: {loc for loc, _, _ in _external(onnx.load(str(s.npu_path), load_external_data=False)).values()}
+                 for name, s in ((s.name, s) for s in specs)}
+    assert locations == {"prefill": {"prefill.folded.onnx.data"}, "decode": {"prefill.folded.onnx.data"}}
+    assert not (work / "decode.folded.onnx.data").exists()
+    shared = cpu_sessions(specs)
+    plain = {s.name: create_session(s.npu_path) for s in specs}
+    feeds = StaticDecoder(specs, shared, 32).calibration_feeds([[5, 17, 42, 7, 9, 11, 13, 15, 3, 4]], 2)
+    for name in ("prefill", "decode"):
+        for feed in feeds[name]:
+            for a, b in zip(shared[name].run(None, feed), plain[name].run(None, feed)):
+                np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    mine = quant.calibrate(specs[0].npu_path, feeds["prefill"], work)
+    calibrator = create_calibrator(str(specs[0].npu_path), None, augmented_model_path=str(work / "aug.onnx"),
+                                   calibrate_method=CalibrationMethod.MinMax)
+    calibrator.collect_data(quant._Reader(feeds["prefill"]))
+    theirs = calibrator.compute_data()
+    assert set(mine.data) == set(theirs.data)
+    for name, data in theirs.data.items():
+        assert np.allclose([np.min(v) for v in mine.data[name].range_value], [np.min(v) for v in data.range_value], atol=1e-6)

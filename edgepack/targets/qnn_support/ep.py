@@ -74,7 +74,13 @@ class HtpOptions:
         return options
 
 
-def _session_options(options: HtpOptions, *, fallback: bool, context_path: Path | None):
+# Session options of graphs that share one context binary (and its weights): set on every session that
+# compiles into it or loads from it (onnxruntime's "EPContext with weight sharing").
+SHARE_CONTEXTS = {"ep.share_ep_contexts": "1"}
+
+
+def _session_options(options: HtpOptions, *, fallback: bool, context_path: Path | None, share: bool = False,
+                     last: bool = False):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -86,6 +92,11 @@ def _session_options(options: HtpOptions, *, fallback: bool, context_path: Path 
         so.add_session_config_entry("ep.context_enable", "1")
         so.add_session_config_entry("ep.context_file_path", str(context_path))
         so.add_session_config_entry("ep.context_embed_mode", "0")
+    if share:
+        for key, value in SHARE_CONTEXTS.items():
+            so.add_session_config_entry(key, value)
+        if last:  # the last graph of the group: the EP writes the one context binary holding every graph
+            so.add_session_config_entry("ep.stop_share_ep_contexts", "1")
     so.add_provider_for_devices(qnn_devices(), options.provider_options())
     return so
 
@@ -125,32 +136,51 @@ def placement(session, model_path: Path) -> Placement:
     return Placement(on_htp, on_htp + len(others), by_op, names)
 
 
-def _model_source(model_path: Path):
+def _model_source(model_path: Path, tag: str | None = None):
     """The model as bytes when it is self-contained, else its path.
 
     onnxruntime names the EP context graph (the *_ctx.onnx node and the graph inside the context
     binary) after a hash of the model's path when the model has one; compiled from a temporary build
-    folder, every build got a different name. From bytes the name comes from the graph's own inputs
-    and outputs.
+    folder, every build got a different name. From bytes the name comes from a hash of the graph's
+    input names and node output names, the same for a prefill and a decode graph cut from one export;
+    graphs compiled into one context binary need distinct names (the QNN EP ignores
+    `ep.context_node_name_prefix`), so `tag` is appended to one internal tensor's name.
     """
     import onnx
 
     model = onnx.load(str(model_path), load_external_data=False)
     if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
-        return str(model_path)
-    return model_path.read_bytes()
+        return str(model_path)  # named after its (distinct) path
+    if tag is None:
+        return model_path.read_bytes()
+    outputs = {o.name for o in model.graph.output}
+    node = next(n for n in model.graph.node if n.output and n.output[0] and n.output[0] not in outputs)
+    old, new = node.output[0], f"{node.output[0]}/{tag}"
+    node.output[0] = new
+    for other in model.graph.node:
+        for index, name in enumerate(other.input):
+            if name == old:
+                other.input[index] = new
+    for info in model.graph.value_info:
+        if info.name == old:
+            info.name = new
+    return model.SerializeToString()
 
 
-def compile_on_htp(model_path: Path, options: HtpOptions, context_path: Path):
+def compile_on_htp(model_path: Path, options: HtpOptions, context_path: Path, *, share: bool = False, last: bool = True):
     """Compile `model_path` for the HTP with CPU fallback disabled and write its EP context binary.
 
+    `share`: the graph joins a group compiled one after another in this process into one context binary,
+    where the QNN HTP backend stores a weight every graph holds identically (same name, same quantized
+    data) once; `last` closes the group, and only then is the binary written (named after the first graph).
     Returns (session, placement, compile seconds). A node the HTP cannot take raises BadInputError naming it.
     """
     import onnxruntime as ort
 
     start = time.perf_counter()
     try:
-        session = ort.InferenceSession(_model_source(model_path), _session_options(options, fallback=False, context_path=context_path))
+        so = _session_options(options, fallback=False, context_path=context_path, share=share, last=last)
+        session = ort.InferenceSession(_model_source(model_path, context_path.stem if share else None), so)
     except Exception as exc:
         message = " ".join(str(exc).split())
         if "fallback to CPU EP has been explicitly disabled" in message or "assigned to the default CPU EP" in message:
@@ -170,10 +200,36 @@ def compile_on_htp(model_path: Path, options: HtpOptions, context_path: Path):
     return session, placement(session, model_path), seconds
 
 
-def load_context(context_path: Path, options: HtpOptions):
-    """Reload a context model (`*_ctx.onnx` + its .bin); returns (session, seconds)."""
+def load_context(context_path: Path, options: HtpOptions, *, share: bool = False):
+    """Reload a context model (`*_ctx.onnx` + its .bin); returns (session, seconds).
+
+    `share`: the binary holds several graphs (weights shared between them): the session created first loads it and
+    keeps the other graphs for the sessions that follow, which then take theirs without reading it again."""
+    import platform
+
     import onnxruntime as ort
 
+    if share and platform.machine().lower() in ("x86_64", "amd64"):
+        # The simulator fails on (or crashes loading) a weight-shared binary: say so instead.
+        raise NotOnThisHostError(f"{context_path.name} reads a weight-shared QNN context binary, which runs on a Snapdragon "
+                                 "device only (the x86-64 HTP simulator cannot load it); build with --no-share-weights to "
+                                 "run the graphs in the simulator")
     start = time.perf_counter()
-    session = ort.InferenceSession(str(context_path), _session_options(options, fallback=False, context_path=None))
+    session = ort.InferenceSession(str(context_path), _session_options(options, fallback=False, context_path=None, share=share))
     return session, time.perf_counter() - start
+
+
+def context_binaries(context_path: Path) -> list[str]:
+    """The context binary files a `*_ctx.onnx` model's EPContext nodes read (paths relative to its folder)."""
+    import onnx
+
+    model = onnx.load(str(context_path), load_external_data=False)
+    found = []
+    for node in model.graph.node:
+        if node.op_type != "EPContext":
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if attrs.get("embed_mode", 1) == 0 and attrs.get("ep_cache_context"):
+            value = attrs["ep_cache_context"]
+            found.append(value.decode() if isinstance(value, bytes) else str(value))
+    return sorted(set(found))

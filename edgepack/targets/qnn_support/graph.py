@@ -31,11 +31,18 @@ _PRESENT = re.compile(r"^present\.(\d+)\.(key|value)$")
 
 def fix_dims(model, dims: dict[str, int]) -> None:
     """Fix named dimensions (onnxruntime's helper), then check nothing symbolic is left on inputs/outputs."""
-    from onnxruntime.tools.onnx_model_utils import fix_output_shapes, make_dim_param_fixed
+    import onnx
+    from onnxruntime.tools.onnx_model_utils import is_fixed_size_tensor, make_dim_param_fixed
 
     for name, value in dims.items():
         make_dim_param_fixed(model.graph, name, int(value))
-    fix_output_shapes(model)
+    # onnxruntime's fix_output_shapes, without its onnx.checker pass: that pass reads external data files
+    # relative to the working directory, and the graph here is loaded without its weights.
+    inferred = onnx.shape_inference.infer_shapes(model)
+    for output, new in zip(model.graph.output, inferred.graph.output):
+        if not is_fixed_size_tensor(output) and is_fixed_size_tensor(new):
+            output.type.tensor_type.shape.CopyFrom(new.type.tensor_type.shape)
+    del inferred
     left = sorted({f"{v.name}[{d.dim_param or '?'}]" for v in list(model.graph.input) + list(model.graph.output)
                    for d in v.type.tensor_type.shape.dim if not d.HasField("dim_value")})
     if left:
@@ -43,21 +50,37 @@ def fix_dims(model, dims: dict[str, int]) -> None:
                             "the HTP runs static shapes only")
 
 
-def constant_fold(model, work: Path, name: str):
-    """onnxruntime's basic-level optimizer (constant folding, redundant-node removal), saved and reloaded."""
+def _scalar(init) -> bool:
+    """A one-element initializer (always stored inside the graph: only these are read as values here)."""
+    import onnx
+
+    return int(np.prod(init.dims)) == 1 and init.data_location != onnx.TensorProto.EXTERNAL
+
+
+def constant_fold(model, work: Path, name: str, data_folder: Path | None = None):
+    """onnxruntime's basic-level optimizer (constant folding, redundant-node removal), saved and reloaded.
+
+    `model` may be the export's graph without its weights (onnx.load(..., load_external_data=False)), its
+    external tensors read from `data_folder` (the export's folder; onnxruntime refuses external data outside
+    the model's own folder, so the graph goes in as bytes). The folded model keeps every tensor over 1 KB in
+    `<name>.folded.onnx.data` beside it and is returned without them: the weights stay on disk, and the graph
+    surgery reads only the small constants kept inline."""
     import onnx
     import onnxruntime as ort
 
-    from edgepack.core.onnx_io import save_model
-
-    src, dst = work / f"{name}.static.onnx", work / f"{name}.folded.onnx"
-    save_model(model, src)
+    dst = work / f"{name}.folded.onnx"
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     options.optimized_model_filepath = str(dst)
+    options.add_session_config_entry("session.optimized_model_external_initializers_file_name", f"{dst.name}.data")
+    options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    options.add_session_config_entry("session.disable_prepacking", "1")
+    if data_folder is not None:
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(data_folder))
     options.log_severity_level = 3
-    ort.InferenceSession(str(src), options, providers=["CPUExecutionProvider"])
-    return onnx.load(str(dst))
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    del session
+    return onnx.load(str(dst), load_external_data=False)
 
 
 def finite_masks(model) -> int:
@@ -110,7 +133,7 @@ def scale_free_rms_norms(model) -> int:
         return users[0] if len(users) == 1 and users[0].op_type == op else None
 
     def is_two(name):
-        return name in inits and numpy_helper.to_array(inits[name]).size == 1 and float(numpy_helper.to_array(inits[name]).reshape(-1)[0]) == 2.0
+        return name in inits and _scalar(inits[name]) and float(numpy_helper.to_array(inits[name]).reshape(-1)[0]) == 2.0
 
     axes = "qnn.scale_free_rms.axes"
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 18)
@@ -125,7 +148,7 @@ def scale_free_rms_norms(model) -> int:
         x = node.input[0]
         if div is None or div.input[0] != x:
             continue
-        eps_slot = next((i for i, name in enumerate(add.input) if name in inits and numpy_helper.to_array(inits[name]).size == 1), None)
+        eps_slot = next((i for i, name in enumerate(add.input) if name in inits and _scalar(inits[name])), None)
         if eps_slot is None:
             continue
         base = node.name.rsplit("/", 1)[0] if "/" in node.name else node.output[0]
@@ -172,8 +195,10 @@ def squares_as_mul(model) -> int:
     for node in model.graph.node:
         if node.op_type != "Pow" or node.input[1] not in inits:
             continue
+        if not _scalar(inits[node.input[1]]):
+            continue
         exponent = numpy_helper.to_array(inits[node.input[1]])
-        if exponent.size == 1 and float(exponent.reshape(-1)[0]) == 2.0:
+        if float(exponent.reshape(-1)[0]) == 2.0:
             node.op_type = "Mul"
             node.input[1] = node.input[0]
             replaced += 1

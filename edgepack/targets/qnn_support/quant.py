@@ -61,20 +61,66 @@ def _types(precision: str):
     return weight, activation
 
 
-def activation_ranges(fp32_path: Path, feeds: list[dict], work: Path) -> dict[str, tuple[float, float]]:
-    """MinMax ranges of every float activation over the calibration feeds (onnxruntime's calibrator)."""
-    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
+def calibrate(fp32_path: Path, feeds: list[dict], work: Path):
+    """MinMax ranges of every float tensor over the calibration feeds, as onnxruntime's TensorsData (what its
+    MinMaxCalibrater computes: a ReduceMin and a ReduceMax per float tensor that is not a constant, min and max
+    over the feeds).
 
-    from edgepack.quantize.ort_quant_compat import linear_quantizer_edits
+    Written here rather than with onnxruntime's calibrator because of memory: that one loads the model with its
+    weights, keeps it and an augmented copy, and runs a session holding another (prepacked) copy. Here the
+    augmented graph is built without weights and its session maps them from the graph's data file."""
+    import onnx
+    from onnx import TensorProto, helper
+    from onnxruntime.quantization.calibrate import CalibrationMethod, TensorsData
 
-    with linear_quantizer_edits():
-        calibrator = create_calibrator(str(fp32_path), None, augmented_model_path=str(work / f"{fp32_path.stem}.augmented.onnx"),
-                                       calibrate_method=CalibrationMethod.MinMax, providers=["CPUExecutionProvider"])
-    calibrator.collect_data(_Reader(feeds))
-    ranges = {name: (float(np.min(data.range_value[0])), float(np.max(data.range_value[1])))
-              for name, data in calibrator.compute_data().data.items()}
-    del calibrator
-    return ranges
+    from edgepack.targets.qnn_support.static_model import mapped_sessions
+
+    model = onnx.load(str(fp32_path), load_external_data=False)
+    inferred = onnx.shape_inference.infer_shapes(model)
+    value_infos = {vi.name: vi for vi in inferred.graph.value_info}
+    value_infos.update({o.name: o for o in inferred.graph.output})
+    value_infos.update({i.name: i for i in inferred.graph.input})
+    del inferred
+    constants = {init.name for init in model.graph.initializer}
+    tensors = sorted({name for node in model.graph.node for name in (*node.input, *node.output)
+                      if name in value_infos and name not in constants
+                      and value_infos[name].type.tensor_type.elem_type in (TensorProto.FLOAT, TensorProto.FLOAT16)})
+    outputs = []
+    for name in tensors:
+        for op in ("ReduceMin", "ReduceMax"):
+            output = f"{name}.edgepack_{op}"
+            model.graph.node.append(helper.make_node(op, [name], [output], name=output, keepdims=0))
+            model.graph.output.append(helper.make_tensor_value_info(output, value_infos[name].type.tensor_type.elem_type, []))
+            outputs.append(output)
+    augmented = fp32_path.parent / f"{fp32_path.stem}.augmented.onnx"  # beside the graph: same external data
+    onnx.save_model(model, str(augmented))
+    del model
+    session = mapped_sessions({"augmented": augmented})["augmented"]
+    low, high = {}, {}
+    for feed in feeds:
+        for name, value in zip(outputs, session.run(outputs, feed)):
+            tensor, op = name.rsplit(".edgepack_", 1)
+            if op == "ReduceMin":
+                low[tensor] = min(low.get(tensor, np.inf), float(np.min(value)))
+            else:
+                high[tensor] = max(high.get(tensor, -np.inf), float(np.max(value)))
+    del session
+    augmented.unlink()
+    return TensorsData(CalibrationMethod.MinMax, {name: (np.float32(low[name]), np.float32(high[name])) for name in tensors})
+
+
+def _external_bytes(model_path: Path) -> int:
+    """Bytes of the external data files a model reads (0 for a self-contained model)."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    files = {ExternalDataInfo(t).location for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+    return sum((model_path.parent / name).stat().st_size for name in files)
+
+
+def _ranges(data) -> dict[str, tuple[float, float]]:
+    return {name: (float(np.min(item.range_value[0])), float(np.max(item.range_value[1]))) for name, item in data.data.items()}
 
 
 def quantize_qdq(fp32_path: Path, out_path: Path, feeds: list[dict], precision: str, keep_16bit: set[str] = frozenset(),
@@ -87,19 +133,45 @@ def quantize_qdq(fp32_path: Path, out_path: Path, feeds: list[dict], precision: 
     Done through the quantizer's rmin/rmax tensor overrides, so it keeps the parameters that must match
     (Reshape, Transpose, Concat ...) consistent. (Scaling the scales of the finished QDQ model instead
     broke the tiny Llama: max |logit diff| 0.64.)
+
+    Memory: the calibration runs once, here, and reaches onnxruntime's quantizer as its calibration cache
+    (`quantize_static(calibration_cache_path=...)`), so the quantizer does not build a second augmented model
+    and session; the graph is read here without its weights (structure, names and shapes are all that is needed).
     """
+    import logging
+
     import onnx
-    from onnxruntime.quantization import QuantType, quantize
+    from onnxruntime.quantization import QuantType, quantize_static
+    from onnxruntime.quantization.calibrate import save_tensors_data
     from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config, qnn_preprocess_model
 
+    from edgepack.quantize.ort_quant_compat import linear_quantizer_edits
+
+    work = work or out_path.parent
     weight_type, activation_type = _types(precision)
     if activation_symmetric is None:
         activation_symmetric = activation_type == QuantType.QUInt16
     # onnxruntime's QNN preprocessing: Erf sequences -> Gelu, ReduceL2 -> LpNormalization (ops the HTP runs).
+    # It loads the whole model (three copies of the weights at its peak), so it runs only on graphs holding what its
+    # fusions look for: Erf (Gelu), ReduceL2 (LpNormalization), a 6-D Transpose (SpaceToDepth).
+    graph = onnx.load(str(fp32_path), load_external_data=False).graph
+    fusable = any(n.op_type in ("Erf", "ReduceL2") or (n.op_type == "Transpose" and any(
+        len(a.ints) == 6 for a in n.attribute if a.name == "perm")) for n in graph.node)
+    del graph
     prepped = out_path.parent / f"{fp32_path.stem}.qnnprep.onnx"
-    if qnn_preprocess_model(str(fp32_path), str(prepped)):
+    if fusable and qnn_preprocess_model(str(fp32_path), str(prepped), save_as_external_data=True, all_tensors_to_one_file=True,
+                                        external_data_location=f"{prepped.name}.data"):
         fp32_path = prepped
-    model = onnx.load(str(fp32_path))
+    model = onnx.load(str(fp32_path), load_external_data=False)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 21)
+    if opset < 21 and (activation_type == QuantType.QUInt16 or keep_16bit):
+        # 16-bit QDQ needs opset 21. onnxruntime's quantizer upgrades the model itself, with its weights (the
+        # version converter and a shape-inference reload: several copies of them); the graph alone upgrades the
+        # same way and keeps reading the weights from their file beside it.
+        model = onnx.version_converter.convert_version(model, 21)
+        upgraded = fp32_path.parent / f"{fp32_path.stem}.opset21.onnx"
+        onnx.save_model(model, str(upgraded))
+        fp32_path = upgraded
     weights = weight_tensors(model)
     overrides: dict[str, list[dict]] = {}
     for name, info in weights.items():
@@ -110,13 +182,17 @@ def quantize_qdq(fp32_path: Path, out_path: Path, feeds: list[dict], precision: 
         elif name in keep_16bit or precision == "w4a16":
             # Gather tables stay per-tensor; int4 tables are not worth their loss, they go to int8 at least.
             overrides[name] = [{"quant_type": QuantType.QInt16 if name in keep_16bit else QuantType.QInt8, "symmetric": True}]
+    data = calibrate(fp32_path, feeds, work)
     widened = 0
     if range_margin > 0:
         graph_inputs = {i.name: i for i in model.graph.input}
         # Softmax outputs get [0, 1] from the quantizer itself.
         fixed = {n.output[0] for n in model.graph.node if n.op_type == "Softmax"}
-        for name, (low, high) in activation_ranges(fp32_path, feeds, work or out_path.parent).items():
-            if name in weights or name in overrides or name in fixed or (
+        initializers = {i.name for i in model.graph.initializer}
+        for name, (low, high) in _ranges(data).items():
+            # Constants keep parameters computed from their own values: the same in every graph cut from one
+            # export, so graphs compiled into one context binary share them.
+            if name in initializers or name in overrides or name in fixed or (
                     name in graph_inputs and graph_inputs[name].type.tensor_type.elem_type != 1):
                 continue
             span = max(high - low, 1e-6)
@@ -131,20 +207,30 @@ def quantize_qdq(fp32_path: Path, out_path: Path, feeds: list[dict], precision: 
             for name in node.input[1:3]:
                 if name in inits and name not in overrides:
                     overrides[name] = [{"quant_type": QuantType.QInt8, "symmetric": True}]
+    del model
     config = get_qnn_qdq_config(
         str(fp32_path), _Reader(feeds), activation_type=activation_type, weight_type=weight_type,
         activation_symmetric=activation_symmetric, weight_symmetric=True, init_overrides=overrides,
     )
-    import logging
-
-    from edgepack.quantize.ort_quant_compat import linear_quantizer_edits
-
+    # The QDQ model in one file while its quantized weights fit protobuf's limit with room to spare: compiled from
+    # bytes, its context graph gets a name that does not depend on the build folder (see ep._model_source).
+    bits = {"w8a16": 8, "w8a8": 8, "w4a16": 4}[precision]
+    external = _external_bytes(fp32_path) * max(bits, 8) / 32 > 1.5e9
+    cache = work / f"{out_path.stem}.calibration.json"
+    save_tensors_data(data, cache)
+    del data
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # the quantizer's "consider pre-processing" / opset-upgrade advice, on the root logger
     try:
         with linear_quantizer_edits():
-            quantize(str(fp32_path), str(out_path), config)
+            quantize_static(
+                str(fp32_path), str(out_path), None, calibrate_method=config.calibrate_method,
+                quant_format=config.quant_format, activation_type=config.activation_type, weight_type=config.weight_type,
+                op_types_to_quantize=config.op_types_to_quantize, nodes_to_quantize=config.nodes_to_quantize,
+                nodes_to_exclude=config.nodes_to_exclude, per_channel=config.per_channel, reduce_range=config.reduce_range,
+                use_external_data_format=external, calibration_providers=config.calibration_providers,
+                extra_options=config.extra_options, calibration_cache_path=str(cache))
     finally:
         root.setLevel(level)
     return {
@@ -166,33 +252,53 @@ def _fake_quant(array: np.ndarray, bits: int, axis: int | None) -> np.ndarray:
     return (np.clip(np.round(array / scale), -qmax - 1, qmax) * scale).astype(array.dtype)
 
 
+def _read(tensor, folder: Path) -> np.ndarray:
+    """One initializer's values, read from its external data file (only this tensor) or from the graph."""
+    import onnx
+    from onnx import numpy_helper
+    from onnx.external_data_helper import ExternalDataInfo
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return numpy_helper.to_array(tensor)
+    info = ExternalDataInfo(tensor)
+    dtype = np.dtype(tensor_dtype_to_np_dtype(tensor.data_type))
+    count = int(np.prod(tensor.dims))
+    with (folder / info.location).open("rb") as f:
+        f.seek(int(info.offset or 0))
+        return np.fromfile(f, dtype=dtype, count=count).reshape(tuple(tensor.dims))
+
+
 def sensitivity(fp32_path: Path, feeds: list[dict], precision: str, work: Path, output: str = "logits", limit: int | None = None) -> list[dict]:
     """Per-weight KL(fp32 || only that weight quantized) on CPU, most sensitive first."""
     import onnx
-    from onnx import helper, numpy_helper
-
-    from edgepack.core.onnx_io import save_model
-    from edgepack.runtime.session import create_session
+    import onnxruntime as ort
+    from onnx import helper
 
     bits = {"w8a16": 8, "w8a8": 8, "w4a16": 4}[precision]
-    model = onnx.load(str(fp32_path))
+    # Memory: the graph is read without its weights; the session maps them from the graph's data file (weights
+    # that are graph inputs are not prepacked, so not copied), and each trial reads one weight from that file.
+    model = onnx.load(str(fp32_path), load_external_data=False)
     weights = weight_tensors(model)
     inits = {i.name: i for i in model.graph.initializer}
-    originals = {name: numpy_helper.to_array(inits[name]) for name in weights}
     # Weights become overridable (graph inputs with a default), so one session serves every trial.
     for name in weights:
         model.graph.input.append(helper.make_tensor_value_info(name, inits[name].data_type, list(inits[name].dims)))
-    probe = work / "sensitivity.onnx"
-    save_model(model, probe)
+    probe = fp32_path.parent / "sensitivity.onnx"  # beside the graph: its external tensors resolve the same way
+    onnx.save_model(model, str(probe))
+    originals = {name: inits[name] for name in weights}
     del model
-    session = create_session(probe)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.disable_prepacking", "1")
+    session = ort.InferenceSession(str(probe), sess_options=options, providers=["CPUExecutionProvider"])
     reference = [session.run([output], feed)[0] for feed in feeds]
     decoder = output == "logits"
     results = []
     for name, info in weights.items():
         axis = len(info["dims"]) - 1 if info["op"] == "MatMul" else None
         trial_bits = bits if info["op"] == "MatMul" else 8
-        quantized = _fake_quant(originals[name], trial_bits, axis)
+        quantized = _fake_quant(_read(originals[name], fp32_path.parent), trial_bits, axis)
         scores = []
         for feed, ref in zip(feeds, reference):
             out = session.run([output], {**feed, name: quantized})[0]

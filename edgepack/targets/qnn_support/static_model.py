@@ -46,13 +46,26 @@ class GraphSpec:
 
 def prepare_graphs(onnx_path: Path, task_is_decoder: bool, *, prefill_len: int, max_context: int, work: Path) -> list[GraphSpec]:
     import onnx
+    from onnx.external_data_helper import load_external_data_for_model
 
     from edgepack.core.onnx_io import save_model
 
     specs = []
     shapes = [("prefill", prefill_len), ("decode", 1)] if task_is_decoder else [("encoder", max_context)]
-    for name, seq in shapes:
+    staged = None
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    if not any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.initializer):
+        # A one-file export: its weights move to a data file once, so that every graph below is folded from the
+        # weights on disk instead of from the whole model in memory (protobuf bytes, parsed copy, onnxruntime's).
+        del graph
         model = onnx.load(str(onnx_path))
+        staged = work / "export.onnx"
+        onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=f"{staged.name}.data", size_threshold=1024)
+        del model
+        onnx_path = staged
+    for name, seq in shapes:
+        model = onnx.load(str(onnx_path), load_external_data=False)  # the weights stay in the export's files until folded
         dims = {"batch_size": 1, "sequence_length": seq}
         past = 0
         if task_is_decoder:
@@ -65,7 +78,7 @@ def prepare_graphs(onnx_path: Path, task_is_decoder: bool, *, prefill_len: int, 
             G.rotary_positions_as_input(model)
         # Only dims that occur are fixed; unknown names are ignored by onnxruntime's helper.
         G.fix_dims(model, dims)
-        model = G.constant_fold(model, work, name)
+        model = G.constant_fold(model, work, name, onnx_path.parent)
         masks = G.finite_masks(model)
         guards = G.drop_nan_guards(model)
         norms = G.scale_free_rms_norms(model)
@@ -77,15 +90,120 @@ def prepare_graphs(onnx_path: Path, task_is_decoder: bool, *, prefill_len: int, 
         if bad:
             raise BadInputError(f"NPU graph input(s) {', '.join(bad)} have a type the HTP graph cannot take")
         npu_path = work / f"{name}.fp32.onnx"
-        save_model(npu, npu_path)
+        save_model(npu, npu_path)  # beside <name>.folded.onnx.data, which its large tensors read
         host_path = None
         if host is not None:
+            # The host graph ships: self-contained (its tables, e.g. rotary caches, read into it).
+            load_external_data_for_model(host, str(work))
             host_path = work / f"host_{name}.onnx"
             onnx.save(host, str(host_path))
         specs.append(GraphSpec(name, npu_path, host_path, host_inputs, bridge, seq, past, len(npu.graph.node),
                                {"mask_constants_made_finite": masks, "nan_guards_removed": guards, "rms_norms_made_scale_free": norms, "squares_as_mul": squares,
                                 "kv_outputs_new_only": len(kv), "host_nodes": len(host.graph.node) if host is not None else 0}))
+    for spec in specs[1:]:
+        share_external_data(specs[0].npu_path, spec.npu_path)
+    if staged is not None:  # nothing reads it any more: the graphs read their folded data files
+        staged.unlink()
+        (work / f"{staged.name}.data").unlink()
     return specs
+
+
+def _external(model) -> dict:
+    """name -> (location, offset, length) of a model's external tensors."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo
+
+    found = {}
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            info = ExternalDataInfo(tensor)
+            found[tensor.name] = (info.location, int(info.offset or 0), int(info.length or 0))
+    return found
+
+
+def _same_bytes(a: Path, a_offset: int, b: Path, b_offset: int, length: int, chunk: int = 1 << 24) -> bool:
+    with a.open("rb") as fa, b.open("rb") as fb:
+        fa.seek(a_offset)
+        fb.seek(b_offset)
+        for start in range(0, length, chunk):
+            size = min(chunk, length - start)
+            if fa.read(size) != fb.read(size):
+                return False
+    return True
+
+
+def share_external_data(first: Path, other: Path) -> int:
+    """Point `other`'s external tensors at `first`'s data file where the bytes are the same (compared in chunks,
+    never a whole tensor in memory), and drop `other`'s data file once nothing reads it.
+
+    Both graphs are cut from one export and folded alike, so their weights are identical: on disk and in
+    the CPU sessions (`cpu_sessions`) they then exist once. Returns how many tensors now read `first`'s file."""
+    import onnx
+
+    model_a, model_b = onnx.load(str(first), load_external_data=False), onnx.load(str(other), load_external_data=False)
+    ext_a, ext_b = _external(model_a), _external(model_b)
+    moved = 0
+    for tensor in model_b.graph.initializer:
+        if tensor.name not in ext_a or tensor.name not in ext_b:
+            continue
+        (loc_a, off_a, len_a), (loc_b, off_b, len_b) = ext_a[tensor.name], ext_b[tensor.name]
+        if len_a != len_b or not _same_bytes(first.parent / loc_a, off_a, other.parent / loc_b, off_b, len_a):
+            continue
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = loc_a
+            elif entry.key == "offset":
+                entry.value = str(off_a)
+        moved += 1
+    still_read = {loc for loc, _, _ in _external(model_b).values()}
+    onnx.save_model(model_b, str(other))
+    for location in {loc for loc, _, _ in ext_b.values()} - still_read - {loc for loc, _, _ in ext_a.values()}:
+        (other.parent / location).unlink(missing_ok=True)
+    return moved
+
+
+def cpu_sessions(specs: list[GraphSpec]) -> dict:
+    """fp32 CPU sessions of the static graphs, their weights in memory once (see mapped_sessions)."""
+    return mapped_sessions({spec.name: spec.npu_path for spec in specs})
+
+
+def mapped_sessions(paths: dict[str, Path]) -> dict:
+    """CPU sessions of models whose external weights are mapped from disk once and handed to every session
+    (`SessionOptions.add_initializer`, no copy; weight prepacking off, it would copy them per session): the
+    weights are in memory once however many sessions read them."""
+    import onnx
+    import onnxruntime as ort
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    maps: dict[Path, np.memmap] = {}
+    values: dict[tuple, object] = {}
+    sessions = {}
+    for key_name, model_path in paths.items():
+        model = onnx.load(str(model_path), load_external_data=False)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.add_session_config_entry("session.disable_prepacking", "1")
+        dtypes = {t.name: (tensor_dtype_to_np_dtype(t.data_type), tuple(t.dims)) for t in model.graph.initializer}
+        keep = []
+        for name, (location, offset, length) in _external(model).items():
+            dtype, dims = dtypes[name]
+            path = model_path.parent / location
+            key = (path, offset, length)
+            if key not in values:
+                if path not in maps:
+                    maps[path] = np.memmap(path, dtype=np.uint8, mode="r")
+                if offset % np.dtype(dtype).itemsize:
+                    array = np.frombuffer(maps[path][offset: offset + length].tobytes(), dtype=dtype).reshape(dims)
+                else:
+                    array = np.ndarray(shape=dims, dtype=dtype, buffer=maps[path], offset=offset)
+                values[key] = (array, ort.OrtValue.ortvalue_from_numpy(array))
+            options.add_initializer(name, values[key][1])
+            keep.append(values[key])
+        del model
+        session = ort.InferenceSession(str(model_path), sess_options=options, providers=["CPUExecutionProvider"])
+        session.edgepack_shared_weights = keep  # the mapped arrays must outlive the session
+        sessions[key_name] = session
+    return sessions
 
 
 class HostPrep:
