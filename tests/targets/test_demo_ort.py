@@ -13,11 +13,9 @@ pytestmark = [pytest.mark.demo,
 
 
 @pytest.mark.parametrize("scheme", ["fp32", "gguf"])
-def test_genai_runs_the_bundle_token_for_token(smollm2_export, tmp_path, cli, scheme):
-    source = smollm2_export
-    if scheme != "fp32":
-        source = tmp_path / scheme
-        assert cli("quantize", smollm2_export, "-o", source, "--scheme", scheme, "--no-eval").exit_code == 0
+def test_genai_runs_the_bundle_token_for_token(demo_stages, tmp_path, cli, scheme):
+    # The export and its gguf quantization as the session's `demo_stages` made them (read only).
+    source = demo_stages.paths["export" if scheme == "fp32" else scheme]
     out = tmp_path / f"ort-{scheme}"
     result = cli("target", "ort", source, "-o", out)
     assert result.exit_code == 0, result.stderr
