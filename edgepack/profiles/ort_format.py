@@ -18,10 +18,21 @@ def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else (value or "")
 
 
+def _fbs():
+    """onnxruntime's flatbuffers bindings of the ORT format. They are a top-level package only once
+    `onnxruntime.tools.ort_format_model` has put their folder on sys.path, so that import must run first: a
+    plain import block would be sorted the other way round."""
+    import importlib
+
+    import onnxruntime.tools.ort_format_model  # noqa: F401
+
+    return importlib.import_module("ort_flatbuffers_py.fbs")
+
+
 def _attribute(fb):
-    import ort_flatbuffers_py.fbs as fbs
     from onnx import AttributeProto, helper
-    from onnxruntime.tools.ort_format_model import ort_flatbuffers_py  # noqa: F401  (puts the bindings on sys.path)
+
+    fbs = _fbs()
 
     kind, name = fb.Type(), _text(fb.Name())
     types = fbs.AttributeType.AttributeType
@@ -51,9 +62,9 @@ def _tensor(fb):
 
 
 def _value_info(name: str, node_arg):
-    import ort_flatbuffers_py.fbs as fbs
     from onnx import helper
-    from onnxruntime.tools.ort_format_model import ort_flatbuffers_py  # noqa: F401
+
+    fbs = _fbs()
 
     info = helper.make_empty_tensor_value_info(name)
     kind = node_arg.Type() if node_arg is not None else None
@@ -76,10 +87,9 @@ def _value_info(name: str, node_arg):
 
 def read_ort_graph(path: Path | str):
     """An onnx.ModelProto with the .ort file's graph structure and initializer shapes (no weight values)."""
-    import ort_flatbuffers_py.fbs as fbs
     from onnx import helper
-    from onnxruntime.tools.ort_format_model import ort_flatbuffers_py  # noqa: F401
 
+    fbs = _fbs()
     path = Path(path)
     try:
         buffer = path.read_bytes()

@@ -27,24 +27,31 @@ def answers_paris(cli, folder):
     assert "Paris" in result.stdout, result.stdout
 
 
-def test_default_int8_is_nearly_lossless_at_under_30_percent(smollm2_export, tmp_path, cli):
-    report = quantize(cli, smollm2_export, tmp_path / "int8")
+# int8-weight and gguf are the starter recipe's schemes: the session's `demo_stages` quantized them (the same
+# quantize_model and configuration as `edgepack quantize` with its defaults) for the starter build to reuse.
+
+
+def test_default_int8_is_nearly_lossless_at_under_30_percent(demo_stages, cli):
+    folder = demo_stages.paths["int8-weight"]
+    report = read_json(folder / "quantize.json")
     assert report["scheme"]["name"] == "int8-weight"
     assert report["quality"]["top1_agreement"] >= 0.95
     assert report["quality"]["kl_mean"] <= 0.01
     assert report["size_ratio"] <= 0.30
     assert report["quality"]["positions"] >= 512
-    answers_paris(cli, tmp_path / "int8")
+    answers_paris(cli, folder)
 
 
-def test_gguf_import_is_lossless_and_under_100_mb(smollm2_export, tmp_path, cli):
-    report = quantize(cli, smollm2_export, tmp_path / "gguf", "--scheme", "gguf")
+def test_gguf_import_is_lossless_and_under_100_mb(demo_stages, cli):
+    folder = demo_stages.paths["gguf"]
+    report = read_json(folder / "quantize.json")
+    assert report["scheme"]["name"] == "gguf"
     assert report["size_bytes"] <= 100_000_000
     assert report["quality"]["top1_agreement"] >= 0.95
     assert report["quality"]["kl_mean"] <= 0.01
     assert report["facts"]["embedding"]["shares_weights_with"] == "lm_head"  # the tied table is stored once
     assert report["facts"]["unmatched"] == [] and report["facts"]["requantized"] == []
-    answers_paris(cli, tmp_path / "gguf")
+    answers_paris(cli, folder)
 
 
 def test_best_int4_from_fp32_is_under_110_mb_and_half_the_builders_kl(smollm2_export, tmp_path, cli):

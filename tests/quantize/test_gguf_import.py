@@ -219,16 +219,13 @@ def test_wrong_gguf_is_refused(built, tmp_path):
 
 
 @pytest.mark.demo
-def test_demo_smollm2_import(tmp_path_factory):
+def test_demo_smollm2_import(smollm2_export, tmp_path):
     """SmolLM2-135M Q4_1 GGUF: the whole model.onnx within 100 MB, logits as the fp32 export's."""
-    from edgepack.convert import ConvertConfig, convert_model
     from edgepack.sources import DEMO_MODELS, find_demo_gguf
 
-    root = tmp_path_factory.mktemp("demo-gguf-import")
-    fp32_dir = root / "fp32"
-    convert_model("smollm2-135m", fp32_dir, ConvertConfig(verify=False))
+    fp32_dir = smollm2_export  # the session's export (read only)
     gguf_path = find_demo_gguf(DEMO_MODELS["smollm2-135m"])
-    out = root / "q" / "model.onnx"
+    out = tmp_path / "q" / "model.onnx"
     result = import_gguf_weights(fp32_dir / "model.onnx", gguf_path, out)
     assert result.bytes <= 100_000_000
     assert result.gguf_types == {"Q4_1": 210, "Q8_0": 1}

@@ -205,3 +205,10 @@ def test_no_eval_writes_null_quality(exported_tiny_factory, tmp_path, cli):
     report = read_json(out / "quantize.json")
     assert report["quality"] is None and report["gate"]["passed"] is True
     assert json.dumps(report["scheme"]) == json.dumps({"name": "int8-weight", "block_size": 32, "symmetric": True, "accuracy_level": 0, "embeddings": "int8"})
+
+
+def test_without_scheme_quantize_uses_int8_weight(exported_tiny_factory, tmp_path, cli):
+    # The demo's int8-weight figures come from the build's quantize stage; this is the CLI default they stand for.
+    out = tmp_path / "default"
+    assert cli("quantize", exported_tiny_factory("llama"), "-o", out, "--no-eval").exit_code == 0
+    assert read_json(out / "quantize.json")["scheme"]["name"] == "int8-weight"
