@@ -7,8 +7,6 @@ any size, so tiny models check it.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
