@@ -265,6 +265,9 @@ def export_onnx(torch_model, out: Path, task: str, opset: int | None) -> int:
                 # optimum's post-processing (tied-weight deduplication) holds the whole model in one
                 # protobuf and fails past 2 GB; `finish_export` does it on disk instead.
                 no_post_process=True,
+                # Folding would transpose every Linear weight into a second copy of the model while the
+                # PyTorch one is alive; `finish_export` stores the transposes one tensor at a time.
+                do_constant_folding=False,
             )
     except ValueError as exc:  # e.g. an opset below the architecture's minimum
         raise UsageError(f"optimum-onnx refused the export: {exc}") from exc

@@ -1,14 +1,19 @@
-"""Finish optimum's ONNX export on disk: tied weights stored once, external data in one file.
+"""Finish optimum's ONNX export on disk: weights in MatMul layout, tied tables once, external data in one file.
 
-optimum's own post-processing (`remove_duplicate_weights_from_tied_info`) loads every weight into one
-ModelProto and serializes it, which fails past protobuf's 2 GB limit and holds a second copy of the
-model besides the PyTorch one. Here the graph is read without its external data; weights are read one
-tensor at a time (memory-mapped) only to confirm a duplicate and to copy bytes into the final data
-file, so memory scales with the largest tensor whatever the model's size. onnx and onnxruntime offer
+The export runs without torch's constant folding and without optimum's post-processing, both of which
+hold a second copy of the model: folding transposes every Linear weight into a new tensor while the
+PyTorch model still holds the original, and optimum's tied-weight deduplication
+(`remove_duplicate_weights_from_tied_info`) loads every weight into one ModelProto and serializes it,
+which also fails past protobuf's 2 GB limit. Unfolded, torch writes the PyTorch tensors as they are
+(past 2 GB, one file per tensor) and every Linear reads `Transpose(weight)`.
+
+`finish_export` then reads the graph without its external data and stores each such weight
+transposed (the [in, out] layout folding would have produced and onnxruntime's quantizers expect for
+MatMul), dropping the Transpose. A weight another node also reads stays as it is behind its Transpose:
+that is the tied table, read by the embedding's Gather and, transposed, by the lm_head's MatMul, so it
+is stored once (optimum's form of a tied lm_head). External data is copied into one file a tensor at a
+time, so memory scales with the largest tensor whatever the model's size; onnx and onnxruntime offer
 no streaming rewrite of external data, hence the hand-written copy.
-
-The graph edit is optimum's: a table that is tied between the embedding (Gather) and the lm_head
-(MatMul) is kept once, as the Gather's initializer, and the MatMul reads `Transpose(table)`.
 """
 
 from __future__ import annotations
@@ -27,22 +32,21 @@ _COPY_CHUNK = 64 << 20
 
 @dataclass
 class TiedInfo:
-    """What optimum's tying code needs from the PyTorch model, taken before that model is freed."""
+    """The PyTorch model's tied parameter groups, taken before that model is freed."""
 
-    params_with_op: list[dict[str, str]] = field(default_factory=list)
     groups_to_tie: list[list[str]] = field(default_factory=list)
 
 
 def tied_info(torch_model) -> TiedInfo:
-    """The model's tied parameter groups that optimum knows how to store once (Embedding/Linear)."""
+    """The model's tied parameter groups that an ONNX graph can share (Embedding/Linear), as optimum decides."""
     from accelerate.utils import find_tied_parameters
     from optimum.onnx.transformations_utils import _get_weights_to_tie
 
     groups = find_tied_parameters(torch_model)
     if not groups:
         return TiedInfo()
-    params_with_op, to_tie, _ignored = _get_weights_to_tie(groups, torch_model)
-    return TiedInfo(params_with_op, to_tie)
+    _params_with_op, to_tie, _ignored = _get_weights_to_tie(groups, torch_model)
+    return TiedInfo(to_tie)
 
 
 @contextlib.contextmanager
@@ -65,85 +69,85 @@ def per_tensor_external_data():
 
 
 def finish_export(model_path: Path, tied: TiedInfo) -> dict:
-    """Store tied tables once and gather external data into `<model>_data`; return facts for convert.json."""
+    """Fold weight Transposes and gather external data into `<model>_data`; return facts for convert.json."""
     import onnx
 
     model_path = Path(model_path)
     base = model_path.parent
     model = onnx.load(str(model_path), load_external_data=False)
     old_locations = {_external(t)["location"] for t in _all_tensors(model) if _is_external(t)}
-    removed = _store_tied_once(model, base, tied)
+    folded, transposed = _fold_weight_transposes(model, base)
     if old_locations:
-        _gather_external_data(model, base, model_path.name + "_data")
+        _gather_external_data(model, base, model_path.name + "_data", transposed)
         tmp = model_path.with_name(model_path.name + ".tmp")
         onnx.save(model, str(tmp))
         os.replace(tmp, model_path)
         for location in old_locations - {model_path.name + "_data"}:
             with contextlib.suppress(FileNotFoundError):
                 (base / location).unlink()
-    elif removed:
+    elif folded:
         onnx.save(model, str(model_path))
-    return {"tied_weights_stored_once": _all_tied_once(tied, removed), "external_data": bool(old_locations)}
+    return {"tied_weights_stored_once": _all_tied_once(model, tied, base), "external_data": bool(old_locations)}
 
 
-def _all_tied_once(tied: TiedInfo, removed: list[str]) -> bool | None:
-    """True when every tied group optimum can tie is stored once; None when the model ties nothing."""
+def _all_tied_once(model, tied: TiedInfo, base: Path) -> bool | None:
+    """True when no tied group optimum can tie has a second copy; None when the model ties nothing.
+
+    A group is stored once when its table feeds a Gather and no other initializer holds the same
+    values (or their transpose): shapes are compared first, values only for a shape match.
+    """
     if not tied.groups_to_tie:
         return None
-    return len(removed) >= len(tied.groups_to_tie)
+    graph = model.graph
+    gathered = {n.input[0] for n in graph.node if n.op_type == "Gather"}
+    tables = [i for i in graph.initializer if i.name in gathered and len(i.dims) == 2]
+    for table in tables:
+        shape = tuple(table.dims)
+        for other in graph.initializer:
+            if other is table or tuple(other.dims) not in (shape, shape[::-1]) or other.data_type != table.data_type:
+                continue
+            a, b = _array(table, base), _array(other, base)
+            if _same(a, b) or _same(a.T, b):
+                return False
+    return bool(tables)
 
 
-def _store_tied_once(model, base: Path, tied: TiedInfo) -> list[str]:
-    """optimum's `_deduplicate_gather_matmul`, comparing tables chunk by chunk from disk."""
-    if not tied.groups_to_tie:
-        return []
-    import onnx
-    from optimum.onnx.transformations_utils import _find_matching_initializers
+def _fold_weight_transposes(model, base: Path) -> tuple[int, set[str]]:
+    """Replace Transpose(2-D initializer) by the transposed initializer when nothing else reads it.
+
+    Inline initializers are transposed here; external ones are named in the returned set and their
+    bytes are transposed while `_gather_external_data` copies them. Returns (Transposes removed, that set).
+    """
+    from onnx import numpy_helper
 
     graph = model.graph
-    index = {init.name: i for i, init in enumerate(graph.initializer)}
-    groups = _find_matching_initializers(tied.params_with_op, model, index)
-    op_of = {node.name: node.op_type for node in graph.node}
-    removed: list[str] = []
-    for params in tied.groups_to_tie:
-        members = groups.get(tuple(params))
-        if not members:
+    inits = {i.name: i for i in graph.initializer}
+    readers: dict[str, int] = {}
+    for node in _all_nodes(graph):
+        for value in node.input:
+            readers[value] = readers.get(value, 0) + 1
+    outputs = {o.name for o in graph.output}
+    pending: set[str] = set()
+    keep = []
+    for node in graph.node:
+        name = node.input[0] if node.op_type == "Transpose" and node.input else None
+        init = inits.get(name) if name else None
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), [1, 0])
+        if init is None or len(init.dims) != 2 or perm != [1, 0] or readers[name] != 1 or node.output[0] in outputs:
+            keep.append(node)
             continue
-        # onnxruntime's quantizers handle Transpose -> MatMul better than Transpose -> Gather, so the
-        # Gather keeps the table (optimum's choice too).
-        ref = next((m for m in members if {op_of.get(n) for n in m["nodes_containing_initializer"]} == {"Gather"}), None)
-        if ref is None:
-            continue
-        ref_name = next(iter(ref["initializer_name"]))
-        for member in members:
-            if member is ref or len(member["initializer_name"]) != 1:
-                continue
-            name = next(iter(member["initializer_name"]))
-            if name == ref_name or name not in index:
-                continue
-            ref_init, init = graph.initializer[index[ref_name]], graph.initializer[index[name]]
-            if ref_init.data_type != init.data_type:
-                continue
-            ref_data, data = _array(ref_init, base), _array(init, base)
-            if _same(ref_data, data):
-                replacement = ref_name
-            elif ref_data.ndim == 2 and _same(ref_data.T, data):
-                replacement = f"{ref_name}_transposed"
-                if replacement not in {o for n in graph.node for o in n.output}:
-                    first = next(i for i, n in enumerate(graph.node) if name in n.input)
-                    graph.node.insert(first, onnx.helper.make_node(
-                        "Transpose", [ref_name], [replacement], name=f"Transpose_{len(graph.node) + 1}"))
-            else:
-                continue
-            del ref_data, data
-            for node in graph.node:
-                for i, value in enumerate(node.input):
-                    if value == name:
-                        node.input[i] = replacement
-            graph.initializer.pop(index[name])
-            index = {init.name: i for i, init in enumerate(graph.initializer)}
-            removed.append(name)
-    return removed
+        if _is_external(init):
+            init.name = node.output[0]
+            init.dims[:] = list(init.dims)[::-1]
+            pending.add(init.name)
+        else:
+            init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(init).T), node.output[0]))
+        del inits[name]
+    folded = len(graph.node) - len(keep)
+    if folded:
+        del graph.node[:]
+        graph.node.extend(keep)
+    return folded, pending
 
 
 def _same(a: np.ndarray, b: np.ndarray, rows: int = 4096) -> bool:
@@ -167,8 +171,11 @@ def _array(tensor, base: Path) -> np.ndarray:
     return np.memmap(base / info["location"], dtype=dtype, mode="r", offset=int(info.get("offset", 0)), shape=shape)
 
 
-def _gather_external_data(model, base: Path, location: str) -> None:
-    """Copy every externally stored tensor, one at a time, into `base/location` and point the graph at it."""
+def _gather_external_data(model, base: Path, location: str, transposed: set[str] = frozenset()) -> None:
+    """Copy every externally stored tensor, one at a time, into `base/location` and point the graph at it.
+
+    Tensors named in `transposed` hold the transpose of their stored bytes (their dims already swapped).
+    """
     from onnx import TensorProto
 
     tmp = base / (location + ".tmp")
@@ -182,15 +189,10 @@ def _gather_external_data(model, base: Path, location: str) -> None:
             pad = (-offset) % _ALIGN
             out.write(b"\0" * pad)
             offset += pad
-            with open(base / info["location"], "rb") as src:
-                src.seek(int(info.get("offset", 0)))
-                left = length
-                while left:
-                    chunk = src.read(min(left, _COPY_CHUNK))
-                    if not chunk:
-                        raise OSError(f"{info['location']} ends before tensor {tensor.name}'s {length} bytes")
-                    out.write(chunk)
-                    left -= len(chunk)
+            if tensor.name in transposed:
+                _write_transposed(tensor, base, out)
+            else:
+                _copy_bytes(base / info["location"], int(info.get("offset", 0)), length, out)
             del tensor.external_data[:]
             for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
                 entry = tensor.external_data.add()
@@ -198,6 +200,51 @@ def _gather_external_data(model, base: Path, location: str) -> None:
             tensor.data_location = TensorProto.EXTERNAL
             offset += length
     os.replace(tmp, base / location)
+
+
+def _all_nodes(graph):
+    """Every node, including those of subgraphs (which may read the outer graph's initializers)."""
+    from onnx import AttributeProto
+
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.type == AttributeProto.GRAPH:
+                yield from _all_nodes(attr.g)
+            elif attr.type == AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield from _all_nodes(sub)
+
+
+def _copy_bytes(path: Path, offset: int, length: int, out) -> None:
+    with open(path, "rb") as src:
+        src.seek(offset)
+        left = length
+        while left:
+            chunk = src.read(min(left, _COPY_CHUNK))
+            if not chunk:
+                raise OSError(f"{path.name} ends before {length} bytes from offset {offset}")
+            out.write(chunk)
+            left -= len(chunk)
+
+
+def _write_transposed(tensor, base: Path, out) -> None:
+    """Write the transpose of a stored [rows, cols] matrix (tensor.dims already [cols, rows]), a block of rows at a time."""
+    cols, rows = tensor.dims
+    stored = _array(_with_dims(tensor, [rows, cols]), base)
+    step = max(1, _COPY_CHUNK // max(1, rows * stored.itemsize))
+    for start in range(0, cols, step):
+        out.write(np.ascontiguousarray(stored[:, start:start + step].T).tobytes())
+    del stored
+
+
+def _with_dims(tensor, dims):
+    from onnx import TensorProto
+
+    copy = TensorProto()
+    copy.CopyFrom(tensor)
+    copy.dims[:] = dims
+    return copy
 
 
 def _all_tensors(model):

@@ -61,7 +61,7 @@ def test_untied_model_reports_nothing_to_tie(exported_tiny_factory):
     assert report["tied_weights_stored_once"] is None
 
 
-def test_per_tensor_files_are_gathered_and_the_duplicate_dropped(tiny_model_factory, tmp_path):
+def test_per_tensor_files_are_gathered_and_weights_transposed(tiny_model_factory, tmp_path):
     """torch's layout past 2 GB: one file per weight. The result must compute what the raw export computes."""
     import onnx
     import onnxruntime as ort
@@ -71,17 +71,18 @@ def test_per_tensor_files_are_gathered_and_the_duplicate_dropped(tiny_model_fact
     from edgepack.convert.export import export_onnx
     from edgepack.convert.store import finish_export, tied_info
 
-    torch_model = AutoModelForCausalLM.from_pretrained(str(tiny_model_factory("llama-tied")), torch_dtype=torch.float32)
+    torch_model = AutoModelForCausalLM.from_pretrained(str(tiny_model_factory("llama-tied")), dtype=torch.float32)
     raw = tmp_path / "raw"
     export_onnx(torch_model, raw, "text-generation", None)
     proto = onnx.load(str(raw / "model.onnx"))
-    assert len(_tables(proto)) == 2  # optimum's export alone keeps the table and its transpose
+    weights = {i.name for i in proto.graph.initializer}
+    # Unfolded: every Linear reads Transpose(weight); 2 layers x 7 Linears + the lm_head.
+    assert sum(n.op_type == "Transpose" and n.input[0] in weights for n in proto.graph.node) == 15
 
     work = tmp_path / "per-tensor"
     work.mkdir()
     onnx.save(proto, str(work / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=0)
-    per_tensor = {p.name for p in work.iterdir()} - {"model.onnx"}
-    assert len(per_tensor) > 10
+    assert len({p.name for p in work.iterdir()} - {"model.onnx"}) > 10
 
     facts = finish_export(work / "model.onnx", tied_info(torch_model))
     assert facts == {"tied_weights_stored_once": True, "external_data": True}
@@ -89,6 +90,10 @@ def test_per_tensor_files_are_gathered_and_the_duplicate_dropped(tiny_model_fact
     done = onnx.load(str(work / "model.onnx"), load_external_data=False)
     assert _tables(done) == ["model.embed_tokens.weight"]
     assert _external_locations(done) == {"model.onnx_data"}
+    inits = {i.name for i in done.graph.initializer}
+    # Only the tied table keeps its Transpose (the Gather reads it too); every other MatMul reads an initializer.
+    assert [n.input[0] for n in done.graph.node if n.op_type == "Transpose" and n.input[0] in inits] == ["model.embed_tokens.weight"]
+    assert sum(n.op_type == "MatMul" and n.input[1] in inits for n in done.graph.node) == 14
 
     feeds = _decoder_feeds(proto)
     want = ort.InferenceSession(str(raw / "model.onnx")).run(None, feeds)
