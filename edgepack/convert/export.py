@@ -160,8 +160,9 @@ def convert_model(model: str, out: Path | str, config: ConvertConfig = ConvertCo
     torch_model, tokenizer = load_torch_model(source, task, trust_remote_code=config.trust_remote_code)
     timings["load"] = time.perf_counter() - t0
 
-    # One copy of the weights at a time: PyTorch's (export, then its reference outputs), then, once the
-    # PyTorch model is freed, the tied-table rewrite on disk and onnxruntime's session for parity.
+    # One copy of the weights at a time: PyTorch's (the unfolded export writes its tensors as they are,
+    # then its reference outputs), then, once the PyTorch model is freed, the weight rewrite on disk
+    # (convert/store.py, a tensor at a time) and onnxruntime's session for parity.
     architecture = (source.config.get("architectures") or [type(torch_model).__name__])[0]
     num_parameters = int(sum(p.numel() for p in torch_model.parameters()))
     tied = tied_info(torch_model)
@@ -184,7 +185,7 @@ def convert_model(model: str, out: Path | str, config: ConvertConfig = ConvertCo
         del torch_model
         gc.collect()
 
-        status("storing tied weights once and external data in one file")
+        status("storing weights in MatMul layout, tied tables once, external data in one file")
         t0 = time.perf_counter()
         stored = finish_export(tmp / MODEL_FILE, tied)
         timings["store"] = time.perf_counter() - t0
