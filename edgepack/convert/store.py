@@ -77,6 +77,7 @@ def finish_export(model_path: Path, tied: TiedInfo) -> dict:
     model = onnx.load(str(model_path), load_external_data=False)
     old_locations = {_external(t)["location"] for t in _all_tensors(model) if _is_external(t)}
     folded, transposed = _fold_weight_transposes(model, base)
+    folded += _fold_small_constants(model)
     if old_locations:
         _gather_external_data(model, base, model_path.name + "_data", transposed)
         tmp = model_path.with_name(model_path.name + ".tmp")
@@ -200,6 +201,67 @@ def _gather_external_data(model, base: Path, location: str, transposed: set[str]
             tensor.data_location = TensorProto.EXTERNAL
             offset += length
     os.replace(tmp, base / location)
+
+
+# Folded only when every input is a Constant node's output and the result stays this small: the shape
+# arithmetic torch's own folding would have done, never a weight.
+_SMALL_CONSTANT_ELEMENTS = 1 << 16
+
+
+def _fold_small_constants(model) -> int:
+    """Fold nodes that read only small Constant outputs into Constant nodes (what torch's folding does).
+
+    With folding off, torch leaves shape arithmetic on constants (Unsqueeze, Cast, Concat, Sqrt...) in
+    the graph; onnxruntime would fold it at load, but graph tools downstream read it, and it costs bytes.
+    onnx's reference evaluator computes each node, so the values are the operator's definition.
+    """
+    from onnx import AttributeProto, helper, numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    graph = model.graph
+    values: dict[str, np.ndarray] = {}
+    keep, folded = [], 0
+    for node in graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and [a.name for a in node.attribute] == ["value"]:
+            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+            keep.append(node)
+            continue
+        inputs = [i for i in node.input if i]
+        foldable = (
+            node.domain in ("", "ai.onnx") and inputs and all(i in values for i in inputs)
+            and not any(a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS) for a in node.attribute)
+            and node.op_type not in ("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial")
+        )
+        outputs = _evaluate(node, values, model.opset_import, ReferenceEvaluator, helper) if foldable else None
+        if outputs is None or any(np.size(o) > _SMALL_CONSTANT_ELEMENTS for o in outputs):
+            keep.append(node)
+            continue
+        for k, (name, value) in enumerate(zip(node.output, outputs)):
+            value = np.asarray(value)
+            values[name] = value
+            # Named like the node it replaces: some graph tools key nodes by name.
+            label = (node.name or name) + (f"_{k}" if k else "")
+            keep.append(helper.make_node("Constant", [], [name], name=label, value=numpy_helper.from_array(value)))
+        folded += 1
+    if not folded:
+        return 0
+    read = {i for n in keep for i in n.input} | {o.name for o in graph.output}
+    keep = [n for n in keep if n.op_type != "Constant" or any(o in read for o in n.output)]
+    del graph.node[:]
+    graph.node.extend(keep)
+    return folded
+
+
+def _evaluate(node, values, opsets, evaluator, helper):
+    bare = helper.make_node(node.op_type, list(node.input), list(node.output), domain=node.domain)
+    bare.attribute.extend(node.attribute)
+    inputs = [helper.make_tensor_value_info(i, helper.np_dtype_to_tensor_dtype(values[i].dtype), values[i].shape) for i in node.input if i]
+    outputs = [helper.make_empty_tensor_value_info(o) for o in node.output]
+    graph = helper.make_graph([bare], "fold", inputs, outputs)
+    try:
+        return evaluator(helper.make_model(graph, opset_imports=list(opsets))).run(None, {i: values[i] for i in node.input if i})
+    except Exception:  # an operator the reference evaluator lacks: onnxruntime folds it at load instead
+        return None
 
 
 def _all_nodes(graph):
