@@ -137,3 +137,29 @@ def test_graph_without_external_data_is_left_inline(tmp_path):
     assert finish_export(path, TiedInfo()) == {"tied_weights_stored_once": None, "external_data": False}
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+def test_small_constant_arithmetic_is_folded_and_the_rest_kept(tmp_path):
+    """What torch's folding did: nodes reading only Constants become Constants; nodes reading inputs stay."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    from edgepack.convert.store import TiedInfo, finish_export
+
+    nodes = [
+        helper.make_node("Constant", [], ["c"], name="/c", value=numpy_helper.from_array(np.array(4.0, dtype=np.float32))),
+        helper.make_node("Sqrt", ["c"], ["root"], name="/sqrt"),
+        helper.make_node("Constant", [], ["axes"], name="/axes", value=numpy_helper.from_array(np.array([0], dtype=np.int64))),
+        helper.make_node("Unsqueeze", ["root", "axes"], ["root1"], name="/unsqueeze"),
+        helper.make_node("Mul", ["x", "root1"], ["y"], name="/mul"),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+    path = tmp_path / "model.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    finish_export(path, TiedInfo())
+    done = onnx.load(str(path))
+    assert [(n.op_type, n.name) for n in done.graph.node] == [("Constant", "/unsqueeze"), ("Mul", "/mul")]
+    y = ort.InferenceSession(str(path)).run(None, {"x": np.array([3.0], dtype=np.float32)})[0]
+    np.testing.assert_array_equal(y, [6.0])
