@@ -160,16 +160,16 @@ def convert_model(model: str, out: Path | str, config: ConvertConfig = ConvertCo
     torch_model, tokenizer = load_torch_model(source, task, trust_remote_code=config.trust_remote_code)
     timings["load"] = time.perf_counter() - t0
 
-    # One copy of the weights at a time: PyTorch's (the unfolded export writes its tensors as they are,
-    # then its reference outputs), then, once the PyTorch model is freed, the weight rewrite on disk
-    # (convert/store.py, a tensor at a time) and onnxruntime's session for parity.
+    # One copy of the weights at a time where the libraries allow it: PyTorch's (export, then its
+    # reference outputs), then, once the PyTorch model is freed, the rewrite on disk (convert/store.py,
+    # a tensor at a time) and onnxruntime's session for parity.
     architecture = (source.config.get("architectures") or [type(torch_model).__name__])[0]
     num_parameters = int(sum(p.numel() for p in torch_model.parameters()))
     tied = tied_info(torch_model)
     with staging_dir(out) as tmp:
         status(f"exporting to ONNX ({_OPTIMUM_TASK[task]}) with optimum-onnx")
         t0 = time.perf_counter()
-        opset = export_onnx(torch_model, tmp, task, config.opset)
+        opset, folded_export = export_onnx(torch_model, tmp, task, config.opset)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         timings["export"] = time.perf_counter() - t0
@@ -187,7 +187,7 @@ def convert_model(model: str, out: Path | str, config: ConvertConfig = ConvertCo
 
         status("storing weights in MatMul layout, tied tables once, external data in one file")
         t0 = time.perf_counter()
-        stored = finish_export(tmp / MODEL_FILE, tied)
+        stored = finish_export(tmp / MODEL_FILE, tied, folded_export=folded_export)
         timings["store"] = time.perf_counter() - t0
 
         parity = None
@@ -251,9 +251,18 @@ def load_torch_model(source: ModelSource, task: str, *, trust_remote_code: bool)
     return model, tokenizer
 
 
-def export_onnx(torch_model, out: Path, task: str, opset: int | None) -> int:
+def export_onnx(torch_model, out: Path, task: str, opset: int | None, fold: bool | None = None) -> tuple[int, bool]:
+    """Export with optimum-onnx; return (opset, whether torch folded constants). `fold` None: by size, below."""
     import onnx
     from optimum.exporters.onnx import onnx_export_from_model
+
+    # torch's constant folding transposes every Linear weight into a new tensor while the PyTorch model
+    # still holds the original: two copies of the weights. Past protobuf's 2 GiB torch writes external
+    # data, so an unfolded export holds one copy and `finish_export` stores the transposes a tensor at
+    # a time. Below that torch builds the whole model in memory either way (graph, its bytes, and a
+    # parse of them), and folding keeps the graph exactly as optimum has always exported it.
+    if fold is None:
+        fold = weight_bytes(torch_model) <= _PROTOBUF_LIMIT
 
     try:
         with per_tensor_external_data():
@@ -266,9 +275,7 @@ def export_onnx(torch_model, out: Path, task: str, opset: int | None) -> int:
                 # optimum's post-processing (tied-weight deduplication) holds the whole model in one
                 # protobuf and fails past 2 GB; `finish_export` does it on disk instead.
                 no_post_process=True,
-                # Folding would transpose every Linear weight into a second copy of the model while the
-                # PyTorch one is alive; `finish_export` stores the transposes one tensor at a time.
-                do_constant_folding=False,
+                do_constant_folding=fold,
             )
     except ValueError as exc:  # e.g. an opset below the architecture's minimum
         raise UsageError(f"optimum-onnx refused the export: {exc}") from exc
@@ -276,4 +283,17 @@ def export_onnx(torch_model, out: Path, task: str, opset: int | None) -> int:
     if not model_path.is_file():
         raise UnsupportedModelError(f"optimum-onnx did not produce {MODEL_FILE} for this model (files: {sorted(p.name for p in out.iterdir())})")
     proto = onnx.load(str(model_path), load_external_data=False)
-    return max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    return max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0), fold
+
+
+_PROTOBUF_LIMIT = 2**31
+
+
+def weight_bytes(torch_model) -> int:
+    """Bytes of the model's parameters and buffers, each shared tensor counted once."""
+    seen, total = set(), 0
+    for tensor in [*torch_model.parameters(), *torch_model.buffers()]:
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            total += tensor.numel() * tensor.element_size()
+    return total

@@ -32,8 +32,9 @@ _COPY_CHUNK = 64 << 20
 
 @dataclass
 class TiedInfo:
-    """The PyTorch model's tied parameter groups, taken before that model is freed."""
+    """What optimum's tying code needs from the PyTorch model, taken before that model is freed."""
 
+    params_with_op: list[dict[str, str]] = field(default_factory=list)
     groups_to_tie: list[list[str]] = field(default_factory=list)
 
 
@@ -45,8 +46,8 @@ def tied_info(torch_model) -> TiedInfo:
     groups = find_tied_parameters(torch_model)
     if not groups:
         return TiedInfo()
-    _params_with_op, to_tie, _ignored = _get_weights_to_tie(groups, torch_model)
-    return TiedInfo(to_tie)
+    params_with_op, to_tie, _ignored = _get_weights_to_tie(groups, torch_model)
+    return TiedInfo(params_with_op, to_tie)
 
 
 @contextlib.contextmanager
@@ -68,16 +69,23 @@ def per_tensor_external_data():
         convert.check_model_uses_external_data = original
 
 
-def finish_export(model_path: Path, tied: TiedInfo) -> dict:
-    """Fold weight Transposes and gather external data into `<model>_data`; return facts for convert.json."""
+def finish_export(model_path: Path, tied: TiedInfo, *, folded_export: bool = True) -> dict:
+    """Tied tables once, weights in MatMul layout, external data gathered into `<model>_data`.
+
+    `folded_export`: torch folded constants (the duplicate of a tied table is then a separate
+    initializer, removed here); otherwise the weight Transposes and small constant arithmetic are folded
+    here. Returns facts for convert.json.
+    """
     import onnx
 
     model_path = Path(model_path)
     base = model_path.parent
     model = onnx.load(str(model_path), load_external_data=False)
     old_locations = {_external(t)["location"] for t in _all_tensors(model) if _is_external(t)}
-    folded, transposed = _fold_weight_transposes(model, base)
-    folded += _fold_small_constants(model)
+    folded, transposed = len(_store_tied_once(model, base, tied)), set()
+    if not folded_export:
+        folded, transposed = _fold_weight_transposes(model, base)
+        folded += _fold_small_constants(model)
     if old_locations:
         _gather_external_data(model, base, model_path.name + "_data", transposed)
         tmp = model_path.with_name(model_path.name + ".tmp")
@@ -149,6 +157,59 @@ def _fold_weight_transposes(model, base: Path) -> tuple[int, set[str]]:
         del graph.node[:]
         graph.node.extend(keep)
     return folded, pending
+
+
+def _store_tied_once(model, base: Path, tied: TiedInfo) -> list[str]:
+    """optimum's `_deduplicate_gather_matmul`, comparing tables chunk by chunk from disk."""
+    if not tied.groups_to_tie:
+        return []
+    import onnx
+    from optimum.onnx.transformations_utils import _find_matching_initializers
+
+    graph = model.graph
+    index = {init.name: i for i, init in enumerate(graph.initializer)}
+    groups = _find_matching_initializers(tied.params_with_op, model, index)
+    op_of = {node.name: node.op_type for node in graph.node}
+    removed: list[str] = []
+    for params in tied.groups_to_tie:
+        members = groups.get(tuple(params))
+        if not members:
+            continue
+        # onnxruntime's quantizers handle Transpose -> MatMul better than Transpose -> Gather, so the
+        # Gather keeps the table (optimum's choice too).
+        ref = next((m for m in members if {op_of.get(n) for n in m["nodes_containing_initializer"]} == {"Gather"}), None)
+        if ref is None:
+            continue
+        ref_name = next(iter(ref["initializer_name"]))
+        for member in members:
+            if member is ref or len(member["initializer_name"]) != 1:
+                continue
+            name = next(iter(member["initializer_name"]))
+            if name == ref_name or name not in index:
+                continue
+            ref_init, init = graph.initializer[index[ref_name]], graph.initializer[index[name]]
+            if ref_init.data_type != init.data_type:
+                continue
+            ref_data, data = _array(ref_init, base), _array(init, base)
+            if _same(ref_data, data):
+                replacement = ref_name
+            elif ref_data.ndim == 2 and _same(ref_data.T, data):
+                replacement = f"{ref_name}_transposed"
+                if replacement not in {o for n in graph.node for o in n.output}:
+                    first = next(i for i, n in enumerate(graph.node) if name in n.input)
+                    graph.node.insert(first, onnx.helper.make_node(
+                        "Transpose", [ref_name], [replacement], name=f"Transpose_{len(graph.node) + 1}"))
+            else:
+                continue
+            del ref_data, data
+            for node in graph.node:
+                for i, value in enumerate(node.input):
+                    if value == name:
+                        node.input[i] = replacement
+            graph.initializer.pop(index[name])
+            index = {init.name: i for i, init in enumerate(graph.initializer)}
+            removed.append(name)
+    return removed
 
 
 def _same(a: np.ndarray, b: np.ndarray, rows: int = 4096) -> bool:

@@ -61,8 +61,13 @@ def test_untied_model_reports_nothing_to_tie(exported_tiny_factory):
     assert report["tied_weights_stored_once"] is None
 
 
-def test_per_tensor_files_are_gathered_and_weights_transposed(tiny_model_factory, tmp_path):
-    """torch's layout past 2 GB: one file per weight. The result must compute what the raw export computes."""
+@pytest.mark.parametrize("fold", [True, False], ids=["folded", "unfolded"])
+def test_per_tensor_files_are_gathered_and_the_table_stored_once(fold, tiny_model_factory, tmp_path):
+    """torch's layout past 2 GB: one file per weight. The result must compute what the raw export computes.
+
+    Folded (torch's default): the tied table's transpose is a second initializer, removed here.
+    Unfolded (weights past 2 GiB): every Linear reads Transpose(weight); those are stored transposed here.
+    """
     import onnx
     import onnxruntime as ort
     import torch
@@ -73,25 +78,28 @@ def test_per_tensor_files_are_gathered_and_weights_transposed(tiny_model_factory
 
     torch_model = AutoModelForCausalLM.from_pretrained(str(tiny_model_factory("llama-tied")), dtype=torch.float32)
     raw = tmp_path / "raw"
-    export_onnx(torch_model, raw, "text-generation", None)
+    assert export_onnx(torch_model, raw, "text-generation", None, fold=fold)[1] is fold
     proto = onnx.load(str(raw / "model.onnx"))
     weights = {i.name for i in proto.graph.initializer}
-    # Unfolded: every Linear reads Transpose(weight); 2 layers x 7 Linears + the lm_head.
-    assert sum(n.op_type == "Transpose" and n.input[0] in weights for n in proto.graph.node) == 15
+    weight_transposes = sum(n.op_type == "Transpose" and n.input[0] in weights for n in proto.graph.node)
+    if fold:
+        assert len(_tables(proto)) == 2 and weight_transposes == 0  # the table and its folded transpose
+    else:
+        assert len(_tables(proto)) == 1 and weight_transposes == 15  # 2 layers x 7 Linears + the lm_head
 
     work = tmp_path / "per-tensor"
     work.mkdir()
     onnx.save(proto, str(work / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=0)
     assert len({p.name for p in work.iterdir()} - {"model.onnx"}) > 10
 
-    facts = finish_export(work / "model.onnx", tied_info(torch_model))
+    facts = finish_export(work / "model.onnx", tied_info(torch_model), folded_export=fold)
     assert facts == {"tied_weights_stored_once": True, "external_data": True}
     assert sorted(p.name for p in work.iterdir()) == ["model.onnx", "model.onnx_data"]
     done = onnx.load(str(work / "model.onnx"), load_external_data=False)
     assert _tables(done) == ["model.embed_tokens.weight"]
     assert _external_locations(done) == {"model.onnx_data"}
     inits = {i.name for i in done.graph.initializer}
-    # Only the tied table keeps its Transpose (the Gather reads it too); every other MatMul reads an initializer.
+    # Only the tied table sits behind a Transpose (the Gather reads it too); every other MatMul reads an initializer.
     assert [n.input[0] for n in done.graph.node if n.op_type == "Transpose" and n.input[0] in inits] == ["model.embed_tokens.weight"]
     assert sum(n.op_type == "MatMul" and n.input[1] in inits for n in done.graph.node) == 14
 
@@ -158,7 +166,7 @@ def test_small_constant_arithmetic_is_folded_and_the_rest_kept(tmp_path):
                               [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
     path = tmp_path / "model.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-    finish_export(path, TiedInfo())
+    finish_export(path, TiedInfo(), folded_export=False)
     done = onnx.load(str(path))
     assert [(n.op_type, n.name) for n in done.graph.node] == [("Constant", "/unsqueeze"), ("Mul", "/mul")]
     y = ort.InferenceSession(str(path)).run(None, {"x": np.array([3.0], dtype=np.float32)})[0]
