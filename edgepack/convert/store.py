@@ -284,7 +284,8 @@ def _fold_small_constants(model) -> int:
     keep, folded = [], 0
     for node in graph.node:
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and [a.name for a in node.attribute] == ["value"]:
-            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+            if not _is_external(node.attribute[0].t):
+                values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
             keep.append(node)
             continue
         inputs = [i for i in node.input if i]
