@@ -1,19 +1,20 @@
-"""Finish optimum's ONNX export on disk: weights in MatMul layout, tied tables once, external data in one file.
+"""Finish optimum's ONNX export on disk: tied tables once, weights in MatMul layout, external data in one file.
 
-The export runs without torch's constant folding and without optimum's post-processing, both of which
-hold a second copy of the model: folding transposes every Linear weight into a new tensor while the
-PyTorch model still holds the original, and optimum's tied-weight deduplication
-(`remove_duplicate_weights_from_tied_info`) loads every weight into one ModelProto and serializes it,
-which also fails past protobuf's 2 GB limit. Unfolded, torch writes the PyTorch tensors as they are
-(past 2 GB, one file per tensor) and every Linear reads `Transpose(weight)`.
+optimum's post-processing is skipped: its tied-weight deduplication (`remove_duplicate_weights_from_tied_info`)
+loads every weight into one ModelProto and serializes it, a second copy of the model that also fails
+past protobuf's 2 GB limit. `finish_export` reads the graph without its external data instead, reads
+weights one at a time (memory-mapped) and copies external data into one file a tensor at a time, so its
+memory scales with the largest tensor whatever the model's size; onnx and onnxruntime offer no
+streaming rewrite of external data, hence the hand-written copy.
 
-`finish_export` then reads the graph without its external data and stores each such weight
-transposed (the [in, out] layout folding would have produced and onnxruntime's quantizers expect for
-MatMul), dropping the Transpose. A weight another node also reads stays as it is behind its Transpose:
-that is the tied table, read by the embedding's Gather and, transposed, by the lm_head's MatMul, so it
-is stored once (optimum's form of a tied lm_head). External data is copied into one file a tensor at a
-time, so memory scales with the largest tensor whatever the model's size; onnx and onnxruntime offer
-no streaming rewrite of external data, hence the hand-written copy.
+Two export forms arrive here (see `export.export_onnx`):
+- folded by torch (weights below 2 GiB): the tied lm_head is a second, transposed copy of the embedding
+  table; it is removed and the MatMul reads `Transpose(table)`, exactly optimum's edit.
+- unfolded (weights past 2 GiB, where folding would hold a second copy of every Linear weight beside the
+  PyTorch model): every Linear reads `Transpose(weight)`. Each weight nothing else reads is stored
+  transposed (the [in, out] layout folding produces and onnxruntime's quantizers expect for MatMul) and
+  its Transpose dropped; the tied table, also read by the embedding's Gather, keeps its Transpose and so
+  is stored once. Small constant arithmetic torch would have folded is folded here.
 """
 
 from __future__ import annotations
