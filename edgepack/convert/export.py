@@ -7,12 +7,14 @@ half-written export at `out`.
 
 from __future__ import annotations
 
+import gc
 import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from edgepack.convert.config import ConvertConfig
+from edgepack.convert.store import finish_export, per_tensor_external_data, tied_info
 from edgepack.core.files import tokenizer_files
 from edgepack.core.versions import tool_versions
 from edgepack.errors import BadInputError, UnsupportedModelError, UsageError
@@ -40,6 +42,8 @@ class ExportedModel:
     opset: int
     parity: dict | None = None
     config: dict = field(default_factory=dict)
+    # True: every tied table (embedding = lm_head) is stored once; None: the model ties nothing.
+    tied_weights_stored_once: bool | None = None
 
     @property
     def parity_passed(self) -> bool | None:
@@ -59,6 +63,7 @@ class ExportedModel:
             "source": self.source,
             "config": self.config,
             "parity": self.parity,
+            "tied_weights_stored_once": self.tied_weights_stored_once,
             "versions": self.versions,
             "seconds": self.seconds,
         }
@@ -155,30 +160,52 @@ def convert_model(model: str, out: Path | str, config: ConvertConfig = ConvertCo
     torch_model, tokenizer = load_torch_model(source, task, trust_remote_code=config.trust_remote_code)
     timings["load"] = time.perf_counter() - t0
 
+    # One copy of the weights at a time where the libraries allow it: PyTorch's (export, then its
+    # reference outputs), then, once the PyTorch model is freed, the rewrite on disk (convert/store.py,
+    # a tensor at a time) and onnxruntime's session for parity.
+    architecture = (source.config.get("architectures") or [type(torch_model).__name__])[0]
+    num_parameters = int(sum(p.numel() for p in torch_model.parameters()))
+    tied = tied_info(torch_model)
     with staging_dir(out) as tmp:
         status(f"exporting to ONNX ({_OPTIMUM_TASK[task]}) with optimum-onnx")
         t0 = time.perf_counter()
-        opset = export_onnx(torch_model, tmp, task, config.opset)
+        opset, folded_export = export_onnx(torch_model, tmp, task, config.opset)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         timings["export"] = time.perf_counter() - t0
 
-        parity = None
+        reference = None
         if config.verify:
-            from edgepack.convert.parity import check_parity
+            from edgepack.convert.parity import torch_reference
+
+            status("running PyTorch for the parity reference")
+            t0 = time.perf_counter()
+            reference = torch_reference(torch_model, tokenizer, tmp / MODEL_FILE, task, config)
+            timings["parity_torch"] = time.perf_counter() - t0
+        del torch_model
+        gc.collect()
+
+        status("storing weights in MatMul layout, tied tables once, external data in one file")
+        t0 = time.perf_counter()
+        stored = finish_export(tmp / MODEL_FILE, tied, folded_export=folded_export)
+        timings["store"] = time.perf_counter() - t0
+
+        parity = None
+        if reference is not None:
+            from edgepack.convert.parity import compare_with_onnx
 
             status("checking parity against PyTorch")
             t0 = time.perf_counter()
-            parity = check_parity(torch_model, tokenizer, tmp / MODEL_FILE, task, config)
-            timings["parity"] = time.perf_counter() - t0
+            parity = compare_with_onnx(reference, tmp / MODEL_FILE, config)
+            timings["parity"] = time.perf_counter() - t0 + timings.pop("parity_torch")
         timings["total"] = time.perf_counter() - start
 
         result = ExportedModel(
             out=out,
             task=task,
             model_type=source.model_type,
-            architecture=(source.config.get("architectures") or [type(torch_model).__name__])[0],
-            num_parameters=int(sum(p.numel() for p in torch_model.parameters())),
+            architecture=architecture,
+            num_parameters=num_parameters,
             files={},
             source=source.describe(),
             versions=tool_versions(),
@@ -186,6 +213,7 @@ def convert_model(model: str, out: Path | str, config: ConvertConfig = ConvertCo
             opset=opset,
             parity=parity,
             config={k: v for k, v in asdict(config).items() if k != "force"},
+            tied_weights_stored_once=stored["tied_weights_stored_once"],
         )
         # The report lists the artifacts beside it (not itself).
         result.files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
@@ -223,22 +251,49 @@ def load_torch_model(source: ModelSource, task: str, *, trust_remote_code: bool)
     return model, tokenizer
 
 
-def export_onnx(torch_model, out: Path, task: str, opset: int | None) -> int:
+def export_onnx(torch_model, out: Path, task: str, opset: int | None, fold: bool | None = None) -> tuple[int, bool]:
+    """Export with optimum-onnx; return (opset, whether torch folded constants). `fold` None: by size, below."""
     import onnx
     from optimum.exporters.onnx import onnx_export_from_model
 
+    # torch's constant folding transposes every Linear weight into a new tensor while the PyTorch model
+    # still holds the original: two copies of the weights. Past protobuf's 2 GiB torch writes external
+    # data, so an unfolded export holds one copy and `finish_export` stores the transposes a tensor at
+    # a time. Below that torch builds the whole model in memory either way (graph, its bytes, and a
+    # parse of them), and folding keeps the graph exactly as optimum has always exported it.
+    if fold is None:
+        fold = weight_bytes(torch_model) <= _PROTOBUF_LIMIT
+
     try:
-        onnx_export_from_model(
-            torch_model,
-            str(out),
-            task=_OPTIMUM_TASK[task],
-            opset=opset,
-            do_validation=False,  # our own parity check below is stricter and uses real token sequences
-        )
+        with per_tensor_external_data():
+            onnx_export_from_model(
+                torch_model,
+                str(out),
+                task=_OPTIMUM_TASK[task],
+                opset=opset,
+                do_validation=False,  # our own parity check below is stricter and uses real token sequences
+                # optimum's post-processing (tied-weight deduplication) holds the whole model in one
+                # protobuf and fails past 2 GB; `finish_export` does it on disk instead.
+                no_post_process=True,
+                do_constant_folding=fold,
+            )
     except ValueError as exc:  # e.g. an opset below the architecture's minimum
         raise UsageError(f"optimum-onnx refused the export: {exc}") from exc
     model_path = out / MODEL_FILE
     if not model_path.is_file():
         raise UnsupportedModelError(f"optimum-onnx did not produce {MODEL_FILE} for this model (files: {sorted(p.name for p in out.iterdir())})")
     proto = onnx.load(str(model_path), load_external_data=False)
-    return max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    return max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0), fold
+
+
+_PROTOBUF_LIMIT = 2**31
+
+
+def weight_bytes(torch_model) -> int:
+    """Bytes of the model's parameters and buffers, each shared tensor counted once."""
+    seen, total = set(), 0
+    for tensor in [*torch_model.parameters(), *torch_model.buffers()]:
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            total += tensor.numel() * tensor.element_size()
+    return total

@@ -8,6 +8,7 @@ sequences are compared. Encoders: per-token hidden states, max abs diff and cosi
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,15 +35,61 @@ def prompt_token_ids(tokenizer, vocab_size: int) -> list[list[int]]:
     return [list(map(int, rng.integers(0, vocab_size, size=n))) for n in (6, 9, 12)]
 
 
-def check_parity(torch_model, tokenizer, onnx_path: Path, task: str, config) -> dict:
-    from edgepack.runtime.session import create_session
+@dataclass
+class TorchReference:
+    """PyTorch's side of the parity check, computed before the PyTorch model is freed.
 
-    session = create_session(onnx_path)
+    Decoders: per prompt, the greedy tokens and the logits row that chose each. Encoders: per prompt,
+    the feeds (named as the ONNX graph's inputs) and the last hidden state.
+    """
+
+    task: str
+    model_config: dict
+    prompts: list[list[int]]
+    outputs: list
+
+
+def check_parity(torch_model, tokenizer, onnx_path: Path, task: str, config) -> dict:
+    """Both halves in one call (the PyTorch model stays alive throughout)."""
+    return compare_with_onnx(torch_reference(torch_model, tokenizer, onnx_path, task, config), onnx_path, config)
+
+
+def torch_reference(torch_model, tokenizer, onnx_path: Path, task: str, config) -> TorchReference:
     vocab = int(getattr(torch_model.config, "vocab_size", 0) or 0)
     prompts = prompt_token_ids(tokenizer, vocab or 100)
     if task == TEXT_GENERATION:
-        return decoder_parity(torch_model, session, prompts, config)
-    return encoder_parity(torch_model, session, prompts, config)
+        outputs = [_torch_greedy(torch_model, prompt, config.greedy_tokens) for prompt in prompts]
+    else:
+        outputs = [_torch_encode(torch_model, prompt, _graph_inputs(onnx_path)) for prompt in prompts]
+    return TorchReference(task, torch_model.config.to_dict(), prompts, outputs)
+
+
+def compare_with_onnx(reference: TorchReference, onnx_path: Path, config) -> dict:
+    from edgepack.runtime.session import create_session
+
+    session = create_session(onnx_path)
+    if reference.task == TEXT_GENERATION:
+        return decoder_parity(reference, session, config)
+    return encoder_parity(reference, session, config)
+
+
+def _graph_inputs(onnx_path: Path) -> set[str]:
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    initializers = {i.name for i in graph.initializer}
+    return {i.name for i in graph.input if i.name not in initializers}
+
+
+def _torch_encode(torch_model, prompt: list[int], input_names: set[str]) -> tuple[dict, np.ndarray]:
+    import torch
+
+    from edgepack.runtime.generate import encoder_feeds
+
+    feeds = encoder_feeds(prompt, input_names)
+    with torch.no_grad():
+        hidden = torch_model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).last_hidden_state[0].double().numpy()
+    return feeds, hidden
 
 
 def _torch_greedy(torch_model, prompt: list[int], steps: int) -> tuple[list[int], list[np.ndarray]]:
@@ -55,7 +102,7 @@ def _torch_greedy(torch_model, prompt: list[int], steps: int) -> tuple[list[int]
         ids = torch.tensor([prompt], dtype=torch.long)
         out = torch_model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
         for step in range(steps):
-            row = out.logits[0, -1].float().numpy()
+            row = out.logits[0, -1].float().numpy().copy()  # not a view that keeps the whole logits tensor alive
             logits_rows.append(row)
             token = int(np.argmax(row))
             tokens.append(token)
@@ -71,16 +118,14 @@ def _torch_greedy(torch_model, prompt: list[int], steps: int) -> tuple[list[int]
     return tokens, logits_rows
 
 
-def decoder_parity(torch_model, session, prompts: list[list[int]], config) -> dict:
+def decoder_parity(reference: TorchReference, session, config) -> dict:
     from edgepack.runtime.generate import DecoderSession, generate
 
-    decoder = DecoderSession(session, torch_model.config.to_dict())
+    decoder = DecoderSession(session, reference.model_config)
     per_prompt = []
     max_diff = 0.0
     all_identical = True
-    for prompt in prompts:
-        torch_tokens, torch_logits = _torch_greedy(torch_model, prompt, config.greedy_tokens)
-
+    for prompt, (torch_tokens, torch_logits) in zip(reference.prompts, reference.outputs):
         # Teacher-forced: the ONNX model sees exactly the tokens PyTorch chose, so logits are comparable
         # even where a near-tie would make free-running generation diverge.
         cache, past, diffs = decoder.empty_cache(), 0, []
@@ -113,7 +158,7 @@ def decoder_parity(torch_model, session, prompts: list[list[int]], config) -> di
             f"prefill + {config.decode_steps} cached decode steps compared logit by logit (teacher-forced); "
             f"greedy generation of {config.greedy_tokens} tokens compared token by token, EOS ignored; fp32, CPU"
         ),
-        "prompts": len(prompts),
+        "prompts": len(reference.prompts),
         "atol": config.atol,
         "max_abs_logit_diff": max_diff,
         "greedy_tokens_identical": all_identical,
@@ -124,26 +169,18 @@ def decoder_parity(torch_model, session, prompts: list[list[int]], config) -> di
     return report
 
 
-def encoder_parity(torch_model, session, prompts: list[list[int]], config) -> dict:
-    import torch
-
-    from edgepack.runtime.generate import encoder_feeds
-
-    input_names = {i.name for i in session.get_inputs()}
+def encoder_parity(reference: TorchReference, session, config) -> dict:
     output_name = session.get_outputs()[0].name
     max_diff, min_cos, per_prompt = 0.0, 1.0, []
-    for prompt in prompts:
-        feeds = encoder_feeds(prompt, input_names)
+    for prompt, (feeds, torch_out) in zip(reference.prompts, reference.outputs):
         onnx_out = session.run([output_name], feeds)[0][0].astype(np.float64)
-        with torch.no_grad():
-            torch_out = torch_model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).last_hidden_state[0].double().numpy()
         diff = max_abs_diff(onnx_out, torch_out)
         cos = cosine_per_position(onnx_out, torch_out)
         max_diff, min_cos = max(max_diff, diff), min(min_cos, float(np.min(cos)))
         per_prompt.append({"prompt_tokens": len(prompt), "max_abs_diff": diff, "min_cosine": float(np.min(cos))})
     report = {
         "method": f"last_hidden_state per token, {output_name}; fp32, CPU",
-        "prompts": len(prompts),
+        "prompts": len(reference.prompts),
         "atol": config.atol,
         "min_cosine_required": MIN_COSINE,
         "max_abs_embedding_diff": max_diff,
