@@ -45,7 +45,59 @@ def apply() -> list[str]:
     if ct_version <= (9, 0):
         if _register_alias():
             _APPLIED.append("torch aten::alias as identity (unsupported in ct 9.0 with torch>=2.8)")
+
+    # coremltools 9.0: the fp16 cast pass (`add_fp16_cast`) checks every fp32 weight for fp16 overflow with
+    # `abs_value[np.where(abs_value < 1e38)]`: np.where returns one int64 index array per dimension, so a
+    # 2-D weight costs ~9x its fp32 bytes at once (a 128k x 2048 embedding table: 9 GB), and its underflow
+    # check copies each weight (`len(val.flatten())`) only to count it. Same decisions, checked in chunks.
+    if ct_version <= (9, 0):
+        _patch_fp16_cast_checks()
+        _APPLIED.append("fp16 cast pass: overflow/underflow checks in bounded memory (ct 9.0 indexes whole weights)")
     return list(_APPLIED)
+
+
+_CHUNK = 1 << 20  # elements per step of the chunked fp16 range check
+
+
+def _fp16_overflows(value) -> bool:
+    """Whether a finite-range value (|x| < 1e38; larger ones are infinities for this purpose) exceeds fp16's
+    maximum: coremltools 9.0's test, `max(|x| where |x| < 1e38) > 65504`, read a chunk at a time."""
+    import numpy as np
+
+    flat = np.ravel(np.asarray(value))
+    for start in range(0, flat.size, _CHUNK):
+        chunk = np.abs(flat[start:start + _CHUNK])
+        if np.any((chunk > 65504) & (chunk < 1e38)):
+            return True
+    return False
+
+
+def _patch_fp16_cast_checks() -> None:
+    import numpy as np
+    from coremltools.converters.mil.mil.passes.defs.quantization import FP16ComputePrecision
+
+    if getattr(FP16ComputePrecision, "_edgepack_bounded", False):
+        return
+
+    def fp16_overflow(op) -> bool:
+        for inputs in op.inputs.values():
+            for var in inputs if isinstance(inputs, (list, tuple)) else (inputs,):
+                if var.op is not None and var.op.op_type == "const" and var.is_tensor_or_scalar_of(dtype="fp32"):
+                    if _fp16_overflows(var.op.val.val):
+                        return True
+        return False
+
+    original_underflow = FP16ComputePrecision._check_underflow_to_zero
+
+    def check_underflow_to_zero(self, new_var, var):
+        # 9.0 looks only at values of fewer than 400 elements: skip larger ones without copying them.
+        if var.val is not None and np.size(var.val) >= 400:
+            return
+        original_underflow(self, new_var, var)
+
+    FP16ComputePrecision.fp16_overflow = staticmethod(fp16_overflow)
+    FP16ComputePrecision._check_underflow_to_zero = check_underflow_to_zero
+    FP16ComputePrecision._edgepack_bounded = True
 
 
 def _patch_cast() -> None:

@@ -146,13 +146,18 @@ def _convert(ct, traced, model_type, *, inputs, outputs, states, compute_units, 
         kwargs["states"] = states
     try:
         with _quiet_progress():
-            return ct.convert(traced, **kwargs)
+            mlmodel = ct.convert(traced, **kwargs)
     except Exception as exc:
         message = str(exc)
         op = re.search(r"convert function for op '([^']+)' not implemented", message)
         if op:
             raise UnsupportedModelError(f"model_type {model_type!r}: coremltools 9.0 cannot convert torch op '{op.group(1)}'") from exc
         raise UnsupportedModelError(f"model_type {model_type!r}: coremltools conversion failed: {_first_line(exc)}") from exc
+    # The MLModel keeps the converted MIL program (fp16 weights: half the fp32 model) beside its package, which
+    # holds the same weights; compression reads them back from the package and saving copies the package, so
+    # the in-memory copy is dropped rather than kept alongside the PyTorch model and the compressed program.
+    mlmodel._mil_program = None
+    return mlmodel
 
 
 @contextlib.contextmanager
