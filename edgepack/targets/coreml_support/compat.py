@@ -49,10 +49,11 @@ def apply() -> list[str]:
     # coremltools 9.0: the fp16 cast pass (`add_fp16_cast`) checks every fp32 weight for fp16 overflow with
     # `abs_value[np.where(abs_value < 1e38)]`: np.where returns one int64 index array per dimension, so a
     # 2-D weight costs ~9x its fp32 bytes at once (a 128k x 2048 embedding table: 9 GB), and its underflow
-    # check copies each weight (`len(val.flatten())`) only to count it. Same decisions, checked in chunks.
+    # check copies each weight (`len(val.flatten())`) only to count it. Same decisions, checked in chunks;
+    # and each fp32 weight's pages are released once the pass has its fp16 copy (_release_pages).
     if ct_version <= (9, 0):
         _patch_fp16_cast_checks()
-        _APPLIED.append("fp16 cast pass: overflow/underflow checks in bounded memory (ct 9.0 indexes whole weights)")
+        _APPLIED.append("fp16 cast pass: overflow/underflow checks in bounded memory, fp32 pages released after the fp16 copy (ct 9.0)")
     return list(_APPLIED)
 
 
@@ -70,6 +71,35 @@ def _fp16_overflows(value) -> bool:
         if np.any((chunk > 65504) & (chunk < 1e38)):
             return True
     return False
+
+
+_MADV_PAGEOUT = 21  # Linux >= 5.4; not in Python's mmap module constants
+
+
+def _release_pages(value) -> None:
+    """Hand an fp32 weight's pages back to the kernel once the fp16 pass has copied it.
+
+    coremltools holds the traced PyTorch model, whose weights are memory-mapped safetensors, for the whole
+    conversion, so every fp32 page the conversion reads stays resident next to the fp16 program (1.5x the
+    fp32 model). MADV_PAGEOUT reclaims the pages without changing what they hold: a file-backed page is
+    read again from the file if anything touches it, an anonymous one (no swap) is left as it is. No
+    library offers this: PyTorch and coremltools both keep a tensor's pages until it is freed."""
+    import ctypes
+    import mmap
+
+    import numpy as np
+
+    if not isinstance(value, np.ndarray) or value.nbytes < (1 << 20) or not hasattr(ctypes, "CDLL"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return
+    page = mmap.PAGESIZE
+    start = -(-value.ctypes.data // page) * page
+    end = (value.ctypes.data + value.nbytes) // page * page
+    if end > start and hasattr(libc, "madvise"):
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_PAGEOUT)  # a hint: failure leaves the pages
 
 
 def _patch_fp16_cast_checks() -> None:
@@ -90,8 +120,10 @@ def _patch_fp16_cast_checks() -> None:
     original_underflow = FP16ComputePrecision._check_underflow_to_zero
 
     def check_underflow_to_zero(self, new_var, var):
-        # 9.0 looks only at values of fewer than 400 elements: skip larger ones without copying them.
+        # Called once per fp32 value right after its fp16 copy is made. 9.0 looks only at values of fewer
+        # than 400 elements: skip larger ones without copying them.
         if var.val is not None and np.size(var.val) >= 400:
+            _release_pages(var.val)
             return
         original_underflow(self, new_var, var)
 
