@@ -11,6 +11,7 @@ Heavy libraries (coremltools, torch, transformers) are imported inside `build`.
 
 from __future__ import annotations
 
+import gc
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -296,11 +297,52 @@ def _compression(hf_model, tokenizer, plan: _Plan, config: CoreMLConfig, timings
     return result
 
 
-def _convert_and_save(hf_model, fp16_plan, compression: _Compression, plan: _Plan, directory,
-                      config: CoreMLConfig, tmp: Path, timings: dict, status) -> _Package:
-    """Step 5: the ML Program (stateful KV cache or fixed shape), compressed, saved with the side files."""
+@dataclass
+class _Reference:
+    """Step 4c: what verification feeds the package, and the fp32 PyTorch outputs it is compared with."""
+
+    kind: str
+    ids: object  # decoder: the token ids (prefill, then one a decode step); encoder: int32 (1, context)
+    outputs: object  # decoder: logits (positions, vocab); encoder: last hidden state (tokens, hidden)
+    steps: int = 0  # decoder: single-token decode steps after the prefill
+    mask: object = None  # encoder: attention mask (1, context)
+
+
+def _reference(hf_model, tokens: list[int], plan: _Plan, config: CoreMLConfig, timings: dict, status) -> _Reference | None:
+    """Step 4c: the PyTorch outputs verification needs, computed before conversion so the model can be freed
+    once it is converted (compression and verification then hold only the program's weights)."""
     from edgepack.targets.base import timed
-    from edgepack.targets.coreml_support import compat
+
+    if not config.verify:
+        return None
+    status("fp32 PyTorch reference outputs for verification")
+    with timed(timings, "reference", digits=None):
+        return _reference_outputs(hf_model, tokens, plan.kind, plan.context, config)
+
+
+def _reference_outputs(hf_model, tokens: list[int], kind: str, context: int, config: CoreMLConfig) -> _Reference:
+    import numpy as np
+    import torch
+
+    if kind == "decoder":
+        n = min(config.eval_positions, context, len(tokens))
+        ids = tokens[:n]
+        with torch.no_grad():
+            logits = hf_model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float().numpy()
+        return _Reference(kind, ids, logits, steps=min(config.decode_steps, n - 1))
+    n = min(context, len(tokens))
+    ids = np.zeros((1, context), dtype=np.int32)
+    ids[0, :n] = tokens[:n]
+    mask = np.zeros((1, context), dtype=np.int32)
+    mask[0, :n] = 1
+    with torch.no_grad():
+        hidden = hf_model(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask, dtype=torch.long)).last_hidden_state[0]
+    return _Reference(kind, ids, hidden.numpy()[:n].copy(), mask=mask)
+
+
+def _convert(hf_model, fp16_plan, compression: _Compression, plan: _Plan, config: CoreMLConfig, timings: dict, status):
+    """Step 5a: the fp16 ML Program (stateful KV cache or fixed shape), uncompressed; returns (MLModel, flexible inputs)."""
+    from edgepack.targets.base import timed
     from edgepack.targets.coreml_support import convert as cm_convert
 
     kind, source, scheme = plan.kind, plan.source, compression.scheme
@@ -309,11 +351,20 @@ def _convert_and_save(hf_model, fp16_plan, compression: _Compression, plan: _Pla
         if kind == "decoder":
             mlmodel = cm_convert.convert_decoder(hf_model, model_type=source.model_type, max_context=plan.context, plan=fp16_plan,
                                                  compute_units=config.compute_units, deployment_target=scheme.deployment_target)
-            flexible = ["input_ids[1]", "causal_mask[2]", "causal_mask[3]"]
-        else:
-            mlmodel = cm_convert.convert_encoder(hf_model, model_type=source.model_type, seq_len=plan.context, plan=fp16_plan,
-                                                 compute_units=config.compute_units)
-            flexible = []
+            return mlmodel, ["input_ids[1]", "causal_mask[2]", "causal_mask[3]"]
+        mlmodel = cm_convert.convert_encoder(hf_model, model_type=source.model_type, seq_len=plan.context, plan=fp16_plan,
+                                             compute_units=config.compute_units)
+        return mlmodel, []
+
+
+def _compress_and_save(mlmodel, flexible: list, compression: _Compression, plan: _Plan, directory, config: CoreMLConfig,
+                       tmp: Path, timings: dict, status) -> _Package:
+    """Step 5b: the program compressed (weight by weight, read back from the converted package) and saved with the side files."""
+    from edgepack.targets.base import timed
+    from edgepack.targets.coreml_support import compat
+    from edgepack.targets.coreml_support import convert as cm_convert
+
+    kind, source, scheme = plan.kind, plan.source, compression.scheme
     if config.compress != "none":
         status(f"compressing weights ({config.compress})")
         with timed(timings, "compress", digits=None):
@@ -327,14 +378,15 @@ def _convert_and_save(hf_model, fp16_plan, compression: _Compression, plan: _Pla
     return _Package(package, package_bytes, flexible)
 
 
-def _ane_report(package: _Package, status) -> dict:
-    """Step 6: ANE readiness, by static inspection of the saved program."""
+def _ane_report(package: _Package, status):
+    """Step 6: ANE readiness, by static inspection of the saved program; returns (report, the loaded program),
+    the program read once for this and the MIL reference verification."""
     from edgepack.targets.coreml_support import ane
     from edgepack.targets.coreml_support.mil_reference import load_program
 
     status("ANE readiness report (static inspection of the saved program)")
     program = load_program(package.path)
-    return ane.report(program.function, size_bytes=package.bytes, flexible_inputs=package.flexible)
+    return ane.report(program.function, size_bytes=package.bytes, flexible_inputs=package.flexible), program
 
 
 def coreml_gates(fp16_plan, tokenizer_check: dict, need: int | None, plan: _Plan, parity_figures: dict | None,
@@ -364,8 +416,8 @@ def coreml_gates(fp16_plan, tokenizer_check: dict, need: int | None, plan: _Plan
     return gates
 
 
-def _checks(fp16_plan, package: _Package, state_bytes: int, tokenizer, hf_model, tokens, plan: _Plan, config: CoreMLConfig,
-            tmp: Path, timings: dict, status) -> tuple[dict, list, dict | None]:
+def _checks(fp16_plan, package: _Package, program, state_bytes: int, tokenizer, reference: _Reference | None, plan: _Plan,
+            config: CoreMLConfig, tmp: Path, timings: dict, status) -> tuple[dict, list, dict | None]:
     """Step 7 (verify): target.json `checks`, the gates that decide them, and the verification figures."""
     from edgepack.targets.base import timed, verdict
     from edgepack.targets.tokenizer_check import check_tokenizer_files
@@ -374,10 +426,10 @@ def _checks(fp16_plan, package: _Package, state_bytes: int, tokenizer, hf_model,
     tokenizer_check = check_tokenizer_files(tmp, tokenizer)
     need = package.bytes + state_bytes
     verification, figures = None, None
-    if config.verify:
+    if reference is not None:
         status("verifying with the MIL reference interpreter against fp32 PyTorch")
         with timed(timings, "verify", digits=None):
-            verification = _verify(package.path, hf_model, tokens, plan.kind, plan.context, config)
+            verification = _compare(package.path, reference, config, program)
         figures = _parity_figures(verification)
     gates = coreml_gates(fp16_plan, tokenizer_check, need, plan, figures, config)
     checks: dict = {"fp16_safety": {"passed": verdict(gates, "fp16_safety"), "unsafe": fp16_plan.unsafe, "low_headroom": fp16_plan.warnings,
@@ -430,11 +482,20 @@ def build(directory, out, config: CoreMLConfig = CoreMLConfig(), on_status=None)
     tokens = _eval_tokens(tokenizer, config, plan.source)
     fp16_plan = _fp16_plan(hf_model, tokens, plan, config, timings, status)
     compression = _compression(hf_model, tokenizer, plan, config, timings, status)
+    reference = _reference(hf_model, tokens, plan, config, timings, status)
     with staging_dir(out) as tmp:
-        package = _convert_and_save(hf_model, fp16_plan, compression, plan, directory, config, tmp, timings, status)
-        ane_report = _ane_report(package, status)
-        checks, gates, verification = _checks(fp16_plan, package, state_bytes, tokenizer, hf_model, tokens, plan, config, tmp,
+        mlmodel, flexible = _convert(hf_model, fp16_plan, compression, plan, config, timings, status)
+        # Every step that reads the PyTorch model has run: its weights are freed before compression and
+        # verification, which then hold only the program's (peak memory: the fp32 model + its fp16 program).
+        del hf_model
+        gc.collect()
+        package = _compress_and_save(mlmodel, flexible, compression, plan, directory, config, tmp, timings, status)
+        del mlmodel
+        gc.collect()
+        ane_report, program = _ane_report(package, status)
+        checks, gates, verification = _checks(fp16_plan, package, program, state_bytes, tokenizer, reference, plan, config, tmp,
                                               timings, status)
+        del program
         artifact = TargetArtifact(
             out=out, target=TARGET, facts=_facts(plan, package, compression, fp16_plan, ane_report, state_bytes, verification, config),
             checks=checks,
@@ -512,40 +573,34 @@ def _eval_tokens(tokenizer, config: CoreMLConfig, source: _Source) -> list[int]:
 
 
 def _verify(package: Path, hf_model, tokens: list[int], kind: str, context: int, config: CoreMLConfig) -> dict:
-    import numpy as np
-    import torch
+    """The package against the PyTorch model on `tokens` (what `build` does in two steps, for re-verification)."""
+    return _compare(package, _reference_outputs(hf_model, tokens, kind, context, config), config)
 
+
+def _compare(package: Path, reference: _Reference, config: CoreMLConfig, program=None) -> dict:
+    """The package's outputs (MIL reference on `program` when loaded, else the package's; Core ML too on macOS)
+    against the PyTorch reference outputs."""
     from edgepack.core.texts import EVAL_TEXT, text_label
     from edgepack.targets.coreml_support import verify
 
     result: dict = {"eval_text": text_label(config.eval_text, EVAL_TEXT)}
+    kind, ids, steps, mask, expected = reference.kind, reference.ids, reference.steps, reference.mask, reference.outputs
+    n = expected.shape[0]
     if kind == "decoder":
-        n = min(config.eval_positions, context, len(tokens))
-        steps = min(config.decode_steps, n - 1)
-        ids = tokens[:n]
-        with torch.no_grad():
-            reference = hf_model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float().numpy()
-        logits, timing = verify.run_decoder_mil(package, ids, steps)
+        logits, timing = verify.run_decoder_mil(program if program is not None else package, ids, steps)
         result["mil-reference"] = {"verified_by": "mil-reference", "prefill_tokens": n - steps, "decode_steps": steps,
-                                   **verify.fp16_logit_figures(reference, logits), "seconds": timing}
+                                   **verify.fp16_logit_figures(expected, logits), "seconds": timing}
     else:
-        n = min(context, len(tokens))
-        ids = np.zeros((1, context), dtype=np.int32)
-        ids[0, :n] = tokens[:n]
-        mask = np.zeros((1, context), dtype=np.int32)
-        mask[0, :n] = 1
-        with torch.no_grad():
-            reference = hf_model(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask, dtype=torch.long)).last_hidden_state[0].numpy()
-        hidden = verify.run_encoder_mil(package, ids, mask)
-        result["mil-reference"] = {"verified_by": "mil-reference", **verify.fp16_hidden_state_figures(reference[:n], hidden[:n])}
+        hidden = verify.run_encoder_mil(program if program is not None else package, ids, mask)
+        result["mil-reference"] = {"verified_by": "mil-reference", **verify.fp16_hidden_state_figures(expected, hidden[:n])}
     available, reason = verify.coreml_runtime_available()
     if available:
         if kind == "decoder":
             logits = verify.run_decoder_coreml(package, ids, steps, config.compute_units)
-            result["coreml-runtime"] = {"verified_by": "coreml-runtime", **verify.fp16_logit_figures(reference, logits)}
+            result["coreml-runtime"] = {"verified_by": "coreml-runtime", **verify.fp16_logit_figures(expected, logits)}
         else:
             hidden = verify.run_encoder_coreml(package, ids, mask, config.compute_units)
-            result["coreml-runtime"] = {"verified_by": "coreml-runtime", **verify.fp16_hidden_state_figures(reference[:n], hidden[:n])}
+            result["coreml-runtime"] = {"verified_by": "coreml-runtime", **verify.fp16_hidden_state_figures(expected, hidden[:n])}
     else:
         result["coreml-runtime"] = {"skipped": reason}
     result["verified_by"] = "coreml-runtime" if available else "mil-reference"

@@ -174,6 +174,19 @@ def test_int4_block_compression(exported_tiny_factory, tmp_path, llama_target):
     assert artifact.files[weights] < 0.45 * llama_target[1].files[weights]  # 4 bits + fp16 scale and offset per 16
     assert artifact.facts["compression"]["dtype"] == "uint4"
     assert artifact.facts["verification"]["mil-reference"]["top1_agreement"] >= 0.5  # reported; random weights
+    # The MIL reference with no decompressed weight kept (each decompressed when an op reads it, as for a
+    # model past its cache) computes the logits the cached run does, and keeps nothing across calls.
+    from edgepack.targets.coreml_support import verify
+    from edgepack.targets.coreml_support.mil_reference import load_program
+
+    cached, uncached = load_program(tmp_path / "q4" / "model.mlpackage"), load_program(tmp_path / "q4" / "model.mlpackage")
+    uncached.cache_bytes = 0
+    tokens = list(range(5, 17))
+    expected, _ = verify.run_decoder_mil(cached, tokens, decode_steps=4)
+    logits, _ = verify.run_decoder_mil(uncached, tokens, decode_steps=4)
+    assert cached.decompressed and not uncached.decompressed
+    assert np.array_equal(logits, expected)
+    assert np.array_equal(verify.run_decoder_mil(uncached, tokens, decode_steps=4)[0], expected)  # reused: a fresh KV cache
 
 
 def test_int4_block_split_table_and_integer_offsets(exported_tiny_factory, tmp_path):

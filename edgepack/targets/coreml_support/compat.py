@@ -45,7 +45,91 @@ def apply() -> list[str]:
     if ct_version <= (9, 0):
         if _register_alias():
             _APPLIED.append("torch aten::alias as identity (unsupported in ct 9.0 with torch>=2.8)")
+
+    # coremltools 9.0: the fp16 cast pass (`add_fp16_cast`) checks every fp32 weight for fp16 overflow with
+    # `abs_value[np.where(abs_value < 1e38)]`: np.where returns one int64 index array per dimension, so a
+    # 2-D weight costs ~9x its fp32 bytes at once (a 128k x 2048 embedding table: 9 GB), and its underflow
+    # check copies each weight (`len(val.flatten())`) only to count it. Same decisions, checked in chunks;
+    # and each fp32 weight's pages are released once the pass has its fp16 copy (_release_pages).
+    if ct_version <= (9, 0):
+        _patch_fp16_cast_checks()
+        _APPLIED.append("fp16 cast pass: overflow/underflow checks in bounded memory, fp32 pages released after the fp16 copy (ct 9.0)")
     return list(_APPLIED)
+
+
+_CHUNK = 1 << 20  # elements per step of the chunked fp16 range check
+
+
+def _fp16_overflows(value) -> bool:
+    """Whether a finite-range value (|x| < 1e38; larger ones are infinities for this purpose) exceeds fp16's
+    maximum: coremltools 9.0's test, `max(|x| where |x| < 1e38) > 65504`, read a chunk at a time."""
+    import numpy as np
+
+    flat = np.ravel(np.asarray(value))
+    for start in range(0, flat.size, _CHUNK):
+        chunk = np.abs(flat[start:start + _CHUNK])
+        if np.any((chunk > 65504) & (chunk < 1e38)):
+            return True
+    return False
+
+
+_MADV_PAGEOUT = 21  # Linux >= 5.4; not in Python's mmap module constants
+
+
+def _release_pages(value) -> None:
+    """Hand an fp32 weight's pages back to the kernel once the fp16 pass has copied it.
+
+    coremltools holds the traced PyTorch model, whose weights are memory-mapped safetensors, for the whole
+    conversion, so every fp32 page the conversion reads stays resident next to the fp16 program (1.5x the
+    fp32 model). MADV_PAGEOUT reclaims the pages without changing what they hold: a file-backed page is
+    read again from the file if anything touches it, an anonymous one (no swap) is left as it is. No
+    library offers this: PyTorch and coremltools both keep a tensor's pages until it is freed."""
+    import ctypes
+    import mmap
+
+    import numpy as np
+
+    if not isinstance(value, np.ndarray) or value.nbytes < (1 << 20) or not hasattr(ctypes, "CDLL"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return
+    page = mmap.PAGESIZE
+    start = -(-value.ctypes.data // page) * page
+    end = (value.ctypes.data + value.nbytes) // page * page
+    if end > start and hasattr(libc, "madvise"):
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_PAGEOUT)  # a hint: failure leaves the pages
+
+
+def _patch_fp16_cast_checks() -> None:
+    import numpy as np
+    from coremltools.converters.mil.mil.passes.defs.quantization import FP16ComputePrecision
+
+    if getattr(FP16ComputePrecision, "_edgepack_bounded", False):
+        return
+
+    def fp16_overflow(op) -> bool:
+        for inputs in op.inputs.values():
+            for var in inputs if isinstance(inputs, (list, tuple)) else (inputs,):
+                if var.op is not None and var.op.op_type == "const" and var.is_tensor_or_scalar_of(dtype="fp32"):
+                    if _fp16_overflows(var.op.val.val):
+                        return True
+        return False
+
+    original_underflow = FP16ComputePrecision._check_underflow_to_zero
+
+    def check_underflow_to_zero(self, new_var, var):
+        # Called once per fp32 value right after its fp16 copy is made. 9.0 looks only at values of fewer
+        # than 400 elements: skip larger ones without copying them.
+        if var.val is not None and np.size(var.val) >= 400:
+            _release_pages(var.val)
+            return
+        original_underflow(self, new_var, var)
+
+    FP16ComputePrecision.fp16_overflow = staticmethod(fp16_overflow)
+    FP16ComputePrecision._check_underflow_to_zero = check_underflow_to_zero
+    FP16ComputePrecision._edgepack_bounded = True
 
 
 def _patch_cast() -> None:

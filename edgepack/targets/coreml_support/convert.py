@@ -146,13 +146,18 @@ def _convert(ct, traced, model_type, *, inputs, outputs, states, compute_units, 
         kwargs["states"] = states
     try:
         with _quiet_progress():
-            return ct.convert(traced, **kwargs)
+            mlmodel = ct.convert(traced, **kwargs)
     except Exception as exc:
         message = str(exc)
         op = re.search(r"convert function for op '([^']+)' not implemented", message)
         if op:
             raise UnsupportedModelError(f"model_type {model_type!r}: coremltools 9.0 cannot convert torch op '{op.group(1)}'") from exc
         raise UnsupportedModelError(f"model_type {model_type!r}: coremltools conversion failed: {_first_line(exc)}") from exc
+    # The MLModel keeps the converted MIL program (fp16 weights: half the fp32 model) beside its package, which
+    # holds the same weights; compression reads them back from the package and saving copies the package, so
+    # the in-memory copy is dropped rather than kept alongside the PyTorch model and the compressed program.
+    mlmodel._mil_program = None
+    return mlmodel
 
 
 @contextlib.contextmanager
@@ -195,8 +200,26 @@ def compress(mlmodel, scheme: CompressionScheme, column_weights=None, split_tabl
     raise ValueError(scheme.name)
 
 
+# Rows per step of the row-wise fits below: their float32 temporaries stay at a few tens of MB instead of
+# several copies of the whole weight (a 128k-token table is 1 GB in float32).
+_ROW_CHUNK_ELEMENTS = 1 << 22
+
+
+def _by_rows(fit, weight: np.ndarray, *args):
+    """`fit` (row-independent, returning arrays with one row per weight row) applied to chunks of rows."""
+    step = max(1, _ROW_CHUNK_ELEMENTS // max(1, weight.shape[1]))
+    if weight.shape[0] <= step:
+        return fit(weight, *args)
+    parts = [fit(weight[start:start + step], *args) for start in range(0, weight.shape[0], step)]
+    return tuple(np.concatenate(arrays) for arrays in zip(*parts))
+
+
 def affine_blocks(weight: np.ndarray, block: int):
     """Per-block (along the last axis) min/max affine uint4: w ~= scale * (q - offset)."""
+    return _by_rows(_affine_blocks, weight, block)
+
+
+def _affine_blocks(weight: np.ndarray, block: int):
     rows, cols = weight.shape
     w = weight.astype(np.float32).reshape(rows, cols // block, block)
     lo, hi = w.min(axis=-1), w.max(axis=-1)
@@ -283,6 +306,13 @@ def split_levels(bits: int, kind: str = "normal") -> np.ndarray:
 
 
 SPLIT_LEVELS = split_levels(3)
+
+
+def int8_rows(weight: np.ndarray):
+    """Symmetric int8 per row: w ~= scale * q, scale float32 (rows, 1)."""
+    absmax = np.abs(weight.astype(np.float32)).max(axis=1, keepdims=True)
+    scale = np.where(absmax > 0, absmax / 127.0, 1.0)
+    return np.clip(np.rint(weight / scale), -127, 127).astype(np.int8), scale
 
 
 def int8_blocks(weight: np.ndarray, block: int = 32):
@@ -418,9 +448,7 @@ class _Int4BlockRewrites:
 
         cols = value.shape[1]
         if is_embedding and self.embedding == "int8":
-            absmax = np.abs(value.astype(np.float32)).max(axis=1, keepdims=True)
-            scale = np.where(absmax > 0, absmax / 127.0, 1.0)
-            data = np.clip(np.rint(value / scale), -127, 127).astype(np.int8)
+            data, scale = _by_rows(int8_rows, value)
             new = mb.constexpr_blockwise_shift_scale(data=data, scale=scale.astype(value.dtype), before_op=op, name=op.name + "_int8")
         elif cols % self.block == 0 or (is_embedding and self.embedding == "row"):
             q, scale, offset = affine_blocks(value, cols if is_embedding and self.embedding == "row" else self.block)

@@ -71,11 +71,20 @@ def decoder_steps(tokens: list[int], decode_steps: int):
         yield {"input_ids": np.array([ids], dtype=np.int32), "causal_mask": causal_mask(len(ids), end)}
 
 
-def run_decoder_mil(package, tokens: list[int], decode_steps: int) -> tuple[np.ndarray, dict]:
-    from edgepack.targets.coreml_support.mil_reference import load_program
+def _program(package_or_program):
+    """A loaded MILProgram as it is, or the one a package path holds (reset: no state from earlier calls)."""
+    from edgepack.targets.coreml_support.mil_reference import MILProgram, load_program
 
+    if isinstance(package_or_program, MILProgram):
+        package_or_program.reset()
+        return package_or_program
+    return load_program(package_or_program)
+
+
+def run_decoder_mil(package, tokens: list[int], decode_steps: int) -> tuple[np.ndarray, dict]:
+    """`package`: an .mlpackage path, or its program already loaded by `mil_reference.load_program`."""
     t0 = time.perf_counter()
-    program = load_program(package)
+    program = _program(package)
     load_s = time.perf_counter() - t0
     logits = []
     t0 = time.perf_counter()
@@ -98,9 +107,8 @@ def run_decoder_coreml(package, tokens: list[int], decode_steps: int, compute_un
 
 
 def run_encoder_mil(package, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    from edgepack.targets.coreml_support.mil_reference import load_program
-
-    program = load_program(package)
+    """`package`: an .mlpackage path, or its program already loaded by `mil_reference.load_program`."""
+    program = _program(package)
     return program.run({"input_ids": ids, "attention_mask": mask})["last_hidden_state"][0].astype(np.float32)
 
 
