@@ -91,8 +91,8 @@ class TensorStore:
             self._spill.flush()
         path, offset, length = self._span(tensor)
         dtype = self.dtype(tensor)
-        if dtype.itemsize * int(np.prod(tensor.dims, dtype=np.int64)) != length:
-            raise ValueError(f"{tensor.name}: external data length {length} does not match its shape and type")
+        if dtype.itemsize * int(np.prod(tensor.dims, dtype=np.int64)) != length:  # packed (int4) or odd types
+            return numpy_helper.to_array(self.materialize(tensor))
         with path.open("rb") as f:
             f.seek(offset)
             values = np.fromfile(f, dtype=dtype, count=length // dtype.itemsize)
@@ -181,10 +181,27 @@ class TensorStore:
         return ref
 
     def take(self, tensor):
-        """A library-made tensor (bytes inline, its own message) as a spilled reference."""
+        """A library-made tensor (bytes inline, its own message) as a spilled reference. Its bytes are
+        written as they are: packed types (int4) have no numpy form of the same size."""
+        from onnx import TensorProto
+
         if is_external(tensor) or self.work_dir is None:
             return tensor
-        return self.add(self.array(tensor), tensor.name)
+        if not tensor.HasField("raw_data"):  # typed fields (float_data, int32_data...): through numpy
+            return self.add(self.array(tensor), tensor.name)
+        data = tensor.raw_data
+        if len(data) < INLINE_LIMIT:
+            return tensor
+        f = self._spill_file()
+        f.seek(0, os.SEEK_END)
+        offset = f.tell()
+        f.write(data)
+        ref = TensorProto()
+        ref.name = tensor.name
+        ref.data_type = tensor.data_type
+        ref.dims.extend(tensor.dims)
+        _set_external(ref, self._spill_name, offset, len(data))
+        return ref
 
     def close(self) -> None:
         if self._spill is not None:

@@ -7,6 +7,7 @@ import onnx
 import pytest
 
 from edgepack.quantize.external import INLINE_LIMIT, TensorStore, is_external
+from edgepack.quantize.graph import validate_with_onnxruntime
 from edgepack.quantize.schemes import Int4, Int8Weight
 from edgepack.quantize.weight_only import quantize_weight_only
 
@@ -49,6 +50,7 @@ def test_streamed_quantization_equals_in_memory(arch, scheme, exported_tiny_fact
     assert not list(work.iterdir())  # the spill file is gone with the store
 
     assert facts == ref_facts
+    validate_with_onnxruntime(out)
     saved = onnx.load(str(out), load_external_data=False)
     assert [(n.op_type, list(n.input), list(n.output)) for n in saved.graph.node] == \
            [(n.op_type, list(n.input), list(n.output)) for n in reference.graph.node]
