@@ -88,7 +88,7 @@ STAGES = (
     Stage("ort", "quantize", ("target", "ort"), ("--max-context", "256"), "target.json"),
     Stage("ort-mobile", "quantize", ("target", "ort-mobile"), (), "target.json"),
     Stage("qnn", "convert", ("target", "qnn"),
-          ("--precision", "w4a16", "--max-context", "256", "--prefill-len", "32", "--calibration-samples", "4",
+          ("--device", "galaxy-s24", "--precision", "w4a16", "--max-context", "256", "--prefill-len", "32", "--calibration-samples", "4",
            "--eval-windows", "1", "--rescue", "0"), "target.json"),
     Stage("coreml", "convert", ("target", "coreml"),
           ("--compress", "int4-block", "--embedding", "int8", "--max-context", "256", "--eval-positions", "16"), "target.json"),
@@ -178,6 +178,8 @@ def make_model(name: str, out: Path, shard_bytes: int = 1 << 30) -> None:
     else:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    config.architectures = [type(model).__name__]  # what save_pretrained records; onnxruntime-genai's builder reads it
+    config.dtype = "float32"
     config.save_pretrained(tmp)
     GenerationConfig.from_model_config(config).save_pretrained(tmp)
     demo = demo_tokenizer_folder()

@@ -526,9 +526,28 @@ def effective_weight(blocks: Blocks, *, single_8bit: bool) -> np.ndarray:
     return total.reshape(rows, -1)
 
 
+_CHECK_ROWS = 4096  # weight rows compared at a time: the float64 copies stay a few tens of MB at any size
+
+
+def _weight_rows(w: NBitsWeight, rows: slice) -> NBitsWeight:
+    zero = None if w.zero is None else w.zero[rows]
+    return NBitsWeight(w.node, w.bits, w.block, w.accuracy_level, w.codes[rows], w.scale[rows], zero, w.inputs)
+
+
+def _block_rows(blocks: Blocks, rows: slice) -> Blocks:
+    pick = lambda a: None if a is None else a[rows]  # noqa: E731
+    return Blocks(blocks.source, blocks.bits, blocks.block, blocks.codes[rows], blocks.scale[rows], pick(blocks.offset), pick(blocks.zero))
+
+
 def check_exact(w: NBitsWeight, blocks: Blocks, *, single_8bit: bool) -> bool:
-    """Bit for bit: every weight of the new layout equals the MatMulNBits node's own dequantization."""
-    return bool(np.array_equal(effective_weight(blocks, single_8bit=single_8bit), w.dequantize().astype(np.float64)))
+    """Bit for bit: every weight of the new layout equals the MatMulNBits node's own dequantization
+    (compared a slice of rows at a time: every value depends on its own row only)."""
+    for start in range(0, w.codes.shape[0], _CHECK_ROWS):
+        rows = slice(start, start + _CHECK_ROWS)
+        mine = effective_weight(_block_rows(blocks, rows), single_8bit=single_8bit)
+        if not np.array_equal(mine, _weight_rows(w, rows).dequantize().astype(np.float64)):
+            return False
+    return True
 
 
 def snap_for_exact_layout(model, store=None) -> dict:
@@ -546,10 +565,14 @@ def snap_for_exact_layout(model, store=None) -> dict:
         if w is None or not needs_snap(w) or check_exact(w, to_blocks(w), single_8bit=w.accuracy_level == 4):
             continue  # nothing to re-express, or already exact (snapped before, or fp16 scales)
         snapped = snap(w)
-        before, after = w.dequantize(), snapped.dequantize()
-        peak = float(np.abs(before).max(initial=0.0))
+        peak = change = 0.0
+        for start in range(0, w.codes.shape[0], _CHECK_ROWS):  # row slices: the same maxima, bounded memory
+            rows = slice(start, start + _CHECK_ROWS)
+            before, after = _weight_rows(w, rows).dequantize(), _weight_rows(snapped, rows).dequantize()
+            peak = max(peak, float(np.abs(before).max(initial=0.0)))
+            change = max(change, float(np.abs(after - before).max(initial=0.0)))
         if peak:
-            worst = max(worst, float(np.abs(after - before).max()) / peak)
+            worst = max(worst, change / peak)
         scale_init = g.inits[w.inputs[1]]
         dtype = g.store.dtype(scale_init)
         if not np.array_equal(snapped.scale.astype(dtype).astype(np.float32), snapped.scale):

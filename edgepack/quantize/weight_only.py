@@ -119,7 +119,9 @@ def _quantize_node_by_node(model, include: set[str], op_types, store, make_quant
         if [n.op_type for n in single.graph.node] == [node.op_type]:  # the library skipped it (e.g. not 2-D)
             replaced.append(node)
             continue
-        replaced.extend(single.graph.node)
+        # Copies: a message taken from the one-node model would keep that model's arena, and the weight's
+        # bytes in it, alive as long as the message is referenced.
+        replaced.extend(_standalone(n) for n in single.graph.node)
         for tensor in single.graph.initializer:
             if tensor.name != weight:
                 graph.initializer.append(store.take(tensor))
@@ -138,6 +140,12 @@ def _quantize_node_by_node(model, include: set[str], op_types, store, make_quant
         for item in stale:
             graph.input.remove(item)
     return model
+
+
+def _standalone(message):
+    copy = type(message)()
+    copy.CopyFrom(message)
+    return copy
 
 
 def _merge_opsets(model, single) -> None:
