@@ -33,6 +33,12 @@ from edgepack.runtime.model_dir import TEXT_GENERATION
 _ROWS = 64  # positions compared at a time
 
 
+def _is_float_graph(onnx_path: Path) -> bool:
+    """An export `edgepack quantize` did not write (it leaves quantize.json beside the graph). Quantized
+    kernels compute differently without their prepacked weights, so those graphs run as deployed."""
+    return not (Path(onnx_path).parent / "quantize.json").is_file()
+
+
 @dataclass(frozen=True)
 class QualityConfig:
     eval_text: Path | None = None
@@ -65,18 +71,19 @@ class QualityEvaluator:
                 "are needed (pass a longer --eval-text or a smaller --eval-tokens)"
             )
         self.task = model_dir.task
-        self.reference = list(self._outputs(reference_onnx))
+        self.reference = list(self._outputs(reference_onnx, prepack=not _is_float_graph(reference_onnx)))
 
-    def _outputs(self, onnx_path: Path):
+    def _outputs(self, onnx_path: Path, prepack: bool = True):
         """Logits (decoders) or hidden states (encoders) for each window in turn, one session per model.
 
         A generator: a candidate's outputs are compared window by window and never all held; the session
-        is freed when the last window has been read.
+        is freed when the last window has been read. A float reference runs without prepacked weights
+        (one copy of the weights instead of two; outputs within float rounding of the packed kernels').
         """
         from edgepack.runtime.generate import DecoderSession, encoder_feeds
         from edgepack.runtime.session import create_session
 
-        session = create_session(onnx_path, threads=self.config.threads)
+        session = create_session(onnx_path, threads=self.config.threads, prepack=prepack)
         if self.task == TEXT_GENERATION:
             decoder = DecoderSession(session, self.model_dir.config)
             for window in self.windows:
