@@ -274,13 +274,18 @@ def _set_external(tensor, location: str, offset: int, length: int) -> None:
 
 
 def _initializers(graph):
-    """Initializers of a graph and of its subgraphs (If/Loop/Scan bodies)."""
+    """Every tensor of a graph that may hold data: initializers and tensor attributes (a Constant's value,
+    which exporters also store as external data), of the graph and of its subgraphs (If/Loop/Scan bodies)."""
     from onnx import AttributeProto
 
     yield from graph.initializer
     for node in graph.node:
         for attr in node.attribute:
-            if attr.type == AttributeProto.GRAPH:
+            if attr.type == AttributeProto.TENSOR:
+                yield attr.t
+            elif attr.type == AttributeProto.TENSORS:
+                yield from attr.tensors
+            elif attr.type == AttributeProto.GRAPH:
                 yield from _initializers(attr.g)
             elif attr.type == AttributeProto.GRAPHS:
                 for sub in attr.graphs:

@@ -16,8 +16,14 @@ def external_copy(folder, dest):
     """The export re-saved with every weight in model.onnx.data (as real-size exports are)."""
     dest.mkdir()
     model = onnx.load(str(folder / "model.onnx"))
+    # A Constant's tensor in the data file too, as optimum's exports of real-size models have them.
+    values = np.arange(512, dtype=np.float32)
+    model.graph.node.insert(0, onnx.helper.make_node("Constant", [], ["edgepack_test_constant"], value=onnx.numpy_helper.from_array(values)))
+    model.graph.output.append(onnx.helper.make_tensor_value_info("edgepack_test_constant", onnx.TensorProto.FLOAT, [512]))
     onnx.save_model(model, str(dest / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location="model.onnx.data", size_threshold=INLINE_LIMIT)
+                    location="model.onnx.data", size_threshold=INLINE_LIMIT, convert_attribute=True)
+    constant = onnx.load(str(dest / "model.onnx"), load_external_data=False).graph.node[0].attribute[0].t
+    assert is_external(constant)
     return dest / "model.onnx"
 
 
