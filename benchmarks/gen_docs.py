@@ -37,6 +37,9 @@ BENCHMARKS: dict[str, tuple[str, str, str]] = {
     "coreml-table-study": ("benchmarks/coreml_table_study.py", "Weight formats for the tied embedding table simulated in "
                            "PyTorch: estimated package size against top-1 agreement.",
                            "python benchmarks/coreml_table_study.py EXPORT exact/int8row res16/split:6000:64:nf"),
+    "scale": ("benchmarks/scale.py", "Wall time and peak memory of each stage, one process per stage, on random-weight "
+              "models of real shapes (SmolLM2-135M, Qwen2.5-0.5B, Llama-3.2-1B), against the memory target of 2x the "
+              "fp32 weight bytes and 12 GB.", "python benchmarks/scale.py"),
     "qnn": ("benchmarks/qnn.py", "QNN target in the HTP simulator: nodes on the HTP, parity with fp32, compile and "
             "simulator time, with and without the sensitivity rescue.", "python benchmarks/qnn.py EXPORT --rescue 0 16"),
 }

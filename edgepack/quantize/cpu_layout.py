@@ -89,13 +89,20 @@ class Blocks:
 
 
 class GraphEdit:
-    def __init__(self, model, const_prefix: str = "cpu_layout"):
+    """Edits of one graph, collected and applied by `finish`. Tensors are read and written through `store`
+    (an `external.TensorStore`): a model loaded without its weights is edited one tensor at a time."""
+
+    def __init__(self, model, const_prefix: str = "cpu_layout", store=None):
         from onnx import numpy_helper
+
+        from edgepack.quantize.external import TensorStore
 
         self.model = model
         self.const_prefix = const_prefix
         self.graph = model.graph
         self.np = numpy_helper
+        self.store = store if store is not None else TensorStore()
+        self.read = self.store.array
         self.inits = {i.name: i for i in self.graph.initializer}
         self.producer = {o: n for n in self.graph.node for o in n.output}
         self.consumers: dict[str, list] = defaultdict(list)
@@ -119,7 +126,7 @@ class GraphEdit:
 
     def add_init(self, array: np.ndarray, base: str) -> str:
         name = self.unique(base)
-        self.new_inits.append(self.np.from_array(np.ascontiguousarray(array), name))
+        self.new_inits.append(self.store.add(np.ascontiguousarray(array), name))
         return name
 
     def float_init(self, values: np.ndarray, base: str) -> tuple[str, int]:
@@ -440,15 +447,15 @@ def read_matmul_nbits(g: GraphEdit, node) -> NBitsWeight | None:
     if bits not in (4, 8) or not block or extra or k % block or any(name not in g.inits for name in names):
         return None
     nb = k // block
-    b = g.np.to_array(g.inits[node.input[1]])
+    b = g.read(g.inits[node.input[1]])
     if b.dtype != np.uint8 or b.size != n * nb * block * bits // 8:
         return None
     b = b.reshape(n, nb, -1)
     codes = np.stack([b & 0x0F, b >> 4], axis=-1).reshape(n, k) if bits == 4 else b.reshape(n, k)
-    scale = g.np.to_array(g.inits[node.input[2]]).astype(np.float32).reshape(n, nb)
+    scale = g.read(g.inits[node.input[2]]).astype(np.float32).reshape(n, nb)
     zero = None
     if len(node.input) > 3 and node.input[3]:
-        z = g.np.to_array(g.inits[node.input[3]])
+        z = g.read(g.inits[node.input[3]])
         if z.dtype == np.uint8:
             z = z.reshape(n, -1)
             zero = (np.stack([z & 0x0F, z >> 4], axis=-1).reshape(n, -1) if bits == 4 else z)[:, :nb]
@@ -519,18 +526,37 @@ def effective_weight(blocks: Blocks, *, single_8bit: bool) -> np.ndarray:
     return total.reshape(rows, -1)
 
 
+_CHECK_ROWS = 4096  # weight rows compared at a time: the float64 copies stay a few tens of MB at any size
+
+
+def _weight_rows(w: NBitsWeight, rows: slice) -> NBitsWeight:
+    zero = None if w.zero is None else w.zero[rows]
+    return NBitsWeight(w.node, w.bits, w.block, w.accuracy_level, w.codes[rows], w.scale[rows], zero, w.inputs)
+
+
+def _block_rows(blocks: Blocks, rows: slice) -> Blocks:
+    pick = lambda a: None if a is None else a[rows]  # noqa: E731
+    return Blocks(blocks.source, blocks.bits, blocks.block, blocks.codes[rows], blocks.scale[rows], pick(blocks.offset), pick(blocks.zero))
+
+
 def check_exact(w: NBitsWeight, blocks: Blocks, *, single_8bit: bool) -> bool:
-    """Bit for bit: every weight of the new layout equals the MatMulNBits node's own dequantization."""
-    return bool(np.array_equal(effective_weight(blocks, single_8bit=single_8bit), w.dequantize().astype(np.float64)))
+    """Bit for bit: every weight of the new layout equals the MatMulNBits node's own dequantization
+    (compared a slice of rows at a time: every value depends on its own row only)."""
+    for start in range(0, w.codes.shape[0], _CHECK_ROWS):
+        rows = slice(start, start + _CHECK_ROWS)
+        mine = effective_weight(_block_rows(blocks, rows), single_8bit=single_8bit)
+        if not np.array_equal(mine, _weight_rows(w, rows).dequantize().astype(np.float64)):
+            return False
+    return True
 
 
-def snap_for_exact_layout(model) -> dict:
+def snap_for_exact_layout(model, store=None) -> dict:
     """Snap, in place, the MatMulNBits nodes `rewrite_for_cpu` will re-express, so that re-expression is exact.
 
     Returns {"nodes": count, "max_rel_change": max |w_snapped - w| / max |w| over snapped weights}.
     `rewrite_for_cpu` calls it; it is public so tests can keep the snapped, not rewritten model as reference.
     """
-    g = GraphEdit(model)
+    g = GraphEdit(model, store=store)
     count, worst = 0, 0.0
     for node in g.graph.node:
         if node.op_type != "MatMulNBits":
@@ -539,19 +565,23 @@ def snap_for_exact_layout(model) -> dict:
         if w is None or not needs_snap(w) or check_exact(w, to_blocks(w), single_8bit=w.accuracy_level == 4):
             continue  # nothing to re-express, or already exact (snapped before, or fp16 scales)
         snapped = snap(w)
-        before, after = w.dequantize(), snapped.dequantize()
-        peak = float(np.abs(before).max(initial=0.0))
+        peak = change = 0.0
+        for start in range(0, w.codes.shape[0], _CHECK_ROWS):  # row slices: the same maxima, bounded memory
+            rows = slice(start, start + _CHECK_ROWS)
+            before, after = _weight_rows(w, rows).dequantize(), _weight_rows(snapped, rows).dequantize()
+            peak = max(peak, float(np.abs(before).max(initial=0.0)))
+            change = max(change, float(np.abs(after - before).max(initial=0.0)))
         if peak:
-            worst = max(worst, float(np.abs(after - before).max()) / peak)
+            worst = max(worst, change / peak)
         scale_init = g.inits[w.inputs[1]]
-        dtype = g.np.to_array(scale_init).dtype
+        dtype = g.store.dtype(scale_init)
         if not np.array_equal(snapped.scale.astype(dtype).astype(np.float32), snapped.scale):
             continue  # fp16 scales with an odd exponent: nothing to gain, leave the node as is
-        scale_init.CopyFrom(g.np.from_array(snapped.scale.astype(dtype).reshape(g.np.to_array(scale_init).shape), scale_init.name))
+        scale_init.CopyFrom(g.store.add(snapped.scale.astype(dtype).reshape(tuple(scale_init.dims)), scale_init.name))
         if w.float_zero:
             zero_init = g.inits[w.inputs[2]]
-            shape = g.np.to_array(zero_init).shape
-            zero_init.CopyFrom(g.np.from_array(snapped.zero.astype(g.np.to_array(zero_init).dtype).reshape(shape), zero_init.name))
+            zero = snapped.zero.astype(g.store.dtype(zero_init)).reshape(tuple(zero_init.dims))
+            zero_init.CopyFrom(g.store.add(zero, zero_init.name))
         count += 1
     return {"nodes": count, "max_rel_change": worst}
 
@@ -641,49 +671,70 @@ def offset_column_nodes(g: GraphEdit, node, w: NBitsWeight) -> tuple[list, float
     return nodes, error
 
 
-def find_tied_embeddings(model, lm_head: str | None) -> dict[str, str]:
+def find_tied_embeddings(model, lm_head: str | None, store=None) -> dict[str, str]:
     """Embedding Gathers whose table is bit-identical to the lm_head weight transposed: {gather name: lm_head output}.
 
     Run before quantization (the fp32 lm_head weight is gone afterwards). The table may be an initializer
     (optimum's export; edgepack's `untie_lm_head` then gave the lm_head its own transposed copy) or
     Transpose(lm_head weight) (onnxruntime-genai's builder).
     """
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
+    from edgepack.quantize.external import TensorStore
+
+    store = store if store is not None else TensorStore()
     nodes = {n.name: n for n in model.graph.node}
     inits = {i.name: i for i in model.graph.initializer}
     producer = {o: n for n in model.graph.node for o in n.output}
     head = nodes.get(lm_head) if lm_head else None
     if head is None or head.op_type != "MatMul" or head.input[1] not in inits or len(inits[head.input[1]].dims) != 2:
         return {}
-    weight = numpy_helper.to_array(inits[head.input[1]])
+    weight = inits[head.input[1]]
     ties: dict[str, str] = {}
-    transposed = None
     for node in model.graph.node:
         if node.op_type != "Gather" or next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0) != 0:
             continue
         data = node.input[0]
-        if data in inits:
-            table = numpy_helper.to_array(inits[data])
+        if data in inits:  # a table [V, H]: equal to the weight [H, V] transposed?
+            table, transposed = inits[data], True
         elif data in producer and producer[data].op_type == "Transpose" and producer[data].input[0] in inits:
             perm = next((list(a.ints) for a in producer[data].attribute if a.name == "perm"), [1, 0])
-            source = numpy_helper.to_array(inits[producer[data].input[0]])
-            if perm != [1, 0] or source.ndim != 2:
+            table, transposed = inits[producer[data].input[0]], False  # Transpose(source): source equal to the weight?
+            if perm != [1, 0] or len(table.dims) != 2:
                 continue
-            table = source.T
         else:
             continue
-        if table.shape != weight.shape[::-1] or table.dtype != weight.dtype:
+        shape = list(weight.dims)[::-1] if transposed else list(weight.dims)
+        if list(table.dims) != shape or table.data_type != weight.data_type:
             continue
-        if transposed is None:
-            transposed = np.ascontiguousarray(weight.T)
-        if np.array_equal(np.ascontiguousarray(table).view(np.uint8), transposed.view(np.uint8)):
+        if table.name == weight.name or _bit_identical(store, table, weight, transposed):
             ties[node.name] = head.output[0]
     return ties
 
 
+_COMPARE_ROWS = 4096  # rows of a table compared at a time: memory stays a few MB whatever the vocabulary
+
+
+def _bit_identical(store, table, weight, transposed: bool) -> bool:
+    """table == weight (or weight^T) bit for bit, read in row blocks of the table."""
+    from edgepack.quantize.external import is_external
+
+    if not (is_external(table) or is_external(weight)):  # both in memory already: one comparison
+        a, b = store.array(table), store.array(weight)
+        b = b.T if transposed else b
+        return bool(np.array_equal(np.ascontiguousarray(a).view(np.uint8), np.ascontiguousarray(b).view(np.uint8)))
+    rows = int(table.dims[0])
+    for start in range(0, rows, _COMPARE_ROWS):
+        stop = min(rows, start + _COMPARE_ROWS)
+        part = store.rows(table, start, stop)
+        other = store.columns(weight, start, stop).T if transposed else store.rows(weight, start, stop)
+        if not np.array_equal(np.ascontiguousarray(part).view(np.uint8), np.ascontiguousarray(other).view(np.uint8)):
+            return False
+    return True
+
+
 def rewrite_for_cpu(model, *, tied_embeddings: dict[str, str] | None = None, int8_embeddings: tuple[str, ...] = (),
-                    embedding_block_size: int = 32) -> dict:
+                    embedding_block_size: int = 32, store=None) -> dict:
     """Rewrite, in place, a model after onnxruntime's MatMulNBitsQuantizer into the fast exact CPU layout.
 
     * MatMulNBits with float zero points -> 4-bit codes, zero point 0 + blocksum(A) @ minimums;
@@ -692,11 +743,12 @@ def rewrite_for_cpu(model, *, tied_embeddings: dict[str, str] | None = None, int
       the Gather becomes GatherBlockQuantized on the lm_head's own B tensor; the float table goes;
     * `int8_embeddings` (Gather names): 8-bit blocks (onnxruntime's RTN, symmetric) in GatherBlockQuantized.
     Every rewritten weight is checked bit for bit against the MatMulNBits node it replaces; a node that
-    fails the check is left as it was and listed under `not_exact`.
+    fails the check is left as it was and listed under `not_exact`. Tensors are read and written through
+    `store` (`external.TensorStore`; default: the model's own inline tensors).
     """
     tied_embeddings = dict(tied_embeddings or {})
-    snapped = snap_for_exact_layout(model)
-    g = GraphEdit(model)
+    snapped = snap_for_exact_layout(model, store=store)
+    g = GraphEdit(model, store=store)
     removed: set[str] = set()
     facts = {
         "float_zero_points": 0, "split_8bit": 0, "kept_8bit": 0, "repacked_for_embedding": 0, "unchanged": 0,
@@ -768,14 +820,28 @@ def _rewrite_embeddings(g: GraphEdit, tied_embeddings: dict[str, str], int8_embe
                 removed.add(g.producer[node.input[0]].input[0])
             facts["embeddings_shared"].append(node.name)
         elif node.name in int8_embeddings and axis == 0 and node.input[0] in g.inits:
-            table = g.np.to_array(g.inits[node.input[0]])
-            if table.ndim != 2 or table.shape[1] % embedding_block_size:
+            table = g.inits[node.input[0]]
+            if len(table.dims) != 2 or table.dims[1] % embedding_block_size:
                 continue
-            blocks = rtn_blocks(table.astype(np.float32), 8, embedding_block_size)
+            blocks = rtn_blocks_by_rows(g.store, table, 8, embedding_block_size)
             packed = pack_blocks(g, blocks, node.input[0] + "_Q8", single_8bit=True)
             g.replacements[id(node)] = gather_block_quantized_nodes(g, node, packed)
             removed.add(node.input[0])
             facts["embeddings_int8"].append(node.name)
+
+
+_RTN_ROWS = 8192  # table rows quantized at a time (rows are independent: blocks run along a row)
+
+
+def rtn_blocks_by_rows(store, table, bits: int, block: int) -> Blocks:
+    """`rtn_blocks` of a [rows, cols] initializer, read and quantized a slice of rows at a time; the same
+    blocks, holding the codes and one slice of floats instead of the float table and its copies."""
+    rows = int(table.dims[0])
+    parts = [rtn_blocks(store.rows(table, start, start + _RTN_ROWS).astype(np.float32), bits, block)
+             for start in range(0, rows, _RTN_ROWS)]
+    if len(parts) == 1:
+        return parts[0]
+    return Blocks(parts[0].source, bits, block, np.concatenate([p.codes for p in parts]), np.concatenate([p.scale for p in parts]))
 
 
 def rtn_blocks(rows: np.ndarray, bits: int, block: int) -> Blocks:

@@ -15,14 +15,16 @@ def producer_map(model) -> dict:
     return {out: node for node in model.graph.node for out in node.output}
 
 
-def untie_lm_head(model) -> str | None:
+def untie_lm_head(model, store=None) -> str | None:
     """Store a tied lm_head (`Transpose(embedding)` -> MatMul) as its own initializer; return the MatMul's name.
 
     optimum exports a tied lm_head as a Transpose of the embedding table, which neither quantize_dynamic
     nor MatMulNBitsQuantizer treats as a constant weight, so the largest matrix would stay fp32.
+    With `store` (an `external.TensorStore`) the table is read from, and the copy written to, its files.
     """
-    from onnx import numpy_helper
+    from edgepack.quantize.external import TensorStore
 
+    store = store if store is not None else TensorStore()
     inits = initializer_map(model)
     producers = producer_map(model)
     untied = None
@@ -32,11 +34,13 @@ def untie_lm_head(model) -> str | None:
         source = producers.get(node.input[1])
         if source is None or source.op_type != "Transpose" or source.input[0] not in inits:
             continue
-        weight = numpy_helper.to_array(inits[source.input[0]])
+        weight = store.array(inits[source.input[0]])
         perm = next((list(a.ints) for a in source.attribute if a.name == "perm"), None)
         transposed = np.ascontiguousarray(weight.transpose(perm) if perm else weight.T)
+        del weight
         name = f"{source.input[0]}.lm_head_untied"
-        model.graph.initializer.append(numpy_helper.from_array(transposed, name))
+        model.graph.initializer.append(store.add(transposed, name))
+        del transposed
         node.input[1] = name
         if not any(source.output[0] in n.input for n in model.graph.node if n is not node):
             model.graph.node.remove(source)

@@ -124,15 +124,22 @@ def apply_scheme(scheme: Scheme, model_dir, tokenizer, out_onnx: Path, work_dir:
                                      accuracy_level=scheme.accuracy_level or None)
         return result.to_json()
 
-    model = onnx.load(str(model_dir.onnx_path))
     if isinstance(scheme, (Int4, Int8Weight)):
+        from edgepack.quantize.external import TensorStore
         from edgepack.quantize.weight_only import quantize_weight_only
 
         reader = None
         if isinstance(scheme, Int4) and scheme.algorithm == "gptq":
             reader = calibration_reader(model_dir, tokenizer, calibration_text, scheme.calibration_samples)
-        model, facts = quantize_weight_only(model, scheme, calibration_reader=reader)
-    elif isinstance(scheme, Int8Dynamic):
+        # Tensor by tensor: the graph without its weights, each weight read when its node is quantized,
+        # everything written to a spill file and copied into the output (see quantize/external.py).
+        model = onnx.load(str(model_dir.onnx_path), load_external_data=False)
+        with TensorStore(model_dir.onnx_path.parent, work_dir) as store:
+            model, facts = quantize_weight_only(model, scheme, calibration_reader=reader, store=store)
+            store.save(model, out_onnx)  # a deliverable: weights beside the graph, mapped at load
+        return facts
+    model = onnx.load(str(model_dir.onnx_path))
+    if isinstance(scheme, Int8Dynamic):
         from edgepack.quantize.activation import quantize_int8_dynamic
 
         model, facts = quantize_int8_dynamic(model, scheme, work_dir)

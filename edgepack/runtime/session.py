@@ -5,12 +5,20 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def create_session(onnx_path: Path, *, threads: int | None = None, providers: list[str] | None = None):
-    """An InferenceSession on `onnx_path`; `threads` sets intra-op threads (None: onnxruntime's default)."""
+def create_session(onnx_path: Path, *, threads: int | None = None, providers: list[str] | None = None, prepack: bool = True):
+    """An InferenceSession on `onnx_path`; `threads` sets intra-op threads (None: onnxruntime's default).
+
+    `prepack=False` keeps onnxruntime from storing a second, repacked copy of each weight (for MatMul on
+    CPU, the size of the weight): for sessions that only read a float model's outputs, where memory
+    matters more than the last few percent of speed. Quantized ops need their packed weights to run as
+    deployed; keep it on for those.
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if not prepack:
+        options.add_session_config_entry("session.disable_prepacking", "1")
     if threads:
         options.intra_op_num_threads = int(threads)
         options.inter_op_num_threads = 1

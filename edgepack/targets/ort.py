@@ -103,7 +103,7 @@ def _builder_graph(model_dir: ExportedModelDir, hf_dir: Path, scheme, work: Path
     """Builder fp32 graph -> (scheme applied) -> out_model. Returns facts."""
     import onnx
 
-    from edgepack.core.onnx_io import save_model
+    from edgepack.quantize.external import TensorStore
     from edgepack.quantize.pipeline import apply_scheme
     from edgepack.targets.genai_builder import run_builder
 
@@ -111,8 +111,9 @@ def _builder_graph(model_dir: ExportedModelDir, hf_dir: Path, scheme, work: Path
     status("building the fused decoding graph with onnxruntime-genai's model builder")
     run_builder(hf_dir, built, precision="fp32", cache_dir=work / "builder-cache", log_path=work / "builder.log")
     facts = {"builder_files": sorted(p.name for p in built.iterdir())}
-    if scheme is None:
-        save_model(onnx.load(str(built / MODEL_FILE)), out_model, external_data=True)
+    if scheme is None:  # the builder's graph as it is, its weights copied one tensor at a time
+        with TensorStore(built, work) as store:
+            store.save(onnx.load(str(built / MODEL_FILE), load_external_data=False), out_model)
         return facts
     # The scheme (and the GGUF import, which finds its source through convert.json) runs on the builder graph.
     shutil.copy2(model_dir.folder / CONVERT_REPORT, built / CONVERT_REPORT)
@@ -153,18 +154,19 @@ def _save_optimized(model_path: Path, work: Path) -> dict:
     import onnx
     import onnxruntime as ort
 
-    from edgepack.core.onnx_io import save_model
+    from edgepack.quantize.external import TensorStore
     from edgepack.targets.ort_mobile import gather_table_without_transpose, transposed_gather_tables
 
     before = sum(p.stat().st_size for p in model_path.parent.glob(model_path.name + "*"))
     untransposed, model_path_in = 0, model_path
-    if transposed_gather_tables(onnx.load(str(model_path), load_external_data=False)):  # the graph alone decides
-        model = onnx.load(str(model_path))
-        untransposed = gather_table_without_transpose(model)
+    graph = onnx.load(str(model_path), load_external_data=False)
+    if transposed_gather_tables(graph):  # the graph alone decides
         model_path_in = work / "untransposed" / model_path.name
         model_path_in.parent.mkdir()
-        save_model(model, model_path_in, external_data=True)
-        del model
+        with TensorStore(model_path.parent, work) as store:  # one table in memory at a time, not the model
+            untransposed = gather_table_without_transpose(graph, store=store)
+            store.save(graph, model_path_in)
+    del graph
     staged = work / "optimized"
     staged.mkdir()
     options = ort.SessionOptions()

@@ -113,18 +113,20 @@ def transposed_gather_tables(model) -> list[tuple]:
     return found
 
 
-def gather_table_without_transpose(model) -> int:
+def gather_table_without_transpose(model, store=None) -> int:
     """Gather(Transpose(W)) + MatMul(x, W) (see `transposed_gather_tables`) -> Gather(W.T) + FusedMatMul(x, W.T, transB=1).
 
     Constant folding would otherwise store the transposed table a second time (SmolLM2 fp32: +113 MB).
-    Returns how many tables were rewritten."""
-    from onnx import numpy_helper
+    With `store` (a `quantize.external.TensorStore`) the table is read from, and its transpose written to,
+    files. Returns how many tables were rewritten."""
+    from edgepack.quantize.external import TensorStore
 
+    store = store if store is not None else TensorStore()
     found = transposed_gather_tables(model)
     inits = {i.name: i for i in model.graph.initializer}
     for gather, source, table_name, users in found:
         table = inits[table_name]
-        transposed = numpy_helper.from_array(numpy_helper.to_array(table).T.copy(), table.name + "_t")
+        transposed = store.add(store.array(table).T.copy(), table.name + "_t")
         model.graph.initializer.remove(table)
         model.graph.initializer.append(transposed)
         gather.input[0] = transposed.name
@@ -148,10 +150,13 @@ def usability_report(onnx_path: Path) -> dict:
     """onnxruntime's mobile usability checker, per execution provider, as data instead of a log."""
     import logging
 
+    import onnx
     from onnxruntime.tools.mobile_helpers import usability_checker as uc
-    from onnxruntime.tools.onnx_model_utils import ModelProtoWithShapeInfo
 
-    model = ModelProtoWithShapeInfo(onnx_path).model_with_shape_info
+    # What onnxruntime's ModelProtoWithShapeInfo does, without the weights: the checker reads op types and
+    # shapes, and shape inference needs the initializers' dims (in the graph) and the small constant shape
+    # tensors (kept inline), not the weights, which it would otherwise copy in and out of C++ several times.
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(onnx_path), load_external_data=False), strict_mode=True)
     quiet = logging.getLogger("edgepack.quiet")
     quiet.setLevel(logging.ERROR)  # the checker logs every dynamic tensor at INFO; its findings go to JSON instead
     dynamic_inputs, dynamic_values = uc.check_shapes(model.graph, quiet)
@@ -235,16 +240,18 @@ class _Converted:
 def _prepare_graph(model_dir, config: OrtMobileConfig, work: Path, status) -> _Prepared:
     import onnx
 
-    from edgepack.core.onnx_io import save_model
+    from edgepack.quantize.external import TensorStore
 
     status("preparing the graph for mobile (fixed batch, tied weights kept single)")
-    model = onnx.load(str(model_dir.onnx_path))
+    # Graph edits only: the weights stay in their file and are copied one at a time into the prepared model.
+    model = onnx.load(str(model_dir.onnx_path), load_external_data=False)
     fixed = fix_batch_dimension(model, config.batch_size)
     tied = tie_lm_head_without_copy(model)
     # Shape hints are optional and onnxruntime re-infers them; the genai builder's graphs carry some that
     # onnx's own shape inference (run by the usability checker) rejects, e.g. a rank-0 hint on a [1] Constant.
     del model.graph.value_info[:]
-    save_model(model, work / MODEL_FILE)
+    with TensorStore(model_dir.onnx_path.parent, work) as store:
+        store.save(model, work / MODEL_FILE)
     del model
     return _Prepared(work / MODEL_FILE, fixed, tied)
 
@@ -293,10 +300,25 @@ def _sizes(model_dir, converted: _Converted, config: OrtMobileConfig, work: Path
     optimized = sorted(work.glob("*.optimized.onnx"))
     if not optimized:
         raise BadInputError(f"onnxruntime's converter saved no optimized graph for {model_dir.onnx_path}")
-    optimized_bytes = sum(p.stat().st_size for p in work.glob(optimized[0].name + "*"))
+    optimized_bytes = onnx_bytes_with_data(optimized[0])
     return {"onnx_bytes": onnx_bytes, "ort_bytes": ort_bytes, "ratio": ort_bytes / onnx_bytes,
             "optimized_onnx_bytes": optimized_bytes, "ratio_vs_optimized": ort_bytes / optimized_bytes,
             "max_ratio": config.max_size_ratio, "allowed_overhead_bytes": ALLOWED_OVERHEAD_BYTES}
+
+
+def onnx_bytes_with_data(path: Path) -> int:
+    """The graph file plus every byte of external data its tensors refer to, in whichever file: onnxruntime
+    saves an optimized graph with references into its source's data file for the tensors it did not change."""
+    import onnx
+
+    from edgepack.quantize.external import is_external
+
+    model = onnx.load(str(path), load_external_data=False)
+    external = 0
+    for tensor in model.graph.initializer:
+        if is_external(tensor):
+            external += int({e.key: e.value for e in tensor.external_data}.get("length", 0))
+    return path.stat().st_size + external
 
 
 def size_gate(check: dict) -> GateResult:
