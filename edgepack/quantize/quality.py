@@ -83,7 +83,7 @@ class QualityEvaluator:
         from edgepack.runtime.generate import DecoderSession, encoder_feeds
         from edgepack.runtime.session import create_session
 
-        session = create_session(onnx_path, threads=self.config.threads, prepack=prepack)
+        session = create_session(onnx_path, threads=self.config.threads, prepack=prepack, arena=False)
         if self.task == TEXT_GENERATION:
             decoder = DecoderSession(session, self.model_dir.config)
             for window in self.windows:
