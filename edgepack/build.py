@@ -128,7 +128,7 @@ class StageDeclaration:
     packages: tuple[str, ...]
 
 
-CONVERT = StageDeclaration("convert", ("edgepack.convert.export",), (*MODEL_PACKAGES, "onnxscript"))  # torch.onnx's exporter
+CONVERT = StageDeclaration("convert", ("edgepack.convert.export",), (*MODEL_PACKAGES, "onnxscript", "accelerate"))  # torch.onnx's exporter; accelerate finds the tied weights
 QUANTIZE = StageDeclaration("quantize", ("edgepack.quantize.pipeline",), MODEL_PACKAGES)
 PROFILE = StageDeclaration("profile", ("edgepack.profiles.measure",), ("onnxruntime-genai", *MODEL_PACKAGES))
 
