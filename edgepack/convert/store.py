@@ -26,9 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
+from edgepack.core.onnx_io import COPY_CHUNK, copy_byte_range
+
 # Offsets in the data file are page-aligned so runtimes may map tensors straight from it.
 _ALIGN = 4096
-_COPY_CHUNK = 64 << 20
 
 
 @dataclass
@@ -342,22 +343,15 @@ def _all_nodes(graph):
 
 
 def _copy_bytes(path: Path, offset: int, length: int, out) -> None:
-    with open(path, "rb") as src:
-        src.seek(offset)
-        left = length
-        while left:
-            chunk = src.read(min(left, _COPY_CHUNK))
-            if not chunk:
-                raise OSError(f"{path.name} ends before {length} bytes from offset {offset}")
-            out.write(chunk)
-            left -= len(chunk)
+    if copy_byte_range(path, offset, length, out) != length:
+        raise OSError(f"{path.name} ends before {length} bytes from offset {offset}")
 
 
 def _write_transposed(tensor, base: Path, out) -> None:
     """Write the transpose of a stored [rows, cols] matrix (tensor.dims already [cols, rows]), a block of rows at a time."""
     cols, rows = tensor.dims
     stored = _array(_with_dims(tensor, [rows, cols]), base)
-    step = max(1, _COPY_CHUNK // max(1, rows * stored.itemsize))
+    step = max(1, COPY_CHUNK // max(1, rows * stored.itemsize))
     for start in range(0, cols, step):
         out.write(np.ascontiguousarray(stored[:, start:start + step].T).tobytes())
     del stored

@@ -7,6 +7,25 @@ from __future__ import annotations
 
 from pathlib import Path
 
+COPY_CHUNK = 64 << 20  # bytes per read when copying external weight data: bounded memory whatever the tensor
+
+
+def copy_byte_range(path: Path, offset: int, length: int, out) -> int:
+    """Copy `length` bytes of `path` from `offset` into the open binary file `out`, a chunk at a time.
+
+    Returns the bytes copied: fewer than `length` when `path` ends first (the caller names what is short).
+    """
+    copied = 0
+    with open(path, "rb") as src:
+        src.seek(offset)
+        while copied < length:
+            chunk = src.read(min(length - copied, COPY_CHUNK))
+            if not chunk:
+                break
+            out.write(chunk)
+            copied += len(chunk)
+    return copied
+
 
 def save_model(model, path, *, external_data: bool = False) -> None:
     """Save as one file when it fits protobuf's 2 GB limit, else with external data beside it (`path.name`.data).

@@ -28,10 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
+from edgepack.core.onnx_io import copy_byte_range
+
 ALIGN = 4096  # onnxruntime maps external initializers whose offset is page-aligned (ModelSavingOptions)
 ALIGN_THRESHOLD = 1 << 20  # ... and aligns only tensors of at least this size when it saves
 INLINE_LIMIT = 1024  # smaller tensors stay in the graph (onnx.save_model's default size threshold)
-COPY_CHUNK = 64 << 20
 
 
 def _external_info(tensor) -> dict[str, str]:
@@ -236,15 +237,8 @@ class TensorStore:
                 if is_external(tensor):
                     source, offset, length = self._span(tensor)
                     start = _aligned_start(out, length)
-                    with source.open("rb") as f:
-                        f.seek(offset)
-                        left = length
-                        while left:
-                            chunk = f.read(min(COPY_CHUNK, left))
-                            if not chunk:
-                                raise ValueError(f"{tensor.name}: external data ends early in {source}")
-                            out.write(chunk)
-                            left -= len(chunk)
+                    if copy_byte_range(source, offset, length, out) != length:
+                        raise ValueError(f"{tensor.name}: external data ends early in {source}")
                     _set_external(tensor, location, start, length)
                 elif tensor.HasField("raw_data") and len(tensor.raw_data) >= INLINE_LIMIT:
                     data = tensor.raw_data
