@@ -537,8 +537,8 @@ def _write_runtime_files(src: _Source, compiled: _Compiled, calibration: _Calibr
                      "keys/values) into slots position..position+n; attention_mask marks filled slots, then the new tokens") if decoder else None,
         "soc_model": src.soc_model, "htp_arch": src.htp_arch, "qnn_sdk": src.qnn_versions.get("qnn_sdk"),
         "weights_shared_between_graphs": compiled.shared,
-        # An app creates every session of a shared context binary with these entries: onnxruntime's QNN EP then
-        # loads the binary with the first session and gives its other graphs to the next, one copy of the weights.
+        # An app creates every session of a shared context binary with these entries, so onnxruntime's QNN EP
+        # holds one copy of the weights for all of its graphs.
         "session_config": dict(SHARE_CONTEXTS) if compiled.shared else {},
     }
     (tmp / CONFIG_FILE).write_text(json.dumps(runtime_config, indent=2) + "\n")
