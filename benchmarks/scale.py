@@ -1,6 +1,6 @@
 """Wall time and peak memory of every edgepack stage on random-weight models of real shapes (not a test).
 
-    python benchmarks/scale.py [--shapes smollm2-135m,qwen2.5-0.5b,llama-3.2-1b] [--stages convert,quantize,...]
+    python benchmarks/scale.py [--shapes smollm2-135m,qwen2.5-0.5b,llama-3.2-1b] [--stages convert,quantize,...,build]
                                [--work DIR] [--models DIR] [--timeout 3600] [--stage-args STAGE='--opt value' ...]
 
 Each shape is a Hugging Face folder with the architecture's real dimensions and random weights (fp32
@@ -13,7 +13,9 @@ another:
             -> target qnn --precision w4a16
             -> target coreml --compress int4-block
 
-with small but real evaluation settings (STAGES below; --stage-args adds options to one stage). Per stage it
+with small but real evaluation settings (STAGES below; --stage-args adds options to one stage). The `build`
+stage runs all of them again as one recipe (`edgepack build --jobs 2`, profile and budget check included,
+with an empty stage cache): the time a release pipeline takes for the model. Per stage it
 records the wall time, the peak RSS of the stage's process (`ru_maxrss` from `wait4` on it: the largest
 single process of its tree), the peak of the whole tree's summed RSS (sampled every 0.2 s, for stages
 that run workers side by side), the output size, the exit code and error line, the model's fp32 weight
@@ -93,7 +95,50 @@ STAGES = (
     Stage("coreml", "convert", ("target", "coreml"),
           ("--compress", "int4-block", "--embedding", "int8", "--max-context", "256", "--eval-positions", "16"), "target.json"),
 )
-STAGE_NAMES = tuple(s.name for s in STAGES)
+# The whole recipe as a release pipeline runs it: the stages above with the same options in one `edgepack build`
+# (targets two at a time), then profile and check. The recipe is written per shape (build.toml beside its output).
+BUILD = Stage("build", None, ("build",), ("--jobs", "2"), "manifest.json")
+BUILD_DEVICE = "galaxy-s24"
+BUILD_PROFILE = {"prompt_len": [32], "gen_len": 16, "runs": 1, "warmup": 0}
+STAGE_NAMES = tuple(s.name for s in STAGES) + (BUILD.name,)
+
+
+def _option_table(args: tuple[str, ...]) -> dict:
+    """`--max-context 256 --rescue 0` -> {"max_context": 256, "rescue": 0} (the recipe's keys for those options)."""
+    table, items = {}, list(args)
+    while items:
+        key = items.pop(0).removeprefix("--").replace("-", "_")
+        value = items.pop(0) if items and not items[0].startswith("--") else True
+        table[key] = int(value) if isinstance(value, str) and value.isdigit() else value
+    return table
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))
+
+
+def build_recipe(hf_dir: Path, extra: dict[str, list[str]]) -> str:
+    """The recipe of the full build: the model folder, quantize int4, every target, profile and a budget check."""
+    by_name = {s.name: s for s in STAGES}
+    lines = [f"devices = [{json.dumps(BUILD_DEVICE)}]", "", "[model]", f"source = {json.dumps(str(hf_dir))}", ""]
+    quantize = _option_table((*by_name["quantize"].args, *extra.get("quantize", [])))
+    eval_tokens = quantize.pop("eval_tokens", None)
+    lines += ["[[quantize]]", *(f"{k} = {_toml_value(v)}" for k, v in quantize.items()), ""]
+    for name in ("ort", "ort-mobile", "qnn", "coreml"):
+        table = _option_table((*by_name[name].args, *extra.get(name, [])))
+        lines += [f"[targets.{name}]", *(f"{k} = {_toml_value(v)}" for k, v in table.items()), ""]
+    if eval_tokens:
+        lines += ["[evaluation]", f"tokens = {eval_tokens}", ""]
+    lines += ["[profile]", *(f"{k} = {_toml_value(v)}" for k, v in BUILD_PROFILE.items()), ""]
+    # A budget every stage's figures are checked against (random weights: the time of the check is what counts).
+    lines += [f"[budgets.{BUILD_DEVICE}]", "max_decode_ms_per_token = 1000", ""]
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -288,6 +333,21 @@ def run_measured(command: list[str], log: Path, timeout: float, env: dict) -> Ru
     return Run(code, wall, usage.ru_maxrss * 1024, peak_tree[0], timed_out.is_set(), error)
 
 
+def fresh_cache(folder: Path) -> Path:
+    """An edgepack cache with an empty stage cache, sharing the user's model folders and tool environments."""
+    import shutil
+
+    from edgepack.sources import cache_root
+
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    for name in ("models", "tools"):  # converted GGUF sources, the model builder's venv: not stages
+        if (cache_root() / name).is_dir():
+            (folder / name).symlink_to(cache_root() / name)
+    return folder
+
+
 def last_error_line(log: Path) -> str | None:
     lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
     for line in reversed(lines):
@@ -368,9 +428,12 @@ def main(argv: list[str] | None = None) -> int:
     built: dict[str, dict] = {}
     conditions = {
         "shapes": shapes,
-        "stages": [s.name for s in STAGES if s.name in wanted],
-        "stage_commands": {s.name: "edgepack " + " ".join([*s.command, "DIR", "-o", "OUT", *s.args, *extra.get(s.name, [])])
-                           for s in STAGES if s.name in wanted},
+        "stages": [s.name for s in (*STAGES, BUILD) if s.name in wanted],
+        "stage_commands": {s.name: "edgepack " + " ".join([*s.command, "RECIPE" if s is BUILD else "DIR", "-o", "OUT", *s.args,
+                                                               *extra.get(s.name, [])])
+                           for s in (*STAGES, BUILD) if s.name in wanted},
+        "build_recipe": "the stages' options in one recipe (profile " + json.dumps(BUILD_PROFILE) + ", a budget on "
+                        + BUILD_DEVICE + "), built with an empty stage cache" if BUILD.name in wanted else None,
         "memory_target": f"peak RSS <= {MAX_RATIO:g}x fp32 weight bytes and < {MAX_RSS_BYTES / GB:g} GB",
         "peak_rss": "ru_maxrss of the stage's process from wait4 (its largest process); tree: summed RSS of the "
                     "process tree sampled every 0.2 s",
@@ -401,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         weights, params = safetensors_bytes(folder)
         outputs = {"hf": folder}
         failed: dict[str, str] = {}
-        for stage in STAGES:
+        for stage in (*STAGES, BUILD):
             if stage.name not in wanted:
                 continue
             base = dict(shape=shape, params_m=round(params / 1e6, 1), fp32_weights_gb=round(weights / GB, 3), stage=stage.name)
@@ -419,12 +482,18 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             out = work / shape / stage.name
             out.parent.mkdir(parents=True, exist_ok=True)
+            if stage is BUILD:  # the recipe names the model; the stage cache starts empty so every stage runs
+                source = work / shape / "build.toml"
+                source.write_text(build_recipe(folder, extra))
+                stage_env = {**env, "EDGEPACK_CACHE": str(fresh_cache(work / shape / "build-cache"))}
+            else:
+                stage_env = env
             command = [sys.executable, "-m", "edgepack", *stage.command, str(source), "-o", str(out), "--force",
                        *stage.args, *extra.get(stage.name, [])]
             print(f"[{shape}] {stage.name}: {' '.join(command[1:])}", file=sys.stderr, flush=True)
             log = work / "logs" / f"{shape}.{stage.name}.log"
             log.parent.mkdir(parents=True, exist_ok=True)
-            run = run_measured(command, log, args.timeout, env)
+            run = run_measured(command, log, args.timeout, stage_env)
             peak = max(run.peak_rss_bytes, run.peak_tree_rss_bytes or 0)
             # Exit 1 is a gate that failed on a complete output (quality, parity): later stages can still use it.
             usable = run.exit_code in (0, 1) and (out / stage.done_file).is_file()
