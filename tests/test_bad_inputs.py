@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.tiny_models import VOCAB_SIZE
+
 CODES = {1, 2, 3, 4}
 TARGETS = ("ort", "ort-mobile", "coreml", "qnn")
 TARGET_ARGS = {"ort": ["--graph", "optimum"], "ort-mobile": [], "coreml": [], "qnn": ["--soc-model", "57", "--htp-arch", "75"]}
@@ -163,6 +165,17 @@ def inputs(tmp_path_factory, exported_tiny_factory, tiny_model_factory):
         paths[name] = root / name.replace("_", "-")
         shutil.copytree(paths["model"], paths[name])
         _write(paths[name] / "tokenizer.json", data)
+    # A tokenizer with ids the model has no embedding row for: common words added past the model's vocabulary
+    # (a tokenizer from another model), in a Hugging Face folder and in a copy of the export.
+    from transformers import AutoTokenizer
+
+    wide = AutoTokenizer.from_pretrained(str(paths["model"]))
+    wide.add_tokens([f"<filler_{i}>" for i in range(VOCAB_SIZE)] + ["the", " the", "and", " and", "of", " of"])
+    paths["wide_tokenizer_model"] = root / "wide-tokenizer-model"
+    shutil.copytree(paths["model"], paths["wide_tokenizer_model"])
+    wide.save_pretrained(str(paths["wide_tokenizer_model"]))
+    paths["wide_tokenizer_export"] = _export_variant(export, root / "wide-tokenizer-export")
+    wide.save_pretrained(str(paths["wide_tokenizer_export"]))
     from tests.gguf_fixtures import write_tiny_llama_gguf
 
     paths["gguf"] = write_tiny_llama_gguf(root / "tiny.gguf")
@@ -231,6 +244,10 @@ CASES = [
     ("convert-empty-file", ["convert", "{empty_file}", "-o", "{out}"], 3),
     ("convert-text-file", ["convert", "{text_file}", "-o", "{out}"], 3),
     ("convert-png", ["convert", "{png}", "-o", "{out}"], 3),
+    ("convert-tokenizer-outside-vocab", ["convert", "{wide_tokenizer_model}", "-o", "{out}"], 3),
+    ("quantize-tokenizer-outside-vocab", ["quantize", "{wide_tokenizer_export}", "-o", "{out}"], 3),
+    ("target-ort-tokenizer-outside-vocab", ["target", "ort", "{wide_tokenizer_export}", "-o", "{out}", "--graph", "optimum"], 3),
+    ("target-qnn-tokenizer-outside-vocab", ["target", "qnn", "{wide_tokenizer_export}", "-o", "{out}", *TARGET_ARGS["qnn"]], 3),
     ("convert-empty-gguf", ["convert", "{empty_gguf}", "-o", "{out}"], 3),
     ("convert-fake-gguf", ["convert", "{fake_gguf}", "-o", "{out}"], 3),
     ("convert-garbage-config", ["convert", "{bad_config_model}", "-o", "{out}"], 3),
@@ -309,6 +326,7 @@ CASES = [
     ("run-a-file", ["run", "{text_file}", "-p", "hi"], 3),
     ("run-empty-dir", ["run", "{empty_dir}", "-p", "hi"], 3),
     ("run-truncated-model", ["run", "{truncated_export}", "-p", "hi"], 3),
+    ("run-tokenizer-outside-vocab", ["run", "{wide_tokenizer_export}", "-p", "the sea and the sky", "--no-chat"], 3),
     ("run-empty-model", ["run", "{empty_onnx_export}", "-p", "hi"], 3),
     ("run-garbage-model", ["run", "{garbage_onnx_export}", "-p", "hi"], 3),
     ("run-model-is-a-dir", ["run", "{onnx_dir_export}", "-p", "hi"], 3),
@@ -450,6 +468,8 @@ CASES = [
     ("profile-missing-dir", ["profile", "{missing}", "-o", "{out}.json"], 3),
     ("profile-empty-dir", ["profile", "{empty_dir}", "-o", "{out}.json"], 3),
     ("profile-truncated-model", ["profile", "{truncated_export}", "-o", "{out}.json", "--runs", "1", "--gen-len", "2", "--prompt-len", "4"], 3),
+    ("profile-tokenizer-outside-vocab", ["profile", "{wide_tokenizer_export}", "-o", "{out}.json", "--runs", "1", "--gen-len", "2",
+                                         "--prompt-len", "4"], 3),
     ("profile-garbage-model", ["profile", "{garbage_onnx_export}", "-o", "{out}.json", "--runs", "1", "--gen-len", "2", "--prompt-len", "4"], 3),
     ("profile-out-is-a-dir", ["profile", "{export}", "-o", "{case}", "--runs", "1", "--gen-len", "2", "--prompt-len", "4"], 2),
     ("profile-out-under-proc", ["profile", "{export}", "-o", "/proc/profile.json", "--runs", "1", "--gen-len", "2", "--prompt-len", "4"], 2),

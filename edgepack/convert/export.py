@@ -159,6 +159,9 @@ def convert_model(model: str, out: Path | str, config: ConvertConfig = ConvertCo
     t0 = time.perf_counter()
     torch_model, tokenizer = load_torch_model(source, task, trust_remote_code=config.trust_remote_code)
     timings["load"] = time.perf_counter() - t0
+    from edgepack.convert.parity import check_tokenizer_fits
+
+    check_tokenizer_fits(torch_model, tokenizer)
 
     # One copy of the weights at a time where the libraries allow it: PyTorch's (export, then its
     # reference outputs), then, once the PyTorch model is freed, the rewrite on disk (convert/store.py,

@@ -25,6 +25,27 @@ PARITY_PROMPTS = (
 MIN_COSINE = 0.9999
 
 
+def check_tokenizer_fits(torch_model, tokenizer) -> None:
+    """Bad input, before the export, when the tokenizer gives ids the model has no embedding row for.
+
+    Checked on the parity prompts and the bundled evaluation and calibration texts, which every later
+    stage feeds by default: a tokenizer from another model would otherwise fail inside PyTorch.
+    """
+    from edgepack.core.texts import calibration_text, eval_text
+    from edgepack.core.windows import check_in_vocab, token_ids
+
+    try:
+        rows = int(torch_model.get_input_embeddings().num_embeddings)
+    except (AttributeError, NotImplementedError, TypeError):
+        return
+    if tokenizer is None:
+        return
+    for prompt in PARITY_PROMPTS:
+        check_in_vocab(list(tokenizer(prompt, add_special_tokens=True)["input_ids"]), rows)
+    for text, _origin in (eval_text(None), calibration_text(None)):
+        token_ids(tokenizer, text, vocab_size=rows)
+
+
 def prompt_token_ids(tokenizer, vocab_size: int) -> list[list[int]]:
     if tokenizer is not None:
         ids = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in PARITY_PROMPTS]

@@ -73,7 +73,9 @@ def exact_prompt(tokenizer, length: int, vocab_size: int | None) -> list[int]:
     """`length` token ids cut from ordinary text (repeated as needed); no special tokens."""
     ids: list[int] = []
     if tokenizer is not None:
-        piece = list(tokenizer(PROMPT_TEXT, add_special_tokens=False)["input_ids"])
+        from edgepack.core.windows import token_ids
+
+        piece = token_ids(tokenizer, PROMPT_TEXT, special_tokens=False, vocab_size=vocab_size)
         if piece:
             while len(ids) < length:
                 ids.extend(piece)

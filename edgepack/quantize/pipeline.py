@@ -174,7 +174,7 @@ def gguf_source(model_dir) -> Path:
 
 def calibration_reader(model_dir, tokenizer, calibration_text: Path | None, samples: int):
     from edgepack.core.texts import calibration_text as read_calibration_text
-    from edgepack.core.windows import token_ids
+    from edgepack.core.windows import token_ids, vocab_size_of
     from edgepack.quantize.calibration import (
         DecoderCalibrationReader,
         decoder_calibration_feeds,
@@ -182,7 +182,7 @@ def calibration_reader(model_dir, tokenizer, calibration_text: Path | None, samp
     )
 
     text, _origin = read_calibration_text(calibration_text)
-    ids = token_ids(tokenizer, text)
+    ids = token_ids(tokenizer, text, vocab_size=vocab_size_of(model_dir.config))
     if model_dir.task == TEXT_GENERATION:
         feeds = decoder_calibration_feeds(model_dir.onnx_path, ids, model_dir.config, samples=samples)
     else:

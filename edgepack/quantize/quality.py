@@ -26,7 +26,7 @@ from edgepack.core.metrics import (
     top1_figures,
 )
 from edgepack.core.texts import eval_text
-from edgepack.core.windows import split_windows, token_ids
+from edgepack.core.windows import split_windows, token_ids, vocab_size_of
 from edgepack.errors import BadInputError
 from edgepack.runtime.model_dir import TEXT_GENERATION
 
@@ -55,7 +55,7 @@ class QualityEvaluator:
         self.model_dir = model_dir
         text, self.origin = eval_text(config.eval_text)
         self.text_sha256 = hashlib.sha256(text.encode()).hexdigest()
-        ids = token_ids(tokenizer, text) if tokenizer is not None else []
+        ids = token_ids(tokenizer, text, vocab_size=vocab_size_of(model_dir.config)) if tokenizer is not None else []
         max_pos = int(model_dir.config.get("max_position_embeddings") or model_dir.config.get("n_positions") or config.context)
         self.context = max(8, min(config.context, max_pos))
         self.windows: list[list[int]] = []

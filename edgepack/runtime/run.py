@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgepack.core.windows import check_in_vocab, vocab_size_of
 from edgepack.errors import BadInputError, UsageError
 from edgepack.runtime.generate import DecoderSession, GenerationResult, SamplingConfig, TextStreamer, generate, new_token_limit
 from edgepack.runtime.model_dir import TEXT_GENERATION, load_model_dir
@@ -53,6 +54,7 @@ def run_prompt(directory: Path | str, prompt: str, config: RunConfig = RunConfig
         raise UsageError(f"{directory} holds a {model_dir.task} model; `edgepack run` generates text with decoder exports")
     tokenizer = model_dir.load_tokenizer()
     prompt_ids, prompt_text = encode_prompt(tokenizer, prompt, config.chat)
+    check_in_vocab(prompt_ids, vocab_size_of(model_dir.config))
     if not prompt_ids:
         raise UsageError("the prompt is empty after tokenization")
     context = model_dir.context_length

@@ -523,7 +523,7 @@ def _table_column_weights(hf_model, tokenizer):
     if tokenizer is None:
         return None
     text, _origin = calibration_text()
-    ids = token_ids(tokenizer, text)[:512]
+    ids = token_ids(tokenizer, text, vocab_size=hf_model.get_input_embeddings().num_embeddings)[:512]
     with torch.no_grad():
         hidden = hf_model.model(torch.tensor([ids])).last_hidden_state[0].double()
     return (hidden ** 2).mean(0).numpy()
@@ -563,13 +563,13 @@ def _check_architecture(model, source: _Source) -> None:
 
 def _eval_tokens(tokenizer, config: CoreMLConfig, source: _Source) -> list[int]:
     from edgepack.core.texts import eval_text
-    from edgepack.core.windows import token_ids
+    from edgepack.core.windows import token_ids, vocab_size_of
 
     text, _origin = eval_text(config.eval_text)
     if tokenizer is None:
         vocab = int(source.config.get("vocab_size") or 100)
         return [(7 * i + 3) % vocab for i in range(1024)]
-    return token_ids(tokenizer, text)
+    return token_ids(tokenizer, text, vocab_size=vocab_size_of(source.config))
 
 
 def _verify(package: Path, hf_model, tokens: list[int], kind: str, context: int, config: CoreMLConfig) -> dict:

@@ -276,14 +276,15 @@ def _read_source(directory, out: Path, config: QnnConfig) -> _Source:
 
 def _calibrate(src: _Source, specs, cpu: dict, config: QnnConfig, status) -> _Calibration:
     from edgepack.core.texts import calibration_text
-    from edgepack.core.windows import token_windows
+    from edgepack.core.windows import token_windows, vocab_size_of
     from edgepack.targets.qnn_support.static_model import StaticDecoder, StaticEncoder
 
     prefix, prefix_kv = [], {}
     text, origin = calibration_text(config.calibration_text)
     if src.decoder:
         window_len = config.prefill_len + CALIBRATION_DECODE_STEPS
-        windows = token_windows(src.tokenizer, text, window_len, config.calibration_samples, what="calibration")
+        windows = token_windows(src.tokenizer, text, window_len, config.calibration_samples, what="calibration",
+                                vocab_size=vocab_size_of(src.model_dir.config))
         fp32_static = StaticDecoder(specs, cpu, src.max_context)
         prefix = attention_sink_prefix(src.tokenizer, config.prefix)
         if prefix:
@@ -293,7 +294,8 @@ def _calibrate(src: _Source, specs, cpu: dict, config: QnnConfig, status) -> _Ca
         feeds = fp32_static.calibration_feeds(windows, CALIBRATION_DECODE_STEPS)
     else:
         window_len = min(src.max_context, 64)
-        windows = token_windows(src.tokenizer, text, window_len, config.calibration_samples, what="calibration")
+        windows = token_windows(src.tokenizer, text, window_len, config.calibration_samples, what="calibration",
+                                vocab_size=vocab_size_of(src.model_dir.config))
         fp32_static = StaticEncoder(specs[0], cpu["encoder"])
         feeds = {"encoder": [fp32_static.feeds(w) for w in windows]}
     return _Calibration(origin, windows, window_len, feeds, fp32_static, prefix, prefix_kv)
@@ -302,11 +304,12 @@ def _calibrate(src: _Source, specs, cpu: dict, config: QnnConfig, status) -> _Ca
 def _reference(src: _Source, config: QnnConfig) -> _Reference:
     """The fp32 reference: the dynamic export on CPU, alone in memory (its session is dropped on return)."""
     from edgepack.core.texts import eval_text
-    from edgepack.core.windows import token_windows
+    from edgepack.core.windows import token_windows, vocab_size_of
 
     text, origin = eval_text(config.eval_text)
     length = config.prefill_len + config.decode_steps if src.decoder else min(src.max_context, 64)
-    windows = token_windows(src.tokenizer, text, length, config.eval_windows, what="evaluation")
+    windows = token_windows(src.tokenizer, text, length, config.eval_windows, what="evaluation",
+                            vocab_size=vocab_size_of(src.model_dir.config))
     if src.decoder:
         reference = _reference_decoder(src.model_dir, windows, attention_sink_prefix(src.tokenizer, config.prefix))
     else:

@@ -41,7 +41,7 @@ def _generate(model, tokenizer, count: int, tokens: int, seed: int):
     from edgepack.core.windows import split_windows, token_ids
 
     text, _origin = calibration_text()
-    prompts = split_windows(token_ids(tokenizer, text), 4, count=count, cycle=True)
+    prompts = split_windows(token_ids(tokenizer, text, vocab_size=model.get_input_embeddings().num_embeddings), 4, count=count, cycle=True)
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
