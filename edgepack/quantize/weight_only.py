@@ -57,6 +57,10 @@ def _run_quantizer(model, *, bits: int, block_size: int, symmetric: bool, accura
             nodes_to_exclude=exclude, algo_config=make_config(), op_types_to_quantize=op_types,
         )
 
+    if algorithm == "hqq":
+        from edgepack.core.allocator import reuse_large_allocations
+
+        reuse_large_allocations()
     if algorithm in ("hqq", "rtn") and not _has_subgraphs(model):
         result = _quantize_node_by_node(model, include, op_types, store, make_quantizer)
     else:
