@@ -16,8 +16,8 @@ quantized bytes (codes, scales, minimums) are the source's; a weight the builder
 source weights (fused q/k/v) gets their blocks stacked along the output rows, which is exact because
 every block covers part of one output row.
 
-What is not carried (no equal weight in the fp32 export, a layout this reader does not know, e.g.
-accuracy_level 4's residue columns) is quantized with the scheme as before, and listed with the reason.
+What is not carried (no equal weight in the fp32 export, a layout this reader does not know) is quantized
+with the scheme as before, and listed with the reason.
 
 Why by hand: no library maps one ONNX graph's quantized initializers onto another graph of the same weights.
 """
@@ -155,6 +155,7 @@ class Layout:
     accuracy_level: int | None
     b_names: tuple[str, ...]
     b_arrays: list[np.ndarray] = field(repr=False, default_factory=list)
+    residue: tuple[int, int] | None = None  # accuracy_level 4's residue columns: (K of the activation, block-sum copies)
 
 
 class LayoutReader:
@@ -246,6 +247,9 @@ class LayoutReader:
     def matmul(self, output: str, activation: str) -> Layout | str:
         """The layout computing `output` from `activation`, or why it cannot be read."""
         planes, offset = [], None
+        residue = self._residue(self.producer.get(output), activation)
+        if residue is not None:
+            return residue
         for term in self.terms(output):
             node = self.producer.get(term)
             if node is None:
@@ -270,8 +274,33 @@ class LayoutReader:
             elif node.op_type == "MatMul":
                 return "float MatMul (not quantized)"
             else:
-                return f"{node.op_type} (e.g. accuracy_level 4's residue columns): not a layout this reader knows"
+                return f"{node.op_type}: not a layout this reader knows"
         return self._combine(planes, offset, gather=False)
+
+    def _residue(self, node, activation: str) -> Layout | str | None:
+        """accuracy_level 4's one-kernel form (cpu_layout.offset_columns): MatMulNBits on Concat(A, block sums...)
+        with integer zero points; None when `node` is not that form."""
+        if node is None or node.op_type != "MatMulNBits" or node.domain != MS_DOMAIN:
+            return None
+        widened = self.producer.get(node.input[0])
+        if widened is None or widened.op_type != "Concat" or widened.input[0] != activation or len(widened.input) < 2:
+            return None
+        sums = self.producer.get(widened.input[1])
+        if (len(set(widened.input[1:])) != 1 or sums is None or sums.op_type != "MatMul" or sums.input[0] != activation
+                or sums.input[1] not in self.inits):
+            return "block sums in a form this reader does not know"
+        a = self.attrs(node)
+        k, pad = (int(d) for d in self.inits[sums.input[1]].dims)
+        copies, block, bits = len(widened.input) - 1, int(a.get("block_size", 0)), int(a.get("bits", 4))
+        if [i for i in node.input[4:] if i] or bits != 4 or len(node.input) < 4:
+            return "residue columns in a form this reader does not know"
+        plane = self._plane(node.input[1], node.input[2], node.input[3], 4, block, int(a.get("N", 0)) or 1, a.get("accuracy_level"),
+                            packed_zero=True)
+        wide = int(a.get("K", -1))
+        if plane is None or not isinstance(plane.zero, np.ndarray) or plane.b.shape[1] * block != wide or k + copies * pad != wide:
+            return "residue columns in a form this reader does not know"
+        blocks = Blocks("carried", 4, block, _unpack(plane.b, 4), plane.scale, None, plane.zero)
+        return Layout(blocks, False, plane.level, (plane.b_name,), [plane.b], residue=(k, copies))
 
     def gather(self, output: str, ids: str) -> Layout | str:
         """The embedding layout producing `output` (GatherBlockQuantized planes, minimums subtracted, Reshape)."""
@@ -502,7 +531,7 @@ def _read(reader: LayoutReader, part: Site) -> Layout | str:
 def _form(layout: Layout) -> tuple:
     b = layout.blocks
     zero = "array" if isinstance(b.zero, np.ndarray) else None
-    return (b.bits, b.block, b.cols, b.offset is None, zero, layout.single_8bit, layout.accuracy_level)
+    return (b.bits, b.block, b.cols, b.offset is None, zero, layout.single_8bit, layout.accuracy_level, layout.residue)
 
 
 def _check_layouts(plans: list[_Plan], sites: list[Site], reader: LayoutReader, result: CarryResult) -> list[_Plan]:
@@ -593,8 +622,14 @@ def _write(model, plans: list[_Plan], reader: LayoutReader, store, result: Carry
             raise AssertionError(f"the source layouts of {site.node} changed between two reads")
         first = layouts[0]
         blocks = first.blocks if len(layouts) == 1 else _concat_rows([layout.blocks for layout in layouts])
+        if first.residue is not None:
+            g.replacements[id(node)], b_name, written = _residue_nodes(g, node, blocks, first.residue, first.accuracy_level)
+            _check_codes(g, [b_name], layouts)
+            record(plan, written)
+            del blocks, layouts, first
+            continue
         packed = pack_blocks(g, blocks, f"{site.node}.carried", single_8bit=first.single_8bit)
-        _check_codes(g, packed, layouts)
+        _check_codes(g, [plane.b for plane in packed.planes], layouts)
         if site.kind == "matmul":
             g.replacements[id(node)] = matmul_nbits_nodes(g, node, packed, first.accuracy_level)
         else:
@@ -606,16 +641,73 @@ def _write(model, plans: list[_Plan], reader: LayoutReader, store, result: Carry
             record(embedding, 0)
         del blocks, layouts, first, packed
     g.finish(removed)
+    _drop_unused(g)
 
 
-def _check_codes(g: GraphEdit, packed, layouts: list[Layout]) -> None:
+def _drop_unused(g: GraphEdit) -> None:
+    """What the writers made that no node reads: `pack_blocks` writes a weight's zero points in both the MatMulNBits
+    and the GatherBlockQuantized shape, and only a weight that is also an embedding uses the second."""
+    made = {t.name for t in g.new_inits}
+    prefix = {n.name for n in g.prefix_nodes}  # (the graph holds copies of these messages: match by name)
+    graph_outputs = {o.name for o in g.graph.output}
+    while True:
+        used = {i for n in g.graph.node for i in n.input} | graph_outputs
+        dead = [n for n in g.graph.node if n.name in prefix and not any(o in used for o in n.output)]
+        if not dead:
+            break
+        for node in dead:
+            g.graph.node.remove(node)
+    used = {i for n in g.graph.node for i in n.input} | graph_outputs
+    keep = [t for t in g.graph.initializer if t.name in used or t.name not in made]
+    del g.graph.initializer[:]
+    g.graph.initializer.extend(keep)
+
+
+def _residue_nodes(g: GraphEdit, node, blocks: Blocks, residue: tuple[int, int], level) -> tuple[list, str, int]:
+    """MatMul(A, W) -> MatMulNBits(Concat(A, block sums...), codes with residue columns): the nodes
+    `cpu_layout.offset_column_nodes` writes, from the codes, scales and zero points it wrote (carried as they are)."""
+    from onnx import helper
+
+    from edgepack.quantize.cpu_layout import pack_codes
+
+    k, copies = residue
+    rows, block = blocks.rows, blocks.block
+    nb = k // block
+    pad = -(-nb // block) * block
+    a, y = node.input[0], node.output[0]
+    base = f"{node.name or y}.carried"
+    nodes: list = []
+    key = (a, k, block, copies)
+    if key not in g.block_sums:  # one widened activation per input, shared by the weights reading it (gate and up)
+        indicator_key = ("blocks_padded", k, block)
+        if indicator_key not in g.scalars:
+            indicator = np.zeros((k, pad), np.float32)
+            indicator[np.arange(k), np.arange(k) // block] = 1.0
+            g.scalars[indicator_key] = g.add_init(indicator, f"{g.const_prefix}.block_indicator_{k}x{block}_padded")
+        sums, widened = g.unique(f"{a}_block_sums{block}_padded"), g.unique(f"{a}_with_block_sums")
+        nodes.append(helper.make_node("MatMul", [a, g.scalars[indicator_key]], [sums], name=g.unique(f"BlockSum_{sums}")))
+        nodes.append(helper.make_node("Concat", [a] + [sums] * copies, [widened], name=g.unique(f"Concat_{widened}"), axis=-1))
+        g.block_sums[key] = widened
+    nbt = blocks.scale.shape[1]
+    packed = pack_codes(blocks.codes.reshape(rows, nbt, block), 4)
+    z = np.pad(blocks.zero, ((0, 0), (0, nbt % 2)))
+    z = (z[:, 0::2] | (z[:, 1::2] << 4)).astype(np.uint8)
+    scale_name, scale_bytes = g.float_init(blocks.scale, base + "_scales")
+    b_name = g.add_init(packed, base + "_B")
+    inputs = [g.block_sums[key], b_name, scale_name, g.add_init(z, base + "_zero_points")]
+    nodes.append(helper.make_node("MatMulNBits", inputs, [y], name=g.unique((node.name or y) + "_Q"), domain=MS_DOMAIN,
+                                  bits=4, K=blocks.cols, N=rows, block_size=block, accuracy_level=int(level if level is not None else 4)))
+    return nodes, b_name, packed.nbytes + scale_bytes + z.nbytes
+
+
+def _check_codes(g: GraphEdit, b_names: list[str], layouts: list[Layout]) -> None:
     """The written planes hold the source's own code bytes (row blocks of them, for a stacked weight)."""
     written = {t.name: t for t in g.new_inits}
-    for i, plane in enumerate(packed.planes):
-        b = g.store.array(written[plane.b])
+    for i, name in enumerate(b_names):
+        b = g.store.array(written[name])
         start = 0
         for layout in layouts:
             source = layout.b_arrays[i]
             if not np.array_equal(b[start:start + source.shape[0]].reshape(source.shape), source):
-                raise AssertionError(f"carried codes of {plane.b} differ from the source's {layout.b_names[i]}")
+                raise AssertionError(f"carried codes of {name} differ from the source's {layout.b_names[i]}")
             start += source.shape[0]
