@@ -122,6 +122,8 @@ def test_quantized_source_keeps_its_scheme_and_quality(exported_tiny_factory, tm
     # builder graph: fused QKV, o, gate, up, down per layer + lm_head; every weight MatMul is quantized
     assert ops.get("com.microsoft.MatMulNBits", 0) >= 2 * 5 + 1
     assert ops.get("MatMul", 0) == 0
+    # RTN's integer zero points too: the source's blocks are carried, nothing is quantized again.
+    assert report["facts"]["quantized_weights"]["quantized_again"] == 0
     assert report["checks"]["quality_vs_fp32"]["passed"] is True
     # Saved as onnxruntime optimizes it: the fp16-stored scales are the fp32 tensors the kernels read.
     import onnx

@@ -70,6 +70,22 @@ def test_bundle_carries_the_sources_quantized_weights(int4_source, tmp_path, cli
     assert report["seconds"]["quantize"] >= 0 and report["seconds"]["builder"] > 0
 
 
+def test_int8_weight_source_is_carried_byte_for_byte(exported_tiny_factory, tmp_path, cli):
+    """int8-weight (8-bit codes as two exact 4-bit planes) on the untied llama: its own int8 embedding table too."""
+    source = tmp_path / "q8"
+    result = cli("quantize", exported_tiny_factory("llama"), "-o", source, "--scheme", "int8-weight", "--eval-tokens", "64")
+    assert result.exit_code == 0, result.stderr
+    out = tmp_path / "ort"
+    result = cli("target", "ort", source, "-o", out, "--graph", "builder", "--compact")
+    assert result.exit_code == 0, result.stderr
+    report = read_json(out / "target.json")
+    carried = report["facts"]["quantized_weights"]
+    assert carried["reused_from_source"] == 2 * 5 + 2 and carried["quantized_again"] == 0, carried["not_reused"]
+    assert {r["bits"] for r in carried["reused"]} == {8}
+    assert _quantized_rows(out) == _quantized_rows(source)
+    assert report["checks"]["parity_vs_source"]["kl_mean"] < 1e-9 and report["passed"] is True
+
+
 def test_a_weight_without_an_equal_is_quantized_with_the_scheme(int4_source, tmp_path, cli):
     """One k_proj of the Hugging Face weights the builder reads moved by one ulp: the fused qkv of that layer has
     no equal in the fp32 export and gets the scheme; everything else is still carried."""
