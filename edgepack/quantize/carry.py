@@ -411,12 +411,26 @@ def _unpack(b: np.ndarray, bits: int) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Plan:
-    """One builder weight and the source weights (one, or several stacked along rows) it equals."""
+@dataclass(frozen=True)
+class _Part:
+    """Rows [start, stop) of a source weight."""
 
     site: Site
-    parts: list[Site]
+    start: int
+    stop: int
+    whole: bool  # all of the source weight's rows
+
+    def label(self) -> str:
+        return self.site.node if self.whole else f"{self.site.node}[{self.start}:{self.stop}]"
+
+
+@dataclass
+class _Plan:
+    """One builder weight and the source rows it equals: one whole source weight, several stacked (the builder's
+    fused q/k/v), or a row range of one (Phi-3's fused gate/up projection, which the builder splits)."""
+
+    site: Site
+    parts: list[_Part]
     form: tuple | None = None  # the parts' common block form, once their layouts were read
     b_names: tuple[str, ...] = ()  # the source initializers holding the (single) part's codes
     shares_lm_head: Site | None = None  # an embedding carried as GatherBlockQuantized on this lm_head's blocks
@@ -436,37 +450,44 @@ class CarryResult:
         }
 
 
-def _index_source(fp32_model, fp32_store) -> tuple[dict, dict]:
-    """The fp32 export's weights by signature (whole weight) and by (K, first row digest) (stacked parts)."""
+def _index_source(fp32_model, fp32_store) -> tuple[dict, dict, dict]:
+    """The fp32 export's weights by signature (whole weight), their row digests, and where each MatMul row is
+    ((K, row digest) -> [(weight, row)]), to find weights the builder stacks or splits."""
     digests = RowDigests(fp32_model, fp32_store)
     by_signature: dict[bytes, list[Site]] = {}
-    by_first_row: dict[tuple[int, bytes], list[tuple[Site, bytes, int]]] = {}
+    rows_of: dict[str, list[bytes]] = {}
+    where: dict[tuple[int, bytes], list[tuple[Site, int]]] = {}
     for site in weight_sites(fp32_model):
         rows = digests.rows(site.init, site.transposed)
-        sig = signature(rows)
-        by_signature.setdefault(sig, []).append(site)
-        if site.kind == "matmul" and rows:
+        by_signature.setdefault(signature(rows), []).append(site)
+        if site.kind == "matmul" and site.node not in rows_of:
+            rows_of[site.node] = rows
             k = int(digests.inits[site.init].dims[0 if site.transposed else 1])
-            by_first_row.setdefault((k, rows[0]), []).append((site, sig, len(rows)))
-    return by_signature, by_first_row
+            for i, row in enumerate(rows):
+                where.setdefault((k, row), []).append((site, i))
+    return by_signature, rows_of, where
 
 
-def _match(site: Site, rows: list[bytes], k: int, by_signature, by_first_row) -> list[Site] | None:
+def _match(site: Site, rows: list[bytes], k: int, by_signature, rows_of, where) -> list[_Part] | None:
+    """The source rows `rows` equal: a whole weight of the same kind, else (MatMul weights) consecutive row ranges
+    of source MatMul weights, each running to the end of its weight or of `rows`."""
     same_kind = [s for s in by_signature.get(signature(rows), []) if s.kind == site.kind]
     if same_kind:
-        return [same_kind[0]]
+        return [_Part(same_kind[0], 0, len(rows), True)]
     if site.kind != "matmul":
         return None
     parts, start = [], 0
-    while start < len(rows):  # consecutive row blocks, each a whole source weight (the builder's fused q/k/v)
-        for candidate, candidate_sig, count in by_first_row.get((k, rows[start]), []):
-            if start + count <= len(rows) and signature(rows[start:start + count]) == candidate_sig:
-                parts.append(candidate)
+    while start < len(rows):
+        for candidate, offset in where.get((k, rows[start]), []):
+            source = rows_of[candidate.node]
+            count = min(len(source) - offset, len(rows) - start)
+            if signature(rows[start:start + count]) == signature(source[offset:offset + count]):
+                parts.append(_Part(candidate, offset, offset + count, offset == 0 and count == len(source)))
                 start += count
                 break
         else:
             return None
-    return parts if len(parts) > 1 else None
+    return parts
 
 
 def carry_quantized_weights(builder_onnx: Path, quantized_onnx: Path, fp32_onnx: Path, scheme, out_onnx: Path, work: Path,
@@ -490,7 +511,7 @@ def carry_quantized_weights(builder_onnx: Path, quantized_onnx: Path, fp32_onnx:
         status("matching the fused graph's weights to the source's by content")
         fp32_model = onnx.load(str(fp32_onnx), load_external_data=False)
         with TensorStore(fp32_onnx.parent) as fp32_store:
-            by_signature, by_first_row = _index_source(fp32_model, fp32_store)
+            by_signature, rows_of, where = _index_source(fp32_model, fp32_store)
         del fp32_model
         sites = weight_sites(model)
         digests = RowDigests(model, store)
@@ -498,12 +519,12 @@ def carry_quantized_weights(builder_onnx: Path, quantized_onnx: Path, fp32_onnx:
         for site in sites:
             rows = digests.rows(site.init, site.transposed)
             k = int(digests.inits[site.init].dims[0 if site.transposed else 1])
-            parts = _match(site, rows, k, by_signature, by_first_row)
+            parts = _match(site, rows, k, by_signature, rows_of, where)
             if parts is None:
                 result.not_reused.append({"node": site.node, "why": "no equal weight in the fp32 export"})
             else:
                 plans.append(_Plan(site, parts))
-        del digests, by_signature, by_first_row
+        del digests, by_signature, rows_of, where
         result.seconds["match"] = round(time.perf_counter() - t0, 3)
         reader = LayoutReader(quantized, quantized_store)
         plans = _check_layouts(plans, sites, reader, result)
@@ -524,8 +545,20 @@ def carry_quantized_weights(builder_onnx: Path, quantized_onnx: Path, fp32_onnx:
     return result
 
 
-def _read(reader: LayoutReader, part: Site) -> Layout | str:
-    return reader.matmul(part.output, part.activation) if part.kind == "matmul" else reader.gather(part.output, part.activation)
+def _read(reader: LayoutReader, part: _Part) -> Layout | str:
+    """The part's rows of its source layout (every block lies within one row, so a row range is exact)."""
+    site = part.site
+    layout = reader.matmul(site.output, site.activation) if site.kind == "matmul" else reader.gather(site.output, site.activation)
+    if isinstance(layout, str) or part.whole:
+        return layout
+    if layout.blocks.rows < part.stop:
+        return "fewer rows than the fp32 weight"
+    rows = slice(part.start, part.stop)
+    b = layout.blocks
+    pick = lambda a: None if a is None else a[rows]  # noqa: E731
+    layout.blocks = Blocks(b.source, b.bits, b.block, b.codes[rows], b.scale[rows], pick(b.offset), pick(b.zero))
+    layout.b_arrays = [a[rows] for a in layout.b_arrays]
+    return layout
 
 
 def _form(layout: Layout) -> tuple:
@@ -548,7 +581,7 @@ def _check_layouts(plans: list[_Plan], sites: list[Site], reader: LayoutReader, 
         for part in plan.parts:
             layout = _read(reader, part)
             if isinstance(layout, str):
-                why = f"{part.node}: {layout}"
+                why = f"{part.label()}: {layout}"
                 break
             forms.append(_form(layout))
             plan.b_names = layout.b_names
@@ -561,7 +594,7 @@ def _check_layouts(plans: list[_Plan], sites: list[Site], reader: LayoutReader, 
             continue
         plan.form = forms[0]
         kept.append(plan)
-    heads = {p.site.init: p for p in kept if p.site.kind == "matmul" and len(p.parts) == 1}
+    heads = {p.site.init: p for p in kept if p.site.kind == "matmul" and len(p.parts) == 1 and p.parts[0].whole}
     for plan in kept:
         head = heads.get(plan.site.init) if plan.site.kind == "embedding" and plan.site.transposed else None
         if head is not None and head.b_names == plan.b_names:
@@ -609,7 +642,7 @@ def _write(model, plans: list[_Plan], reader: LayoutReader, store, result: Carry
 
     def record(plan: _Plan, written: int) -> None:
         removed.add(plan.site.init)
-        result.reused.append({"node": plan.site.node, "from": [p.node for p in plan.parts], "bits": plan.form[0],
+        result.reused.append({"node": plan.site.node, "from": [p.label() for p in plan.parts], "bits": plan.form[0],
                               "block_size": plan.form[1], "bytes": written,
                               **({"shares_blocks_with": plan.shares_lm_head.node} if plan.shares_lm_head else {})})
 

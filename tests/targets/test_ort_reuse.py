@@ -114,3 +114,22 @@ def test_a_weight_without_an_equal_is_quantized_with_the_scheme(int4_source, tmp
     ops = report["facts"]["ops"]
     assert ops["com.microsoft.MatMulNBits"] == 2 * 5 + 2  # no weight left float (the int8 lm_head is two 4-bit planes)
     assert report["checks"]["parity_vs_source"]["passed"] is True and report["passed"] is True
+
+
+def test_weights_the_builder_splits_are_carried_as_row_ranges(exported_tiny_factory, tmp_path, cli):
+    """Phi-3 stores gate and up as one gate_up_proj; the builder writes two MatMuls: each gets its rows of the
+    source's blocks."""
+    source = tmp_path / "q"
+    result = cli("quantize", exported_tiny_factory("phi3"), "-o", source, "--scheme", "int4", "--eval-tokens", "64")
+    assert result.exit_code == 0, result.stderr
+    out = tmp_path / "ort"
+    result = cli("target", "ort", source, "-o", out, "--graph", "builder", "--compact")
+    assert result.exit_code == 0, result.stderr
+    report = read_json(out / "target.json")
+    carried = report["facts"]["quantized_weights"]
+    assert carried["quantized_again"] == 0, carried["not_reused"]
+    split = {r["node"]: r["from"] for r in carried["reused"] if r["node"].startswith("/model/layers.0/mlp/")}
+    assert split["/model/layers.0/mlp/gate_proj/MatMul"] == ["/model/layers.0/mlp/gate_up_proj/MatMul[0:128]"]
+    assert split["/model/layers.0/mlp/up_proj/MatMul"] == ["/model/layers.0/mlp/gate_up_proj/MatMul[128:256]"]
+    assert _quantized_rows(out) == _quantized_rows(source)
+    assert report["checks"]["parity_vs_source"]["kl_mean"] < 1e-9 and report["passed"] is True
