@@ -11,10 +11,11 @@ fp32 export it equals (by content: a digest of each output row, read a slice of 
 external data), reads how the quantized export stores that weight (the `cpu_layout` forms:
 MatMulNBits planes, block minimums added through block sums, GatherBlockQuantized embeddings sharing
 the lm_head's blocks) back into `cpu_layout.Blocks`, and writes those blocks into the builder graph
-with the same writers (`pack_blocks`, `matmul_nbits_nodes`, `gather_block_quantized_nodes`). The
-quantized bytes (codes, scales, minimums) are the source's; a weight the builder stacks from several
-source weights (fused q/k/v) gets their blocks stacked along the output rows, which is exact because
-every block covers part of one output row.
+with the same writers (`pack_blocks`, `matmul_nbits_nodes`, `gather_block_quantized_nodes`; accuracy_level 4's
+residue columns are written as `offset_column_nodes` writes them). The quantized bytes (codes, scales,
+minimums) are the source's; a weight the builder stacks from several source weights (fused q/k/v) gets
+their blocks stacked along the output rows, and one it splits off a source weight (Phi-3's fused
+gate/up) gets its row range of them, both exact because every block lies within one output row.
 
 What is not carried (no equal weight in the fp32 export, a layout this reader does not know) is quantized
 with the scheme as before, and listed with the reason.
