@@ -355,7 +355,7 @@ class LayoutReader:
             if first.bits == 4 and minimum is not None:
                 if gather:  # the gather plane keeps its zero points of 0 in both forms; the minimums carry the rest
                     single = False
-                elif zero == "zeros" and centred is None:
+                elif _is_zeros(zero) and centred is None:
                     single = False
                 elif zero is None and centred == first.scale_name:
                     single = True
@@ -366,8 +366,8 @@ class LayoutReader:
                 if minimum is not None:
                     return "zero points and minimums together"
                 blocks, single = Blocks("carried", first.bits, first.block, codes, first.scale, None, zero), first.bits == 8
-            elif zero is None or (gather and zero == "zeros" and first.bits == 4):
-                if zero == "zeros":  # codes against zero point 0 without minimums: no pack_blocks form
+            elif zero is None or (gather and _is_zeros(zero) and first.bits == 4):
+                if _is_zeros(zero):  # codes against zero point 0 without minimums: no pack_blocks form
                     return "4-bit codes against zero point 0 without minimums"
                 if minimum is not None and (first.bits != 8 or centred is not None):
                     return "minimums in a form this reader does not know"
@@ -377,7 +377,7 @@ class LayoutReader:
             return Layout(blocks, single, first.level, b_names, b_arrays)
         if len(planes) == 2:  # 8-bit codes as two exact 4-bit planes: lo (zero point 0) + 16 * (hi - 8)
             lo, hi = planes
-            if not (lo.bits == hi.bits == 4 and lo.zero == "zeros" and hi.zero is None and lo.block == hi.block
+            if not (lo.bits == hi.bits == 4 and _is_zeros(lo.zero) and hi.zero is None and lo.block == hi.block
                     and lo.b.shape == hi.b.shape and centred is None and self._times16(hi.scale_name, lo.scale_name)):
                 return "two planes in a form this reader does not know"
             codes = (codes + 16 * _unpack(hi.b, 4)).astype(np.uint8)
@@ -387,6 +387,11 @@ class LayoutReader:
     def _times16(self, name: str, base: str) -> bool:
         node = self.producer.get(name)
         return node is not None and node.op_type == "Mul" and node.input[0] == base and _scalar_is(self.value(node.input[1]), 16.0)
+
+
+def _is_zeros(zero) -> bool:
+    """A plane's zero points made by ConstantOfShape 0 (see LayoutReader.zero), not an array of them."""
+    return isinstance(zero, str) and zero == "zeros"
 
 
 def _scalar_is(values, expected: float) -> bool:
