@@ -141,9 +141,10 @@ def _carry(model_dir: ExportedModelDir, scheme, fp32_onnx: Path | None, built: P
     from edgepack.quantize.carry import carry_quantized_weights
     from edgepack.quantize.schemes import Int4, Int8Weight
 
+    if scheme.name == "gguf":  # the import writes the GGUF file's own blocks into the builder graph (exact, by value)
+        return None, "gguf: the GGUF import writes the GGUF file's own blocks into this graph (scheme_facts)"
     if not isinstance(scheme, (Int4, Int8Weight)):
-        # GGUF: the import below already writes the GGUF's own blocks into the builder graph (exact, by value).
-        return None, f"{scheme.name}: its own import carries the source's blocks" if scheme.name == "gguf" else f"{scheme.name}: not a block scheme"
+        return None, f"{scheme.name}: not a weight-only block scheme; applied to the fused graph"
     if fp32_onnx is None or not fp32_onnx.is_file():
         return None, f"the fp32 export the source was quantized from is gone ({fp32_onnx or 'not recorded in quantize.json'})"
     carry_work = work / "carry"
