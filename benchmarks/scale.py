@@ -19,8 +19,8 @@ with an empty stage cache): the time a release pipeline takes for the model. Per
 records the wall time, the peak RSS of the stage's process (`ru_maxrss` from `wait4` on it: the largest
 single process of its tree), the peak of the whole tree's summed RSS (sampled every 0.2 s, for stages
 that run workers side by side), the output size, the exit code and error line, the model's fp32 weight
-bytes and the ratio of the peak to them, and a verdict against the memory target: at most 2x the fp32
-weight bytes and below 12 GB. A stage that fails is recorded with its exit code and error line, and the
+bytes and the ratio of the peak to them, and a verdict: "timed out" or "failed (exit N)" for a stage that did
+not finish, else the memory target: at most 2x the fp32 weight bytes and below 12 GB. A stage that fails is recorded with its exit code and error line, and the
 stages that need its output are skipped. The table is printed and written, with the conditions, to
 benchmarks/results/scale.json (docs/benchmarks.md is generated from it).
 
@@ -369,6 +369,21 @@ def verdict(peak: int, weights: int) -> str:
     return "ok" if not failed else "over: " + ", ".join(failed)
 
 
+def stage_verdict(run: Run, peak: int, weights: int) -> str:
+    """The row's verdict: ok only for a stage that finished (exit 0) within the memory target. A stage killed at
+    the timeout or exiting non-zero says so first: its peak is that of an unfinished or failed run."""
+    memory = verdict(peak, weights)
+    if run.timed_out:
+        status = run.error or "timed out"
+    elif run.exit_code == 1:
+        status = "gate failed (exit 1)"  # a complete output whose quality or parity gate failed
+    elif run.exit_code != 0:
+        status = f"failed (exit {run.exit_code})"
+    else:
+        return memory
+    return status if memory == "ok" else f"{status}; memory {memory}"
+
+
 # ---------------------------------------------------------------------------------------------- main
 
 def parse_list(text: str, known: tuple[str, ...], what: str) -> list[str]:
@@ -505,12 +520,13 @@ def main(argv: list[str] | None = None) -> int:
                    peak_tree_rss_gb=round(run.peak_tree_rss_bytes / GB, 3) if run.peak_tree_rss_bytes is not None else None,
                    rss_ratio=round(peak / weights, 2) if weights else None,
                    output_mb=round(dir_bytes(out) / 1e6, 1) if usable else None,
-                   verdict=verdict(peak, weights), error=run.error)
+                   verdict=stage_verdict(run, peak, weights), error=run.error)
         conditions["loadavg_end"] = _results.loadavg()
         _results.write("scale", title="Wall time and peak RSS per stage on random-weight models of real shapes",
                        threads=os.cpu_count(), conditions=conditions, rows=rows,
                        notes="One stage per process, run one after another on an otherwise idle machine; the verdict "
-                             f"is the memory target ({conditions['memory_target']}) on the larger of the two peaks.")
+                             "names a stage that timed out or exited non-zero, else it is the memory target "
+                             f"({conditions['memory_target']}) on the larger of the two peaks.")
     print_table(rows)
     return 0
 

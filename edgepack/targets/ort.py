@@ -3,9 +3,11 @@
 Graph routes (`--graph`):
   * builder: onnxruntime-genai's model builder (run in its own environment, see genai_builder.py)
     writes the fused decoding graph (GroupQueryAttention with rotary embedding, fused QKV,
-    SkipSimplifiedLayerNormalization) from the Hugging Face weights; edgepack then applies the
-    source folder's quantization scheme (quantize.json) to that graph, so the same scheme and its
-    quality hold on the fast graph.
+    SkipSimplifiedLayerNormalization) from the Hugging Face weights, in fp32; edgepack then puts the
+    source folder's own quantized weights into it (edgepack.quantize.carry: every builder weight equal
+    to a weight of the fp32 export quantize.json names gets the blocks `quantize` made and measured,
+    stacked for the fused QKV), and applies the source's scheme (quantize.json) only to weights with no
+    such equal. The bundle then ships the weights whose quality `quantize` measured, without quantizing twice.
   * optimum: the export itself, optimized offline by onnxruntime (extended level) and saved.
   * auto (default): builder for the decoder families it supports when it is set up, else optimum.
 
@@ -18,7 +20,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import click
@@ -29,7 +31,7 @@ from edgepack.core.versions import MODEL_PACKAGES
 from edgepack.errors import BadInputError, NotOnThisHostError, UsageError
 from edgepack.options import click_options, config_from_cli, option
 from edgepack.runtime.model_dir import CONVERT_REPORT, MODEL_FILE, TEXT_GENERATION, ExportedModelDir, load_model_dir
-from edgepack.targets.base import TargetArtifact, check_gate, figure_gate, write_target_json
+from edgepack.targets.base import TargetArtifact, check_gate, figure_gate, timed, write_target_json
 
 TARGET = "ort"
 # Packages whose versions key this target's cached builds (`genai-builder:` the builder venv's, `qnn-sdk` the
@@ -99,8 +101,10 @@ def _scheme_of(quantize_report: dict):
     return scheme_from_options(name, **params)
 
 
-def _builder_graph(model_dir: ExportedModelDir, hf_dir: Path, scheme, work: Path, out_model: Path, status) -> dict:
-    """Builder fp32 graph -> (scheme applied) -> out_model. Returns facts."""
+def _builder_graph(model_dir: ExportedModelDir, hf_dir: Path, scheme, fp32_onnx: Path | None, work: Path, out_model: Path,
+                   status, seconds: dict) -> dict:
+    """Builder fp32 graph -> (the source's quantized weights carried, the scheme applied to the rest) -> out_model.
+    Returns facts."""
     import onnx
 
     from edgepack.quantize.external import TensorStore
@@ -109,18 +113,48 @@ def _builder_graph(model_dir: ExportedModelDir, hf_dir: Path, scheme, work: Path
 
     built = work / "builder"
     status("building the fused decoding graph with onnxruntime-genai's model builder")
-    run_builder(hf_dir, built, precision="fp32", cache_dir=work / "builder-cache", log_path=work / "builder.log")
+    with timed(seconds, "builder"):
+        run_builder(hf_dir, built, precision="fp32", cache_dir=work / "builder-cache", log_path=work / "builder.log")
     facts = {"builder_files": sorted(p.name for p in built.iterdir())}
     if scheme is None:  # the builder's graph as it is, its weights copied one tensor at a time
-        with TensorStore(built, work) as store:
+        with timed(seconds, "save"), TensorStore(built, work) as store:
             store.save(onnx.load(str(built / MODEL_FILE), load_external_data=False), out_model)
         return facts
-    # The scheme (and the GGUF import, which finds its source through convert.json) runs on the builder graph.
-    shutil.copy2(model_dir.folder / CONVERT_REPORT, built / CONVERT_REPORT)
-    builder_dir = ExportedModelDir(built, built / MODEL_FILE, model_dir.config, model_dir.generation_config, TEXT_GENERATION)
-    status(f"applying {scheme.label()} to the fused graph")
-    facts["scheme_facts"] = apply_scheme(scheme, builder_dir, model_dir.load_tokenizer(), out_model, work, None)
+    with timed(seconds, "quantize"):
+        carried, why = _carry(model_dir, scheme, fp32_onnx, built, work, out_model, status)
+        if carried is not None:
+            facts["quantized_weights"] = carried.facts()
+            if carried.scheme_facts is not None:
+                facts["scheme_facts"] = carried.scheme_facts
+            return facts
+        facts["quantized_weights"] = {"reused_from_source": 0, "quantized_again": None, "why_none_reused": why}
+        # The scheme (and the GGUF import, which finds its source through convert.json) runs on the builder graph.
+        shutil.copy2(model_dir.folder / CONVERT_REPORT, built / CONVERT_REPORT)
+        builder_dir = ExportedModelDir(built, built / MODEL_FILE, model_dir.config, model_dir.generation_config, TEXT_GENERATION)
+        status(f"applying {scheme.label()} to the fused graph")
+        facts["scheme_facts"] = apply_scheme(scheme, builder_dir, model_dir.load_tokenizer(), out_model, work, None)
     return facts
+
+
+def _carry(model_dir: ExportedModelDir, scheme, fp32_onnx: Path | None, built: Path, work: Path, out_model: Path, status):
+    """(CarryResult, None) when the source's quantized weights were carried into the builder graph, else (None, why)."""
+    from edgepack.quantize.carry import carry_quantized_weights
+    from edgepack.quantize.schemes import Int4, Int8Weight
+
+    if scheme.name == "gguf":  # the import writes the GGUF file's own blocks into the builder graph (exact, by value)
+        return None, "gguf: the GGUF import writes the GGUF file's own blocks into this graph (scheme_facts)"
+    if not isinstance(scheme, (Int4, Int8Weight)):
+        return None, f"{scheme.name}: not a weight-only block scheme; applied to the fused graph"
+    if fp32_onnx is None or not fp32_onnx.is_file():
+        return None, f"the fp32 export the source was quantized from is gone ({fp32_onnx or 'not recorded in quantize.json'})"
+    carry_work = work / "carry"
+    carry_work.mkdir(exist_ok=True)
+    result = carry_quantized_weights(built / MODEL_FILE, model_dir.onnx_path, fp32_onnx, scheme, out_model, carry_work, status)
+    if result is None:
+        for stale in out_model.parent.glob(out_model.name + "*"):
+            stale.unlink()
+        return None, f"{scheme.label()}: the weights without an equal need the whole graph to calibrate; the scheme was applied to all"
+    return result, None
 
 
 def _optimum_graph(model_dir: ExportedModelDir, out_model: Path, status) -> dict:
@@ -346,22 +380,29 @@ def ort_gates(checks: dict) -> list[GateResult]:
 
 
 def verify_bundle(bundle: Path, model_dir: ExportedModelDir, config: OrtTargetConfig, quantize_report: dict, status,
-                  parity: dict | None = None) -> dict:
+                  parity: dict | None = None, seconds: dict | None = None) -> dict:
+    """Parity with the source, quality against fp32 (a quantized source), and greedy decoding by both runtimes;
+    each step's wall time goes to `seconds`."""
     from edgepack.quantize.quality import QualityConfig, QualityEvaluator
     from edgepack.runtime.generate import DecoderSession, generate
     from edgepack.runtime.run import encode_prompt
     from edgepack.runtime.session import create_session
 
+    seconds = seconds if seconds is not None else {}
     checks: dict = {}
     tokenizer = model_dir.load_tokenizer()
     bundle_dir = load_model_dir(bundle)
-    status("checking the bundle against its source model")
-    checks["parity_vs_source"] = parity or parity_vs_source(bundle / MODEL_FILE, model_dir, tokenizer, config, quantize_report)
+    if parity is None:
+        status("checking the bundle against its source model")
+        with timed(seconds, "parity_vs_source"):
+            parity = parity_vs_source(bundle / MODEL_FILE, model_dir, tokenizer, config, quantize_report)
+    checks["parity_vs_source"] = parity
     if quantize_report.get("quality") and quantize_report.get("source_dir") and Path(quantize_report["source_dir"]).is_dir():
         fp32_dir = load_model_dir(quantize_report["source_dir"])
         status("measuring the bundle's quality against fp32")
-        fp32_eval = QualityEvaluator(fp32_dir.onnx_path, fp32_dir, tokenizer, QualityConfig(eval_tokens=config.eval_tokens, context=256))
-        mine, source = fp32_eval.evaluate(bundle / MODEL_FILE), fp32_eval.evaluate(model_dir.onnx_path)
+        with timed(seconds, "quality_vs_fp32"):
+            fp32_eval = QualityEvaluator(fp32_dir.onnx_path, fp32_dir, tokenizer, QualityConfig(eval_tokens=config.eval_tokens, context=256))
+            mine, source = fp32_eval.evaluate(bundle / MODEL_FILE), fp32_eval.evaluate(model_dir.onnx_path)
         quality = {
             "reference": str(fp32_dir.folder), "positions": mine["positions"],
             "bundle": {k: mine[k] for k in ("top1_agreement", "kl_mean", "kl_p99", "ppl", "ppl_reference")},
@@ -370,6 +411,7 @@ def verify_bundle(bundle: Path, model_dir: ExportedModelDir, config: OrtTargetCo
         checks["quality_vs_fp32"] = {**quality, "passed": quality_gate(quality).passed}
 
     status("running the bundle with onnxruntime-genai and with edgepack's runtime")
+    t0 = time.perf_counter()
     chat = bool(getattr(tokenizer, "chat_template", None))
     prompt_ids, _ = encode_prompt(tokenizer, GENAI_CHECK_PROMPT, chat=chat)
     session = create_session(bundle / MODEL_FILE)
@@ -395,6 +437,7 @@ def verify_bundle(bundle: Path, model_dir: ExportedModelDir, config: OrtTargetCo
     except Exception as exc:  # genai's own error types (a config or template it rejects): the finding itself
         checks["onnxruntime_genai"] = {"prompt": GENAI_CHECK_PROMPT, "passed": False, "error": str(exc).strip() or type(exc).__name__}
     checks["edgepack_runtime"] = {"text": tokenizer.decode(ours, skip_special_tokens=True), "tokens": len(ours), "passed": True}
+    seconds["generate"] = round(time.perf_counter() - t0, 3)
     return checks
 
 
@@ -424,6 +467,7 @@ class _Graph:
     genai_config: dict | None
     builder_parity: dict | None  # the builder graph's parity check, already run (auto route)
     seconds: float = 0.0
+    steps: dict = field(default_factory=dict)  # wall seconds of each step of the route
 
 
 def _read_source(directory, config: OrtTargetConfig) -> _Source:
@@ -447,18 +491,21 @@ def _read_source(directory, config: OrtTargetConfig) -> _Source:
 
 def _builder_route(src: _Source, config: OrtTargetConfig, tmp: Path, work: Path, status) -> _Graph:
     """The builder's fused graph; with --graph auto it must pass parity with the source, else optimum is used."""
-    facts = _builder_graph(src.model_dir, src.hf_dir, src.scheme, work, tmp / MODEL_FILE, status)
+    steps: dict = {}
+    facts = _builder_graph(src.model_dir, src.hf_dir, src.scheme, _fp32_source(src.quantize_report), work, tmp / MODEL_FILE, status, steps)
     genai_config = _set_context(_read_json(work / "builder" / "genai_config.json"), src.max_context)
     if not config.compact:
         status("saving the graph as onnxruntime optimizes it (basic level)")
-        facts["saved_optimized"] = _save_optimized(tmp / MODEL_FILE, work)
-    graph = _Graph("builder", src.route_reason, facts, genai_config, None)
+        with timed(steps, "save_optimized"):
+            facts["saved_optimized"] = _save_optimized(tmp / MODEL_FILE, work)
+    graph = _Graph("builder", src.route_reason, facts, genai_config, None, steps=steps)
     if config.graph != "auto" or src.tokenizer is None:
         return graph
     # Auto promises the faster graph only when it computes what the source computes: the builder
     # has produced wrong graphs for some configurations, and both runtimes would run them alike.
     status("checking the builder's graph against the source before choosing it")
-    parity = parity_vs_source(tmp / MODEL_FILE, src.model_dir, src.tokenizer, config, src.quantize_report)
+    with timed(steps, "parity_vs_source"):
+        parity = parity_vs_source(tmp / MODEL_FILE, src.model_dir, src.tokenizer, config, src.quantize_report)
     if parity["passed"]:
         graph.builder_parity = parity
         return graph
@@ -469,7 +516,18 @@ def _builder_route(src: _Source, config: OrtTargetConfig, tmp: Path, work: Path,
     for stale in tmp.glob(MODEL_FILE + "*"):
         stale.unlink()
     return _Graph("optimum", reason, {"builder_rejected": {"parity_vs_source": parity, "builder_files": facts.get("builder_files")}},
-                  None, None)
+                  None, None, steps={f"builder_{k}": v for k, v in steps.items()})
+
+
+def _fp32_source(quantize_report: dict) -> Path | None:
+    """The fp32 export's graph a quantized source was made from (quantize.json `source_dir`), if recorded."""
+    source_dir = quantize_report.get("source_dir") if quantize_report else None
+    if not source_dir:
+        return None
+    try:
+        return load_model_dir(source_dir).onnx_path
+    except BadInputError:  # gone or no longer an export: the caller says so
+        return Path(source_dir) / MODEL_FILE
 
 
 def _make_graph(src: _Source, config: OrtTargetConfig, tmp: Path, work: Path, status) -> _Graph:
@@ -478,7 +536,8 @@ def _make_graph(src: _Source, config: OrtTargetConfig, tmp: Path, work: Path, st
     if src.route == "builder":
         graph = _builder_route(src, config, tmp, work, status)
     if graph.route == "optimum":
-        graph.facts.update(_optimum_graph(src.model_dir, tmp / MODEL_FILE, status))
+        with timed(graph.steps, "optimize"):
+            graph.facts.update(_optimum_graph(src.model_dir, tmp / MODEL_FILE, status))
         graph.genai_config = genai_config_for(src.model_dir, tmp / MODEL_FILE, src.max_context) if src.model_dir.task == TEXT_GENERATION else None
     graph.seconds = time.perf_counter() - t0
     return graph
@@ -518,7 +577,7 @@ def _graph_facts(src: _Source, graph: _Graph, config: OrtTargetConfig, tmp: Path
     }
 
 
-def _checks(src: _Source, graph: _Graph, config: OrtTargetConfig, tmp: Path, status) -> dict:
+def _checks(src: _Source, graph: _Graph, config: OrtTargetConfig, tmp: Path, status, seconds: dict) -> dict:
     """Step 4 (verify): what onnxruntime-genai makes of the bundle and, unless --no-verify, parity and generation."""
     checks = {}
     if graph.genai_config is not None:
@@ -526,11 +585,14 @@ def _checks(src: _Source, graph: _Graph, config: OrtTargetConfig, tmp: Path, sta
 
         # Even unverified, a bundle must be one onnxruntime-genai opens, and its tokenizer must read
         # the shipped files as Hugging Face does (both take seconds).
-        checks["onnxruntime_genai_loads"] = _genai_load_check(tmp)
+        with timed(seconds, "genai_load"):
+            checks["onnxruntime_genai_loads"] = _genai_load_check(tmp)
         status("checking onnxruntime-genai's tokenizer against Hugging Face's")
-        checks["tokenizer_genai"] = check_genai_tokenizer(tmp, src.tokenizer)
+        with timed(seconds, "tokenizer_genai"):
+            checks["tokenizer_genai"] = check_genai_tokenizer(tmp, src.tokenizer)
     if config.verify and src.model_dir.task == TEXT_GENERATION:
-        checks.update(verify_bundle(tmp, src.model_dir, config, src.quantize_report, status, parity=graph.builder_parity))
+        checks.update(verify_bundle(tmp, src.model_dir, config, src.quantize_report, status, parity=graph.builder_parity,
+                                    seconds=seconds))
     return checks
 
 
@@ -556,13 +618,16 @@ def build(directory: Path | str, out: Path | str, config: OrtTargetConfig = OrtT
         facts.update(_graph_facts(src, graph, config, tmp))
         shutil.rmtree(work)
         t0 = time.perf_counter()
-        checks = _checks(src, graph, config, tmp, status)
+        verify_steps: dict = {}
+        checks = _checks(src, graph, config, tmp, status, verify_steps)
         artifact = TargetArtifact(
             out=out, target=TARGET, facts=facts, checks=checks,
             source={"dir": str(Path(directory).resolve()), "convert": src.convert_report.get("source"),
                     "scheme": src.quantize_report.get("scheme_label") if src.quantize_report else "fp32"},
             versions={**tool_versions(), **_genai_version()},
-            seconds={"graph": round(graph.seconds, 3), "verify": round(time.perf_counter() - t0, 3),
+            # Each step's wall time (builder, quantize, save_optimized, parity_vs_source, quality_vs_fp32, ...)
+            # beside the two phases and the total.
+            seconds={**graph.steps, **verify_steps, "graph": round(graph.seconds, 3), "verify": round(time.perf_counter() - t0, 3),
                      "total": round(time.perf_counter() - start, 3)},
             gates=ort_gates(checks),
         )

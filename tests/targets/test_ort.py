@@ -122,6 +122,8 @@ def test_quantized_source_keeps_its_scheme_and_quality(exported_tiny_factory, tm
     # builder graph: fused QKV, o, gate, up, down per layer + lm_head; every weight MatMul is quantized
     assert ops.get("com.microsoft.MatMulNBits", 0) >= 2 * 5 + 1
     assert ops.get("MatMul", 0) == 0
+    # RTN's integer zero points too: the source's blocks are carried, nothing is quantized again.
+    assert report["facts"]["quantized_weights"]["quantized_again"] == 0
     assert report["checks"]["quality_vs_fp32"]["passed"] is True
     # Saved as onnxruntime optimizes it: the fp16-stored scales are the fp32 tensors the kernels read.
     import onnx
@@ -190,11 +192,14 @@ def test_int4_at_level_4_runs_one_kernel_per_weight_and_converts_to_ort(exported
     """HQQ's float zero points at accuracy_level 4 on the builder graph: integer zero points plus residue columns."""
     report = _ort_bundle_of_quantized(exported_tiny_factory, tmp_path, cli, "--scheme", "int4", "--accuracy-level", "4")
     out = tmp_path / "ort-q"
-    layout = report["facts"]["scheme_facts"]["cpu_layout"]
+    source_layout = read_json(tmp_path / "q" / "quantize.json")["facts"]["cpu_layout"]
+    carried = report["facts"]["quantized_weights"]
     ops = report["facts"]["ops"]
     # 2 layers x (qkv, o, gate, up, down): each one MatMulNBits with integer zero points, no MatMul + Add pair;
-    # the only float MatMuls left are the block sums, one per distinct activation (4 per layer).
-    assert layout["offset_columns"] == 2 * 5 and layout["float_zero_points"] == 0
+    # the only float MatMuls left are the block sums, one per distinct activation (4 per layer). The residue
+    # columns are the source's own (q, k and v's stacked for the fused qkv), not computed again.
+    assert source_layout["offset_columns"] == 2 * 7 and source_layout["float_zero_points"] == 0
+    assert carried["reused_from_source"] == 2 * 5 + 2 and carried["quantized_again"] == 0  # + lm_head, embedding
     assert ops["com.microsoft.MatMulNBits"] == 2 * 5 + 1 and ops.get("MatMul", 0) == 2 * 4
     assert report["checks"]["parity_vs_source"]["passed"] and report["checks"]["quality_vs_fp32"]["passed"]
     # The fast graph converts to ORT format (the builder's shape hints used to stop the usability checker).

@@ -1,0 +1,39 @@
+"""benchmarks/scale.py's verdict: a stage that did not finish is never "ok", whatever its memory."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _scale():
+    path = REPO / "benchmarks" / "scale.py"
+    sys.path.insert(0, str(path.parent))  # it imports its sibling _results
+    try:
+        spec = importlib.util.spec_from_file_location("scale_benchmark", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # its dataclasses look their module up there
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent))
+    return module
+
+
+def test_a_stage_that_timed_out_or_failed_is_not_ok():
+    scale = _scale()
+    gb = scale.GB
+    small, weights = 1 * gb, 4 * gb  # well within 2x and 12 GB
+
+    def run(code, timed_out=False, error=None):
+        return scale.Run(code, 10.0, small, None, timed_out, error)
+
+    assert scale.stage_verdict(run(0), small, weights) == "ok"
+    assert scale.stage_verdict(run(-15, True, "timed out after 1200 s"), small, weights) == "timed out after 1200 s"
+    assert scale.stage_verdict(run(70, error="internal error: x"), small, weights) == "failed (exit 70)"
+    assert scale.stage_verdict(run(1), small, weights) == "gate failed (exit 1)"
+    over = 13 * gb
+    assert scale.stage_verdict(run(0), over, weights) == "over: > 2x, >= 12 GB"
+    assert scale.stage_verdict(run(-9, True, "timed out after 60 s"), over, weights) == "timed out after 60 s; memory over: > 2x, >= 12 GB"
