@@ -395,21 +395,31 @@ def _compile(spec, model_path: Path, probe: dict, src: _Source, folder: Path, tm
     return facts, where, _OnDemand(context_path, src.htp)
 
 
-def _compile_shared(specs, models: dict, compiled: _Compiled, src: _Source, tmp: Path, seconds: dict, status) -> None:
-    """Compile every graph again, one after another into one context binary that stores identical weights once.
+# Quantized graphs up to this size (QDQ model files, all graphs) compile into the shared binary while this process
+# checks them one by one in the simulator: two compilers at once hold two copies of the weights. Larger ones
+# compile one after the other.
+OVERLAP_MAX_BYTES = 1 << 30
 
-    The graphs are the QDQ models just checked in the simulator, each compiled alone: the x86-64 HTP simulator
-    cannot load a weight-shared context binary (QNN_COMMON_ERROR_NOT_SUPPORTED; onnxruntime-qnn turns HTP
-    weight sharing on for offline generation on x86-64), so the shipped binary runs on a device only."""
-    from edgepack.targets.base import timed
+
+def _start_shared(specs, models: dict, src: _Source, tmp: Path, status):
+    """Start compiling every graph into one context binary that stores identical weights once, in a child process.
+
+    The graphs are the QDQ models that are also compiled alone for the x86-64 HTP simulator, which cannot load a
+    weight-shared context binary (QNN_COMMON_ERROR_NOT_SUPPORTED; onnxruntime-qnn turns HTP weight sharing on for
+    offline generation on x86-64), so the shipped binary runs on a device only."""
     from edgepack.targets.qnn_support import ep as qnn_ep
 
     status(f"compiling {' + '.join(s.name for s in specs)} into one context binary (weights stored once)")
-    with timed(seconds, "compile_shared"):
-        for index, spec in enumerate(specs):
-            session, _, _ = qnn_ep.compile_on_htp(models[spec.name], src.htp, tmp / f"{spec.name}_ctx.onnx", share=True,
-                                                  last=index == len(specs) - 1)
-            del session
+    return qnn_ep.SharedCompile([(models[spec.name], tmp / f"{spec.name}_ctx.onnx") for spec in specs], src.htp)
+
+
+def _finish_shared(pending, specs, compiled: _Compiled, tmp: Path, seconds: dict, memory: dict) -> None:
+    """Wait for the shared compile and record its binary; its seconds and peak RSS are the child's own."""
+    from edgepack.targets.qnn_support import ep as qnn_ep
+
+    compile_s, rss = pending.result()
+    seconds["compile_shared"] = round(compile_s, 3)
+    memory["compile_shared"] = {**rss, "process": "child"}
     binaries = set()
     for spec in specs:
         graph = compiled.graphs[spec.name]
@@ -418,11 +428,33 @@ def _compile_shared(specs, models: dict, compiled: _Compiled, src: _Source, tmp:
     if len(binaries) != 1 or not (tmp / next(iter(binaries))).is_file():
         raise BadInputError(f"QNN wrote {len(binaries)} context binaries for graphs compiled to share one: {sorted(binaries)}")
     compiled.shared = True
+    compiled.binary_bytes = (tmp / next(iter(binaries))).stat().st_size
+
+
+@dataclass
+class _Finished:
+    """A shared compile already waited for: what `SharedCompile.result` returned."""
+
+    figures: tuple
+
+    def result(self) -> tuple:
+        return self.figures
+
+    def cancel(self) -> None:
+        pass
+
+
+def _file_bytes(model_path: Path) -> int:
+    """A model file and the external data files beside it that it names."""
+    from edgepack.targets.qnn_support.quant import _external_bytes
+
+    return model_path.stat().st_size + _external_bytes(model_path)
 
 
 def _quantize_and_compile(src: _Source, specs, calibration: _Calibration, rescue: _Rescue, config: QnnConfig, work: Path,
-                          tmp: Path, seconds: dict, status, step) -> _Compiled:
-    """One graph at a time: quantize, compile, reload and compare; decoders' graphs then go into one context binary."""
+                          tmp: Path, seconds: dict, status, step) -> tuple[_Compiled, object]:
+    """Quantize every graph, then compile, reload and compare one graph at a time; decoders' graphs also go into
+    one context binary, compiled in a child process meanwhile (returned pending: `_finish_shared` waits for it)."""
     compiled = _Compiled({}, {}, {}, {})
     share = len(specs) > 1 and config.share_weights
     folder = work / "simulator" if share else tmp  # shared: the per-graph binaries are only the simulator's
@@ -432,16 +464,25 @@ def _quantize_and_compile(src: _Source, specs, calibration: _Calibration, rescue
         with step(f"quantize_{spec.name}", record_seconds=False):
             models[spec.name], compiled.quant_facts[spec.name] = _quantize(spec, calibration.feeds[spec.name], rescue.keep16, config,
                                                                            work, seconds, status)
-        probe = calibration.feeds[spec.name][0]
-        with step(f"compile_{spec.name}", record_seconds=False):
-            compiled.graphs[spec.name], compiled.placements[spec.name], compiled.sessions[spec.name] = _compile(
-                spec, models[spec.name], probe, src, folder, tmp, seconds, status)
+    pending = None
     if share:
-        with step("compile_shared", record_seconds=False):
-            _compile_shared(specs, models, compiled, src, tmp, seconds, status)
-    binaries = {name for graph in compiled.graphs.values() for name in graph["context_binaries"]}
-    compiled.binary_bytes = sum((tmp / name).stat().st_size for name in binaries)
-    return compiled
+        pending = _start_shared(specs, models, src, tmp, status)
+    try:
+        if share and sum(_file_bytes(path) for path in models.values()) > OVERLAP_MAX_BYTES:
+            pending = _Finished(pending.result())
+        for spec in specs:
+            probe = calibration.feeds[spec.name][0]
+            with step(f"compile_{spec.name}", record_seconds=False):
+                compiled.graphs[spec.name], compiled.placements[spec.name], compiled.sessions[spec.name] = _compile(
+                    spec, models[spec.name], probe, src, folder, tmp, seconds, status)
+    except BaseException:
+        if pending is not None:
+            pending.cancel()
+        raise
+    if not share:
+        binaries = {name for graph in compiled.graphs.values() for name in graph["context_binaries"]}
+        compiled.binary_bytes = sum((tmp / name).stat().st_size for name in binaries)
+    return compiled, pending
 
 
 class _OnDemand:
@@ -716,10 +757,17 @@ def build(directory: Path | str, out: Path | str, config: QnnConfig = QnnConfig(
         with step("rescue"):
             rescue = _rescue(src, specs, output, calibration.feeds, config, work, seconds, status)
         with step("quantize_and_compile"):
-            compiled = _quantize_and_compile(src, specs, calibration, rescue, config, work, tmp, seconds, status, step)
-        status("running the evaluation windows on the HTP and comparing with fp32")
-        with step("evaluate_on_htp"):
-            parity = _evaluate_on_htp(src, specs, compiled, calibration, reference, config)
+            compiled, shared = _quantize_and_compile(src, specs, calibration, rescue, config, work, tmp, seconds, status, step)
+        try:
+            status("running the evaluation windows on the HTP and comparing with fp32")
+            with step("evaluate_on_htp"):
+                parity = _evaluate_on_htp(src, specs, compiled, calibration, reference, config)
+        except BaseException:
+            if shared is not None:
+                shared.cancel()
+            raise
+        if shared is not None:
+            _finish_shared(shared, specs, compiled, tmp, seconds, step.memory)
         _write_runtime_files(src, compiled, calibration, config, tmp)
         shutil.rmtree(work)
 
