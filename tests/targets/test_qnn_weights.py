@@ -49,3 +49,42 @@ def test_swapped_only_inside_the_context():
     with ort_weights.vectorized_weight_quantization() as swapped:
         assert swapped == (qdq_quantizer.quantize_onnx_initializer is not before[1])
     assert (qdq_quantizer.QDQQuantizer._calc_initializer_quant_params, qdq_quantizer.quantize_onnx_initializer) == before
+
+
+@pytest.mark.parametrize("precision", ["w8a16", "w4a16"])
+def test_quantize_with_weights_on_disk_writes_the_same_model(tmp_path, monkeypatch, precision):
+    """quantize_static reading each weight from its file gives the QDQ model it gives with every weight loaded."""
+    import contextlib
+
+    import onnx
+    from onnx import helper
+
+    from edgepack.targets.qnn_support import quant
+
+    rng = np.random.default_rng(0)
+    table = numpy_helper.from_array(rng.normal(0, 1, (64, 32)).astype(np.float32), "table")
+    w1 = numpy_helper.from_array(rng.normal(0, 0.1, (32, 48)).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array(rng.normal(0, 0.1, (48, 64)).astype(np.float32), "w2")
+    gain = numpy_helper.from_array(rng.normal(1, 0.1, (48,)).astype(np.float32), "gain")
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["x"], name="embed"),
+             helper.make_node("MatMul", ["x", "w1"], ["h"], name="up"),
+             helper.make_node("Mul", ["h", "gain"], ["g"], name="scale"),
+             helper.make_node("Relu", ["g"], ["r"], name="act"),
+             helper.make_node("MatMul", ["r", "w2"], ["logits"], name="down")]
+    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 8, 64])], [table, w1, w2, gain])
+    feeds = [{"ids": rng.integers(0, 64, (1, 8)).astype(np.int64)} for _ in range(3)]
+    written = {}
+    for mode in ("loaded", "disk"):
+        folder = tmp_path / mode
+        folder.mkdir()
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+        onnx.save_model(model, str(folder / "g.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location="g.onnx.data", size_threshold=64)
+        if mode == "loaded":
+            monkeypatch.setattr(ort_weights, "weights_read_from_disk", lambda folder: contextlib.nullcontext(False))
+        else:
+            monkeypatch.undo()
+        quant.quantize_qdq(folder / "g.onnx", folder / "g.qdq.onnx", feeds, precision, range_margin=0.25, work=folder)
+        written[mode] = (folder / "g.qdq.onnx").read_bytes()
+    assert written["disk"] == written["loaded"]

@@ -153,3 +153,99 @@ def vectorized_weight_quantization():
     finally:
         qdq_quantizer.QDQQuantizer._calc_initializer_quant_params = saved_params
         qdq_quantizer.quantize_onnx_initializer = saved_quantize
+
+
+def _read_external(tensor, folder) -> np.ndarray:
+    """One external initializer's values, read from its data file (only this tensor); the tensor is left as it is."""
+    from onnx.external_data_helper import ExternalDataInfo
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    info = ExternalDataInfo(tensor)
+    dtype = np.dtype(tensor_dtype_to_np_dtype(tensor.data_type))
+    count = int(np.prod(tensor.dims, dtype=np.int64))
+    with (folder / info.location).open("rb") as f:
+        f.seek(int(info.offset or 0))
+        values = np.fromfile(f, dtype=dtype, count=count)
+    if values.size != count:
+        raise ValueError(f"{tensor.name}: {info.location} holds {values.size} of its {count} values")
+    return values.reshape(tuple(tensor.dims))
+
+
+@contextlib.contextmanager
+def weights_read_from_disk(folder):
+    """`quantize_static` with the model's external weights left on disk: it loads the graph without them, each
+    weight is read from its file when the quantizer needs its values (and dropped after), and only the quantized
+    weights are held. What is still external when the QDQ model is saved (float constants it keeps) is read in
+    then, so the saved model is complete.
+
+    Why: `quantize_static` loads the whole model with its weights (`load_model_with_shape_infer`) and keeps them
+    until it has saved, beside the quantized ones: three to four times the fp32 weight bytes at its peak, the
+    largest step of the QNN target. onnxruntime's quantizer has no streaming mode; these are the points where it
+    reads an initializer's values (`onnx.numpy_helper.to_array`, through `tensor_proto_to_array`) and loads and
+    saves the model. Checked onnxruntime versions only (yields whether it is swapped)."""
+    import importlib
+    from pathlib import Path
+
+    import onnx
+    import onnxruntime
+    from onnx import numpy_helper
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+    from onnxruntime.quantization import base_quantizer, quant_utils
+    from onnxruntime.quantization.onnx_model import ONNXModel
+    from onnxruntime.quantization.quant_utils import add_infer_metadata, generate_identified_filename
+
+    if not onnxruntime.__version__.startswith(CHECKED_VERSIONS):
+        yield False
+        return
+    ort_quantize = importlib.import_module("onnxruntime.quantization.quantize")  # the module; the package exports a function of that name
+    folder = Path(folder)
+    saved_to_array, saved_save = numpy_helper.to_array, ONNXModel.save_model_to_file
+
+    def load_model_with_shape_infer(model_path: Path):
+        inferred = generate_identified_filename(model_path, "-inferred")
+        onnx.shape_inference.infer_shapes_path(str(model_path), str(inferred))
+        try:
+            model = onnx.load(str(inferred), load_external_data=False)
+        finally:
+            inferred.unlink(missing_ok=True)
+        add_infer_metadata(model)
+        return model
+
+    def save_and_reload_model_with_shape_infer(model):
+        # The graph alone, beside the weights' files so that its external references resolve (onnxruntime's
+        # version saves a copy with its weights in a temporary folder).
+        import uuid
+
+        path = folder / f"edgepack-reload-{uuid.uuid4().hex}.onnx"
+        onnx.save_model(model, str(path))
+        try:
+            return load_model_with_shape_infer(path)
+        finally:
+            path.unlink(missing_ok=True)
+
+    def to_array(tensor, base_dir: str = ""):
+        if not base_dir and uses_external_data(tensor):
+            return _read_external(tensor, folder)
+        return saved_to_array(tensor, base_dir)
+
+    def save_model_to_file(self, output_path, use_external_data_format=False):
+        for tensor in self.model.graph.initializer:
+            if uses_external_data(tensor):
+                load_external_data_for_tensor(tensor, str(folder))
+                tensor.data_location = onnx.TensorProto.DEFAULT
+                del tensor.external_data[:]
+        return saved_save(self, output_path, use_external_data_format)
+
+    swaps = [(ort_quantize, "load_model_with_shape_infer", load_model_with_shape_infer),
+             (ort_quantize, "save_and_reload_model_with_shape_infer", save_and_reload_model_with_shape_infer),
+             (quant_utils, "save_and_reload_model_with_shape_infer", save_and_reload_model_with_shape_infer),  # update_opset_version
+             (base_quantizer, "save_and_reload_model_with_shape_infer", save_and_reload_model_with_shape_infer),
+             (numpy_helper, "to_array", to_array), (ONNXModel, "save_model_to_file", save_model_to_file)]
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in swaps]
+    for owner, name, value in swaps:
+        setattr(owner, name, value)
+    try:
+        yield True
+    finally:
+        for owner, name, value in saved:
+            setattr(owner, name, value)
