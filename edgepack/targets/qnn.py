@@ -361,8 +361,8 @@ def _quantize(spec, feeds: list, keep16: set, config: QnnConfig, work: Path, sec
 def _compile(spec, model_path: Path, probe: dict, src: _Source, folder: Path, tmp: Path, seconds: dict, status) -> tuple[dict, object, object]:
     """Compile one graph alone for the HTP into `folder`, reload its context binary and check both give the same outputs.
 
-    Returns (graph facts, placement, reloaded session). One compiled graph is in memory at a time: the
-    compiling session is dropped once it has run the probe."""
+    Returns (graph facts, placement, the reloaded session as an `_OnDemand` that knows its outputs on the probe).
+    One compiled graph is in memory at a time: the compiling session is dropped once it has run the probe."""
     import numpy as np
 
     from edgepack.targets.qnn_support import ep as qnn_ep
@@ -394,25 +394,36 @@ def _compile(spec, model_path: Path, probe: dict, src: _Source, folder: Path, tm
         "placement": where.to_json(), "compile_seconds": round(compile_s, 3), "reload_seconds": round(reload_s, 4),
         "reload_identical": identical, "surgery": spec.facts,
     }
-    del reloaded
-    return facts, where, _OnDemand(context_path, src.htp)
+    graph = _OnDemand(context_path, src.htp)
+    graph.remember(probe, second, reloaded)
+    return facts, where, graph
 
 
-def _compile_shared(specs, models: dict, compiled: _Compiled, src: _Source, tmp: Path, seconds: dict, status) -> None:
-    """Compile every graph again, one after another into one context binary that stores identical weights once.
+# Quantized graphs up to this size (QDQ model files, all graphs) compile into the shared binary while this process
+# checks them one by one in the simulator: two compilers at once hold two copies of the weights. Larger ones
+# compile one after the other.
+OVERLAP_MAX_BYTES = 1 << 30
 
-    The graphs are the QDQ models just checked in the simulator, each compiled alone: the x86-64 HTP simulator
-    cannot load a weight-shared context binary (QNN_COMMON_ERROR_NOT_SUPPORTED; onnxruntime-qnn turns HTP
-    weight sharing on for offline generation on x86-64), so the shipped binary runs on a device only."""
-    from edgepack.targets.base import timed
+
+def _start_shared(specs, models: dict, src: _Source, tmp: Path, status):
+    """Start compiling every graph into one context binary that stores identical weights once, in a child process.
+
+    The graphs are the QDQ models that are also compiled alone for the x86-64 HTP simulator, which cannot load a
+    weight-shared context binary (QNN_COMMON_ERROR_NOT_SUPPORTED; onnxruntime-qnn turns HTP weight sharing on for
+    offline generation on x86-64), so the shipped binary runs on a device only."""
     from edgepack.targets.qnn_support import ep as qnn_ep
 
     status(f"compiling {' + '.join(s.name for s in specs)} into one context binary (weights stored once)")
-    with timed(seconds, "compile_shared"):
-        for index, spec in enumerate(specs):
-            session, _, _ = qnn_ep.compile_on_htp(models[spec.name], src.htp, tmp / f"{spec.name}_ctx.onnx", share=True,
-                                                  last=index == len(specs) - 1)
-            del session
+    return qnn_ep.SharedCompile([(models[spec.name], tmp / f"{spec.name}_ctx.onnx") for spec in specs], src.htp)
+
+
+def _finish_shared(pending, specs, compiled: _Compiled, tmp: Path, seconds: dict, memory: dict) -> None:
+    """Wait for the shared compile and record its binary; its seconds and peak RSS are the child's own."""
+    from edgepack.targets.qnn_support import ep as qnn_ep
+
+    compile_s, rss = pending.result()
+    seconds["compile_shared"] = round(compile_s, 3)
+    memory["compile_shared"] = {**rss, "process": "child"}
     binaries = set()
     for spec in specs:
         graph = compiled.graphs[spec.name]
@@ -421,11 +432,34 @@ def _compile_shared(specs, models: dict, compiled: _Compiled, src: _Source, tmp:
     if len(binaries) != 1 or not (tmp / next(iter(binaries))).is_file():
         raise BadInputError(f"QNN wrote {len(binaries)} context binaries for graphs compiled to share one: {sorted(binaries)}")
     compiled.shared = True
+    compiled.binary_bytes = (tmp / next(iter(binaries))).stat().st_size
 
 
-def _quantize_and_compile(src: _Source, specs, calibration: _Calibration, rescue: _Rescue, config: QnnConfig, work: Path,
-                          tmp: Path, seconds: dict, status, step) -> _Compiled:
-    """One graph at a time: quantize, compile, reload and compare; decoders' graphs then go into one context binary."""
+@dataclass
+class _Finished:
+    """A shared compile already waited for: what `SharedCompile.result` returned."""
+
+    figures: tuple
+
+    def result(self) -> tuple:
+        return self.figures
+
+    def cancel(self) -> None:
+        pass
+
+
+def _file_bytes(model_path: Path) -> int:
+    """A model file and the external data files beside it that it names."""
+    from edgepack.targets.qnn_support.quant import _external_bytes
+
+    return model_path.stat().st_size + _external_bytes(model_path)
+
+
+def _quantize_and_compile(src: _Source, specs, calibration: _Calibration, rescue: _Rescue, reference: _Reference, config: QnnConfig,
+                          work: Path, tmp: Path, seconds: dict, status, step) -> tuple[_Compiled, object, dict]:
+    """Quantize every graph, then compile, reload, compare and evaluate one graph at a time (`_check_on_htp`);
+    decoders' graphs also go into one context binary, compiled in a child process meanwhile (returned pending:
+    `_finish_shared` waits for it). Returns (compiled, pending, parity figures)."""
     compiled = _Compiled({}, {}, {}, {})
     share = len(specs) > 1 and config.share_weights
     folder = work / "simulator" if share else tmp  # shared: the per-graph binaries are only the simulator's
@@ -435,27 +469,30 @@ def _quantize_and_compile(src: _Source, specs, calibration: _Calibration, rescue
         with step(f"quantize_{spec.name}", record_seconds=False):
             models[spec.name], compiled.quant_facts[spec.name] = _quantize(spec, calibration.feeds[spec.name], rescue.keep16, config,
                                                                            work, seconds, status)
-        probe = calibration.feeds[spec.name][0]
-        with step(f"compile_{spec.name}", record_seconds=False):
-            compiled.graphs[spec.name], compiled.placements[spec.name], compiled.sessions[spec.name] = _compile(
-                spec, models[spec.name], probe, src, folder, tmp, seconds, status)
+    pending = None
     if share:
-        with step("compile_shared", record_seconds=False):
-            _compile_shared(specs, models, compiled, src, tmp, seconds, status)
-    binaries = {name for graph in compiled.graphs.values() for name in graph["context_binaries"]}
-    compiled.binary_bytes = sum((tmp / name).stat().st_size for name in binaries)
-    return compiled
+        pending = _start_shared(specs, models, src, tmp, status)
+    try:
+        if share and sum(_file_bytes(path) for path in models.values()) > OVERLAP_MAX_BYTES:
+            pending = _Finished(pending.result())
+        parity = _check_on_htp(src, specs, models, compiled, calibration, reference, config, folder, tmp, seconds, status, step)
+    except BaseException:
+        if pending is not None:
+            pending.cancel()
+        raise
+    if not share:
+        binaries = {name for graph in compiled.graphs.values() for name in graph["context_binaries"]}
+        compiled.binary_bytes = sum((tmp / name).stat().st_size for name in binaries)
+    return compiled, pending, parity
 
 
-class _OnDemand:
-    """A context model's HTP session, created on demand and dropped by `release`, so that one compiled graph
-    at a time is in memory; its inputs and outputs (names, shapes) come from the context model itself."""
+class _GraphIO:
+    """A graph's inputs and outputs (names, shapes) read from its model file, as an onnxruntime session lists them."""
 
-    def __init__(self, context_path: Path, htp):
+    def __init__(self, model_path: Path):
         import onnx
 
-        graph = onnx.load(str(context_path), load_external_data=False).graph
-        self.path, self.htp, self.session = context_path, htp, None
+        graph = onnx.load(str(model_path), load_external_data=False).graph
         self._inputs = [_Arg(v.name, [d.dim_value for d in v.type.tensor_type.shape.dim]) for v in graph.input]
         self._outputs = [_Arg(v.name, [d.dim_value for d in v.type.tensor_type.shape.dim]) for v in graph.output]
 
@@ -465,15 +502,40 @@ class _OnDemand:
     def get_outputs(self):
         return self._outputs
 
+
+class _OnDemand(_GraphIO):
+    """A context model's HTP session, created on demand and dropped by `release`, so that one compiled graph
+    at a time is in memory; its inputs and outputs (names, shapes) come from the context model itself.
+
+    It keeps the outputs the session gave on the reload check's probe: the probe is the evaluation's first
+    feed of the graph, and a simulator run of it is not repeated."""
+
+    def __init__(self, context_path: Path, htp):
+        super().__init__(context_path)
+        self.path, self.htp, self.session = context_path, htp, None
+        self._known: tuple | None = None
+
+    def remember(self, feeds: dict, outputs: list, session) -> None:
+        import numpy as np
+
+        self._known = ({k: np.array(v, copy=True) for k, v in feeds.items()}, outputs)
+        self.session = session
+
     def run(self, names, feeds):
+        import numpy as np
+
         from edgepack.targets.qnn_support import ep as qnn_ep
 
+        if names is None and self._known is not None:
+            known, outputs = self._known
+            if known.keys() == feeds.keys() and all(np.array_equal(known[k], feeds[k]) for k in known):
+                return outputs
         if self.session is None:
             self.session, _ = qnn_ep.load_context(self.path, self.htp)
         return self.session.run(names, feeds)
 
     def release(self) -> None:
-        self.session = None
+        self.session, self._known = None, None
 
 
 @dataclass(frozen=True)
@@ -482,37 +544,66 @@ class _Arg:
     shape: list
 
 
-def _evaluate_on_htp(src: _Source, specs, compiled: _Compiled, calibration: _Calibration, reference: _Reference,
-                     config: QnnConfig) -> dict:
-    """The evaluation windows through the context binaries on the HTP, compared with the fp32 export.
+def _check_on_htp(src: _Source, specs, models: dict, compiled: _Compiled, calibration: _Calibration, reference: _Reference,
+                  config: QnnConfig, folder: Path, tmp: Path, seconds: dict, status, step) -> dict:
+    """Each graph compiled alone, reloaded and compared (`_compile`), then its part of the evaluation windows run
+    through it on the HTP; returns the parity figures against the fp32 export.
 
-    Decoders run every window's prefill first, then every window's decode steps (the same teacher-forced
-    sequence per window as StaticDecoder.teacher_forced), so one graph's session is in memory at a time."""
+    The reload check's probe is the evaluation's first feed of the graph, so the reloaded session's outputs
+    on it are evaluation outputs too. Decoders run every window's prefill, then compile the decode graph (its
+    probe is the first decode step after the HTP's own prefill) and run every window's decode steps (the same
+    teacher-forced sequence per window as StaticDecoder.teacher_forced): one graph's session is in memory at a time."""
     import numpy as np
 
     from edgepack.targets.qnn_support.static_model import StaticDecoder, StaticEncoder
 
-    sessions = compiled.sessions
+    by_name = {spec.name: spec for spec in specs}
+
+    def compile_graph(name: str, probe: dict):
+        with step(f"compile_{name}", record_seconds=False):
+            compiled.graphs[name], compiled.placements[name], session = _compile(by_name[name], models[name], probe, src, folder,
+                                                                                 tmp, seconds, status)
+        compiled.sessions[name] = session
+        return session
+
+    def use(model, name: str, session) -> None:
+        model.sessions[name] = session
+        model.input_names[name] = {i.name for i in session.get_inputs()}
+        model.output_names[name] = [o.name for o in session.get_outputs()]
+
+    windows, prefill_len = reference.windows, config.prefill_len
     if src.decoder:
-        htp_model = StaticDecoder(specs, sessions, src.max_context)
+        htp_model = StaticDecoder(specs, {name: _GraphIO(models[name]) for name in by_name}, src.max_context)
         htp_model.use_prefix(calibration.prefix, calibration.prefix_kv)
+        starts = [htp_model.start() for _ in windows]
+        use(htp_model, "prefill", compile_graph("prefill", htp_model.feeds("prefill", windows[0][:prefill_len], *starts[0])))
+        status("running the evaluation windows on the HTP and comparing with fp32")
         states = []
-        for window in reference.windows:
-            cache, start = htp_model.start()
-            logits, cache = htp_model.run("prefill", window[: config.prefill_len], cache, start)
-            states.append(([logits], cache, start + min(len(window), config.prefill_len)))
-        sessions["prefill"].release()
-        for (rows, cache, position), window in zip(states, reference.windows):
-            for token in window[config.prefill_len: config.prefill_len + config.decode_steps]:
-                step, cache = htp_model.run("decode", [token], cache, position)
-                rows.append(step)
-                position += 1
-        sessions["decode"].release()
+        with step("evaluate_on_htp"):
+            for window, (cache, start) in zip(windows, starts):
+                logits, cache = htp_model.run("prefill", window[:prefill_len], cache, start)
+                states.append(([logits], cache, start + min(len(window), prefill_len)))
+            htp_model.sessions["prefill"].release()
+        steps = [window[prefill_len: prefill_len + config.decode_steps] for window in windows]
+        first = next(((cache, position, tokens[0]) for (_, cache, position), tokens in zip(states, steps) if tokens), None)
+        probe = htp_model.feeds("decode", [first[2]], first[0], first[1]) if first else calibration.feeds["decode"][0]
+        use(htp_model, "decode", compile_graph("decode", probe))
+        with step("evaluate_on_htp"):
+            for (rows, cache, position), tokens in zip(states, steps):
+                for token in tokens:
+                    logits, cache = htp_model.run("decode", [token], cache, position)
+                    rows.append(logits)
+                    position += 1
+            htp_model.sessions["decode"].release()
         candidate = [np.concatenate(rows, axis=0) for rows, _, _ in states]
-        return phase_logit_figures(reference.outputs, candidate, config.prefill_len)
-    htp_model = StaticEncoder(specs[0], sessions["encoder"])
-    figures = hidden_state_figures(reference.outputs, [htp_model.run(w) for w in reference.windows])
-    sessions["encoder"].release()
+        return phase_logit_figures(reference.outputs, candidate, prefill_len)
+    htp_model = StaticEncoder(specs[0], _GraphIO(models["encoder"]))
+    session = compile_graph("encoder", htp_model.feeds(windows[0]))
+    htp_model.session, htp_model.input_names = session, {i.name for i in session.get_inputs()}
+    status("running the evaluation windows on the HTP and comparing with fp32")
+    with step("evaluate_on_htp"):
+        figures = hidden_state_figures(reference.outputs, [htp_model.run(w) for w in windows])
+        session.release()
     return figures
 
 
@@ -676,11 +767,12 @@ class _Steps:
         finally:
             done.set()
             thread.join()
-        if record_seconds:
-            self.seconds[name] = round(time.perf_counter() - t0, 3)
+        if record_seconds:  # a step run in several parts (evaluate_on_htp, graph by graph) adds them up
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - t0, 3)
         held = _proc_status_mb("VmRSS")
         if held is not None:
-            self.memory[name] = {"peak": max(peak[0], held), "held_after": held}
+            before = self.memory.get(name, {}).get("peak", 0.0)
+            self.memory[name] = {"peak": max(peak[0], held, before), "held_after": held}
 
 
 def build(directory: Path | str, out: Path | str, config: QnnConfig = QnnConfig(), on_status=None):
@@ -718,11 +810,11 @@ def build(directory: Path | str, out: Path | str, config: QnnConfig = QnnConfig(
             del cpu
         with step("rescue"):
             rescue = _rescue(src, specs, output, calibration.feeds, config, work, seconds, status)
-        with step("quantize_and_compile"):
-            compiled = _quantize_and_compile(src, specs, calibration, rescue, config, work, tmp, seconds, status, step)
-        status("running the evaluation windows on the HTP and comparing with fp32")
-        with step("evaluate_on_htp"):
-            parity = _evaluate_on_htp(src, specs, compiled, calibration, reference, config)
+        with step("quantize_and_compile"):  # the evaluation on the HTP runs inside it, graph by graph (evaluate_on_htp)
+            compiled, shared, parity = _quantize_and_compile(src, specs, calibration, rescue, reference, config, work, tmp, seconds,
+                                                             status, step)
+        if shared is not None:
+            _finish_shared(shared, specs, compiled, tmp, seconds, step.memory)
         _write_runtime_files(src, compiled, calibration, config, tmp)
         shutil.rmtree(work)
 

@@ -233,3 +233,71 @@ def context_binaries(context_path: Path) -> list[str]:
             value = attrs["ep_cache_context"]
             found.append(value.decode() if isinstance(value, bytes) else str(value))
     return sorted(set(found))
+
+
+def _compile_group(conn, parent: int, jobs: list[tuple[str, str]], options: HtpOptions) -> None:
+    """Child process: compile `jobs` ((QDQ model, context model) paths) into one weight-shared context binary;
+    send ("ok", seconds, its RSS in MB {"peak", "held_after"}) or ("error", exception) back."""
+    import resource
+
+    from edgepack.processes import exit_with_parent
+
+    exit_with_parent(parent)
+    try:
+        start = time.perf_counter()
+        for index, (model, context) in enumerate(jobs):
+            session, _, _ = compile_on_htp(Path(model), options, Path(context), share=True, last=index == len(jobs) - 1)
+            del session
+        seconds = time.perf_counter() - start
+        held = next((int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
+                     if line.startswith("VmRSS:")), 0) if Path("/proc/self/status").is_file() else 0
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux
+        conn.send(("ok", seconds, {"peak": round(max(peak, held) / 1024, 1), "held_after": round(held / 1024, 1)}))
+    except BaseException as exc:  # noqa: BLE001 - every failure goes back to the parent, which raises it
+        try:
+            conn.send(("error", exc))
+        except Exception:  # an exception that does not pickle: its text
+            conn.send(("error", BadInputError(f"QNN could not compile the shared context binary: {type(exc).__name__}: {exc}")))
+    finally:
+        conn.close()
+
+
+class SharedCompile:
+    """Graphs compiled into one weight-shared context binary in a separate process (see `compile_on_htp`).
+
+    A process of its own, so that the compile runs while this one checks and evaluates the per-graph binaries
+    (the HTP compiler is single-threaded and the machine may have a second core), and so that the compiler's
+    memory is returned when it ends. The child ends with this process (`edgepack.processes.exit_with_parent`)."""
+
+    def __init__(self, jobs: list[tuple[Path, Path]], options: HtpOptions):
+        import multiprocessing
+        import os
+
+        context = multiprocessing.get_context("spawn")
+        self._receive, send = context.Pipe(duplex=False)
+        self.process = context.Process(target=_compile_group, args=(send, os.getpid(), [(str(m), str(c)) for m, c in jobs], options),
+                                       name="edgepack-qnn-shared-compile")
+        self.process.start()
+        send.close()
+
+    def result(self) -> tuple[float, dict]:
+        """Wait for the compile; returns (seconds, the child's RSS in MB: peak and at the end); raises what the child raised."""
+        try:
+            message = self._receive.recv()
+        except EOFError:
+            message = None
+        finally:
+            self._receive.close()
+        self.process.join()
+        if message is None:
+            raise BadInputError(f"the process compiling the shared QNN context binary ended without a result (exit code "
+                                f"{self.process.exitcode}; the QNN compiler crashed or was killed)")
+        if message[0] == "error":
+            raise message[1]
+        return message[1], message[2]
+
+    def cancel(self) -> None:
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join()
+        self._receive.close()

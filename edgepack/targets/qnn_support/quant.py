@@ -146,6 +146,7 @@ def quantize_qdq(fp32_path: Path, out_path: Path, feeds: list[dict], precision: 
     from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config, qnn_preprocess_model
 
     from edgepack.quantize.ort_quant_compat import linear_quantizer_edits
+    from edgepack.targets.qnn_support.ort_weights import vectorized_weight_quantization, weights_read_from_disk
 
     work = work or out_path.parent
     weight_type, activation_type = _types(precision)
@@ -223,7 +224,7 @@ def quantize_qdq(fp32_path: Path, out_path: Path, feeds: list[dict], precision: 
     level = root.level
     root.setLevel(logging.ERROR)  # the quantizer's "consider pre-processing" / opset-upgrade advice, on the root logger
     try:
-        with linear_quantizer_edits():
+        with linear_quantizer_edits(), vectorized_weight_quantization(), weights_read_from_disk(fp32_path.parent):
             quantize_static(
                 str(fp32_path), str(out_path), None, calibrate_method=config.calibrate_method,
                 quant_format=config.quant_format, activation_type=config.activation_type, weight_type=config.weight_type,
