@@ -2,37 +2,46 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 _M_TRIM_THRESHOLD = -1  # glibc mallopt parameters (malloc.h)
 _M_MMAP_THRESHOLD = -3
-_applied = False
+_GLIBC_DEFAULT = 128 * 1024  # both thresholds' initial values
 
 
-def reuse_large_allocations(limit: int = 1 << 30) -> bool:
-    """Serve allocations up to `limit` bytes from the heap and keep freed heap memory for reuse (glibc only).
+def _libc():
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+    except (OSError, AttributeError):  # not glibc (musl has neither)
+        return None
+    return libc
+
+
+@contextlib.contextmanager
+def reuse_large_allocations(limit: int = 1 << 30):
+    """Inside: allocations up to `limit` bytes come from the heap and freed heap memory is kept for reuse (glibc).
 
     onnxruntime's HQQ quantizer (torch) makes about a dozen weight-sized temporaries per iteration, 20
     iterations per weight. glibc serves every allocation above its mmap threshold (at most 32 MB when it
     adapts it) with fresh pages from the kernel and unmaps them on free, so each temporary is faulted in
     and zeroed anew: the kernel's share of the quantizer's time exceeded its arithmetic on a 1B model's
-    weights. Heap-served temporaries are reused in place instead. The freed memory stays mapped (up to
-    `limit` above what is in use), which holds the peak at about the largest temporaries of one weight.
-    Process-wide and left in place; returns whether the allocator took it.
+    weights. Heap-served temporaries are reused in place instead. On exit the thresholds go back to
+    glibc's initial values and the freed memory is returned (`malloc_trim`), so later steps of the same
+    process do not keep it. Elsewhere than glibc, a no-op.
     """
-    global _applied
-    if _applied:
-        return True
-    if not sys.platform.startswith("linux"):
-        return False
-    import ctypes
-
+    libc = _libc()
+    applied = libc is not None and bool(libc.mallopt(_M_MMAP_THRESHOLD, limit)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, limit))
     try:
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
-    _applied = bool(mallopt(_M_MMAP_THRESHOLD, limit)) and bool(mallopt(_M_TRIM_THRESHOLD, limit))
-    return _applied
+        yield applied
+    finally:
+        if applied:
+            libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_DEFAULT)
+            libc.mallopt(_M_TRIM_THRESHOLD, _GLIBC_DEFAULT)
+            libc.malloc_trim(0)

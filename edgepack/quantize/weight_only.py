@@ -10,6 +10,8 @@ quantized blocks instead of keeping its own table.
 
 from __future__ import annotations
 
+import contextlib
+
 from edgepack.quantize.cpu_layout import find_tied_embeddings, rewrite_for_cpu
 from edgepack.quantize.graph import (
     embedding_gathers,
@@ -57,12 +59,11 @@ def _run_quantizer(model, *, bits: int, block_size: int, symmetric: bool, accura
             nodes_to_exclude=exclude, algo_config=make_config(), op_types_to_quantize=op_types,
         )
 
-    if algorithm == "hqq":
+    if algorithm in ("hqq", "rtn") and not _has_subgraphs(model):
         from edgepack.core.allocator import reuse_large_allocations
 
-        reuse_large_allocations()
-    if algorithm in ("hqq", "rtn") and not _has_subgraphs(model):
-        result = _quantize_node_by_node(model, include, op_types, store, make_quantizer)
+        with reuse_large_allocations() if algorithm == "hqq" else contextlib.nullcontext():
+            result = _quantize_node_by_node(model, include, op_types, store, make_quantizer)
     else:
         _load_weights(model, store)
         exclude = [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gather") and n.name not in include]
