@@ -255,17 +255,17 @@ def load_torch_model(source: ModelSource, task: str, *, trust_remote_code: bool)
 
 
 def export_onnx(torch_model, out: Path, task: str, opset: int | None, fold: bool | None = None) -> tuple[int, bool]:
-    """Export with optimum-onnx; return (opset, whether torch folded constants). `fold` None: by size, below."""
+    """Export with optimum-onnx; return (opset, whether torch folded constants). `fold` None: unfolded, below."""
     import onnx
     from optimum.exporters.onnx import onnx_export_from_model
 
     # torch's constant folding transposes every Linear weight into a new tensor while the PyTorch model
-    # still holds the original: two copies of the weights. Past protobuf's 2 GiB torch writes external
-    # data, so an unfolded export holds one copy and `finish_export` stores the transposes a tensor at
-    # a time. Below that torch builds the whole model in memory either way (graph, its bytes, and a
-    # parse of them), and folding keeps the graph exactly as optimum has always exported it.
+    # still holds the original: two copies of the weights. Unfolded, torch's graph holds one, and
+    # `finish_export` stores the transposes a tensor at a time from disk; the weights' values are the
+    # same, only the initializers' names differ. (Below protobuf's 2 GiB torch still builds the serialized
+    # model in memory; past it, it writes external data as it goes.)
     if fold is None:
-        fold = weight_bytes(torch_model) <= _PROTOBUF_LIMIT
+        fold = False
 
     try:
         with per_tensor_external_data():
@@ -289,14 +289,3 @@ def export_onnx(torch_model, out: Path, task: str, opset: int | None, fold: bool
     return max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0), fold
 
 
-_PROTOBUF_LIMIT = 2**31
-
-
-def weight_bytes(torch_model) -> int:
-    """Bytes of the model's parameters and buffers, each shared tensor counted once."""
-    seen, total = set(), 0
-    for tensor in [*torch_model.parameters(), *torch_model.buffers()]:
-        if id(tensor) not in seen:
-            seen.add(id(tensor))
-            total += tensor.numel() * tensor.element_size()
-    return total

@@ -8,9 +8,9 @@ memory scales with the largest tensor whatever the model's size; onnx and onnxru
 streaming rewrite of external data, hence the hand-written copy.
 
 Two export forms arrive here (see `export.export_onnx`):
-- folded by torch (weights below 2 GiB): the tied lm_head is a second, transposed copy of the embedding
+- folded by torch (`export_onnx(fold=True)`): the tied lm_head is a second, transposed copy of the embedding
   table; it is removed and the MatMul reads `Transpose(table)`, exactly optimum's edit.
-- unfolded (weights past 2 GiB, where folding would hold a second copy of every Linear weight beside the
+- unfolded (the default, since folding would hold a second copy of every Linear weight beside the
   PyTorch model): every Linear reads `Transpose(weight)`. Each weight nothing else reads is stored
   transposed (the [in, out] layout folding produces and onnxruntime's quantizers expect for MatMul) and
   its Transpose dropped; the tied table, also read by the embedding's Gather, keeps its Transpose and so
