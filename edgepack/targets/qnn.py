@@ -737,20 +737,6 @@ def _proc_status_mb(field: str) -> float | None:
     return None
 
 
-def _return_freed_memory() -> None:
-    """Give the heap pages freed by a finished step back to the system (glibc's `malloc_trim`; elsewhere nothing).
-
-    Why: onnxruntime sessions and onnx models are freed when a step ends, but glibc keeps most of that memory
-    in its heap for reuse (SmolLM2's fp32 reference session: 440 MB held after it was dropped), and the next
-    step's peak then sits on top of it."""
-    import ctypes
-
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 class _Steps:
     """Wall seconds and resident memory of each build step: its peak (sampled every 20 ms by a thread; the
     kernel's own high-water mark covers the whole process) and what it leaves held, so the step that sets a
@@ -778,7 +764,9 @@ class _Steps:
         finally:
             done.set()
             thread.join()
-            _return_freed_memory()
+            from edgepack.targets.qnn_support.ep import return_freed_memory
+
+            return_freed_memory()
         if record_seconds:  # a step run in several parts (evaluate_on_htp, graph by graph) adds them up
             self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - t0, 3)
         held = _proc_status_mb("VmRSS")
