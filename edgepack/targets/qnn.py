@@ -814,7 +814,10 @@ def build(directory: Path | str, out: Path | str, config: QnnConfig = QnnConfig(
             compiled, shared, parity = _quantize_and_compile(src, specs, calibration, rescue, reference, config, work, tmp, seconds,
                                                              status, step)
         if shared is not None:
-            _finish_shared(shared, specs, compiled, tmp, seconds, step.memory)
+            try:
+                _finish_shared(shared, specs, compiled, tmp, seconds, step.memory)
+            finally:
+                shared.cancel()  # nothing left to end once it has finished; interrupted while waiting, it ends here
         _write_runtime_files(src, compiled, calibration, config, tmp)
         shutil.rmtree(work)
 

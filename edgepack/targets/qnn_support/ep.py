@@ -312,6 +312,7 @@ class SharedCompile:
         return message[1], message[2]
 
     def cancel(self) -> None:
+        """End the child if it still runs (a no-op once `result` has returned)."""
         if self.process.is_alive():
             self.process.kill()
         self.process.join()
