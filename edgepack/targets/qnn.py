@@ -767,6 +767,9 @@ class _Steps:
         finally:
             done.set()
             thread.join()
+            from edgepack.targets.qnn_support.ep import return_freed_memory
+
+            return_freed_memory()
         if record_seconds:  # a step run in several parts (evaluate_on_htp, graph by graph) adds them up
             self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - t0, 3)
         held = _proc_status_mb("VmRSS")
@@ -814,7 +817,10 @@ def build(directory: Path | str, out: Path | str, config: QnnConfig = QnnConfig(
             compiled, shared, parity = _quantize_and_compile(src, specs, calibration, rescue, reference, config, work, tmp, seconds,
                                                              status, step)
         if shared is not None:
-            _finish_shared(shared, specs, compiled, tmp, seconds, step.memory)
+            try:
+                _finish_shared(shared, specs, compiled, tmp, seconds, step.memory)
+            finally:
+                shared.cancel()  # nothing left to end once it has finished; interrupted while waiting, it ends here
         _write_runtime_files(src, compiled, calibration, config, tmp)
         shutil.rmtree(work)
 
