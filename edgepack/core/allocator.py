@@ -45,3 +45,14 @@ def reuse_large_allocations(limit: int = 1 << 30):
             libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_DEFAULT)
             libc.mallopt(_M_TRIM_THRESHOLD, _GLIBC_DEFAULT)
             libc.malloc_trim(0)
+
+
+def return_freed_memory() -> None:
+    """Give heap pages freed by finished work back to the system (glibc's `malloc_trim`; elsewhere nothing).
+
+    onnxruntime sessions and onnx models are freed when a build step ends, but glibc keeps much of that
+    memory in its heap for reuse, and the next step's peak then sits on top of it.
+    """
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)

@@ -707,33 +707,20 @@ def _residue_nodes(g: GraphEdit, node, blocks: Blocks, residue: tuple[int, int],
     `cpu_layout.offset_column_nodes` writes, from the codes, scales and zero points it wrote (carried as they are)."""
     from onnx import helper
 
-    from edgepack.quantize.cpu_layout import pack_codes
+    from edgepack.quantize.cpu_layout import pack_codes, with_block_sums
 
     k, copies = residue
     rows, block = blocks.rows, blocks.block
-    nb = k // block
-    pad = -(-nb // block) * block
     a, y = node.input[0], node.output[0]
     base = f"{node.name or y}.carried"
-    nodes: list = []
-    key = (a, k, block, copies)
-    if key not in g.block_sums:  # one widened activation per input, shared by the weights reading it (gate and up)
-        indicator_key = ("blocks_padded", k, block)
-        if indicator_key not in g.scalars:
-            indicator = np.zeros((k, pad), np.float32)
-            indicator[np.arange(k), np.arange(k) // block] = 1.0
-            g.scalars[indicator_key] = g.add_init(indicator, f"{g.const_prefix}.block_indicator_{k}x{block}_padded")
-        sums, widened = g.unique(f"{a}_block_sums{block}_padded"), g.unique(f"{a}_with_block_sums")
-        nodes.append(helper.make_node("MatMul", [a, g.scalars[indicator_key]], [sums], name=g.unique(f"BlockSum_{sums}")))
-        nodes.append(helper.make_node("Concat", [a] + [sums] * copies, [widened], name=g.unique(f"Concat_{widened}"), axis=-1))
-        g.block_sums[key] = widened
+    nodes, widened = with_block_sums(g, a, k, block, copies)
     nbt = blocks.scale.shape[1]
     packed = pack_codes(blocks.codes.reshape(rows, nbt, block), 4)
     z = np.pad(blocks.zero, ((0, 0), (0, nbt % 2)))
     z = (z[:, 0::2] | (z[:, 1::2] << 4)).astype(np.uint8)
     scale_name, scale_bytes = g.float_init(blocks.scale, base + "_scales")
     b_name = g.add_init(packed, base + "_B")
-    inputs = [g.block_sums[key], b_name, scale_name, g.add_init(z, base + "_zero_points")]
+    inputs = [widened, b_name, scale_name, g.add_init(z, base + "_zero_points")]
     nodes.append(helper.make_node("MatMulNBits", inputs, [y], name=g.unique((node.name or y) + "_Q"), domain=MS_DOMAIN,
                                   bits=4, K=blocks.cols, N=rows, block_size=block, accuracy_level=int(level if level is not None else 4)))
     return nodes, b_name, packed.nbytes + scale_bytes + z.nbytes

@@ -633,6 +633,27 @@ def offset_columns(w: NBitsWeight, planes: int = OFFSET_PLANES) -> tuple[np.ndar
             np.concatenate(zeros, axis=1).astype(np.uint8), error)
 
 
+def with_block_sums(g: GraphEdit, activation: str, k: int, block: int, copies: int) -> tuple[list, str]:
+    """(new nodes, name of) Concat(A, blocksum(A) zero-padded x `copies`): the widened activation that residue
+    columns multiply. One per activation and layout, shared by the weights reading it (gate and up)."""
+    from onnx import helper
+
+    nodes: list = []
+    key = (activation, k, block, copies)
+    if key not in g.block_sums:
+        pad = -(-(k // block) // block) * block
+        indicator_key = ("blocks_padded", k, block)
+        if indicator_key not in g.scalars:
+            indicator = np.zeros((k, pad), np.float32)
+            indicator[np.arange(k), np.arange(k) // block] = 1.0
+            g.scalars[indicator_key] = g.add_init(indicator, f"{g.const_prefix}.block_indicator_{k}x{block}_padded")
+        sums, widened = g.unique(f"{activation}_block_sums{block}_padded"), g.unique(f"{activation}_with_block_sums")
+        nodes.append(helper.make_node("MatMul", [activation, g.scalars[indicator_key]], [sums], name=g.unique(f"BlockSum_{sums}")))
+        nodes.append(helper.make_node("Concat", [activation] + [sums] * copies, [widened], name=g.unique(f"Concat_{widened}"), axis=-1))
+        g.block_sums[key] = widened
+    return nodes, g.block_sums[key]
+
+
 def offset_column_nodes(g: GraphEdit, node, w: NBitsWeight) -> tuple[list, float]:
     """MatMul(A, W) -> MatMulNBits(Concat(A, blocksum(A) zero-padded), W with residue columns); see `offset_columns`."""
     from onnx import helper
@@ -644,24 +665,13 @@ def offset_column_nodes(g: GraphEdit, node, w: NBitsWeight) -> tuple[list, float
     copies = (codes.shape[1] - k) // pad
     a, y = node.input[0], node.output[0]
     base = w.inputs[0]
-    nodes: list = []
-    key = (a, k, block, copies)
-    if key not in g.block_sums:
-        indicator_key = ("blocks_padded", k, block)
-        if indicator_key not in g.scalars:
-            indicator = np.zeros((k, pad), np.float32)
-            indicator[np.arange(k), np.arange(k) // block] = 1.0
-            g.scalars[indicator_key] = g.add_init(indicator, f"{g.const_prefix}.block_indicator_{k}x{block}_padded")
-        sums, widened = g.unique(f"{a}_block_sums{block}_padded"), g.unique(f"{a}_with_block_sums")
-        nodes.append(helper.make_node("MatMul", [a, g.scalars[indicator_key]], [sums], name=g.unique(f"BlockSum_{sums}")))
-        nodes.append(helper.make_node("Concat", [a] + [sums] * copies, [widened], name=g.unique(f"Concat_{widened}"), axis=-1))
-        g.block_sums[key] = widened
+    nodes, widened = with_block_sums(g, a, k, block, copies)
     nbt = scales.shape[1]
     packed = pack_codes(codes.reshape(rows, nbt, block), 4)
     z = np.pad(zeros, ((0, 0), (0, nbt % 2)))
     z = (z[:, 0::2] | (z[:, 1::2] << 4)).astype(np.uint8)
     scale_name, _ = g.float_init(scales, base + "_scales")
-    inputs = [g.block_sums[key], g.add_init(packed, base + "_B"), scale_name, g.add_init(z, base + "_zero_points")]
+    inputs = [widened, g.add_init(packed, base + "_B"), scale_name, g.add_init(z, base + "_zero_points")]
     nodes.append(
         helper.make_node(
             "MatMulNBits", inputs, [y], name=g.unique((node.name or y) + "_Q"), domain=MS_DOMAIN,

@@ -767,7 +767,7 @@ class _Steps:
         finally:
             done.set()
             thread.join()
-            from edgepack.targets.qnn_support.ep import return_freed_memory
+            from edgepack.core.allocator import return_freed_memory
 
             return_freed_memory()
         if record_seconds:  # a step run in several parts (evaluate_on_htp, graph by graph) adds them up

@@ -235,25 +235,12 @@ def context_binaries(context_path: Path) -> list[str]:
     return sorted(set(found))
 
 
-def return_freed_memory() -> None:
-    """Give heap pages freed by finished work back to the system (glibc's `malloc_trim`; elsewhere nothing).
-
-    Why: onnxruntime sessions and onnx models are freed when a build step ends, but glibc keeps most of that
-    memory in its heap for reuse (SmolLM2's fp32 reference session: 440 MB held after it was dropped), and the
-    next step's peak then sits on top of it."""
-    import ctypes
-
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def _compile_group(conn, parent: int, jobs: list[tuple[str, str]], options: HtpOptions) -> None:
     """Child process: compile `jobs` ((QDQ model, context model) paths) into one weight-shared context binary;
     send ("ok", seconds, its RSS in MB {"peak", "held_after"}) or ("error", exception) back."""
     import resource
 
+    from edgepack.core.allocator import return_freed_memory
     from edgepack.processes import exit_with_parent
 
     exit_with_parent(parent)
