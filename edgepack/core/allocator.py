@@ -31,8 +31,8 @@ def reuse_large_allocations(limit: int = 1 << 30):
     onnxruntime's HQQ quantizer (torch) makes about a dozen weight-sized temporaries per iteration, 20
     iterations per weight. glibc serves every allocation above its mmap threshold (at most 32 MB when it
     adapts it) with fresh pages from the kernel and unmaps them on free, so each temporary is faulted in
-    and zeroed anew: the kernel's share of the quantizer's time exceeded its arithmetic on a 1B model's
-    weights. Heap-served temporaries are reused in place instead. On exit the thresholds go back to
+    and zeroed anew, kernel time that grows with every weight and iteration. Heap-served temporaries are
+    reused in place instead. On exit the thresholds go back to
     glibc's initial values and the freed memory is returned (`malloc_trim`), so later steps of the same
     process do not keep it. Elsewhere than glibc, a no-op.
     """

@@ -70,15 +70,19 @@ def test_bundle_carries_the_sources_quantized_weights(int4_source, tmp_path, cli
     assert report["seconds"]["quantize"] >= 0 and report["seconds"]["builder"] > 0
 
 
-def test_int8_weight_source_is_carried_byte_for_byte(exported_tiny_factory, tmp_path, cli):
-    """int8-weight (8-bit codes as two exact 4-bit planes) on the untied llama: its own int8 embedding table too."""
-    source = tmp_path / "q8"
-    result = cli("quantize", exported_tiny_factory("llama"), "-o", source, "--scheme", "int8-weight", "--eval-tokens", "64")
+def _quantize_then_builder_bundle(cli, export, tmp_path, scheme: str):
+    """(quantized source, its builder-route ort bundle, the bundle's target.json), both commands exit 0."""
+    source, out = tmp_path / "q", tmp_path / "ort"
+    result = cli("quantize", export, "-o", source, "--scheme", scheme, "--eval-tokens", "64")
     assert result.exit_code == 0, result.stderr
-    out = tmp_path / "ort"
     result = cli("target", "ort", source, "-o", out, "--graph", "builder", "--compact")
     assert result.exit_code == 0, result.stderr
-    report = read_json(out / "target.json")
+    return source, out, read_json(out / "target.json")
+
+
+def test_int8_weight_source_is_carried_byte_for_byte(exported_tiny_factory, tmp_path, cli):
+    """int8-weight (8-bit codes as two exact 4-bit planes) on the untied llama: its own int8 embedding table too."""
+    source, out, report = _quantize_then_builder_bundle(cli, exported_tiny_factory("llama"), tmp_path, "int8-weight")
     carried = report["facts"]["quantized_weights"]
     assert carried["reused_from_source"] == 2 * 5 + 2 and carried["quantized_again"] == 0, carried["not_reused"]
     assert {r["bits"] for r in carried["reused"]} == {8}
@@ -119,13 +123,7 @@ def test_a_weight_without_an_equal_is_quantized_with_the_scheme(int4_source, tmp
 def test_weights_the_builder_splits_are_carried_as_row_ranges(exported_tiny_factory, tmp_path, cli):
     """Phi-3 stores gate and up as one gate_up_proj; the builder writes two MatMuls: each gets its rows of the
     source's blocks."""
-    source = tmp_path / "q"
-    result = cli("quantize", exported_tiny_factory("phi3"), "-o", source, "--scheme", "int4", "--eval-tokens", "64")
-    assert result.exit_code == 0, result.stderr
-    out = tmp_path / "ort"
-    result = cli("target", "ort", source, "-o", out, "--graph", "builder", "--compact")
-    assert result.exit_code == 0, result.stderr
-    report = read_json(out / "target.json")
+    source, out, report = _quantize_then_builder_bundle(cli, exported_tiny_factory("phi3"), tmp_path, "int4")
     carried = report["facts"]["quantized_weights"]
     assert carried["quantized_again"] == 0, carried["not_reused"]
     split = {r["node"]: r["from"] for r in carried["reused"] if r["node"].startswith("/model/layers.0/mlp/")}
