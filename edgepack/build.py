@@ -63,6 +63,7 @@ class BuildConfig:
     jobs: int = 1
     junit: Path | None = None
     force: bool = False
+    max_memory_bytes: int | None = None  # what parallel targets may hold together (None: what the system has available)
 
 
 @dataclass
@@ -544,14 +545,71 @@ def not_reproducible(bundle: Path, targets: dict, available: dict) -> list[dict]
 
 
 def target_workers(jobs: int):
-    """The process pool of `build --jobs N`; its workers end when this process does, even on kill -9."""
+    """The process pool of `build --jobs N`; its workers end when this process does, even on kill -9.
+
+    One target per worker process (`max_tasks_per_child=1`): a target's memory goes back to the system when it
+    ends instead of staying in the worker's heap under the next target's."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     from edgepack.processes import exit_with_parent
 
     return ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=exit_with_parent, initargs=(os.getpid(),))
+                               initializer=exit_with_parent, initargs=(os.getpid(),), max_tasks_per_child=1)
+
+
+# Memory a target build is allowed per byte of the model's fp32 weights: every stage is held to this bound
+# (benchmarks/scale.py checks it on real shapes), so parallel targets are admitted against it.
+TARGET_PEAK_PER_WEIGHT_BYTE = 2.0
+
+
+def available_memory() -> int | None:
+    """Bytes the system can give without swapping (Linux MemAvailable; physical memory elsewhere), or None."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def model_weight_bytes(export: Path) -> int:
+    """Bytes of an ONNX export's weights: its model files and their external data."""
+    return sum(p.stat().st_size for p in export.iterdir() if p.is_file() and ".onnx" in p.name)
+
+
+class MemoryAdmission:
+    """Starts parallel target builds only while their expected peaks fit in the memory the build may use.
+
+    Each target reserves `need` bytes (TARGET_PEAK_PER_WEIGHT_BYTE x the model's fp32 weight bytes) out of
+    `budget` (the memory available when the target stage starts) and waits while the reservations of the
+    targets running would exceed it. A target that alone needs more than the budget still runs, alone.
+    """
+
+    def __init__(self, budget: int | None, need: int, on_wait=None):
+        self.budget, self.need, self.on_wait = budget, need, on_wait
+        self.reserved = 0
+        self._changed = threading.Condition()
+
+    @contextlib.contextmanager
+    def reserve(self, label: str):
+        with self._changed:
+            if self.budget is not None and self.reserved and self.reserved + self.need > self.budget and self.on_wait:
+                self.on_wait(f"{label} waits for memory: it may need {self.need / 1e9:.1f} GB and the targets running "
+                             f"hold {self.reserved / 1e9:.1f} GB of the {self.budget / 1e9:.1f} GB available")
+            while self.budget is not None and self.reserved and self.reserved + self.need > self.budget:
+                self._changed.wait()
+            self.reserved += self.need
+        try:
+            yield
+        finally:
+            with self._changed:
+                self.reserved -= self.need
+                self._changed.notify_all()
 
 
 def kill_workers(workers) -> None:
@@ -699,7 +757,8 @@ def _run_target(build: _Build, task: tuple, workers) -> tuple[tuple, Path]:
         if workers is None:
             _build_target(module.__name__, source_path, out_path, kwargs)
         else:
-            workers.pool.submit(_build_target, module.__name__, source_path, out_path, kwargs, workers.running, label).result()
+            with workers.memory.reserve(label):
+                workers.pool.submit(_build_target, module.__name__, source_path, out_path, kwargs, workers.running, label).result()
 
     path, _ = build.run_stage(target_declaration(target_name, module.__name__, options), label, payload, produce)
     return task, path
@@ -712,6 +771,7 @@ class _Workers:
     pool: object
     running: Path
     processes: dict  # the pool's own {pid: Process}, kept to read exit codes after the pool broke
+    memory: MemoryAdmission
 
 
 def _run_in_workers(build: _Build, tasks: list[tuple]) -> list[tuple[tuple, Path]]:
@@ -723,7 +783,8 @@ def _run_in_workers(build: _Build, tasks: list[tuple]) -> list[tuple[tuple, Path
 
     with tempfile.TemporaryDirectory(prefix="edgepack-workers-") as running:
         pool = target_workers(build.config.jobs)
-        workers = _Workers(pool, Path(running), pool._processes)
+        need = int(TARGET_PEAK_PER_WEIGHT_BYTE * model_weight_bytes(build.sources[FP32][0]))
+        workers = _Workers(pool, Path(running), pool._processes, MemoryAdmission(build.config.max_memory_bytes or available_memory(), need, build.log))
         try:
             with pool, ThreadPoolExecutor(max_workers=build.config.jobs) as threads:
                 try:

@@ -295,9 +295,12 @@ def run(directory, prompt, max_new_tokens, temperature, top_k, top_p, seed, no_c
 @click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="Bundle folder (a previous bundle there is replaced once the new one is complete).")
 @click.option("--only", type=click.Choice(["convert", "quantize", "target", "profile", "check"]), default=None, help="Stop after this stage.")
 @click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True, help="Targets built in parallel (worker processes); other stages run one at a time.")
+@click.option("--max-memory-gb", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Memory parallel targets may hold together (default: what the system has available when they start). "
+                   "A target reserves 2x the model's fp32 weight bytes and waits while the targets running hold the rest.")
 @click.option("--junit", type=click.Path(path_type=Path), default=None, help="Also copy junit.xml here (a file, or an existing folder to put junit.xml in).")
 @click.option("--force", is_flag=True, help="Replace a non-empty OUT that is not an edgepack bundle.")
-def build(recipe, out, only, jobs, junit, force):
+def build(recipe, out, only, jobs, max_memory_gb, junit, force):
     """Run a recipe: convert, quantize, targets, profile, check; write a verified bundle.
 
     Every stage is cached by the content hash of its inputs, its options and
@@ -314,7 +317,8 @@ def build(recipe, out, only, jobs, junit, force):
 
     console = stderr_console()
     with Status(f"build {recipe}") as status:
-        result = build_recipe(recipe, out, BuildConfig(only=only, jobs=jobs, junit=junit, force=force), on_status=status,
+        result = build_recipe(recipe, out, BuildConfig(only=only, jobs=jobs, junit=junit, force=force,
+                                                          max_memory_bytes=int(max_memory_gb * 1e9) if max_memory_gb else None), on_status=status,
                               on_log=lambda line: console.print(f"[dim]{line}[/dim]"))
     _print_build_summary(result)
     failures = result.failures

@@ -288,3 +288,70 @@ def test_two_cold_builds_give_the_same_bytes_except_what_the_manifest_names(cold
     assert reproduced and all(first["files"][n]["sha256"] == second["files"][n]["sha256"] for n in reproduced)
     # Only the ORT-format file (address-ordered table) and the dated Core ML spec may differ among model files.
     assert {name.rsplit("/", 1)[-1] for name in models if name in declared} <= {"model.ort", "model.mlmodel"}
+
+
+def test_parallel_targets_wait_while_their_memory_is_held():
+    import threading
+
+    from edgepack.build import MemoryAdmission
+
+    waits, order = [], []
+    admission = MemoryAdmission(budget=10, need=6, on_wait=waits.append)
+    first_in, release_first = threading.Event(), threading.Event()
+
+    def first():
+        with admission.reserve("qnn/fp32"):
+            order.append("first starts")
+            first_in.set()
+            release_first.wait(10)
+            order.append("first ends")
+
+    def second():
+        first_in.wait(10)
+        with admission.reserve("coreml/fp32"):
+            order.append("second starts")
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    deadline = time.time() + 10
+    while not waits and time.time() < deadline:
+        time.sleep(0.01)
+    assert order == ["first starts"]  # 6 + 6 > 10: the second waits
+    release_first.set()
+    for thread in threads:
+        thread.join(10)
+    assert order == ["first starts", "first ends", "second starts"]
+    assert waits == ["coreml/fp32 waits for memory: it may need 0.0 GB and the targets running hold 0.0 GB of the 0.0 GB available"]
+    assert admission.reserved == 0
+
+
+def test_a_target_larger_than_the_budget_runs_alone_and_an_unknown_budget_admits_all():
+    from edgepack.build import MemoryAdmission
+
+    alone = MemoryAdmission(budget=4, need=6)
+    with alone.reserve("qnn/fp32"):
+        assert alone.reserved == 6
+    unknown = MemoryAdmission(budget=None, need=6)
+    with unknown.reserve("a"), unknown.reserve("b"):
+        assert unknown.reserved == 12
+
+
+def test_available_memory_and_weight_bytes(tmp_path):
+    from edgepack.build import available_memory, model_weight_bytes
+
+    assert available_memory() > 0
+    (tmp_path / "model.onnx").write_bytes(b"x" * 10)
+    (tmp_path / "model.onnx.data").write_bytes(b"x" * 100)
+    (tmp_path / "tokenizer.json").write_bytes(b"x" * 1000)
+    assert model_weight_bytes(tmp_path) == 110
+
+
+def test_a_build_on_too_little_memory_for_two_targets_builds_them_one_at_a_time(cold_build, tmp_path, cache, cli):
+    seed_cache(cold_build, cache, ("convert", "quantize"))
+    out = tmp_path / "bundle"
+    result = cli("build", cold_build.recipe, "-o", out, "--jobs", "2", "--max-memory-gb", "0.000001", "--only", "target")
+    assert result.exit_code == 0, result.stderr
+    assert "waits for memory" in result.stderr
+    log = [line for line in result.stderr_lines if line.startswith("target ")]
+    assert len(log) == 4 and all("built in" in line for line in log), log
