@@ -67,6 +67,25 @@ def test_prefill_and_decode_share_one_context_binary(llama_bundle, llama_bundle_
 
 
 @needs_qnn
+def test_context_binaries_do_not_depend_on_the_build_folder(llama_bundle, llama_bundle_per_graph, exported_tiny_factory, tmp_path, cli):
+    # The graphs compile from their files (external data mapped, not copied); onnxruntime names a context graph
+    # after the model path it was given, which must not be the temporary build folder's.
+    import hashlib
+
+    # Per-graph binaries (--no-share-weights) are compared by their context models only: two builds of the same
+    # single graph give different binaries (so did compiling from bytes, before graphs compiled from their files).
+    for first, extra, suffixes in ((llama_bundle[0], (), ("_ctx.onnx", ".bin")),
+                                   (llama_bundle_per_graph[0], ("--no-share-weights",), ("_ctx.onnx",))):
+        again = tmp_path / "elsewhere" / first.name
+        result = cli("target", "qnn", exported_tiny_factory("llama"), "-o", again, *SOC, "--max-context", "64", "--prefill-len", "8", *extra)
+        assert result.exit_code == 0, result.stderr
+        names = sorted(p.name for p in first.iterdir() if p.name.endswith(suffixes))
+        assert names and names == sorted(p.name for p in again.iterdir() if p.name.endswith(suffixes))
+        differ = [name for name in names if hashlib.sha256((first / name).read_bytes()).digest() != hashlib.sha256((again / name).read_bytes()).digest()]
+        assert not differ, (extra, differ)
+
+
+@needs_qnn
 def test_llama_context_binaries_all_on_htp_and_parity(llama_bundle):
     out, result = llama_bundle
     assert result.exit_code == 0, result.stderr

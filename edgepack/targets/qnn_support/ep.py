@@ -9,6 +9,8 @@ named from `get_provider_graph_assignment_info()` of another session, one that a
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,7 +92,7 @@ def _session_options(options: HtpOptions, *, fallback: bool, context_path: Path 
         so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
     if context_path is not None:
         so.add_session_config_entry("ep.context_enable", "1")
-        so.add_session_config_entry("ep.context_file_path", str(context_path))
+        so.add_session_config_entry("ep.context_file_path", str(context_path.absolute()))  # `_session` may change directory
         so.add_session_config_entry("ep.context_embed_mode", "0")
     if share:
         for key, value in SHARE_CONTEXTS.items():
@@ -136,21 +138,20 @@ def placement(session, model_path: Path) -> Placement:
     return Placement(on_htp, on_htp + len(others), by_op, names)
 
 
-def _model_source(model_path: Path, tag: str | None = None):
-    """The model as bytes when it is self-contained, else its path.
+def _model_source(model_path: Path, tag: str | None = None) -> bytes | None:
+    """The model as bytes, or None for a model with external data (compiled from its file, see `_session`).
 
     onnxruntime names the EP context graph (the *_ctx.onnx node and the graph inside the context
-    binary) after a hash of the model's path when the model has one; compiled from a temporary build
-    folder, every build got a different name. From bytes the name comes from a hash of the graph's
-    input names and node output names, the same for a prefill and a decode graph cut from one export;
-    graphs compiled into one context binary need distinct names (the QNN EP ignores
+    binary) after a hash of the model's path when the model has one. From bytes the name comes from a
+    hash of the graph's input names and node output names, the same for a prefill and a decode graph cut
+    from one export; graphs compiled into one context binary need distinct names (the QNN EP ignores
     `ep.context_node_name_prefix`), so `tag` is appended to one internal tensor's name.
     """
     import onnx
 
     model = onnx.load(str(model_path), load_external_data=False)
     if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
-        return str(model_path)  # named after its (distinct) path
+        return None
     if tag is None:
         return model_path.read_bytes()
     outputs = {o.name for o in model.graph.output}
@@ -167,6 +168,30 @@ def _model_source(model_path: Path, tag: str | None = None):
     return model.SerializeToString()
 
 
+_CWD = threading.Lock()
+
+
+def _session(model_path: Path, source: bytes | None, so):
+    """An InferenceSession of `source` (bytes), or of the model file when it has external data.
+
+    From its file onnxruntime maps the external data instead of copying it (a Python copy of the weights and
+    one parsed out of a protobuf would sit beside the compiler's). The file is opened by its
+    bare name from inside its folder, because the context graph is named after the path as given: the name
+    must not depend on the (temporary) build folder, and the graphs of one shared binary have distinct file
+    names. The working directory is the process's, so the change is brief and serialized."""
+    import onnxruntime as ort
+
+    if source is not None:
+        return ort.InferenceSession(source, so)
+    with _CWD:
+        previous = os.getcwd()
+        os.chdir(model_path.parent)
+        try:
+            return ort.InferenceSession(model_path.name, so)
+        finally:
+            os.chdir(previous)
+
+
 def compile_on_htp(model_path: Path, options: HtpOptions, context_path: Path, *, share: bool = False, last: bool = True):
     """Compile `model_path` for the HTP with CPU fallback disabled and write its EP context binary.
 
@@ -180,7 +205,7 @@ def compile_on_htp(model_path: Path, options: HtpOptions, context_path: Path, *,
     start = time.perf_counter()
     try:
         so = _session_options(options, fallback=False, context_path=context_path, share=share, last=last)
-        session = ort.InferenceSession(_model_source(model_path, context_path.stem if share else None), so)
+        session = _session(model_path, _model_source(model_path, context_path.stem if share else None), so)
     except Exception as exc:
         message = " ".join(str(exc).split())
         if "fallback to CPU EP has been explicitly disabled" in message or "assigned to the default CPU EP" in message:

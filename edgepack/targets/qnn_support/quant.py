@@ -213,10 +213,8 @@ def quantize_qdq(fp32_path: Path, out_path: Path, feeds: list[dict], precision: 
         str(fp32_path), _Reader(feeds), activation_type=activation_type, weight_type=weight_type,
         activation_symmetric=activation_symmetric, weight_symmetric=True, init_overrides=overrides,
     )
-    # The QDQ model in one file while its quantized weights fit protobuf's limit with room to spare: compiled from
-    # bytes, its context graph gets a name that does not depend on the build folder (see ep._model_source).
-    bits = {"w8a16": 8, "w8a8": 8, "w4a16": 4}[precision]
-    external = _external_bytes(fp32_path) * max(bits, 8) / 32 > 1.5e9
+    # The QDQ model's weights in a file beside it: the compiler's process reads them from there into onnxruntime
+    # only (see ep._model_source), and a model of any size fits protobuf's 2 GB limit.
     cache = work / f"{out_path.stem}.calibration.json"
     save_tensors_data(data, cache)
     del data
@@ -230,7 +228,7 @@ def quantize_qdq(fp32_path: Path, out_path: Path, feeds: list[dict], precision: 
                 quant_format=config.quant_format, activation_type=config.activation_type, weight_type=config.weight_type,
                 op_types_to_quantize=config.op_types_to_quantize, nodes_to_quantize=config.nodes_to_quantize,
                 nodes_to_exclude=config.nodes_to_exclude, per_channel=config.per_channel, reduce_range=config.reduce_range,
-                use_external_data_format=external, calibration_providers=config.calibration_providers,
+                use_external_data_format=True, calibration_providers=config.calibration_providers,
                 extra_options=config.extra_options, calibration_cache_path=str(cache))
     finally:
         root.setLevel(level)
