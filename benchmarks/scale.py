@@ -386,6 +386,21 @@ def stage_verdict(run: Run, peak: int, weights: int) -> str:
 
 # ---------------------------------------------------------------------------------------------- main
 
+def kept_rows(previous: Path, shapes: list[str], conditions: dict) -> list[dict]:
+    """Rows of `previous` (an earlier scale.json) for shapes other than `shapes`; notes that run in `conditions`."""
+    if not previous.is_file():
+        return []
+    earlier = json.loads(previous.read_text())
+    kept = [row for row in earlier.get("rows", []) if row.get("shape") not in shapes]
+    if kept:
+        runs = earlier.get("conditions", {}).get("earlier_runs", [])
+        own = {key: earlier.get(key) for key in ("command", "recorded_utc", "commit")}
+        own["shapes"] = earlier.get("conditions", {}).get("shapes")
+        own["loadavg"] = [earlier.get("conditions", {}).get(k) for k in ("loadavg_start", "loadavg_end")]
+        conditions["earlier_runs"] = [*runs, own]
+    return kept
+
+
 def parse_list(text: str, known: tuple[str, ...], what: str) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in known]
@@ -418,6 +433,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/edgepack-scale"), help="stage outputs and logs")
     parser.add_argument("--models", type=Path, default=None, help="shape folders (default WORK/models); built when missing")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per stage before its process group is killed")
+    parser.add_argument("--keep-other-shapes", action="store_true",
+                        help="keep the rows of shapes this run does not measure from the existing results file (a long "
+                             "table recorded shape by shape); the earlier run's command, time and commit go into conditions")
     parser.add_argument("--stage-args", action="append", default=[], metavar="STAGE=ARGS",
                         help="extra options for one stage, e.g. --stage-args \"qnn=--precision w8a16\" (repeatable)")
     parser.add_argument("--make-model", nargs=2, metavar=("SHAPE", "DIR"), help=argparse.SUPPRESS)
@@ -522,6 +540,8 @@ def main(argv: list[str] | None = None) -> int:
                    output_mb=round(dir_bytes(out) / 1e6, 1) if usable else None,
                    verdict=stage_verdict(run, peak, weights), error=run.error)
         conditions["loadavg_end"] = _results.loadavg()
+        if args.keep_other_shapes:
+            rows[:0] = kept_rows(_results.RESULTS / "scale.json", shapes, conditions)
         _results.write("scale", title="Wall time and peak RSS per stage on random-weight models of real shapes",
                        threads=os.cpu_count(), conditions=conditions, rows=rows,
                        notes="One stage per process, run one after another on an otherwise idle machine; the verdict "
