@@ -106,11 +106,12 @@ def verdict(gates: list[GateResult], check: str) -> bool | None:
 
 
 @contextmanager
-def timed(seconds: dict, key: str, digits: int | None = 3):
-    """Record the wall time of a step under `seconds[key]` (rounded to `digits`, or raw when None)."""
+def timed(seconds: dict, key: str, digits: int | None = 3, add: bool = False):
+    """Record the wall time of a step under `seconds[key]` (rounded to `digits`, or raw when None); `add`: a step
+    that runs several times accumulates."""
     t0 = time.perf_counter()
     yield
-    elapsed = time.perf_counter() - t0
+    elapsed = time.perf_counter() - t0 + (seconds.get(key, 0.0) if add else 0.0)
     seconds[key] = elapsed if digits is None else round(elapsed, digits)
 
 

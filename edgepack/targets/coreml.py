@@ -40,6 +40,7 @@ NOT_REPRODUCIBLE = {
 }
 COMPUTE_UNITS = ("all", "cpu_and_ne", "cpu_and_gpu", "cpu_only")
 COMPRESSIONS = ("none", "int8", "int4-block", "palettize4")
+SHAPES = ("auto", "fixed", "flexible")
 ENCODER_TYPES = ("bert",)
 # Default gates for the uncompressed fp16 program (the issue's acceptance): compressed schemes report only.
 FP16_MIN_TOP1, FP16_MAX_KL, ENCODER_MIN_COSINE = 0.99, 0.001, 0.999
@@ -48,7 +49,14 @@ FP16_MIN_TOP1, FP16_MAX_KL, ENCODER_MIN_COSINE = 0.99, 0.001, 0.999
 @dataclass(frozen=True)
 class CoreMLConfig:
     # compute_units and compress are checked in __post_init__ (not as click choices): their error names the choices.
-    compute_units: str = option("all", help="all | cpu_and_ne | cpu_and_gpu | cpu_only (stored in the model; the ANE report gives a verdict for each).")
+    compute_units: str = option("all", help="all | cpu_and_ne | cpu_and_gpu | cpu_only (stored in the model; the ANE report gives a verdict for each). "
+                                            "cpu_and_ne builds the Neural Engine program (see --shapes).")
+    shapes: str = option("auto", choices=SHAPES,
+                         help="Decoders: fixed = the Neural Engine program (a prefill function over --prefill-chunk tokens and a one-token "
+                              "decode function, both over the whole KV cache, in one multifunction package sharing the weights); "
+                              "flexible = one function for any query length (GPU/CPU); auto = fixed for --compute-units cpu_and_ne, else flexible.")
+    prefill_chunk: int = option(64, min=1, unit="tokens", help="--shapes fixed: tokens per prefill call; longer prompts are fed chunk by chunk "
+                                                               "(a chunk longer than the context is cut to it).")
     compress: str = option("none", help="none (fp16) | int8 (per channel) | int4-block (uint4, fp16 scale+offset per block) | palettize4.")
     block_size: int = option(32, help="int4-block block size (16, 32, 64, 128).")
     # int4-block: "same" (uint4 affine per block), "row" (uint4 per row), "int8" (per channel) or "split"
@@ -165,6 +173,13 @@ def _validate(config: CoreMLConfig) -> None:
         raise UsageError("--block-scales uint8 stores each block's offset in 8 bits itself: drop --integer-offsets")
     if config.max_context is not None and not 8 <= config.max_context <= 32768:
         raise UsageError(f"--max-context must be between 8 and 32768, not {config.max_context}")
+    if config.shapes not in SHAPES:
+        raise UsageError(f"--shapes must be one of {', '.join(SHAPES)}, not {config.shapes!r}")
+
+
+def fixed_shapes(config: CoreMLConfig) -> bool:
+    """Whether a decoder gets the fixed-shape Neural Engine program (`--shapes`, auto: for cpu_and_ne)."""
+    return config.shapes == "fixed" or (config.shapes == "auto" and config.compute_units == "cpu_and_ne")
 
 
 @dataclass
@@ -177,6 +192,7 @@ class _Plan:
     limit: int | None  # app memory limit in bytes (--device)
     device_note: str | None
     architecture: dict = field(default_factory=dict)  # decoders: architectures.check_decoder facts (sliding window)
+    chunk: int | None = None  # decoders with fixed shapes: tokens per prefill call (None: the flexible program)
 
 
 @dataclass
@@ -208,7 +224,8 @@ def _plan(directory, config: CoreMLConfig) -> _Plan:
     if config.device:
         limit, device_note = device_memory_limit(config.device, config.devices_dirs)
     architecture = check_decoder(source.config, context, TARGET) if kind == "decoder" else {}
-    return _Plan(source, kind, context, limit, device_note, architecture)
+    chunk = min(config.prefill_chunk, context) if kind == "decoder" and fixed_shapes(config) else None
+    return _Plan(source, kind, context, limit, device_note, architecture, chunk)
 
 
 def _load_checked(plan: _Plan, config: CoreMLConfig, timings: dict, status):
@@ -247,6 +264,8 @@ def _check_memory(hf_model, plan: _Plan, config: CoreMLConfig) -> int:
     if plan.kind == "decoder":
         cfg = hf_model.config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        if plan.chunk:  # the Neural Engine program stores heads padded to a multiple of 32 (wrappers.FixedShapeDecoder)
+            head_dim += -head_dim % 32
         state_bytes = 2 * cfg.num_hidden_layers * (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads) * plan.context * head_dim * 2
     estimate = int(params * _BITS[config.compress] / 8) + state_bytes
     if plan.limit is not None and estimate > plan.limit:
@@ -306,6 +325,8 @@ class _Reference:
     outputs: object  # decoder: logits (positions, vocab); encoder: last hidden state (tokens, hidden)
     steps: int = 0  # decoder: single-token decode steps after the prefill
     mask: object = None  # encoder: attention mask (1, context)
+    chunk: int | None = None  # decoder, Neural Engine program: tokens per prefill call
+    context: int = 0  # decoder: KV-cache length
 
 
 def _reference(hf_model, tokens: list[int], plan: _Plan, config: CoreMLConfig, timings: dict, status) -> _Reference | None:
@@ -317,10 +338,10 @@ def _reference(hf_model, tokens: list[int], plan: _Plan, config: CoreMLConfig, t
         return None
     status("fp32 PyTorch reference outputs for verification")
     with timed(timings, "reference", digits=None):
-        return _reference_outputs(hf_model, tokens, plan.kind, plan.context, config)
+        return _reference_outputs(hf_model, tokens, plan.kind, plan.context, config, plan.chunk)
 
 
-def _reference_outputs(hf_model, tokens: list[int], kind: str, context: int, config: CoreMLConfig) -> _Reference:
+def _reference_outputs(hf_model, tokens: list[int], kind: str, context: int, config: CoreMLConfig, chunk: int | None = None) -> _Reference:
     import numpy as np
     import torch
 
@@ -329,7 +350,7 @@ def _reference_outputs(hf_model, tokens: list[int], kind: str, context: int, con
         ids = tokens[:n]
         with torch.no_grad():
             logits = hf_model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float().numpy()
-        return _Reference(kind, ids, logits, steps=min(config.decode_steps, n - 1))
+        return _Reference(kind, ids, logits, steps=min(config.decode_steps, n - 1), chunk=chunk, context=context)
     n = min(context, len(tokens))
     ids = np.zeros((1, context), dtype=np.int32)
     ids[0, :n] = tokens[:n]
@@ -346,6 +367,17 @@ def _convert(hf_model, fp16_plan, compression: _Compression, plan: _Plan, config
     from edgepack.targets.coreml_support import convert as cm_convert
 
     kind, source, scheme = plan.kind, plan.source, compression.scheme
+    if plan.chunk:
+        from edgepack.targets.coreml_support.verify import DECODE, PREFILL
+
+        status(f"converting to a Core ML ML Program (Neural Engine: prefill of {plan.chunk} tokens and decode of 1, fixed shapes, fp16)")
+        with timed(timings, "convert", digits=None):
+            functions = {}
+            for name, query in ((PREFILL, plan.chunk), (DECODE, 1)):
+                functions[name], _outputs = cm_convert.convert_decoder_fixed(
+                    hf_model, model_type=source.model_type, max_context=plan.context, query=query, plan=fp16_plan,
+                    compute_units=config.compute_units, deployment_target=scheme.deployment_target)
+            return functions, []
     status(f"converting to a Core ML ML Program ({'stateful KV cache' if kind == 'decoder' else 'fixed shape'}, fp16)")
     with timed(timings, "convert", digits=None):
         if kind == "decoder":
@@ -365,28 +397,83 @@ def _compress_and_save(mlmodel, flexible: list, compression: _Compression, plan:
     from edgepack.targets.coreml_support import convert as cm_convert
 
     kind, source, scheme = plan.kind, plan.source, compression.scheme
-    if config.compress != "none":
-        status(f"compressing weights ({config.compress})")
-        with timed(timings, "compress", digits=None):
-            mlmodel = cm_convert.compress(mlmodel, scheme, column_weights=compression.column_weights, split_table=compression.split_table)
-    _describe(mlmodel, source, kind, plan.context, scheme)
     package = tmp / PACKAGE
-    mlmodel.save(str(package))
+    if isinstance(mlmodel, dict):
+        _save_functions(mlmodel, compression, plan, config, package, timings, status)
+    else:
+        if config.compress != "none":
+            status(f"compressing weights ({config.compress})")
+            with timed(timings, "compress", digits=None):
+                mlmodel = cm_convert.compress(mlmodel, scheme, column_weights=compression.column_weights, split_table=compression.split_table)
+        _describe(mlmodel, source, kind, plan.context, scheme)
+        mlmodel.save(str(package))
     compat.make_package_reproducible(package)
     copy_side_files(tmp, Path(directory), source.hf_dir)
     package_bytes = sum(p.stat().st_size for p in package.rglob("*") if p.is_file())
     return _Package(package, package_bytes, flexible)
 
 
-def _ane_report(package: _Package, status):
+def _save_functions(functions: dict, compression: _Compression, plan: _Plan, config: CoreMLConfig, package: Path, timings: dict, status) -> None:
+    """Step 5b for the Neural Engine program: each function compressed alike, its token lookup made direct, saved on
+    its own, then all in one multifunction package (a weight the functions hold identically is stored once)."""
+    import shutil
+
+    from edgepack.targets.base import timed
+    from edgepack.targets.coreml_support import convert as cm_convert
+    from edgepack.targets.coreml_support.verify import DECODE
+
+    parts = package.parent / "_functions"
+    parts.mkdir()
+    saved = {}
+    for name in list(functions):
+        mlmodel = functions.pop(name)
+        if config.compress != "none":
+            status(f"compressing weights ({config.compress}, {name} function)")
+            with timed(timings, "compress", digits=None, add=True):
+                mlmodel = cm_convert.compress(mlmodel, compression.scheme, column_weights=compression.column_weights,
+                                              split_table=compression.split_table)
+        mlmodel = cm_convert.direct_token_lookup(mlmodel)
+        _describe(mlmodel, plan.source, plan.kind, plan.context, compression.scheme)
+        saved[name] = parts / f"{name}.mlpackage"
+        mlmodel.save(str(saved[name]))
+        del mlmodel
+    status("joining the prefill and decode functions into one package (weights stored once)")
+    cm_convert.save_multifunction(saved, package, default=DECODE)
+    shutil.rmtree(parts)
+
+
+def _ane_report(package: _Package, config: CoreMLConfig, status):
     """Step 6: ANE readiness, by static inspection of the saved program; returns (report, the loaded program),
-    the program read once for this and the MIL reference verification."""
+    the program read once for this and the MIL reference verification (a dict of functions for the Neural Engine
+    program, sharing their state)."""
     from edgepack.targets.coreml_support import ane
-    from edgepack.targets.coreml_support.mil_reference import load_program
+    from edgepack.targets.coreml_support.mil_reference import function_names, load_functions, load_program
 
     status("ANE readiness report (static inspection of the saved program)")
-    program = load_program(package.path)
-    return ane.report(program.function, size_bytes=package.bytes, flexible_inputs=package.flexible), program
+    names = function_names(package.path)
+    if names == ["main"]:
+        program = load_program(package.path)
+        report = ane.report({"main": program.function}, size_bytes=package.bytes, flexible_inputs=package.flexible)
+        report["placement"] = _placement(package, config)
+        return report, program
+    programs = load_functions(package.path, names)
+    report = ane.report({name: program.function for name, program in programs.items()}, size_bytes=package.bytes,
+                        flexible_inputs=package.flexible)
+    report["placement"] = _placement(package, config)
+    return report, programs
+
+
+def _placement(package: _Package, config: CoreMLConfig) -> dict:
+    """Where Core ML itself places the ops (MLComputePlan, macOS only): the measured side of the static report."""
+    from edgepack.targets.coreml_support import verify
+
+    available, reason = verify.coreml_runtime_available()
+    if not available:
+        return {"skipped": reason}
+    try:
+        return verify.neural_engine_placement(package.path, config.compute_units)
+    except Exception as exc:  # a compute plan Core ML cannot make is a finding of this report, not a failed build
+        return {"error": f"MLComputePlan: {type(exc).__name__}: {exc}"}
 
 
 def coreml_gates(fp16_plan, tokenizer_check: dict, need: int | None, plan: _Plan, parity_figures: dict | None,
@@ -455,7 +542,10 @@ def _facts(plan: _Plan, package: _Package, compression: _Compression, fp16_plan,
         "compute_units": config.compute_units,
         "compute_precision": "fp16",
         "compression": scheme.describe() | ({"table_tuning": tuning} if tuning else {}),
-        "io": _io_facts(kind, plan.context, ane_report),
+        "io": _io_facts(kind, plan.context, ane_report, plan.chunk),
+        "program": ({"shapes": "fixed", "functions": ["prefill", "decode"], "prefill_chunk": plan.chunk,
+                     "why": "the Neural Engine compiles static shapes only (see ane.rules static-shapes)"} if plan.chunk else
+                    {"shapes": "flexible" if kind == "decoder" else "fixed", "functions": ["main"]}),
         "package_bytes": package.bytes,
         "kv_cache_bytes": state_bytes,
         "fp16_safety": fp16_plan.to_json(),
@@ -492,7 +582,7 @@ def build(directory, out, config: CoreMLConfig = CoreMLConfig(), on_status=None)
         package = _compress_and_save(mlmodel, flexible, compression, plan, directory, config, tmp, timings, status)
         del mlmodel
         gc.collect()
-        ane_report, program = _ane_report(package, status)
+        ane_report, program = _ane_report(package, config, status)
         checks, gates, verification = _checks(fp16_plan, package, program, state_bytes, tokenizer, reference, plan, config, tmp,
                                               timings, status)
         del program
@@ -586,7 +676,12 @@ def _compare(package: Path, reference: _Reference, config: CoreMLConfig, program
     result: dict = {"eval_text": text_label(config.eval_text, EVAL_TEXT)}
     kind, ids, steps, mask, expected = reference.kind, reference.ids, reference.steps, reference.mask, reference.outputs
     n = expected.shape[0]
-    if kind == "decoder":
+    chunk, context = reference.chunk, reference.context
+    if kind == "decoder" and chunk:
+        logits, timing = verify.run_fixed_decoder_mil(package, ids, steps, chunk, context, programs=program)
+        result["mil-reference"] = {"verified_by": "mil-reference", "prefill_tokens": n - steps, "prefill_chunks": -(-(n - steps) // chunk),
+                                   "prefill_chunk": chunk, "decode_steps": steps, **verify.fp16_logit_figures(expected, logits), "seconds": timing}
+    elif kind == "decoder":
         logits, timing = verify.run_decoder_mil(program if program is not None else package, ids, steps)
         result["mil-reference"] = {"verified_by": "mil-reference", "prefill_tokens": n - steps, "decode_steps": steps,
                                    **verify.fp16_logit_figures(expected, logits), "seconds": timing}
@@ -595,7 +690,11 @@ def _compare(package: Path, reference: _Reference, config: CoreMLConfig, program
         result["mil-reference"] = {"verified_by": "mil-reference", **verify.fp16_hidden_state_figures(expected, hidden[:n])}
     available, reason = verify.coreml_runtime_available()
     if available:
-        if kind == "decoder":
+        if kind == "decoder" and chunk:
+            logits = verify.run_fixed_decoder_coreml(package, ids, steps, chunk, context, config.compute_units)
+            result["coreml-runtime"] = {"verified_by": "coreml-runtime", "compute_units": config.compute_units,
+                                        **verify.fp16_logit_figures(expected, logits)}
+        elif kind == "decoder":
             logits = verify.run_decoder_coreml(package, ids, steps, config.compute_units)
             result["coreml-runtime"] = {"verified_by": "coreml-runtime", **verify.fp16_logit_figures(expected, logits)}
         else:
@@ -630,7 +729,24 @@ def _parity_check(verification: dict, figures: dict, kind: str, gates: list) -> 
             "positions": figures["positions"], **summary}
 
 
-def _io_facts(kind: str, context: int, ane_report: dict) -> dict:
+def _io_facts(kind: str, context: int, ane_report: dict, chunk: int | None = None) -> dict:
+    if kind == "decoder" and chunk:
+        outputs = next(iter(ane_report["functions"].values()))["outputs"]
+        return {
+            "functions": {"prefill": f"{chunk} tokens a call", "decode": "1 token a call", "default": "decode"},
+            "inputs": {"input_ids": "int32 (1, q): q = the function's tokens; a last, shorter prompt chunk is padded with any id",
+                       "causal_mask": f"fp16 (1, 1, q, {context}), additive: row i is 0 at the slots token i may attend (0 .. its position), "
+                                      f"-1e4 elsewhere (padding rows: -1e4 everywhere)",
+                       "positions": f"fp16 (1, q, {context}) one-hot: row i has a 1 at the cache slot (position) of token i; padding rows all 0"},
+            "outputs": ({"logits": "fp16 (1, q, vocab)"} if outputs == ["logits"] else
+                        {name: "fp16 (1, q, a slice of the vocabulary of at most 65536 tokens, in order): join them along the last axis"
+                         for name in outputs}),
+            "states": {s["name"]: f"{s['dtype']} {s['shape']} (layers, kv_heads, context, head_dim zero-padded to a multiple of 32)"
+                       for s in ane_report["states"]},
+            "usage": (f"one state per conversation (make_state() on the decode function; both functions read and write it); feed the prompt "
+                      f"to prefill in chunks of {chunk} tokens at positions 0, {chunk}, ... (pad the last), take the logits of its last real "
+                      f"token, then call decode with one token at each next position; the context ends at {context} tokens"),
+        }
     if kind == "decoder":
         return {
             "inputs": {"input_ids": f"int32 (1, q), 1 <= q <= {context}",
@@ -701,6 +817,8 @@ def _print_summary(artifact) -> None:
     lines = [f"edgepack target coreml -> {artifact.out}",
              f"  {facts['kind']} {facts['model_type']}, {facts['compression']['name']}, {facts['package_bytes'] / 1e6:.1f} MB package"
              + (f", KV cache {facts['kv_cache_bytes'] / 1e6:.1f} MB" if facts["kv_cache_bytes"] else ""),
+             *([f"  Neural Engine program: prefill ({facts['program']['prefill_chunk']} tokens) + decode (1 token), fixed shapes, one copy of the weights"]
+               if facts.get("program", {}).get("prefill_chunk") else []),
              f"  fp16 safety: {facts['fp16_safety']['rewritten_ops']} ops rewritten" + (f", UNSAFE: {facts['fp16_safety']['unsafe']}" if facts["fp16_safety"]["unsafe"] else "")]
     parity = artifact.checks.get("parity")
     if parity:

@@ -114,6 +114,128 @@ def convert_decoder(hf_model, *, model_type: str, max_context: int, plan, comput
     )
 
 
+def convert_decoder_fixed(hf_model, *, model_type: str, max_context: int, query: int, plan, compute_units: str,
+                          deployment_target: str = "iOS18"):
+    """One fixed-shape function of the Neural Engine program (`wrappers.FixedShapeDecoder`): `query` tokens
+    (a prefill chunk, or 1 for decode) over a KV cache of `max_context`. Returns (MLModel, output names)."""
+    import torch
+
+    ct = _ct()
+    from edgepack.targets.coreml_support.wrappers import FixedShapeDecoder
+
+    wrapper = FixedShapeDecoder(hf_model, max_context, plan).eval()
+    positions = torch.zeros((1, query, max_context), dtype=torch.float32)
+    positions[0, torch.arange(query), torch.arange(query)] = 1.0
+    example = (torch.zeros((1, query), dtype=torch.int32), torch.zeros((1, 1, query, max_context), dtype=torch.float32), positions)
+    try:
+        traced = torch.jit.trace(wrapper, example, check_trace=False)
+    except Exception as exc:
+        raise UnsupportedModelError(f"model_type {model_type!r}: torch.jit.trace failed: {_first_line(exc)}") from exc
+    wrapper.key_cache.zero_()
+    wrapper.value_cache.zero_()
+    vocab = int(hf_model.lm_head.weight.shape[0])
+    slices = -(-vocab // wrapper.logits_slice)
+    names = ["logits"] if slices == 1 else [f"logits_{i}" for i in range(slices)]
+    state_shape = tuple(wrapper.key_cache.shape)
+    mlmodel = _convert(
+        ct, traced, model_type,
+        inputs=[ct.TensorType(name="input_ids", shape=(1, query), dtype=np.int32),
+                ct.TensorType(name="causal_mask", shape=(1, 1, query, max_context), dtype=np.float16),
+                ct.TensorType(name="positions", shape=(1, query, max_context), dtype=np.float16)],
+        outputs=[ct.TensorType(name=name, dtype=np.float16) for name in names],
+        states=[ct.StateType(wrapped_type=ct.TensorType(shape=state_shape, dtype=np.float16), name="key_cache"),
+                ct.StateType(wrapped_type=ct.TensorType(shape=state_shape, dtype=np.float16), name="value_cache")],
+        compute_units=compute_units, deployment_target=deployment_target,
+    )
+    return mlmodel, names
+
+
+# Integer ops coremltools puts between an int32 input and the gather that reads it: a round trip through
+# int16 and the wrap of negative indices (select(i >= 0, i, i + rows)).
+_INDEX_OPS = ("cast", "greater_equal", "add", "select")
+
+
+def direct_token_lookup(mlmodel):
+    """The embedding gather reads `input_ids` directly: token ids are never negative, so the integer ops
+    coremltools adds for negative indices and int16 round trips (`_INDEX_OPS`) are dropped, leaving the
+    program no integer compute (the Neural Engine computes in fp16; see ane.RULES["integer-compute"])."""
+    # coremltools' _apply_graph_pass, but its re-conversion runs the default pipeline without
+    # guard_negative_gather_indices, which would put the integer ops back (and without the int16/fp16 casts,
+    # as _apply_graph_pass does). Run last: every coremltools compression re-converts with that pass.
+    ct = _ct()
+    from coremltools.converters.mil.converter import mil_convert
+    from coremltools.models.utils import _convert_model_spec_to_pymil_prog
+
+    spec = mlmodel.get_spec()
+    prog = _convert_model_spec_to_pymil_prog(mlmodel, spec.specificationVersion, _milproto_load())
+    _make_direct_lookup_pass()().apply(prog)
+    pipeline = ct.PassPipeline()
+    pipeline.remove_passes({"common::guard_negative_gather_indices", "common::add_fp16_cast", "common::add_int16_cast"})
+    with _quiet_progress():
+        return mil_convert(prog, convert_to="mlprogram", convert_from="milinternal", specification_version=spec.specificationVersion,
+                           compute_units=mlmodel.compute_unit, model_description=spec.description, skip_model_load=True,
+                           pass_pipeline=pipeline)
+
+
+def _milproto_load():
+    from coremltools.converters.mil.frontend.milproto.load import load
+
+    return load
+
+
+def _index_root(var, inputs: set):
+    """The function input an index tensor is computed from through `_INDEX_OPS` only, else None."""
+    roots, stack = set(), [var]
+    while stack:
+        var = stack.pop()
+        if id(var) in inputs:
+            roots.add(var)
+            continue
+        op = var.op
+        if op is None or op.op_type not in _INDEX_OPS:
+            return None
+        stack += [v for v in op.inputs.values() if not isinstance(v, (list, tuple)) and v.val is None]
+    return roots.pop() if len(roots) == 1 else None
+
+
+def _make_direct_lookup_pass():
+    from coremltools.converters.mil.mil import Builder as mb
+    from coremltools.converters.mil.mil.passes.graph_pass import AbstractGraphPass
+
+    class _DirectLookup(AbstractGraphPass):
+        def apply(self, prog):
+            for function in prog.functions.values():
+                inputs = {id(v) for v in function.inputs.values()}
+                with function:
+                    for op in list(function.operations):
+                        if op.op_type != "gather" or op.indices.op is None:
+                            continue
+                        root = _index_root(op.indices, inputs)
+                        if root is None:
+                            continue
+                        new = mb.gather(x=op.x, indices=root, axis=op.axis, batch_dims=op.batch_dims, validate_indices=False,
+                                        before_op=op, name=op.name + "_direct")
+                        op.enclosing_block.replace_uses_of_var_after_op(anchor_op=op, old_var=op.outputs[0], new_var=new)
+                        op.enclosing_block.remove_ops([op])
+                from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
+
+                PASS_REGISTRY["common::dead_code_elimination"](prog)
+
+    return _DirectLookup
+
+
+def save_multifunction(packages: dict[str, Path], out: Path, default: str) -> None:
+    """One .mlpackage holding each of `packages` (function name -> single-function package) as a function;
+    coremltools stores a weight that several functions hold identically once."""
+    ct = _ct()
+    descriptor = ct.utils.MultiFunctionDescriptor()
+    for name, package in packages.items():
+        descriptor.add_function(str(package), src_function_name="main", target_function_name=name)
+    descriptor.default_function_name = default
+    with _quiet_progress():
+        ct.utils.save_multifunction(descriptor, str(out))
+
+
 def convert_encoder(hf_model, *, model_type: str, seq_len: int, plan, compute_units: str):
     import torch
 

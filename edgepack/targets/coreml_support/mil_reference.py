@@ -48,7 +48,9 @@ class MILProgram:
     decompressed: dict[int, np.ndarray] = field(default_factory=dict)  # id(var) -> its decompressed value
 
     def reset(self) -> None:
-        self.states = {name: np.zeros(shape, dtype) for name, (shape, dtype) in self.state_types.items()}
+        # In place: the functions of one package share this dict (see load_functions).
+        self.states.clear()
+        self.states.update({name: np.zeros(shape, dtype) for name, (shape, dtype) in self.state_types.items()})
 
     def input_names(self) -> list[str]:
         return list(self.function.inputs)
@@ -58,6 +60,27 @@ class MILProgram:
 
 
 def load_program(package: Path | str, function_name: str = "main") -> MILProgram:
+    return load_functions(package, (function_name,))[function_name]
+
+
+def function_names(package: Path | str) -> list[str]:
+    """The functions of a saved package: ["main"], or a multifunction package's names (default first)."""
+    from edgepack.targets.coreml_support import compat
+
+    compat.quiet()
+    import coremltools as ct
+
+    spec = ct.models.MLModel(str(package), skip_model_load=True).get_spec()
+    functions = [f.name for f in spec.description.functions]
+    if not functions:
+        return ["main"]
+    default = spec.description.defaultFunctionName
+    return [default] + [name for name in functions if name != default]
+
+
+def load_functions(package: Path | str, names) -> dict[str, MILProgram]:
+    """Several functions of one package, read once, sharing one state (the KV cache of a multifunction
+    package is one state that its prefill and decode functions both read and write)."""
     from edgepack.targets.coreml_support import compat
 
     compat.quiet()
@@ -68,14 +91,18 @@ def load_program(package: Path | str, function_name: str = "main") -> MILProgram
     model = ct.models.MLModel(str(package), skip_model_load=True)
     spec = model.get_spec()
     program = load_milproto(spec, specification_version=spec.specificationVersion, file_weights_dir=model.weights_dir)
-    function = program.functions[function_name]
-    result = MILProgram(function=function)
-    for name, var in function.inputs.items():
-        if types.is_state(var.sym_type):
-            wrapped = var.sym_type.wrapped_type()
-            shape = tuple(int(d) for d in wrapped.get_shape())
-            result.state_types[name] = (shape, types.nptype_from_builtin(wrapped.get_primitive()))
-    result.reset()
+    states: dict[str, np.ndarray] = {}
+    result = {}
+    for function_name in names:
+        function = program.functions[function_name]
+        loaded = MILProgram(function=function, states=states)
+        for name, var in function.inputs.items():
+            if types.is_state(var.sym_type):
+                wrapped = var.sym_type.wrapped_type()
+                shape = tuple(int(d) for d in wrapped.get_shape())
+                loaded.state_types[name] = (shape, types.nptype_from_builtin(wrapped.get_primitive()))
+        loaded.reset()
+        result[function_name] = loaded
     return result
 
 

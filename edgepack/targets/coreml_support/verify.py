@@ -71,6 +71,77 @@ def decoder_steps(tokens: list[int], decode_steps: int):
         yield {"input_ids": np.array([ids], dtype=np.int32), "causal_mask": causal_mask(len(ids), end)}
 
 
+# Additive mask value of the fixed-shape (Neural Engine) program: finite, so that a row with nothing to attend
+# (padding at the end of a partial prefill chunk) gives a uniform softmax rather than NaN; apple/ml-ane-transformers
+# masks with -1e4 too.
+MASK_MIN = -1e4
+PREFILL, DECODE = "prefill", "decode"
+
+
+def fixed_feed(ids: list[int], start: int, query: int, context: int) -> dict[str, np.ndarray]:
+    """Inputs of one call of the fixed-shape program: `ids` (at most `query`) at cache slots start, start + 1, ...;
+    a shorter chunk is padded (its padding rows write nothing and their logits are ignored)."""
+    n = len(ids)
+    if not 0 < n <= query or start + n > context:
+        raise ValueError(f"{n} tokens at position {start} do not fit a call of {query} tokens over a cache of {context}")
+    input_ids = np.zeros((1, query), dtype=np.int32)
+    input_ids[0, :n] = ids
+    positions = np.zeros((1, query, context), dtype=np.float16)
+    positions[0, np.arange(n), start + np.arange(n)] = 1
+    mask = np.full((1, 1, query, context), MASK_MIN, dtype=np.float16)
+    for i in range(n):
+        mask[0, 0, i, : start + i + 1] = 0
+    return {"input_ids": input_ids, "causal_mask": mask, "positions": positions}
+
+
+def fixed_decoder_steps(tokens: list[int], decode_steps: int, chunk: int, context: int):
+    """(function, tokens in this call, feed): the prompt in prefill chunks of `chunk` tokens (the last one padded),
+    then `decode_steps` single tokens; what an app does with the Neural Engine program."""
+    prefill = len(tokens) - decode_steps
+    for start in range(0, prefill, chunk):
+        ids = tokens[start : min(start + chunk, prefill)]
+        yield PREFILL, len(ids), fixed_feed(ids, start, chunk, context)
+    for i, token in enumerate(tokens[prefill:]):
+        yield DECODE, 1, fixed_feed([token], prefill + i, 1, context)
+
+
+def joined_logits(outputs: dict) -> np.ndarray:
+    """`logits`, or the vocabulary slices `logits_0`, `logits_1`, ... of a large vocabulary joined back."""
+    if "logits" in outputs:
+        return np.asarray(outputs["logits"])
+    slices = sorted((name for name in outputs if name.startswith("logits_")), key=lambda name: int(name.rsplit("_", 1)[1]))
+    return np.concatenate([np.asarray(outputs[name]) for name in slices], axis=-1)
+
+
+def run_fixed_decoder_mil(package, tokens: list[int], decode_steps: int, chunk: int, context: int,
+                          programs: dict | None = None) -> tuple[np.ndarray, dict]:
+    """The multifunction package's prefill and decode functions (MIL reference, one shared KV state)."""
+    from edgepack.targets.coreml_support.mil_reference import load_functions
+
+    t0 = time.perf_counter()
+    programs = programs or load_functions(package, (PREFILL, DECODE))
+    programs[DECODE].reset()
+    load_s = time.perf_counter() - t0
+    logits = []
+    t0 = time.perf_counter()
+    for function, n, feed in fixed_decoder_steps(tokens, decode_steps, chunk, context):
+        logits.append(joined_logits(programs[function].run(feed))[0, :n])
+    return np.concatenate(logits).astype(np.float32), {"load_s": round(load_s, 2), "run_s": round(time.perf_counter() - t0, 2)}
+
+
+def run_fixed_decoder_coreml(package, tokens: list[int], decode_steps: int, chunk: int, context: int, compute_units: str) -> np.ndarray:
+    """The same on Core ML (macOS): each function loaded by name; one state made by the decode function serves both."""
+    import coremltools as ct
+
+    units = getattr(ct.ComputeUnit, compute_units.upper())
+    models = {name: ct.models.MLModel(str(package), compute_units=units, function_name=name) for name in (PREFILL, DECODE)}
+    state = models[DECODE].make_state()
+    logits = []
+    for function, n, feed in fixed_decoder_steps(tokens, decode_steps, chunk, context):
+        logits.append(joined_logits(models[function].predict(feed, state=state))[0, :n])
+    return np.concatenate(logits).astype(np.float32)
+
+
 def _program(package_or_program):
     """A loaded MILProgram as it is, or the one a package path holds (reset: no state from earlier calls)."""
     from edgepack.targets.coreml_support.mil_reference import MILProgram, load_program
@@ -117,6 +188,35 @@ def run_encoder_coreml(package, ids: np.ndarray, mask: np.ndarray, compute_units
 
     model = ct.models.MLModel(str(package), compute_units=getattr(ct.ComputeUnit, compute_units.upper()))
     return np.asarray(model.predict({"input_ids": ids, "attention_mask": mask})["last_hidden_state"])[0].astype(np.float32)
+
+
+def neural_engine_placement(package, compute_units: str) -> dict:
+    """Where Core ML places each op (macOS: MLComputePlan of the compiled package): per function, the compute ops
+    (constants excluded), how many prefer the Neural Engine, and the op types that do not."""
+    import coremltools as ct
+    from coremltools.models.compute_device import MLNeuralEngineComputeDevice
+    from coremltools.models.compute_plan import MLComputePlan
+
+    compiled = ct.models.utils.compile_model(str(package))
+    plan = MLComputePlan.load_from_path(compiled, compute_units=getattr(ct.ComputeUnit, compute_units.upper()))
+    placement = {}
+    for name, function in plan.model_structure.program.functions.items():
+        total, on_ne, elsewhere = 0, 0, {}
+        for operation in function.block.operations:
+            if operation.operator_name in ("const",) or operation.operator_name.startswith("constexpr_"):
+                continue
+            usage = plan.get_compute_device_usage_for_mlprogram_operation(operation)
+            if usage is None:
+                continue
+            total += 1
+            if isinstance(usage.preferred_compute_device, MLNeuralEngineComputeDevice):
+                on_ne += 1
+            else:
+                device = type(usage.preferred_compute_device).__name__
+                elsewhere[f"{operation.operator_name} ({device})"] = elsewhere.get(f"{operation.operator_name} ({device})", 0) + 1
+        placement[name] = {"compute_ops": total, "neural_engine": on_ne, "share": round(on_ne / total, 4) if total else 0.0,
+                           "elsewhere": elsewhere}
+    return {"measured_by": "MLComputePlan", "compute_units": compute_units, "functions": placement}
 
 
 def coreml_runtime_available() -> tuple[bool, str]:

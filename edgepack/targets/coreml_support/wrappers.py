@@ -131,13 +131,23 @@ class StatefulDecoder(nn.Module):
         q_len = input_ids.shape[1]
         end = causal_mask.shape[-1]
         past = end - q_len
+        cos = self.rope_cos[past:end].view(1, 1, q_len, self.rotary_dim)
+        sin = self.rope_sin[past:end].view(1, 1, q_len, self.rotary_dim)
+
+        def write_cache(index, k, v):
+            self.key_cache[index : index + 1, :, :, past:end, :] = k.unsqueeze(0)
+            self.value_cache[index : index + 1, :, :, past:end, :] = v.unsqueeze(0)
+            return self.key_cache[index, :, :, :end, :], self.value_cache[index, :, :, :end, :]
+
+        return self._decoder(input_ids, causal_mask, cos, sin, write_cache)
+
+    def _decoder(self, input_ids, causal_mask, cos, sin, write_cache):
+        """The decoder stack for `q` tokens: `write_cache(layer, k, v)` stores this call's keys and values and
+        returns the keys and values attention reads (the cache up to the sequence end)."""
+        q_len = input_ids.shape[1]
         hidden = self.embed_tokens(input_ids)
         if self.embed_factor != 1.0:
             hidden = hidden * self.embed_factor
-        cos = self.rope_cos[past:end].view(1, 1, q_len, self.rotary_dim)
-        sin = self.rope_sin[past:end].view(1, 1, q_len, self.rotary_dim)
-        groups = self.num_heads // self.num_kv_heads
-        default_scale = abs(self.attn_scale - self.head_dim ** -0.5) < 1e-9 and not self.attn_softcap
         for index, layer in enumerate(self.layers):
             prefix = f"model.layers.{index}"
             attn = layer.self_attn
@@ -145,22 +155,8 @@ class StatefulDecoder(nn.Module):
             q, k, v = self._qkv(attn, x, q_len, prefix)
             q = self._rope(q, cos, sin)
             k = self._rope(k, cos, sin)
-            self.key_cache[index : index + 1, :, :, past:end, :] = k.unsqueeze(0)
-            self.value_cache[index : index + 1, :, :, past:end, :] = v.unsqueeze(0)
-            keys = self.key_cache[index, :, :, :end, :]
-            values = self.value_cache[index, :, :, :end, :]
-            if groups > 1:
-                keys = keys.repeat_interleave(groups, dim=1)
-                values = values.repeat_interleave(groups, dim=1)
-            if default_scale and not (self.plan is not None and prefix in self.plan.prescale_queries):
-                out = nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=causal_mask)
-            else:
-                # The scale folded into q before the product (scores stay in fp16 range; softmax sees the same values),
-                # then the model's own logit softcap if it has one (gemma2), then the mask.
-                scores = torch.matmul(q * self.attn_scale, keys.transpose(-1, -2))
-                if self.attn_softcap:
-                    scores = torch.tanh(scores * (1.0 / self.attn_softcap)) * self.attn_softcap
-                out = torch.matmul(torch.softmax(scores + causal_mask, dim=-1), values)
+            keys, values = write_cache(index, k, v)
+            out = self._attend(q, keys, values, causal_mask, prefix)
             out = out.transpose(1, 2).reshape(1, q_len, self.num_heads * self.head_dim)
             out = attn.o_proj(out)
             if self.arch.sandwich_norms:
@@ -175,12 +171,113 @@ class StatefulDecoder(nn.Module):
             out = self._mlp(layer.mlp, x, prefix)
             hidden = hidden + (out * self.residual_factor if self.residual_factor != 1.0 else out)
         hidden = self._norm(self.norm, hidden, "model.norm")
+        return self._logits(hidden)
+
+    def _attend(self, q, keys, values, causal_mask, prefix: str):
+        """Attention of q (1, heads, q, head_dim) over the cache's keys and values (1, kv_heads, end, head_dim)."""
+        groups = self.num_heads // self.num_kv_heads
+        if groups > 1:
+            keys = keys.repeat_interleave(groups, dim=1)
+            values = values.repeat_interleave(groups, dim=1)
+        default_scale = abs(self.attn_scale - self.head_dim ** -0.5) < 1e-9 and not self.attn_softcap
+        if default_scale and not (self.plan is not None and prefix in self.plan.prescale_queries):
+            return nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=causal_mask)
+        return self._scores_softmax(q, keys, values, causal_mask)
+
+    def _scores_softmax(self, q, keys, values, causal_mask):
+        # The scale folded into q before the product (scores stay in fp16 range; softmax sees the same values),
+        # then the model's own logit softcap if it has one (gemma2), then the mask.
+        scores = torch.matmul(q * self.attn_scale, keys.transpose(-1, -2))
+        if self.attn_softcap:
+            scores = torch.tanh(scores * (1.0 / self.attn_softcap)) * self.attn_softcap
+        return torch.matmul(torch.softmax(scores + causal_mask, dim=-1), values)
+
+    def _logits(self, hidden):
         logits = self.lm_head(hidden)
         if self.logits_factor != 1.0:
             logits = logits * self.logits_factor
         if self.logit_softcap:
             logits = torch.tanh(logits * (1.0 / self.logit_softcap)) * self.logit_softcap
         return logits
+
+
+# The largest axis the Neural Engine of A16 and later takes (ane.ANE_AXIS_LIMIT_NEW): a larger vocabulary's
+# logits are computed and returned in slices of at most this many tokens.
+LOGITS_SLICE = 65536
+
+
+class FixedShapeDecoder(StatefulDecoder):
+    """The decoder with fixed shapes for the Neural Engine, which compiles static shapes only.
+
+    Traced once per query length: a prefill chunk of `q` tokens and the one-token decode step, both over the
+    whole KV cache. Inputs: `input_ids` (1, q) int32; `causal_mask` (1, 1, q, context) fp16, additive (0 where
+    query i may attend, verify.MASK_MIN elsewhere); `positions` (1, q, context) fp16 one-hot, row i with a 1 at the
+    cache slot token i goes to (all zero for padding at the end of a last, partial chunk).
+    The position arithmetic is done by the caller and enters as fp16 tensors, so the program holds no integer
+    compute and no shape that depends on an input (apple/ml-ane-transformers; Anemll feeds its ANE models the
+    same way): the RoPE rows are `positions @ table`, the cache write is the blend
+    `cache * (1 - written) + positions^T @ k`, and attention reads the whole cache under the mask.
+    """
+
+    def __init__(self, hf_model, max_context: int, plan=None, logits_slice: int = LOGITS_SLICE):
+        super().__init__(hf_model, max_context, plan)
+        self.logits_slice = logits_slice
+        # A state whose last dimension is not a multiple of 32 fails on the Neural Engine (ane.RULES
+        # "state-alignment-32"): heads are stored zero-padded to the next multiple and read back unpadded.
+        # The cache is rank 4, (layers, kv_heads, context, head_dim): no batch axis (ane.RULES "rank-4").
+        self.head_pad = -self.head_dim % 32
+        shape = (self.key_cache.shape[0], self.num_kv_heads, max_context, self.head_dim + self.head_pad)
+        self.register_buffer("key_cache", torch.zeros(shape, dtype=torch.float32))
+        self.register_buffer("value_cache", torch.zeros(shape, dtype=torch.float32))
+
+    @torch.no_grad()
+    def forward(self, input_ids, causal_mask, positions):
+        cos = torch.matmul(positions, self.rope_cos).unsqueeze(1)  # (1, 1, q, rotary)
+        sin = torch.matmul(positions, self.rope_sin).unsqueeze(1)
+        keep = (1.0 - positions.sum(dim=1)).view(1, 1, self.max_context, 1)  # 0 at the slots this call writes
+        place = positions.transpose(1, 2).unsqueeze(1)  # (1, 1, context, q)
+
+        def write_cache(index, k, v):
+            if self.head_pad:
+                k = nn.functional.pad(k, (0, self.head_pad))
+                v = nn.functional.pad(v, (0, self.head_pad))
+            keys = self.key_cache[index : index + 1] * keep + torch.matmul(place, k)  # (1, kv_heads, context, head_dim)
+            values = self.value_cache[index : index + 1] * keep + torch.matmul(place, v)
+            self.key_cache[index : index + 1] = keys
+            self.value_cache[index : index + 1] = values
+            if self.head_pad:
+                return keys[..., : self.head_dim], values[..., : self.head_dim]
+            return keys, values
+
+        return self._decoder(input_ids, causal_mask, cos, sin, write_cache)
+
+    def _attend(self, q, keys, values, causal_mask, prefix: str):
+        """Grouped-query attention without a rank-5 tensor (the Neural Engine compiler rejects them: ane.RULES "rank-4"):
+        the query heads sharing a KV head are stacked along the query axis, (1, kv_heads, groups * q, head_dim), and
+        the mask is tiled to match; always written out (matmul, softmax), as ml-ane-transformers does."""
+        groups = self.num_heads // self.num_kv_heads
+        q_len = q.shape[2]
+        if groups > 1:
+            q = q.reshape(1, self.num_kv_heads, groups * q_len, self.head_dim)
+            causal_mask = causal_mask.repeat(1, 1, groups, 1)
+        out = self._scores_softmax(q, keys, values, causal_mask)
+        return out.reshape(1, self.num_heads, q_len, self.head_dim) if groups > 1 else out
+
+    def _logits(self, hidden):
+        vocab = self.lm_head.weight.shape[0]
+        if vocab <= self.logits_slice:
+            return super()._logits(hidden)
+        weight, bias = self.lm_head.weight, self.lm_head.bias
+        slices = []
+        for start in range(0, vocab, self.logits_slice):
+            stop = min(start + self.logits_slice, vocab)
+            logits = nn.functional.linear(hidden, weight[start:stop], None if bias is None else bias[start:stop])
+            if self.logits_factor != 1.0:
+                logits = logits * self.logits_factor
+            if self.logit_softcap:
+                logits = torch.tanh(logits * (1.0 / self.logit_softcap)) * self.logit_softcap
+            slices.append(logits)
+        return tuple(slices)
 
 
 def rotate_half(x):
