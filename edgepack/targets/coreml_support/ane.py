@@ -118,8 +118,8 @@ class _OutputScan:
 
     dynamic: list[str] = field(default_factory=list)  # ops with a symbolic output shape
     rank5: list[str] = field(default_factory=list)  # ops with an output (or a state) of rank above 4
-    quantized: list[str] = field(default_factory=list)
-    palettized: list[str] = field(default_factory=list)  # weights stored as lookup-table indices (constexpr_lut_to_dense)  # weights stored as integers with scales (constexpr_blockwise_shift_scale)
+    quantized: list[str] = field(default_factory=list)  # weights stored as integers with scales (constexpr_blockwise_shift_scale)
+    palettized: list[str] = field(default_factory=list)  # weights stored as lookup-table indices (constexpr_lut_to_dense)
     fp32: list[str] = field(default_factory=list)  # "type:name" of compute ops producing fp32
     integer: list[str] = field(default_factory=list)  # ... producing int/bool
     big_axes: list[dict] = field(default_factory=list)  # outputs with an axis above ANE_AXIS_LIMIT_OLD

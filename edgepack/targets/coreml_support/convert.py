@@ -14,6 +14,7 @@ import contextlib
 import io
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
