@@ -330,14 +330,14 @@ def build(recipe, out, only, jobs, max_memory_gb, junit, force):
 def _print_build_summary(result) -> None:
     from rich.table import Table
 
-    from edgepack.report.summary import scheme_label
+    from edgepack.report.summary import scheme_label, target_label
 
     table = Table(title=f"edgepack build -> {result.out}", title_justify="left")
     for column in ("scheme", "target", "device", "MB", "top-1", "mean KL", "decode ms/tok", "TTFT ms", "mJ/tok", "kind", "verdict"):
         table.add_column(column)
     fmt = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
     for row in result.rows:
-        table.add_row(scheme_label(row), row["target"] or "", row["device"] or "", fmt(row["size_mb"], ".1f"),
+        table.add_row(scheme_label(row), target_label(row), row["device"] or "", fmt(row["size_mb"], ".1f"),
                       fmt(row["top1_agreement"], ".3f"), fmt(row["kl_mean"], ".4f"), fmt(row["decode_ms_per_token"], ".1f"),
                       fmt(row["ttft_ms"], ".0f"), fmt(row["energy_mj_per_token"], ".2f"), row["figure_kind"] or "", row["verdict"])
     stdout_console().print(table)

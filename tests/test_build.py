@@ -242,7 +242,7 @@ def test_report_html_renders_in_chromium(cold_build, tmp_path):
 def test_targets_with_their_own_compression_get_a_summary_row():
     # coreml and qnn convert the fp32 weights themselves: their row shows their own precision and the
     # quality of their parity check, and says that no latency figure exists for them here.
-    from edgepack.report.summary import _own_compression_row, scheme_label
+    from edgepack.report.summary import _own_compression_row, scheme_label, target_label
 
     qnn = {"total_bytes": 380_000_000, "passed": True,
            "facts": {"precision": "w8a16", "device": "galaxy-s24"},
@@ -258,7 +258,9 @@ def test_targets_with_their_own_compression_get_a_summary_row():
               "facts": {"compute_precision": "fp16", "compression": {"name": "int4-block"}},
               "checks": {"parity": {"top1_agreement": 0.5, "kl_mean": 0.3, "passed": False}}}
     row = _own_compression_row("coreml", "fp32", coreml)
-    assert row["precision"] == "int4-block" and row["verdict"] == "fail" and row["device"] is None
+    assert row["precision"] == "int4-block" and row["verdict"] == "fail" and row["device"] is None and row["ane"] is None
+    coreml["facts"]["ane"] = {"neural_engine": "partial"}
+    assert target_label(_own_compression_row("coreml", "fp32", coreml)) == "coreml (ANE partial)"
     assert scheme_label({"scheme": "gguf", "precision": "gguf"}) == "gguf"
 
 
@@ -267,7 +269,7 @@ def test_two_cold_builds_give_the_same_bytes_except_what_the_manifest_names(cold
     # manifest says which file does not and why.
     path = tmp_path / "edgepack.toml"
     path.write_text(RECIPE.format(source=tiny_model_factory("llama"), decode_budget=1000)
-                    + '\n[targets.coreml]\nmax_context = 32\n\n[targets.qnn]\nsoc_model = 57\nhtp_arch = 75\nmax_context = 32\nprefill_len = 8\n')
+                    + '\n[targets.coreml]\nmax_context = 32\ncompute_units = "cpu_and_ne"\nprefill_chunk = 8\n\n[targets.qnn]\nsoc_model = 57\nhtp_arch = 75\nmax_context = 32\nprefill_len = 8\n')
     # The first build's RECIPE stages are `cold_build`'s, each made on a cold cache (this build adds its coreml and
     # qnn entries to that cache, which no other test reads); the second build makes every stage from nothing.
     manifests = []
@@ -276,6 +278,12 @@ def test_two_cold_builds_give_the_same_bytes_except_what_the_manifest_names(cold
         result = cli("build", path, "-o", tmp_path / f"bundle{run}", "--jobs", "2")
         assert result.exit_code == 0, result.stderr
         manifests.append(read_json(tmp_path / f"bundle{run}" / "manifest.json"))
+    # The Neural Engine package's report verdict is in its summary row, the table and report.html.
+    report = read_json(tmp_path / "bundle2" / "report.json")
+    validate_report(report)
+    coreml = next(row for row in report["summary"] if row["target"] == "coreml")
+    assert coreml["ane"] == "ready" and all(row.get("ane") is None for row in report["summary"] if row["target"] != "coreml")
+    assert "coreml (ANE ready)" in result.stdout and "coreml (ANE ready)" in (tmp_path / "bundle2" / "report.html").read_text()
     first, second = manifests
     declared = {entry["path"]: entry["reason"] for entry in first["not_reproducible"]}
     assert declared == {entry["path"]: entry["reason"] for entry in second["not_reproducible"]}

@@ -115,7 +115,7 @@ def _context_curves(report: dict, folder: Path) -> list:
 
 
 def render_html(report: dict, folder: Path) -> str:
-    from edgepack.report.summary import scheme_label
+    from edgepack.report.summary import scheme_label, target_label
 
     verdict = "pass" if report["passed"] else "fail"
     rows = []
@@ -124,7 +124,7 @@ def render_html(report: dict, folder: Path) -> str:
         rows.append(
             "<tr>" + "".join([
                 f"<td class=l>{html.escape(scheme_label(row))}</td>",
-                f"<td class=l>{html.escape(str(row['target'] or ''))}</td>",
+                f"<td class=l>{html.escape(target_label(row))}</td>",
                 f"<td class=l>{html.escape(str(row['device'] or ''))}</td>",
                 f"<td>{_fmt(row['size_mb'], '.1f')}</td>",
                 f"<td>{_fmt(row['top1_agreement'], '.3f')}</td>",

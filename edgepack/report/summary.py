@@ -20,6 +20,18 @@ def scheme_label(row: dict) -> str:
     return row["scheme"] if precision in (None, row["scheme"]) else f"{row['scheme']} -> {precision}"
 
 
+def target_label(row: dict) -> str:
+    """The target column: the target, with the Neural Engine verdict of a Core ML package (`ane`)."""
+    target = row.get("target") or ""
+    return f"{target} (ANE {row['ane']})" if row.get("ane") else target
+
+
+def _neural_engine(data: dict) -> str | None:
+    """A Core ML target's ANE report verdict (ready, partial, unlikely); None for other targets."""
+    ane = (data.get("facts") or {}).get("ane")
+    return ane.get("neural_engine") if isinstance(ane, dict) else None
+
+
 def _figures(profile: dict, device: str) -> dict:
     from edgepack.profiles.budgets import figure_for
 
@@ -47,7 +59,7 @@ def _own_compression_row(target: str, scheme: str, data: dict) -> dict:
         "scheme": scheme, "target": target, "device": facts.get("device"),
         "size_mb": data["total_bytes"] / 1e6, "kl_mean": parity.get("kl_mean"), "top1_agreement": parity.get("top1_agreement"),
         **{k: None for k in FIGURE_KEYS}, "figure_kind": "missing", "budgets": 0,
-        "verdict": "pass" if data.get("passed") else "fail", "precision": precision,
+        "verdict": "pass" if data.get("passed") else "fail", "precision": precision, "ane": _neural_engine(data),
     }
 
 
@@ -65,7 +77,7 @@ def build_report(recipe, sources, quality_reports, targets, profiles, verdicts, 
     for (target, scheme), path in targets.items():
         data = json.loads((path / "target.json").read_text())
         target_rows.append({"target": target, "scheme": scheme, "total_bytes": data["total_bytes"], "passed": data["passed"],
-                            "path": f"targets/{target}/{scheme}"})
+                            "path": f"targets/{target}/{scheme}", **({"ane": _neural_engine(data)} if _neural_engine(data) else {})})
         if scheme == "fp32" and len(sources) > 1:
             own_rows.append(_own_compression_row(target, scheme, data))
     from edgepack.build import profile_name
@@ -99,6 +111,7 @@ def build_report(recipe, sources, quality_reports, targets, profiles, verdicts, 
                     "budgets": len(device_verdicts),
                     "verdict": ("pass" if all(v.passed for v in device_verdicts) else "fail") if device_verdicts else "no budget",
                     "precision": scheme,
+                    "ane": target.get("ane"),
                 })
     rows.extend(own_rows)
     return {
