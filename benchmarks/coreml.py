@@ -59,6 +59,8 @@ def main() -> int:
     parser.add_argument("--max-context", type=int, default=256)
     parser.add_argument("--more-positions", default="", help="also verify each package over these position counts (e.g. 128,256)")
     parser.add_argument("--second-text", type=Path, help="also verify each package on this text (--positions and --more-positions)")
+    parser.add_argument("--compute-units", default="all", help="as the target's option: cpu_and_ne builds the fixed-shape Neural Engine program")
+    parser.add_argument("--prefill-chunk", type=int, default=64, help="tokens per prefill call of the Neural Engine program")
     args = parser.parse_args()
 
     from edgepack.errors import EdgepackError
@@ -67,7 +69,8 @@ def main() -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in args.variants.split(","):
-        config = CoreMLConfig(max_context=args.max_context, eval_positions=args.positions, force=True, **VARIANTS[name])
+        config = CoreMLConfig(max_context=args.max_context, eval_positions=args.positions, force=True, compute_units=args.compute_units,
+                              prefill_chunk=args.prefill_chunk, **VARIANTS[name])
         t0 = time.perf_counter()
         try:
             artifact = build(args.export, args.work / name, config, on_status=lambda m, name=name: print(f"  [{name}] {m}", file=sys.stderr, flush=True))
@@ -93,6 +96,10 @@ def main() -> int:
             "mil_reference_seconds": mil["seconds"],
             "build_seconds": round(time.perf_counter() - t0, 1),
             "ane_cpu_and_ne": facts["ane"]["verdicts"]["cpu_and_ne"],
+            "neural_engine": facts["ane"]["neural_engine"],
+            "ane_findings": {f["id"]: f["severity"] for f in facts["ane"]["findings"]},
+            "program": facts["program"]["shapes"],
+            "prefill_chunks": mil.get("prefill_chunks"),
         }
         if args.more_positions:
             row["top1_by_positions"] = {mil["positions"]: row["top1_agreement"], **more_positions(args, artifact, config, args.more_positions)}
@@ -109,6 +116,7 @@ def main() -> int:
     _results.write("coreml", title="Core ML target: package size and parity with fp32 PyTorch (MIL reference interpreter)",
                    threads=None, rows=rows,
                    conditions={"export": str(args.export), "max_context": args.max_context, "positions": args.positions,
+                               "compute_units": args.compute_units, "prefill_chunk": args.prefill_chunk,
                                "more_positions": args.more_positions or None,
                                "second_text": str(args.second_text) if args.second_text else None,
                                "variants": {name: VARIANTS[name] for name in args.variants.split(",")}},

@@ -269,7 +269,8 @@ def test_two_cold_builds_give_the_same_bytes_except_what_the_manifest_names(cold
     # manifest says which file does not and why.
     path = tmp_path / "edgepack.toml"
     path.write_text(RECIPE.format(source=tiny_model_factory("llama"), decode_budget=1000)
-                    + '\n[targets.coreml]\nmax_context = 32\ncompute_units = "cpu_and_ne"\nprefill_chunk = 8\n\n[targets.qnn]\nsoc_model = 57\nhtp_arch = 75\nmax_context = 32\nprefill_len = 8\n')
+                    + '\n[targets.coreml]\nmax_context = 32\ncompute_units = "cpu_and_ne"\nprefill_chunk = 8\n'
+                    + '\n[targets.qnn]\nsoc_model = 57\nhtp_arch = 75\nmax_context = 32\nprefill_len = 8\n')
     # The first build's RECIPE stages are `cold_build`'s, each made on a cold cache (this build adds its coreml and
     # qnn entries to that cache, which no other test reads); the second build makes every stage from nothing.
     manifests = []

@@ -664,7 +664,8 @@ def _eval_tokens(tokenizer, config: CoreMLConfig, source: _Source) -> list[int]:
 
 def _verify(package: Path, hf_model, tokens: list[int], kind: str, context: int, config: CoreMLConfig) -> dict:
     """The package against the PyTorch model on `tokens` (what `build` does in two steps, for re-verification)."""
-    return _compare(package, _reference_outputs(hf_model, tokens, kind, context, config), config)
+    chunk = min(config.prefill_chunk, context) if kind == "decoder" and fixed_shapes(config) else None
+    return _compare(package, _reference_outputs(hf_model, tokens, kind, context, config, chunk), config)
 
 
 def _compare(package: Path, reference: _Reference, config: CoreMLConfig, program=None) -> dict:
