@@ -35,7 +35,7 @@ CACHE_PACKAGES = ("coremltools", "onnxruntime-genai", *MODEL_PACKAGES)
 PACKAGE = "model.mlpackage"
 # Files that differ between two builds of the same model, and why (collected into the build manifest).
 NOT_REPRODUCIBLE = {
-    f"{PACKAGE}/Data/com.apple.CoreML/model.mlmodel": "coremltools stamps the conversion date into the spec "
+    "model*.mlpackage/Data/com.apple.CoreML/model.mlmodel": "coremltools stamps the conversion date into the spec "
     "(metadata com.github.apple.coremltools.conversion_date): identical bytes within one day",
 }
 COMPUTE_UNITS = ("all", "cpu_and_ne", "cpu_and_gpu", "cpu_only")
@@ -55,6 +55,9 @@ class CoreMLConfig:
                          help="Decoders: fixed = the Neural Engine program (a prefill function over --prefill-chunk tokens and a one-token "
                               "decode function, both over the whole KV cache, in one multifunction package sharing the weights); "
                               "flexible = one function for any query length (GPU/CPU); auto = fixed for --compute-units cpu_and_ne, else flexible.")
+    model_parts: int = option(0, min=0, help="--shapes fixed: split the decoder layers into this many packages (model-00001-of-0000N.mlpackage, "
+                                             "hidden states passed between them); 0: as many as keep each package's weights under 1 GiB, "
+                                             "what iOS loads on the Neural Engine.")
     prefill_chunk: int = option(64, min=1, unit="tokens", help="--shapes fixed: tokens per prefill call; longer prompts are fed chunk by chunk "
                                                                "(a chunk longer than the context is cut to it).")
     compress: str = option("none", help="none (fp16) | int8 (per channel) | int4-block (uint4, fp16 scale+offset per block) | palettize4.")
@@ -193,6 +196,7 @@ class _Plan:
     device_note: str | None
     architecture: dict = field(default_factory=dict)  # decoders: architectures.check_decoder facts (sliding window)
     chunk: int | None = None  # decoders with fixed shapes: tokens per prefill call (None: the flexible program)
+    parts: list = field(default_factory=list)  # fixed shapes: (package name, (first layer, last layer + 1), estimated bytes)
 
 
 @dataclass
@@ -208,11 +212,49 @@ class _Compression:
 
 @dataclass
 class _Package:
-    """Step 5 (convert + save): the saved .mlpackage and what was applied to make it."""
+    """Step 5 (convert + save): the saved .mlpackage(s) and what was applied to make them."""
 
-    path: Path
-    bytes: int
+    path: Path  # the package (the first part of a split model)
+    bytes: int  # all packages
     flexible: list
+    paths: list = field(default_factory=list)  # every package, in the order a token goes through them
+
+
+def model_parts(layer_bytes: list[int], embedding_bytes: int, head_bytes: int, limit: int, parts: int = 0) -> list[tuple[int, int]]:
+    """The decoder layers split into `parts` runs of consecutive layers (0: the fewest whose estimated weights each
+    fit `limit`, the first part holding the embedding and the last the head), as even in layer count as possible."""
+    count = len(layer_bytes)
+
+    def split(n):
+        bounds = [round(i * count / n) for i in range(n + 1)]
+        return [(bounds[i], bounds[i + 1]) for i in range(n)]
+
+    if parts:
+        return split(min(parts, count))
+    for n in range(1, count + 1):
+        runs = split(n)
+        sizes = [sum(layer_bytes[a:b]) + (embedding_bytes if a == 0 else 0) + (head_bytes if b == count else 0) for a, b in runs]
+        if max(sizes) <= limit:
+            return runs
+    return split(count)
+
+
+def _model_parts(hf_model, plan: _Plan, config: CoreMLConfig) -> list:
+    """Step 3b (fixed shapes): which layers go in which package, from the weights' estimated compressed size."""
+    from edgepack.targets.coreml_support.ane import ANE_WEIGHT_FILE_LIMIT
+
+    bits = _BITS[config.compress] / 8
+    embedding_bits = 8.25 / 8 if config.compress == "int4-block" and config.embedding == "int8" else bits
+    layer_bytes = [int(sum(p.numel() for p in layer.parameters()) * bits) for layer in hf_model.model.layers]
+    table = hf_model.get_input_embeddings().weight.numel()
+    # A tied table is stored in the first part (lookup) and again in the last (logits) once they differ.
+    head = hf_model.lm_head.weight.numel()
+    runs = model_parts(layer_bytes, int(table * embedding_bits), int(head * embedding_bits), ANE_WEIGHT_FILE_LIMIT, config.model_parts)
+    if len(runs) == 1:
+        return [(PACKAGE, runs[0], sum(layer_bytes) + int(table * embedding_bits))]
+    return [(f"model-{i + 1:05d}-of-{len(runs):05d}.mlpackage", run,
+             sum(layer_bytes[run[0]:run[1]]) + (int(table * embedding_bits) if run[0] == 0 else 0)
+             + (int(head * embedding_bits) if run[1] == len(layer_bytes) else 0)) for i, run in enumerate(runs)]
 
 
 def _plan(directory, config: CoreMLConfig) -> _Plan:
@@ -370,14 +412,17 @@ def _convert(hf_model, fp16_plan, compression: _Compression, plan: _Plan, config
     if plan.chunk:
         from edgepack.targets.coreml_support.verify import DECODE, PREFILL
 
-        status(f"converting to a Core ML ML Program (Neural Engine: prefill of {plan.chunk} tokens and decode of 1, fixed shapes, fp16)")
+        split = f", {len(plan.parts)} packages" if len(plan.parts) > 1 else ""
+        status(f"converting to a Core ML ML Program (Neural Engine: prefill of {plan.chunk} tokens and decode of 1, fixed shapes, fp16{split})")
         with timed(timings, "convert", digits=None):
-            functions = {}
-            for name, query in ((PREFILL, plan.chunk), (DECODE, 1)):
-                functions[name], _outputs = cm_convert.convert_decoder_fixed(
-                    hf_model, model_type=source.model_type, max_context=plan.context, query=query, plan=fp16_plan,
-                    compute_units=config.compute_units, deployment_target=scheme.deployment_target)
-            return functions, []
+            packages = {}
+            for package_name, layers, _estimate in plan.parts:
+                packages[package_name] = {
+                    name: cm_convert.convert_decoder_fixed(
+                        hf_model, model_type=source.model_type, max_context=plan.context, query=query, plan=fp16_plan,
+                        compute_units=config.compute_units, deployment_target=scheme.deployment_target, layers=layers)[0]
+                    for name, query in ((PREFILL, plan.chunk), (DECODE, 1))}
+            return packages, []
     status(f"converting to a Core ML ML Program ({'stateful KV cache' if kind == 'decoder' else 'fixed shape'}, fp16)")
     with timed(timings, "convert", digits=None):
         if kind == "decoder":
@@ -398,8 +443,13 @@ def _compress_and_save(mlmodel, flexible: list, compression: _Compression, plan:
 
     kind, source, scheme = plan.kind, plan.source, compression.scheme
     package = tmp / PACKAGE
-    if isinstance(mlmodel, dict):
-        _save_functions(mlmodel, compression, plan, config, package, timings, status)
+    paths = [package]
+    if isinstance(mlmodel, dict):  # the Neural Engine program: package name -> its functions
+        paths = [tmp / name for name in mlmodel]
+        package = paths[0]
+        for path in paths:
+            _save_functions(mlmodel.pop(path.name), compression, plan, config, path, timings, status)
+            compat.make_package_reproducible(path)
     else:
         if config.compress != "none":
             status(f"compressing weights ({config.compress})")
@@ -407,10 +457,10 @@ def _compress_and_save(mlmodel, flexible: list, compression: _Compression, plan:
                 mlmodel = cm_convert.compress(mlmodel, scheme, column_weights=compression.column_weights, split_table=compression.split_table)
         _describe(mlmodel, source, kind, plan.context, scheme)
         mlmodel.save(str(package))
-    compat.make_package_reproducible(package)
+        compat.make_package_reproducible(package)
     copy_side_files(tmp, Path(directory), source.hf_dir)
-    package_bytes = sum(p.stat().st_size for p in package.rglob("*") if p.is_file())
-    return _Package(package, package_bytes, flexible)
+    package_bytes = sum(p.stat().st_size for path in paths for p in path.rglob("*") if p.is_file())
+    return _Package(package, package_bytes, flexible, paths)
 
 
 def _save_functions(functions: dict, compression: _Compression, plan: _Plan, config: CoreMLConfig, package: Path, timings: dict, status) -> None:
@@ -423,7 +473,7 @@ def _save_functions(functions: dict, compression: _Compression, plan: _Plan, con
     from edgepack.targets.coreml_support.verify import DECODE
 
     parts = package.parent / "_functions"
-    parts.mkdir()
+    parts.mkdir(exist_ok=True)
     saved = {}
     for name in list(functions):
         mlmodel = functions.pop(name)
@@ -437,7 +487,7 @@ def _save_functions(functions: dict, compression: _Compression, plan: _Plan, con
         saved[name] = parts / f"{name}.mlpackage"
         mlmodel.save(str(saved[name]))
         del mlmodel
-    status("joining the prefill and decode functions into one package (weights stored once)")
+    status(f"joining the prefill and decode functions into {package.name} (weights stored once)")
     cm_convert.save_multifunction(saved, package, default=DECODE)
     shutil.rmtree(parts)
 
@@ -450,15 +500,17 @@ def _ane_report(package: _Package, config: CoreMLConfig, status):
     from edgepack.targets.coreml_support.mil_reference import function_names, load_functions, load_program
 
     status("ANE readiness report (static inspection of the saved program)")
+    weight_files = {path.name: sum(f.stat().st_size for f in path.rglob("weight.bin")) for path in package.paths}
     names = function_names(package.path)
     if names == ["main"]:
         program = load_program(package.path)
-        report = ane.report({"main": program.function}, size_bytes=package.bytes, flexible_inputs=package.flexible)
+        report = ane.report({"main": program.function}, size_bytes=package.bytes, flexible_inputs=package.flexible, weight_files=weight_files)
         report["placement"] = _placement(package, config)
         return report, program
-    programs = load_functions(package.path, names)
-    report = ane.report({name: program.function for name, program in programs.items()}, size_bytes=package.bytes,
-                        flexible_inputs=package.flexible)
+    programs = [load_functions(path, names) for path in package.paths]  # one dict of functions per package
+    label = (lambda path, name: f"{path.stem}/{name}") if len(package.paths) > 1 else (lambda path, name: name)
+    functions = {label(path, name): program.function for path, loaded in zip(package.paths, programs) for name, program in loaded.items()}
+    report = ane.report(functions, size_bytes=package.bytes, flexible_inputs=package.flexible, weight_files=weight_files)
     report["placement"] = _placement(package, config)
     return report, programs
 
@@ -471,7 +523,11 @@ def _placement(package: _Package, config: CoreMLConfig) -> dict:
     if not available:
         return {"skipped": reason}
     try:
-        return verify.neural_engine_placement(package.path, config.compute_units)
+        if len(package.paths) == 1:
+            return verify.neural_engine_placement(package.path, config.compute_units)
+        placements = {path.stem: verify.neural_engine_placement(path, config.compute_units) for path in package.paths}
+        return {"measured_by": "MLComputePlan", "compute_units": config.compute_units,
+                "functions": {f"{stem}/{name}": figures for stem, placement in placements.items() for name, figures in placement["functions"].items()}}
     except Exception as exc:  # a compute plan Core ML cannot make is a finding of this report, not a failed build
         return {"error": f"MLComputePlan: {type(exc).__name__}: {exc}"}
 
@@ -516,7 +572,7 @@ def _checks(fp16_plan, package: _Package, program, state_bytes: int, tokenizer, 
     if reference is not None:
         status("verifying with the MIL reference interpreter against fp32 PyTorch")
         with timed(timings, "verify", digits=None):
-            verification = _compare(package.path, reference, config, program)
+            verification = _compare(package.paths, reference, config, program)
         figures = _parity_figures(verification)
     gates = coreml_gates(fp16_plan, tokenizer_check, need, plan, figures, config)
     checks: dict = {"fp16_safety": {"passed": verdict(gates, "fp16_safety"), "unsafe": fp16_plan.unsafe, "low_headroom": fp16_plan.warnings,
@@ -542,10 +598,14 @@ def _facts(plan: _Plan, package: _Package, compression: _Compression, fp16_plan,
         "compute_units": config.compute_units,
         "compute_precision": "fp16",
         "compression": scheme.describe() | ({"table_tuning": tuning} if tuning else {}),
-        "io": _io_facts(kind, plan.context, ane_report, plan.chunk),
+        "io": _io_facts(kind, plan.context, ane_report, plan.chunk, [name for name, _layers, _estimate in plan.parts]),
         "program": ({"shapes": "fixed", "functions": ["prefill", "decode"], "prefill_chunk": plan.chunk,
-                     "why": "the Neural Engine compiles static shapes only (see ane.rules static-shapes)"} if plan.chunk else
-                    {"shapes": "flexible" if kind == "decoder" else "fixed", "functions": ["main"]}),
+                     "why": "the Neural Engine compiles static shapes only (see ane.rules static-shapes)",
+                     "packages": [{"package": name, "layers": [start, stop - 1], "weight_bytes": ane_report["weight_files"].get(name),
+                                   "estimated_weight_bytes": estimate} for name, (start, stop), estimate in plan.parts],
+                     **({"split": f"{len(plan.parts)} packages of consecutive layers: each package's weights stay under the 1 GiB "
+                                  "iOS loads on the Neural Engine (ane.rules weight-file-size)"} if len(plan.parts) > 1 else {})}
+                    if plan.chunk else {"shapes": "flexible" if kind == "decoder" else "fixed", "functions": ["main"]}),
         "package_bytes": package.bytes,
         "kv_cache_bytes": state_bytes,
         "fp16_safety": fp16_plan.to_json(),
@@ -569,6 +629,8 @@ def build(directory, out, config: CoreMLConfig = CoreMLConfig(), on_status=None)
     plan = _plan(directory, config)
     hf_model, tokenizer = _load_checked(plan, config, timings, status)
     state_bytes = _check_memory(hf_model, plan, config)
+    if plan.chunk:
+        plan.parts = _model_parts(hf_model, plan, config)
     tokens = _eval_tokens(tokenizer, config, plan.source)
     fp16_plan = _fp16_plan(hf_model, tokens, plan, config, timings, status)
     compression = _compression(hf_model, tokenizer, plan, config, timings, status)
@@ -668,18 +730,21 @@ def _verify(package: Path, hf_model, tokens: list[int], kind: str, context: int,
     return _compare(package, _reference_outputs(hf_model, tokens, kind, context, config, chunk), config)
 
 
-def _compare(package: Path, reference: _Reference, config: CoreMLConfig, program=None) -> dict:
+def _compare(package, reference: _Reference, config: CoreMLConfig, program=None) -> dict:
     """The package's outputs (MIL reference on `program` when loaded, else the package's; Core ML too on macOS)
-    against the PyTorch reference outputs."""
+    against the PyTorch reference outputs. `package`: a path, or the packages of a split model in order."""
     from edgepack.core.texts import EVAL_TEXT, text_label
     from edgepack.targets.coreml_support import verify
+
+    packages = list(package) if isinstance(package, (list, tuple)) else [package]
+    package = packages[0]
 
     result: dict = {"eval_text": text_label(config.eval_text, EVAL_TEXT)}
     kind, ids, steps, mask, expected = reference.kind, reference.ids, reference.steps, reference.mask, reference.outputs
     n = expected.shape[0]
     chunk, context = reference.chunk, reference.context
     if kind == "decoder" and chunk:
-        logits, timing = verify.run_fixed_decoder_mil(package, ids, steps, chunk, context, programs=program)
+        logits, timing = verify.run_fixed_decoder_mil(packages, ids, steps, chunk, context, programs=program)
         result["mil-reference"] = {"verified_by": "mil-reference", "prefill_tokens": n - steps, "prefill_chunks": -(-(n - steps) // chunk),
                                    "prefill_chunk": chunk, "decode_steps": steps, **verify.fp16_logit_figures(expected, logits), "seconds": timing}
     elif kind == "decoder":
@@ -692,7 +757,7 @@ def _compare(package: Path, reference: _Reference, config: CoreMLConfig, program
     available, reason = verify.coreml_runtime_available()
     if available:
         if kind == "decoder" and chunk:
-            logits = verify.run_fixed_decoder_coreml(package, ids, steps, chunk, context, config.compute_units)
+            logits = verify.run_fixed_decoder_coreml(packages, ids, steps, chunk, context, config.compute_units)
             result["coreml-runtime"] = {"verified_by": "coreml-runtime", "compute_units": config.compute_units,
                                         **verify.fp16_logit_figures(expected, logits)}
         elif kind == "decoder":
@@ -730,10 +795,14 @@ def _parity_check(verification: dict, figures: dict, kind: str, gates: list) -> 
             "positions": figures["positions"], **summary}
 
 
-def _io_facts(kind: str, context: int, ane_report: dict, chunk: int | None = None) -> dict:
+def _io_facts(kind: str, context: int, ane_report: dict, chunk: int | None = None, packages: list | None = None) -> dict:
     if kind == "decoder" and chunk:
-        outputs = next(iter(ane_report["functions"].values()))["outputs"]
+        outputs = list(ane_report["functions"].values())[-1]["outputs"]  # the last package's
+        split = {"packages": (f"{len(packages)} packages, each with the two functions and its own state (its layers' cache): the first takes "
+                              "input_ids and returns output_hidden_states fp16 (1, q, hidden); each next one takes them as hidden_states "
+                              "with the same causal_mask and positions; the last returns the logits")} if packages and len(packages) > 1 else {}
         return {
+            **split,
             "functions": {"prefill": f"{chunk} tokens a call", "decode": "1 token a call", "default": "decode"},
             "inputs": {"input_ids": "int32 (1, q): q = the function's tokens; a last, shorter prompt chunk is padded with any id",
                        "causal_mask": f"fp16 (1, 1, q, {context}), additive: row i is 0 at the slots token i may attend (0 .. its position), "
@@ -818,7 +887,8 @@ def _print_summary(artifact) -> None:
     lines = [f"edgepack target coreml -> {artifact.out}",
              f"  {facts['kind']} {facts['model_type']}, {facts['compression']['name']}, {facts['package_bytes'] / 1e6:.1f} MB package"
              + (f", KV cache {facts['kv_cache_bytes'] / 1e6:.1f} MB" if facts["kv_cache_bytes"] else ""),
-             *([f"  Neural Engine program: prefill ({facts['program']['prefill_chunk']} tokens) + decode (1 token), fixed shapes, one copy of the weights"]
+             *([f"  Neural Engine program: prefill ({facts['program']['prefill_chunk']} tokens) + decode (1 token), fixed shapes, one copy of the weights"
+                + (f", split into {len(facts['program']['packages'])} packages of consecutive layers" if len(facts["program"]["packages"]) > 1 else "")]
                if facts.get("program", {}).get("prefill_chunk") else []),
              f"  fp16 safety: {facts['fp16_safety']['rewritten_ops']} ops rewritten" + (f", UNSAFE: {facts['fp16_safety']['unsafe']}" if facts["fp16_safety"]["unsafe"] else "")]
     parity = artifact.checks.get("parity")

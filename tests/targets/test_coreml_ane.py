@@ -176,3 +176,49 @@ def test_shapes_option_needs_a_known_value():
     assert fixed_shapes(CoreMLConfig(shapes="fixed")) and not fixed_shapes(CoreMLConfig(compute_units="cpu_and_ne", shapes="flexible"))
     with pytest.raises(UsageError):
         CoreMLConfig(shapes="static")
+
+
+def test_a_model_split_into_packages_runs_part_after_part(tiny_model_factory, tmp_path):
+    """--model-parts 2: two packages of one layer each, hidden states passed between them, PyTorch's logits."""
+    out = tmp_path / "parts"
+    report = _build(tiny_model_factory("llama"), out, "--model-parts", "2")
+    facts = report["facts"]
+    names = ["model-00001-of-00002.mlpackage", "model-00002-of-00002.mlpackage"]
+    assert sorted(p.name for p in out.iterdir() if p.suffix == ".mlpackage") == names
+    assert [(p["package"], p["layers"]) for p in facts["program"]["packages"]] == [(names[0], [0, 0]), (names[1], [1, 1])]
+    functions = facts["ane"]["functions"]
+    assert functions["model-00001-of-00002/prefill"]["inputs"]["input_ids"] == "int32 (1, 16)"
+    assert functions["model-00001-of-00002/decode"]["outputs"] == ["output_hidden_states"]
+    assert functions["model-00002-of-00002/decode"]["inputs"]["hidden_states"] == "fp16 (1, 1, 64)"
+    assert functions["model-00002-of-00002/decode"]["outputs"] == ["logits"]
+    assert all(state.endswith("(1, 2, 64, 32)") for name, f in functions.items() for key, state in f["inputs"].items() if key.endswith("_cache"))
+    assert facts["ane"]["neural_engine"] == "ready" and set(facts["ane"]["weight_files"]) == set(names)
+    parity = report["checks"]["parity"]
+    assert parity["passed"] and parity["top1_agreement"] >= 0.99 and parity["positions"] == 48
+    assert "packages" in facts["io"]
+
+
+def test_model_parts_keep_each_package_under_the_limit():
+    from edgepack.targets.coreml import model_parts
+
+    layers = [100] * 10
+    assert model_parts(layers, 50, 50, limit=2000) == [(0, 10)]
+    # 1100 bytes of layers + embedding + head: two parts of five layers (550 + 50 each) fit 600
+    assert model_parts(layers, 50, 50, limit=600) == [(0, 5), (5, 10)]
+    assert model_parts(layers, 50, 50, limit=450) == [(0, 3), (3, 7), (7, 10)]
+    assert model_parts(layers, 50, 50, limit=10) == [(i, i + 1) for i in range(10)]  # no fewer than one layer a part
+    assert model_parts(layers, 50, 50, limit=2000, parts=4) == [(0, 2), (2, 5), (5, 8), (8, 10)]
+    assert model_parts(layers, 50, 50, limit=2000, parts=40) == [(i, i + 1) for i in range(10)]
+
+
+def test_a_weight_file_above_the_ios_limit_is_blocking(llama_ane):
+    from edgepack.targets.coreml_support import ane
+    from edgepack.targets.coreml_support.mil_reference import load_functions
+
+    out, _ = llama_ane
+    functions = {name: program.function for name, program in load_functions(out / "model.mlpackage", ("prefill", "decode")).items()}
+    fits = ane.report(functions, size_bytes=1, flexible_inputs=[], weight_files={"model.mlpackage": (1 << 30) - 1})
+    assert fits["neural_engine"] == "ready"
+    over = ane.report(functions, size_bytes=1, flexible_inputs=[], weight_files={"model.mlpackage": 3 << 30})
+    finding = next(f for f in over["findings"] if f["id"] == "weight-file-size")
+    assert over["neural_engine"] == "unlikely" and finding["severity"] == "blocking" and "--model-parts" in finding["detail"]

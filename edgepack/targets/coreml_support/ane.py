@@ -38,6 +38,12 @@ RULES = {
                 "context, head_dim) KV state, or grouped-query attention by repeat_interleave) fails ANECCompile; rank-4 rewrites place fully",
         "source": "FluidInference/FluidAudio#679 (rank-5 graphs fail ANECCompile; rank-4 rewrites plan 100% ANE)",
     },
+    "weight-file-size": {
+        "rule": "A package whose weight file is above 1 GiB does not run on the Neural Engine of iOS (above 2 GiB: of macOS either); "
+                "split the model into packages of consecutive layers",
+        "source": "Anemll/Anemll#28 (1 GB iOS 18, 2 GB macOS; --chunk splits the model); apple/coremltools#2593 "
+                  "('ane: Weight file size ... exceeds the maximum (2147483648 bytes)')",
+    },
     "axis-limit": {
         "rule": "A tensor axis above 16384 (A13-A15) or 65536 (A16 and later) cannot be placed on the Neural Engine (e.g. a large vocabulary in the lm_head)",
         "source": "sbryngelson/ANEForge#240 and #57; maderix/ANE#26 (lm_head chunked for the 65536 limit)",
@@ -53,13 +59,16 @@ RULES = {
         "source": "kasper0406/stablehlo-coreml#110 (MLComputePlan: int4/int8 constexpr weights supported=[CPU]); Anemll README (LUT palettization on the ANE)",
     },
 }
+# The weight file iOS loads on the Neural Engine (macOS: 2 GiB); a larger model is split into packages.
+ANE_WEIGHT_FILE_LIMIT = 1 << 30
+ANE_WEIGHT_FILE_LIMIT_MAC = 2 << 30
 ANE_AXIS_LIMIT_OLD = 16384
 ANE_AXIS_LIMIT_NEW = 65536
 # ops that only move data or read constants; they do not count as compute placed on an engine
 _FREE_OPS = {"const", "shape", "read_state", "coreml_update_state"}
 
 
-def report(functions: dict, *, size_bytes: int, flexible_inputs: list[str]) -> dict:
+def report(functions: dict, *, size_bytes: int, flexible_inputs: list[str], weight_files: dict | None = None) -> dict:
     """The ANE readiness section of target.json for the loaded MIL functions of a package (name -> function, see
     mil_reference.load_functions): the rules are judged over all of them; `functions` has each one's own counts."""
     counts: Counter = Counter()
@@ -77,6 +86,12 @@ def report(functions: dict, *, size_bytes: int, flexible_inputs: list[str]) -> d
     dynamic, fp32, integer, big_axes = scan.dynamic, scan.fp32, scan.integer, scan.big_axes
     states = _states(next(iter(functions.values())))
     findings = _findings(states, flexible_inputs, scan)
+    too_large = {name: size for name, size in (weight_files or {}).items() if size > ANE_WEIGHT_FILE_LIMIT}
+    if too_large:
+        macos = "; macOS too" if max(too_large.values()) > ANE_WEIGHT_FILE_LIMIT_MAC else "; macOS takes up to 2 GiB"
+        findings.insert(0, {"id": "weight-file-size", "severity": "blocking",
+                            "detail": ", ".join(f"{name}: {size / 2**30:.2f} GiB of weights" for name, size in too_large.items())
+                            + f" (iOS limit 1 GiB{macos}); build with more --model-parts", "ops": sorted(too_large), **RULES["weight-file-size"]})
     verdicts = _verdicts(findings)
     return {
         "method": "static inspection of the saved ML Program's MIL (milproto -> pymil); placement is decided on device",
@@ -89,6 +104,7 @@ def report(functions: dict, *, size_bytes: int, flexible_inputs: list[str]) -> d
         "states": states,
         "large_axes": big_axes[:5],
         "size_bytes": size_bytes,
+        "weight_files": weight_files or {},
         "findings": findings,
         "neural_engine": _short_verdict(findings),
         "verdicts": verdicts,

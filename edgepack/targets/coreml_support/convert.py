@@ -115,19 +115,26 @@ def convert_decoder(hf_model, *, model_type: str, max_context: int, plan, comput
     )
 
 
+# Inputs and outputs that carry the hidden states between the parts of a model split into several packages.
+HIDDEN_IN, HIDDEN_OUT = "hidden_states", "output_hidden_states"
+
+
 def convert_decoder_fixed(hf_model, *, model_type: str, max_context: int, query: int, plan, compute_units: str,
-                          deployment_target: str = "iOS18"):
+                          deployment_target: str = "iOS18", layers: tuple[int, int] | None = None):
     """One fixed-shape function of the Neural Engine program (`wrappers.FixedShapeDecoder`): `query` tokens
-    (a prefill chunk, or 1 for decode) over a KV cache of `max_context`. Returns (MLModel, output names)."""
+    (a prefill chunk, or 1 for decode) over a KV cache of `max_context`; `layers`: the part of a split model.
+    Returns (MLModel, output names)."""
     import torch
 
     ct = _ct()
     from edgepack.targets.coreml_support.wrappers import FixedShapeDecoder
 
-    wrapper = FixedShapeDecoder(hf_model, max_context, plan).eval()
+    wrapper = FixedShapeDecoder(hf_model, max_context, plan, layers=layers).eval()
+    hidden_size = int(hf_model.config.hidden_size)
     positions = torch.zeros((1, query, max_context), dtype=torch.float32)
     positions[0, torch.arange(query), torch.arange(query)] = 1.0
-    example = (torch.zeros((1, query), dtype=torch.int32), torch.zeros((1, 1, query, max_context), dtype=torch.float32), positions)
+    first = torch.zeros((1, query), dtype=torch.int32) if wrapper.first else torch.zeros((1, query, hidden_size), dtype=torch.float32)
+    example = (first, torch.zeros((1, 1, query, max_context), dtype=torch.float32), positions)
     try:
         traced = torch.jit.trace(wrapper, example, check_trace=False)
     except Exception as exc:
@@ -136,11 +143,12 @@ def convert_decoder_fixed(hf_model, *, model_type: str, max_context: int, query:
     wrapper.value_cache.zero_()
     vocab = int(hf_model.lm_head.weight.shape[0])
     slices = -(-vocab // wrapper.logits_slice)
-    names = ["logits"] if slices == 1 else [f"logits_{i}" for i in range(slices)]
+    names = ([HIDDEN_OUT] if not wrapper.last else ["logits"] if slices == 1 else [f"logits_{i}" for i in range(slices)])
     state_shape = tuple(wrapper.key_cache.shape)
     mlmodel = _convert(
         ct, traced, model_type,
-        inputs=[ct.TensorType(name="input_ids", shape=(1, query), dtype=np.int32),
+        inputs=[ct.TensorType(name="input_ids", shape=(1, query), dtype=np.int32) if wrapper.first else
+                ct.TensorType(name=HIDDEN_IN, shape=(1, query, hidden_size), dtype=np.float16),
                 ct.TensorType(name="causal_mask", shape=(1, 1, query, max_context), dtype=np.float16),
                 ct.TensorType(name="positions", shape=(1, query, max_context), dtype=np.float16)],
         outputs=[ct.TensorType(name=name, dtype=np.float16) for name in names],

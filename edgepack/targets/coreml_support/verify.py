@@ -113,32 +113,53 @@ def joined_logits(outputs: dict) -> np.ndarray:
     return np.concatenate([np.asarray(outputs[name]) for name in slices], axis=-1)
 
 
-def run_fixed_decoder_mil(package, tokens: list[int], decode_steps: int, chunk: int, context: int,
-                          programs: dict | None = None) -> tuple[np.ndarray, dict]:
-    """The multifunction package's prefill and decode functions (MIL reference, one shared KV state)."""
+# The hidden states a part of a split model returns and the next part takes (convert.HIDDEN_OUT / HIDDEN_IN).
+HIDDEN_OUT, HIDDEN_IN = "output_hidden_states", "hidden_states"
+
+
+def _through_parts(parts, feed: dict, run) -> dict:
+    """One call through the parts of a model in order: each part's hidden states are the next part's input."""
+    outputs = run(parts[0], feed)
+    for part in parts[1:]:
+        outputs = run(part, {HIDDEN_IN: outputs[HIDDEN_OUT], "causal_mask": feed["causal_mask"], "positions": feed["positions"]})
+    return outputs
+
+
+def run_fixed_decoder_mil(packages, tokens: list[int], decode_steps: int, chunk: int, context: int,
+                          programs: list | dict | None = None) -> tuple[np.ndarray, dict]:
+    """The Neural Engine program's prefill and decode functions (MIL reference), one shared KV state per package;
+    `packages`: the package, or the packages of a split model in order (`programs`: those already loaded)."""
     from edgepack.targets.coreml_support.mil_reference import load_functions
 
+    packages = list(packages) if isinstance(packages, (list, tuple)) else [packages]
     t0 = time.perf_counter()
-    programs = programs or load_functions(package, (PREFILL, DECODE))
-    programs[DECODE].reset()
+    programs = [programs] if isinstance(programs, dict) else programs or [load_functions(p, (PREFILL, DECODE)) for p in packages]
+    for part in programs:
+        part[DECODE].reset()
     load_s = time.perf_counter() - t0
     logits = []
     t0 = time.perf_counter()
     for function, n, feed in fixed_decoder_steps(tokens, decode_steps, chunk, context):
-        logits.append(joined_logits(programs[function].run(feed))[0, :n])
+        outputs = _through_parts(programs, feed, lambda part, inputs, function=function: part[function].run(inputs))
+        logits.append(joined_logits(outputs)[0, :n])
     return np.concatenate(logits).astype(np.float32), {"load_s": round(load_s, 2), "run_s": round(time.perf_counter() - t0, 2)}
 
 
-def run_fixed_decoder_coreml(package, tokens: list[int], decode_steps: int, chunk: int, context: int, compute_units: str) -> np.ndarray:
-    """The same on Core ML (macOS): each function loaded by name; one state made by the decode function serves both."""
+def run_fixed_decoder_coreml(packages, tokens: list[int], decode_steps: int, chunk: int, context: int, compute_units: str) -> np.ndarray:
+    """The same on Core ML (macOS): each function loaded by name; per package, one state made by its decode
+    function serves both functions."""
     import coremltools as ct
 
     units = getattr(ct.ComputeUnit, compute_units.upper())
-    models = {name: ct.models.MLModel(str(package), compute_units=units, function_name=name) for name in (PREFILL, DECODE)}
-    state = models[DECODE].make_state()
+    packages = list(packages) if isinstance(packages, (list, tuple)) else [packages]
+    parts = []
+    for package in packages:
+        models = {name: ct.models.MLModel(str(package), compute_units=units, function_name=name) for name in (PREFILL, DECODE)}
+        parts.append((models, models[DECODE].make_state()))
     logits = []
     for function, n, feed in fixed_decoder_steps(tokens, decode_steps, chunk, context):
-        logits.append(joined_logits(models[function].predict(feed, state=state))[0, :n])
+        outputs = _through_parts(parts, feed, lambda part, inputs, function=function: part[0][function].predict(inputs, state=part[1]))
+        logits.append(joined_logits(outputs)[0, :n])
     return np.concatenate(logits).astype(np.float32)
 
 

@@ -144,11 +144,18 @@ class StatefulDecoder(nn.Module):
     def _decoder(self, input_ids, causal_mask, cos, sin, write_cache):
         """The decoder stack for `q` tokens: `write_cache(layer, k, v)` stores this call's keys and values and
         returns the keys and values attention reads (the cache up to the sequence end)."""
-        q_len = input_ids.shape[1]
+        hidden = self._layers(self._embed(input_ids), causal_mask, cos, sin, write_cache, range(len(self.layers)))
+        return self._logits(self._norm(self.norm, hidden, "model.norm"))
+
+    def _embed(self, input_ids):
         hidden = self.embed_tokens(input_ids)
-        if self.embed_factor != 1.0:
-            hidden = hidden * self.embed_factor
-        for index, layer in enumerate(self.layers):
+        return hidden * self.embed_factor if self.embed_factor != 1.0 else hidden
+
+    def _layers(self, hidden, causal_mask, cos, sin, write_cache, indices):
+        """The decoder layers `indices` over the hidden states (1, q, hidden)."""
+        q_len = hidden.shape[1]
+        for index in indices:
+            layer = self.layers[index]
             prefix = f"model.layers.{index}"
             attn = layer.self_attn
             x = self._norm(layer.input_layernorm, hidden, f"{prefix}.input_layernorm")
@@ -170,8 +177,7 @@ class StatefulDecoder(nn.Module):
             x = self._norm(layer.post_attention_layernorm, hidden, f"{prefix}.post_attention_layernorm")
             out = self._mlp(layer.mlp, x, prefix)
             hidden = hidden + (out * self.residual_factor if self.residual_factor != 1.0 else out)
-        hidden = self._norm(self.norm, hidden, "model.norm")
-        return self._logits(hidden)
+        return hidden
 
     def _attend(self, q, keys, values, causal_mask, prefix: str):
         """Attention of q (1, heads, q, head_dim) over the cache's keys and values (1, kv_heads, end, head_dim)."""
@@ -210,34 +216,42 @@ class FixedShapeDecoder(StatefulDecoder):
     """The decoder with fixed shapes for the Neural Engine, which compiles static shapes only.
 
     Traced once per query length: a prefill chunk of `q` tokens and the one-token decode step, both over the
-    whole KV cache. Inputs: `input_ids` (1, q) int32; `causal_mask` (1, 1, q, context) fp16, additive (0 where
+    whole KV cache. Inputs: `input_ids` (1, q) int32 (or, for a part after the first, `hidden_states`
+    (1, q, hidden)); `causal_mask` (1, 1, q, context) fp16, additive (0 where
     query i may attend, verify.MASK_MIN elsewhere); `positions` (1, q, context) fp16 one-hot, row i with a 1 at the
     cache slot token i goes to (all zero for padding at the end of a last, partial chunk).
     The position arithmetic is done by the caller and enters as fp16 tensors, so the program holds no integer
     compute and no shape that depends on an input (apple/ml-ane-transformers; Anemll feeds its ANE models the
     same way): the RoPE rows are `positions @ table`, the cache write is the blend
     `cache * (1 - written) + positions^T @ k`, and attention reads the whole cache under the mask.
+
+    `layers` (start, stop): one part of a model split into several packages (the Neural Engine loads a weight
+    file of at most 1 GiB on iOS): the first part embeds the tokens, the last one ends with the norm and the
+    logits, the others take and return hidden states; each part's state holds its own layers' cache.
     """
 
-    def __init__(self, hf_model, max_context: int, plan=None, logits_slice: int = LOGITS_SLICE):
+    def __init__(self, hf_model, max_context: int, plan=None, logits_slice: int = LOGITS_SLICE, layers: tuple[int, int] | None = None):
         super().__init__(hf_model, max_context, plan)
         self.logits_slice = logits_slice
+        self.start, self.stop = layers or (0, len(self.layers))
+        self.first, self.last = self.start == 0, self.stop == len(self.layers)
         # A state whose last dimension is not a multiple of 32 fails on the Neural Engine (ane.RULES
         # "state-alignment-32"): heads are stored zero-padded to the next multiple and read back unpadded.
         # The cache is rank 4, (layers, kv_heads, context, head_dim): no batch axis (ane.RULES "rank-4").
         self.head_pad = -self.head_dim % 32
-        shape = (self.key_cache.shape[0], self.num_kv_heads, max_context, self.head_dim + self.head_pad)
+        shape = (self.stop - self.start, self.num_kv_heads, max_context, self.head_dim + self.head_pad)
         self.register_buffer("key_cache", torch.zeros(shape, dtype=torch.float32))
         self.register_buffer("value_cache", torch.zeros(shape, dtype=torch.float32))
 
     @torch.no_grad()
-    def forward(self, input_ids, causal_mask, positions):
+    def forward(self, tokens_or_hidden, causal_mask, positions):
         cos = torch.matmul(positions, self.rope_cos).unsqueeze(1)  # (1, 1, q, rotary)
         sin = torch.matmul(positions, self.rope_sin).unsqueeze(1)
         keep = (1.0 - positions.sum(dim=1)).view(1, 1, self.max_context, 1)  # 0 at the slots this call writes
         place = positions.transpose(1, 2).unsqueeze(1)  # (1, 1, context, q)
 
         def write_cache(index, k, v):
+            index -= self.start  # this part's own layers
             if self.head_pad:
                 k = nn.functional.pad(k, (0, self.head_pad))
                 v = nn.functional.pad(v, (0, self.head_pad))
@@ -249,7 +263,9 @@ class FixedShapeDecoder(StatefulDecoder):
                 return keys[..., : self.head_dim], values[..., : self.head_dim]
             return keys, values
 
-        return self._decoder(input_ids, causal_mask, cos, sin, write_cache)
+        hidden = self._embed(tokens_or_hidden) if self.first else tokens_or_hidden
+        hidden = self._layers(hidden, causal_mask, cos, sin, write_cache, range(self.start, self.stop))
+        return self._logits(self._norm(self.norm, hidden, "model.norm")) if self.last else hidden
 
     def _attend(self, q, keys, values, causal_mask, prefix: str):
         """Grouped-query attention without a rank-5 tensor (the Neural Engine compiler rejects them: ane.RULES "rank-4"):
