@@ -95,24 +95,35 @@ def convert_decoder(hf_model, *, model_type: str, max_context: int, plan, comput
 
     wrapper = StatefulDecoder(hf_model, max_context, plan).eval()
     example = (torch.zeros((1, 2), dtype=torch.int32), torch.zeros((1, 1, 2, 5), dtype=torch.float32))
+    traced = _trace_decoder(wrapper, example, model_type)
+    query = ct.RangeDim(lower_bound=1, upper_bound=max_context, default=1)
+    end = ct.RangeDim(lower_bound=1, upper_bound=max_context, default=1)
+    return _convert(
+        ct, traced, model_type,
+        inputs=[ct.TensorType(name="input_ids", shape=(1, query), dtype=np.int32),
+                ct.TensorType(name="causal_mask", shape=(1, 1, query, end), dtype=np.float16)],
+        outputs=[ct.TensorType(name="logits", dtype=np.float16)],
+        states=_kv_states(ct, wrapper), compute_units=compute_units, deployment_target=deployment_target,
+    )
+
+
+def _trace_decoder(wrapper, example, model_type: str):
+    """`torch.jit.trace` of a decoder wrapper, its cache buffers zeroed again after the example call."""
+    import torch
+
     try:
         traced = torch.jit.trace(wrapper, example, check_trace=False)
     except Exception as exc:
         raise UnsupportedModelError(f"model_type {model_type!r}: torch.jit.trace failed: {_first_line(exc)}") from exc
     wrapper.key_cache.zero_()
     wrapper.value_cache.zero_()
-    query = ct.RangeDim(lower_bound=1, upper_bound=max_context, default=1)
-    end = ct.RangeDim(lower_bound=1, upper_bound=max_context, default=1)
-    state_shape = tuple(wrapper.key_cache.shape)
-    return _convert(
-        ct, traced, model_type,
-        inputs=[ct.TensorType(name="input_ids", shape=(1, query), dtype=np.int32),
-                ct.TensorType(name="causal_mask", shape=(1, 1, query, end), dtype=np.float16)],
-        outputs=[ct.TensorType(name="logits", dtype=np.float16)],
-        states=[ct.StateType(wrapped_type=ct.TensorType(shape=state_shape, dtype=np.float16), name="key_cache"),
-                ct.StateType(wrapped_type=ct.TensorType(shape=state_shape, dtype=np.float16), name="value_cache")],
-        compute_units=compute_units, deployment_target=deployment_target,
-    )
+    return traced
+
+
+def _kv_states(ct, wrapper) -> list:
+    """The wrapper's key and value cache buffers as fp16 Core ML states."""
+    shape = tuple(wrapper.key_cache.shape)
+    return [ct.StateType(wrapped_type=ct.TensorType(shape=shape, dtype=np.float16), name=name) for name in ("key_cache", "value_cache")]
 
 
 # Inputs and outputs that carry the hidden states between the parts of a model split into several packages.
@@ -135,16 +146,10 @@ def convert_decoder_fixed(hf_model, *, model_type: str, max_context: int, query:
     positions[0, torch.arange(query), torch.arange(query)] = 1.0
     first = torch.zeros((1, query), dtype=torch.int32) if wrapper.first else torch.zeros((1, query, hidden_size), dtype=torch.float32)
     example = (first, torch.zeros((1, 1, query, max_context), dtype=torch.float32), positions)
-    try:
-        traced = torch.jit.trace(wrapper, example, check_trace=False)
-    except Exception as exc:
-        raise UnsupportedModelError(f"model_type {model_type!r}: torch.jit.trace failed: {_first_line(exc)}") from exc
-    wrapper.key_cache.zero_()
-    wrapper.value_cache.zero_()
+    traced = _trace_decoder(wrapper, example, model_type)
     vocab = int(hf_model.lm_head.weight.shape[0])
     slices = -(-vocab // wrapper.logits_slice)
     names = ([HIDDEN_OUT] if not wrapper.last else ["logits"] if slices == 1 else [f"logits_{i}" for i in range(slices)])
-    state_shape = tuple(wrapper.key_cache.shape)
     mlmodel = _convert(
         ct, traced, model_type,
         inputs=[ct.TensorType(name="input_ids", shape=(1, query), dtype=np.int32) if wrapper.first else
@@ -152,9 +157,7 @@ def convert_decoder_fixed(hf_model, *, model_type: str, max_context: int, query:
                 ct.TensorType(name="causal_mask", shape=(1, 1, query, max_context), dtype=np.float16),
                 ct.TensorType(name="positions", shape=(1, query, max_context), dtype=np.float16)],
         outputs=[ct.TensorType(name=name, dtype=np.float16) for name in names],
-        states=[ct.StateType(wrapped_type=ct.TensorType(shape=state_shape, dtype=np.float16), name="key_cache"),
-                ct.StateType(wrapped_type=ct.TensorType(shape=state_shape, dtype=np.float16), name="value_cache")],
-        compute_units=compute_units, deployment_target=deployment_target,
+        states=_kv_states(ct, wrapper), compute_units=compute_units, deployment_target=deployment_target,
     )
     return mlmodel, names
 

@@ -113,12 +113,10 @@ def joined_logits(outputs: dict) -> np.ndarray:
     return np.concatenate([np.asarray(outputs[name]) for name in slices], axis=-1)
 
 
-# The hidden states a part of a split model returns and the next part takes (convert.HIDDEN_OUT / HIDDEN_IN).
-HIDDEN_OUT, HIDDEN_IN = "output_hidden_states", "hidden_states"
-
-
 def _through_parts(parts, feed: dict, run) -> dict:
     """One call through the parts of a model in order: each part's hidden states are the next part's input."""
+    from edgepack.targets.coreml_support.convert import HIDDEN_IN, HIDDEN_OUT
+
     outputs = run(parts[0], feed)
     for part in parts[1:]:
         outputs = run(part, {HIDDEN_IN: outputs[HIDDEN_OUT], "causal_mask": feed["causal_mask"], "positions": feed["positions"]})
