@@ -32,8 +32,10 @@ BENCHMARKS: dict[str, tuple[str, str, str]] = {
     "projection-paired": ("benchmarks/projection.py --paired", "The same comparison with calibration and measurement "
                           "alternated per round, for shared hosts whose load changes.",
                           "python benchmarks/projection.py --models /tmp/p --threads 2 --paired 5"),
-    "coreml": ("benchmarks/coreml.py", "Core ML packages: size and parity with fp32 PyTorch (MIL reference interpreter) "
-               "for each compression variant.", "python benchmarks/coreml.py EXPORT --variants fp16,int4-block,int4-block+int8-emb"),
+    "coreml": ("benchmarks/coreml.py", "Core ML packages: size, parity with fp32 PyTorch (MIL reference interpreter) and the ANE "
+               "report's verdict for each compression variant.",
+               "python benchmarks/coreml.py EXPORT --compute-units cpu_and_ne --max-context 512 --positions 320 "
+               "--variants fp16,int4-block+int8-emb,int4-block,int8,palettize4"),
     "coreml-table-study": ("benchmarks/coreml_table_study.py", "Weight formats for the tied embedding table simulated in "
                            "PyTorch: estimated package size against top-1 agreement.",
                            "python benchmarks/coreml_table_study.py EXPORT exact/int8row res16/split:6000:64:nf"),
