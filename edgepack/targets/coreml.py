@@ -220,21 +220,22 @@ class _Package:
     paths: list = field(default_factory=list)  # every package, in the order a token goes through them
 
 
-def model_parts(layer_bytes: list[int], embedding_bytes: int, head_bytes: int, limit: int, parts: int = 0) -> list[tuple[int, int]]:
+def model_parts(layer_bytes: list[int], embedding_bytes: int, head_bytes: int, limit: int, parts: int = 0) -> list[tuple[int, int, int]]:
     """The decoder layers split into `parts` runs of consecutive layers (0: the fewest whose estimated weights each
-    fit `limit`, the first part holding the embedding and the last the head), as even in layer count as possible."""
+    fit `limit`), as even in layer count as possible: (start, stop, estimated bytes) each, the first part holding
+    the embedding and the last the head."""
     count = len(layer_bytes)
 
     def split(n):
         bounds = [round(i * count / n) for i in range(n + 1)]
-        return [(bounds[i], bounds[i + 1]) for i in range(n)]
+        return [(a, b, sum(layer_bytes[a:b]) + (embedding_bytes if a == 0 else 0) + (head_bytes if b == count and n > 1 else 0))
+                for a, b in zip(bounds, bounds[1:])]
 
     if parts:
         return split(min(parts, count))
     for n in range(1, count + 1):
         runs = split(n)
-        sizes = [sum(layer_bytes[a:b]) + (embedding_bytes if a == 0 else 0) + (head_bytes if b == count else 0) for a, b in runs]
-        if max(sizes) <= limit:
+        if max(size for _a, _b, size in runs) <= limit:
             return runs
     return split(count)
 
@@ -246,15 +247,13 @@ def _model_parts(hf_model, plan: _Plan, config: CoreMLConfig) -> list:
     bits = _BITS[config.compress] / 8
     embedding_bits = 8.25 / 8 if config.compress == "int4-block" and config.embedding == "int8" else bits
     layer_bytes = [int(sum(p.numel() for p in layer.parameters()) * bits) for layer in hf_model.model.layers]
-    table = hf_model.get_input_embeddings().weight.numel()
-    # A tied table is stored in the first part (lookup) and again in the last (logits) once they differ.
-    head = hf_model.lm_head.weight.numel()
-    runs = model_parts(layer_bytes, int(table * embedding_bits), int(head * embedding_bits), ANE_WEIGHT_FILE_LIMIT, config.model_parts)
-    if len(runs) == 1:
-        return [(PACKAGE, runs[0], sum(layer_bytes) + int(table * embedding_bits))]
-    return [(f"model-{i + 1:05d}-of-{len(runs):05d}.mlpackage", run,
-             sum(layer_bytes[run[0]:run[1]]) + (int(table * embedding_bits) if run[0] == 0 else 0)
-             + (int(head * embedding_bits) if run[1] == len(layer_bytes) else 0)) for i, run in enumerate(runs)]
+    # One package holds a tied table once; split, the first part holds it for the lookup and the last again for
+    # the logits (an untied head is counted with the last part only when split: approximate for one package).
+    table = int(hf_model.get_input_embeddings().weight.numel() * embedding_bits)
+    head = int(hf_model.lm_head.weight.numel() * embedding_bits)
+    runs = model_parts(layer_bytes, table, head, ANE_WEIGHT_FILE_LIMIT, config.model_parts)
+    names = [PACKAGE] if len(runs) == 1 else [f"model-{i + 1:05d}-of-{len(runs):05d}.mlpackage" for i in range(len(runs))]
+    return [(name, (start, stop), size) for name, (start, stop, size) in zip(names, runs)]
 
 
 def _plan(directory, config: CoreMLConfig) -> _Plan:

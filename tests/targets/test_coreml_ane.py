@@ -202,13 +202,13 @@ def test_model_parts_keep_each_package_under_the_limit():
     from edgepack.targets.coreml import model_parts
 
     layers = [100] * 10
-    assert model_parts(layers, 50, 50, limit=2000) == [(0, 10)]
-    # 1100 bytes of layers + embedding + head: two parts of five layers (550 + 50 each) fit 600
-    assert model_parts(layers, 50, 50, limit=600) == [(0, 5), (5, 10)]
-    assert model_parts(layers, 50, 50, limit=450) == [(0, 3), (3, 7), (7, 10)]
-    assert model_parts(layers, 50, 50, limit=10) == [(i, i + 1) for i in range(10)]  # no fewer than one layer a part
-    assert model_parts(layers, 50, 50, limit=2000, parts=4) == [(0, 2), (2, 5), (5, 8), (8, 10)]
-    assert model_parts(layers, 50, 50, limit=2000, parts=40) == [(i, i + 1) for i in range(10)]
+    assert model_parts(layers, 50, 50, limit=2000) == [(0, 10, 1050)]  # one package: the tied table once
+    # split, the first part holds the table for the lookup and the last for the logits: two parts of 550 fit 600
+    assert model_parts(layers, 50, 50, limit=600) == [(0, 5, 550), (5, 10, 550)]
+    assert model_parts(layers, 50, 50, limit=450) == [(0, 3, 350), (3, 7, 400), (7, 10, 350)]
+    assert [run[:2] for run in model_parts(layers, 50, 50, limit=10)] == [(i, i + 1) for i in range(10)]  # one layer a part at least
+    assert [run[:2] for run in model_parts(layers, 50, 50, limit=2000, parts=4)] == [(0, 2), (2, 5), (5, 8), (8, 10)]
+    assert len(model_parts(layers, 50, 50, limit=2000, parts=40)) == 10
 
 
 def test_a_weight_file_above_the_ios_limit_is_blocking(llama_ane):
