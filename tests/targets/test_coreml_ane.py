@@ -62,18 +62,6 @@ def test_tiny_decoders_build_neural_engine_programs(arch, tiny_model_factory, tm
     assert parity["top1_agreement"] >= 0.99 and parity["kl_mean"] <= 1e-3
 
 
-def test_functions_share_one_copy_of_the_weights(llama_ane, tiny_model_factory, tmp_path):
-    """The two-function package stores each weight once: its weight file is the size of a one-function program's."""
-    out, _ = llama_ane
-    # the per-function packages were staged and removed: OUT holds the one package
-    assert sorted(p.name for p in out.iterdir() if p.suffix == ".mlpackage") == ["model.mlpackage"] and not (out / "_functions").exists()
-    flexible = tmp_path / "flexible"
-    result = run_cli("target", "coreml", tiny_model_factory("llama"), "-o", flexible, "--max-context", "64", "--no-verify")
-    assert result.exit_code == 0, result.stderr
-    assert abs(_weight_bytes(out) - _weight_bytes(flexible)) <= 0.02 * _weight_bytes(flexible)
-    assert read_json(flexible / "target.json")["facts"]["program"] == {"shapes": "flexible", "functions": ["main"]}
-
-
 def test_prefill_chunks_and_decode_match_pytorch_at_every_position(llama_ane, tiny_model_factory):
     """Chunk boundaries anywhere (a chunk of 5 after one of 16, a partial last chunk) give PyTorch's logits."""
     import torch
@@ -133,14 +121,19 @@ def test_quantized_weights_are_a_named_fallback_and_palettized_weights_are_not(t
     assert next(f for f in lut["findings"] if f["id"] == "palettized-state")["severity"] == "warning"
 
 
-def test_flexible_program_stays_for_the_gpu(tiny_model_factory, tmp_path):
-    """--compute-units cpu_and_gpu (and --shapes flexible) keep one function for any query length."""
-    out = tmp_path / "gpu"
-    result = run_cli("target", "coreml", tiny_model_factory("llama"), "-o", out, "--compute-units", "cpu_and_gpu", "--max-context", "64",
+def test_flexible_program_stays_for_the_gpu_and_holds_the_same_weights(llama_ane, tiny_model_factory, tmp_path):
+    """--compute-units cpu_and_gpu keeps one function for any query length; the two-function Neural Engine package
+    stores each weight once: its weight file is the size of that one-function program's."""
+    out, _ = llama_ane
+    # the per-function packages were staged and removed: OUT holds the one package
+    assert sorted(p.name for p in out.iterdir() if p.suffix == ".mlpackage") == ["model.mlpackage"] and not (out / "_functions").exists()
+    gpu = tmp_path / "gpu"
+    result = run_cli("target", "coreml", tiny_model_factory("llama"), "-o", gpu, "--compute-units", "cpu_and_gpu", "--max-context", "64",
                      "--no-verify")
     assert result.exit_code == 0, result.stderr
-    facts = read_json(out / "target.json")["facts"]
-    assert facts["program"]["shapes"] == "flexible" and "static-shapes" in {f["id"] for f in facts["ane"]["findings"]}
+    facts = read_json(gpu / "target.json")["facts"]
+    assert facts["program"] == {"shapes": "flexible", "functions": ["main"]} and "static-shapes" in {f["id"] for f in facts["ane"]["findings"]}
+    assert abs(_weight_bytes(out) - _weight_bytes(gpu)) <= 0.02 * _weight_bytes(gpu)
     result = run_cli("target", "coreml", tiny_model_factory("llama"), "-o", tmp_path / "x", "--shapes", "rigid")
     assert result.exit_code == 2 and "--shapes" in result.stderr
 
