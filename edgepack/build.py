@@ -595,13 +595,17 @@ class MemoryAdmission:
         self.reserved = 0
         self._changed = threading.Condition()
 
+    def _full(self) -> bool:
+        """Whether one more target would pass the budget beside those running (a target alone always runs)."""
+        return self.budget is not None and self.reserved > 0 and self.reserved + self.need > self.budget
+
     @contextlib.contextmanager
     def reserve(self, label: str):
         with self._changed:
-            if self.budget is not None and self.reserved and self.reserved + self.need > self.budget and self.on_wait:
+            if self._full() and self.on_wait:
                 self.on_wait(f"{label} waits for memory: it may need {self.need / 1e9:.1f} GB and the targets running "
                              f"hold {self.reserved / 1e9:.1f} GB of the {self.budget / 1e9:.1f} GB available")
-            while self.budget is not None and self.reserved and self.reserved + self.need > self.budget:
+            while self._full():
                 self._changed.wait()
             self.reserved += self.need
         try:
