@@ -76,8 +76,9 @@ def build_report(recipe, sources, quality_reports, targets, profiles, verdicts, 
     target_rows, own_rows = [], []
     for (target, scheme), path in targets.items():
         data = json.loads((path / "target.json").read_text())
+        ane = _neural_engine(data)
         target_rows.append({"target": target, "scheme": scheme, "total_bytes": data["total_bytes"], "passed": data["passed"],
-                            "path": f"targets/{target}/{scheme}", **({"ane": _neural_engine(data)} if _neural_engine(data) else {})})
+                            "path": f"targets/{target}/{scheme}", **({"ane": ane} if ane else {})})
         if scheme == "fp32" and len(sources) > 1:
             own_rows.append(_own_compression_row(target, scheme, data))
     from edgepack.build import profile_name

@@ -265,8 +265,12 @@ def _plan(directory, config: CoreMLConfig) -> _Plan:
     if config.device:
         limit, device_note = device_memory_limit(config.device, config.devices_dirs)
     architecture = check_decoder(source.config, context, TARGET) if kind == "decoder" else {}
-    chunk = min(config.prefill_chunk, context) if kind == "decoder" and fixed_shapes(config) else None
-    return _Plan(source, kind, context, limit, device_note, architecture, chunk)
+    return _Plan(source, kind, context, limit, device_note, architecture, _prefill_chunk(kind, context, config))
+
+
+def _prefill_chunk(kind: str | None, context: int, config: CoreMLConfig) -> int | None:
+    """Tokens per prefill call of the Neural Engine program (cut to the context); None for the flexible program."""
+    return min(config.prefill_chunk, context) if kind == "decoder" and fixed_shapes(config) else None
 
 
 def _load_checked(plan: _Plan, config: CoreMLConfig, timings: dict, status):
@@ -503,15 +507,19 @@ def _ane_report(package: _Package, config: CoreMLConfig, status):
     names = function_names(package.path)
     if names == ["main"]:
         program = load_program(package.path)
-        report = ane.report({"main": program.function}, size_bytes=package.bytes, flexible_inputs=package.flexible, weight_files=weight_files)
-        report["placement"] = _placement(package, config)
-        return report, program
-    programs = [load_functions(path, names) for path in package.paths]  # one dict of functions per package
-    label = (lambda path, name: f"{path.stem}/{name}") if len(package.paths) > 1 else (lambda path, name: name)
-    functions = {label(path, name): program.function for path, loaded in zip(package.paths, programs) for name, program in loaded.items()}
+        functions = {"main": program.function}
+    else:
+        program = [load_functions(path, names) for path in package.paths]  # one dict of functions per package
+        functions = {_function_label(package, path, name): loaded.function
+                     for path, part in zip(package.paths, program) for name, loaded in part.items()}
     report = ane.report(functions, size_bytes=package.bytes, flexible_inputs=package.flexible, weight_files=weight_files)
     report["placement"] = _placement(package, config)
-    return report, programs
+    return report, program
+
+
+def _function_label(package: _Package, path: Path, name: str) -> str:
+    """A function's name in the report: prefixed by its package's when the model is split into several."""
+    return f"{path.stem}/{name}" if len(package.paths) > 1 else name
 
 
 def _placement(package: _Package, config: CoreMLConfig) -> dict:
@@ -522,11 +530,10 @@ def _placement(package: _Package, config: CoreMLConfig) -> dict:
     if not available:
         return {"skipped": reason}
     try:
-        if len(package.paths) == 1:
-            return verify.neural_engine_placement(package.path, config.compute_units)
-        placements = {path.stem: verify.neural_engine_placement(path, config.compute_units) for path in package.paths}
+        placements = {path: verify.neural_engine_placement(path, config.compute_units) for path in package.paths}
         return {"measured_by": "MLComputePlan", "compute_units": config.compute_units,
-                "functions": {f"{stem}/{name}": figures for stem, placement in placements.items() for name, figures in placement["functions"].items()}}
+                "functions": {_function_label(package, path, name): figures
+                              for path, placement in placements.items() for name, figures in placement["functions"].items()}}
     except Exception as exc:  # a compute plan Core ML cannot make is a finding of this report, not a failed build
         return {"error": f"MLComputePlan: {type(exc).__name__}: {exc}"}
 
@@ -725,8 +732,7 @@ def _eval_tokens(tokenizer, config: CoreMLConfig, source: _Source) -> list[int]:
 
 def _verify(package: Path, hf_model, tokens: list[int], kind: str, context: int, config: CoreMLConfig) -> dict:
     """The package against the PyTorch model on `tokens` (what `build` does in two steps, for re-verification)."""
-    chunk = min(config.prefill_chunk, context) if kind == "decoder" and fixed_shapes(config) else None
-    return _compare(package, _reference_outputs(hf_model, tokens, kind, context, config, chunk), config)
+    return _compare(package, _reference_outputs(hf_model, tokens, kind, context, config, _prefill_chunk(kind, context, config)), config)
 
 
 def _compare(package, reference: _Reference, config: CoreMLConfig, program=None) -> dict:
@@ -796,6 +802,8 @@ def _parity_check(verification: dict, figures: dict, kind: str, gates: list) -> 
 
 def _io_facts(kind: str, context: int, ane_report: dict, chunk: int | None = None, packages: list | None = None) -> dict:
     if kind == "decoder" and chunk:
+        from edgepack.targets.coreml_support.verify import MASK_MIN
+
         outputs = list(ane_report["functions"].values())[-1]["outputs"]  # the last package's
         split = {"packages": (f"{len(packages)} packages, each with the two functions and its own state (its layers' cache): the first takes "
                               "input_ids and returns output_hidden_states fp16 (1, q, hidden); each next one takes them as hidden_states "
@@ -805,7 +813,7 @@ def _io_facts(kind: str, context: int, ane_report: dict, chunk: int | None = Non
             "functions": {"prefill": f"{chunk} tokens a call", "decode": "1 token a call", "default": "decode"},
             "inputs": {"input_ids": "int32 (1, q): q = the function's tokens; a last, shorter prompt chunk is padded with any id",
                        "causal_mask": f"fp16 (1, 1, q, {context}), additive: row i is 0 at the slots token i may attend (0 .. its position), "
-                                      f"-1e4 elsewhere (padding rows: -1e4 everywhere)",
+                                      f"{MASK_MIN:g} elsewhere (padding rows: {MASK_MIN:g} everywhere)",
                        "positions": f"fp16 (1, q, {context}) one-hot: row i has a 1 at the cache slot (position) of token i; padding rows all 0"},
             "outputs": ({"logits": "fp16 (1, q, vocab)"} if outputs == ["logits"] else
                         {name: "fp16 (1, q, a slice of the vocabulary of at most 65536 tokens, in order): join them along the last axis"

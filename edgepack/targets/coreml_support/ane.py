@@ -161,7 +161,7 @@ def _scan_outputs(ops, prefix: str = "") -> _OutputScan:
             dtype = var.sym_type.get_primitive()
             if any_symbolic(shape):
                 scan.dynamic.append(f"{prefix}{op.name}")
-            if len(shape) > 4 and op.op_type not in ("read_state",):
+            if len(shape) > 4 and op.op_type != "read_state":  # states are judged as states
                 scan.rank5.append(f"{prefix}{op.op_type}:{op.name}")
             if dtype == types.fp32 and op.op_type not in _FREE_OPS:
                 scan.fp32.append(f"{prefix}{op.op_type}:{op.name}")
@@ -241,7 +241,7 @@ def _verdicts(findings: list[dict]) -> dict:
     if blocking:
         ane = "unlikely: " + "; ".join(f["id"] for f in blocking)
     elif fallback:
-        ane = "partial: some ops likely fall back to CPU/GPU (" + ", ".join(f["id"] for f in fallback + [{"id": w} for w in warnings]) + ")"
+        ane = "partial: some ops likely fall back to CPU/GPU (" + ", ".join([f["id"] for f in fallback] + warnings) + ")"
     else:
         ane = "ready: no blocking or fallback rule broken" + (f" (warnings: {', '.join(warnings)})" if warnings else "")
     return {

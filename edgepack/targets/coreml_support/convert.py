@@ -176,10 +176,11 @@ def direct_token_lookup(mlmodel):
     # as _apply_graph_pass does). Run last: every coremltools compression re-converts with that pass.
     ct = _ct()
     from coremltools.converters.mil.converter import mil_convert
+    from coremltools.converters.mil.frontend.milproto.load import load as load_milproto
     from coremltools.models.utils import _convert_model_spec_to_pymil_prog
 
     spec = mlmodel.get_spec()
-    prog = _convert_model_spec_to_pymil_prog(mlmodel, spec.specificationVersion, _milproto_load())
+    prog = _convert_model_spec_to_pymil_prog(mlmodel, spec.specificationVersion, load_milproto)
     _make_direct_lookup_pass()().apply(prog)
     pipeline = ct.PassPipeline()
     pipeline.remove_passes({"common::guard_negative_gather_indices", "common::add_fp16_cast", "common::add_int16_cast"})
@@ -187,12 +188,6 @@ def direct_token_lookup(mlmodel):
         return mil_convert(prog, convert_to="mlprogram", convert_from="milinternal", specification_version=spec.specificationVersion,
                            compute_units=mlmodel.compute_unit, model_description=spec.description, skip_model_load=True,
                            pass_pipeline=pipeline)
-
-
-def _milproto_load():
-    from coremltools.converters.mil.frontend.milproto.load import load
-
-    return load
 
 
 def _index_root(var, inputs: set):
@@ -229,9 +224,9 @@ def _make_direct_lookup_pass():
                                         before_op=op, name=op.name + "_direct")
                         op.enclosing_block.replace_uses_of_var_after_op(anchor_op=op, old_var=op.outputs[0], new_var=new)
                         op.enclosing_block.remove_ops([op])
-                from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
+            from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
 
-                PASS_REGISTRY["common::dead_code_elimination"](prog)
+            PASS_REGISTRY["common::dead_code_elimination"](prog)  # the integer ops the gathers no longer read
 
     return _DirectLookup
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import platform
 import time
+from collections import Counter
 
 import numpy as np
 
@@ -220,7 +221,7 @@ def neural_engine_placement(package, compute_units: str) -> dict:
     plan = MLComputePlan.load_from_path(compiled, compute_units=getattr(ct.ComputeUnit, compute_units.upper()))
     placement = {}
     for name, function in plan.model_structure.program.functions.items():
-        total, on_ne, elsewhere = 0, 0, {}
+        total, on_ne, elsewhere = 0, 0, Counter()
         for operation in function.block.operations:
             if operation.operator_name in ("const",) or operation.operator_name.startswith("constexpr_"):
                 continue
@@ -231,10 +232,9 @@ def neural_engine_placement(package, compute_units: str) -> dict:
             if isinstance(usage.preferred_compute_device, MLNeuralEngineComputeDevice):
                 on_ne += 1
             else:
-                device = type(usage.preferred_compute_device).__name__
-                elsewhere[f"{operation.operator_name} ({device})"] = elsewhere.get(f"{operation.operator_name} ({device})", 0) + 1
+                elsewhere[f"{operation.operator_name} ({type(usage.preferred_compute_device).__name__})"] += 1
         placement[name] = {"compute_ops": total, "neural_engine": on_ne, "share": round(on_ne / total, 4) if total else 0.0,
-                           "elsewhere": elsewhere}
+                           "elsewhere": dict(elsewhere)}
     return {"measured_by": "MLComputePlan", "compute_units": compute_units, "functions": placement}
 
 

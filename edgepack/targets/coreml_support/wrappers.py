@@ -199,7 +199,10 @@ class StatefulDecoder(nn.Module):
         return torch.matmul(torch.softmax(scores + causal_mask, dim=-1), values)
 
     def _logits(self, hidden):
-        logits = self.lm_head(hidden)
+        return self._scaled_logits(self.lm_head(hidden))
+
+    def _scaled_logits(self, logits):
+        """The model's own logits multiplier (granite) and final softcap (gemma2)."""
         if self.logits_factor != 1.0:
             logits = logits * self.logits_factor
         if self.logit_softcap:
@@ -287,12 +290,7 @@ class FixedShapeDecoder(StatefulDecoder):
         slices = []
         for start in range(0, vocab, self.logits_slice):
             stop = min(start + self.logits_slice, vocab)
-            logits = nn.functional.linear(hidden, weight[start:stop], None if bias is None else bias[start:stop])
-            if self.logits_factor != 1.0:
-                logits = logits * self.logits_factor
-            if self.logit_softcap:
-                logits = torch.tanh(logits * (1.0 / self.logit_softcap)) * self.logit_softcap
-            slices.append(logits)
+            slices.append(self._scaled_logits(nn.functional.linear(hidden, weight[start:stop], None if bias is None else bias[start:stop])))
         return tuple(slices)
 
 
