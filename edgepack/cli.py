@@ -40,6 +40,7 @@ class LazyGroup(click.Group):
         "devices": ("edgepack.profiles.cli", "devices", "List, show and calibrate device profiles."),
         "profile": ("edgepack.profiles.cli", "profile", "Measure latency/energy here and project it onto devices."),
         "check": ("edgepack.profiles.cli", "check", "Check a profile against budgets; exit 1 if any fails."),
+        "estimate": ("edgepack.profiles.cli", "estimate", "Project a model from its config alone: bytes, ms, mJ per token, memory fit."),
     }
 
     def list_commands(self, ctx):

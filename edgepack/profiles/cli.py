@@ -12,7 +12,8 @@ import click
 
 from edgepack.core.console import Status, stdout_console
 from edgepack.errors import GateFailedError, UsageError
-from edgepack.options import FiniteFloatRange
+from edgepack.options import FiniteFloatRange, click_options, config_from_cli
+from edgepack.profiles.estimate import EstimateConfig
 
 DEVICES_DIR_HELP = "Extra folder of device TOML files (repeatable); a file with a known id replaces the built-in one."
 
@@ -306,3 +307,67 @@ def check(profile_path, budgets_path, junit, out):
             f"{len(result.failures)} of {len(result.verdicts)} budgets failed: " + "; ".join(v.message for v in result.failures[:5])
             + (" ..." if len(result.failures) > 5 else "")
         )
+
+
+@click.command()
+@click.argument("model", metavar="MODEL", type=click.Path(path_type=Path))
+@click_options(EstimateConfig)
+@click.option("-o", "--out", "out", type=click.Path(path_type=Path), default=None, help="Write the estimate as JSON (`edgepack check` takes it).")
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON instead of a table.")
+def estimate(model, out, as_json, **options):
+    """Project a model onto devices from its configuration alone, before building it.
+
+    MODEL is a Hugging Face folder, its config.json, or a .gguf file; no
+    weights are read. Prints weight bytes read per token, KV bytes per
+    position, memory at the context, and per device decode ms/token, TTFT,
+    mJ/token and the memory fit (kind: estimated). The JSON has the shape of
+    profile.json's projections, so `edgepack check` gates it with the same
+    budgets (quality budgets and [host] are skipped: an estimate has none).
+
+    \b
+    Example:
+      edgepack estimate llama-3.2-1b/config.json --scheme int4 --device galaxy-s24 --device iphone-15-pro --device raspberry-pi-5
+      edgepack estimate model.gguf --scheme gguf --device raspberry-pi-5 -o estimate.json
+      edgepack estimate qwen2.5-1.5b/ --target coreml --scheme int4 --device iphone-15-pro --context 1024
+      edgepack check estimate.json --budgets budgets.toml
+    """
+    from edgepack.profiles.estimate import estimate_model
+
+    config = config_from_cli(EstimateConfig, options)
+    if out is not None:
+        from edgepack.outputs import check_output_file
+
+        check_output_file(out)
+    report = estimate_model(model, config).report
+    import json
+
+    text = json.dumps(report, indent=2) + "\n"
+    if out is not None:
+        from edgepack.outputs import write_output_file
+
+        write_output_file(out, text)
+    if as_json:
+        click.echo(text, nl=False)
+        return
+    _print_estimate(report, out)
+
+
+def _print_estimate(report: dict, out) -> None:
+    from rich.table import Table
+
+    m, e = report["model"], report["estimate"]
+    title = (f"edgepack estimate: {m['architecture']['params'] / 1e9:.2f}B parameters as {m['target']} {m['scheme']} on the "
+             f"{m['unit']}: {e['weight_bytes_per_token'] / 1e6:.1f} MB read per token, {e['kv_bytes_per_position'] / 1e3:.1f} KB KV "
+             f"per position ({e['kv_bytes_at_context'] / 1e6:.1f} MB at {e['context']} tokens)")
+    table = Table(title=title, title_justify="left")
+    for column in ("device", "unit", "decode ms/token", "tokens/s", f"TTFT ms ({e['prompt_len']})", "mJ/token", "memory MB / limit", "fits"):
+        table.add_column(column)
+    for device_id, p in report["projections"].items():
+        entry, fit = p["by_prompt_len"][0], p["memory_fit"]
+        table.add_row(device_id, p["unit"], f"{entry['decode_ms_per_token']:.2f}", _fmt(entry["tokens_per_s"], ".1f"), f"{entry['ttft_ms']:.0f}",
+                      _fmt(entry["energy"]["decode_mj_per_token"], ".1f"), f"{fit['total_mb']:.0f} / {_fmt(fit['limit_mb'], '.0f')}",
+                      "yes" if fit["fits"] else "NO" if fit["fits"] is False else "-")
+    console = stdout_console()
+    console.print(table)
+    console.print(f"kind: estimated (no build, no measurement); figures and their sources: `edgepack devices show ID`, docs/devices.md"
+                  + (f"; written to {out}" if out else ""))

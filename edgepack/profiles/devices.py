@@ -20,7 +20,10 @@ from edgepack.errors import BadInputError, UsageError
 BUILTIN_DIR = Path(__file__).parent / "devices"
 DEVICE_SCHEMA_VERSION = 1
 # Tables whose numbers must all be figures; `coreml` holds strings only.
-FIGURE_TABLES = ("memory", "compute", "power", "efficiency", "runtime", "qnn", "calibration")
+FIGURE_TABLES = ("memory", "compute", "power", "efficiency", "runtime", "qnn", "calibration", "ane", "gpu", "htp")
+# Keys of the compute-unit tables [ane], [gpu], [htp] (the CPU's figures are in the tables above).
+UNIT_KEYS = ("decode_bandwidth_fp16", "decode_bandwidth_int8", "decode_bandwidth_int4", "peak_gops", "prefill_compute",
+             "call_overhead_ms", "power_w", "overhead_mb")
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,10 @@ def parse_device(data: dict, path: Path) -> Device:
         if not isinstance(raw, dict):
             raise BadInputError(f"{where}: [{table}] must be a table")
         tables[table] = {key: parse_figure(f"{where}: {table}.{key}", value) for key, value in raw.items()}
+        if table in ("ane", "gpu", "htp"):
+            unknown_keys = set(raw) - set(UNIT_KEYS)
+            if unknown_keys:
+                raise BadInputError(f"{where}: unknown [{table}] key(s) {', '.join(sorted(unknown_keys))}; known: {', '.join(UNIT_KEYS)}")
     known = {"schema_version", "id", "name", "class", "soc", "notes", "coreml", *FIGURE_TABLES}
     unknown = set(data) - known
     if unknown:

@@ -186,7 +186,9 @@ def profile_model(directory: Path | str, out: Path | str | None, config: Profile
 
     status("projecting")
     context = config.context or model_context or longest
-    projections = {device.id: project_device(facts, device, config, context) for device in chosen}
+    from edgepack.profiles.projection import project_device
+
+    projections = {device.id: project_device(facts, device, config.prompt_lens, config.gen_len, context) for device in chosen}
     report = {
         "schema_version": PROFILE_SCHEMA_VERSION,
         "kind": "edgepack.profile",
@@ -354,54 +356,6 @@ def _estimated_energy(facts, ttft: dict, decode: dict, prompt_len: int, config: 
         "basis": HOST_POWER_BASIS.format(watts_per_core=HOST_WATTS_PER_ACTIVE_CORE, threads=threads_used, pj=HOST_DRAM_PJ_PER_BYTE)
         + "; p50 times",
     }
-
-
-def project_device(facts, device, config: ProfileConfig, context: int) -> dict:
-    from edgepack.profiles.roofline import DeviceModel, memory_fit, project_decode, project_energy, project_prefill
-
-    model = DeviceModel.from_device(device)
-    by_len = []
-    for prompt_len in config.prompt_lens:
-        prefill = project_prefill(facts, model, prompt_len)
-        position = prompt_len + config.gen_len // 2  # mean position of the decoded tokens
-        decode = project_decode(facts, model, position)
-        prefill_energy = project_energy(prefill["ms"], facts.decode_bytes(0), model)
-        decode_energy = project_energy(decode["ms"], decode["bytes"], model)
-        by_len.append({
-            "prompt_len": prompt_len,
-            "gen_len": config.gen_len,
-            "ttft_ms": prefill["ms"],
-            "prefill_tokens_per_s": prefill["tokens_per_s"],
-            "decode_ms_per_token": decode["ms"],
-            "tokens_per_s": 1e3 / decode["ms"] if decode["ms"] > 0 else None,
-            "energy": {
-                "kind": "projected",
-                "prefill_mj_per_token": None if prefill_energy["mj"] is None else prefill_energy["mj"] / prompt_len,
-                "decode_mj_per_token": decode_energy["mj"],
-                "decode_dram_floor_mj_per_token": decode_energy["dram_floor_mj"],
-                "basis": decode_energy["basis"],
-            },
-            "prefill_detail": prefill,
-            "decode_detail": decode,
-        })
-    efficiency = {f"decode_bandwidth_{k}": v for k, v in model.decode_efficiency.items()}
-    efficiency["prefill_compute"] = model.prefill_efficiency
-    return {
-        "kind": "projected",
-        "device": {"id": device.id, "name": device.name, "file": str(device.path), "class": device.device_class},
-        "bandwidth_gb_s": model.bandwidth_gb_s,
-        "efficiency": efficiency,
-        "calibrated_curves": sorted(model.bandwidth_curves) if model.bandwidth_curves else [],
-        "dispatch_us_per_node": model.dispatch_us_per_node,
-        "figures_verified": _verified_summary(device),
-        "by_prompt_len": by_len,
-        "memory_fit": memory_fit(facts, model, context),
-    }
-
-
-def _verified_summary(device) -> dict:
-    return {f"{table}.{key}": fig.verified for table, figs in device.tables.items() for key, fig in figs.items()
-            if table in ("memory", "compute", "power", "efficiency", "runtime")}
 
 
 def _read_quantize_report(folder: Path) -> dict | None:

@@ -47,10 +47,21 @@ class ModelFacts:
     # each costs a fixed per-call overhead beside its bytes (calibrated as gemv_<format>_weight_us)
     weights_by_format: dict[str, int] = field(default_factory=dict)
     max_context: int | None = None
+    # A static program (Core ML's Neural Engine program, QNN's graphs) holds a cache of `kv_slots` positions and
+    # reads all of them every call, `kv_traffic` times; None: the cache grows with the position (onnxruntime).
+    kv_slots: int | None = None
+    kv_traffic: float = 1.0
+    prefill_chunk: int | None = None  # tokens per prefill call of a static program; None: the whole prompt in one call
+
+    def kv_read_bytes(self, position: int) -> int:
+        """Cache bytes streamed to decode the token at `position`."""
+        slots = self.kv_slots if self.kv_slots is not None else position
+        return int(self.kv_bytes_per_position * slots * self.kv_traffic)
 
     def decode_bytes(self, position: int) -> int:
-        """Bytes read to decode the token at `position` (0-based): weights + the K/V of every earlier position."""
-        return self.weight_bytes_per_token + self.kv_bytes_per_position * position
+        """Bytes read to decode the token at `position` (0-based): weights + the K/V of every earlier position
+        (of every slot, for a static program)."""
+        return self.weight_bytes_per_token + self.kv_read_bytes(position)
 
     def prefill_flops(self, prompt_len: int) -> int:
         """Linear layers for every prompt token + causal attention (sum over positions 1..P)."""
@@ -61,7 +72,8 @@ class ModelFacts:
         return self.linear_flops_per_token + self.attention_flops_per_position * (position + 1)
 
     def kv_bytes(self, positions: int) -> int:
-        return self.kv_bytes_per_position * positions
+        """Cache held in memory at `positions` tokens (a static program holds all its slots)."""
+        return self.kv_bytes_per_position * (self.kv_slots if self.kv_slots is not None else positions)
 
     def to_json(self) -> dict:
         return {
@@ -77,6 +89,8 @@ class ModelFacts:
             "nodes": self.nodes,
             "weights_by_format": dict(self.weights_by_format),
             "max_context": self.max_context,
+            **({"kv_slots": self.kv_slots, "kv_traffic": self.kv_traffic} if self.kv_slots is not None else {}),
+            **({"prefill_chunk": self.prefill_chunk} if self.prefill_chunk else {}),
             "rule": "initializers read in full once per token; gather-only tables read one row per token; "
                     "KV bytes per position from past_key_values shapes and dtypes",
         }

@@ -6,6 +6,13 @@ prefill ms      = max(FLOPs / (peak x prefill efficiency), weight bytes / decode
 energy mJ       = sustained W x ms  (a power model; DRAM bytes x pJ/byte is reported beside it as a floor)
 memory fit      = weights + KV at the context + runtime overhead  vs  the app memory limit
 
+Each compute unit is projected with its own figures: the CPU from the device's [efficiency], [compute],
+[power] and [runtime] tables (onnxruntime's CPU provider), the Neural Engine, GPU and Hexagon NPU from
+their [ane], [gpu] and [htp] tables: bandwidth efficiency per weight format, a prefill rate, a fixed
+cost per call instead of a per-node one (their programs run as one compiled graph), their power and
+runtime memory. A static program (fixed shapes) streams its whole cache every call and prefills in
+fixed chunks (`ModelFacts.kv_slots`, `prefill_chunk`).
+
 Decoding is memory bound (every weight is read once per token), prefill compute bound; the per-node
 dispatch term is what an interpreter like onnxruntime adds on top of the roofline for graphs of
 thousands of small nodes. A calibrated profile (`edgepack devices calibrate`) replaces the scalar
@@ -18,10 +25,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from edgepack.errors import UsageError
 from edgepack.profiles.devices import Device
 from edgepack.profiles.model_facts import ModelFacts
 
 FORMATS = ("fp32", "fp16", "int8", "int4")
+UNIT_TABLES = {"ane": "ane", "gpu": "gpu", "htp": "htp"}  # compute unit -> its device table (the CPU's are the classic ones)
+UNIT_FORMATS = ("fp16", "int8", "int4")
 
 
 @dataclass(frozen=True)
@@ -44,6 +54,44 @@ class DeviceModel:
     bandwidth_curves: dict | None = None
     # format -> fixed microseconds per weight matrix per call (calibration); 0 where not measured
     weight_overhead_us: dict | None = None
+    unit: str = "cpu"
+    unit_gops: float | None = None  # an accelerator's prefill peak (ops/s at the program's precision)
+    call_overhead_ms: float = 0.0  # an accelerator's fixed cost per call (launch, synchronisation)
+
+    @classmethod
+    def for_unit(cls, device: Device, unit: str) -> DeviceModel:
+        """The figures of one compute unit of `device`; UsageError when the device has none for it."""
+        if unit == "cpu":
+            return cls.from_device(device)
+        table = UNIT_TABLES.get(unit)
+        if table is None:
+            raise UsageError(f"unknown compute unit {unit!r} (cpu, gpu, ane, htp)")
+        if not device.tables.get(table):
+            raise UsageError(f"device {device.id} has no [{table}] figures: nothing to project a {unit} program onto")
+        eff = {}
+        for fmt in UNIT_FORMATS:
+            value = device.value(table, f"decode_bandwidth_{fmt}")
+            if value is not None:
+                eff[fmt] = float(value)
+        if "fp16" in eff:
+            eff["fp32"] = eff["fp16"]
+        missing = [k for k in ("decode_bandwidth_fp16", "power_w") if device.value(table, k) is None]
+        if missing:
+            raise UsageError(f"device {device.id} [{table}] lacks {', '.join(missing)}")
+        return cls(
+            id=device.id,
+            bandwidth_gb_s=float(device.value("memory", "bandwidth_gb_s")),
+            decode_efficiency=eff,
+            prefill_efficiency=float(device.value(table, "prefill_compute", 0.3)),
+            sustained_w=device.value(table, "power_w"),
+            idle_w=device.value("power", "idle_w"),
+            dram_pj_per_byte=device.value("memory", "dram_pj_per_byte"),
+            app_memory_limit_mb=device.value("memory", "app_memory_limit_mb"),
+            overhead_mb=float(device.value(table, "overhead_mb", device.value("runtime", "overhead_mb", 0.0))),
+            unit=unit,
+            unit_gops=device.value(table, "peak_gops"),
+            call_overhead_ms=float(device.value(table, "call_overhead_ms", 0.0)),
+        )
 
     @classmethod
     def from_device(cls, device: Device) -> DeviceModel:
@@ -114,7 +162,7 @@ def effective_bandwidth(device: DeviceModel, fmt: str, working_set_bytes: float)
 
 def project_decode(facts: ModelFacts, device: DeviceModel, position: int) -> dict:
     """Projected ms for the token decoded at `position` (the KV cache then holds `position` entries)."""
-    kv_bytes = facts.kv_bytes_per_position * position
+    kv_bytes = facts.kv_read_bytes(position)
     working_set = facts.weight_bytes_per_token + kv_bytes
     terms = []
     memory_ms = 0.0
@@ -123,16 +171,19 @@ def project_decode(facts: ModelFacts, device: DeviceModel, position: int) -> dic
     for fmt, nbytes in formats.items():
         if nbytes <= 0:
             continue
-        # the KV cache is stored in the graph's float type: it streams like fp32
-        rate, eff, how = effective_bandwidth(device, "fp32" if fmt == "kv" else fmt, working_set)
+        # the KV cache is stored in the graph's float type: fp32 on the CPU, fp16 (or 16-bit) on accelerators
+        kv_format = "fp32" if device.unit == "cpu" else "fp16"
+        rate, eff, how = effective_bandwidth(device, kv_format if fmt == "kv" else fmt, working_set)
         ms = nbytes / (rate * 1e9) * 1e3
         memory_ms += ms
         terms.append({"format": fmt, "bytes": int(nbytes), "effective_gb_s": round(rate, 3), "efficiency": round(eff, 4), "ms": round(ms, 4), "basis": how})
     dispatch_ms = facts.nodes * device.dispatch_us_per_node / 1e3
     weights_ms = weight_overhead_ms(facts, device)
-    total = memory_ms + dispatch_ms + weights_ms
+    total = memory_ms + dispatch_ms + weights_ms + device.call_overhead_ms
     return {
         "ms": total,
+        "unit": device.unit,
+        "call_overhead_ms": device.call_overhead_ms,
         "position": position,
         "bytes": int(facts.decode_bytes(position)),
         "memory_ms": memory_ms,
@@ -157,6 +208,8 @@ def weight_overhead_ms(facts: ModelFacts, device: DeviceModel) -> float:
 def prefill_peak(facts: ModelFacts, device: DeviceModel) -> tuple[float | None, str]:
     """GFLOP/s peak for the prompt's GEMMs: int8 compute for weight-quantized models (MatMulNBits runs int8 at
     accuracy_level 4), fp32 otherwise."""
+    if device.unit != "cpu":
+        return (float(device.unit_gops), "peak_gops") if device.unit_gops else (None, "none")
     quantized = sum(v for k, v in facts.bytes_per_token_by_format.items() if k in ("int8", "int4"))
     if quantized > facts.weight_bytes_per_token / 2 and device.cpu_int8_gops:
         return float(device.cpu_int8_gops), "cpu_int8_gops"
@@ -166,15 +219,23 @@ def prefill_peak(facts: ModelFacts, device: DeviceModel) -> tuple[float | None, 
 
 
 def project_prefill(facts: ModelFacts, device: DeviceModel, prompt_len: int) -> dict:
-    flops = facts.prefill_flops(prompt_len)
+    # A static program prefills in fixed chunks (the last one padded): each call computes a whole chunk
+    # and reads every weight and its whole cache again.
+    calls = math.ceil(prompt_len / facts.prefill_chunk) if facts.prefill_chunk else 1
+    if facts.prefill_chunk and facts.kv_slots is not None:
+        chunk = facts.prefill_chunk
+        flops = calls * (facts.linear_flops_per_token * chunk + facts.attention_flops_per_position * facts.kv_slots * chunk)
+    else:
+        flops = facts.prefill_flops(prompt_len)
     peak, peak_key = prefill_peak(facts, device)
     compute_ms = flops / (peak * 1e9 * device.prefill_efficiency) * 1e3 if peak else 0.0
-    # the prompt reads every weight at least once, at decode speed
-    memory_ms = project_decode(facts, device, 0)["memory_ms"]
-    dispatch_ms = facts.nodes * device.dispatch_us_per_node / 1e3 + weight_overhead_ms(facts, device)
+    # the prompt reads every weight at least once per call, at decode speed
+    memory_ms = calls * project_decode(facts, device, 0)["memory_ms"]
+    dispatch_ms = calls * (facts.nodes * device.dispatch_us_per_node / 1e3 + weight_overhead_ms(facts, device) + device.call_overhead_ms)
     ms = max(compute_ms, memory_ms) + dispatch_ms
     return {
         "ms": ms,
+        "calls": calls,
         "prompt_len": prompt_len,
         "flops": int(flops),
         "peak_gflops": peak,
