@@ -32,6 +32,9 @@ BENCHMARKS: dict[str, tuple[str, str, str]] = {
     "projection-paired": ("benchmarks/projection.py --paired", "The same comparison with calibration and measurement "
                           "alternated per round, for shared hosts whose load changes.",
                           "python benchmarks/projection.py --models /tmp/p --threads 2 --paired 5"),
+    "published": ("benchmarks/published.py", "edgepack's device projections (`edgepack estimate`) against decode and prefill "
+                  "speeds that vendors and projects published for devices of the database: the efficiencies fitted to the "
+                  "`fit` rows, the error reported on the `held-out` rows.", "python benchmarks/published.py"),
     "coreml": ("benchmarks/coreml.py", "Core ML packages: size, parity with fp32 PyTorch (MIL reference interpreter) and the ANE "
                "report's verdict for each compression variant.",
                "python benchmarks/coreml.py EXPORT --compute-units cpu_and_ne --max-context 512 --positions 320 "

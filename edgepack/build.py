@@ -860,6 +860,20 @@ def _profile_stage(build: _Build) -> None:
             path, _ = build.run_stage(PROFILE, name, payload,
                                       lambda o, m=model_path: (o.mkdir(), profile_in_fresh_process(m, o / "profile.json", pconfig)))
             build.profiles[name] = json.loads((path / "profile.json").read_text())
+    _project_artifacts(build, devices, pconfig)
+
+
+def _project_artifacts(build: _Build, devices: tuple, pconfig) -> None:
+    """Core ML and QNN bundles, which nothing here runs at device speed, projected onto the recipe's devices
+    whose compute unit runs them (Apple devices' Neural Engine or GPU, Snapdragons' HTP). Arithmetic only: no stage."""
+    from edgepack.profiles.artifacts import PROJECTED_TARGETS, project_artifact
+    from edgepack.profiles.devices import get_device, load_devices
+
+    known = load_devices([])
+    chosen = [get_device(d, known) for d in devices]
+    for (target, scheme), path in build.targets.items():
+        if target in PROJECTED_TARGETS:
+            build.profiles[profile_name(scheme, target)] = project_artifact(path, chosen, pconfig.prompt_lens, pconfig.gen_len)
 
 
 def _check_stage(build: _Build) -> None:
@@ -870,7 +884,9 @@ def _check_stage(build: _Build) -> None:
     result = build.result
     budgets = parse_budgets(build.recipe.budgets, where="recipe key budgets")
     for scheme, profile in build.profiles.items():
-        build.verdicts[scheme] = evaluate(profile, budgets)
+        # a projected-only artifact (coreml, qnn) answers to the budgets of the devices it runs on
+        applicable = budgets if profile.get("host") else [b for b in budgets if b.device in (profile.get("projections") or {})]
+        build.verdicts[scheme] = evaluate(profile, applicable)
         result.gates.extend(build_gates(scheme, build.verdicts[scheme]))
 
 

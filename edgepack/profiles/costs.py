@@ -14,7 +14,7 @@ How each target stores a decoder (bits per weight count block scales, zero point
 | | int4 (default) | 4-bit + fp16 scale + fp32 block minimum per 32: 5.5 bits | int8 + fp16 scale per 32 (lm_head too; a tied table once) | fp32, grows |
 | | int8-dynamic / int8-static | 8 bits per channel | fp32 / 8 bits | fp32, grows |
 | | gguf | the GGUF's own blocks, tensor by tensor | the GGUF's | fp32, grows |
-| coreml fixed program (ANE) | fp16 / int8 / int4-block / palettize4 | 16 / 8 / 4.5 / 4 bits | as the matrices, or int8 | fp16 state of max_context slots (head_dim padded to 32), all read every call |
+| coreml fixed program (ANE) | fp16 / int8 / int4-block / palettize4 | 16 / 8 / 5 / 4 bits | as the matrices, or int8 | fp16 state of max_context slots (head_dim padded to 32), all read every call |
 | coreml flexible program (GPU, CPU) | as above | | | fp16, grows with the position |
 | qnn (HTP) | w8a16 / w4a16 / w8a8 / fp16 | 8 / 4 / 8 / 16 bits per channel | 8 bits per tensor (fp16: 16) | 16-bit (a8: 8-bit) cache of max_context slots, all read every call |
 
@@ -139,7 +139,7 @@ def _coreml_layout(scheme: str, unit: str, embedding: str | None, prefill_chunk:
     weights = {
         "fp16": FP16,
         "int8": Storage("int8", 8.0, "int8 per channel"),
-        "int4-block": Storage("int4", 4 + 16 / 32, "uint4 blocks of 32, fp16 scale"),
+        "int4-block": Storage("int4", 4 + 32 / 32, "uint4 blocks of 32, fp16 scale and offset"),
         "palettize4": Storage("int4", 4.0, "4-bit palette indices"),
     }[scheme]
     emb = {"int8": Storage("int8", 8.0, "int8 per row"), None: weights, "same": weights}.get(embedding, weights)

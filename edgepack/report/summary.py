@@ -42,13 +42,26 @@ def _figures(profile: dict, device: str) -> dict:
     return figures
 
 
-def _own_compression_row(target: str, scheme: str, data: dict) -> dict:
-    """Summary row of a target that converts the fp32 weights with its own compression (coreml, qnn).
+def _own_compression_rows(target: str, scheme: str, data: dict, figures: dict, verdicts: list) -> list[dict]:
+    """Summary rows of a target that converts the fp32 weights with its own compression (coreml, qnn).
 
-    Quality is the target's own parity check against fp32 (MIL reference, HTP simulator); nothing runs
-    it here at device speed, so the latency and energy columns are empty (figure_kind "missing") and
-    the verdict is that of the target's checks, not of device budgets.
+    Quality is the target's own parity check against fp32 (MIL reference, HTP simulator). Nothing runs
+    it here at device speed: its figures are projected onto each recipe device whose compute unit runs
+    it (`figures`, from edgepack/profiles/artifacts.py) and checked against that device's budgets; with
+    no such device, one row with empty figures (figure_kind "missing") and the target's own verdict.
     """
+    base = _own_compression_row(target, scheme, data)
+    rows = []
+    for device, device_figures in figures.items():
+        device_verdicts = [v for v in verdicts if v.device == device]
+        passed = bool(data.get("passed")) and all(v.passed for v in device_verdicts)
+        rows.append({**base, "device": device, **{k: (device_figures.get(k) or {}).get("value") for k in FIGURE_KEYS},
+                     "figure_kind": (device_figures.get("decode_ms_per_token") or {}).get("kind"), "budgets": len(device_verdicts),
+                     "verdict": "pass" if passed else "fail"})
+    return rows or [base]
+
+
+def _own_compression_row(target: str, scheme: str, data: dict) -> dict:
     facts = data.get("facts") or {}
     compression = facts.get("compression")
     precision = facts.get("precision") or (compression.get("name") if isinstance(compression, dict) else None) \
@@ -79,14 +92,17 @@ def build_report(recipe, sources, quality_reports, targets, profiles, verdicts, 
         ane = _neural_engine(data)
         target_rows.append({"target": target, "scheme": scheme, "total_bytes": data["total_bytes"], "passed": data["passed"],
                             "path": f"targets/{target}/{scheme}", **({"ane": ane} if ane else {})})
-        if scheme == "fp32" and len(sources) > 1:
-            own_rows.append(_own_compression_row(target, scheme, data))
     from edgepack.build import profile_name
 
     figures, rows = {}, []
-    for name, profile in profiles.items():  # keyed by build.profile_name: one profile per bundle measured
-        devices = ["host"] + list(profile.get("projections") or {})
+    for name, profile in profiles.items():  # keyed by build.profile_name: one profile per bundle measured or projected
+        devices = (["host"] if profile.get("host") else []) + list(profile.get("projections") or {})
         figures[name] = {device: _figures(profile, device) for device in devices}
+    for (target, scheme), path in targets.items():
+        if scheme == "fp32" and len(sources) > 1:
+            data = json.loads((path / "target.json").read_text())
+            name = profile_name(scheme, target)
+            own_rows.extend(_own_compression_rows(target, scheme, data, figures.get(name) or {}, verdicts.get(name, [])))
     for scheme in sources:
         if scheme == "fp32" and len(sources) > 1:
             continue  # the fp32 export is the quality reference here, not a deliverable
