@@ -270,14 +270,15 @@ def test_two_cold_builds_give_the_same_bytes_except_what_the_manifest_names(cold
     path = tmp_path / "edgepack.toml"
     path.write_text(RECIPE.format(source=tiny_model_factory("llama"), decode_budget=1000)
                     + '\n[targets.coreml]\nmax_context = 32\ncompute_units = "cpu_and_ne"\nprefill_chunk = 8\n'
-                    + '\n[targets.qnn]\nsoc_model = 57\nhtp_arch = 75\nmax_context = 32\nprefill_len = 8\n')
+                    + '\n[targets.qnn]\nsoc_model = 57\nhtp_arch = 75\nmax_context = 32\nprefill_len = 8\n'
+                    + '\n[budgets.iphone-15-pro]\nmax_decode_ms_per_token = 1000\n\n[budgets.galaxy-s24]\nmax_decode_ms_per_token = 0.001\n')
     # The first build's RECIPE stages are `cold_build`'s, each made on a cold cache (this build adds its coreml and
     # qnn entries to that cache, which no other test reads); the second build makes every stage from nothing.
     manifests = []
     for run, cache in ((1, cold_build.cache), (2, tmp_path / "cache2")):
         monkeypatch.setenv("EDGEPACK_CACHE", str(cache))
         result = cli("build", path, "-o", tmp_path / f"bundle{run}", "--jobs", "2")
-        assert result.exit_code == 0, result.stderr
+        assert result.exit_code == 1, result.stderr  # the galaxy-s24 budget is broken on purpose (below)
         manifests.append(read_json(tmp_path / f"bundle{run}" / "manifest.json"))
     # The Neural Engine package's report verdict is in its summary row, the table and report.html.
     report = read_json(tmp_path / "bundle2" / "report.json")
@@ -285,6 +286,18 @@ def test_two_cold_builds_give_the_same_bytes_except_what_the_manifest_names(cold
     coreml = next(row for row in report["summary"] if row["target"] == "coreml")
     assert coreml["ane"] == "ready" and all(row.get("ane") is None for row in report["summary"] if row["target"] != "coreml")
     assert "coreml (ANE ready)" in result.stdout and "coreml (ANE ready)" in (tmp_path / "bundle2" / "report.html").read_text()
+    # Core ML and QNN are projected onto the devices whose unit runs them, and checked against their budgets.
+    own = {(row["target"], row["device"]): row for row in report["summary"] if row["target"] in ("coreml", "qnn")}
+    assert set(own) == {("coreml", "iphone-15-pro"), ("qnn", "galaxy-s24")}
+    for row in own.values():
+        assert row["figure_kind"] == "projected" and row["decode_ms_per_token"] > 0 and row["energy_mj_per_token"] > 0
+        assert row["ttft_ms"] > 0 and row["peak_memory_mb"] > 0 and row["budgets"] == 1
+    assert own[("coreml", "iphone-15-pro")]["verdict"] == "pass" and own[("qnn", "galaxy-s24")]["verdict"] == "fail"
+    profiles = {p.name: read_json(p) for p in (tmp_path / "bundle2" / "profiles").glob("*.json")}
+    assert profiles["fp32.coreml.json"]["projections"]["iphone-15-pro"]["unit"] == "ane"
+    assert profiles["fp32.qnn.json"]["projections"]["galaxy-s24"]["unit"] == "htp"
+    assert "pixel-8" in profiles["fp32.coreml.json"]["not_projected"]
+    assert any("fp32.qnn" in line and "galaxy-s24.max_decode_ms_per_token" in line for line in report["failures"])
     first, second = manifests
     declared = {entry["path"]: entry["reason"] for entry in first["not_reproducible"]}
     assert declared == {entry["path"]: entry["reason"] for entry in second["not_reproducible"]}

@@ -17,6 +17,8 @@ from edgepack.core.gates import GateResult, evaluate_gate
 from edgepack.errors import BadInputError, UsageError
 
 HOST = "host"
+PROFILE_KIND, ESTIMATE_KIND = "edgepack.profile", "edgepack.estimate"
+QUALITY_KEYS = ("max_kl", "min_top1")
 # key -> (direction, figure, unit, description). "max": value <= limit passes; "min": value >= limit passes.
 BUDGET_KEYS: dict[str, tuple[str, str, str]] = {
     "max_ttft_ms": ("max", "ms", "time to first token at the longest profiled prompt"),
@@ -158,8 +160,8 @@ def load_profile(path: Path | str) -> dict:
         report = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BadInputError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(report, dict) or report.get("kind") != "edgepack.profile":
-        raise BadInputError(f"{path} is not an edgepack profile (kind != edgepack.profile)")
+    if not isinstance(report, dict) or report.get("kind") not in (PROFILE_KIND, ESTIMATE_KIND):
+        raise BadInputError(f"{path} is not an edgepack profile or estimate (kind is neither {PROFILE_KIND} nor {ESTIMATE_KIND})")
     problem = _profile_shape_problem(report)
     if problem:
         raise BadInputError(f"{path} is not a valid edgepack profile: {problem} (schema: docs/profile-json.md)")
@@ -256,7 +258,7 @@ def figure_for(profile: dict, device: str, key: str) -> tuple[float | None, str,
         section = (profile.get("projections") or {}).get(device)
         if section is None:
             return None, "missing", f"device {device} is not in the profile; profile with --device {device}"
-        kind = "projected"
+        kind = section.get("kind") or "projected"
     entries = section.get("by_prompt_len") or []
     conds = _conditions(profile, device)
 
@@ -264,6 +266,8 @@ def figure_for(profile: dict, device: str, key: str) -> tuple[float | None, str,
         size = host.get("model_size_mb")
         if size is None:
             size = (profile.get("model", {}).get("facts", {}).get("file_bytes") or 0) / 1e6 or None
+        if profile.get("kind") == ESTIMATE_KIND:
+            return size, "estimated", "weights as the target stores them (no files: an estimate)"
         return size, "measured", "model files on disk"
     if key in ("max_kl", "min_top1"):
         quality = profile.get("quality") or {}
@@ -333,6 +337,23 @@ def evaluate(profile: dict, budgets: list[Budget]) -> list[Verdict]:
     return [verdict(budget, *figure_for(profile, budget.device, budget.key)) for budget in budgets]
 
 
+def split_budgets(profile: dict, budgets: list[Budget]) -> tuple[list[Budget], list[dict]]:
+    """(budgets to check, skipped ones with why). An estimate has no host measurement and no quality figures:
+    those budgets are skipped and listed, so one budgets file serves the estimate and the build."""
+    if profile.get("kind") != ESTIMATE_KIND:
+        return budgets, []
+    checked, skipped = [], []
+    for budget in budgets:
+        if budget.device == HOST:
+            skipped.append({"device": budget.device, "budget": budget.key, "reason": "an estimate measures nothing on this host"})
+        elif budget.key in QUALITY_KEYS:
+            skipped.append({"device": budget.device, "budget": budget.key,
+                            "reason": "an estimate has no quality figures: `edgepack quantize` or the build measures them"})
+        else:
+            checked.append(budget)
+    return checked, skipped
+
+
 def check_profile(profile_path: Path | str, budgets_path: Path | str, config: CheckConfig = CheckConfig()) -> CheckResult:
     """Evaluate every budget; write JSON verdicts and JUnit XML when asked. Raising on failure is the CLI's job."""
     from edgepack.outputs import check_output_file, write_output_file
@@ -342,6 +363,7 @@ def check_profile(profile_path: Path | str, budgets_path: Path | str, config: Ch
             check_output_file(path)
     budgets = load_budgets(budgets_path)  # usage errors first: they do not depend on the profile
     profile = load_profile(profile_path)
+    budgets, skipped = split_budgets(profile, budgets)
     verdicts = evaluate(profile, budgets)
     failures = [v for v in verdicts if not v.passed]
     report = {
@@ -353,6 +375,7 @@ def check_profile(profile_path: Path | str, budgets_path: Path | str, config: Ch
         "passed": not failures,
         "counts": {"total": len(verdicts), "passed": len(verdicts) - len(failures), "failed": len(failures)},
         "verdicts": [v.to_json() for v in verdicts],
+        "skipped": skipped,
     }
     from edgepack.report.junit import junit_xml
 

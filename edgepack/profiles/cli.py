@@ -302,6 +302,8 @@ def check(profile_path, budgets_path, junit, out):
             "-" if v.margin is None else f"{100 * v.margin:+.1f}%", "PASS" if v.passed else "FAIL", v.detail,
         )
     stdout_console().print(table)
+    for skipped in result.report.get("skipped", []):
+        stdout_console().print(f"skipped {skipped['device']}.{skipped['budget']}: {skipped['reason']}")
     if result.failures:
         raise GateFailedError(
             f"{len(result.failures)} of {len(result.verdicts)} budgets failed: " + "; ".join(v.message for v in result.failures[:5])

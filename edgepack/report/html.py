@@ -104,13 +104,15 @@ def _context_curves(report: dict, folder: Path) -> list:
         profile = json.loads(path.read_text())
         raw = profile["model"]["facts"]
         facts = ModelFacts(onnx_path=profile["model"]["dir"], **{k: v for k, v in raw.items() if k in ModelFacts.__dataclass_fields__ and k != "onnx_path"})
-        limit = facts.max_context or 2048
+        limit = facts.kv_slots or facts.max_context or 2048  # a static program holds kv_slots positions
         positions = [p for p in (64, 128, 256, 512, 1024, 2048, 4096, 8192) if p <= limit]
-        for device_id in list(profile.get("projections") or {})[:4]:
+        for device_id, projection in list((profile.get("projections") or {}).items())[:4]:
             if device_id not in devices:
                 continue
-            model = DeviceModel.from_device(devices[device_id])
-            curves.append((f"{scheme} @ {device_id}", positions, [project_decode(facts, model, p)["ms"] for p in positions]))
+            unit = projection.get("unit") or "cpu"  # coreml and qnn bundles: the unit that runs them
+            model = DeviceModel.for_unit(devices[device_id], unit)
+            label = f"{scheme} @ {device_id}" + (f" ({unit})" if unit != "cpu" else "")
+            curves.append((label, positions, [project_decode(facts, model, p)["ms"] for p in positions]))
     return curves
 
 
