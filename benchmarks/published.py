@@ -18,7 +18,6 @@ median projected/published ratio of its measurements is 1.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import statistics
 import sys

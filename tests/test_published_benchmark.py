@@ -3,26 +3,12 @@ and the projection meets its error target on the measurements it was not fitted 
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 from edgepack.profiles.devices import load_devices
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.benchmark_scripts import load_benchmark
 
 
 def _published():
-    path = REPO / "benchmarks" / "published.py"
-    sys.path.insert(0, str(path.parent))  # it imports its sibling _results
-    try:
-        spec = importlib.util.spec_from_file_location("published_benchmark", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(path.parent))
-    return module
+    return load_benchmark("published")
 
 
 def test_every_measurement_is_sourced_and_costable():

@@ -2,24 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.benchmark_scripts import load_benchmark
 
 
 def _scale():
-    path = REPO / "benchmarks" / "scale.py"
-    sys.path.insert(0, str(path.parent))  # it imports its sibling _results
-    try:
-        spec = importlib.util.spec_from_file_location("scale_benchmark", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # its dataclasses look their module up there
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(path.parent))
-    return module
+    return load_benchmark("scale")
 
 
 def test_a_stage_that_timed_out_or_failed_is_not_ok():

@@ -371,5 +371,5 @@ def _print_estimate(report: dict, out) -> None:
                       "yes" if fit["fits"] else "NO" if fit["fits"] is False else "-")
     console = stdout_console()
     console.print(table)
-    console.print(f"kind: estimated (no build, no measurement); figures and their sources: `edgepack devices show ID`, docs/devices.md"
+    console.print("kind: estimated (no build, no measurement); figures and their sources: `edgepack devices show ID`, docs/devices.md"
                   + (f"; written to {out}" if out else ""))

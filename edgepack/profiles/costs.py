@@ -7,16 +7,16 @@ programs are not ONNX graphs) onto the compute units that run them.
 
 How each target stores a decoder (bits per weight count block scales, zero points and offsets):
 
-| target | scheme | matrices | embedding | KV cache |
-|---|---|---|---|---|
-| ort, ort-mobile (CPU) | fp32 / fp16 | 32 / 16 bits | same | fp32, grows with the position |
-| | int8-weight | 8-bit codes in two 4-bit planes + fp16 scale each per 32: 9 bits | int8 + fp16 scale per 32 (lm_head too) | fp32, grows |
-| | int4 (default) | 4-bit + fp16 scale + fp32 block minimum per 32: 5.5 bits | int8 + fp16 scale per 32 (lm_head too; a tied table once) | fp32, grows |
-| | int8-dynamic / int8-static | 8 bits per channel | fp32 / 8 bits | fp32, grows |
-| | gguf | the GGUF's own blocks, tensor by tensor | the GGUF's | fp32, grows |
-| coreml fixed program (ANE) | fp16 / int8 / int4-block / palettize4 | 16 / 8 / 5 / 4 bits | as the matrices, or int8 | fp16 state of max_context slots (head_dim padded to 32), all read every call |
-| coreml flexible program (GPU, CPU) | as above | | | fp16, grows with the position |
-| qnn (HTP) | w8a16 / w4a16 / w8a8 / fp16 | 8 / 4 / 8 / 16 bits per channel | 8 bits per tensor (fp16: 16) | 16-bit (a8: 8-bit) cache of max_context slots, all read every call |
+* ort, ort-mobile (CPU; the cache is fp32 and grows with the position):
+  fp32 / fp16: 32 / 16 bits; int8-weight: 8-bit codes in two 4-bit planes with an fp16 scale each per 32
+  (9 bits), embedding and lm_head int8 with an fp16 scale per 32; int4 (default): 4-bit with an fp16 scale
+  and an fp32 block minimum per 32 (5.5 bits), embedding and lm_head as int8-weight's (a tied table once);
+  int8-dynamic / int8-static: 8 bits per channel; gguf: the GGUF's own tensors, byte for byte.
+* coreml, fixed program (Neural Engine): fp16 / int8 / int4-block / palettize4 at 16 / 8 / 5 / 4 bits, the
+  embedding as the matrices or int8; an fp16 state of max_context slots (head_dim padded to 32) that every
+  call reads whole. The flexible program (GPU, CPU) stores the same weights; its cache grows with the position.
+* qnn (Hexagon NPU): w8a16 / w4a16 / w8a8 / fp16 at 8 / 4 / 8 / 16 bits per channel, embedding 8 bits per
+  tensor (fp16: 16); a 16-bit (a8: 8-bit) cache of max_context slots that every call reads whole.
 
 The ort rows are those `edgepack quantize` writes (the test compares them with real quantized graphs);
 the nodes onnxruntime runs per call, which the CPU projection charges a dispatch cost for, follow the
