@@ -80,6 +80,9 @@ def list_devices(devices_dirs, as_json):
             extra.append(f"QNN soc {device.value('qnn', 'soc_model')}/htp v{device.value('qnn', 'htp_arch')}")
         if device.coreml:
             extra.append(f"Core ML {device.coreml.get('compute_units')}")
+        units = [unit for unit in ("ane", "gpu", "htp") if device.tables.get(unit)]
+        if units:
+            extra.append("units: cpu, " + ", ".join(units))
         table.add_row(device.id, device.name, device.device_class, cell(device, "memory", "ram_mb"),
                       cell(device, "memory", "app_memory_limit_mb"), cell(device, "memory", "bandwidth_gb_s"),
                       cell(device, "power", "sustained_w"), cell(device, "compute", "npu_int8_tops"), "; ".join(extra))
