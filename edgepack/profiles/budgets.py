@@ -221,8 +221,13 @@ def _profile_shape_problem(report: dict) -> str | None:
             return f"`{where}` must map names to numbers"
         return None
 
+    measured = obj(by_prompt_len=entries, conditions=obj(host=any_obj), model_size_mb=figure, peak_rss_mb=figure)
+    for name, entry in (report.get("measured_on") or {}).items() if isinstance(report.get("measured_on"), dict) else ():
+        problem = measured(f"measured_on.{name}", entry)
+        if problem or not isinstance(entry, dict):
+            return problem or f"`measured_on.{name}` must be an object"
     problem = section("profile", report, {
-        "host": obj(by_prompt_len=entries, conditions=obj(host=any_obj), model_size_mb=figure, peak_rss_mb=figure),
+        "host": measured,
         "quality": obj(kl_mean=figure, top1_agreement=figure),
         "model": obj(facts=obj(file_bytes=figure)),
     })
@@ -252,8 +257,16 @@ def _worst(entries: list[dict], pick, worst=max):
 def figure_for(profile: dict, device: str, key: str) -> tuple[float | None, str, str]:
     """(value, kind, conditions) of one budgeted figure for `device` in the profile."""
     host = profile.get("host") or {}
+    measured_on = profile.get("measured_on") or {}
     if device == HOST:
         section, kind = host, "measured"
+    elif device in measured_on:  # measured on the device itself (`--on`): the measurement decides, not the projection
+        section, kind = measured_on[device], "measured"
+        if key in QUALITY_KEYS:
+            found = (section.get("parity") or {}).get("device") or {}
+            value = found.get("kl_mean" if key == "max_kl" else "top1_agreement")
+            return (None if value is None else float(value)), "measured", \
+                f"the logits {device} computed, against {(section.get('parity') or {}).get('reference')}"
     else:
         section = (profile.get("projections") or {}).get(device)
         if section is None:
@@ -275,12 +288,13 @@ def figure_for(profile: dict, device: str, key: str) -> tuple[float | None, str,
         if value is None:
             return None, "missing", "no quality figures: profile a folder written by `edgepack quantize` (without --no-eval)"
         return float(value), quality.get("kind", "measured"), f"from {quality.get('source', 'quantize.json')}"
+    p50 = ", p50" if kind == "measured" else ""
     if key == "max_ttft_ms":
         found = _worst(entries, lambda e: _scalar(e.get("ttft_ms")))
-        return _with(found, kind, lambda e: f"{conds}, prompt {e['prompt_len']} tokens" + (", p50" if device == HOST else ""))
+        return _with(found, kind, lambda e: f"{conds}, prompt {e['prompt_len']} tokens{p50}")
     if key == "max_decode_ms_per_token":
         found = _worst(entries, lambda e: _scalar(e.get("decode_ms_per_token")))
-        return _with(found, kind, lambda e: f"{conds}, prompt {e['prompt_len']} + {e['gen_len']} generated" + (", p50" if device == HOST else ""))
+        return _with(found, kind, lambda e: f"{conds}, prompt {e['prompt_len']} + {e['gen_len']} generated{p50}")
     if key == "min_tokens_per_s":
         found = _worst(entries, lambda e: e.get("tokens_per_s"), worst=min)
         return _with(found, kind, lambda e: f"{conds}, prompt {e['prompt_len']} + {e['gen_len']} generated")
@@ -291,8 +305,8 @@ def figure_for(profile: dict, device: str, key: str) -> tuple[float | None, str,
         energy = found[1]["energy"]
         return found[0], energy.get("kind", kind), f"decode, prompt {found[1]['prompt_len']}; {energy.get('basis', '')}"
     if key == "max_peak_memory_mb":
-        if device == HOST:
-            return host.get("peak_rss_mb"), "measured", f"{conds}, process peak RSS"
+        if kind == "measured":
+            return section.get("peak_rss_mb"), "measured", f"{conds}, process peak RSS"
         fit = section.get("memory_fit") or {}
         return fit.get("total_mb"), kind, f"weights + KV at {fit.get('context')} tokens + {fit.get('overhead_mb')} MB runtime overhead"
     raise UsageError(f"unknown budget key {key}")  # parse_budgets already refused it
@@ -311,10 +325,13 @@ def _with(found, kind, describe):
 
 
 def _conditions(profile: dict, device: str) -> str:
-    if device == HOST:
-        c = (profile.get("host") or {}).get("conditions") or {}
-        cpu = (c.get("host") or {}).get("cpu", "this host")
-        return f"{cpu}, {c.get('runtime', 'onnxruntime')}, threads {c.get('threads') or 'default'}, {c.get('runs')} runs"
+    measured_on = profile.get("measured_on") or {}
+    if device == HOST or device in measured_on:
+        section = (profile.get("host") or {}) if device == HOST else measured_on[device]
+        c = section.get("conditions") or {}
+        cpu = (c.get("host") or {}).get("cpu", "this host") if device == HOST else (section.get("device") or {}).get("cpu", device)
+        where = "" if device == HOST else f"on {device} ({(section.get('device') or {}).get('url')}), "
+        return f"{where}{cpu}, {c.get('runtime', 'onnxruntime')}, threads {c.get('threads') or 'default'}, {c.get('runs')} runs"
     p = (profile.get("projections") or {}).get(device) or {}
     eff = ", ".join(f"{k} {v:g}" for k, v in (p.get("efficiency") or {}).items())
     return f"{p.get('device', {}).get('id', device)} at {p.get('bandwidth_gb_s')} GB/s; efficiency {eff}"
@@ -326,7 +343,7 @@ def evaluate(profile: dict, budgets: list[Budget]) -> list[Verdict]:
     Such a budget is a typo or a profile made for other devices: a failed verdict would report a
     budget broken by the model when the gate was never measured, and skipping it would let the typo pass.
     """
-    profiled = [HOST] + list(profile.get("projections") or {})
+    profiled = [HOST] + list(profile.get("measured_on") or {}) + list(profile.get("projections") or {})
     unknown = list(dict.fromkeys(b.device for b in budgets if b.device not in profiled))
     if unknown:
         raise UsageError(

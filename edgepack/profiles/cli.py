@@ -128,7 +128,10 @@ def show_device(device_id, devices_dirs, as_json):
 @click.option("--repeats", type=click.IntRange(min=1), default=7, show_default=True, help="Timed repeats per figure (the median is kept).")
 @click.option("--quick", is_flag=True, help="Small sizes and few repeats: seconds, for smoke tests; figures are rough.")
 @click.option("--force", is_flag=True, help="Replace an existing output file.")
-def calibrate(out, threads, device_id, sizes_mb, repeats, quick, force):
+@click.option("--on", "on", default=None, metavar="URL", help="Calibrate this device instead of this host: ssh://[user@]host[:port] "
+              "(after `edgepack devices prepare URL`). The file is written here; its figures are the device's.")
+@click.option("--device-timeout", type=FiniteFloatRange(min=1), default=1800.0, show_default=True, help="Seconds the device may take.")
+def calibrate(out, threads, device_id, sizes_mb, repeats, quick, force, on, device_timeout):
     """Measure this host and write a device profile usable with --devices-dir.
 
     Memory bandwidth (STREAM-like triad), effective GEMV bandwidth per
@@ -138,6 +141,7 @@ def calibrate(out, threads, device_id, sizes_mb, repeats, quick, force):
     \b
     Example:
       edgepack devices calibrate -o host.toml --threads 2
+      edgepack devices calibrate -o pi5.toml --id pi5 --threads 4 --on ssh://pi@pi5.local
     """
     from edgepack.profiles.calibrate import CalibrateConfig, calibrate_host
 
@@ -146,6 +150,15 @@ def calibrate(out, threads, device_id, sizes_mb, repeats, quick, force):
     if quick:
         config = CalibrateConfig(threads=threads, sizes_mb=(2.0, 8.0), triad_mb=16, repeats=2, gemm_rows=32,
                                  dispatch_nodes=200, device_id=device_id, force=force)
+    if on is not None:
+        from edgepack.profiles.on_device import calibrate_on_device
+
+        with Status(f"calibrating {on}") as status:
+            done = calibrate_on_device(on, out, config, timeout=device_timeout, on_status=status)
+        identity = done["identity"]
+        stdout_console().print(f"edgepack devices calibrate --on {on} -> {out} ({done['seconds']:.0f} s, measured on {identity['hostname']}: "
+                               f"{identity['cpu']}, {identity['cores']} cores, {identity['ram_mb']} MB)")
+        return
     with Status("calibrating this host") as status:
         result = calibrate_host(out, config, on_status=status)
     from rich.table import Table
@@ -164,6 +177,30 @@ def calibrate(out, threads, device_id, sizes_mb, repeats, quick, force):
     table.add_row("power", "measured (RAPL)" if f.get("power") else "estimated (no meter)", "")
     table.add_row("load average", f"{f.get('loadavg_before')} -> {f.get('loadavg_after')}", "a busy host lowers every figure")
     stdout_console().print(table)
+
+
+@devices.command("prepare")
+@click.argument("url", metavar="URL")
+@click.option("--device-timeout", type=FiniteFloatRange(min=1), default=1800.0, show_default=True, help="Seconds the installation may take.")
+def prepare(url, device_timeout):
+    """Install what measuring needs on a device, once: a private venv there.
+
+    URL is ssh://[user@]host[:port]. Creates ~/.cache/edgepack-device/venv-*
+    on the device with its python3 and installs numpy, onnxruntime and onnx
+    at the versions this host runs (the bundles are built with them) from
+    PyPI. `profile --on` and `devices calibrate --on` then use it.
+
+    \b
+    Example:
+      edgepack devices prepare ssh://pi@pi5.local
+      edgepack profile build/smollm2-ort -o pi.json --on ssh://pi@pi5.local
+    """
+    from edgepack.profiles.on_device import prepare_device
+
+    with Status(f"preparing {url}") as status:
+        done = prepare_device(url, timeout=device_timeout, on_status=status)
+    pins = ", ".join(f"{k} {v}" for k, v in done["pins"].items())
+    stdout_console().print(f"{url}: {'installed' if done['installed'] else 'already prepared'} {done['venv']} ({pins})")
 
 
 def _parse_ints(text: str, option: str) -> tuple[int, ...]:
@@ -199,7 +236,11 @@ def _parse_floats(text: str, option: str) -> tuple[float, ...]:
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads (default: onnxruntime's choice).")
 @click.option("--cooldown", "cooldown", type=FiniteFloatRange(min=0), default=0.0, show_default=True, help="Seconds of sleep between runs (thermals, shared hosts).")
 @click.option("--context", type=click.IntRange(min=1), default=None, help="Context (tokens) for the memory-fit projection (default: the model's maximum).")
-def profile(directory, out, device_ids, devices_dirs, prompt_len, gen_len, runs, warmup, threads, cooldown, context):
+@click.option("--on", "on", multiple=True, metavar="[NAME=]URL", help="Measure on this device instead of here: ssh://[user@]host[:port] "
+              "or adb:SERIAL (repeatable). NAME (default: the host or serial) is what budgets call it.")
+@click.option("--device-timeout", type=FiniteFloatRange(min=1), default=600.0, show_default=True,
+              help="Seconds a device may take for one step (copy, measurement) before it is given up (exit 4).")
+def profile(directory, out, device_ids, devices_dirs, prompt_len, gen_len, runs, warmup, threads, cooldown, context, on, device_timeout):
     """Measure latency, memory and energy here; project them onto devices.
 
     DIR is any folder `edgepack run` takes (a convert or quantize output).
@@ -213,9 +254,11 @@ def profile(directory, out, device_ids, devices_dirs, prompt_len, gen_len, runs,
     Example:
       edgepack profile build/smollm2-int4 -o profile.json --device pixel-8 --device iphone-15-pro
       edgepack profile build/smollm2 -o p.json --prompt-len 128 --gen-len 32 --runs 3 --threads 2
+      edgepack profile build/smollm2-ort -o pi.json --on pi5=ssh://pi@pi5.local --threads 4
       edgepack check p.json --budgets budgets.toml
     """
     from edgepack.profiles.devices import load_devices
+    from edgepack.runners import parse_on
     from edgepack.profiles.measure import DEFAULT_DEVICES, ProfileConfig, profile_model
 
     ids = tuple(device_ids) or DEFAULT_DEVICES
@@ -224,6 +267,7 @@ def profile(directory, out, device_ids, devices_dirs, prompt_len, gen_len, runs,
     config = ProfileConfig(
         devices=ids, prompt_lens=_parse_ints(prompt_len, "--prompt-len"), gen_len=gen_len, runs=runs, warmup=warmup,
         threads=threads, cooldown_s=cooldown, devices_dirs=tuple(devices_dirs), context=context,
+        on=tuple(parse_on(value) for value in on), device_timeout_s=device_timeout,
     )
     with Status(f"profiling {directory}") as status:
         result = profile_model(directory, out, config, on_status=status)
@@ -234,22 +278,23 @@ def _print_profile(report: dict, out) -> None:
     from rich.table import Table
 
     host = report["host"]
-    c = host["conditions"]
     console = stdout_console()
     title = (f"edgepack profile -> {out}: {report['model']['scheme']}, {report['model']['facts']['weight_bytes_per_token'] / 1e6:.1f} MB "
              f"read per token + {report['model']['facts']['kv_bytes_per_position'] / 1e3:.1f} KB KV per position")
     table = Table(title=title, title_justify="left")
     for column in ("where", "kind", "prompt", "TTFT ms", "prefill tok/s", "decode ms/token", "tokens/s", "memory MB", "energy mJ/token (prefill / decode)"):
         table.add_column(column)
-    for entry in host["by_prompt_len"]:
-        d = entry["decode_ms_per_token"]
-        e = entry["energy"]
-        table.add_row(
-            "this host", "measured", f"{entry['prompt_len']}+{entry['gen_len']}",
-            f"{entry['ttft_ms']['p50']:.1f} (p95 {entry['ttft_ms']['p95']:.1f})", f"{entry['prefill_tokens_per_s']:.0f}",
-            f"{d['p50']:.2f} (p95 {d['p95']:.2f})", f"{entry['tokens_per_s']:.1f}", f"{host['peak_rss_mb']:.0f} peak RSS",
-            f"{_fmt(e['prefill_mj_per_token'])} / {_fmt(e['decode_mj_per_token'])} ({e['kind']})",
-        )
+    measured = ([("this host", host)] if host else []) + list((report.get("measured_on") or {}).items())
+    for where, section in measured:
+        for entry in section["by_prompt_len"]:
+            d = entry["decode_ms_per_token"]
+            e = entry["energy"]
+            table.add_row(
+                where, "measured", f"{entry['prompt_len']}+{entry['gen_len']}",
+                f"{entry['ttft_ms']['p50']:.1f} (p95 {entry['ttft_ms']['p95']:.1f})", f"{entry['prefill_tokens_per_s']:.0f}",
+                f"{d['p50']:.2f} (p95 {d['p95']:.2f})", f"{entry['tokens_per_s']:.1f}", f"{section['peak_rss_mb']:.0f} peak RSS",
+                f"{_fmt(e['prefill_mj_per_token'])} / {_fmt(e['decode_mj_per_token'])} ({e['kind']})",
+            )
     for device_id, p in report["projections"].items():
         fit = p["memory_fit"]
         for entry in p["by_prompt_len"]:
@@ -261,16 +306,25 @@ def _print_profile(report: dict, out) -> None:
                 f"{_fmt(e['prefill_mj_per_token'])} / {_fmt(e['decode_mj_per_token'])} (projected)",
             )
     console.print(table)
-    console.print(
-        f"measured: {c['host']['cpu']}, {c['runtime']} {c['provider']}, threads {c['threads'] or 'default'}, "
-        f"{c['runs']} runs + {c['warmup']} warmup, load {host['load_seconds']:.2f} s, load average {c['loadavg_before']} -> {c['loadavg_after']}"
-    )
+    for where, section in measured:
+        c = section["conditions"]
+        cpu = c["host"]["cpu"] if where == "this host" else section["device"]["cpu"]
+        console.print(
+            f"measured on {where}: {cpu}, {c['runtime']} {c['provider']}, threads {c['threads'] or 'default'}, "
+            f"{c['runs']} runs + {c['warmup']} warmup, load {section['load_seconds']:.2f} s, load average {c['loadavg_before']} -> {c['loadavg_after']}"
+        )
+        if section.get("parity"):
+            p = section["parity"]
+            console.print(f"  answers on {where}: top-1 {p['device']['top1_agreement']:.3f}, KL {p['device']['kl_mean']:.2e} against "
+                          f"{p['reference']} (here: top-1 {p['here']['top1_agreement']:.3f}); bundle "
+                          + ("copied" if section["bundle_copied"] else "already there"))
     for device_id, p in report["projections"].items():
         eff = ", ".join(f"{k.replace('decode_bandwidth_', 'bw ')} {v:.2f}" for k, v in p["efficiency"].items())
         curves = f"; calibrated curves: {', '.join(p['calibrated_curves'])}" if p["calibrated_curves"] else ""
         console.print(f"projected {device_id}: {p['bandwidth_gb_s']:g} GB/s, efficiency {eff}, dispatch {p['dispatch_us_per_node']:g} us/node{curves}")
-    energy = host["by_prompt_len"][0]["energy"]
-    console.print(f"energy here: {energy['kind']} — {energy['basis']}")
+    for where, section in measured:
+        energy = section["by_prompt_len"][0]["energy"]
+        console.print(f"energy on {where}: {energy['kind']} — {energy['basis']}")
 
 
 @click.command()

@@ -44,6 +44,8 @@ class ProfileConfig:
     devices_dirs: tuple[Path, ...] = ()
     context: int | None = None  # memory fit context (default: the model's context, as `run` bounds it)
     rapl_root: Path | None = None  # tests point this at a fake powercap tree
+    on: tuple[tuple[str, str], ...] = ()  # (name, ssh:// or adb: address): measure there instead of here
+    device_timeout_s: float = 600.0
 
 
 @dataclass
@@ -175,14 +177,21 @@ def profile_model(directory: Path | str, out: Path | str | None, config: Profile
     meter, meters = find_meter(config.rapl_root or RAPL_ROOT)
 
     started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    loadavg_before = _loadavg()
-    host = _measure_host(model_dir, facts, config, meter, status)
-    host["conditions"] = {
-        **host_conditions(config.threads), "prompt_lens": list(config.prompt_lens), "gen_len": config.gen_len,
-        "runs": config.runs, "warmup": config.warmup, "cooldown_s": config.cooldown_s,
-        "loadavg_before": loadavg_before, "loadavg_after": _loadavg(), "started": started,
-    }
-    host["energy_meters"] = meters
+    host, measured_on = None, {}
+    if config.on:  # measured on the devices instead of here
+        from edgepack.profiles.on_device import measure_on_device
+
+        for name, url in config.on:
+            measured_on[name] = measure_on_device(directory, name, url, config, timeout=config.device_timeout_s, on_status=status)
+    else:
+        loadavg_before = _loadavg()
+        host = _measure_host(model_dir, facts, config, meter, status)
+        host["conditions"] = {
+            **host_conditions(config.threads), "prompt_lens": list(config.prompt_lens), "gen_len": config.gen_len,
+            "runs": config.runs, "warmup": config.warmup, "cooldown_s": config.cooldown_s,
+            "loadavg_before": loadavg_before, "loadavg_after": _loadavg(), "started": started,
+        }
+        host["energy_meters"] = meters
 
     status("projecting")
     context = config.context or model_context or longest
@@ -200,6 +209,7 @@ def profile_model(directory: Path | str, out: Path | str | None, config: Profile
         },
         "quality": _quality(model_dir.folder),
         "host": host,
+        **({"measured_on": measured_on} if measured_on else {}),
         "projections": projections,
     }
     if out is not None:
@@ -236,13 +246,26 @@ def _validate(config: ProfileConfig) -> None:
 
 
 def _measure_host(model_dir, facts, config: ProfileConfig, meter, status) -> dict:
-    tokenizer, decoder, load_s = _load_decoder(model_dir, config, status)
-    threads_used = config.threads or os.cpu_count() or 1
+    status("loading the tokenizer")
+    prompts = build_prompts(model_dir, config)
+    return measure_prompts(model_dir, prompts, facts, config, meter, status)
+
+
+def build_prompts(model_dir, config: ProfileConfig) -> dict[int, list[int]]:
+    """prompt length -> exactly that many token ids, cut from ordinary text with the model's tokenizer."""
+    tokenizer = _prompt_tokenizer(model_dir)
     vocab = model_dir.config.get("vocab_size")
+    return {prompt_len: exact_prompt(tokenizer, prompt_len, vocab) for prompt_len in config.prompt_lens}
+
+
+def measure_prompts(model_dir, prompts: dict[int, list[int]], facts, config: ProfileConfig, meter, status) -> dict:
+    """The timed runs of each prompt: profile.json's host section. `facts` needs only `decode_bytes(position)`
+    and `file_bytes`. Runs here, and on a device inside `edgepack.runners.probe` (no tokenizer there)."""
+    decoder, load_s = _load_decoder(model_dir, config, status)
+    threads_used = config.threads or os.cpu_count() or 1
 
     by_len = []
-    for prompt_len in config.prompt_lens:
-        prompt = exact_prompt(tokenizer, prompt_len, vocab)
+    for prompt_len, prompt in prompts.items():
         runs = _timed_runs(decoder, prompt, prompt_len, config, meter, status)
         ttft = _stats_ms(runs.ttfts)
         decode = _stats_ms(runs.steps)
@@ -273,12 +296,10 @@ def _measure_host(model_dir, facts, config: ProfileConfig, meter, status) -> dic
 
 
 def _load_decoder(model_dir, config: ProfileConfig, status):
-    """(prompt tokenizer, DecoderSession, seconds the onnxruntime session took to load)."""
+    """(DecoderSession, seconds the onnxruntime session took to load)."""
     from edgepack.runtime.generate import DecoderSession
     from edgepack.runtime.session import create_session
 
-    status("loading the tokenizer")
-    tokenizer = _prompt_tokenizer(model_dir)
     status("loading the model")
     begin = time.perf_counter()
     try:
@@ -286,7 +307,7 @@ def _load_decoder(model_dir, config: ProfileConfig, status):
     except Exception as exc:
         raise BadInputError(f"onnxruntime cannot load {model_dir.onnx_path}: {exc}") from exc
     decoder = DecoderSession(session, model_dir.config, share_kv_buffer=model_dir.share_kv_buffer)
-    return tokenizer, decoder, time.perf_counter() - begin
+    return decoder, time.perf_counter() - begin
 
 
 @dataclass
