@@ -258,8 +258,8 @@ def profile(directory, out, device_ids, devices_dirs, prompt_len, gen_len, runs,
       edgepack check p.json --budgets budgets.toml
     """
     from edgepack.profiles.devices import load_devices
-    from edgepack.runners import parse_on
     from edgepack.profiles.measure import DEFAULT_DEVICES, ProfileConfig, profile_model
+    from edgepack.runners import parse_on
 
     ids = tuple(device_ids) or DEFAULT_DEVICES
     if "all" in ids:

@@ -69,8 +69,8 @@ def measure_on_device(directory: Path | str, name: str, url: str, config: Profil
     the device's identity, and parity of the device's logits against the fp32 reference."""
     import numpy as np
 
-    from edgepack.profiles.model_facts import model_facts
     from edgepack.profiles.measure import build_prompts
+    from edgepack.profiles.model_facts import model_facts
     from edgepack.runners import open_runner
     from edgepack.runners.probe import window_logits
     from edgepack.runtime.model_dir import load_model_dir
