@@ -833,7 +833,7 @@ def _worker_crash(workers: _Workers):
 
 def _profile_stage(build: _Build) -> None:
     recipe = build.recipe
-    if not (build.reaches("profile") and (recipe.devices or recipe.budgets or recipe.profile)):
+    if not (build.reaches("profile") and (recipe.devices or recipe.budgets or recipe.profile or recipe.measured)):
         return
     import platform
 
@@ -841,10 +841,13 @@ def _profile_stage(build: _Build) -> None:
 
     prof = recipe.profile
     prompt_lens = prof.get("prompt_len", [128])
-    devices = tuple(dict.fromkeys(list(recipe.devices) + [d for d in recipe.budgets if d != "host"]))
+    devices = tuple(dict.fromkeys(list(recipe.devices) + [d for d in recipe.budgets if d != "host" and d not in recipe.measured]))
+    export = build.sources.get(FP32)
+    # devices with `on` measure each bundle there too; their parity is against the fp32 export
     pconfig = ProfileConfig(devices=devices, prompt_lens=tuple(prompt_lens if isinstance(prompt_lens, list) else [prompt_lens]),
                             gen_len=prof.get("gen_len", 64), runs=prof.get("runs", 3), warmup=prof.get("warmup", 1),
-                            threads=prof.get("threads"))
+                            threads=prof.get("threads"), on=tuple((name, d["on"]) for name, d in recipe.measured.items()),
+                            reference=Path(export[0]) if export else None)
     targets = build.targets
     for scheme, (source_path, source_key) in build.sources.items():
         if scheme == FP32 and len(build.sources) > 1:

@@ -7,7 +7,9 @@
 
 Option keys are the config fields of the stage (edgepack.options): a recipe takes what the command line takes,
 checked the same way; `force` is command-line only.
-    devices          device IDs from the device database (`edgepack devices`)
+    devices          device IDs from the device database (`edgepack devices`) to project onto, or
+                     [devices.NAME] tables with `on` = "ssh://..." | "adb:SERIAL" to measure there
+                     (NAME a database ID is also projected; `like` = ID names the one to project beside it)
     [budgets.ID]     per-device budgets (docs/budgets.md keys)
     [evaluation]     text, tokens, and the quality gate: max_kl, min_top1, max_ppl_ratio
     [calibration]    text, samples
@@ -37,7 +39,7 @@ EVALUATION_KEYS = {"text": ("QualityOptions", "eval_text"), "tokens": ("QualityO
 CALIBRATION_KEYS = {"text": ("QualityOptions", "calibration_text"), "samples": ("SchemeOptions", "calibration_samples")}
 
 
-TOP_KEYS = {"model": dict, "quantize": list, "targets": dict, "devices": list, "budgets": dict,
+TOP_KEYS = {"model": dict, "quantize": list, "targets": dict, "devices": (list, dict), "budgets": dict,
             "evaluation": dict, "calibration": dict, "profile": dict}
 
 
@@ -47,12 +49,14 @@ class Recipe:
     model: dict
     quantize: list[dict] = field(default_factory=list)
     targets: dict[str, dict] = field(default_factory=dict)
-    devices: list[str] = field(default_factory=list)
+    devices: list[str] = field(default_factory=list)  # database IDs projected onto
     budgets: dict[str, dict] = field(default_factory=dict)
     evaluation: dict = field(default_factory=dict)
     calibration: dict = field(default_factory=dict)
     profile: dict = field(default_factory=dict)
     raw: dict = field(default_factory=dict)
+    # device name -> {"on": ssh:// or adb: address measured on, "like": the database ID projected beside it, or None}
+    measured: dict[str, dict] = field(default_factory=dict)
 
     def resolve(self, value: str | None) -> Path | None:
         """Paths in a recipe are relative to the recipe file."""
@@ -223,19 +227,21 @@ def parse_recipe(data: dict, path: Path) -> Recipe:
             if isinstance(value, Path):
                 _check_text_file(f"{where}.{key}", value)
 
-    devices = data.get("devices", [])
-    for index, device in enumerate(devices):
-        _check_type(f"devices[{index}]", device, str)
+    devices, measured, named = _devices(data.get("devices", []))
     budgets = data.get("budgets", {})
     for device, table in budgets.items():
         _check_type(f"budgets.{device}", table, dict)
-    if devices or budgets:
+    if devices or budgets or measured:
         from edgepack.profiles.devices import load_devices
 
         known = load_devices()
-        for where, device in [(f"devices[{i}]", d) for i, d in enumerate(devices)] + [(f"budgets.{d}", d) for d in budgets]:
+        for where, device in named + [(f"budgets.{d}", d) for d in budgets if d not in measured]:
             if device not in known:
                 raise UsageError(f"recipe key {where}: unknown device {device!r}; see `edgepack devices`")
+        for name, device in measured.items():
+            device["like"] = device["like"] or (name if name in known else None)
+            if device["like"] and device["like"] not in devices:
+                devices.append(device["like"])
     if budgets:
         from edgepack.profiles.budgets import parse_budgets
 
@@ -249,7 +255,39 @@ def parse_recipe(data: dict, path: Path) -> Recipe:
     _check_table("profile", profile, PROFILE_KEYS)
     _check_against_command("profile", profile, profile_command)
     return Recipe(path=path, model=data["model"], quantize=quantize, targets=targets, devices=devices, budgets=budgets,
-                  evaluation=evaluation, calibration=calibration, profile=profile, raw=data)
+                  evaluation=evaluation, calibration=calibration, profile=profile, raw=data, measured=measured)
+
+
+DEVICE_KEYS = {"on": str, "like": str}
+
+
+def _devices(value) -> tuple[list[str], dict[str, dict], list[tuple[str, str]]]:
+    """(database IDs to project onto, {name: {on, like}} to measure on, [(key path, database ID)] to check)."""
+    if isinstance(value, list):
+        for index, device in enumerate(value):
+            _check_type(f"devices[{index}]", device, str)
+        return list(value), {}, [(f"devices[{i}]", d) for i, d in enumerate(value)]
+    projected, measured, named = [], {}, []
+    for name, table in value.items():
+        where = f"devices.{name}"
+        _check_type(where, table, dict)
+        unknown = set(table) - set(DEVICE_KEYS)
+        if unknown:
+            raise UsageError(f"recipe key {where}: unknown key(s) {', '.join(sorted(unknown))}; a device table takes on, like")
+        for key, value_type in DEVICE_KEYS.items():
+            if key in table:
+                _check_type(f"{where}.{key}", table[key], value_type)
+        if "on" in table:
+            from edgepack.runners import parse_on
+
+            measured[name] = {"on": parse_on(table["on"])[1], "like": table.get("like")}
+        if "like" in table:
+            projected.append(table["like"])
+            named.append((f"{where}.like", table["like"]))
+        elif "on" not in table:
+            projected.append(name)
+            named.append((where, name))
+    return list(dict.fromkeys(projected)), measured, named
 
 
 def load_recipe(path: Path | str) -> Recipe:

@@ -120,7 +120,9 @@ def _gemv_model(fmt: str, layers: int, rows: int = 1, dim: int = GEMV_DIM):
         from edgepack.quantize.schemes import Int4, Int8Weight
         from edgepack.quantize.weight_only import quantize_weight_only
 
-        model, _facts = quantize_weight_only(model, Int8Weight() if fmt == "int8" else Int4())
+        # int4 with round-to-nearest: the layout `edgepack quantize` writes by default (hqq) without hqq's optimizer,
+        # which needs torch: timing does not depend on the values, and a device being calibrated has no torch
+        model, _facts = quantize_weight_only(model, Int8Weight() if fmt == "int8" else Int4(algorithm="rtn"))
         weight_bytes = int(sum(tensor_bytes(t) for t in model.graph.initializer))
     return model, weight_bytes
 

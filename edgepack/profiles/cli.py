@@ -186,7 +186,7 @@ def prepare(url, device_timeout):
     """Install what measuring needs on a device, once: a private venv there.
 
     URL is ssh://[user@]host[:port]. Creates ~/.cache/edgepack-device/venv-*
-    on the device with its python3 and installs numpy, onnxruntime and onnx
+    on the device with its python3 and installs numpy, onnxruntime, onnx, onnx-ir and click
     at the versions this host runs (the bundles are built with them) from
     PyPI. `profile --on` and `devices calibrate --on` then use it.
 
@@ -267,7 +267,7 @@ def profile(directory, out, device_ids, devices_dirs, prompt_len, gen_len, runs,
     config = ProfileConfig(
         devices=ids, prompt_lens=_parse_ints(prompt_len, "--prompt-len"), gen_len=gen_len, runs=runs, warmup=warmup,
         threads=threads, cooldown_s=cooldown, devices_dirs=tuple(devices_dirs), context=context,
-        on=tuple(parse_on(value) for value in on), device_timeout_s=device_timeout,
+        on=tuple(parse_on(value) for value in on), device_timeout_s=device_timeout, measure_here=not on,
     )
     with Status(f"profiling {directory}") as status:
         result = profile_model(directory, out, config, on_status=status)

@@ -44,8 +44,10 @@ class ProfileConfig:
     devices_dirs: tuple[Path, ...] = ()
     context: int | None = None  # memory fit context (default: the model's context, as `run` bounds it)
     rapl_root: Path | None = None  # tests point this at a fake powercap tree
-    on: tuple[tuple[str, str], ...] = ()  # (name, ssh:// or adb: address): measure there instead of here
+    on: tuple[tuple[str, str], ...] = ()  # (name, ssh:// or adb: address): measure there too
     device_timeout_s: float = 600.0
+    measure_here: bool = True  # False: only on the `on` devices (`profile --on`)
+    reference: Path | None = None  # fp32 export the devices' parity is computed against (default: quantize.json source_dir)
 
 
 @dataclass
@@ -178,12 +180,13 @@ def profile_model(directory: Path | str, out: Path | str | None, config: Profile
 
     started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     host, measured_on = None, {}
-    if config.on:  # measured on the devices instead of here
+    if config.on:  # measured on the devices themselves
         from edgepack.profiles.on_device import measure_on_device
 
         for name, url in config.on:
-            measured_on[name] = measure_on_device(directory, name, url, config, timeout=config.device_timeout_s, on_status=status)
-    else:
+            measured_on[name] = measure_on_device(directory, name, url, config, reference=config.reference,
+                                                  timeout=config.device_timeout_s, on_status=status)
+    if config.measure_here:
         loadavg_before = _loadavg()
         host = _measure_host(model_dir, facts, config, meter, status)
         host["conditions"] = {

@@ -51,12 +51,12 @@ def parity(reference: dict, candidate: dict) -> dict:
 
 
 def reference_folder(model_dir) -> Path | None:
-    """The fp32 export a quantized folder came from (quantize.json `source`), when it is still there."""
+    """The fp32 export a quantized folder came from (quantize.json `source_dir`), when it is still there."""
     import json
 
     report = model_dir.folder / "quantize.json"
     try:
-        source = json.loads(report.read_text()).get("source")
+        source = json.loads(report.read_text()).get("source_dir")
     except (OSError, ValueError, AttributeError):
         return None
     folder = Path(source) if isinstance(source, str) else None

@@ -116,6 +116,24 @@ def _context_curves(report: dict, folder: Path) -> list:
     return curves
 
 
+def _measured_vs_projected(report: dict) -> str:
+    """Bundles measured on their devices beside their projections (empty without `[devices.NAME] on = ...`)."""
+    rows = report.get("measured_vs_projected") or []
+    if not rows:
+        return ""
+    cells = "".join(
+        "<tr>" + "".join([
+            f"<td class=l>{html.escape(r['profile'])}</td>", f"<td class=l>{html.escape(r['device'])}</td>",
+            f"<td class=l>{html.escape(str(r['projected_as'] or '-'))}</td>", f"<td>{_fmt(r['top1_agreement'], '.3f')}</td>",
+            f"<td>{_fmt(r['measured_decode_ms_per_token'], '.2f')}</td>", f"<td>{_fmt(r['projected_decode_ms_per_token'], '.2f')}</td>",
+            f"<td>{_fmt(r['decode_ms_per_token_ratio'], '.2f')}</td>", f"<td>{_fmt(r['measured_ttft_ms'], '.0f')}</td>",
+            f"<td>{_fmt(r['projected_ttft_ms'], '.0f')}</td>", f"<td>{_fmt(r['ttft_ms_ratio'], '.2f')}</td>",
+        ]) + "</tr>" for r in rows)
+    return ("<h2>Measured on the device vs projected</h2><table><tr><th class=l>bundle</th><th class=l>device</th><th class=l>projected as</th>"
+            "<th>top-1 on device</th><th>decode ms/token measured</th><th>projected</th><th>ratio</th><th>TTFT ms measured</th>"
+            f"<th>projected</th><th>ratio</th></tr>{cells}</table>\n")
+
+
 def render_html(report: dict, folder: Path) -> str:
     from edgepack.report.summary import scheme_label, target_label
 
@@ -158,7 +176,7 @@ def render_html(report: dict, folder: Path) -> str:
 <table><tr><th class=l>scheme</th><th class=l>target</th><th class=l>device</th><th>MB</th><th>top-1</th><th>mean KL</th>
 <th>decode ms/token</th><th>TTFT ms</th><th>mJ/token</th><th class=l>kind</th><th class=l>verdict</th></tr>
 {''.join(rows)}</table>
-<h2>Failures</h2><ul class=failures>{failures}</ul>
+{_measured_vs_projected(report)}<h2>Failures</h2><ul class=failures>{failures}</ul>
 <h2>Plots</h2><div class=plots>{plot_html}</div>
 <h2>Stages</h2><table><tr><th class=l>stage</th><th class=l>name</th><th class=l>cache</th><th>seconds</th></tr>{stages}</table>
 </body></html>

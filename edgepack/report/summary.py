@@ -96,8 +96,8 @@ def build_report(recipe, sources, quality_reports, targets, profiles, verdicts, 
 
     figures, rows = {}, []
     for name, profile in profiles.items():  # keyed by build.profile_name: one profile per bundle measured or projected
-        devices = (["host"] if profile.get("host") else []) + list(profile.get("projections") or {})
-        figures[name] = {device: _figures(profile, device) for device in devices}
+        devices = (["host"] if profile.get("host") else []) + list(profile.get("measured_on") or {}) + list(profile.get("projections") or {})
+        figures[name] = {device: _figures(profile, device) for device in dict.fromkeys(devices)}
     for (target, scheme), path in targets.items():
         if scheme == "fp32" and len(sources) > 1:
             data = json.loads((path / "target.json").read_text())
@@ -145,7 +145,31 @@ def build_report(recipe, sources, quality_reports, targets, profiles, verdicts, 
         "verdicts": {scheme: [v.to_json() for v in vs] for scheme, vs in verdicts.items()},
         "stages": [{"stage": r.stage, "name": r.name, "reused": r.reused, "seconds": round(r.seconds, 3)} for r in result.records],
         "seconds": round(seconds, 3),
+        "measured_vs_projected": measured_vs_projected(profiles, recipe.measured),
     }
+
+
+def measured_vs_projected(profiles: dict, measured: dict) -> list[dict]:
+    """One row per bundle x device measured on (`[devices.NAME] on = ...`): the measurement beside the projection
+    of the database device it is like, and their ratio (measured / projected)."""
+    from edgepack.profiles.budgets import figure_for
+
+    rows = []
+    for name, profile in profiles.items():
+        for device, section in (profile.get("measured_on") or {}).items():
+            like = (measured.get(device) or {}).get("like")
+            projection = (profile.get("projections") or {}).get(like) if like else None
+            row = {"profile": name, "device": device, "url": (section.get("device") or {}).get("url"), "projected_as": like,
+                   "top1_agreement": ((section.get("parity") or {}).get("device") or {}).get("top1_agreement")}
+            for column, key in (("decode_ms_per_token", "max_decode_ms_per_token"), ("ttft_ms", "max_ttft_ms")):
+                value = figure_for(profile, device, key)[0]
+                entries = (projection or {}).get("by_prompt_len") or []
+                projected = max((e[column] for e in entries if e.get(column) is not None), default=None)
+                row[f"measured_{column}"] = value
+                row[f"projected_{column}"] = projected
+                row[f"{column}_ratio"] = value / projected if value is not None and projected else None
+            rows.append(row)
+    return rows
 
 
 # build stage of a gate -> the junit.xml testsuite it is written in

@@ -23,7 +23,7 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the edgepack package folde
 REMOTE_ROOT = ".cache/edgepack-device"  # under the device user's home
 PROBE_MAIN = "import sys\nfrom edgepack.runners.probe import main\nsys.exit(main())\n"
 # what the measuring program needs on a device, pinned to this host's versions (the bundle was built with them)
-DEVICE_PACKAGES = ("numpy", "onnxruntime", "onnx")
+DEVICE_PACKAGES = ("numpy", "onnxruntime", "onnx", "onnx-ir", "click")  # onnx-ir, click: what calibrate's quantizers import
 
 
 class DeviceError(NotOnThisHostError):
