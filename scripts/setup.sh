@@ -13,3 +13,9 @@ python -m edgepack.targets.genai_builder install
 if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || echo "chromium not installed: the report screenshot test will skip" >&2
 fi
+# OpenSSH's server stands in for a board in the runner tests (tests/runners): started by the tests on a free
+# port of localhost with throwaway keys, never as a system service.
+if [ ! -x /usr/sbin/sshd ] && command -v apt-get >/dev/null 2>&1; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends openssh-server >/dev/null) \
+        || echo "openssh-server not installed: the ssh runner tests will skip" >&2
+fi

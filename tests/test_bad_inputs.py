@@ -66,7 +66,7 @@ def inputs(tmp_path_factory, exported_tiny_factory, tiny_model_factory):
     root = tmp_path_factory.mktemp("bad-inputs")
     export = exported_tiny_factory("llama")
     model_bytes = (export / "model.onnx").read_bytes()
-    paths = {"export": export, "model": tiny_model_factory("llama")}
+    paths = {"export": export, "model": tiny_model_factory("llama"), "bert_model": tiny_model_factory("bert")}
     paths["truncated_export"] = _export_variant(export, root / "truncated-export", model__onnx=model_bytes[: len(model_bytes) // 2])
     paths["empty_onnx_export"] = _export_variant(export, root / "empty-onnx-export", model__onnx=b"")
     paths["garbage_onnx_export"] = _export_variant(export, root / "garbage-onnx-export", model__onnx=b"\xff\xfe not a protobuf" * 100)
@@ -486,6 +486,26 @@ CASES = [
     ("profile-cooldown-nan", ["profile", "{export}", "-o", "{out}.json", "--cooldown", "nan"], 2),
     ("profile-context-huge", ["profile", "{export}", "-o", "{out}.json", "--context", "99999999999999999999"], 2),
     ("profile-read-only-disk!ro", ["profile", "{export}", "-o", "{ro_fs}/profile.json", "--runs", "1", "--gen-len", "2", "--prompt-len", "4"], 2),
+    # estimate
+    ("estimate-missing-model", ["estimate", "{missing}"], 3),
+    ("estimate-empty-dir", ["estimate", "{empty_dir}"], 3),
+    ("estimate-garbage-config", ["estimate", "{bad_config_export}"], 3),
+    ("estimate-list-config", ["estimate", "{list_config_export}"], 3),
+    ("estimate-binary-config", ["estimate", "{binary_config_export}"], 3),
+    ("estimate-encoder", ["estimate", "{bert_model}"], 2),
+    ("estimate-unknown-target", ["estimate", "{export}", "--target", "tflite"], 2),
+    ("estimate-scheme-not-for-target", ["estimate", "{export}", "--target", "qnn", "--scheme", "int8-dynamic"], 2),
+    ("estimate-unit-not-for-target", ["estimate", "{export}", "--unit", "htp"], 2),
+    ("estimate-device-without-the-unit", ["estimate", "{export}", "--target", "coreml", "--device", "pixel-8"], 2),
+    ("estimate-unknown-device", ["estimate", "{export}", "--device", "pixel-99"], 2),
+    ("estimate-context-zero", ["estimate", "{export}", "--context", "0"], 2),
+    ("estimate-prompt-over-context", ["estimate", "{export}", "--context", "64", "--prompt-len", "128"], 2),
+    ("estimate-out-dir", ["estimate", "{export}", "-o", "{case}"], 2),
+    # measuring on a device: addresses that are not devices, a device that is not there
+    ("profile-on-not-a-device", ["profile", "{export}", "-o", "{out}.json", "--on", "ftp://box"], 2),
+    ("profile-on-ssh-password", ["profile", "{export}", "-o", "{out}.json", "--on", "ssh://me:pw@box"], 2),
+    ("profile-on-adb-no-serial", ["profile", "{export}", "-o", "{out}.json", "--on", "adb:"], 2),
+    ("devices-prepare-not-a-device", ["devices", "prepare", "http://box"], 2),
     # check
     ("check-missing-profile", ["check", "{missing}", "--budgets", "{budgets}"], 3),
     ("check-profile-is-a-dir", ["check", "{empty_dir}", "--budgets", "{budgets}"], 3),

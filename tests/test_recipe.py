@@ -42,6 +42,12 @@ def test_starter_recipe_is_valid(tmp_path, cli):
         ('[model]\nsource = "x"\n[evaluation]\nmax_kl = "low"\n', "evaluation.max_kl: expected a number"),
         ('[model]\nsource = "x"\nflavour = 1\n', "flavour: unknown key"),
         ('[model\nsource = "x"\n', "not valid TOML"),
+        ('[devices.box]\nhost = "pi"\n[model]\nsource = "x"\n', "devices.box: unknown key(s) host"),
+        ('[devices.box]\non = "ftp://pi"\n[model]\nsource = "x"\n', "ssh://[user@]host[:port] or adb:SERIAL"),
+        ('[devices.box]\non = 3\n[model]\nsource = "x"\n', "devices.box.on: expected a string"),
+        ('[devices.box]\non = "ssh://pi"\nlike = "pi-9"\n[model]\nsource = "x"\n', "devices.box.like: unknown device 'pi-9'"),
+        ('[devices.pixel-99]\n[model]\nsource = "x"\n', "devices.pixel-99: unknown device 'pixel-99'"),
+        ('[devices.box]\non = "ssh://pi"\n[model]\nsource = "x"\n[budgets.boxx]\nmax_kl = 1\n', "budgets.boxx: unknown device 'boxx'"),
     ],
 )
 def test_bad_recipes_name_the_key(tmp_path, text, fragment):
@@ -64,4 +70,12 @@ def test_example_recipe_is_valid_and_covers_every_kind_of_target():
     assert recipe.model["source"] == "smollm2-135m"
     assert set(recipe.targets) == {"ort", "ort-mobile", "coreml", "qnn"}
     assert {table["scheme"] for table in recipe.quantize} == {"int8-weight", "gguf"}
-    assert len(recipe.devices) == 3 and set(recipe.budgets) <= set(recipe.devices)
+    assert len(recipe.devices) == 4 and set(recipe.budgets) <= set(recipe.devices)
+
+
+def test_devices_measured_on_and_projected_beside(tmp_path):
+    recipe = load_recipe(write(tmp_path, '[devices.raspberry-pi-5]\non = "ssh://pi@pi5.local"\n\n[devices.box]\non = "adb:R5CX"\n'
+                                         'like = "galaxy-s24"\n\n[devices.pixel-8]\n\n[model]\nsource = "x"\n\n[budgets.box]\nmax_kl = 0.1\n'))
+    assert recipe.measured == {"raspberry-pi-5": {"on": "ssh://pi@pi5.local", "like": "raspberry-pi-5"},
+                               "box": {"on": "adb:R5CX", "like": "galaxy-s24"}}
+    assert set(recipe.devices) == {"galaxy-s24", "pixel-8", "raspberry-pi-5"}

@@ -81,6 +81,13 @@ def measure_on_device(directory: Path | str, name: str, url: str, config: Profil
     prompts = build_prompts(model_dir, config)
     windows = parity_windows(model_dir)
     runner = open_runner(url, timeout)
+    if url.startswith("adb:"):
+        from edgepack.runners.adb import measure_android
+
+        status(f"{name}: measuring on {url} with onnxruntime_perf_test")
+        section = measure_android(runner, model_dir, facts, prompts, config)
+        section["device"] = {"name": name, "url": url, **runner.identity()}
+        return section
     status(f"{name}: copying the bundle to {url} (once per content)")
     remote, copied = runner.ensure_tree(model_dir.folder, "bundles")
     status(f"{name}: measuring on {url}")
