@@ -60,7 +60,7 @@ _PERF_LINES = {
     "session_creation_s": r"Session creation time cost:\s*([\d.eE+-]+)\s*s",
     "first_inference_ms": r"First inference time cost:\s*([\d.eE+-]+)\s*ms",
     "requests": r"Total inference requests:\s*(\d+)",
-    "average_ms": r"Average inference time cost:\s*([\d.eE+-]+)\s*ms",
+    "average_ms": r"Average inference time cost(?: total)?:\s*([\d.eE+-]+)\s*ms",  # "total" since onnxruntime 1.23
     "peak_working_set_bytes": r"Peak working set size:\s*(\d+)\s*bytes",
     "min_s": r"Min Latency:\s*([\d.eE+-]+)\s*s",
     "max_s": r"Max Latency:\s*([\d.eE+-]+)\s*s",
