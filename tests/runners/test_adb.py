@@ -11,8 +11,19 @@ from pathlib import Path
 import pytest
 
 from edgepack.errors import UsageError
-from edgepack.runners.adb import (AdbRunner, battery_watts, free_dimensions, graph_inputs, identity_from_props, latency_ms,
-                                  parse_devices, parse_getprop, parse_perf_test, parse_serial, perf_test_command)
+from edgepack.runners.adb import (
+    AdbRunner,
+    battery_watts,
+    free_dimensions,
+    graph_inputs,
+    identity_from_props,
+    latency_ms,
+    parse_devices,
+    parse_getprop,
+    parse_perf_test,
+    parse_serial,
+    perf_test_command,
+)
 from edgepack.runners.base import DeviceError
 
 DATA = Path(__file__).parent / "data"
