@@ -60,6 +60,10 @@ def test_adb_devices_and_getprop():
 
 
 def test_battery_energy_only_while_discharging():
+    # a charging Xiaomi Mi 8's power_supply values (uA, uV): the charger, not the battery, feeds the phone
+    uevent = dict(line.split("=", 1) for line in recorded("battery_uevent_acc_mi8_charging.txt").splitlines() if "=" in line)
+    watts, how = battery_watts(uevent["CURRENT_NOW"], uevent["VOLTAGE_NOW"], uevent["STATUS"])
+    assert watts is None and "Charging" in how
     watts, how = battery_watts("-512000\n", "3870000\n", "Discharging\n")  # uA, uV (sign differs by vendor)
     assert watts == pytest.approx(0.512 * 3.87) and "current_now x voltage_now" in how
     assert battery_watts("800000", "4200000", "Charging")[0] is None
