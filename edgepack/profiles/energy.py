@@ -149,23 +149,90 @@ class PowermetricsMeter(EnergyMeter):
 
 
 class JetsonInaMeter(EnergyMeter):
-    """NVIDIA Jetson INA3221 rails exposed through hwmon (`in_power*_input`, mW)."""
+    """NVIDIA Jetson INA3221 rails through hwmon: `inN_input` (mV) x `currN_input` (mA) of the `VDD_IN` channel
+    (the module's input: everything on the board), or of every channel when none is labelled so.
+
+    The sensor gives instantaneous power, not a counter: a background thread samples it every `poll_s` and
+    integrates (trapezoids), so energy between two reads is the area under the sampled power.
+    """
 
     name = "jetson-ina3221"
-    scope = "Jetson INA3221 VDD_IN rail"
 
-    def __init__(self, hwmon_root: Path | str = "/sys/class/hwmon"):
+    def __init__(self, hwmon_root: Path | str = "/sys/class/hwmon", poll_s: float = 0.02):
         self.hwmon_root = Path(hwmon_root)
+        self.poll_s = poll_s
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = None
+        self._total_j = 0.0
+        self._last: tuple[float, float] | None = None  # (time, watts)
 
     def sensors(self) -> list[Path]:
         if not self.hwmon_root.is_dir():
             return []
         return [d for d in sorted(self.hwmon_root.iterdir()) if _read_text(d / "name").startswith("ina3221")]
 
+    def channels(self) -> list[tuple[Path, str]]:
+        """(sensor folder, channel number) of the rails counted."""
+        found = []
+        for sensor in self.sensors():
+            for label in sorted(sensor.glob("in*_label")):
+                number = label.name[2:-len("_label")]
+                if (sensor / f"curr{number}_input").exists():
+                    found.append((sensor, number, _read_text(label)))
+        total = [(s, n) for s, n, name in found if name == "VDD_IN"]
+        return total or [(s, n) for s, n, _name in found]
+
+    @property
+    def scope(self) -> str:  # type: ignore[override]
+        names = [_read_text(s / f"in{n}_label") or f"in{n}" for s, n in self.channels()]
+        return "Jetson INA3221 " + (", ".join(names) or "rails")
+
     def available(self) -> tuple[bool, str]:
         if not self.sensors():
             return False, f"no INA3221 hwmon sensor under {self.hwmon_root} (not a Jetson)"
-        return False, "INA3221 power integration is not implemented in this edgepack version"
+        if not self.channels():
+            return False, "INA3221 sensor without labelled voltage/current channels"
+        try:
+            self.watts()
+        except (OSError, ValueError) as exc:
+            return False, f"INA3221 channels not readable: {exc}"
+        return True, "ok"
+
+    def watts(self) -> float:
+        return sum(int(_read_text(s / f"in{n}_input", strict=True)) * int(_read_text(s / f"curr{n}_input", strict=True))
+                   for s, n in self.channels()) * 1e-6  # mV x mA
+
+    def poll(self) -> None:
+        import time
+
+        now, watts = time.monotonic(), self.watts()
+        with self._lock:
+            if self._last is not None:
+                self._total_j += (now - self._last[0]) * (watts + self._last[1]) / 2
+            self._last = (now, watts)
+
+    def start(self) -> None:
+        self._total_j, self._last = 0.0, None
+        self.poll()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="edgepack-ina3221", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            self.poll()
+
+    def read_j(self) -> float:
+        self.poll()
+        return self._total_j
+
+    def stop(self) -> float:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        return self.read_j()
 
 
 class AndroidRailsMeter(EnergyMeter):

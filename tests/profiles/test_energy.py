@@ -86,7 +86,7 @@ def test_rapl_unavailable_without_domains(tmp_path):
 
 
 def test_other_meters_report_unavailable_here(tmp_path):
-    for meter in (PowermetricsMeter(), JetsonInaMeter(tmp_path), AndroidRailsMeter()):
+    for meter in (PowermetricsMeter(), JetsonInaMeter(tmp_path / "no-hwmon"), AndroidRailsMeter()):
         ok, reason = meter.available()
         assert ok is False and reason
 
@@ -103,3 +103,34 @@ def test_find_meter_prefers_rapl_and_explains_the_rest(powercap, tmp_path):
 def test_estimate_is_power_times_time_plus_dram_bytes():
     # 2 threads x 5 W x 0.1 s = 1 J = 1000 mJ; 1e9 bytes x 20 pJ = 20 mJ
     assert estimate_energy_mj(0.1, 1e9, 2) == pytest.approx(1020.0)
+
+
+def _ina3221(root, rails: dict[str, tuple[int, int]]):
+    """A Jetson hwmon tree as the ina3221 driver lays it out: inN_label, inN_input (mV), currN_input (mA)."""
+    sensor = root / "hwmon3"
+    sensor.mkdir(parents=True)
+    (sensor / "name").write_text("ina3221\n")
+    for number, (label, (mv, ma)) in enumerate(rails.items(), start=1):
+        (sensor / f"in{number}_label").write_text(label + "\n")
+        (sensor / f"in{number}_input").write_text(f"{mv}\n")
+        (sensor / f"curr{number}_input").write_text(f"{ma}\n")
+    return sensor
+
+
+def test_jetson_rails_are_integrated_from_the_module_input(tmp_path):
+    import time
+
+    _ina3221(tmp_path, {"VDD_IN": (5000, 1400), "VDD_CPU_GPU_CV": (5000, 600), "VDD_SOC": (5000, 300)})
+    meter = JetsonInaMeter(tmp_path, poll_s=0.01)
+    assert meter.available() == (True, "ok") and meter.scope == "Jetson INA3221 VDD_IN"
+    assert meter.watts() == pytest.approx(7.0)  # VDD_IN alone: the other rails are inside it
+    meter.start()
+    begin = time.monotonic()
+    time.sleep(0.3)
+    joules = meter.stop()
+    assert joules == pytest.approx(7.0 * (time.monotonic() - begin), rel=0.15)
+
+
+def test_jetson_rails_without_a_module_input_are_summed(tmp_path):
+    _ina3221(tmp_path, {"VDD_GPU": (5000, 200), "VDD_CPU": (5000, 400)})
+    assert JetsonInaMeter(tmp_path).watts() == pytest.approx(3.0)
