@@ -9,7 +9,8 @@ environment is set up). Every measurement runs in a fresh worker process (so pea
 variant's), variants are interleaved round by round so the machine's drift hits all alike, and each
 variant gets one warm-up run before the timed runs. Printed: TTFT for a prompt of --prompt-len
 tokens, decode ms/token over --gen-len tokens (median and spread of --runs), peak RSS, the ratio to the
-onnxruntime-genai builder at the same precision, the speed-up over the fp32 optimum export, and the floor
+onnxruntime-genai builder at the same precision and to llama.cpp's llama-bench on the demo's own GGUF
+(built from a pinned source: benchmarks/llamacpp.py), the speed-up over the fp32 optimum export, and the floor
 (weight bytes read per token / best triad bandwidth measured in the same run). The table also goes to
 benchmarks/results/decode.json for docs/benchmarks.md.
 """
@@ -45,7 +46,8 @@ PRECISIONS = {
     "int4-rtn-lm4": (("int4", {"algorithm": "rtn", "accuracy_level": 4, "lm_head": "int4", "embeddings": "int4"}), "int4"),
     "gguf": (("gguf", {}), "int4"),
 }
-VARIANTS = ("edgepack-ort", "genai-on-edgepack", "genai-builder", "edgepack-export", "optimum-ort", "torch-eager")
+# llama.cpp runs the demo's own GGUF (the Q4_1 blocks the gguf scheme imports): the peer for gguf and int4.
+VARIANTS = ("edgepack-ort", "genai-on-edgepack", "genai-builder", "llama.cpp", "edgepack-export", "optimum-ort", "torch-eager")
 
 
 def _prompt_ids(length: int, vocab: int) -> list[int]:
@@ -88,6 +90,11 @@ def _measure(variant: str, path: str, prompt_len: int, gen_len: int, threads: in
             steps.append(now - t0)
             t0 = now
         steps = steps[:gen_len]
+    elif variant == "llama.cpp":
+        import llamacpp
+
+        figures = llamacpp.bench(Path(path), threads=threads, prompt_len=prompt_len, gen_len=gen_len)
+        return {"load_s": None, "ttft_ms": figures["ttft_ms"], "decode_ms": figures["decode_ms"], "peak_rss_mb": figures["peak_rss_mb"]}
     elif variant == "optimum-ort":
         import onnxruntime as ort
         import torch
@@ -190,10 +197,23 @@ def prepare(work: Path, precisions: list[str], variants: list[str]) -> dict[tupl
                 print(f"onnxruntime-genai builder {builder_precision} ...", file=sys.stderr)
                 run_builder(hf_dir, native, precision=builder_precision, cache_dir=work / "builder-cache")
             paths[("genai-builder", precision)] = native
+        if "llama.cpp" in variants and precision in ("gguf", "int4", "int4-exact", "int4-rtn"):
+            import llamacpp
+
+            from edgepack.sources import DEMO_MODELS, find_demo_gguf
+
+            llamacpp.llama_bench()  # built once, before the timed rounds
+            paths[("llama.cpp", precision)] = find_demo_gguf(DEMO_MODELS["smollm2-135m"])
         if precision == "fp32":
             paths[("optimum-ort", "fp32")] = fp32
             paths[("torch-eager", "fp32")] = hf_dir
     return paths
+
+
+def llamacpp_version() -> str:
+    import llamacpp
+
+    return llamacpp.LLAMA_CPP_PYTHON
 
 
 def main() -> int:
@@ -245,12 +265,13 @@ def main() -> int:
     fp32_export = median_decode("edgepack-export", "fp32")
     print(f"\nSmolLM2-135M-Instruct, {args.threads} threads, prompt {args.prompt_len} tokens, {args.gen_len} decoded tokens, "
           f"median of {args.runs} interleaved runs after 1 warm-up; memory bandwidth {bw:.1f} GB/s (best STREAM triad, same run)\n")
-    print("| precision | variant | TTFT ms | decode ms/token (min-max) | vs genai builder | speed-up vs fp32 optimum export "
+    print("| precision | variant | TTFT ms | decode ms/token (min-max) | vs genai builder | vs llama.cpp | speed-up vs fp32 optimum export "
           "| peak RSS MB | floor ms/token |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     result_rows = []
     for precision in precisions:
         builder = median_decode("genai-builder", precision)
+        peer = median_decode("llama.cpp", precision)
         floor = bytes_per_token[precision] / (bw * 1e9) * 1000
         for variant in variants:
             runs = runs_of(variant, precision)
@@ -259,20 +280,23 @@ def main() -> int:
             decode = [s["decode_ms"] for s in runs]
             median = statistics.median(decode)
             vs_builder = f"{median / builder:.2f}x" if builder else ""
+            vs_peer = f"{median / peer:.2f}x" if peer else ""
             speedup = f"{fp32_export / median:.2f}x" if fp32_export else ""
             print(f"| {precision} | {variant} | {statistics.median(s['ttft_ms'] for s in runs):.0f} | "
-                  f"{median:.1f} ({min(decode):.1f}-{max(decode):.1f}) | {vs_builder} | {speedup} | "
+                  f"{median:.1f} ({min(decode):.1f}-{max(decode):.1f}) | {vs_builder} | {vs_peer} | {speedup} | "
                   f"{max(s['peak_rss_mb'] for s in runs):.0f} | {floor:.1f} |")
             result_rows.append({"precision": precision, "variant": variant, "TTFT ms": statistics.median(s["ttft_ms"] for s in runs),
                                 "decode ms/token": median, "decode min": min(decode), "decode max": max(decode),
                                 "vs genai builder": median / builder if builder else None,
+                                "vs llama.cpp": median / peer if peer else None,
                                 "speed-up vs fp32 export": fp32_export / median if fp32_export else None,
                                 "peak RSS MB": max(s["peak_rss_mb"] for s in runs), "floor ms/token": floor})
     print("\nedgepack-export fp32 is optimum-onnx's export run by edgepack's runtime (the 'fp32 optimum "
           "export'); optimum-ort is the same file through optimum's ORTModelForCausalLM.")
     _results.write(
         "decode", title="Decode speed of edgepack's bundles against their peers", threads=args.threads, rows=result_rows,
-        conditions={"model": "SmolLM2-135M-Instruct", "prompt_len": args.prompt_len, "gen_len": args.gen_len, "runs": args.runs,
+        conditions={"model": "SmolLM2-135M-Instruct", "llama.cpp": f"llama-bench from llama-cpp-python {llamacpp_version()} sdist"
+                    if "llama.cpp" in variants else None, "prompt_len": args.prompt_len, "gen_len": args.gen_len, "runs": args.runs,
                     "warmup_runs": 1, "order": "variants interleaved round by round, each in a fresh process",
                     "triad_GB_s": bw, "precisions": {p: PRECISIONS[p][0] and {"scheme": PRECISIONS[p][0][0], **PRECISIONS[p][0][1]}
                                                       for p in precisions}, "loadavg_end": _results.loadavg()},

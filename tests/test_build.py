@@ -17,6 +17,17 @@ import pytest
 
 from tests.conftest import CliResult, read_json, run_cli
 
+# A short evaluation and profile, for recipes of tiny models
+QUICK_EVALUATION = """\
+[evaluation]
+tokens = 64
+
+[profile]
+prompt_len = [16]
+gen_len = 8
+runs = 2
+"""
+
 RECIPE = """\
 devices = ["pixel-8", "iphone-15-pro"]
 
@@ -40,14 +51,7 @@ graph = "optimum"
 max_decode_ms_per_token = {decode_budget}
 max_kl = 0.05
 
-[evaluation]
-tokens = 64
-
-[profile]
-prompt_len = [16]
-gen_len = 8
-runs = 2
-"""
+""" + QUICK_EVALUATION
 
 
 @pytest.fixture

@@ -37,6 +37,7 @@ class CalibrateConfig:
     repeats: int = 7
     gemm_rows: int = 256
     dispatch_nodes: int = 2000
+    overhead_mb: float = 32.0  # working set of the per-weight overhead measurement
     device_id: str = "host"
     force: bool = False
 
@@ -269,7 +270,7 @@ def calibrate_host(out: Path | str, config: CalibrateConfig = CalibrateConfig(),
     curves, overheads = {}, {}
     for fmt in FORMAT_NAMES:
         status(f"GEMV {fmt}: fixed cost per weight matrix")
-        overheads[fmt] = measure_weight_overhead(fmt, threads, config.repeats)
+        overheads[fmt] = measure_weight_overhead(fmt, threads, config.repeats, size_mb=config.overhead_mb)
         curves[fmt] = []
         for size in config.sizes_mb:
             status(f"GEMV {fmt} at {size:g} MB")

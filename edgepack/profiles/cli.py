@@ -149,7 +149,7 @@ def calibrate(out, threads, device_id, sizes_mb, repeats, quick, force, on, devi
     config = CalibrateConfig(threads=threads, sizes_mb=sizes, repeats=repeats, device_id=device_id, force=force)
     if quick:
         config = CalibrateConfig(threads=threads, sizes_mb=(2.0, 8.0), triad_mb=16, repeats=2, gemm_rows=32,
-                                 dispatch_nodes=200, device_id=device_id, force=force)
+                                 dispatch_nodes=200, overhead_mb=4.0, device_id=device_id, force=force)
     if on is not None:
         from edgepack.profiles.on_device import calibrate_on_device
 

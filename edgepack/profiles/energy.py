@@ -40,7 +40,51 @@ class EnergyMeter:
         return {"meter": self.name, "available": ok, "reason": reason, "scope": self.scope}
 
 
-class RaplMeter(EnergyMeter):
+class PolledMeter(EnergyMeter):
+    """A meter read by a background thread every `poll_s` (0: only when read): subclasses give `reset()`
+    (the reading at start), `poll()` (fold what happened since the last poll in) and `joules()`."""
+
+    poll_s = 0.25
+
+    def _init_polling(self, poll_s: float) -> None:
+        self.poll_s = poll_s
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = None
+
+    def reset(self) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def poll(self) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def joules(self) -> float:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def start(self) -> None:
+        self.reset()
+        self._stop.clear()
+        if self.poll_s > 0:
+            self._thread = threading.Thread(target=self._run, name=f"edgepack-{self.name}", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            self.poll()
+
+    def read_j(self) -> float:
+        self.poll()
+        return self.joules()
+
+    def stop(self) -> float:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        return self.read_j()
+
+
+class RaplMeter(PolledMeter):
     """Linux RAPL through powercap: `energy_uj` counters that wrap at `max_energy_range_uj`.
 
     Counted domains: every package (`intel-rapl:N`) plus any `dram` sub-domain (DRAM energy is not
@@ -53,12 +97,9 @@ class RaplMeter(EnergyMeter):
 
     def __init__(self, root: Path | str = RAPL_ROOT, poll_s: float = 0.25):
         self.root = Path(root)
-        self.poll_s = poll_s
+        self._init_polling(poll_s)
         self._last: dict[Path, int] = {}
         self._total_uj = 0
-        self._lock = threading.Lock()
-        self._thread = None
-        self._stop = threading.Event()
 
     def domains(self) -> list[Path]:
         if not self.root.is_dir():
@@ -107,28 +148,12 @@ class RaplMeter(EnergyMeter):
                 self._total_uj += self.delta_uj(self._last[domain], now, max_range)
                 self._last[domain] = now
 
-    def start(self) -> None:
+    def reset(self) -> None:
         self._last = {d: int(_read_text(d / "energy_uj", strict=True)) for d in self.domains()}
         self._total_uj = 0
-        self._stop.clear()
-        if self.poll_s > 0:
-            self._thread = threading.Thread(target=self._run, name="edgepack-rapl", daemon=True)
-            self._thread.start()
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.poll_s):
-            self.poll()
-
-    def read_j(self) -> float:
-        self.poll()
+    def joules(self) -> float:
         return self._total_uj / 1e6
-
-    def stop(self) -> float:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        return self.read_j()
 
 
 class PowermetricsMeter(EnergyMeter):
@@ -148,7 +173,7 @@ class PowermetricsMeter(EnergyMeter):
         return False, "powermetrics sampling is not implemented in this edgepack version"
 
 
-class JetsonInaMeter(EnergyMeter):
+class JetsonInaMeter(PolledMeter):
     """NVIDIA Jetson INA3221 rails through hwmon: `inN_input` (mV) x `currN_input` (mA) of the `VDD_IN` channel
     (the module's input: everything on the board), or of every channel when none is labelled so.
 
@@ -160,10 +185,7 @@ class JetsonInaMeter(EnergyMeter):
 
     def __init__(self, hwmon_root: Path | str = "/sys/class/hwmon", poll_s: float = 0.02):
         self.hwmon_root = Path(hwmon_root)
-        self.poll_s = poll_s
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = None
+        self._init_polling(poll_s)
         self._total_j = 0.0
         self._last: tuple[float, float] | None = None  # (time, watts)
 
@@ -212,27 +234,12 @@ class JetsonInaMeter(EnergyMeter):
                 self._total_j += (now - self._last[0]) * (watts + self._last[1]) / 2
             self._last = (now, watts)
 
-    def start(self) -> None:
+    def reset(self) -> None:
         self._total_j, self._last = 0.0, None
         self.poll()
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="edgepack-ina3221", daemon=True)
-        self._thread.start()
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.poll_s):
-            self.poll()
-
-    def read_j(self) -> float:
-        self.poll()
+    def joules(self) -> float:
         return self._total_j
-
-    def stop(self) -> float:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        return self.read_j()
 
 
 class AndroidRailsMeter(EnergyMeter):

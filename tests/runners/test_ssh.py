@@ -13,6 +13,7 @@ import pytest
 
 from tests.conftest import read_json, run_cli
 from tests.runners.sshd import DEVICE_USER, make_server, unavailable
+from tests.test_build import QUICK_EVALUATION
 
 pytestmark = pytest.mark.skipif(unavailable() is not None, reason=unavailable() or "")
 REPO = Path(__file__).resolve().parents[2]
@@ -175,15 +176,7 @@ min_top1 = 0.5
 [budgets.pixel-8]
 max_decode_ms_per_token = 10000
 
-[evaluation]
-tokens = 64
-
-[profile]
-prompt_len = [16]
-gen_len = 8
-runs = 2
-threads = 1
-"""
+""" + QUICK_EVALUATION
 
 
 @pytest.mark.slow
