@@ -24,7 +24,8 @@ BENCHMARKS: dict[str, tuple[str, str, str]] = {
     "quality": ("benchmarks/quality.py", "Size and quality (perplexity, top-1 agreement, KL) of every quantization scheme "
                 "against fp32 on the demo model.", "python benchmarks/quality.py"),
     "decode": ("benchmarks/decode.py", "Decode and prefill speed and peak memory of edgepack's bundles against "
-               "onnxruntime-genai's model builder, the optimum export and PyTorch, variants interleaved in fresh processes.",
+               "onnxruntime-genai's model builder, llama.cpp on the demo's own GGUF, the optimum export and PyTorch, "
+               "variants interleaved in fresh processes.",
                "python benchmarks/decode.py --threads 2"),
     "projection": ("benchmarks/projection.py", "The device projection checked against measurement on this host: the host "
                    "is calibrated, models are profiled, and projected decode ms/token is compared with the measured one.",
