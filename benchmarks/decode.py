@@ -7,7 +7,8 @@ For each precision it builds (once, cached in --work) the edgepack artifacts: ex
 `target ort`, plus onnxruntime-genai's own builder output at the same precision (when the builder
 environment is set up). Every measurement runs in a fresh worker process (so peak RSS is that
 variant's), variants are interleaved round by round so the machine's drift hits all alike, and each
-variant gets one warm-up run before the timed runs. Printed: TTFT for a prompt of --prompt-len
+variant gets one warm-up run before the timed runs. Every runtime gets the same explicit thread count (--threads:
+edgepack's loop and onnxruntime-genai as intra-op threads with one inter-op thread, llama-bench as -t). Printed: TTFT for a prompt of --prompt-len
 tokens, decode ms/token over --gen-len tokens (median and spread of --runs), peak RSS, the ratio to the
 onnxruntime-genai builder at the same precision and to llama.cpp's llama-bench on the demo's own GGUF
 (built from a pinned source: benchmarks/llamacpp.py), the speed-up over the fp32 optimum export, and the floor
@@ -77,6 +78,9 @@ def _measure(variant: str, path: str, prompt_len: int, gen_len: int, threads: in
 
         cfg = og.Config(path)
         cfg.clear_providers()
+        # The same explicit threads as every other runtime here (edgepack's loop: intra-op `threads`, inter-op 1;
+        # llama-bench -t): left unset, onnxruntime-genai's default threading decodes 25-30% slower on a 2-core host.
+        cfg.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads, "inter_op_num_threads": 1}}}}))
         model = og.Model(cfg)
         load = time.perf_counter() - start
         params = og.GeneratorParams(model)
