@@ -79,7 +79,7 @@ def _measure(variant: str, path: str, prompt_len: int, gen_len: int, threads: in
         cfg = og.Config(path)
         cfg.clear_providers()
         # The same explicit threads as every other runtime here (edgepack's loop: intra-op `threads`, inter-op 1;
-        # llama-bench -t): left unset, onnxruntime-genai's default threading decodes 25-30% slower on a 2-core host.
+        # llama-bench -t): left unset, onnxruntime-genai picks its own thread pool, which decodes slower here than explicit threads.
         cfg.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads, "inter_op_num_threads": 1}}}}))
         model = og.Model(cfg)
         load = time.perf_counter() - start
