@@ -157,6 +157,25 @@ def _hf_steps(model, ids, gen_len: int) -> list[float]:
     return steps
 
 
+def _quality(fp32: Path, artifacts: dict[str, Path], threads: int) -> dict[str, dict]:
+    """top-1 agreement and mean KL against the fp32 export of each artifact onnxruntime runs, on the same windows of
+    the bundled evaluation text (edgepack's own measure of the answer a device computes: profiles/on_device.py)."""
+    from edgepack.profiles.on_device import parity, parity_windows
+    from edgepack.runners.probe import window_logits
+    from edgepack.runtime.model_dir import load_model_dir
+
+    reference_dir = load_model_dir(fp32)
+    windows = parity_windows(reference_dir)
+    reference = window_logits(reference_dir, windows, threads)
+    figures = {}
+    for name, path in artifacts.items():
+        model_dir = load_model_dir(path)
+        if not model_dir.config:  # the builder writes genai_config.json only: the model's shapes are the export's
+            model_dir.config.update(reference_dir.config)
+        figures[name] = parity(reference, window_logits(model_dir, windows, threads))
+    return figures
+
+
 def _bandwidth_gbs(threads: int) -> float:
     """Best STREAM triad bandwidth over 256 MB arrays with the benchmark's thread count (edgepack's calibration
     triad): the floor's denominator, so the floor is what this run's memory system could at best deliver."""
@@ -235,6 +254,9 @@ def main() -> int:
 
     paths = prepare(args.work, precisions, variants)
     jobs = [(v, p) for p in precisions for v in variants if (v, p) in paths]
+    # Quality of every ONNX artifact measured (llama.cpp runs the GGUF the gguf bundle imports exactly: that row's)
+    onnx_artifacts = {str(path): path for (variant, _p), path in paths.items() if variant in ("edgepack-ort", "genai-builder", "edgepack-export")}
+    quality = _quality(args.work / "export-fp32", onnx_artifacts, args.threads)
     from edgepack.profiles.model_facts import model_facts
 
     bytes_per_token = {}
@@ -270,8 +292,14 @@ def main() -> int:
     print(f"\nSmolLM2-135M-Instruct, {args.threads} threads, prompt {args.prompt_len} tokens, {args.gen_len} decoded tokens, "
           f"median of {args.runs} interleaved runs after 1 warm-up; memory bandwidth {bw:.1f} GB/s (best STREAM triad, same run)\n")
     print("| precision | variant | TTFT ms | decode ms/token (min-max) | vs genai builder | vs llama.cpp | speed-up vs fp32 optimum export "
-          "| peak RSS MB | floor ms/token |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| peak RSS MB | floor ms/token | top-1 vs fp32 | KL vs fp32 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+
+    def quality_of(variant: str, precision: str) -> dict:
+        if variant == "llama.cpp":
+            return {}  # llama-bench returns no logits
+        path = paths.get((variant, precision)) or paths.get(("edgepack-export", precision))
+        return quality.get(str(path), {}) if path else {}
     result_rows = []
     for precision in precisions:
         builder = median_decode("genai-builder", precision)
@@ -288,13 +316,16 @@ def main() -> int:
             speedup = f"{fp32_export / median:.2f}x" if fp32_export else ""
             print(f"| {precision} | {variant} | {statistics.median(s['ttft_ms'] for s in runs):.0f} | "
                   f"{median:.1f} ({min(decode):.1f}-{max(decode):.1f}) | {vs_builder} | {vs_peer} | {speedup} | "
-                  f"{max(s['peak_rss_mb'] for s in runs):.0f} | {floor:.1f} |")
+                  f"{max(s['peak_rss_mb'] for s in runs):.0f} | {floor:.1f} | {quality_of(variant, precision).get('top1_agreement', float('nan')):.3f} | "
+                  f"{quality_of(variant, precision).get('kl_mean', float('nan')):.2e} |")
             result_rows.append({"precision": precision, "variant": variant, "TTFT ms": statistics.median(s["ttft_ms"] for s in runs),
                                 "decode ms/token": median, "decode min": min(decode), "decode max": max(decode),
                                 "vs genai builder": median / builder if builder else None,
                                 "vs llama.cpp": median / peer if peer else None,
                                 "speed-up vs fp32 export": fp32_export / median if fp32_export else None,
-                                "peak RSS MB": max(s["peak_rss_mb"] for s in runs), "floor ms/token": floor})
+                                "peak RSS MB": max(s["peak_rss_mb"] for s in runs), "floor ms/token": floor,
+                                "top-1 vs fp32": quality_of(variant, precision).get("top1_agreement"),
+                                "KL vs fp32": quality_of(variant, precision).get("kl_mean")})
     print("\nedgepack-export fp32 is optimum-onnx's export run by edgepack's runtime (the 'fp32 optimum "
           "export'); optimum-ort is the same file through optimum's ORTModelForCausalLM.")
     _results.write(
@@ -304,7 +335,9 @@ def main() -> int:
                     "warmup_runs": 1, "order": "variants interleaved round by round, each in a fresh process",
                     "triad_GB_s": bw, "precisions": {p: PRECISIONS[p][0] and {"scheme": PRECISIONS[p][0][0], **PRECISIONS[p][0][1]}
                                                       for p in precisions}, "loadavg_end": _results.loadavg()},
-        notes="edgepack-export fp32 is optimum-onnx's export run by edgepack's runtime; optimum-ort is the same file through "
+        notes="Quality: top-1 agreement and mean KL against the fp32 export on 2 windows of 64 tokens of the bundled evaluation "
+              "text; none for llama.cpp, whose llama-bench returns no logits (it runs the blocks the gguf bundle imports). "
+              "edgepack-export fp32 is optimum-onnx's export run by edgepack's runtime; optimum-ort is the same file through "
               "optimum's ORTModelForCausalLM. floor = weight bytes read per token / triad bandwidth. Absolute figures move "
               "with the machine's load; ratios within one run are the comparison.")
     return 0
