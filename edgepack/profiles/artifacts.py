@@ -20,16 +20,12 @@ PROJECTED_TARGETS = ("coreml", "qnn")
 
 def eligible(data: dict, layout, device: Device) -> str | None:
     """Why `device` cannot run the artifact (None: it can)."""
-    from edgepack.profiles.roofline import UNIT_TABLES
-
     if data["target"] == "coreml":
         if not device.coreml:
             return "not an Apple device (no [coreml] table)"
-        if layout.unit != "cpu" and not device.tables.get(UNIT_TABLES[layout.unit]):
-            return f"no [{UNIT_TABLES[layout.unit]}] figures"
-        return None
+        return None if device.has_unit(layout.unit) else f"no [{layout.unit}] figures"
     facts = data.get("facts") or {}
-    if not device.tables.get("htp"):
+    if not device.has_unit("htp"):
         return "no Hexagon NPU figures ([htp])"
     arch = device.value("qnn", "htp_arch")
     if facts.get("htp_arch") is not None and arch is not None and int(arch) != int(facts["htp_arch"]):

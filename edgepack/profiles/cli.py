@@ -56,7 +56,7 @@ def devices():
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def list_devices(devices_dirs, as_json):
     """List the known devices."""
-    from edgepack.profiles.devices import load_devices
+    from edgepack.profiles.devices import ACCELERATOR_UNITS, load_devices
 
     found = load_devices(list(devices_dirs))
     if as_json:
@@ -80,7 +80,7 @@ def list_devices(devices_dirs, as_json):
             extra.append(f"QNN soc {device.value('qnn', 'soc_model')}/htp v{device.value('qnn', 'htp_arch')}")
         if device.coreml:
             extra.append(f"Core ML {device.coreml.get('compute_units')}")
-        units = [unit for unit in ("ane", "gpu", "htp") if device.tables.get(unit)]
+        units = [unit for unit in ACCELERATOR_UNITS if device.has_unit(unit)]
         if units:
             extra.append("units: cpu, " + ", ".join(units))
         table.add_row(device.id, device.name, device.device_class, cell(device, "memory", "ram_mb"),
@@ -311,7 +311,7 @@ def _print_profile(report: dict, out) -> None:
         cpu = c["host"]["cpu"] if where == "this host" else section["device"]["cpu"]
         console.print(
             f"measured on {where}: {cpu}, {c['runtime']} {c['provider']}, threads {c['threads'] or 'default'}, "
-            f"{c['runs']} runs + {c['warmup']} warmup, load {section['load_seconds']:.2f} s, load average {c['loadavg_before']} -> {c['loadavg_after']}"
+            f"{c['runs']} runs + {c['warmup']} warmup, load {_fmt(section['load_seconds'], '.2f')} s, load average {c['loadavg_before']} -> {c['loadavg_after']}"
         )
         if section.get("parity"):
             p = section["parity"]
@@ -428,5 +428,6 @@ def _print_estimate(report: dict, out) -> None:
                       "yes" if fit["fits"] else "NO" if fit["fits"] is False else "-")
     console = stdout_console()
     console.print(table)
-    console.print("kind: estimated (no build, no measurement); figures and their sources: `edgepack devices show ID`, docs/devices.md"
-                  + (f"; written to {out}" if out else ""))
+    console.print(f"kind: estimated (no build, no measurement): decode at position {e['prompt_len'] + e['gen_len'] // 2} "
+                  f"(prompt {e['prompt_len']} + half of {e['gen_len']} generated), projected from each device's figures for the unit "
+                  "(`edgepack devices show ID`, docs/devices.md)" + (f"; written to {out}" if out else ""))

@@ -20,7 +20,9 @@ from edgepack.errors import BadInputError, UsageError
 BUILTIN_DIR = Path(__file__).parent / "devices"
 DEVICE_SCHEMA_VERSION = 1
 # Tables whose numbers must all be figures; `coreml` holds strings only.
-FIGURE_TABLES = ("memory", "compute", "power", "efficiency", "runtime", "qnn", "calibration", "ane", "gpu", "htp")
+# Accelerators a device may have, each with a figure table of its name (the CPU's figures are the tables before them).
+ACCELERATOR_UNITS = ("ane", "gpu", "htp")
+FIGURE_TABLES = ("memory", "compute", "power", "efficiency", "runtime", "qnn", "calibration", *ACCELERATOR_UNITS)
 # Keys of the compute-unit tables [ane], [gpu], [htp] (the CPU's figures are in the tables above).
 UNIT_KEYS = ("decode_bandwidth_fp16", "decode_bandwidth_int8", "decode_bandwidth_int4", "peak_gops", "prefill_compute",
              "call_overhead_ms", "power_w", "overhead_mb")
@@ -57,6 +59,10 @@ class Device:
     def value(self, table: str, key: str, default=None):
         fig = self.figure(table, key)
         return default if fig is None else fig.value
+
+    def has_unit(self, unit: str) -> bool:
+        """Whether the device has figures for this compute unit (every device has a CPU)."""
+        return unit == "cpu" or bool(self.tables.get(unit))
 
     def to_json(self) -> dict:
         out = {"id": self.id, "name": self.name, "class": self.device_class, "soc": self.soc, "file": str(self.path)}
@@ -108,7 +114,7 @@ def parse_device(data: dict, path: Path) -> Device:
         if not isinstance(raw, dict):
             raise BadInputError(f"{where}: [{table}] must be a table")
         tables[table] = {key: parse_figure(f"{where}: {table}.{key}", value) for key, value in raw.items()}
-        if table in ("ane", "gpu", "htp"):
+        if table in ACCELERATOR_UNITS:
             unknown_keys = set(raw) - set(UNIT_KEYS)
             if unknown_keys:
                 raise BadInputError(f"{where}: unknown [{table}] key(s) {', '.join(sorted(unknown_keys))}; known: {', '.join(UNIT_KEYS)}")

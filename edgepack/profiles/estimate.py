@@ -67,9 +67,7 @@ def estimate_model(model: Path | str, config: EstimateConfig = EstimateConfig())
     facts = facts_for(arch, layout, context)
     known = load_devices(list(config.devices_dirs))
     if config.devices == ("all",):
-        from edgepack.profiles.roofline import UNIT_TABLES
-
-        chosen = [d for d in known.values() if layout.unit == "cpu" or d.tables.get(UNIT_TABLES[layout.unit])]
+        chosen = [d for d in known.values() if d.has_unit(layout.unit)]
     else:
         chosen = [get_device(d, known) for d in (config.devices or DEFAULT_DEVICES)]
     projections = {d.id: project_device(facts, d, (config.prompt_len,), config.gen_len, context, unit=layout.unit, kind="estimated")

@@ -181,11 +181,9 @@ def profile_model(directory: Path | str, out: Path | str | None, config: Profile
     started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     host, measured_on = None, {}
     if config.on:  # measured on the devices themselves
-        from edgepack.profiles.on_device import measure_on_device
+        from edgepack.profiles.on_device import measure_on_devices
 
-        for name, url in config.on:
-            measured_on[name] = measure_on_device(directory, name, url, config, reference=config.reference,
-                                                  timeout=config.device_timeout_s, on_status=status)
+        measured_on = measure_on_devices(model_dir, facts, config, on_status=status)
     if config.measure_here:
         loadavg_before = _loadavg()
         host = _measure_host(model_dir, facts, config, meter, status)

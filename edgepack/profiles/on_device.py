@@ -63,59 +63,69 @@ def reference_folder(model_dir) -> Path | None:
     return folder if folder is not None and (folder / "model.onnx").is_file() else None
 
 
-def measure_on_device(directory: Path | str, name: str, url: str, config: ProfileConfig, *, reference: Path | None = None,
-                      timeout: float = 600.0, on_status=None) -> dict:
-    """profile.json's `measured_on.<name>` section: the host section's figures as the device measured them,
-    the device's identity, and parity of the device's logits against the fp32 reference."""
+def measure_on_devices(model_dir, facts, config: ProfileConfig, *, on_status=None) -> dict[str, dict]:
+    """profile.json's `measured_on`: for each (name, address) of `config.on`, the host section's figures as that
+    device measured them, its identity, and parity of its logits against the fp32 reference. The prompts, the
+    evaluation windows and the logits here and of the reference are computed once for every device."""
     import numpy as np
 
     from edgepack.profiles.measure import build_prompts
-    from edgepack.profiles.model_facts import model_facts
     from edgepack.runners import open_runner
     from edgepack.runners.probe import window_logits
     from edgepack.runtime.model_dir import load_model_dir
 
     status = on_status or (lambda message: None)
-    model_dir = load_model_dir(directory)
-    facts = model_facts(model_dir.onnx_path, model_dir.config)
     prompts = build_prompts(model_dir, config)
     windows = parity_windows(model_dir)
-    runner = open_runner(url, timeout)
-    if url.startswith("adb:"):
-        from edgepack.runners.adb import measure_android
+    reference = config.reference or reference_folder(model_dir)
+    logits: dict[str, dict] = {}  # "here", "reference": computed on first need (an Android device needs neither)
 
-        status(f"{name}: measuring on {url} with onnxruntime_perf_test")
-        section = measure_android(runner, model_dir, facts, prompts, config)
-        section["device"] = {"name": name, "url": url, **runner.identity()}
-        return section
-    status(f"{name}: copying the bundle to {url} (once per content)")
-    remote, copied = runner.ensure_tree(model_dir.folder, "bundles")
-    status(f"{name}: measuring on {url}")
-    request = {"bundle": remote, "prompts": {str(k): v for k, v in prompts.items()}, "gen_len": config.gen_len, "runs": config.runs,
-               "warmup": config.warmup, "threads": config.threads, "cooldown_s": config.cooldown_s, "windows": windows,
-               "facts": {"weight_bytes_per_token": facts.weight_bytes_per_token, "kv_bytes_per_position": facts.kv_bytes_per_position,
-                         "file_bytes": facts.file_bytes}}
-    result, run_folder = runner.call_probe(cache_dir(), "measure", request, timeout=timeout)
-    section = result["measured"]
-    device_logits = dict(np.load(io.BytesIO(runner.fetch(section.pop("logits_file")))))
-    runner.remove(run_folder)
-    status(f"{name}: parity of the device's logits")
-    here = window_logits(model_dir, windows, config.threads)
-    reference = reference or reference_folder(model_dir)
-    ref_logits = window_logits(load_model_dir(reference), windows, config.threads) if reference is not None else here
-    section.update({
-        "kind": "measured",
-        "device": {"name": name, "url": url, **result["identity"]},
-        "bundle_copied": copied,
-        "parity": {
-            "reference": str(reference) if reference is not None else f"{model_dir.folder} run on this host",
-            "windows": len(windows), "window_tokens": PARITY_WINDOW_TOKENS,
-            "device": parity(ref_logits, device_logits),
-            "here": parity(ref_logits, here),
-            "device_vs_here_max_abs_logit_diff": float(max(np.max(np.abs(device_logits[k] - here[k])) for k in here)),
-        },
-    })
-    return section
+    def logits_of(which: str) -> dict:
+        if which == "reference" and reference is None:
+            return logits_of("here")  # no fp32 export known: agreement with this host's run
+        if which not in logits:
+            status(f"logits of the evaluation windows ({which})")
+            folder = model_dir if which == "here" else load_model_dir(reference)
+            logits[which] = window_logits(folder, windows, config.threads)
+        return logits[which]
+
+    measured = {}
+    for name, url in config.on:
+        runner = open_runner(url, config.device_timeout_s)
+        if url.startswith("adb:"):
+            from edgepack.runners.adb import measure_android
+
+            status(f"{name}: measuring on {url} with onnxruntime_perf_test")
+            section = measure_android(runner, model_dir, facts, prompts, config)
+            section["device"] = {"name": name, "url": url, **runner.identity()}
+            measured[name] = section
+            continue
+        status(f"{name}: copying the bundle to {url} (once per content)")
+        remote, copied = runner.ensure_tree(model_dir.folder, "bundles")
+        status(f"{name}: measuring on {url}")
+        request = {"bundle": remote, "prompts": {str(k): v for k, v in prompts.items()}, "gen_len": config.gen_len, "runs": config.runs,
+                   "warmup": config.warmup, "threads": config.threads, "cooldown_s": config.cooldown_s, "windows": windows,
+                   "facts": {"weight_bytes_per_token": facts.weight_bytes_per_token, "kv_bytes_per_position": facts.kv_bytes_per_position,
+                             "file_bytes": facts.file_bytes}}
+        result, run_folder = runner.call_probe(cache_dir(), "measure", request, timeout=config.device_timeout_s)
+        section = result["measured"]
+        device_logits = dict(np.load(io.BytesIO(runner.fetch(section.pop("logits_file")))))
+        runner.remove(run_folder)
+        here, ref_logits = logits_of("here"), logits_of("reference")
+        section.update({
+            "kind": "measured",
+            "device": {"name": name, "url": url, **result["identity"]},
+            "bundle_copied": copied,
+            "parity": {
+                "reference": str(reference) if reference is not None else f"{model_dir.folder} run on this host",
+                "windows": len(windows), "window_tokens": PARITY_WINDOW_TOKENS,
+                "device": parity(ref_logits, device_logits),
+                "here": parity(ref_logits, here),
+                "device_vs_here_max_abs_logit_diff": float(max(np.max(np.abs(device_logits[k] - here[k])) for k in here)),
+            },
+        })
+        measured[name] = section
+    return measured
 
 
 def calibrate_on_device(url: str, out: Path, config, *, timeout: float = 1800.0, on_status=None) -> dict:

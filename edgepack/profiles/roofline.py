@@ -26,11 +26,10 @@ import math
 from dataclasses import dataclass
 
 from edgepack.errors import UsageError
-from edgepack.profiles.devices import Device
+from edgepack.profiles.devices import ACCELERATOR_UNITS, Device
 from edgepack.profiles.model_facts import ModelFacts
 
 FORMATS = ("fp32", "fp16", "int8", "int4")
-UNIT_TABLES = {"ane": "ane", "gpu": "gpu", "htp": "htp"}  # compute unit -> its device table (the CPU's are the classic ones)
 UNIT_FORMATS = ("fp16", "int8", "int4")
 
 
@@ -63,10 +62,10 @@ class DeviceModel:
         """The figures of one compute unit of `device`; UsageError when the device has none for it."""
         if unit == "cpu":
             return cls.from_device(device)
-        table = UNIT_TABLES.get(unit)
-        if table is None:
-            raise UsageError(f"unknown compute unit {unit!r} (cpu, gpu, ane, htp)")
-        if not device.tables.get(table):
+        if unit not in ACCELERATOR_UNITS:
+            raise UsageError(f"unknown compute unit {unit!r} (cpu, {', '.join(ACCELERATOR_UNITS)})")
+        table = unit  # an accelerator's figures are in the table of its name
+        if not device.has_unit(unit):
             raise UsageError(f"device {device.id} has no [{table}] figures: nothing to project a {unit} program onto")
         eff = {}
         for fmt in UNIT_FORMATS:

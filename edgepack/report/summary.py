@@ -87,8 +87,8 @@ def build_report(recipe, sources, quality_reports, targets, profiles, verdicts, 
             "quality": report.get("quality") if report else None,
         }
     target_rows, own_rows = [], []
-    for (target, scheme), path in targets.items():
-        data = json.loads((path / "target.json").read_text())
+    target_data = {key: json.loads((path / "target.json").read_text()) for key, path in targets.items()}
+    for (target, scheme), data in target_data.items():
         ane = _neural_engine(data)
         target_rows.append({"target": target, "scheme": scheme, "total_bytes": data["total_bytes"], "passed": data["passed"],
                             "path": f"targets/{target}/{scheme}", **({"ane": ane} if ane else {})})
@@ -98,9 +98,8 @@ def build_report(recipe, sources, quality_reports, targets, profiles, verdicts, 
     for name, profile in profiles.items():  # keyed by build.profile_name: one profile per bundle measured or projected
         devices = (["host"] if profile.get("host") else []) + list(profile.get("measured_on") or {}) + list(profile.get("projections") or {})
         figures[name] = {device: _figures(profile, device) for device in dict.fromkeys(devices)}
-    for (target, scheme), path in targets.items():
+    for (target, scheme), data in target_data.items():
         if scheme == "fp32" and len(sources) > 1:
-            data = json.loads((path / "target.json").read_text())
             name = profile_name(scheme, target)
             own_rows.extend(_own_compression_rows(target, scheme, data, figures.get(name) or {}, verdicts.get(name, [])))
     for scheme in sources:
