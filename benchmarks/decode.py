@@ -45,7 +45,9 @@ PRECISIONS = {
     "int4-rtn": (("int4", {"algorithm": "rtn", "accuracy_level": 4}), "int4"),
     # ... and with the builder's bit widths too (4-bit embedding/lm_head instead of int8): the same graph class.
     "int4-rtn-lm4": (("int4", {"algorithm": "rtn", "accuracy_level": 4, "lm_head": "int4", "embeddings": "int4"}), "int4"),
-    "gguf": (("gguf", {}), "int4"),
+    # The GGUF's own blocks: the fast form (int8 activations, block minimums as residue columns) and the exact one.
+    "gguf": (("gguf", {"accuracy_level": 4}), "int4"),
+    "gguf-exact": (("gguf", {"accuracy_level": 0}), "int4"),
 }
 # llama.cpp runs the demo's own GGUF (the Q4_1 blocks the gguf scheme imports): the peer for gguf and int4.
 VARIANTS = ("edgepack-ort", "genai-on-edgepack", "genai-builder", "llama.cpp", "edgepack-export", "optimum-ort", "torch-eager")
@@ -220,7 +222,7 @@ def prepare(work: Path, precisions: list[str], variants: list[str]) -> dict[tupl
                 print(f"onnxruntime-genai builder {builder_precision} ...", file=sys.stderr)
                 run_builder(hf_dir, native, precision=builder_precision, cache_dir=work / "builder-cache")
             paths[("genai-builder", precision)] = native
-        if "llama.cpp" in variants and precision in ("gguf", "int4", "int4-exact", "int4-rtn"):
+        if "llama.cpp" in variants and precision in ("gguf", "gguf-exact", "int4", "int4-exact", "int4-rtn"):
             import llamacpp
 
             from edgepack.sources import DEMO_MODELS, find_demo_gguf

@@ -408,6 +408,9 @@ _SCALE_BITS = 11  # significant bits kept by the snap: fp16's mantissa, so snapp
 # it lowers KL against the exact layout but adds columns (size and decode time). One plane: speed first
 # (level 4 is the fast, approximate setting; the exact layout is level 0).
 OFFSET_PLANES = 1
+# A GGUF's blocks are the weights the user chose: two planes carry their minimums to ~1/16 of one plane's
+# error, so what is left against the GGUF is the int8 activations of accuracy_level 4, as in llama.cpp.
+GGUF_OFFSET_PLANES = 2
 _GRID_BITS = 13  # |u - zp| * 2**g < 2**13: with 11-bit scales every product fits fp32's 24 bits
 
 
@@ -586,7 +589,7 @@ def snap_for_exact_layout(model, store=None) -> dict:
     return {"nodes": count, "max_rel_change": worst}
 
 
-def offset_columns(w: NBitsWeight, planes: int = OFFSET_PLANES) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+def offset_columns(w: NBitsWeight, planes: int = OFFSET_PLANES, target: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """accuracy_level 4, 4-bit float zero points: integer zero points plus the rounding residue as extra K columns.
 
     w = s*(u - zf) = s*(u - zi) + r with zi = round(zf) and r = s*(zi - zf) one value per block and row.
@@ -599,6 +602,9 @@ def offset_columns(w: NBitsWeight, planes: int = OFFSET_PLANES) -> tuple[np.ndar
     accuracy_level 4, which already quantizes the activations to int8 and is approximate anyway.
     With `planes` > 1 each further copy of the block sums carries what the planes before it left.
 
+    `target` ([N, K]) is the weight to reproduce when it is not `w.dequantize()` (GGUF blocks s*u + m, whose
+    float zero point -m/s is only a rounded stand-in).
+
     Returns (codes [N, K + planes*pad], scales [N, nb + planes*pad/block], zero points uint8 (same shape),
     max |w_new - w| / max |w|) where pad = the block sums rounded up to whole blocks.
     """
@@ -607,7 +613,7 @@ def offset_columns(w: NBitsWeight, planes: int = OFFSET_PLANES) -> tuple[np.ndar
     scale = snap_scale(w.scale)  # fp16-exact: stored as fp16
     zf = w.zero.astype(np.float32)
     zi = np.clip(np.round(zf), 0, top)
-    target = w.dequantize().reshape(rows, nb, block).astype(np.float64)
+    target = (w.dequantize() if target is None else target).reshape(rows, nb, block).astype(np.float64)
     main = (w.codes.reshape(rows, nb, block).astype(np.float32) - zi[..., None].astype(np.float32)) * scale[..., None]
     left = resid0 = (target - main.astype(np.float64)).mean(axis=-1)  # least squares per block: s*(zi - zf) + snap
     pad = -(-nb // block) * block
@@ -654,11 +660,12 @@ def with_block_sums(g: GraphEdit, activation: str, k: int, block: int, copies: i
     return nodes, g.block_sums[key]
 
 
-def offset_column_nodes(g: GraphEdit, node, w: NBitsWeight) -> tuple[list, float]:
+def offset_column_nodes(g: GraphEdit, node, w: NBitsWeight, target: np.ndarray | None = None,
+                        planes: int = OFFSET_PLANES) -> tuple[list, float]:
     """MatMul(A, W) -> MatMulNBits(Concat(A, blocksum(A) zero-padded), W with residue columns); see `offset_columns`."""
     from onnx import helper
 
-    codes, scales, zeros, error = offset_columns(w)
+    codes, scales, zeros, error = offset_columns(w, planes, target=target)
     rows, k = w.codes.shape
     block, nb = w.block, k // w.block
     pad = -(-nb // block) * block
@@ -679,6 +686,18 @@ def offset_column_nodes(g: GraphEdit, node, w: NBitsWeight) -> tuple[list, float
         )
     )  # fmt: skip
     return nodes, error
+
+
+def offset_column_nodes_for_blocks(g: GraphEdit, node, blocks: Blocks, base: str) -> tuple[list, float]:
+    """`offset_column_nodes` for 4-bit blocks with a minimum (GGUF Q4_1, Q4_K, Q2_K: w = s*u + m) at
+    accuracy_level 4: the float zero point -m/s becomes an integer one plus residue columns, so the weight
+    needs one MatMulNBits instead of MatMulNBits + block sums @ minimums + Add. A block whose scale is 0
+    (all its weights equal m) gets zero point 0 and its whole value as residue."""
+    scale = blocks.scale.astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        zero = np.where(scale != 0, -blocks.offset / np.where(scale != 0, scale, 1), 0).astype(np.float32)
+    w = NBitsWeight(node, 4, blocks.block, 4, blocks.codes, scale, zero, (base,))
+    return offset_column_nodes(g, node, w, target=blocks.dequantize(), planes=GGUF_OFFSET_PLANES)
 
 
 def find_tied_embeddings(model, lm_head: str | None, store=None) -> dict[str, str]:

@@ -72,6 +72,7 @@ from edgepack.quantize.cpu_layout import GraphEdit as _Graph
 from edgepack.quantize.cpu_layout import Packed as _Packed
 from edgepack.quantize.cpu_layout import gather_block_quantized_nodes as _gather_block_quantized
 from edgepack.quantize.cpu_layout import matmul_nbits_nodes as _matmul_nbits
+from edgepack.quantize.cpu_layout import offset_column_nodes_for_blocks as _offset_column_nodes
 from edgepack.quantize.cpu_layout import pack_blocks as _pack
 
 # What each supported GGML type becomes: (bits, block_size). Codes are unsigned, one per weight.
@@ -89,6 +90,7 @@ _FORMATS = {
 }
 _FLOAT_TYPES = ("F32", "F16", "BF16")
 SUPPORTED_GGUF_TYPES = tuple(_FORMATS) + _FLOAT_TYPES
+_4BIT_WITH_MINIMUM = ("Q4_1", "Q4_K", "Q2_K")  # w = s*u + m with 4-bit codes u (see `_decompose`)
 # Requantization of types that cannot be expressed exactly (allow_requantize): onnxruntime RTN.
 _REQUANT_BITS, _REQUANT_BLOCK = 4, 32
 
@@ -106,6 +108,9 @@ class GgufImportResult:
     fused: list[dict] = field(default_factory=list)  # MatMuls whose weight stacks several GGUF tensors (fused q/k/v)
     embedding: dict = field(default_factory=dict)
     lm_head: dict = field(default_factory=dict)
+    # accuracy_level 4: weights with a block minimum written as integer zero points + residue columns
+    offset_columns: int = 0
+    offset_columns_max_rel_error: float = 0.0  # max |w_written - w_gguf| / max |w_gguf| over those weights
     bytes: int = 0  # size of onnx_out (+ external data, if any)
     bytes_in: int = 0
     seconds: float = 0.0
@@ -471,7 +476,9 @@ def import_gguf_weights(
 
     status(f"writing {len(matched)} GGUF tensors into the graph")
     writer = _WeightWriter(g, result, _GgufBlocks(result), accuracy_level)
-    for match in _label_tied_lm_head(matched):
+    matched = _label_tied_lm_head(matched)
+    writer.shared_tensors = {m.tensor.name for m in matched if m.kind in ("embedding", "lm_head")}
+    for match in matched:
         writer.write(match)
 
     result.gguf_types = dict(Counter(writer.used_tensors.values()))
@@ -590,6 +597,7 @@ class _WeightWriter:
         self.packed: dict[tuple[str, bytes], _Packed] = {}
         self.removed: set[str] = set()  # float initializers no longer used
         self.used_tensors: dict[str, str] = {}  # GGUF tensor name -> its type
+        self.shared_tensors: set[str] = set()  # the embedding's and lm_head's tensors (packed once, shared)
 
     def write(self, match: _Match) -> None:
         kind, node, tensor = match.kind, match.node, match.tensor
@@ -605,6 +613,13 @@ class _WeightWriter:
         if isinstance(tensor, _FusedTensor):
             self._write_fused(match, label)
             return
+        if kind != "embedding" and self._offset_columns(tensor):
+            blocks = self.blocks.of(tensor)
+            blocks = blocks if _is_identity(match.perm) else blocks.take_rows(match.perm)
+            self._write_offset_columns(node, blocks, _safe(tensor.name))
+            self.removed.add(match.init_name)
+            _describe(self.result, kind, tensor, None, shared=False)
+            return
         packed, shared = self._packed(match)
         if kind == "embedding":
             self.g.replacements[id(node)] = _gather_block_quantized(self.g, node, packed)
@@ -613,6 +628,20 @@ class _WeightWriter:
             self.result.matmuls_replaced += 1
         self.removed.add(match.init_name)
         _describe(self.result, kind, tensor, packed, shared=shared)
+
+    def _offset_columns(self, tensor) -> bool:
+        """accuracy_level 4 writes 4-bit blocks with a minimum as offset columns (one MatMulNBits each); the
+        tied lm_head keeps the packed form its embedding shares."""
+        if self.accuracy_level != 4 or tensor.name in self.shared_tensors:
+            return False
+        return all(part.gguf_type in _4BIT_WITH_MINIMUM for part, _ in _parts(tensor))
+
+    def _write_offset_columns(self, node, blocks: _Blocks, base: str) -> None:
+        nodes, error = _offset_column_nodes(self.g, node, blocks, base)
+        self.g.replacements[id(node)] = nodes
+        self.result.matmuls_replaced += 1
+        self.result.offset_columns += 1
+        self.result.offset_columns_max_rel_error = max(self.result.offset_columns_max_rel_error, error)
 
     def _packed(self, match: _Match) -> tuple[_Packed, bool]:
         """The packed blocks of the match's tensor in its row order, and whether an earlier match packed them."""
@@ -641,7 +670,9 @@ class _WeightWriter:
         if exact and not np.array_equal(np.concatenate([b.dequantize() for b in pieces]), g.np.to_array(g.inits[init_name]).T):
             raise AssertionError(f"GGUF tensors {tensor.name} do not reproduce {init_name} exactly")
         one_matmul = _compatible(pieces)
-        if one_matmul:  # one MatMulNBits over the stacked blocks, as fast as the fused MatMul
+        if one_matmul and self._offset_columns(tensor):
+            self._write_offset_columns(node, _concat_rows(pieces), _safe(label + ".fused"))
+        elif one_matmul:  # one MatMulNBits over the stacked blocks, as fast as the fused MatMul
             packed = _pack(g, _concat_rows(pieces), _safe(label + ".fused"), single_8bit=level == 4)
             g.replacements[id(node)] = _matmul_nbits(g, node, packed, level)
         else:  # mixed formats (Q4_K_M keeps attn_v at Q6_K): one MatMulNBits per part, outputs concatenated

@@ -211,6 +211,32 @@ def test_accuracy_level_4_uses_single_8bit_weights(built, tmp_path):
     assert rel < 0.05  # int8 activations: close, not exact
 
 
+@pytest.mark.parametrize("name,spec", [("legacy", LEGACY), ("kquants", KQUANTS)])
+def test_accuracy_level_4_writes_block_minimums_as_residue_columns(built, tmp_path, name, spec):
+    """Q4_1/Q4_K/Q2_K (w = s*u + m) at accuracy_level 4: one MatMulNBits over the activation widened by its
+    block sums, no separate minimum MatMul + Add; the written weights match the GGUF's to the residue planes'
+    precision, and the logits stay close (int8 activations are the remaining difference)."""
+    gguf_path, fp32_dir = built(name, spec)
+    out = tmp_path / "model.onnx"
+    result = import_gguf_weights(fp32_dir / "model.onnx", gguf_path, out, accuracy_level=4)
+    with_minimum = [t for t in spec.linear_types().values() if t in ("Q4_1", "Q4_K", "Q2_K")]
+    assert result.offset_columns == len(with_minimum) > 0
+    assert 0 < result.offset_columns_max_rel_error < 1e-3  # two residue planes: ~1/16 of one plane's error
+    model = onnx.load(str(out), load_external_data=False)
+    # The exact minimum term stays only where codes are 8-bit (Q5_1, Q5_K) and on a tied lm_head, whose blocks
+    # the embedding's GatherBlockQuantized shares.
+    exact_minimum = sum(t in ("Q5_1", "Q5_K") for t in spec.linear_types().values())
+    exact_minimum += spec.embedding in ("Q4_1", "Q4_K", "Q2_K", "Q5_1", "Q5_K")
+    assert len([n for n in model.graph.node if n.name.endswith("_OffsetMatMul")]) == exact_minimum
+    widened = [n for n in model.graph.node if n.op_type == "MatMulNBits" and "_with_block_sums" in n.input[0]]
+    assert len(widened) == len(with_minimum)
+    rel, _, _, ref_tokens, got_tokens = compare(fp32_dir, out)
+    assert rel < 0.05
+    exact = tmp_path / "exact.onnx"
+    import_gguf_weights(fp32_dir / "model.onnx", gguf_path, exact, accuracy_level=0)
+    assert op_counts(out)["MatMulNBits"] < op_counts(exact)["MatMulNBits"] + op_counts(exact).get("MatMul", 0)
+
+
 def test_wrong_gguf_is_refused(built, tmp_path):
     gguf_path, _ = built("legacy", LEGACY)
     _, other_dir = built("kquants", KQUANTS)
