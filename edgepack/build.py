@@ -695,7 +695,7 @@ def _quantize_stage(build: _Build) -> None:
     recipe, result = build.recipe, build.result
     export, convert_key = build.sources[FP32]
     evaluation, calibration = recipe.evaluation, recipe.calibration
-    gate = QualityGate(evaluation.get("max_kl"), evaluation.get("min_top1"), evaluation.get("max_ppl_ratio"))
+    gate = QualityGate(evaluation.get("max_kl"), evaluation.get("min_top1"), evaluation.get("max_ppl_ratio"), evaluation.get("min_cosine"))
     quality = QualityConfig(eval_text=recipe.resolve(evaluation.get("text")), eval_tokens=evaluation.get("tokens", 512))
     for name, table in scheme_names(recipe):
         if name == FP32:

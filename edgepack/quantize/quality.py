@@ -31,6 +31,18 @@ from edgepack.errors import BadInputError
 from edgepack.runtime.model_dir import TEXT_GENERATION
 
 _ROWS = 64  # positions compared at a time
+SENTENCE_BATCH = 8  # sentences embedded per call: padding and masks are part of what is checked
+MAX_SENTENCES = 128
+
+
+def sentence_token_ids(tokenizer, text: str, max_length: int) -> list[list[int]]:
+    """The evaluation text as sentences of at least 4 words, each tokenized as the app would (special tokens
+    included), at most MAX_SENTENCES."""
+    import re
+
+    sentences = [" ".join(part.split()) for part in re.split(r"(?<=[.!?])\s+", text)]
+    sentences = [sentence for sentence in sentences if len(sentence.split()) >= 4][:MAX_SENTENCES]
+    return [list(tokenizer(sentence, truncation=True, max_length=max_length)["input_ids"]) for sentence in sentences]
 
 
 def _is_float_graph(onnx_path: Path) -> bool:
@@ -72,6 +84,11 @@ class QualityEvaluator:
             )
         self.task = model_dir.task
         self.reference = list(self._outputs(reference_onnx, prepack=not _is_float_graph(reference_onnx)))
+        self.sentences: list[list[int]] = []
+        self.sentence_reference = None
+        if self.task != TEXT_GENERATION and tokenizer is not None:
+            self.sentences = sentence_token_ids(tokenizer, text, max_length=self.context)
+            self.sentence_reference = self._sentence_embeddings(reference_onnx, prepack=not _is_float_graph(reference_onnx))
 
     def _outputs(self, onnx_path: Path, prepack: bool = True):
         """Logits (decoders) or hidden states (encoders) for each window in turn, one session per model.
@@ -93,10 +110,33 @@ class QualityEvaluator:
         for window in self.windows:
             yield session.run(None, encoder_feeds(window, names))[0][0]
 
+    def _sentence_embeddings(self, onnx_path: Path, prepack: bool = True):
+        """The graph's `sentence_embedding` of every evaluation sentence, in padded batches of SENTENCE_BATCH
+        (the way apps embed), or None when the export has no sentence output."""
+        from edgepack.convert.pooling import sentence_output
+        from edgepack.runtime.generate import encoder_batch_feeds
+        from edgepack.runtime.session import create_session
+
+        if not self.sentences:
+            return None
+        session = create_session(onnx_path, threads=self.config.threads, prepack=prepack, arena=False)
+        name = sentence_output(session)
+        if name is None:
+            return None
+        names = {i.name for i in session.get_inputs()}
+        batches = [self.sentences[i:i + SENTENCE_BATCH] for i in range(0, len(self.sentences), SENTENCE_BATCH)]
+        return np.concatenate([session.run([name], encoder_batch_feeds(batch, names))[0] for batch in batches])
+
     def evaluate(self, candidate_onnx: Path) -> dict:
         candidate = self._outputs(candidate_onnx)
         if self.task != TEXT_GENERATION:
-            return self._encoder_figures(list(candidate))
+            figures = self._encoder_figures(list(candidate))
+            if self.sentence_reference is not None:
+                got = self._sentence_embeddings(candidate_onnx)
+                cos = cosine_per_position(self.sentence_reference.astype(np.float64), got.astype(np.float64))
+                figures.update(sentences=int(cos.size), sentence_cosine_min=float(cos.min()), sentence_cosine_mean=float(cos.mean()))
+                figures["method"] += f"; sentence embeddings ({SENTENCE_BATCH} sentences a batch, padded) by cosine"
+            return figures
         kls, agree, nll_ref, nll_q, top2 = [], [], [], [], []
         max_abs = 0.0
         for window, ref, cand in zip(self.windows, self.reference, candidate):
@@ -147,6 +187,9 @@ class QualityEvaluator:
             "context": self.context,
             "cosine_mean": float(cos.mean()),
             "cosine_min": float(cos.min()),
+            "sentences": None,  # set with the sentence figures when the export has a sentence_embedding output
+            "sentence_cosine_min": None,
+            "sentence_cosine_mean": None,
             "ppl_reference": None,
             "ppl": None,
             "ppl_ratio": None,

@@ -76,6 +76,8 @@ class QualityOptions:
     max_kl: float | None = option(None, min=0, help="Gate: mean KL(fp32 || quantized) at most X.")
     min_top1: float | None = option(None, min=0, max=1, help="Gate: top-1 agreement with fp32 at least Y.")
     max_ppl_ratio: float | None = option(None, min=0, help="Gate: perplexity / fp32 perplexity at most Z.")
+    min_cosine: float | None = option(None, min=-1, max=1, help="Gate (encoders): min cosine of sentence embeddings "
+                                      "(token embeddings without a sentence output) against fp32 at least C.")
 
 
 @dataclass(frozen=True)

@@ -156,6 +156,23 @@ def encoder_feeds(token_ids, input_names) -> dict[str, np.ndarray]:
     return {name: value for name, value in feeds.items() if name in input_names}
 
 
+def encoder_batch_feeds(sequences, input_names) -> dict[str, np.ndarray]:
+    """Inputs for a batch of sequences, right-padded with token 0 and masked out, limited to the graph's inputs."""
+    width = max(len(s) for s in sequences)
+    ids = np.zeros((len(sequences), width), dtype=np.int64)
+    mask = np.zeros_like(ids)
+    for row, seq in enumerate(sequences):
+        ids[row, :len(seq)] = seq
+        mask[row, :len(seq)] = 1
+    feeds = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "token_type_ids": np.zeros_like(ids),
+        "position_ids": np.broadcast_to(np.arange(width, dtype=np.int64), ids.shape).copy(),
+    }
+    return {name: value for name, value in feeds.items() if name in input_names}
+
+
 def sample_next(logits: np.ndarray, sampling: SamplingConfig, rng: np.random.Generator) -> int:
     if sampling.greedy:
         return int(np.argmax(logits))
