@@ -1,7 +1,7 @@
 """Decode speed of SmolLM2-135M on this CPU, edgepack against its peers (not a test).
 
     python benchmarks/decode.py [--work DIR] [--runs 5] [--threads 2] [--prompt-len 128] [--gen-len 64]
-                                [--variants a,b,...] [--precisions fp32,int8,int4,int4-rtn,int4-rtn-lm4,int4-exact,gguf]
+                                [--variants a,b,...] [--precisions fp32,int8,int4,int4-rtn,int4-rtn-lm4,int4-exact,gguf,gguf-exact]
 
 For each precision it builds (once, cached in --work) the edgepack artifacts: export -> quantize ->
 `target ort`, plus onnxruntime-genai's own builder output at the same precision (when the builder
@@ -159,23 +159,54 @@ def _hf_steps(model, ids, gen_len: int) -> list[float]:
     return steps
 
 
+QUALITY_CONTEXT = 512  # llama-perplexity's default context: every artifact is scored on the same windows and positions
+
+
+def _quality_windows(fp32: Path) -> tuple[list[list[int]], Path]:
+    """Windows of QUALITY_CONTEXT tokens of the bundled evaluation text (no special tokens, as llama-perplexity
+    reads a text file), and that text as a file for llama-perplexity."""
+    from edgepack.core.texts import eval_text
+    from edgepack.core.windows import token_ids
+    from edgepack.runtime.model_dir import load_model_dir
+
+    model_dir = load_model_dir(fp32)
+    text, _ = eval_text()
+    ids = token_ids(model_dir.load_tokenizer(), text, special_tokens=False, vocab_size=model_dir.config.get("vocab_size"))
+    text_file = fp32.parent / "eval.txt"
+    text_file.write_text(text)
+    return [ids[i:i + QUALITY_CONTEXT] for i in range(0, len(ids) - QUALITY_CONTEXT + 1, QUALITY_CONTEXT)], text_file
+
+
 def _quality(fp32: Path, artifacts: dict[str, Path], threads: int) -> dict[str, dict]:
-    """top-1 agreement and mean KL against the fp32 export of each artifact onnxruntime runs, on the same windows of
-    the bundled evaluation text (edgepack's own measure of the answer a device computes: profiles/on_device.py)."""
-    from edgepack.profiles.on_device import parity, parity_windows
+    """top-1 agreement and mean KL against the fp32 export of each artifact onnxruntime runs: each window prefilled
+    from an empty cache, scored on the positions llama-perplexity scores (the second half of each window), so the
+    llama.cpp row's figures (llama-perplexity --kl-divergence against the F32 GGUF) are on the same text and positions."""
+    from edgepack.profiles.on_device import parity
     from edgepack.runners.probe import window_logits
     from edgepack.runtime.model_dir import load_model_dir
 
     reference_dir = load_model_dir(fp32)
-    windows = parity_windows(reference_dir)
-    reference = window_logits(reference_dir, windows, threads)
+    windows, _ = _quality_windows(fp32)
+    first = QUALITY_CONTEXT // 2
+
+    def scored(logits: dict) -> dict:
+        return {key: value[first:QUALITY_CONTEXT - 1] for key, value in logits.items()}
+
+    reference = scored(window_logits(reference_dir, windows, threads))
     figures = {}
     for name, path in artifacts.items():
         model_dir = load_model_dir(path)
         if not model_dir.config:  # the builder writes genai_config.json only: the model's shapes are the export's
             model_dir.config.update(reference_dir.config)
-        figures[name] = parity(reference, window_logits(model_dir, windows, threads))
+        figures[name] = parity(reference, scored(window_logits(model_dir, windows, threads)))
     return figures
+
+
+def _llamacpp_quality(work: Path, gguf_path: Path, threads: int) -> dict:
+    import llamacpp
+
+    _, text_file = _quality_windows(work / "export-fp32")
+    return llamacpp.kl_divergence(gguf_path, text_file, work / "llama-kld", threads=threads, context=QUALITY_CONTEXT)
 
 
 def _bandwidth_gbs(threads: int) -> float:
@@ -259,6 +290,9 @@ def main() -> int:
     # Quality of every ONNX artifact measured (llama.cpp runs the GGUF the gguf bundle imports exactly: that row's)
     onnx_artifacts = {str(path): path for (variant, _p), path in paths.items() if variant in ("edgepack-ort", "genai-builder", "edgepack-export")}
     quality = _quality(args.work / "export-fp32", onnx_artifacts, args.threads)
+    llama_rows = {path for (variant, _p), path in paths.items() if variant == "llama.cpp"}
+    for gguf_path in llama_rows:
+        quality["llama.cpp:" + str(gguf_path)] = _llamacpp_quality(args.work, gguf_path, args.threads)
     from edgepack.profiles.model_facts import model_facts
 
     bytes_per_token = {}
@@ -299,7 +333,7 @@ def main() -> int:
 
     def quality_of(variant: str, precision: str) -> dict:
         if variant == "llama.cpp":
-            return {}  # llama-bench returns no logits
+            return quality.get("llama.cpp:" + str(paths.get((variant, precision))), {})
         path = paths.get((variant, precision)) or paths.get(("edgepack-export", precision))
         return quality.get(str(path), {}) if path else {}
     result_rows = []
@@ -331,14 +365,19 @@ def main() -> int:
     print("\nedgepack-export fp32 is optimum-onnx's export run by edgepack's runtime (the 'fp32 optimum "
           "export'); optimum-ort is the same file through optimum's ORTModelForCausalLM.")
     _results.write(
-        "decode", title="Decode speed of edgepack's bundles against their peers", threads=args.threads, rows=result_rows,
+        "decode" if args.prompt_len == 128 else f"decode-{args.prompt_len}",
+        title="Decode speed of edgepack's bundles against their peers" + ("" if args.prompt_len == 128 else f" after {args.prompt_len} tokens"),
+        threads=args.threads, rows=result_rows,
         conditions={"model": "SmolLM2-135M-Instruct", "llama.cpp": f"llama-bench from llama-cpp-python {llamacpp_version()} sdist"
                     if "llama.cpp" in variants else None, "prompt_len": args.prompt_len, "gen_len": args.gen_len, "runs": args.runs,
                     "warmup_runs": 1, "order": "variants interleaved round by round, each in a fresh process",
                     "triad_GB_s": bw, "precisions": {p: PRECISIONS[p][0] and {"scheme": PRECISIONS[p][0][0], **PRECISIONS[p][0][1]}
                                                       for p in precisions}, "loadavg_end": _results.loadavg()},
-        notes="Quality: top-1 agreement and mean KL against the fp32 export on 2 windows of 64 tokens of the bundled evaluation "
-              "text; none for llama.cpp, whose llama-bench returns no logits (it runs the blocks the gguf bundle imports). "
+        notes=f"Quality: top-1 agreement and mean KL against the fp32 export on windows of {QUALITY_CONTEXT} tokens of the bundled "
+              "evaluation text, scored on the second half of each window as llama-perplexity scores it; the llama.cpp row's are "
+              "llama-perplexity --kl-divergence of its run of the GGUF against the F32 GGUF of the same weights, on the same text "
+              "(fp32 there is the GGUF's own weights, as the fp32 export is). llama.cpp decodes after --prompt-len tokens of "
+              "context (llama-bench -d). "
               "edgepack-export fp32 is optimum-onnx's export run by edgepack's runtime; optimum-ort is the same file through "
               "optimum's ORTModelForCausalLM. floor = weight bytes read per token / triad bandwidth. Absolute figures move "
               "with the machine's load; ratios within one run are the comparison.")

@@ -27,6 +27,8 @@ BENCHMARKS: dict[str, tuple[str, str, str]] = {
                "onnxruntime-genai's model builder, llama.cpp on the demo's own GGUF, the optimum export and PyTorch, "
                "variants interleaved in fresh processes.",
                "python benchmarks/decode.py --threads 2"),
+    "decode-1024": ("benchmarks/decode.py --prompt-len 1024", "The same comparison after a 1024-token prompt: decode reads "
+                    "a KV cache of 1024+ positions.", "python benchmarks/decode.py --threads 2 --prompt-len 1024"),
     "projection": ("benchmarks/projection.py", "The device projection checked against measurement on this host: the host "
                    "is calibrated, models are profiled, and projected decode ms/token is compared with the measured one.",
                    "python benchmarks/projection.py --models /tmp/p --threads 2  # models: see the script's docstring"),
