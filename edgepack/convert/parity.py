@@ -201,7 +201,6 @@ def decoder_parity(reference: TorchReference, session, config) -> dict:
         "greedy_tokens_identical": all_identical,
         "passed": None,
         "per_prompt": per_prompt,
-        "sentence_embedding": sentence,
     }
     report["passed"] = not failed(parity_gates(report))
     return report

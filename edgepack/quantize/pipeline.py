@@ -328,7 +328,10 @@ def _run_candidate(scheme: Scheme, model_dir, tokenizer, work: Path, config: Qua
     status(f"quantizing: {scheme.label()}")
     t0 = time.perf_counter()
     try:
-        facts = apply_scheme(scheme, model_dir, tokenizer, work / MODEL_FILE, work, config.calibration_text)
+        scratch = work / "scratch"  # onnxruntime's quantizers read and write whole models on disk
+        scratch.mkdir()
+        facts = apply_scheme(scheme, model_dir, tokenizer, work / MODEL_FILE, scratch, config.calibration_text)
+        shutil.rmtree(scratch, ignore_errors=True)
     except (BadInputError, UsageError) as exc:
         if config.scheme != "auto":
             raise
@@ -347,8 +350,9 @@ def _assemble_output(tmp: Path, work: Path, model_dir) -> None:
     for item in model_dir.folder.iterdir():  # everything but the graph
         if item.is_file() and not item.name.startswith(MODEL_FILE):
             shutil.copy2(item, tmp / item.name)
-    for item in work.iterdir():
-        item.rename(tmp / item.name)
+    for item in work.iterdir():  # the graph and its weights; the schemes' scratch files stay behind
+        if item.is_file() and item.name.startswith(MODEL_FILE):
+            item.rename(tmp / item.name)
     shutil.rmtree(work)
     for leftover in tmp.glob(".candidate-*"):
         shutil.rmtree(leftover, ignore_errors=True)

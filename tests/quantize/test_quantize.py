@@ -59,6 +59,10 @@ def test_scheme_runs_and_reports_its_price(scheme, extra, expected_op, max_ratio
     low, high = report["quality"]["top1_ci95"]
     assert f"{report['quality']['top1_agreement']:.3f} ({low:.3f}-{high:.3f})" in result.stdout  # the summary table's cell
     assert expected_op in ops_of(out)
+    # Only the deliverable: the quantizers' own scratch models (dynamic_in.onnx, static_out.onnx...) stay out of it.
+    tiny = exported_tiny_factory("llama")
+    side_files = {p.name for p in tiny.iterdir() if p.is_file() and not p.name.startswith("model.onnx")}
+    assert {p.name for p in out.iterdir()} == side_files | {"model.onnx", "model.onnx.data", "quantize.json"}
     # The quantized folder is a complete export: `edgepack run` works on it.
     run = cli("run", out, "-p", "The capital of France is", "-n", "8", "--no-stats")
     assert run.exit_code == 0, run.stderr
