@@ -45,6 +45,8 @@ PRECISIONS = {
     "int4-rtn": (("int4", {"algorithm": "rtn", "accuracy_level": 4}), "int4"),
     # ... and with the builder's bit widths too (4-bit embedding/lm_head instead of int8): the same graph class.
     "int4-rtn-lm4": (("int4", {"algorithm": "rtn", "accuracy_level": 4, "lm_head": "int4", "embeddings": "int4"}), "int4"),
+    # The default algorithm with the builder's 4-bit embedding/lm_head: fewer bytes per token, at what quality.
+    "int4-lm4": (("int4", {"accuracy_level": 4, "lm_head": "int4", "embeddings": "int4"}), "int4"),
     # The GGUF's own blocks: the fast form (int8 activations, block minimums as residue columns) and the exact one.
     "gguf": (("gguf", {"accuracy_level": 4}), "int4"),
     "gguf-exact": (("gguf", {"accuracy_level": 0}), "int4"),
