@@ -29,6 +29,9 @@ BENCHMARKS: dict[str, tuple[str, str, str]] = {
                "python benchmarks/decode.py --threads 2"),
     "decode-1024": ("benchmarks/decode.py --prompt-len 1024", "The same comparison after a 1024-token prompt: decode reads "
                     "a KV cache of 1024+ positions.", "python benchmarks/decode.py --threads 2 --prompt-len 1024"),
+    "encoder": ("benchmarks/encoder.py", "Sentence encoders: batch-8 latency, size and sentence-embedding cosine against fp32 of "
+                "the encoder default and its alternatives on all-MiniLM-L6-v2, interleaved in one process.",
+                "python benchmarks/encoder.py --threads 2"),
     "projection": ("benchmarks/projection.py", "The device projection checked against measurement on this host: the host "
                    "is calibrated, models are profiled, and projected decode ms/token is compared with the measured one.",
                    "python benchmarks/projection.py --models /tmp/p --threads 2  # models: see the script's docstring"),

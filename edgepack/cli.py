@@ -158,13 +158,14 @@ def _parity_failure(parity: dict) -> str:
     return f"parity failed: {failed(parity_gates(parity))[0].message}; see convert.json"
 
 
-SCHEME_HELP = "int8-weight (default), int8-dynamic, int8-static, int4, fp16, gguf, auto"
+SCHEME_HELP = ("int8-weight, int8-dynamic, int8-static, int4, fp16, gguf, auto. Default: int8-weight for decoders; for "
+               "encoders int8-dynamic with --smooth 0.6 --sensitive-8bit 0.125 --embeddings int4.")
 
 
 @cli.command()
 @click.argument("directory", metavar="DIR", type=click.Path(path_type=Path))
 @click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="Output folder (a runnable export plus quantize.json).")
-@click.option("--scheme", default="int8-weight", show_default=True, help=SCHEME_HELP)
+@click.option("--scheme", default=None, help=SCHEME_HELP)
 @click_options(SchemeOptions)
 @click_options(QualityOptions)
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
@@ -189,11 +190,11 @@ def quantize(directory, out, scheme, force, **options):
     from edgepack.quantize import QualityConfig, QualityGate, QuantizeConfig, quantize_model
     from edgepack.quantize.schemes import SCHEME_NAMES, scheme_from_options
 
-    if scheme not in SCHEME_NAMES:
+    if scheme is not None and scheme not in SCHEME_NAMES:
         raise UsageError(f"unknown scheme {scheme!r}; choose one of: {', '.join(SCHEME_NAMES)}")
     unset = {spec.name: spec.default for spec in specs(SchemeOptions)}
     scheme_options = {key: value for key, value in cli_values(SchemeOptions, options).items() if value != unset[key]}
-    if scheme != "auto":
+    if scheme not in (None, "auto"):
         scheme_from_options(scheme, **scheme_options)  # the scheme's own rules, before anything is read or written
     quality = QualityOptions(**cli_values(QualityOptions, options))
     config = QuantizeConfig(

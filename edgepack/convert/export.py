@@ -14,12 +14,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from edgepack.convert.config import ConvertConfig
+from edgepack.convert.pooling import add_sentence_output, read_sentence_pooling
 from edgepack.convert.store import finish_export, per_tensor_external_data, tied_info
 from edgepack.core.files import tokenizer_files
 from edgepack.core.versions import tool_versions
 from edgepack.errors import BadInputError, UnsupportedModelError, UsageError
 from edgepack.outputs import prepare_output, replace_dir, staging_dir
-from edgepack.convert.pooling import add_sentence_output, read_sentence_pooling
 from edgepack.runtime.model_dir import CONVERT_REPORT, FEATURE_EXTRACTION, MODEL_FILE, TEXT_GENERATION
 from edgepack.sources import ModelSource, resolve_source
 

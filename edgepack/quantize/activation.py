@@ -9,11 +9,27 @@ from edgepack.quantize.graph import untie_lm_head
 from edgepack.quantize.schemes import Fp16, Int8Dynamic, Int8Static
 
 
-def quantize_int8_dynamic(model, scheme: Int8Dynamic, work_dir: Path):
+def quantize_int8_dynamic(model, scheme: Int8Dynamic, work_dir: Path, calibration=None):
+    """onnxruntime's quantize_dynamic, after SmoothQuant (`scheme.smooth`) and with the MatMuls whose inputs one
+    activation scale resolves worst kept as 8-bit weight-only MatMulNBits (`scheme.sensitive_8bit`); with
+    `scheme.embeddings` int4 the largest Gather table becomes GatherBlockQuantized. `calibration()` gives the
+    calibration feeds when smoothing or ranking needs them."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     untied = untie_lm_head(model)
+    facts: dict = {"lm_head": {"untied_from_embedding": untied is not None}}
+    feeds = calibration() if (scheme.smooth or scheme.sensitive_8bit) and calibration is not None else None
+    if scheme.smooth and feeds:
+        from edgepack.quantize.smooth import smooth_matmul_inputs
+
+        facts["smooth"] = smooth_matmul_inputs(model, feeds, scheme.smooth).to_json()
+    weight_only: list[str] = []
+    if scheme.sensitive_8bit and feeds:
+        from edgepack.quantize.smooth import sensitive_inputs
+
+        weight_only = sensitive_inputs(model, feeds, scheme.sensitive_8bit)
+    table = _largest_gather_table(model) if scheme.embeddings == "int4" else None
     src, dst = work_dir / "dynamic_in.onnx", work_dir / "dynamic_out.onnx"
     save_model(model, src)
     # reduce_range (7-bit weights): onnxruntime's u8s8 kernels on x86 CPUs without VNNI (AVX2, AVX-512F) sum
@@ -22,9 +38,37 @@ def quantize_int8_dynamic(model, scheme: Int8Dynamic, work_dir: Path):
     # quantization docs recommend this for non-VNNI machines); elsewhere it costs one bit of weight precision.
     quantize_dynamic(
         str(src), str(dst), per_channel=scheme.per_channel, weight_type=QuantType.QInt8, reduce_range=True,
-        extra_options={"MatMulConstBOnly": True},
+        nodes_to_exclude=weight_only + ([table] if table else []), extra_options={"MatMulConstBOnly": True},
     )
-    return onnx.load(str(dst)), {"lm_head": {"untied_from_embedding": untied is not None}}
+    model = onnx.load(str(dst))
+    if weight_only or table:
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        if weight_only:  # the MatMuls left float are exactly these (the dynamic ones are MatMulInteger now)
+            quantizer = MatMulNBitsQuantizer(model, bits=8, block_size=32, is_symmetric=True, accuracy_level=4,
+                                             op_types_to_quantize=("MatMul",))
+            quantizer.process()
+            model = quantizer.model.model
+        if table:
+            others = [n.name for n in model.graph.node if n.op_type == "Gather" and n.name != table]
+            quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=16, is_symmetric=False, op_types_to_quantize=("Gather",),
+                                             nodes_to_exclude=others)
+            quantizer.process()
+            model = quantizer.model.model
+    facts["weight_only_8bit"] = weight_only
+    facts["int4_table"] = table
+    return model, facts
+
+
+def _largest_gather_table(model) -> str | None:
+    """The Gather node reading the largest 2-D initializer (the word embedding table)."""
+    inits = {i.name: i for i in model.graph.initializer}
+    best, size = None, 0
+    for node in model.graph.node:
+        init = inits.get(node.input[0]) if node.op_type == "Gather" and node.input else None
+        if init is not None and len(init.dims) == 2 and init.dims[0] * init.dims[1] > size:
+            best, size = node.name, init.dims[0] * init.dims[1]
+    return best
 
 
 def quantize_int8_static(model, scheme: Int8Static, calibration_reader, work_dir: Path):

@@ -17,7 +17,18 @@ from edgepack.core.gates import GateResult, evaluate_gate, failure_messages
 from edgepack.errors import BadInputError, UsageError
 from edgepack.outputs import prepare_output, replace_dir, staging_dir
 from edgepack.quantize.quality import QualityConfig
-from edgepack.quantize.schemes import Fp16, Gguf, Int4, Int8Dynamic, Int8Static, Int8Weight, Scheme, auto_candidates, scheme_from_options
+from edgepack.quantize.schemes import (
+    ENCODER_DEFAULT_OPTIONS,
+    Fp16,
+    Gguf,
+    Int4,
+    Int8Dynamic,
+    Int8Static,
+    Int8Weight,
+    Scheme,
+    auto_candidates,
+    scheme_from_options,
+)
 from edgepack.runtime.model_dir import CONVERT_REPORT, MODEL_FILE, TEXT_GENERATION, load_model_dir
 
 QUANTIZE_REPORT = "quantize.json"
@@ -65,7 +76,7 @@ def _cosine_key(quality: dict | None) -> str:
 
 @dataclass(frozen=True)
 class QuantizeConfig:
-    scheme: str = "int8-weight"
+    scheme: str | None = None  # None: the task's default (`default_scheme`)
     scheme_options: dict = field(default_factory=dict)
     gate: QualityGate = QualityGate()
     quality: QualityConfig = QualityConfig()
@@ -149,7 +160,9 @@ def apply_scheme(scheme: Scheme, model_dir, tokenizer, out_onnx: Path, work_dir:
     if isinstance(scheme, Int8Dynamic):
         from edgepack.quantize.activation import quantize_int8_dynamic
 
-        model, facts = quantize_int8_dynamic(model, scheme, work_dir)
+        model, facts = quantize_int8_dynamic(
+            model, scheme, work_dir,
+            calibration=lambda: list(calibration_reader(model_dir, tokenizer, calibration_text, scheme.calibration_samples)))
     elif isinstance(scheme, Int8Static):
         from edgepack.quantize.activation import quantize_int8_static
 
@@ -299,7 +312,17 @@ def _candidates(config: QuantizeConfig, model_dir) -> list[Scheme]:
     if config.scheme == "auto":
         has_gguf = bool(_convert_source(model_dir).get("gguf_file"))
         return auto_candidates(has_gguf)
+    if config.scheme is None:  # the task's default
+        return [default_scheme(model_dir.task, config.scheme_options)]
     return [scheme_from_options(config.scheme, **config.scheme_options)]
+
+
+def default_scheme(task: str, options: dict) -> Scheme:
+    """int8-weight for decoders; for encoders int8-dynamic with SmoothQuant, the worst-resolved inputs weight-only
+    and a 4-bit word table (ENCODER_DEFAULT_OPTIONS), options given on the command line taking precedence."""
+    if task == TEXT_GENERATION:
+        return scheme_from_options("int8-weight", **options)
+    return scheme_from_options("int8-dynamic", **{**ENCODER_DEFAULT_OPTIONS, **{k: v for k, v in options.items() if v is not None}})
 
 
 def _reference_evaluator(config: QuantizeConfig, model_dir, tokenizer, status):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import onnx
 import pytest
 
@@ -104,6 +105,51 @@ def test_encoder_quality_is_cosine(exported_tiny_factory, tmp_path, cli):
     assert result.exit_code == 0, result.stderr
     quality = read_json(out / "quantize.json")["quality"]
     assert quality["cosine_mean"] > 0.99 and quality["top1_agreement"] is None
+
+
+def test_encoder_default_is_smoothed_int8_dynamic(exported_tiny_factory, tmp_path, cli):
+    """Without --scheme an encoder gets int8-dynamic with SmoothQuant, its worst-resolved inputs weight-only
+    and a 4-bit word table; the graph computes what the report says."""
+    out = tmp_path / "bert-default"
+    result = cli("quantize", exported_tiny_factory("bert"), "-o", out, "--eval-tokens", "64")
+    assert result.exit_code == 0, result.stderr
+    report = read_json(out / "quantize.json")
+    assert report["scheme"]["name"] == "int8-dynamic" and report["requested_scheme"] is None
+    assert report["scheme"]["smooth"] == 0.6 and report["scheme"]["embeddings"] == "int4"
+    facts = report["facts"]
+    assert facts["smooth"]["activations"] > 0 and facts["smooth"]["worst_outlier_ratio_after"] < facts["smooth"]["worst_outlier_ratio_before"]
+    assert facts["weight_only_8bit"] and facts["int4_table"]
+    from collections import Counter
+
+    ops = Counter(n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node)
+    assert {"DynamicQuantizeLinear", "MatMulNBits", "GatherBlockQuantized"} <= set(ops)
+    assert ops["MatMulNBits"] == len(facts["weight_only_8bit"])
+    assert read_json(out / "quantize.json")["quality"]["cosine_mean"] > 0.99
+    # decoders keep int8-weight as their default
+    result = cli("quantize", exported_tiny_factory("llama"), "-o", tmp_path / "llama-default", *EVAL)
+    assert result.exit_code == 0, result.stderr
+    assert read_json(tmp_path / "llama-default" / "quantize.json")["scheme"]["name"] == "int8-weight"
+
+
+def test_smoothing_keeps_the_fp32_function(exported_tiny_factory, tmp_path):
+    """SmoothQuant is exact algebra before quantization: the smoothed fp32 graph gives the same hidden states."""
+    import onnx
+    import onnxruntime as ort
+
+    from edgepack.quantize.smooth import smooth_matmul_inputs
+    from edgepack.runtime.generate import encoder_batch_feeds
+
+    export = exported_tiny_factory("bert")
+    model = onnx.load(str(export / "model.onnx"))
+    names = {i.name for i in model.graph.input}
+    feeds = [encoder_batch_feeds([[2, 7, 19, 44, 3], [2, 9, 3]], names), encoder_batch_feeds([[2, 5, 6, 7, 8, 9, 10, 3]], names)]
+    reference = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    before = [reference.run(None, f)[0] for f in feeds]
+    facts = smooth_matmul_inputs(model, feeds, 0.6)
+    assert facts.matmuls >= 4 * 2 and sum(n.op_type == "Mul" and n.name.endswith("_SmoothMul") for n in model.graph.node) == facts.activations
+    smoothed = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for f, want in zip(feeds, before):
+        np.testing.assert_allclose(smoothed.run(None, f)[0], want, rtol=1e-4, atol=1e-4)
 
 
 def test_gate_failure_exits_1_and_still_writes(exported_tiny_factory, tmp_path, cli):
