@@ -52,7 +52,7 @@ PRECISIONS = {
     "gguf-exact": (("gguf", {"accuracy_level": 0}), "int4"),
 }
 # llama.cpp runs the demo's own GGUF (the Q4_1 blocks the gguf scheme imports): the peer for gguf and int4.
-VARIANTS = ("edgepack-ort", "genai-on-edgepack", "genai-builder", "llama.cpp", "edgepack-export", "optimum-ort", "torch-eager")
+VARIANTS = ("edgepack-ort", "genai-on-edgepack", "ort-mobile", "genai-builder", "llama.cpp", "edgepack-export", "optimum-ort", "torch-eager")
 
 
 def _prompt_ids(length: int, vocab: int) -> list[int]:
@@ -69,7 +69,24 @@ def _measure(variant: str, path: str, prompt_len: int, gen_len: int, threads: in
     vocab = int(config.get("vocab_size", 49152))
     prompt = _prompt_ids(prompt_len, vocab)
     steps: list[float] = []
-    if variant in ("edgepack-ort", "edgepack-export"):
+    if variant == "ort-mobile":
+        # The .ort as a minimal (mobile) build runs it: ORT format, no graph optimization at load beyond what
+        # `target ort-mobile` saved in the file (a minimal build has no optimizers to run).
+        import onnxruntime as ort
+
+        from edgepack.runtime import DecoderSession, generate, load_model_dir
+
+        model_dir = load_model_dir(path)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.add_session_config_entry("session.load_model_format", "ORT")
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        options.log_severity_level = 3
+        session = ort.InferenceSession(str(model_dir.onnx_path), options, providers=["CPUExecutionProvider"])
+        decoder = DecoderSession(session, model_dir.config, share_kv_buffer=model_dir.share_kv_buffer)
+        load = time.perf_counter() - start
+        steps = generate(decoder, prompt, max_new_tokens=gen_len).step_seconds
+    elif variant in ("edgepack-ort", "edgepack-export"):
         from edgepack.runtime import DecoderSession, create_session, generate, load_model_dir
 
         model_dir = load_model_dir(path)
@@ -248,6 +265,15 @@ def prepare(work: Path, precisions: list[str], variants: list[str]) -> dict[tupl
                 build(source, bundle, OrtTargetConfig(verify=False, force=True))
             paths[("edgepack-ort", precision)] = bundle
             paths[("genai-on-edgepack", precision)] = bundle
+        if "ort-mobile" in variants and quantization:
+            from edgepack.targets.ort_mobile import OrtMobileConfig
+            from edgepack.targets.ort_mobile import build as build_mobile
+
+            mobile = work / f"ort-mobile-{precision}"
+            if not (mobile / "target.json").is_file():
+                print(f"target ort-mobile {precision} ...", file=sys.stderr)
+                build_mobile(bundle, mobile, OrtMobileConfig(verify=False, force=True))
+            paths[("ort-mobile", precision)] = mobile
         paths[("edgepack-export", precision)] = source
         if "genai-builder" in variants and builder_precision and builder_python() is not None:
             native = work / f"builder-{builder_precision}"
@@ -290,7 +316,7 @@ def main() -> int:
     paths = prepare(args.work, precisions, variants)
     jobs = [(v, p) for p in precisions for v in variants if (v, p) in paths]
     # Quality of every ONNX artifact measured (llama.cpp runs the GGUF the gguf bundle imports exactly: that row's)
-    onnx_artifacts = {str(path): path for (variant, _p), path in paths.items() if variant in ("edgepack-ort", "genai-builder", "edgepack-export")}
+    onnx_artifacts = {str(path): path for (variant, _p), path in paths.items() if variant in ("edgepack-ort", "ort-mobile", "genai-builder", "edgepack-export")}
     quality = _quality(args.work / "export-fp32", onnx_artifacts, args.threads)
     llama_rows = {path for (variant, _p), path in paths.items() if variant == "llama.cpp"}
     for gguf_path in llama_rows:
