@@ -250,23 +250,6 @@ def encoder_parity(reference: TorchReference, session, config, pooling=None) -> 
     return report
 
 
-def _sentence_parity(reference: TorchReference, session, pooling) -> dict | None:
-    """The graph's pooled sentence embeddings of the padded batch against sentence-transformers' pooling of
-    PyTorch's hidden states (`pooling.pool`)."""
-    from edgepack.convert.pooling import pool, sentence_output
-
-    name = sentence_output(session)
-    if name is None or pooling is None or reference.batch is None:
-        return None
-    feeds, hidden = reference.batch
-    got = session.run([name], feeds)[0].astype(np.float64)
-    want = pool(hidden, feeds["attention_mask"], pooling)
-    cos = cosine_per_position(got, want)
-    return {"output": name, "modes": list(pooling.modes), "normalize": pooling.normalize, "sentences": int(got.shape[0]),
-            "padded_to": int(feeds["attention_mask"].shape[1]), "max_abs_diff": max_abs_diff(got, want),
-            "min_cosine": float(np.min(cos))}
-
-
 def parity_gates(parity: dict) -> list[GateResult]:
     """The gates of a parity report (convert.json `parity`), the first failing one first in what it explains.
 

@@ -178,10 +178,11 @@ class Gguf(Scheme):
     name: ClassVar[str] = "gguf"
     summary: ClassVar[str] = ("the GGUF source's own quantized blocks written as MatMulNBits, no second quantization "
                               "(accuracy_level 0: the exact import)")
-    # 4 (default): int8 activations inside MatMulNBits, as llama.cpp rounds them for its own dot products, and
-    #    block minimums carried as residue columns: one fast kernel per weight, llama.cpp's speed and quality class.
-    # 0: float compute, the ONNX model computes exactly what the GGUF holds (no loss against the GGUF), ~2x slower.
-    accuracy_level: int = 4
+    # 0 (default): float compute, the ONNX model computes exactly what the GGUF holds (no loss against the GGUF).
+    # 4: int8 activations inside MatMulNBits, as llama.cpp rounds them for its own dot products, and block minimums
+    #    carried as residue columns: one kernel per weight, about 2x faster in onnxruntime-genai, and the answers
+    #    llama.cpp gives on these blocks, near-tie flips included (SmolLM2's demo question is one).
+    accuracy_level: int = 0
     allow_requantize: bool = False
 
 
@@ -215,7 +216,7 @@ def scheme_from_options(name: str, **options) -> Scheme:
 def auto_candidates(has_gguf_source: bool) -> list[Scheme]:
     """Candidates for `auto`, smallest first; the first that meets the quality budget wins."""
     candidates: list[Scheme] = []
-    if has_gguf_source:  # the fast form, then the exact one before any second quantization
-        candidates += [Gguf(), Gguf(accuracy_level=0)]
+    if has_gguf_source:
+        candidates.append(Gguf())
     candidates += [Int4(algorithm="hqq", lm_head="int4"), Int4(algorithm="hqq"), Int8Weight(), Fp16()]
     return candidates

@@ -22,10 +22,23 @@ def _in_heap(array: np.ndarray) -> bool:
     return False
 
 
+def _heap_checks() -> list[bool]:
+    inside = []
+    inside.append(_in_heap(np.empty(SIZE, dtype=np.uint8)))  # glibc maps it fresh and unmaps it on free
+    with reuse_large_allocations() as applied:
+        inside.append(applied)
+        inside.append(_in_heap(np.empty(SIZE, dtype=np.uint8)))
+    inside.append(_in_heap(np.empty(SIZE, dtype=np.uint8)))  # glibc's thresholds are back
+    return inside
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt and /proc/self/maps: Linux only")
 def test_large_temporaries_come_from_the_heap_inside_only():
-    assert not _in_heap(np.empty(SIZE, dtype=np.uint8))  # glibc maps it fresh and unmaps it on free
-    with reuse_large_allocations() as applied:
-        assert applied
-        assert _in_heap(np.empty(SIZE, dtype=np.uint8))
-    assert not _in_heap(np.empty(SIZE, dtype=np.uint8))  # glibc's thresholds are back
+    """In a fresh process: whether the heap can grow in place depends on what the process mapped before (a model
+    loaded by an earlier test can sit right above the break), which is not what this checks."""
+    import subprocess
+
+    code = "from tests.core.test_allocator import _heap_checks; print(_heap_checks())"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.stdout.strip() == "[False, True, True, False]", done.stdout + done.stderr
