@@ -196,7 +196,7 @@ def _quality_windows(fp32: Path) -> tuple[list[list[int]], Path]:
     return [ids[i:i + QUALITY_CONTEXT] for i in range(0, len(ids) - QUALITY_CONTEXT + 1, QUALITY_CONTEXT)], text_file
 
 
-def _quality(fp32: Path, artifacts: dict[str, Path], threads: int) -> dict[str, dict]:
+def _quality(fp32: Path, artifacts: dict[str, Path], windows: list[list[int]], threads: int) -> dict[str, dict]:
     """top-1 agreement and mean KL against the fp32 export of each artifact onnxruntime runs: each window prefilled
     from an empty cache, scored on the positions llama-perplexity scores (the second half of each window), so the
     llama.cpp row's figures (llama-perplexity --kl-divergence against the F32 GGUF) are on the same text and positions."""
@@ -205,7 +205,6 @@ def _quality(fp32: Path, artifacts: dict[str, Path], threads: int) -> dict[str, 
     from edgepack.runtime.model_dir import load_model_dir
 
     reference_dir = load_model_dir(fp32)
-    windows, _ = _quality_windows(fp32)
     first = QUALITY_CONTEXT // 2
 
     def scored(logits: dict) -> dict:
@@ -221,10 +220,9 @@ def _quality(fp32: Path, artifacts: dict[str, Path], threads: int) -> dict[str, 
     return figures
 
 
-def _llamacpp_quality(work: Path, gguf_path: Path, threads: int) -> dict:
+def _llamacpp_quality(work: Path, gguf_path: Path, text_file: Path, threads: int) -> dict:
     import llamacpp
 
-    _, text_file = _quality_windows(work / "export-fp32")
     return llamacpp.kl_divergence(gguf_path, text_file, work / "llama-kld", threads=threads, context=QUALITY_CONTEXT)
 
 
@@ -317,10 +315,11 @@ def main() -> int:
     jobs = [(v, p) for p in precisions for v in variants if (v, p) in paths]
     # Quality of every ONNX artifact measured (llama.cpp runs the GGUF the gguf bundle imports exactly: that row's)
     onnx_artifacts = {str(path): path for (variant, _p), path in paths.items() if variant in ("edgepack-ort", "ort-mobile", "genai-builder", "edgepack-export")}
-    quality = _quality(args.work / "export-fp32", onnx_artifacts, args.threads)
+    windows, text_file = _quality_windows(args.work / "export-fp32")
+    quality = _quality(args.work / "export-fp32", onnx_artifacts, windows, args.threads)
     llama_rows = {path for (variant, _p), path in paths.items() if variant == "llama.cpp"}
     for gguf_path in llama_rows:
-        quality["llama.cpp:" + str(gguf_path)] = _llamacpp_quality(args.work, gguf_path, args.threads)
+        quality["llama.cpp:" + str(gguf_path)] = _llamacpp_quality(args.work, gguf_path, text_file, args.threads)
     from edgepack.profiles.model_facts import model_facts
 
     bytes_per_token = {}

@@ -618,7 +618,6 @@ class _WeightWriter:
             blocks = blocks if _is_identity(match.perm) else blocks.take_rows(match.perm)
             self._write_offset_columns(node, blocks, _safe(tensor.name))
             self.removed.add(match.init_name)
-            _describe(self.result, kind, tensor, None, shared=False)
             return
         packed, shared = self._packed(match)
         if kind == "embedding":

@@ -322,7 +322,7 @@ def default_scheme(task: str, options: dict) -> Scheme:
     and a 4-bit word table (ENCODER_DEFAULT_OPTIONS), options given on the command line taking precedence."""
     if task == TEXT_GENERATION:
         return scheme_from_options("int8-weight", **options)
-    return scheme_from_options("int8-dynamic", **{**ENCODER_DEFAULT_OPTIONS, **{k: v for k, v in options.items() if v is not None}})
+    return scheme_from_options("int8-dynamic", **{**ENCODER_DEFAULT_OPTIONS, **options})
 
 
 def _reference_evaluator(config: QuantizeConfig, model_dir, tokenizer, status):

@@ -83,63 +83,59 @@ class QualityEvaluator:
                 "are needed (pass a longer --eval-text or a smaller --eval-tokens)"
             )
         self.task = model_dir.task
-        self.reference = list(self._outputs(reference_onnx, prepack=not _is_float_graph(reference_onnx)))
+        prepack = not _is_float_graph(reference_onnx)
         self.sentences: list[list[int]] = []
         self.sentence_reference = None
-        if self.task != TEXT_GENERATION and tokenizer is not None:
-            self.sentences = sentence_token_ids(tokenizer, text, max_length=self.context)
-            self.sentence_reference = self._sentence_embeddings(reference_onnx, prepack=not _is_float_graph(reference_onnx))
+        if self.task == TEXT_GENERATION:
+            self.reference = list(self._outputs(reference_onnx, prepack=prepack))
+        else:
+            if tokenizer is not None:
+                self.sentences = sentence_token_ids(tokenizer, text, max_length=self.context)
+            self.reference, self.sentence_reference = self._encoder_outputs(reference_onnx, prepack=prepack)
 
     def _outputs(self, onnx_path: Path, prepack: bool = True):
-        """Logits (decoders) or hidden states (encoders) for each window in turn, one session per model.
+        """Decoder logits for each window in turn, one session per model.
 
         A generator: a candidate's outputs are compared window by window and never all held; the session
         is freed when the last window has been read. A float reference runs without prepacked weights
         (one copy of the weights instead of two; outputs within float rounding of the packed kernels').
         """
-        from edgepack.runtime.generate import DecoderSession, encoder_feeds
+        from edgepack.runtime.generate import DecoderSession
         from edgepack.runtime.session import create_session
 
         session = create_session(onnx_path, threads=self.config.threads, prepack=prepack, arena=False)
-        if self.task == TEXT_GENERATION:
-            decoder = DecoderSession(session, self.model_dir.config)
-            for window in self.windows:
-                yield decoder.forward(window, decoder.empty_cache(), 0)[0]
-            return
-        names = {i.name for i in session.get_inputs()}
+        decoder = DecoderSession(session, self.model_dir.config)
         for window in self.windows:
-            yield session.run(None, encoder_feeds(window, names))[0][0]
+            yield decoder.forward(window, decoder.empty_cache(), 0)[0]
 
-    def _sentence_embeddings(self, onnx_path: Path, prepack: bool = True):
-        """The graph's `sentence_embedding` of every evaluation sentence, in padded batches of SENTENCE_BATCH
-        (the way apps embed), or None when the export has no sentence output."""
+    def _encoder_outputs(self, onnx_path: Path, prepack: bool = True):
+        """(hidden states of each window, the graph's `sentence_embedding` of every evaluation sentence in padded
+        batches of SENTENCE_BATCH as apps embed them, or None without a sentence output), from one session."""
         from edgepack.convert.pooling import sentence_output
-        from edgepack.runtime.generate import encoder_batch_feeds
+        from edgepack.runtime.generate import encoder_batch_feeds, encoder_feeds
         from edgepack.runtime.session import create_session
 
-        if not self.sentences:
-            return None
         session = create_session(onnx_path, threads=self.config.threads, prepack=prepack, arena=False)
-        name = sentence_output(session)
-        if name is None:
-            return None
         names = {i.name for i in session.get_inputs()}
+        hidden = [session.run(None, encoder_feeds(window, names))[0][0] for window in self.windows]
+        name = sentence_output(session)
+        if name is None or not self.sentences:
+            return hidden, None
         batches = [self.sentences[i:i + SENTENCE_BATCH] for i in range(0, len(self.sentences), SENTENCE_BATCH)]
-        return np.concatenate([session.run([name], encoder_batch_feeds(batch, names))[0] for batch in batches])
+        return hidden, np.concatenate([session.run([name], encoder_batch_feeds(batch, names))[0] for batch in batches])
 
     def evaluate(self, candidate_onnx: Path) -> dict:
-        candidate = self._outputs(candidate_onnx)
         if self.task != TEXT_GENERATION:
-            figures = self._encoder_figures(list(candidate))
-            if self.sentence_reference is not None:
-                got = self._sentence_embeddings(candidate_onnx)
+            hidden, got = self._encoder_outputs(candidate_onnx)
+            figures = self._encoder_figures(hidden)
+            if self.sentence_reference is not None and got is not None:
                 cos = cosine_per_position(self.sentence_reference.astype(np.float64), got.astype(np.float64))
                 figures.update(sentences=int(cos.size), sentence_cosine_min=float(cos.min()), sentence_cosine_mean=float(cos.mean()))
                 figures["method"] += f"; sentence embeddings ({SENTENCE_BATCH} sentences a batch, padded) by cosine"
             return figures
         kls, agree, nll_ref, nll_q, top2 = [], [], [], [], []
         max_abs = 0.0
-        for window, ref, cand in zip(self.windows, self.reference, candidate):
+        for window, ref, cand in zip(self.windows, self.reference, self._outputs(candidate_onnx)):
             # Row slices of the window: every figure is per position, so the slices give the same values as
             # the whole window while the float64 copies stay a few MB (a window's float64 log-probabilities
             # are positions x vocabulary x 8 bytes: hundreds of MB at a 150k vocabulary).

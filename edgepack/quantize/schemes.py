@@ -111,9 +111,9 @@ class Int8Dynamic(Scheme):
     calibration_samples: int = 16  # windows of the calibration text for smooth / sensitive_8bit
 
 
-# Encoders (feature extraction) quantized without --scheme: activation outliers smoothed into the weights, the
-# eighth of the MatMul inputs one activation scale resolves worst kept float, the word table in 4 bits.
-# Faster than fp32 at sentence cosine >= 0.995 on all-MiniLM-L6-v2, under a quarter of its size (docs/benchmarks.md).
+# Encoders (feature extraction) quantized without --scheme: one activation scale per tensor cannot hold BERT-style
+# outlier channels, so they are smoothed into the weights, the eighth of the MatMul inputs it still resolves worst
+# stay float, and the word table (half an encoder's weights) is 4-bit (docs/benchmarks.md#encoder).
 ENCODER_DEFAULT_OPTIONS = {"smooth": 0.6, "sensitive_8bit": 0.125, "embeddings": "int4"}
 
 
@@ -180,8 +180,8 @@ class Gguf(Scheme):
                               "(accuracy_level 0: the exact import)")
     # 0 (default): float compute, the ONNX model computes exactly what the GGUF holds (no loss against the GGUF).
     # 4: int8 activations inside MatMulNBits, as llama.cpp rounds them for its own dot products, and block minimums
-    #    carried as residue columns: one kernel per weight, about 2x faster in onnxruntime-genai, and the answers
-    #    llama.cpp gives on these blocks, near-tie flips included (SmolLM2's demo question is one).
+    #    carried as residue columns: one kernel per weight instead of three, and the answers llama.cpp gives on these
+    #    blocks, near-tie flips included, which is why it is not the default (docs/benchmarks.md#decode).
     accuracy_level: int = 0
     allow_requantize: bool = False
 

@@ -146,14 +146,7 @@ class DecoderSession:
 
 def encoder_feeds(token_ids, input_names) -> dict[str, np.ndarray]:
     """Inputs for one sequence through an encoder graph, limited to the inputs the graph has."""
-    ids = np.asarray(token_ids, dtype=np.int64).reshape(1, -1)
-    feeds = {
-        "input_ids": ids,
-        "attention_mask": np.ones_like(ids),
-        "token_type_ids": np.zeros_like(ids),
-        "position_ids": np.arange(ids.shape[1], dtype=np.int64).reshape(1, -1),
-    }
-    return {name: value for name, value in feeds.items() if name in input_names}
+    return encoder_batch_feeds([list(token_ids)], input_names)
 
 
 def encoder_batch_feeds(sequences, input_names) -> dict[str, np.ndarray]:
