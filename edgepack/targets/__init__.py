@@ -23,6 +23,7 @@ TARGETS: dict[str, str] = {
     "ort-mobile": "edgepack.targets.ort_mobile",
     "coreml": "edgepack.targets.coreml",
     "qnn": "edgepack.targets.qnn",
+    "executorch": "edgepack.targets.executorch",
 }
 
 

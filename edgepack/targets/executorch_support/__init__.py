@@ -1,0 +1,1 @@
+"""ExecuTorch target internals: the PyTorch program (quantized, exported, lowered) and its runs in ExecuTorch."""

@@ -1,0 +1,165 @@
+"""`edgepack target executorch` on tiny models: XNNPACK programs run here in ExecuTorch's runtime, the Core ML
+delegate program built and checked structurally, and the hosts and inputs it refuses."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+from tests.conftest import read_json, run_cli
+
+needs_executorch = pytest.mark.skipif(importlib.util.find_spec("executorch") is None or importlib.util.find_spec("torchao") is None,
+                                      reason="executorch and torchao are not installed (pip install 'edgepack[executorch]')")
+pytestmark = needs_executorch
+
+
+@pytest.fixture(scope="module")
+def llama_fp32(exported_tiny_factory, tmp_path_factory):
+    out = tmp_path_factory.mktemp("executorch") / "llama"
+    return out, run_cli("target", "executorch", exported_tiny_factory("llama"), "-o", out, "--quantize", "none", "--max-context", "64",
+                        "--threads", "2")
+
+
+@pytest.mark.slow
+def test_xnnpack_decoder_runs_here_with_pytorchs_greedy_tokens(llama_fp32):
+    out, result = llama_fp32
+    assert result.exit_code == 0, result.stderr
+    assert sorted(p.name for p in out.iterdir()) >= ["model.pte", "target.json", "tokenizer.json"]
+    report = read_json(out / "target.json")
+    facts, checks = report["facts"], report["checks"]
+    assert report["target"] == "executorch" and report["passed"] is True
+    assert facts["backend"] == "xnnpack" and facts["quantization"]["scheme"] == "none" and facts["dynamic_shapes"] is True
+    assert facts["program_bytes"] == (out / "model.pte").stat().st_size == report["files"]["model.pte"]
+    # The linear layers and attention went to XNNPACK; what stayed on CPU kernels is listed by operator.
+    delegation = checks["delegation"]
+    assert delegation["passed"] is True and delegation["delegated_subgraphs"] > 0 and delegation["delegated_nodes"] > 0
+    assert sum(delegation["fallback_ops"].values()) == delegation["fallback_nodes"]
+    verification = facts["verification"]
+    assert verification["greedy"]["equal"] is True and len(verification["greedy"]["tokens"]) == 16
+    assert checks["parity"]["top1_agreement"] == 1.0 and checks["parity"]["kl_mean"] < 1e-6
+    assert checks["quality"]["top1_agreement"] == 1.0 and checks["quality"]["passed"] is True
+    measured = verification["measured"]
+    assert measured["threads"] == 2 and measured["decode_ms_per_token"] > 0 and measured["ttft_ms"] > 0
+    assert facts["constant_methods"]["get_max_seq_len"] == facts["max_context"] == 64
+    assert "executorch" in report["versions"] and "torchao" in report["versions"]
+    assert "parity with PyTorch (same weights): top-1 1.000" in result.stdout
+
+
+@pytest.mark.slow
+def test_the_program_serves_an_app_loop_from_its_own_metadata(llama_fp32, tiny_model_factory):
+    """What an app does with the .pte alone: read the context from the program, prefill, decode token by token,
+    twice on one loaded method (the second conversation overwrites the first's cache)."""
+    import torch
+    from executorch.runtime import Runtime
+    from transformers import AutoModelForCausalLM
+
+    out, _result = llama_fp32
+    program = Runtime.get().load_program(str(out / "model.pte"))
+    assert {"forward", "get_max_seq_len", "use_kv_cache", "get_eos_ids"} <= set(program.method_names)
+    context = int(program.load_method("get_max_seq_len").execute([])[0])
+    method = program.load_method("forward")
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_factory("llama"))).eval()
+
+    def generate(prompt, count):
+        logits = method.execute([torch.tensor([prompt]), torch.arange(len(prompt))])[0]
+        tokens = [int(logits[0, -1].argmax())]
+        for position in range(len(prompt), min(len(prompt) + count - 1, context)):
+            tokens.append(int(method.execute([torch.tensor([[tokens[-1]]]), torch.tensor([position])])[0][0, -1].argmax()))
+        return tokens
+
+    for prompt in ([5, 17, 99, 240, 33, 7, 81, 400, 12, 9], [300, 2, 45]):
+        expected = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, min_new_tokens=12)[0, len(prompt):].tolist()
+        assert generate(prompt, 12) == expected
+
+
+@pytest.mark.slow
+def test_8da4w_is_the_decoder_default_and_matches_pytorch_on_its_weights(exported_tiny_factory, llama_fp32, tmp_path):
+    out = tmp_path / "qwen2"
+    result = run_cli("target", "executorch", exported_tiny_factory("qwen2"), "-o", out, "--max-context", "64")
+    report = read_json(out / "target.json")
+    facts, checks = report["facts"], report["checks"]
+    assert facts["quantization"] == {"scheme": "8da4w", "group_size": 32, "by": "torchao"}
+    # Same weights: the program reproduces torchao's PyTorch model up to kernel rounding (greedy tokens may part
+    # only where PyTorch's two likeliest tokens nearly tie); the int4 weights' cost shows against fp32.
+    assert checks["parity"]["passed"] is True and checks["parity"]["greedy_equal_up_to_near_tie"] is True, result.stdout
+    assert checks["parity"]["top1_agreement"] >= 0.98 and checks["parity"]["kl_mean"] < 1e-3
+    assert checks["quality"]["kl_mean"] > checks["parity"]["kl_mean"]
+    assert checks["quality"]["passed"] is None  # quantized: reported against fp32, gated only when asked
+    assert result.exit_code == 0, result.stderr
+
+
+@pytest.mark.slow
+def test_encoder_program_matches_pytorch_hidden_states(exported_tiny_factory, tmp_path):
+    out = tmp_path / "bert"
+    result = run_cli("target", "executorch", exported_tiny_factory("bert"), "-o", out, "--max-context", "32")
+    assert result.exit_code == 0, result.stderr
+    report = read_json(out / "target.json")
+    assert report["facts"]["kind"] == "encoder" and report["facts"]["quantization"]["scheme"] == "none"
+    assert report["checks"]["parity"]["cosine_min"] > 0.99999 and report["checks"]["quality"]["passed"] is True
+    assert report["facts"]["io"]["outputs"] == {"last_hidden_state": "fp32 (1, n, hidden)"}
+    assert report["facts"]["verification"]["measured"]["latency_ms"] > 0
+
+
+@pytest.mark.slow
+def test_coreml_delegate_program_is_built_and_checked_structurally(exported_tiny_factory, tmp_path):
+    out = tmp_path / "coreml"
+    result = run_cli("target", "executorch", exported_tiny_factory("llama"), "-o", out, "--backend", "coreml", "--max-context", "32")
+    assert result.exit_code == 0, result.stderr
+    report = read_json(out / "target.json")
+    facts, delegation = report["facts"], report["checks"]["delegation"]
+    assert facts["backend"] == "coreml" and facts["dynamic_shapes"] is False and facts["io"]["inputs"]["input_ids"].endswith("q = 1")
+    # Core ML took the model; only the KV-cache writes stay on ExecuTorch's CPU kernels.
+    assert delegation["passed"] is True and delegation["delegated_nodes"] > 5 * delegation["fallback_nodes"]
+    assert set(delegation["fallback_ops"]) == {"aten_index_put_default"}
+    assert "does not run on this host" in report["checks"]["parity"]["skipped"]
+    assert (out / "model.pte").stat().st_size > 100_000
+
+
+def test_greedy_divergence_fails_parity_only_at_a_decisive_step():
+    from edgepack.targets.executorch import ExecuTorchConfig, _Plan, executorch_gates
+    from edgepack.targets.executorch_support.program import Delegation
+
+    plan = _Plan(source=None, kind="decoder", scheme="8da4w", context=64, dynamic=True, runs_here=True)
+    figures = {"top1_agreement": 1.0, "kl_mean": 1e-5}
+
+    def verdict(gap):
+        greedy = {"equal": gap is None, "agreeing_prefix": 3, "divergence_gap_nats": gap, "equal_up_to_near_tie": gap is None or gap < 0.1}
+        gates = executorch_gates({"same_weights": figures, "fp32": figures, "greedy": greedy}, Delegation("xnnpack", 1, 10, 2), plan,
+                                 ExecuTorchConfig())
+        return {gate.name: gate.passed for gate in gates}
+
+    assert verdict(None)["parity.greedy_tokens"] is True
+    assert verdict(0.02)["parity.greedy_tokens"] is True
+    assert verdict(1.5)["parity.greedy_tokens"] is False
+    no_delegate = executorch_gates({}, Delegation("xnnpack", 0, 0, 40), plan, ExecuTorchConfig())
+    assert [gate.passed for gate in no_delegate] == [False]
+
+
+def test_refusals_are_one_line_with_their_exit_codes(exported_tiny_factory, tiny_model_factory, tmp_path, monkeypatch):
+    monkeypatch.delenv("QNN_SDK_ROOT", raising=False)
+    llama = exported_tiny_factory("llama")
+    cases = [
+        (("--backend", "qnn"), 4, "QNN_SDK_ROOT"),
+        (("--backend", "coreml", "--quantize", "8da4w"), 2, "not one the coreml delegate runs"),
+        (("--backend", "cuda",), 2, "cuda"),
+    ]
+    for options, code, words in cases:
+        result = run_cli("target", "executorch", llama, "-o", tmp_path / "out", *options)
+        assert result.exit_code == code and words in result.stderr, (options, result.stderr)
+        assert len(result.stderr_lines) == 1 and result.stderr_lines[0].startswith("error:")
+        assert not (tmp_path / "out").exists()
+    gpt2 = run_cli("target", "executorch", tiny_model_factory("gpt2"), "-o", tmp_path / "gpt2")
+    assert gpt2.exit_code == 3 and "gpt2" in gpt2.stderr and len(gpt2.stderr_lines) == 1
+    missing = run_cli("target", "executorch", tmp_path / "nowhere", "-o", tmp_path / "x")
+    assert missing.exit_code == 3 and len(missing.stderr_lines) == 1
+
+
+def test_delegation_counts_exclude_bookkeeping_nodes():
+    from edgepack.targets.executorch_support.program import BOOKKEEPING_OPS, Delegation
+
+    delegation = Delegation("xnnpack", 2, 30, 10, {"aten_index_put_default": 4, "aten_view_copy_default": 6})
+    assert delegation.to_json()["delegated_share"] == 0.75
+    assert "getitem" in BOOKKEEPING_OPS
+    assert np.isclose(Delegation("coreml", 0, 0, 0).share, 0.0)
