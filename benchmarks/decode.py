@@ -329,6 +329,7 @@ def main() -> int:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--gen-len", type=int, default=64)
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--name", help="results file name (default: decode, or decode-N for --prompt-len N)")
     parser.add_argument("--precisions", default="fp32,int8,int4,int4-rtn,int4-exact,gguf",
                         help=f"comma-separated, from {', '.join(PRECISIONS)}")
     args = parser.parse_args()
@@ -417,7 +418,7 @@ def main() -> int:
     print("\nedgepack-export fp32 is optimum-onnx's export run by edgepack's runtime (the 'fp32 optimum "
           "export'); optimum-ort is the same file through optimum's ORTModelForCausalLM.")
     _results.write(
-        "decode" if args.prompt_len == 128 else f"decode-{args.prompt_len}",
+        args.name or ("decode" if args.prompt_len == 128 else f"decode-{args.prompt_len}"),
         title="Decode speed of edgepack's bundles against their peers" + ("" if args.prompt_len == 128 else f" after {args.prompt_len} tokens"),
         threads=args.threads, rows=result_rows,
         conditions={"model": "SmolLM2-135M-Instruct", "llama.cpp": f"llama-bench from llama-cpp-python {llamacpp_version()} sdist"

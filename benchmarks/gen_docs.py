@@ -29,6 +29,11 @@ BENCHMARKS: dict[str, tuple[str, str, str]] = {
                "python benchmarks/decode.py --threads 2"),
     "decode-1024": ("benchmarks/decode.py --prompt-len 1024", "The same comparison after a 1024-token prompt: decode reads "
                     "a KV cache of 1024+ positions.", "python benchmarks/decode.py --threads 2 --prompt-len 1024"),
+    "decode-executorch": ("benchmarks/decode.py --name decode-executorch", "ExecuTorch's XNNPACK program (`target executorch`, "
+                          "torchao 8da4w) in ExecuTorch's runtime next to the ort int4 bundle in onnxruntime-genai, the builder's "
+                          "int4 and llama.cpp on the demo's GGUF, interleaved in fresh processes.",
+                          "python benchmarks/decode.py --threads 2 --precisions int4 --variants genai-on-edgepack,executorch,genai-builder,"
+                          "llama.cpp --name decode-executorch"),
     "encoder": ("benchmarks/encoder.py", "Sentence encoders: batch-8 latency, size and sentence-embedding cosine against fp32 of "
                 "the encoder default and its alternatives on all-MiniLM-L6-v2, interleaved in one process.",
                 "python benchmarks/encoder.py --threads 2"),

@@ -40,7 +40,12 @@ QUANTIZE = ("auto", "none", "8da4w", "8da8w", "int8-weight", "int4-weight")
 # Default gates, for programs whose weights are the source's own (--quantize none); quantized programs report
 # their quality against fp32 and are gated only when asked. Parity with PyTorch on the same weights is always gated.
 FP32_MIN_TOP1, FP32_MAX_KL, FP32_MIN_COSINE = 0.99, 0.001, 0.999
-PARITY_MIN_TOP1 = 0.98  # the runtime against PyTorch on the same (quantized) weights: kernels round differently
+PARITY_MIN_TOP1 = 0.98  # an unquantized program against PyTorch
+# A quantized program: KL(fp32 || program) <= this x KL(fp32 || PyTorch with the same weights), plus a floor for
+# programs whose scheme costs almost nothing (see executorch_gates).
+PARITY_MAX_KL_RATIO = 1.5
+PARITY_KL_FLOOR = 1e-4
+ENCODER_QUANTIZED_MIN_COSINE = 0.99  # a quantized encoder program against PyTorch with the same weights
 
 
 @dataclass(frozen=True)
@@ -49,8 +54,8 @@ class ExecuTorchConfig:
                           help="Delegate: xnnpack (Arm and x86 CPUs; runs and is verified here), coreml (Apple: Neural Engine, GPU, CPU), "
                                "qnn (Qualcomm Hexagon NPU; lowering needs the QNN SDK in QNN_SDK_ROOT).")
     quantize: str = option("auto", choices=QUANTIZE,
-                           help="torchao scheme: 8da4w (int8 dynamic activations, int4 weights per --group-size), 8da8w, int8-weight, "
-                                "int4-weight (Core ML), none. auto: 8da4w for decoders on xnnpack, none otherwise.")
+                           help="torchao scheme: 8da4w (int8 dynamic activations, int4 weights per --group-size), 8da8w (xnnpack); int8-weight, "
+                                "int4-weight (coreml); none. auto: 8da4w for decoders on xnnpack, none otherwise.")
     group_size: int = option(32, choices=(32, 64, 128, 256), help="Weights per int4 group (8da4w, int4-weight).")
     max_context: int | None = option(None, unit="tokens", help="Decoders: KV-cache length (default min(512, max positions)); encoders: "
                                                                "longest sequence (default 128).")
@@ -244,6 +249,9 @@ def _verify(prog: _Program, refs: _References | None, plan: _Plan, config: Execu
             result["positions"], result["decode_steps"] = len(refs.ids), steps
             result["same_weights"] = _logit_figures(refs.same_weights, logits, metrics)
             result["fp32"] = _logit_figures(refs.fp32, logits, metrics)
+            # What the scheme itself costs (PyTorch with the program's weights against fp32), and the program's share.
+            result["pytorch_same_weights_vs_fp32"] = _logit_figures(refs.fp32, refs.same_weights, metrics)
+            result["kl_ratio_to_pytorch"] = result["fp32"]["kl_mean"] / max(result["pytorch_same_weights_vs_fp32"]["kl_mean"], PARITY_KL_FLOOR)
             tokens = run.greedy(method, refs.prompt, len(refs.greedy))
             prefix = _prefix(tokens, refs.greedy)
             # Kernels that round differently can flip a step where PyTorch's two likeliest tokens nearly tie, and
@@ -294,8 +302,14 @@ def _hidden_figures(reference, candidate, metrics) -> dict:
 
 
 def executorch_gates(verification: dict, delegation, plan: _Plan, config: ExecuTorchConfig) -> list:
-    """The target's decisions: the delegate took part of the program; parity with PyTorch on the same weights;
-    quality against fp32 (gated by default only for unquantized programs)."""
+    """The target's decisions: the delegate took part of the program; parity with PyTorch; quality against fp32
+    (gated by default only for unquantized programs).
+
+    Parity of an unquantized program is direct: PyTorch's greedy tokens (up to a near tie) and its top-1. A
+    quantized program is held to the quantization's own price instead: its KL from fp32 may exceed that of the
+    PyTorch model with the same weights by at most PARITY_MAX_KL_RATIO. Its kernels quantize activations with their
+    own rounding, which on a model with activation outliers moves logits as much as the scheme itself does: a
+    same-weights comparison would fail sound programs, while a broken lowering shows as a loss beyond the scheme's."""
     from edgepack.targets.base import figure_gate, flag_gate
 
     gates = [flag_gate(TARGET, "delegation", "delegated", delegation.subgraphs > 0,
@@ -305,17 +319,20 @@ def executorch_gates(verification: dict, delegation, plan: _Plan, config: ExecuT
     unquantized = plan.scheme == "none"
     same, fp32 = verification["same_weights"], verification["fp32"]
     if plan.kind == "decoder":
-        greedy = verification["greedy"]
-        gates.append(flag_gate(TARGET, "parity", "greedy_tokens", greedy["equal_up_to_near_tie"],
-                               f"greedy tokens differ from PyTorch's on the same weights at step {greedy['agreeing_prefix']}, "
-                               f"where PyTorch's two likeliest tokens are {greedy['divergence_gap_nats']} nats apart"))
-        gates.append(figure_gate(TARGET, "parity", "top1_agreement", same["top1_agreement"], PARITY_MIN_TOP1, "min"))
+        if unquantized:
+            greedy = verification["greedy"]
+            gates.append(flag_gate(TARGET, "parity", "greedy_tokens", greedy["equal_up_to_near_tie"],
+                                   f"greedy tokens differ from PyTorch's at step {greedy['agreeing_prefix']}, where PyTorch's two likeliest "
+                                   f"tokens are {greedy['divergence_gap_nats']} nats apart"))
+            gates.append(figure_gate(TARGET, "parity", "top1_agreement", same["top1_agreement"], PARITY_MIN_TOP1, "min"))
+        else:
+            gates.append(figure_gate(TARGET, "parity", "kl_ratio_to_pytorch", verification["kl_ratio_to_pytorch"], PARITY_MAX_KL_RATIO, "max"))
         min_top1 = config.min_top1 if config.min_top1 is not None else (FP32_MIN_TOP1 if unquantized else None)
         max_kl = config.max_kl if config.max_kl is not None else (FP32_MAX_KL if unquantized else None)
         gates.append(figure_gate(TARGET, "quality", "top1_agreement", fp32["top1_agreement"], min_top1, "min", option="--min-top1"))
         gates.append(figure_gate(TARGET, "quality", "kl_mean", fp32["kl_mean"], max_kl, "max", option="--max-kl"))
     else:
-        gates.append(figure_gate(TARGET, "parity", "cosine_min", same["cosine_min"], FP32_MIN_COSINE, "min"))
+        gates.append(figure_gate(TARGET, "parity", "cosine_min", same["cosine_min"], FP32_MIN_COSINE if unquantized else ENCODER_QUANTIZED_MIN_COSINE, "min"))
         min_cosine = config.min_cosine if config.min_cosine is not None else (FP32_MIN_COSINE if unquantized else None)
         gates.append(figure_gate(TARGET, "quality", "cosine_min", fp32["cosine_min"], min_cosine, "min", option="--min-cosine"))
     return gates
@@ -330,6 +347,8 @@ def _checks(gates: list, verification: dict, delegation) -> dict:
         if "greedy" in verification:
             parity["greedy_equal"] = verification["greedy"]["equal"]
             parity["greedy_equal_up_to_near_tie"] = verification["greedy"]["equal_up_to_near_tie"]
+            parity["kl_ratio_to_pytorch"] = verification["kl_ratio_to_pytorch"]
+            parity["pytorch_same_weights_vs_fp32"] = {k: verification["pytorch_same_weights_vs_fp32"][k] for k in ("top1_agreement", "kl_mean")}
         checks["parity"] = parity
         checks["quality"] = {"passed": verdict(gates, "quality"), "against": "PyTorch fp32", **verification["fp32"]}
     else:
@@ -465,7 +484,9 @@ def _print_summary(artifact) -> None:
     if "top1_agreement" in parity:
         lines.append(f"  parity with PyTorch (same weights): top-1 {parity['top1_agreement']:.3f}, KL {parity['kl_mean']:.2e}, "
                      f"greedy tokens {_greedy_word(parity)} -> {'PASS' if parity['passed'] else 'FAIL'}")
-        lines.append(f"  quality against fp32: top-1 {quality['top1_agreement']:.3f}, KL {quality['kl_mean']:.2e}")
+        scheme_cost = parity["pytorch_same_weights_vs_fp32"]
+        lines.append(f"  quality against fp32: top-1 {quality['top1_agreement']:.3f}, KL {quality['kl_mean']:.2e} "
+                     f"(PyTorch with the same weights: top-1 {scheme_cost['top1_agreement']:.3f}, KL {scheme_cost['kl_mean']:.2e})")
     elif "cosine_min" in parity:
         lines.append(f"  parity with PyTorch (same weights): min cosine {parity['cosine_min']:.5f} -> {'PASS' if parity['passed'] else 'FAIL'}")
         lines.append(f"  quality against fp32: min cosine {quality['cosine_min']:.5f}")

@@ -81,10 +81,10 @@ def test_8da4w_is_the_decoder_default_and_matches_pytorch_on_its_weights(exporte
     report = read_json(out / "target.json")
     facts, checks = report["facts"], report["checks"]
     assert facts["quantization"] == {"scheme": "8da4w", "group_size": 32, "by": "torchao"}
-    # Same weights: the program reproduces torchao's PyTorch model up to kernel rounding (greedy tokens may part
-    # only where PyTorch's two likeliest tokens nearly tie); the int4 weights' cost shows against fp32.
-    assert checks["parity"]["passed"] is True and checks["parity"]["greedy_equal_up_to_near_tie"] is True, result.stdout
-    assert checks["parity"]["top1_agreement"] >= 0.98 and checks["parity"]["kl_mean"] < 1e-3
+    # The program costs what torchao's PyTorch model with the same weights costs against fp32 (its kernels round
+    # activations their own way), and stays close to that model.
+    assert checks["parity"]["passed"] is True and checks["parity"]["kl_ratio_to_pytorch"] <= 1.5, result.stdout
+    assert checks["parity"]["top1_agreement"] >= 0.95 and checks["parity"]["kl_mean"] < 1e-2
     assert checks["quality"]["kl_mean"] > checks["parity"]["kl_mean"]
     assert checks["quality"]["passed"] is None  # quantized: reported against fp32, gated only when asked
     assert result.exit_code == 0, result.stderr
@@ -117,22 +117,33 @@ def test_coreml_delegate_program_is_built_and_checked_structurally(exported_tiny
     assert (out / "model.pte").stat().st_size > 100_000
 
 
-def test_greedy_divergence_fails_parity_only_at_a_decisive_step():
+def test_parity_gates_unquantized_programs_directly_and_quantized_ones_by_their_schemes_price():
     from edgepack.targets.executorch import ExecuTorchConfig, _Plan, executorch_gates
     from edgepack.targets.executorch_support.program import Delegation
 
-    plan = _Plan(source=None, kind="decoder", scheme="8da4w", context=64, dynamic=True, runs_here=True)
     figures = {"top1_agreement": 1.0, "kl_mean": 1e-5}
+    delegated = Delegation("xnnpack", 1, 10, 2)
 
-    def verdict(gap):
+    def unquantized(gap):
+        plan = _Plan(source=None, kind="decoder", scheme="none", context=64, dynamic=True, runs_here=True)
         greedy = {"equal": gap is None, "agreeing_prefix": 3, "divergence_gap_nats": gap, "equal_up_to_near_tie": gap is None or gap < 0.1}
-        gates = executorch_gates({"same_weights": figures, "fp32": figures, "greedy": greedy}, Delegation("xnnpack", 1, 10, 2), plan,
-                                 ExecuTorchConfig())
+        gates = executorch_gates({"same_weights": figures, "fp32": figures, "greedy": greedy}, delegated, plan, ExecuTorchConfig())
         return {gate.name: gate.passed for gate in gates}
 
-    assert verdict(None)["parity.greedy_tokens"] is True
-    assert verdict(0.02)["parity.greedy_tokens"] is True
-    assert verdict(1.5)["parity.greedy_tokens"] is False
+    assert unquantized(None)["parity.greedy_tokens"] is True
+    assert unquantized(0.02)["parity.greedy_tokens"] is True  # a near tie flipped by rounding
+    assert unquantized(1.5)["parity.greedy_tokens"] is False
+
+    def quantized(ratio):
+        plan = _Plan(source=None, kind="decoder", scheme="8da4w", context=64, dynamic=True, runs_here=True)
+        verification = {"same_weights": figures, "fp32": {"top1_agreement": 0.9, "kl_mean": 0.05}, "kl_ratio_to_pytorch": ratio,
+                        "greedy": {"equal": False, "equal_up_to_near_tie": False}}
+        gates = {gate.name: gate for gate in executorch_gates(verification, delegated, plan, ExecuTorchConfig())}
+        assert "parity.greedy_tokens" not in gates and gates["quality.kl_mean"].passed is None  # quantized: reported only
+        return gates["parity.kl_ratio_to_pytorch"].passed
+
+    assert quantized(1.1) is True and quantized(2.0) is False
+    plan = _Plan(source=None, kind="decoder", scheme="none", context=64, dynamic=True, runs_here=True)
     no_delegate = executorch_gates({}, Delegation("xnnpack", 0, 0, 40), plan, ExecuTorchConfig())
     assert [gate.passed for gate in no_delegate] == [False]
 
