@@ -73,6 +73,13 @@ def test_example_recipe_is_valid_and_covers_every_kind_of_target():
     assert len(recipe.devices) == 4 and set(recipe.budgets) <= set(recipe.devices)
 
 
+def test_executorch_example_recipe_is_valid():
+    from pathlib import Path
+
+    recipe = load_recipe(Path(__file__).parents[1] / "examples" / "smollm2-executorch.toml")
+    assert set(recipe.targets) == {"ort", "executorch"} and recipe.targets["executorch"]["backend"] == "xnnpack"
+
+
 def test_devices_measured_on_and_projected_beside(tmp_path):
     recipe = load_recipe(write(tmp_path, '[devices.raspberry-pi-5]\non = "ssh://pi@pi5.local"\n\n[devices.box]\non = "adb:R5CX"\n'
                                          'like = "galaxy-s24"\n\n[devices.pixel-8]\n\n[model]\nsource = "x"\n\n[budgets.box]\nmax_kl = 0.1\n'))

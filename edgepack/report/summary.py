@@ -66,8 +66,11 @@ def _own_compression_row(target: str, scheme: str, data: dict) -> dict:
     compression = facts.get("compression")
     precision = facts.get("precision") or (compression.get("name") if isinstance(compression, dict) else None) \
         or facts.get("compute_precision") or scheme
-    parity = next((check for check in (data.get("checks") or {}).values()
-                   if isinstance(check, dict) and "top1_agreement" in check), {})
+    checks = data.get("checks") or {}
+    # A target that checks its program against the same weights and against fp32 (executorch) names the latter
+    # `quality`: the row's figures are against fp32, like every other row's.
+    parity = checks["quality"] if "top1_agreement" in (checks.get("quality") or {}) else \
+        next((check for check in checks.values() if isinstance(check, dict) and "top1_agreement" in check), {})
     return {
         "scheme": scheme, "target": target, "device": facts.get("device"),
         "size_mb": data["total_bytes"] / 1e6, "kl_mean": parity.get("kl_mean"), "top1_agreement": parity.get("top1_agreement"),

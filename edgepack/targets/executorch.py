@@ -411,7 +411,7 @@ def build(directory, out, config: ExecuTorchConfig = ExecuTorchConfig(), on_stat
         verification = _verify(prog, refs, plan, config, timings, status)
         gates = executorch_gates(verification, prog.delegation, plan, config)
         facts = {
-            "format": "ExecuTorch program (.pte)", "backend": config.backend, "kind": plan.kind, "model_type": plan.source.model_type,
+            "format": "ExecuTorch program (.pte)", "precision": plan.scheme, "backend": config.backend, "kind": plan.kind, "model_type": plan.source.model_type,
             "quantization": {"scheme": plan.scheme, "group_size": config.group_size if plan.scheme in ("8da4w", "int4-weight") else None,
                              "by": "torchao"},
             "program_bytes": prog.bytes, "max_context": plan.context, "dynamic_shapes": plan.dynamic,

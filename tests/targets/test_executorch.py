@@ -174,3 +174,25 @@ def test_delegation_counts_exclude_bookkeeping_nodes():
     assert delegation.to_json()["delegated_share"] == 0.75
     assert "getitem" in BOOKKEEPING_OPS
     assert np.isclose(Delegation("coreml", 0, 0, 0).share, 0.0)
+
+
+@pytest.mark.slow
+def test_a_recipe_builds_the_program_once_with_a_summary_row(tiny_model_factory, tmp_path, monkeypatch):
+    from tests.test_build import QUICK_EVALUATION
+
+    monkeypatch.setenv("EDGEPACK_CACHE", str(tmp_path / "cache"))
+    recipe = tmp_path / "edgepack.toml"
+    recipe.write_text(f'[model]\nsource = "{tiny_model_factory("llama")}"\n\n[[quantize]]\nscheme = "int8-weight"\n\n'
+                      '[targets.executorch]\nmax_context = 32\nquantize = "8da8w"\n\n' + QUICK_EVALUATION)
+    result = run_cli("build", recipe, "-o", tmp_path / "bundle")
+    assert result.exit_code == 0, result.stderr
+    # It quantizes itself: one program, from fp32, whatever the recipe's schemes.
+    assert sorted(p.name for p in (tmp_path / "bundle" / "targets" / "executorch").iterdir()) == ["fp32"]
+    program = tmp_path / "bundle" / "targets" / "executorch" / "fp32" / "model.pte"
+    assert read_json(program.parent / "target.json")["facts"]["quantization"]["scheme"] == "8da8w"
+    manifest = read_json(tmp_path / "bundle" / "manifest.json")
+    assert "targets/executorch/fp32/model.pte" in manifest["files"]
+    report = read_json(tmp_path / "bundle" / "report.json")
+    row = next(row for row in report["summary"] if row["target"] == "executorch")
+    quality = read_json(program.parent / "target.json")["checks"]["quality"]
+    assert row["precision"] == "8da8w" and row["verdict"] == "pass" and row["top1_agreement"] == quality["top1_agreement"]
