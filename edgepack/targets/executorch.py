@@ -218,7 +218,11 @@ def _export_and_lower(model, plan: _Plan, config: ExecuTorchConfig, tmp: Path, t
     with timed(timings, "lower"):
         try:
             manager, delegation = program.lower(exported, config.backend, constant_methods)
-        except Exception as exc:  # the delegate's converter refused an op of this model
+        except Exception as exc:  # the delegate's converter refused an op of this model, or QNN's SDK refused this host
+            if config.backend == "qnn":
+                raise NotOnThisHostError(f"cannot build the QNN delegate program on this host: ExecuTorch's QNN backend failed with the SDK in "
+                                         f"QNN_SDK_ROOT ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); it needs the Qualcomm "
+                                         "AI Engine Direct SDK release this executorch package was built against") from exc
             raise UnsupportedModelError(f"the {config.backend} delegate cannot lower this {plan.source.model_type} model: "
                                         f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from exc
     del exported
