@@ -526,8 +526,8 @@ REPORTS_NOT_REPRODUCIBLE = {
 def not_reproducible(bundle: Path, targets: dict, available: dict) -> list[dict]:
     """Files of the bundle that a rebuild from a cold cache does not reproduce byte for byte, and why.
 
-    Model files are reproducible unless their target module declares otherwise (`NOT_REPRODUCIBLE`:
-    file pattern -> reason); reports carry this build's own measurements.
+    Model files are reproducible unless their target module declares otherwise (`NOT_REPRODUCIBLE`: file pattern ->
+    reason, or `not_reproducible(folder)` returning one for a built folder); reports carry this build's own measurements.
     """
     import importlib
 
@@ -535,7 +535,8 @@ def not_reproducible(bundle: Path, targets: dict, available: dict) -> list[dict]
     for (target_name, scheme) in targets:
         module = importlib.import_module(available[target_name])
         folder = bundle / "targets" / target_name / scheme
-        for pattern, reason in getattr(module, "NOT_REPRODUCIBLE", {}).items():
+        declared = module.not_reproducible(folder) if hasattr(module, "not_reproducible") else getattr(module, "NOT_REPRODUCIBLE", {})
+        for pattern, reason in declared.items():
             for path in sorted(folder.glob(pattern)):
                 entries[path.relative_to(bundle).as_posix()] = reason
     for pattern, reason in REPORTS_NOT_REPRODUCIBLE.items():

@@ -10,7 +10,8 @@ A target module (imported only when its target is used) provides:
     target.json's `checks` and the exit-1 line are written;
   * optionally `CACHE_PACKAGES` (the packages whose versions key its cached builds), `USES_QUANTIZED_SOURCE =
     False` (it compresses the fp32 export itself: `edgepack build` runs it once) and `NOT_REPRODUCIBLE` (file
-    pattern -> why a rebuild does not reproduce it byte for byte).
+    pattern -> why a rebuild does not reproduce it byte for byte; or a function `not_reproducible(folder)` returning
+    that for a built folder, when it depends on the options the folder was built with).
 Third-party targets register the same way through the `edgepack.targets` entry-point group
 (name -> "package.module").
 """

@@ -34,6 +34,20 @@ USES_QUANTIZED_SOURCE = False
 TARGET = "executorch"
 CACHE_PACKAGES = ("executorch", "torchao", "coremltools", *MODEL_PACKAGES)
 PROGRAM = "model.pte"
+
+
+def not_reproducible(folder: Path) -> dict:
+    """Files of a built folder a rebuild does not reproduce byte for byte (see edgepack.build): XNNPACK programs are
+    reproduced; a Core ML delegate program is not."""
+    import json
+
+    try:
+        backend = json.loads((Path(folder) / "target.json").read_text())["facts"]["backend"]
+    except (OSError, ValueError, KeyError):
+        return {}
+    if backend == "coreml":
+        return {PROGRAM: "ExecuTorch names each Core ML delegate with a random identifier and coremltools stamps the conversion date"}
+    return {}
 ENCODER_TYPES = ("bert",)
 BACKENDS = ("xnnpack", "coreml", "qnn")
 QUANTIZE = ("auto", "none", "8da4w", "8da8w", "int8-weight", "int4-weight")

@@ -196,3 +196,16 @@ def test_a_recipe_builds_the_program_once_with_a_summary_row(tiny_model_factory,
     row = next(row for row in report["summary"] if row["target"] == "executorch")
     quality = read_json(program.parent / "target.json")["checks"]["quality"]
     assert row["precision"] == "8da8w" and row["verdict"] == "pass" and row["top1_agreement"] == quality["top1_agreement"]
+
+
+def test_only_core_ml_programs_are_declared_not_reproducible(tmp_path):
+    import json
+
+    from edgepack.targets.executorch import not_reproducible
+
+    for backend, expected in (("xnnpack", {}), ("coreml", {"model.pte"})):
+        folder = tmp_path / backend
+        folder.mkdir()
+        (folder / "target.json").write_text(json.dumps({"facts": {"backend": backend}}))
+        assert set(not_reproducible(folder)) == set(expected)
+    assert not_reproducible(tmp_path / "missing") == {}
