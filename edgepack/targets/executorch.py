@@ -71,6 +71,9 @@ class ExecuTorchConfig:
                            help="torchao scheme: 8da4w (int8 dynamic activations, int4 weights per --group-size), 8da8w (xnnpack); int8-weight, "
                                 "int4-weight (coreml); none. auto: 8da4w for decoders on xnnpack, none otherwise.")
     group_size: int = option(32, choices=(32, 64, 128, 256), help="Weights per int4 group (8da4w, int4-weight).")
+    embedding: str = option("auto", choices=("auto", "none", "int8", "int4"),
+                            help="Token embedding table (xnnpack): int8 per row, int4 in groups of 32, or none (as the source). "
+                                 "auto: int8 when --quantize quantizes, else none.")
     max_context: int | None = option(None, unit="tokens", help="Decoders: KV-cache length (default min(512, max positions)); encoders: "
                                                                "longest sequence (default 128).")
     threads: int | None = option(None, min=1, help="XNNPACK threads for verification and timing (default: ExecuTorch's, one per core).")
@@ -100,6 +103,8 @@ class ExecuTorchConfig:
 
         if self.quantize != "auto" and self.quantize not in SCHEMES[self.backend]:
             raise UsageError(f"--quantize {self.quantize} is not one the {self.backend} delegate runs; choose one of: {', '.join(SCHEMES[self.backend])}")
+        if self.embedding not in ("auto", "none") and self.backend != "xnnpack":
+            raise UsageError(f"--embedding {self.embedding} is run by ExecuTorch's quantized CPU kernels: it needs --backend xnnpack")
         if self.max_context is not None and not 8 <= self.max_context <= 32768:
             raise UsageError(f"--max-context must be between 8 and 32768, not {self.max_context}")
 
@@ -114,6 +119,7 @@ class _Plan:
     context: int
     dynamic: bool  # one method for any query length (xnnpack); else fixed shapes (coreml, qnn)
     runs_here: bool  # ExecuTorch's runtime here runs the delegate (xnnpack)
+    embedding: str = "none"  # the token table's storage (program.EMBEDDINGS)
 
 
 @dataclass
@@ -142,7 +148,7 @@ class _Program:
 
 def _plan(directory, config: ExecuTorchConfig) -> _Plan:
     from edgepack.targets.coreml import read_source
-    from edgepack.targets.executorch_support.program import default_scheme, qnn_unavailable
+    from edgepack.targets.executorch_support.program import default_scheme, embedding_scheme, qnn_unavailable
 
     source = read_source(Path(directory))
     kind = "decoder" if source.model_type in DECODER_TYPES else "encoder" if source.model_type in ENCODER_TYPES else None
@@ -157,7 +163,8 @@ def _plan(directory, config: ExecuTorchConfig) -> _Plan:
     context = min(config.max_context or (512 if kind == "decoder" else 128), max_pos)
     scheme = default_scheme(config.backend, kind) if config.quantize == "auto" else config.quantize
     dynamic = config.backend == "xnnpack"
-    return _Plan(source, kind, scheme, context, dynamic, runs_here=config.backend == "xnnpack")
+    return _Plan(source, kind, scheme, context, dynamic, runs_here=config.backend == "xnnpack",
+                 embedding=embedding_scheme(config.embedding, config.backend, scheme))
 
 
 def _eval_tokens(tokenizer, config: ExecuTorchConfig, source) -> list[int]:
@@ -198,10 +205,10 @@ def _same_weight_references(model, refs: _References | None, plan: _Plan, config
         return
     status("PyTorch outputs with the program's weights")
     if plan.kind == "decoder":
-        refs.same_weights = refs.fp32 if plan.scheme == "none" else run.torch_logits(model, refs.ids)
+        refs.same_weights = refs.fp32 if plan.scheme == plan.embedding == "none" else run.torch_logits(model, refs.ids)
         refs.greedy, refs.greedy_gaps = run.torch_greedy(model, refs.prompt, min(config.greedy_tokens, plan.context - len(refs.prompt) - 1))
     else:
-        refs.same_weights = refs.fp32 if plan.scheme == "none" else run.torch_hidden(model, refs.ids, refs.mask)
+        refs.same_weights = refs.fp32 if plan.scheme == plan.embedding == "none" else run.torch_hidden(model, refs.ids, refs.mask)
 
 
 def _constant_methods(model, plan: _Plan) -> dict:
@@ -334,7 +341,7 @@ def executorch_gates(verification: dict, delegation, plan: _Plan, config: ExecuT
                        f"the {config.backend} delegate took no part of the program: it would run on portable CPU kernels only")]
     if "same_weights" not in verification:
         return gates
-    unquantized = plan.scheme == "none"
+    unquantized = plan.scheme == "none" and plan.embedding == "none"
     same, fp32 = verification["same_weights"], verification["fp32"]
     if plan.kind == "decoder":
         if unquantized:
@@ -416,9 +423,10 @@ def build(directory, out, config: ExecuTorchConfig = ExecuTorchConfig(), on_stat
         model, tokenizer = program.load_model(plan.source.hf_dir, plan.kind)
     tokens = _eval_tokens(tokenizer, config, plan.source)
     refs = _references(model, tokens, plan, config, status)
-    if plan.scheme != "none":
-        status(f"quantizing with torchao ({plan.scheme})")
+    if plan.scheme != "none" or plan.embedding != "none":
+        status(f"quantizing with torchao ({plan.scheme}, embedding {plan.embedding})")
         with timed(timings, "quantize"):
+            model = program.quantize_embedding(model, plan.embedding)
             program.quantize_model(model, plan.scheme, config.group_size)
     _same_weight_references(model, refs, plan, config, status)
     with staging_dir(out) as tmp:
@@ -431,7 +439,7 @@ def build(directory, out, config: ExecuTorchConfig = ExecuTorchConfig(), on_stat
         facts = {
             "format": "ExecuTorch program (.pte)", "precision": plan.scheme, "backend": config.backend, "kind": plan.kind, "model_type": plan.source.model_type,
             "quantization": {"scheme": plan.scheme, "group_size": config.group_size if plan.scheme in ("8da4w", "int4-weight") else None,
-                             "by": "torchao"},
+                             "embedding": plan.embedding, "by": "torchao"},
             "program_bytes": prog.bytes, "max_context": plan.context, "dynamic_shapes": plan.dynamic,
             "io": _io_facts(plan, prog.llm_ops), "constant_methods": prog.constant_methods, "delegation": prog.delegation.to_json(),
             "verification": verification, "runs_on": _runs_on(config.backend),

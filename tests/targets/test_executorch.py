@@ -80,7 +80,7 @@ def test_8da4w_is_the_decoder_default_and_matches_pytorch_on_its_weights(exporte
     result = run_cli("target", "executorch", exported_tiny_factory("qwen2"), "-o", out, "--max-context", "64")
     report = read_json(out / "target.json")
     facts, checks = report["facts"], report["checks"]
-    assert facts["quantization"] == {"scheme": "8da4w", "group_size": 32, "by": "torchao"}
+    assert facts["quantization"] == {"scheme": "8da4w", "group_size": 32, "embedding": "int8", "by": "torchao"}
     # The program costs what torchao's PyTorch model with the same weights costs against fp32 (its kernels round
     # activations their own way), and stays close to that model.
     assert checks["parity"]["passed"] is True and checks["parity"]["kl_ratio_to_pytorch"] <= 1.5, result.stdout

@@ -72,6 +72,30 @@ def load_model(hf_dir, kind: str):
     return model, tokenizer
 
 
+EMBEDDINGS = ("auto", "none", "int8", "int4")
+
+
+def embedding_scheme(requested: str, backend: str, scheme: str) -> str:
+    """The token table's storage: auto = int8 per row for a quantized XNNPACK program, else as the source."""
+    if requested != "auto":
+        return requested
+    return "int8" if backend == "xnnpack" and scheme != "none" else "none"
+
+
+def quantize_embedding(model, embedding: str) -> object:
+    """The token embedding table as ExecuTorch's quantized embedding (int8 per row, or int4 in groups of 32 with
+    a scale each), run by ExecuTorch's quantized kernels; returns the model with it replaced. A table the lm_head
+    shares stays whole for the lm_head (its own scheme quantizes it)."""
+    if embedding == "none":
+        return model
+    import executorch.kernels.quantized  # noqa: F401  (registers quantized_decomposed::embedding_* with torch)
+    from executorch.examples.models.llama.source_transformation.quantize import EmbeddingQuantHandler
+
+    bits = 8 if embedding == "int8" else 4
+    return EmbeddingQuantHandler(model, bitwidth=bits, group_size=None if bits == 8 else 32, packed=bits == 4,
+                                 quantize_with_hqq=False).quantized_model()
+
+
 def quantize_model(model, scheme: str, group_size: int) -> None:
     """Quantize the model's Linear layers in place with torchao, as ExecuTorch's own LLM export does."""
     if scheme == "none":

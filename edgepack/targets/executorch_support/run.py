@@ -14,6 +14,7 @@ from pathlib import Path
 
 def load_method(pte: Path, threads: int | None = None):
     """The program's `forward` method, with XNNPACK's thread pool set to `threads` (None: ExecuTorch's default)."""
+    import executorch.kernels.quantized  # noqa: F401  (the quantized embedding kernels)
     from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  (the LLM kernels a decoder program may call)
     from executorch.runtime import Runtime
 
