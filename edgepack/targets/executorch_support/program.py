@@ -88,12 +88,16 @@ def quantize_embedding(model, embedding: str) -> object:
     shares stays whole for the lm_head (its own scheme quantizes it)."""
     if embedding == "none":
         return model
+    import contextlib
+    import sys
+
     import executorch.kernels.quantized  # noqa: F401  (registers quantized_decomposed::embedding_* with torch)
     from executorch.examples.models.llama.source_transformation.quantize import EmbeddingQuantHandler
 
     bits = 8 if embedding == "int8" else 4
-    return EmbeddingQuantHandler(model, bitwidth=bits, group_size=None if bits == 8 else 32, packed=bits == 4,
-                                 quantize_with_hqq=False).quantized_model()
+    with contextlib.redirect_stdout(sys.stderr):  # the handler prints each table it replaces: library output, not edgepack's
+        return EmbeddingQuantHandler(model, bitwidth=bits, group_size=None if bits == 8 else 32, packed=bits == 4,
+                                     quantize_with_hqq=False).quantized_model()
 
 
 def quantize_model(model, scheme: str, group_size: int) -> None:
