@@ -88,6 +88,7 @@ def test_8da4w_is_the_decoder_default_and_matches_pytorch_on_its_weights(exporte
     assert checks["quality"]["kl_mean"] > checks["parity"]["kl_mean"]
     assert checks["quality"]["passed"] is None  # quantized: reported against fp32, gated only when asked
     assert result.exit_code == 0, result.stderr
+    assert result.stdout.startswith("edgepack target executorch ->"), result.stdout  # no library chatter
 
 
 @pytest.mark.slow
