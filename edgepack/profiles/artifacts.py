@@ -1,5 +1,6 @@
 """Projections of the artifacts no runtime here executes at device speed: a Core ML package on an Apple
-device's Neural Engine (or GPU), a QNN bundle on a Snapdragon's Hexagon NPU.
+device's Neural Engine (or GPU), a QNN bundle on a Snapdragon's Hexagon NPU, an ExecuTorch program on the
+compute unit its delegate runs on (XNNPACK: the CPU).
 
 Their programs are not ONNX graphs onnxruntime runs on this host, so their per-token costs come from the
 model's shapes and the target's own storage (`costs.py`), scaled to the weight bytes the artifact
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from edgepack.profiles.devices import Device
 
-PROJECTED_TARGETS = ("coreml", "qnn")
+PROJECTED_TARGETS = ("coreml", "qnn", "executorch")
 
 
 def eligible(data: dict, layout, device: Device) -> str | None:
@@ -25,6 +26,10 @@ def eligible(data: dict, layout, device: Device) -> str | None:
             return "not an Apple device (no [coreml] table)"
         return None if device.has_unit(layout.unit) else f"no [{layout.unit}] figures"
     facts = data.get("facts") or {}
+    if data["target"] == "executorch":
+        if layout.unit == "ane" and not device.coreml:
+            return "not an Apple device (no [coreml] table)"
+        return None if device.has_unit(layout.unit) else f"no [{layout.unit}] figures"
     if not device.has_unit("htp"):
         return "no Hexagon NPU figures ([htp])"
     arch = device.value("qnn", "htp_arch")
@@ -41,6 +46,8 @@ def _weight_bytes(data: dict) -> int | None:
         return sum(int(p.get("weight_bytes") or 0) for p in packages) or None
     if data["target"] == "qnn" and facts.get("context_binary_bytes"):
         return int(facts["context_binary_bytes"])
+    if data["target"] == "executorch" and facts.get("program_bytes"):
+        return int(facts["program_bytes"])
     return None
 
 
@@ -80,8 +87,10 @@ def project_artifact(bundle: Path | str, devices: list[Device], prompt_lens, gen
             continue
         projections[device.id] = project_device(facts, device, prompt_lens, gen_len, min(context, arch.max_positions or context),
                                                 unit=layout.unit)
-    parity = next((dict(check, name=name) for name, check in (data.get("checks") or {}).items()
-                   if isinstance(check, dict) and "top1_agreement" in check), None)
+    checks = data.get("checks") or {}
+    # The check against fp32: executorch names it `quality` (its `parity` is against the same weights).
+    named = [("quality", checks["quality"])] if "top1_agreement" in (checks.get("quality") or {}) else list(checks.items())
+    parity = next((dict(check, name=name) for name, check in named if isinstance(check, dict) and "top1_agreement" in check), None)
     return {
         "schema_version": 1,
         "kind": "edgepack.profile",

@@ -163,7 +163,7 @@ def _qnn_layout(scheme: str, unit: str, prefill_chunk: int | None) -> TargetLayo
 
 
 def layout_from_target_json(data: dict) -> TargetLayout:
-    """The layout of a built coreml or qnn bundle, from its target.json facts."""
+    """The layout of a built coreml, qnn or executorch bundle, from its target.json facts."""
     facts = data.get("facts") or {}
     target = data.get("target")
     if target == "coreml":
@@ -180,7 +180,36 @@ def layout_from_target_json(data: dict) -> TargetLayout:
     if target == "qnn":
         precision = facts.get("precision") or "w8a16"
         return _qnn_layout(precision if precision in TARGET_SCHEMES["qnn"] else "w8a16", "htp", facts.get("prefill_len"))
+    if target == "executorch":
+        return _executorch_layout(facts)
     raise UsageError(f"no cost layout for target {target!r}")
+
+
+def _executorch_layout(facts: dict) -> TargetLayout:
+    """An ExecuTorch program, from its target.json facts: XNNPACK on the CPU, the Core ML delegate on the Neural
+    Engine (one token a call over a fixed fp16 cache), the QNN delegate on the HTP."""
+    backend = facts.get("backend") or "xnnpack"
+    quantization = facts.get("quantization") or {}
+    scheme = quantization.get("scheme") or "none"
+    group = quantization.get("group_size") or 32
+    weights = {
+        "none": FP32 if backend == "xnnpack" else FP16,
+        "8da4w": Storage("int4", 4 + 32 / group, f"int4 groups of {group}, fp32 scales (int8 activations)"),
+        "8da8w": Storage("int8", 8.0, "int8 per channel (int8 activations)"),
+        "int8-weight": Storage("int8", 8.0, "int8 per channel"),
+        "int4-weight": Storage("int4", 4 + 32 / group, f"int4 groups of {group}, fp32 scales"),
+    }.get(scheme, FP32)
+    embedding = {"int8": Storage("int8", 8.0, "int8 per row"), "int4": Storage("int4", 4 + 32 / 32, "int4 groups of 32")}.get(
+        quantization.get("embedding") or "none", weights if scheme == "none" else FP32)
+    if backend == "coreml":
+        return TargetLayout("executorch", scheme, "ane", weights, weights, embedding, 2.0, kv_fixed=True, prefill_chunk=1,
+                            notes=("Core ML delegate: one token a call over a fixed fp16 cache of max_context slots",))
+    if backend == "qnn":
+        return TargetLayout("executorch", scheme, "htp", weights, weights, embedding, 2.0, kv_fixed=True, prefill_chunk=1)
+    # ExecuTorch's LLM kernels read only the filled part of the cache; transformers' static cache is read whole.
+    fixed = not (facts.get("io") or {}).get("custom_kernels")
+    return TargetLayout("executorch", scheme, "cpu", weights, weights, embedding, 4.0, kv_fixed=fixed,
+                        notes=("XNNPACK delegate, one program for prefill and decode",))
 
 
 def facts_for(arch: Architecture, layout: TargetLayout, context: int | None = None) -> ModelFacts:

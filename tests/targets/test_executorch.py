@@ -48,6 +48,21 @@ def test_xnnpack_decoder_runs_here_with_pytorchs_greedy_tokens(llama_fp32):
 
 
 @pytest.mark.slow
+def test_the_program_is_projected_onto_the_cpus_of_devices(llama_fp32):
+    from edgepack.profiles.artifacts import project_artifact
+    from edgepack.profiles.devices import get_device, load_devices
+
+    out, _result = llama_fp32
+    known = load_devices([])
+    profile = project_artifact(out, [get_device(d, known) for d in ("pixel-8", "iphone-15-pro")], [16], 8)
+    assert profile["model"]["unit"] == "cpu" and profile["model"]["target"] == "executorch"
+    assert set(profile["projections"]) == {"pixel-8", "iphone-15-pro"} and not profile["not_projected"]
+    assert profile["projections"]["pixel-8"]["by_prompt_len"][0]["decode_ms_per_token"] > 0
+    assert profile["quality"]["source"].endswith("checks.quality (the target's own parity check against fp32)")
+    assert profile["model"]["facts"]["initializer_bytes"] == read_json(out / "target.json")["facts"]["program_bytes"]
+
+
+@pytest.mark.slow
 def test_the_program_serves_an_app_loop_from_its_own_metadata(llama_fp32, tiny_model_factory):
     """What an app does with the .pte alone: read the context from the program, prefill, decode token by token,
     twice on one loaded method (the second conversation overwrites the first's cache)."""
@@ -99,6 +114,13 @@ def test_coreml_delegate_program_is_built_and_checked_structurally(exported_tiny
     assert set(delegation["fallback_ops"]) == {"aten_index_put_default"}
     assert "does not run on this host" in report["checks"]["parity"]["skipped"]
     assert (out / "model.pte").stat().st_size > 100_000
+    from edgepack.profiles.artifacts import project_artifact
+    from edgepack.profiles.devices import get_device, load_devices
+
+    known = load_devices([])
+    profile = project_artifact(out, [get_device(d, known) for d in ("pixel-8", "iphone-15-pro")], [16], 8)
+    assert profile["model"]["unit"] == "ane" and set(profile["projections"]) == {"iphone-15-pro"}
+    assert "pixel-8" in profile["not_projected"]
 
 
 def test_parity_gates_unquantized_programs_directly_and_quantized_ones_by_their_schemes_price():
