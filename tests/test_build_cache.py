@@ -196,7 +196,7 @@ def test_a_comment_edited_in_the_qnn_target_changes_the_qnn_key_only(tmp_path):
     shared = _keys(copy, versions)
     # (the text windows and the vocabulary check: read by every stage that tokenizes text, ort-mobile excepted)
     assert {name for name in after if after[name] != shared[name]} == {"convert", "quantize", "profile", "target ort", "target coreml",
-                                                                        "target qnn"}
+                                                                        "target qnn", "target executorch"}
     # So do the package's data files that a stage reads (the bundled calibration and evaluation texts).
     data = next((copy / "quantize" / "data").glob("*.txt"))
     data.write_text(data.read_text() + "\n")
@@ -216,7 +216,8 @@ def test_a_changed_coremltools_version_changes_the_core_ml_key_only(tmp_path, mo
 
     monkeypatch.setattr(metadata, "version", upgraded)
     after = _keys(root, _versions())
-    assert {name for name in before if before[name] != after[name]} == {"target coreml"}
+    # (executorch's Core ML delegate converts with coremltools too)
+    assert {name for name in before if before[name] != after[name]} == {"target coreml", "target executorch"}
 
 
 def test_every_package_a_stage_imports_is_declared():

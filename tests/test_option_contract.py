@@ -29,6 +29,11 @@ RECIPE_ONLY = {
     ("ort-mobile", "atol"): "tuning of the verification, not a per-bundle choice",
     ("coreml", "decode_steps"): "tuning of the verification, not a per-bundle choice",
     ("coreml", "fp16_margin"): "tuning of the fp16 safety pass, not a per-bundle choice",
+    ("executorch", "decode_steps"): "tuning of the verification, not a per-bundle choice",
+    ("executorch", "greedy_tokens"): "tuning of the verification, not a per-bundle choice",
+    ("executorch", "prompt_len"): "conditions of the build's timing; `edgepack profile` owns the sweep",
+    ("executorch", "gen_len"): "conditions of the build's timing; `edgepack profile` owns the sweep",
+    ("executorch", "runs"): "conditions of the build's timing; `edgepack profile` owns the sweep",
     ("quantize", "method"): "int8-static: minmax is the method the quality figures are measured with",
     ("quantize", "keep_io_types"): "fp16: fp32 inputs and outputs are what every runner feeds",
 }

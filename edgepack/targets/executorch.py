@@ -32,7 +32,8 @@ SUMMARY = "ExecuTorch .pte (XNNPACK, Core ML, QNN delegates): KV cache as progra
 # Converts from the PyTorch weights with torchao's quantization: `edgepack build` runs it once, on fp32.
 USES_QUANTIZED_SOURCE = False
 TARGET = "executorch"
-CACHE_PACKAGES = ("executorch", "torchao", "coremltools", *MODEL_PACKAGES)
+# (onnxruntime-genai: imported by the Core ML target's module, whose source reader this one shares)
+CACHE_PACKAGES = ("executorch", "torchao", "coremltools", "onnxruntime-genai", *MODEL_PACKAGES)
 PROGRAM = "model.pte"
 
 

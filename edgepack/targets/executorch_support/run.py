@@ -2,7 +2,7 @@
 PyTorch model it came from: logits over the evaluation text, greedy tokens, hidden states, and timing.
 
 A decoder program's KV cache is a buffer of the loaded method: a run starts at position 0 and overwrites what
-an earlier run left (the attention masks every slot past the current position), so one loaded method serves
+the one before it left (the attention masks every slot past the current position), so one loaded method serves
 every comparison and measurement in turn.
 """
 
@@ -88,7 +88,7 @@ def measure_decoder(method, prompt: list[int], gen_len: int, runs: int) -> dict:
     ttft, per_token = [], []
     for run in range(runs + 1):
         steps = timed_generation(method, prompt, gen_len)
-        if run:  # the first run warms caches and the thread pool
+        if run:  # run 0 warms caches and the thread pool
             ttft.append(steps[0] * 1e3)
             per_token.append(statistics.median(steps[1:]) * 1e3)
     return {"ttft_ms": round(statistics.median(ttft), 3), "decode_ms_per_token": round(statistics.median(per_token), 3),
