@@ -48,6 +48,16 @@ def run_cli(*args: str) -> CliResult:
     return CliResult(code, out.getvalue(), err.getvalue())
 
 
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`-n 2 --dist loadgroup`, the default addopts) a test module runs on one worker, so its
+    module fixtures (an sshd and the device user's home it serves, a built program) exist once; and the demo-model
+    tests of every module share one worker, so their session fixtures build the demo's stages once and no two builds
+    write the same cache entries at once."""
+    for item in items:
+        group = "demo" if item.get_closest_marker("demo") else item.nodeid.split("::", 1)[0]
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture
 def cli():
     return run_cli
