@@ -48,6 +48,16 @@ def test_xnnpack_decoder_runs_here_with_pytorchs_greedy_tokens(llama_fp32):
 
 
 @pytest.mark.slow
+def test_qwen2_program_gives_pytorchs_greedy_tokens(exported_tiny_factory, tmp_path):
+    out = tmp_path / "qwen2"
+    result = run_cli("target", "executorch", exported_tiny_factory("qwen2"), "-o", out, "--quantize", "none", "--max-context", "48")
+    assert result.exit_code == 0, result.stderr
+    verification = read_json(out / "target.json")["facts"]["verification"]
+    assert verification["greedy"]["equal"] is True and verification["same_weights"]["top1_agreement"] >= 0.98
+    assert read_json(out / "target.json")["facts"]["io"]["custom_kernels"]  # qwen2's attention runs on ExecuTorch's LLM kernels
+
+
+@pytest.mark.slow
 def test_the_program_is_projected_onto_the_cpus_of_devices(llama_fp32):
     from edgepack.profiles.artifacts import project_artifact
     from edgepack.profiles.devices import get_device, load_devices
