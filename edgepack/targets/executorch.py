@@ -168,17 +168,6 @@ def _plan(directory, config: ExecuTorchConfig) -> _Plan:
                  embedding=embedding_scheme(config.embedding, config.backend, scheme))
 
 
-def _eval_tokens(tokenizer, config: ExecuTorchConfig, source) -> list[int]:
-    from edgepack.core.texts import eval_text
-    from edgepack.core.windows import token_ids, vocab_size_of
-
-    text, _origin = eval_text(config.eval_text)
-    if tokenizer is None:
-        vocab = int(source.config.get("vocab_size") or 100)
-        return [(7 * i + 3) % vocab for i in range(1024)]
-    return token_ids(tokenizer, text, vocab_size=vocab_size_of(source.config))
-
-
 def _references(model, tokens: list[int], plan: _Plan, config: ExecuTorchConfig, status) -> _References | None:
     """Step 3: fp32 outputs (before quantization changes the model in place)."""
     import numpy as np
@@ -422,6 +411,8 @@ def build(directory, out, config: ExecuTorchConfig = ExecuTorchConfig(), on_stat
     status(f"loading {plan.source.model_type} weights from {plan.source.hf_dir}")
     with timed(timings, "load"):
         model, tokenizer = program.load_model(plan.source.hf_dir, plan.kind)
+    from edgepack.targets.coreml import _eval_tokens  # the same evaluation text and fallback ids as the Core ML target
+
     tokens = _eval_tokens(tokenizer, config, plan.source)
     refs = _references(model, tokens, plan, config, status)
     if plan.scheme != "none" or plan.embedding != "none":
