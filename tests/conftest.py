@@ -49,7 +49,7 @@ def run_cli(*args: str) -> CliResult:
 
 
 def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (`-n 2 --dist loadgroup`, the default addopts) a test module runs on one worker, so its
+    """Under pytest-xdist (`-n 2 --dist loadgroup`) a test module runs on one worker, so its
     module fixtures (an sshd and the device user's home it serves, a built program) exist once; and the demo-model
     tests of every module share one worker, so their session fixtures build the demo's stages once and no two builds
     write the same cache entries at once."""
