@@ -248,6 +248,10 @@ def _verify(prog: _Program, refs: _References | None, plan: _Plan, config: Execu
     """Step 6: the program run in ExecuTorch against PyTorch (same weights and fp32), then timed."""
     from edgepack.core import metrics
     from edgepack.targets.base import timed
+
+    # The Core ML target's comparison figures (top-1 with its interval, KL, max diff; cosine for hidden states).
+    from edgepack.targets.coreml_support.verify import fp16_hidden_state_figures as _hidden_figures
+    from edgepack.targets.coreml_support.verify import fp16_logit_figures as _logit_figures
     from edgepack.targets.executorch_support import run
 
     if not plan.runs_here:
@@ -262,10 +266,10 @@ def _verify(prog: _Program, refs: _References | None, plan: _Plan, config: Execu
             steps = min(config.decode_steps, len(refs.ids) - 1)
             logits = run.decoder_logits(method, refs.ids, steps)
             result["positions"], result["decode_steps"] = len(refs.ids), steps
-            result["same_weights"] = _logit_figures(refs.same_weights, logits, metrics)
-            result["fp32"] = _logit_figures(refs.fp32, logits, metrics)
+            result["same_weights"] = _logit_figures(refs.same_weights, logits)
+            result["fp32"] = _logit_figures(refs.fp32, logits)
             # What the scheme itself costs (PyTorch with the program's weights against fp32), and the program's share.
-            result["pytorch_same_weights_vs_fp32"] = _logit_figures(refs.fp32, refs.same_weights, metrics)
+            result["pytorch_same_weights_vs_fp32"] = _logit_figures(refs.fp32, refs.same_weights)
             result["kl_ratio_to_pytorch"] = result["fp32"]["kl_mean"] / max(result["pytorch_same_weights_vs_fp32"]["kl_mean"], PARITY_KL_FLOOR)
             tokens = run.greedy(method, refs.prompt, len(refs.greedy))
             prefix = _prefix(tokens, refs.greedy)
@@ -278,8 +282,8 @@ def _verify(prog: _Program, refs: _References | None, plan: _Plan, config: Execu
         else:
             hidden = run.encoder_hidden(method, refs.ids, refs.mask)
             result["positions"] = int(hidden.shape[0])
-            result["same_weights"] = _hidden_figures(refs.same_weights, hidden, metrics)
-            result["fp32"] = _hidden_figures(refs.fp32, hidden, metrics)
+            result["same_weights"] = _hidden_figures(refs.same_weights, hidden)
+            result["fp32"] = _hidden_figures(refs.fp32, hidden)
     status("timing the program in ExecuTorch")
     with timed(timings, "measure"):
         if plan.kind == "decoder":
@@ -301,19 +305,6 @@ def _prefix(a: list, b: list) -> int:
             break
         n += 1
     return n
-
-
-def _logit_figures(reference, candidate, metrics) -> dict:
-    ref_lp, cand_lp = metrics.log_softmax(reference), metrics.log_softmax(candidate)
-    agree = metrics.top1_agreement(reference, candidate)
-    return {**metrics.top1_figures(ref_lp, agree), **metrics.kl_summary(metrics.kl_per_position(ref_lp, cand_lp), p99=False),
-            "max_abs_logit_diff": metrics.max_abs_diff(reference.astype("float64"), candidate.astype("float64"))}
-
-
-def _hidden_figures(reference, candidate, metrics) -> dict:
-    cosine = metrics.cosine_per_position(reference, candidate)
-    return {"cosine_min": float(cosine.min()), "cosine_mean": float(cosine.mean()),
-            "max_abs_diff": metrics.max_abs_diff(reference.astype("float64"), candidate.astype("float64"))}
 
 
 def executorch_gates(verification: dict, delegation, plan: _Plan, config: ExecuTorchConfig) -> list:
